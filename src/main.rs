@@ -21,6 +21,16 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Turn a raw corpus into a trained tokenizer and token shards.
+    ///
+    /// INPUT may be files or directory trees, in any mix of formats:
+    ///   AIHub 543 dialogue JSON (`info[].annotations.lines[].norm_text`; `TL_*`/`VL_*` folders give
+    ///   the train/valid split), Q/A CSV (question and answer columns found by header: Q/A,
+    ///   question/answer or 질문/답변), and JSONL (`{"question","answer"}` or `{"turns":[...]}`).
+    /// With no INPUT the embedded sample corpus is used.
+    ///
+    /// Writes OUT/tokenizer.json, OUT/{train,valid}-NNNNN.shard and OUT/manifest.json. OUT appears
+    /// only when everything is written; the same inputs and options give byte-identical output.
+    #[command(verbatim_doc_comment)]
     Prepare(prepare_cmd::PrepareArgs),
 }
 

@@ -7,18 +7,8 @@ use chingu_corpus::prepare::{prepare, PrepareOptions, PrepareReport};
 use chingu_corpus::progress::ProgressMode;
 use chingu_corpus::readers::{AihubFilter, Format};
 
-/// Turn a raw corpus into a trained tokenizer and token shards.
-///
-/// INPUT may be files or directory trees, in any mix of formats:
-///   AIHub 543 dialogue JSON (`info[].annotations.lines[].norm_text`; `TL_*`/`VL_*` folders give
-///   the train/valid split), Q/A CSV (question and answer columns found by header: Q/A,
-///   question/answer or 질문/답변), and JSONL (`{"question","answer"}` or `{"turns":[...]}`).
-/// With no INPUT the embedded sample corpus is used.
-///
-/// Writes OUT/tokenizer.json, OUT/{train,valid}-NNNNN.shard and OUT/manifest.json. OUT appears
-/// only when everything is written; the same inputs and options give byte-identical output.
+/// Arguments of `chingu prepare` (the help text is on `Command::Prepare`).
 #[derive(clap::Args, Debug)]
-#[command(verbatim_doc_comment)]
 pub struct PrepareArgs {
     /// Input files or directories (default: the embedded sample corpus).
     #[arg(value_name = "INPUT")]

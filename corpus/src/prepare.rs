@@ -165,11 +165,17 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         None => {
             let stride = counts.train.div_ceil(opts.tokenizer_sample);
             let failure = Mutex::new(None);
-            let texts = SpillReader::open(&spill_path)?
-                .map_while(|r| r.map_err(|e| *failure.lock().expect("not poisoned") = Some(e)).ok())
-                .filter(|(split, _, _)| *split == Split::Train)
-                .step_by(stride as usize)
-                .flat_map(|(_, q, a)| [q, a]);
+            let texts = || {
+                let reader = SpillReader::open(&spill_path);
+                let reader = reader.map_err(|e| *failure.lock().expect("not poisoned") = Some(e)).ok();
+                reader
+                    .into_iter()
+                    .flatten()
+                    .map_while(|r| r.map_err(|e| *failure.lock().expect("not poisoned") = Some(e)).ok())
+                    .filter(|(split, _, _)| *split == Split::Train)
+                    .step_by(stride as usize)
+                    .flat_map(|(_, q, a)| [q, a])
+            };
             let tok = tokenizer::train(texts, opts.vocab_size)?;
             if let Some(e) = failure.into_inner().expect("not poisoned") {
                 return Err(e);
