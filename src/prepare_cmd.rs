@@ -63,7 +63,12 @@ impl PrepareArgs {
     }
 
     fn options(self) -> anyhow::Result<PrepareOptions> {
-        let format = self.format.as_deref().map(str::parse::<Format>).transpose().map_err(anyhow::Error::msg)?;
+        let format = self
+            .format
+            .as_deref()
+            .map(str::parse::<Format>)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let progress = match self.progress.as_str() {
             "log" => ProgressMode::Log,
             "quiet" => ProgressMode::Quiet,
@@ -114,14 +119,24 @@ pub fn summary(report: &PrepareReport) -> String {
     let m = &report.manifest;
     let c = &m.counts;
     let bytes: u64 = m.sources.iter().map(|s| s.bytes).sum();
-    let tokens = |split: &str| m.shards.iter().filter(|s| s.split.name() == split).map(|s| s.tokens).sum::<u64>();
+    let tokens = |split: &str| {
+        m.shards.iter().filter(|s| s.split.name() == split).map(|s| s.tokens).sum::<u64>()
+    };
     let shard_count = |split: &str| m.shards.iter().filter(|s| s.split.name() == split).count();
     let l = &m.lengths;
     let mut rows: Vec<(&str, String)> = vec![
         ("output", report.out.display().to_string()),
         ("sources", format!("{} file(s), {:.1} MB", m.sources.len(), bytes as f64 / 1e6)),
         ("pairs read", thousands(c.pairs_read)),
-        ("kept", format!("{} (train {}, valid {})", thousands(c.kept), thousands(c.train), thousands(c.valid))),
+        (
+            "kept",
+            format!(
+                "{} (train {}, valid {})",
+                thousands(c.kept),
+                thousands(c.train),
+                thousands(c.valid)
+            ),
+        ),
         ("duplicates", thousands(c.duplicates)),
         ("empty", thousands(c.empty)),
         ("dropped lines", thousands(c.dropped_lines)),
@@ -136,10 +151,16 @@ pub fn summary(report: &PrepareReport) -> String {
                 thousands(m.tokenizer.trained_on_pairs)
             ),
         ),
-        ("tokens", format!("train {}, valid {}", thousands(tokens("train")), thousands(tokens("valid")))),
+        (
+            "tokens",
+            format!("train {}, valid {}", thousands(tokens("train")), thousands(tokens("valid"))),
+        ),
         (
             "pair length",
-            format!("p50 {}, p90 {}, p99 {}, max {} tokens", l.pair.p50, l.pair.p90, l.pair.p99, l.pair.max),
+            format!(
+                "p50 {}, p90 {}, p99 {}, max {} tokens",
+                l.pair.p50, l.pair.p90, l.pair.p99, l.pair.max
+            ),
         ),
         ("question p99", format!("{} tokens (answer p99 {})", l.question.p99, l.answer.p99)),
         ("shards", format!("train {}, valid {}", shard_count("train"), shard_count("valid"))),
@@ -159,7 +180,10 @@ pub fn summary(report: &PrepareReport) -> String {
         rows.insert(2, ("ignored files", thousands(c.ignored_files)));
     }
     if let Some(h) = &m.heldout {
-        rows.push(("held-out", format!("{} computed questions in {}", thousands(h.records), h.file)));
+        rows.push((
+            "held-out",
+            format!("{} computed questions in {}", thousands(h.records), h.file),
+        ));
     }
     let mut out = String::from("\nchingu prepare: done\n");
     for (name, value) in rows {

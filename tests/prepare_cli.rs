@@ -14,7 +14,11 @@ fn shared(name: &str) -> PathBuf {
 }
 
 fn chingu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chingu")).args(args).env("CHINGU_LOG", "warn").output().expect("run chingu")
+    Command::new(env!("CARGO_BIN_EXE_chingu"))
+        .args(args)
+        .env("CHINGU_LOG", "warn")
+        .output()
+        .expect("run chingu")
 }
 
 fn prepare(args: &[&str], out: &Path) -> Output {
@@ -107,14 +111,27 @@ fn embedded_corpus_keeps_heldout_questions_out_of_training() {
     let manifest = Manifest::load(&out).unwrap();
     let heldout = manifest.heldout.as_ref().expect("held-out file");
     let text = std::fs::read_to_string(out.join(&heldout.file)).unwrap();
-    let questions: HashSet<String> =
-        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["question"].as_str().unwrap().to_string()).collect();
+    let questions: HashSet<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["question"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     assert_eq!(questions.len() as u64, heldout.records);
     assert!(heldout.records > 1000);
     let back = decoded(&out, &manifest);
     assert_eq!(back.len() as u64, manifest.counts.kept);
-    assert!(back.iter().all(|(_, q, _)| !questions.contains(q)), "a held-out question reached the shards");
-    assert!(back.iter().any(|(_, q, a)| q == "배고파" && !a.is_empty()), "hand-written pairs are in");
+    assert!(
+        back.iter().all(|(_, q, _)| !questions.contains(q)),
+        "a held-out question reached the shards"
+    );
+    assert!(
+        back.iter().any(|(_, q, a)| q == "배고파" && !a.is_empty()),
+        "hand-written pairs are in"
+    );
 }
 
 #[test]
@@ -156,8 +173,14 @@ fn aihub_tree_uses_folder_splits_and_filters() {
     assert_eq!(m.counts.ignored_files, 1);
     assert_eq!((m.counts.train, m.counts.valid), (2, 2));
     let back = decoded(&out, &m);
-    assert!(back.contains(&(Split::Valid, "이번 주말에 어디 가?".into(), "산에 갈까 해.".into())), "{back:?}");
-    assert!(back.contains(&(Split::Train, "바다 보러 갈까 해.".into(), "좋겠다 나도 데려가".into())), "{back:?}");
+    assert!(
+        back.contains(&(Split::Valid, "이번 주말에 어디 가?".into(), "산에 갈까 해.".into())),
+        "{back:?}"
+    );
+    assert!(
+        back.contains(&(Split::Train, "바다 보러 갈까 해.".into(), "좋겠다 나도 데려가".into())),
+        "{back:?}"
+    );
 }
 
 #[test]
@@ -175,14 +198,25 @@ fn jsonl_pairs_and_turns() {
     assert_eq!((m.counts.pairs_read, m.counts.kept, m.counts.duplicates), (4, 3, 1));
     let back: HashSet<_> = decoded(&out, &m).into_iter().map(|(_, q, a)| (q, a)).collect();
     let expect = |q: &str, a: &str| (q.to_string(), a.to_string());
-    assert_eq!(back, HashSet::from([expect("뭐 해?", "그냥 쉬어"), expect("안녕", "응 안녕"), expect("응 안녕", "잘 지냈어?")]));
+    assert_eq!(
+        back,
+        HashSet::from([
+            expect("뭐 해?", "그냥 쉬어"),
+            expect("안녕", "응 안녕"),
+            expect("응 안녕", "잘 지냈어?")
+        ])
+    );
 }
 
 #[test]
 fn bad_input_stops_with_a_location_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("bad.jsonl");
-    std::fs::write(&input, "{\"question\":\"a\",\"answer\":\"b\"}\n{\"question\":\"a\",\"answer\":3}\n").unwrap();
+    std::fs::write(
+        &input,
+        "{\"question\":\"a\",\"answer\":\"b\"}\n{\"question\":\"a\",\"answer\":3}\n",
+    )
+    .unwrap();
     let out = tmp.path().join("prepared");
     let stderr = failed(prepare(&[input.to_str().unwrap()], &out));
     assert!(stderr.contains("bad.jsonl:2 at answer: must be a string, found a number"), "{stderr}");
@@ -203,7 +237,10 @@ fn skip_bad_counts_and_lists_bad_records() {
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
     let out = tmp.path().join("prepared");
-    let stdout = ok(prepare(&[input.to_str().unwrap(), empty.to_str().unwrap(), "--vocab-size", "600", "--skip-bad"], &out));
+    let stdout = ok(prepare(
+        &[input.to_str().unwrap(), empty.to_str().unwrap(), "--vocab-size", "600", "--skip-bad"],
+        &out,
+    ));
     let m = Manifest::load(&out).unwrap();
     assert_eq!(m.counts.bad, 21);
     assert_eq!(m.counts.kept, 20);
@@ -234,7 +271,8 @@ fn reuses_a_given_tokenizer() {
     assert_eq!(a.tokenizer.sha256, b.tokenizer.sha256);
     assert_eq!(b.tokenizer.origin, "reused");
     assert_eq!(decoded(&second, &b).len() as u64, b.counts.kept);
-    let stderr = failed(prepare(&["--tokenizer", "/nonexistent/tokenizer.json"], &tmp.path().join("third")));
+    let stderr =
+        failed(prepare(&["--tokenizer", "/nonexistent/tokenizer.json"], &tmp.path().join("third")));
     assert!(stderr.contains("/nonexistent/tokenizer.json"), "{stderr}");
 }
 

@@ -50,7 +50,10 @@ pub struct Staging {
 }
 
 fn sibling(target: &Path, tag: &str) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     target.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
@@ -58,10 +61,17 @@ impl Staging {
     /// Checks that `target` may be replaced (absent, empty, or a previous output recognised by
     /// `marker`) and creates the staging directory beside it.
     pub fn new(target: &Path, marker: &str) -> Result<Self> {
-        let target = if target.file_name().is_none() { target.canonicalize().at(target)? } else { target.to_path_buf() };
+        let target = if target.file_name().is_none() {
+            target.canonicalize().at(target)?
+        } else {
+            target.to_path_buf()
+        };
         if target.exists() {
             if !target.is_dir() {
-                return Err(Error::Invalid(format!("{} exists and is not a directory", target.display())));
+                return Err(Error::Invalid(format!(
+                    "{} exists and is not a directory",
+                    target.display()
+                )));
             }
             let empty = fs::read_dir(&target).at(&target)?.next().is_none();
             if !empty && !target.join(marker).exists() {
@@ -71,7 +81,8 @@ impl Staging {
                 )));
             }
         }
-        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent =
+            target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::create_dir_all(parent).at(parent)?;
         Self::remove_stale(&target);
         let dir = sibling(&target, "partial");
@@ -150,13 +161,18 @@ mod tests {
         let partial = staging.path().to_path_buf();
         drop(staging);
         assert!(!partial.exists());
-        assert_eq!(fs::read(target.join("manifest.json")).unwrap(), b"1", "a failed run keeps the old output");
+        assert_eq!(
+            fs::read(target.join("manifest.json")).unwrap(),
+            b"1",
+            "a failed run keeps the old output"
+        );
 
         let staging = Staging::new(&target, "manifest.json").unwrap();
         write_synced(&staging.path().join("manifest.json"), b"3").unwrap();
         staging.commit().unwrap();
         assert_eq!(fs::read(target.join("manifest.json")).unwrap(), b"3");
-        let leftovers: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let leftovers: Vec<_> =
+            fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers, ["out"]);
     }
 

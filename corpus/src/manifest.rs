@@ -265,7 +265,8 @@ impl LengthCounter {
         let mut hi = 8u64;
         while lo <= max || histogram.is_empty() {
             let last = hi > 1024;
-            let upper = if last { self.counts.len() as u64 } else { hi.min(self.counts.len() as u64) };
+            let upper =
+                if last { self.counts.len() as u64 } else { hi.min(self.counts.len() as u64) };
             let count = (lo.min(upper)..upper).map(|l| self.counts[l as usize]).sum();
             histogram.push(Bucket { lo, hi: (!last).then_some(hi), count });
             if last {
@@ -274,8 +275,19 @@ impl LengthCounter {
             lo = hi;
             hi *= 2;
         }
-        let mean = if self.total == 0 { 0.0 } else { (self.sum as f64 / self.total as f64 * 100.0).round() / 100.0 };
-        LengthStats { mean, p50: self.percentile(0.5), p90: self.percentile(0.9), p99: self.percentile(0.99), max, histogram }
+        let mean = if self.total == 0 {
+            0.0
+        } else {
+            (self.sum as f64 / self.total as f64 * 100.0).round() / 100.0
+        };
+        LengthStats {
+            mean,
+            p50: self.percentile(0.5),
+            p90: self.percentile(0.9),
+            p99: self.percentile(0.99),
+            max,
+            histogram,
+        }
     }
 }
 

@@ -17,7 +17,8 @@ pub fn normalize(text: &str) -> String {
     // Order matters for the fixed-point property: characters are removed *before* NFC, because
     // removing one between a base and its combining mark would leave uncomposed text behind.
     // Collapsing whitespace after NFC is safe: a space always stays between the two sides.
-    let visible = text.chars().filter(|&c| c.is_whitespace() || !(c.is_control() || is_invisible(c)));
+    let visible =
+        text.chars().filter(|&c| c.is_whitespace() || !(c.is_control() || is_invisible(c)));
     for c in visible.nfc() {
         if c.is_whitespace() {
             pending_space = true;

@@ -26,7 +26,9 @@ use crate::durable::{sha256_file, write_synced, Staging};
 use crate::error::IoContext;
 use crate::manifest::*;
 use crate::progress::{Progress, ProgressMode, Unit};
-use crate::readers::{discover, read_aihub, read_csv, read_jsonl, AihubFilter, Format, HashingReader, InputFile};
+use crate::readers::{
+    discover, read_aihub, read_csv, read_jsonl, AihubFilter, Format, HashingReader, InputFile,
+};
 use crate::record::{Event, Split};
 use crate::shard::{ShardWriter, VERSION as SHARD_VERSION};
 use crate::{normalize::normalize, sample, tokenizer, Error, Result};
@@ -100,10 +102,15 @@ pub struct PrepareReport {
 /// Runs the whole pipeline.
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     if !(0.0..1.0).contains(&opts.valid_fraction) {
-        return Err(Error::Invalid(format!("--valid-fraction must be in [0, 1), got {}", opts.valid_fraction)));
+        return Err(Error::Invalid(format!(
+            "--valid-fraction must be in [0, 1), got {}",
+            opts.valid_fraction
+        )));
     }
     if opts.shard_records == 0 || opts.tokenizer_sample == 0 {
-        return Err(Error::Invalid("--shard-records and --tokenizer-sample must be positive".into()));
+        return Err(Error::Invalid(
+            "--shard-records and --tokenizer-sample must be positive".into(),
+        ));
     }
     if opts.tokenizer.is_none() && opts.vocab_size < tokenizer::MIN_VOCAB_SIZE {
         return Err(Error::Invalid(format!(
@@ -113,7 +120,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         )));
     }
     // Load a given tokenizer before any work, so a bad path fails fast.
-    let reused = opts.tokenizer.as_deref().map(|p| Ok::<_, Error>((tokenizer::load(p)?, p))).transpose()?;
+    let reused =
+        opts.tokenizer.as_deref().map(|p| Ok::<_, Error>((tokenizer::load(p)?, p))).transpose()?;
     let staging = Staging::new(&opts.out, MANIFEST_FILE)?;
     let spill_path = staging.path().join("pairs.spill");
 
@@ -134,7 +142,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         }
         &discovered.files
     };
-    let total_bytes = files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
+    let total_bytes =
+        files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
     let mut progress = Progress::new(opts.progress, "read", Unit::Bytes, total_bytes);
     if let Some(computed) = &computed {
         reading.read_embedded(computed)?;
@@ -167,11 +176,14 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
             let failure = Mutex::new(None);
             let texts = || {
                 let reader = SpillReader::open(&spill_path);
-                let reader = reader.map_err(|e| *failure.lock().expect("not poisoned") = Some(e)).ok();
+                let reader =
+                    reader.map_err(|e| *failure.lock().expect("not poisoned") = Some(e)).ok();
                 reader
                     .into_iter()
                     .flatten()
-                    .map_while(|r| r.map_err(|e| *failure.lock().expect("not poisoned") = Some(e)).ok())
+                    .map_while(|r| {
+                        r.map_err(|e| *failure.lock().expect("not poisoned") = Some(e)).ok()
+                    })
                     .filter(|(split, _, _)| *split == Split::Train)
                     .step_by(stride as usize)
                     .flat_map(|(_, q, a)| [q, a])
@@ -198,12 +210,15 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
 
     // Phase 3: encode and write shards.
     let mut progress = Progress::new(opts.progress, "encode", Unit::Pairs, counts.kept);
-    let mut writers = [Split::Train, Split::Valid].map(|split| SplitShards::new(staging.path(), split, vocab_size, opts.shard_records));
-    let mut lengths = [LengthCounter::default(), LengthCounter::default(), LengthCounter::default()];
+    let mut writers = [Split::Train, Split::Valid]
+        .map(|split| SplitShards::new(staging.path(), split, vocab_size, opts.shard_records));
+    let mut lengths =
+        [LengthCounter::default(), LengthCounter::default(), LengthCounter::default()];
     let mut reader = SpillReader::open(&spill_path)?;
     let mut done = 0u64;
     loop {
-        let chunk: Vec<(Split, String, String)> = reader.by_ref().take(ENCODE_CHUNK).collect::<Result<_>>()?;
+        let chunk: Vec<(Split, String, String)> =
+            reader.by_ref().take(ENCODE_CHUNK).collect::<Result<_>>()?;
         if chunk.is_empty() {
             break;
         }
@@ -255,7 +270,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         shards,
         heldout,
     };
-    let mut json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut json =
+        serde_json::to_string_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     json.push('\n');
     write_synced(&staging.path().join(MANIFEST_FILE), json.as_bytes())?;
     let out = staging.commit()?;
@@ -273,7 +289,11 @@ fn write_heldout(dir: &Path, items: &[sample::Computed]) -> Result<FileEntry> {
     }
     let path = dir.join(HELDOUT_FILE);
     write_synced(&path, text.as_bytes())?;
-    Ok(FileEntry { file: HELDOUT_FILE.into(), records: items.len() as u64, sha256: sha256_file(&path)? })
+    Ok(FileEntry {
+        file: HELDOUT_FILE.into(),
+        records: items.len() as u64,
+        sha256: sha256_file(&path)?,
+    })
 }
 
 /// Phase 1 state.
@@ -316,7 +336,8 @@ impl<'a> ReadPass<'a> {
                     self.counts.duplicates += 1;
                     return Ok(());
                 }
-                let split = pair.split.unwrap_or_else(|| split_by_hash(key, self.opts.valid_fraction));
+                let split =
+                    pair.split.unwrap_or_else(|| split_by_hash(key, self.opts.valid_fraction));
                 match split {
                     Split::Train => self.counts.train += 1,
                     Split::Valid => self.counts.valid += 1,
@@ -347,7 +368,11 @@ impl<'a> ReadPass<'a> {
 
     fn read_embedded(&mut self, computed: &sample::ComputedSet) -> Result<()> {
         let mut source = SourceEntry {
-            path: format!("<embedded>/{} + computed questions v{}", sample::DAILY_PATH, sample::GENERATOR_VERSION),
+            path: format!(
+                "<embedded>/{} + computed questions v{}",
+                sample::DAILY_PATH,
+                sample::GENERATOR_VERSION
+            ),
             format: Format::Csv,
             sha256: sample::fingerprint(computed),
             bytes: sample::DAILY_CSV.len() as u64,
@@ -372,13 +397,19 @@ impl<'a> ReadPass<'a> {
         };
         let mut input = HashingReader::new(File::open(path).at(path)?);
         match file.format {
-            Format::Csv => read_csv(path, &mut input, file.split, &mut |e| self.handle(e, &mut source))?,
-            Format::Jsonl => read_jsonl(path, &mut input, file.split, &mut |e| self.handle(e, &mut source))?,
+            Format::Csv => {
+                read_csv(path, &mut input, file.split, &mut |e| self.handle(e, &mut source))?
+            }
+            Format::Jsonl => {
+                read_jsonl(path, &mut input, file.split, &mut |e| self.handle(e, &mut source))?
+            }
             Format::Aihub => {
                 let mut bytes = Vec::new();
                 input.read_to_end(&mut bytes).at(path)?;
                 let filter = &self.opts.filter;
-                read_aihub(path, &bytes, file.split, &filter.clone(), &mut |e| self.handle(e, &mut source))?;
+                read_aihub(path, &bytes, file.split, &filter.clone(), &mut |e| {
+                    self.handle(e, &mut source)
+                })?;
             }
         }
         let (sha256, bytes) = input.finish().at(path)?;
@@ -407,7 +438,10 @@ struct SpillWriter {
 
 impl SpillWriter {
     fn create(path: &Path) -> Result<Self> {
-        Ok(Self { out: BufWriter::with_capacity(1 << 20, File::create(path).at(path)?), path: path.into() })
+        Ok(Self {
+            out: BufWriter::with_capacity(1 << 20, File::create(path).at(path)?),
+            path: path.into(),
+        })
     }
 
     fn write(&mut self, split: Split, question: &str, answer: &str) -> Result<()> {
@@ -432,7 +466,10 @@ struct SpillReader {
 
 impl SpillReader {
     fn open(path: &Path) -> Result<Self> {
-        Ok(Self { input: BufReader::with_capacity(1 << 20, File::open(path).at(path)?), path: path.into() })
+        Ok(Self {
+            input: BufReader::with_capacity(1 << 20, File::open(path).at(path)?),
+            path: path.into(),
+        })
     }
 
     fn next_record(&mut self) -> Result<Option<(Split, String, String)>> {
@@ -447,8 +484,10 @@ impl SpillReader {
         let a_len = u32::from_le_bytes(header[5..9].try_into().expect("4 bytes")) as usize;
         let mut text = vec![0u8; q_len + a_len];
         self.input.read_exact(&mut text).at(&self.path)?;
-        let answer = String::from_utf8(text.split_off(q_len)).map_err(|e| Error::io(&self.path, std::io::Error::other(e)))?;
-        let question = String::from_utf8(text).map_err(|e| Error::io(&self.path, std::io::Error::other(e)))?;
+        let answer = String::from_utf8(text.split_off(q_len))
+            .map_err(|e| Error::io(&self.path, std::io::Error::other(e)))?;
+        let question =
+            String::from_utf8(text).map_err(|e| Error::io(&self.path, std::io::Error::other(e)))?;
         Ok(Some((split, question, answer)))
     }
 }
@@ -495,7 +534,13 @@ impl SplitShards {
             let file = self.file_name(self.done.len());
             let stats = writer.finish()?;
             let sha256 = sha256_file(&self.dir.join(&file))?;
-            self.done.push(ShardEntry { file, split: self.split, records: stats.records, tokens: stats.tokens, sha256 });
+            self.done.push(ShardEntry {
+                file,
+                split: self.split,
+                records: stats.records,
+                tokens: stats.tokens,
+                sha256,
+            });
         }
         Ok(())
     }

@@ -61,7 +61,9 @@ impl Progress {
             Unit::Pairs => "{human_pos}/{human_len} pairs",
         };
         let template = format!("{label:>9} [{{bar:30}}] {counts} {{msg}} ({{eta}} left)");
-        bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "),
+        );
         bar
     }
 
@@ -78,8 +80,15 @@ impl Progress {
             }
         } else if self.log && self.last_log.elapsed() >= LOG_EVERY {
             self.last_log = Instant::now();
-            let percent = if self.total == 0 { 100.0 } else { 100.0 * position as f64 / self.total as f64 };
-            tracing::info!(phase = self.label, percent = format!("{percent:.1}"), pairs, pairs_per_s = format!("{rate:.0}"), "progress");
+            let percent =
+                if self.total == 0 { 100.0 } else { 100.0 * position as f64 / self.total as f64 };
+            tracing::info!(
+                phase = self.label,
+                percent = format!("{percent:.1}"),
+                pairs,
+                pairs_per_s = format!("{rate:.0}"),
+                "progress"
+            );
         }
     }
 

@@ -70,7 +70,8 @@ fn number_answer(n: u32) -> String {
 
 const WEEKDAYS: [&str; 7] = ["월요일", "화요일", "수요일", "목요일", "금요일", "토요일", "일요일"];
 /// Native Korean counts used with 달 (months): 한 달, 두 달, …
-const NATIVE_COUNTS: [&str; 11] = ["한", "두", "세", "네", "다섯", "여섯", "일곱", "여덟", "아홉", "열", "열한"];
+const NATIVE_COUNTS: [&str; 11] =
+    ["한", "두", "세", "네", "다섯", "여섯", "일곱", "여덟", "아홉", "열", "열한"];
 
 struct Generator {
     set: ComputedSet,
@@ -129,7 +130,10 @@ pub fn computed() -> ComputedSet {
                 g.add(
                     "max",
                     &format!("max:{a}:{b}"),
-                    &[format!("{a}{wa} {b} 중에 더 큰 수는?"), format!("{a}{wa} {b} 중에 어느 쪽이 더 커?")],
+                    &[
+                        format!("{a}{wa} {b} 중에 더 큰 수는?"),
+                        format!("{a}{wa} {b} 중에 어느 쪽이 더 커?"),
+                    ],
                     number_answer(a.max(b)),
                 );
             }
@@ -137,7 +141,10 @@ pub fn computed() -> ComputedSet {
                 g.add(
                     "min",
                     &format!("min:{a}:{b}"),
-                    &[format!("{a}{wa} {b} 중에 더 작은 수는?"), format!("{a}{wa} {b} 중에 어느 쪽이 더 작아?")],
+                    &[
+                        format!("{a}{wa} {b} 중에 더 작은 수는?"),
+                        format!("{a}{wa} {b} 중에 어느 쪽이 더 작아?"),
+                    ],
                     number_answer(a.min(b)),
                 );
             }
@@ -155,18 +162,43 @@ pub fn computed() -> ComputedSet {
             }
         }
         let n = a;
-        g.add("next", &format!("next:{n}"), &[format!("{n} 다음 수는 뭐야?"), format!("{n} 바로 다음 숫자는?")], number_answer(n + 1));
+        g.add(
+            "next",
+            &format!("next:{n}"),
+            &[format!("{n} 다음 수는 뭐야?"), format!("{n} 바로 다음 숫자는?")],
+            number_answer(n + 1),
+        );
         if n > 0 {
-            g.add("prev", &format!("prev:{n}"), &[format!("{n} 바로 앞의 수는?"), format!("{n}보다 하나 작은 수는 뭐야?")], number_answer(n - 1));
+            g.add(
+                "prev",
+                &format!("prev:{n}"),
+                &[format!("{n} 바로 앞의 수는?"), format!("{n}보다 하나 작은 수는 뭐야?")],
+                number_answer(n - 1),
+            );
         }
         let parity = if n % 2 == 0 { "짝수예요." } else { "홀수예요." };
-        g.add("parity", &format!("parity:{n}"), &[format!("{n}{} 짝수야 홀수야?", josa(n, "은", "는"))], parity.into());
+        g.add(
+            "parity",
+            &format!("parity:{n}"),
+            &[format!("{n}{} 짝수야 홀수야?", josa(n, "은", "는"))],
+            parity.into(),
+        );
     }
     for (d, day) in WEEKDAYS.iter().enumerate() {
         let after = |k: usize| WEEKDAYS[(d + k) % 7];
         let before = |k: usize| WEEKDAYS[(d + 7 - k) % 7];
-        g.add("weekday-next", &format!("wnext:{d}"), &[format!("{day} 다음 날은 무슨 요일이야?")], format!("{}이에요.", after(1)));
-        g.add("weekday-prev", &format!("wprev:{d}"), &[format!("{day} 전날은 무슨 요일이에요?")], format!("{}이에요.", before(1)));
+        g.add(
+            "weekday-next",
+            &format!("wnext:{d}"),
+            &[format!("{day} 다음 날은 무슨 요일이야?")],
+            format!("{}이에요.", after(1)),
+        );
+        g.add(
+            "weekday-prev",
+            &format!("wprev:{d}"),
+            &[format!("{day} 전날은 무슨 요일이에요?")],
+            format!("{}이에요.", before(1)),
+        );
         for k in 1..=6 {
             g.add(
                 "weekday-offset",
@@ -184,7 +216,12 @@ pub fn computed() -> ComputedSet {
     }
     for m in 1..=12u32 {
         let shift = |k: u32| (m - 1 + k) % 12 + 1;
-        g.add("month-next", &format!("mnext:{m}"), &[format!("{m}월 다음 달은 몇 월이야?")], format!("{}월이에요.", shift(1)));
+        g.add(
+            "month-next",
+            &format!("mnext:{m}"),
+            &[format!("{m}월 다음 달은 몇 월이야?")],
+            format!("{}월이에요.", shift(1)),
+        );
         for k in 1..=11u32 {
             let count = NATIVE_COUNTS[k as usize - 1];
             g.add(
@@ -203,7 +240,11 @@ pub fn computed() -> ComputedSet {
 pub fn read_sample(computed: &ComputedSet, sink: &mut Sink<'_>) -> Result<()> {
     read_csv(Path::new(DAILY_PATH), DAILY_CSV.as_bytes(), None, sink)?;
     for item in &computed.train {
-        sink(Event::Pair(RawPair { question: item.question.clone(), answer: item.answer.clone(), split: None }))?;
+        sink(Event::Pair(RawPair {
+            question: item.question.clone(),
+            answer: item.answer.clone(),
+            split: None,
+        }))?;
     }
     Ok(())
 }
@@ -260,9 +301,13 @@ mod tests {
                 assert_eq!(item.answer, number_answer(n), "{item:?}");
             }
         }
-        let find = |q: &str| set.train.iter().chain(&set.heldout).find(|c| c.question == q).cloned();
+        let find =
+            |q: &str| set.train.iter().chain(&set.heldout).find(|c| c.question == q).cloned();
         assert_eq!(find("금요일 다음 날은 무슨 요일이야?").unwrap().answer, "토요일이에요.");
-        assert_eq!(find("오늘이 월요일이면 2일 전은 무슨 요일이었어?").unwrap().answer, "토요일이었어요.");
+        assert_eq!(
+            find("오늘이 월요일이면 2일 전은 무슨 요일이었어?").unwrap().answer,
+            "토요일이었어요."
+        );
         assert_eq!(find("11월에서 세 달 뒤는 몇 월이야?").unwrap().answer, "2월이에요.");
         assert_eq!(find("7은 짝수야 홀수야?").unwrap().answer, "홀수예요.");
     }

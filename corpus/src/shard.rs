@@ -254,9 +254,12 @@ impl Shard {
         let tokens = le_u64(&map, 32);
         let index_offset = le_u64(&map, 40);
         if width != token_width(vocab_size) {
-            return Err(corrupt(format!("token width {width} does not fit vocabulary size {vocab_size}")));
+            return Err(corrupt(format!(
+                "token width {width} does not fit vocabulary size {vocab_size}"
+            )));
         }
-        let token_end = tokens.checked_mul(u64::from(width)).and_then(|b| b.checked_add(HEADER_LEN));
+        let token_end =
+            tokens.checked_mul(u64::from(width)).and_then(|b| b.checked_add(HEADER_LEN));
         let expected_len = records
             .checked_mul(2)
             .and_then(|n| n.checked_add(1))
@@ -373,11 +376,13 @@ mod tests {
     }
 
     fn records_strategy() -> impl Strategy<Value = (u32, Vec<(Vec<u32>, Vec<u32>)>)> {
-        prop_oneof![Just(300u32), Just(65_536u32), Just(70_000u32), Just(u32::MAX)].prop_flat_map(|vocab| {
-            let tok = 0..vocab;
-            let side = prop::collection::vec(tok, 0..20);
-            (Just(vocab), prop::collection::vec((side.clone(), side), 0..30))
-        })
+        prop_oneof![Just(300u32), Just(65_536u32), Just(70_000u32), Just(u32::MAX)].prop_flat_map(
+            |vocab| {
+                let tok = 0..vocab;
+                let side = prop::collection::vec(tok, 0..20);
+                (Just(vocab), prop::collection::vec((side.clone(), side), 0..30))
+            },
+        )
     }
 
     proptest! {

@@ -25,7 +25,9 @@ use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
-use tokenizers::{AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerImpl};
+use tokenizers::{
+    AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerImpl,
+};
 
 pub use tokenizers::Tokenizer;
 
@@ -65,7 +67,13 @@ pub fn special_ids(tokenizer: &Tokenizer) -> Result<SpecialIds> {
             ))
         })
     };
-    Ok(SpecialIds { pad: id("<pad>")?, bos: id("<s>")?, eos: id("</s>")?, unk: id("<unk>")?, sep: id("<sep>")? })
+    Ok(SpecialIds {
+        pad: id("<pad>")?,
+        bos: id("<s>")?,
+        eos: id("</s>")?,
+        unk: id("<unk>")?,
+        sep: id("<sep>")?,
+    })
 }
 
 /// Picks the `limit` most frequent non-space characters of `texts` (ties broken by code
@@ -83,7 +91,10 @@ fn choose_alphabet<S: AsRef<str>>(texts: impl Iterator<Item = S>, limit: usize) 
     }
     let mut ranked: Vec<(char, u64)> = counts.into_iter().collect();
     ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    std::iter::once(WORD_START).chain(ranked.into_iter().map(|(c, _)| c).filter(|&c| c != WORD_START)).take(limit).collect()
+    std::iter::once(WORD_START)
+        .chain(ranked.into_iter().map(|(c, _)| c).filter(|&c| c != WORD_START))
+        .take(limit)
+        .collect()
 }
 
 /// Trains a tokenizer of (at most) `vocab_size` tokens on the texts `texts()` yields; it is
@@ -95,7 +106,9 @@ where
     S: AsRef<str> + Send,
 {
     if vocab_size < MIN_VOCAB_SIZE {
-        return Err(Error::Invalid(format!("--vocab-size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")));
+        return Err(Error::Invalid(format!(
+            "--vocab-size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}"
+        )));
     }
     let learned = vocab_size - BYTE_TOKENS;
     // Leave at least half of the learned vocabulary to merges; rarer characters fall back to
@@ -112,8 +125,13 @@ where
         .initial_alphabet(alphabet)
         .build();
 
-    let mut tokenizer: TokenizerImpl<BPE, NFC, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
-        TokenizerImpl::new(BPE::default());
+    let mut tokenizer: TokenizerImpl<
+        BPE,
+        NFC,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    > = TokenizerImpl::new(BPE::default());
     tokenizer.with_normalizer(Some(NFC)).map_err(Error::tokenizer)?;
     tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
         Metaspace::new(WORD_START, PrependScheme::Always, true).into(),
@@ -129,9 +147,16 @@ where
     // and switch the model to use them, through the serialised form (the model's vocabulary
     // is not public).
     let mut json: Value =
-        serde_json::from_str(&tokenizer.to_string(false).map_err(Error::tokenizer)?).map_err(Error::tokenizer)?;
-    let model = json.get_mut("model").and_then(Value::as_object_mut).ok_or_else(|| Error::Tokenizer("no model".into()))?;
-    let vocab = model.get_mut("vocab").and_then(Value::as_object_mut).ok_or_else(|| Error::Tokenizer("no vocab".into()))?;
+        serde_json::from_str(&tokenizer.to_string(false).map_err(Error::tokenizer)?)
+            .map_err(Error::tokenizer)?;
+    let model = json
+        .get_mut("model")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| Error::Tokenizer("no model".into()))?;
+    let vocab = model
+        .get_mut("vocab")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| Error::Tokenizer("no vocab".into()))?;
     let mut next_id = vocab.len() as u64;
     for byte in 0..=255u8 {
         let token = format!("<0x{byte:02X}>");
@@ -155,8 +180,9 @@ pub fn to_json(tokenizer: &Tokenizer) -> Result<String> {
 /// Loads `tokenizer.json`, checking it has chingu's special tokens.
 pub fn load(path: &Path) -> Result<Tokenizer> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let tokenizer: Tokenizer =
-        text.parse().map_err(|e| Error::Tokenizer(format!("{}: not a tokenizer.json: {e}", path.display())))?;
+    let tokenizer: Tokenizer = text
+        .parse()
+        .map_err(|e| Error::Tokenizer(format!("{}: not a tokenizer.json: {e}", path.display())))?;
     special_ids(&tokenizer).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
     Ok(tokenizer)
 }

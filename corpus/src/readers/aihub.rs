@@ -74,17 +74,29 @@ fn is_placeholder_only(text: &str) -> bool {
 
 /// Reads one AIHub JSON document (already in memory: these files hold a handful of
 /// dialogues each).
-pub fn read_aihub(path: &Path, bytes: &[u8], split: Option<Split>, filter: &AihubFilter, sink: &mut Sink<'_>) -> Result<()> {
+pub fn read_aihub(
+    path: &Path,
+    bytes: &[u8],
+    split: Option<Split>,
+    filter: &AihubFilter,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let bad = |location: Location, message: String| Event::Bad(BadRecord { location, message });
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return sink(bad(Location::file(path), "empty file: expected an AIHub JSON document".into()));
+        return sink(bad(
+            Location::file(path),
+            "empty file: expected an AIHub JSON document".into(),
+        ));
     }
     let document: Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
         Err(e) => {
             let location = Location::line(path, e.line() as u64).with_column(e.column() as u64);
-            return sink(bad(location, format!("invalid JSON: {}", crate::readers::json_error_message(&e))));
+            return sink(bad(
+                location,
+                format!("invalid JSON: {}", crate::readers::json_error_message(&e)),
+            ));
         }
     };
     let Some(Value::Array(dialogues)) = document.get("info") else {
@@ -99,7 +111,8 @@ pub fn read_aihub(path: &Path, bytes: &[u8], split: Option<Split>, filter: &Aihu
         let dialogue: Dialogue = match serde_path_to_error::deserialize(value) {
             Ok(d) => d,
             Err(e) => {
-                let location = Location::file(path).with_json_path(format!("info[{i}].{}", e.path()));
+                let location =
+                    Location::file(path).with_json_path(format!("info[{i}].{}", e.path()));
                 sink(bad(location, e.into_inner().to_string()))?;
                 continue;
             }
@@ -134,7 +147,14 @@ pub fn read_aihub(path: &Path, bytes: &[u8], split: Option<Split>, filter: &Aihu
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../../../../shared/data/aihub543-format.json");
+    /// The made-up AIHub example in the project's shared test data, read at run time so that
+    /// a missing `../shared` fails this test with a clear message rather than the build.
+    fn example() -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/aihub543-format.json");
+        std::fs::read_to_string(path).unwrap_or_else(|e| {
+            panic!("{path}: {e}: the tests need ../shared/data beside the repository")
+        })
+    }
 
     struct Seen {
         pairs: Vec<(String, String)>,
@@ -167,7 +187,7 @@ mod tests {
 
     #[test]
     fn reads_the_shared_example() {
-        let seen = read(EXAMPLE, &AihubFilter::default());
+        let seen = read(&example(), &AihubFilter::default());
         assert!(seen.bad.is_empty(), "{:?}", seen.bad);
         assert_eq!(seen.dropped, 1, "the #@시스템#사진# line");
         assert_eq!(
@@ -184,12 +204,15 @@ mod tests {
     #[test]
     fn filters_by_speaker_type_and_category() {
         let one_to_one = AihubFilter { speaker_types: vec!["1:1".into()], ..Default::default() };
-        let seen = read(EXAMPLE, &one_to_one);
+        let seen = read(&example(), &one_to_one);
         assert_eq!(seen.pairs.len(), 2);
         assert_eq!(seen.filtered, 1);
         let health = AihubFilter { categories: vec!["건강".into()], ..Default::default() };
-        let seen = read(EXAMPLE, &health);
-        assert_eq!(seen.pairs, [p("오늘 운동했어?", "응 한 시간 걸었어"), p("응 한 시간 걸었어", "나는 쉬었어")]);
+        let seen = read(&example(), &health);
+        assert_eq!(
+            seen.pairs,
+            [p("오늘 운동했어?", "응 한 시간 걸었어"), p("응 한 시간 걸었어", "나는 쉬었어")]
+        );
     }
 
     #[test]
@@ -215,7 +238,11 @@ mod tests {
         assert_eq!(seen.pairs, [p("b", "c")]);
         assert_eq!(seen.bad.len(), 2, "{:?}", seen.bad);
         assert!(seen.bad[0].starts_with("d.json at info[0].annotations.lines[1].norm_text: invalid type: integer `5`, expected a string"), "{}", seen.bad[0]);
-        assert!(seen.bad[1].starts_with("d.json at info[2].annotations: missing field `lines`"), "{}", seen.bad[1]);
+        assert!(
+            seen.bad[1].starts_with("d.json at info[2].annotations: missing field `lines`"),
+            "{}",
+            seen.bad[1]
+        );
     }
 
     #[test]
@@ -224,7 +251,9 @@ mod tests {
         assert_eq!(seen.bad.len(), 1);
         assert_eq!(seen.bad[0], "d.json:2:4: invalid JSON: key must be a string");
         let seen = read("{\"data\": 1}", &AihubFilter::default());
-        assert!(seen.bad[0].starts_with("d.json at info: expected an object with an \"info\" array"));
+        assert!(
+            seen.bad[0].starts_with("d.json at info: expected an object with an \"info\" array")
+        );
         let seen = read(" \n", &AihubFilter::default());
         assert!(seen.bad[0].starts_with("d.json: empty file"));
     }

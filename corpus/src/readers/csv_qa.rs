@@ -22,7 +22,12 @@ fn find_column(headers: &csv::ByteRecord, names: &[&str]) -> Option<usize> {
 }
 
 /// Reads a Q/A CSV from `input`, reporting locations against `path`.
-pub fn read_csv(path: &Path, input: impl Read, split: Option<Split>, sink: &mut Sink<'_>) -> Result<()> {
+pub fn read_csv(
+    path: &Path,
+    input: impl Read,
+    split: Option<Split>,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     let mut input = BufReader::with_capacity(1 << 16, input);
     skip_bom(&mut input).at(path)?;
     if input.fill_buf().at(path)?.is_empty() {
@@ -38,11 +43,17 @@ pub fn read_csv(path: &Path, input: impl Read, split: Option<Split>, sink: &mut 
         message: format!(
             "no {what} column: expected a header named one of {} (any case); found {}",
             names.join(", "),
-            headers.iter().map(|h| format!("{:?}", String::from_utf8_lossy(h))).collect::<Vec<_>>().join(", ")
+            headers
+                .iter()
+                .map(|h| format!("{:?}", String::from_utf8_lossy(h)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
-    let q_col = find_column(&headers, &QUESTION_HEADERS).ok_or_else(|| missing("question", &QUESTION_HEADERS))?;
-    let a_col = find_column(&headers, &ANSWER_HEADERS).ok_or_else(|| missing("answer", &ANSWER_HEADERS))?;
+    let q_col = find_column(&headers, &QUESTION_HEADERS)
+        .ok_or_else(|| missing("question", &QUESTION_HEADERS))?;
+    let a_col =
+        find_column(&headers, &ANSWER_HEADERS).ok_or_else(|| missing("answer", &ANSWER_HEADERS))?;
 
     let mut record = csv::ByteRecord::new();
     loop {
@@ -62,7 +73,9 @@ pub fn read_csv(path: &Path, input: impl Read, split: Option<Split>, sink: &mut 
                 };
                 let pair = field(q_col, "question").and_then(|q| Ok((q, field(a_col, "answer")?)));
                 match pair {
-                    Ok((question, answer)) => sink(Event::Pair(RawPair { question, answer, split }))?,
+                    Ok((question, answer)) => {
+                        sink(Event::Pair(RawPair { question, answer, split }))?
+                    }
                     Err(bad) => sink(Event::Bad(bad))?,
                 }
             }
@@ -138,7 +151,11 @@ mod tests {
         r.unwrap();
         assert_eq!(pairs.len(), 1);
         assert_eq!(bad.len(), 1, "{bad:?}");
-        assert!(bad[0].starts_with("t.csv:3: row has 1 field(s) but the header has 2"), "{}", bad[0]);
+        assert!(
+            bad[0].starts_with("t.csv:3: row has 1 field(s) but the header has 2"),
+            "{}",
+            bad[0]
+        );
     }
 
     #[test]

@@ -30,15 +30,24 @@ enum LineContent {
 }
 
 fn parse_line(line: &str) -> Result<LineContent, (String, Option<u64>, Option<String>)> {
-    let value: Value = serde_json::from_str(line)
-        .map_err(|e| (format!("invalid JSON: {}", crate::readers::json_error_message(&e)), Some(e.column() as u64), None))?;
+    let value: Value = serde_json::from_str(line).map_err(|e| {
+        (
+            format!("invalid JSON: {}", crate::readers::json_error_message(&e)),
+            Some(e.column() as u64),
+            None,
+        )
+    })?;
     let Value::Object(mut obj) = value else {
         return Err((format!("expected a JSON object, found {}", type_name(&value)), None, None));
     };
     let is_pair = obj.contains_key("question") || obj.contains_key("answer");
     let mut string_field = |key: &str| match obj.remove(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err((format!("must be a string, found {}", type_name(&other)), None, Some(key.to_string()))),
+        Some(other) => Err((
+            format!("must be a string, found {}", type_name(&other)),
+            None,
+            Some(key.to_string()),
+        )),
         None => Err(("is missing".to_string(), None, Some(key.to_string()))),
     };
     if is_pair {
@@ -60,7 +69,11 @@ fn parse_line(line: &str) -> Result<LineContent, (String, Option<u64>, Option<St
             })
             .collect::<Result<Vec<_>, _>>()
             .map(LineContent::Turns),
-        Some(other) => Err((format!("must be an array of strings, found {}", type_name(&other)), None, Some("turns".into()))),
+        Some(other) => Err((
+            format!("must be an array of strings, found {}", type_name(&other)),
+            None,
+            Some("turns".into()),
+        )),
         None => Err((
             "expected {\"question\": …, \"answer\": …} or {\"turns\": [...]}".into(),
             None,
@@ -70,7 +83,12 @@ fn parse_line(line: &str) -> Result<LineContent, (String, Option<u64>, Option<St
 }
 
 /// Reads JSONL from `input`, reporting locations against `path`.
-pub fn read_jsonl(path: &Path, input: impl Read, split: Option<Split>, sink: &mut Sink<'_>) -> Result<()> {
+pub fn read_jsonl(
+    path: &Path,
+    input: impl Read,
+    split: Option<Split>,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     let mut input = BufReader::with_capacity(1 << 16, input);
     skip_bom(&mut input).at(path)?;
     let mut buf = Vec::new();
@@ -91,7 +109,11 @@ pub fn read_jsonl(path: &Path, input: impl Read, split: Option<Split>, sink: &mu
         let line = match std::str::from_utf8(&buf) {
             Ok(line) => line,
             Err(e) => {
-                sink(bad(format!("not valid UTF-8 (bad byte at column {})", e.valid_up_to() + 1), None, None))?;
+                sink(bad(
+                    format!("not valid UTF-8 (bad byte at column {})", e.valid_up_to() + 1),
+                    None,
+                    None,
+                ))?;
                 continue;
             }
         };
@@ -100,7 +122,9 @@ pub fn read_jsonl(path: &Path, input: impl Read, split: Option<Split>, sink: &mu
         }
         saw_record = true;
         match parse_line(line) {
-            Ok(LineContent::Pair(question, answer)) => sink(Event::Pair(RawPair { question, answer, split }))?,
+            Ok(LineContent::Pair(question, answer)) => {
+                sink(Event::Pair(RawPair { question, answer, split }))?
+            }
             Ok(LineContent::Turns(turns)) => emit_turn_pairs(&turns, split, sink)?,
             Err((message, column, json_path)) => sink(bad(message, column, json_path))?,
         }

@@ -160,11 +160,10 @@ pub fn detect_format(path: &Path) -> Result<Format> {
     let _ = reader.by_ref().take(1 << 20).read_line(&mut first_line);
     let trimmed = first_line.trim_start();
     if trimmed.starts_with('{') {
-        let is_jsonl = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
-            trimmed.trim_end(),
-        )
-        .map(|obj| obj.contains_key("question") || obj.contains_key("turns"))
-        .unwrap_or(false);
+        let is_jsonl =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(trimmed.trim_end())
+                .map(|obj| obj.contains_key("question") || obj.contains_key("turns"))
+                .unwrap_or(false);
         return Ok(if is_jsonl { Format::Jsonl } else { Format::Aihub });
     }
     if extension(path) == "json" {
