@@ -38,10 +38,28 @@ SYSTEM_LINES = ["#@시스템#사진#", "#@시스템#동영상#", "#@시스템#�
 CATEGORIES = ["일상대화", "건강", "여가", "일과직업", "쇼핑", "주거와생활", "식음료", "교육"]
 
 
+# Common syllables for made-up nouns (names, places, slang): real chat has tens of thousands of
+# distinct words, and the tokenizer trainer's memory and the encoder's speed depend on that.
+SYLLABLES = list(
+    "가나다라마바사아자차카타파하거너더러머버서어저처커터퍼허고노도로모보소오조초코토포호구누두루무부수우주추"
+    "쿠투푸후기니디리미비시이지치키티피히개내대래매배새애재채태패해게네데레메베세에제체케테페헤민진빈신인린현준"
+    "선연영정성경명상강장방광당랑망창탕항동송공종용봉홍통롱몽철혁훈윤은순균근늘달별솔울율빛숲꽃잎"
+)
+
+
+def make_nouns(seed, count=20000):
+    rng = random.Random(seed)
+    return sorted({"".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) for _ in range(count)})
+
+
+NOUNS = make_nouns(543)
+
+
 def sentence(rng):
     words = []
     for _ in range(rng.randint(1, 4)):
-        words.append(rng.choice(STEMS) + rng.choice(PARTICLES))
+        stem = rng.choice(STEMS) if rng.random() < 0.6 else rng.choice(NOUNS)
+        words.append(stem + rng.choice(PARTICLES))
         if rng.random() < 0.3:
             words.append(rng.choice(ADVERBS))
     words.append(rng.choice(VERBS) + rng.choice(ENDINGS))

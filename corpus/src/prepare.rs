@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::durable::{sha256_file, write_synced, Staging};
 use crate::error::IoContext;
@@ -331,7 +331,11 @@ impl<'a> ReadPass<'a> {
                     return Ok(());
                 }
                 // U+001F cannot survive normalisation, so it separates the two unambiguously.
-                let key = xxh3_128(format!("{question}\u{1f}{answer}").as_bytes());
+                let mut hasher = Xxh3::new();
+                hasher.update(question.as_bytes());
+                hasher.update(b"\x1f");
+                hasher.update(answer.as_bytes());
+                let key = hasher.digest128();
                 if !self.seen.insert(key) {
                     self.counts.duplicates += 1;
                     return Ok(());
@@ -406,10 +410,8 @@ impl<'a> ReadPass<'a> {
             Format::Aihub => {
                 let mut bytes = Vec::new();
                 input.read_to_end(&mut bytes).at(path)?;
-                let filter = &self.opts.filter;
-                read_aihub(path, &bytes, file.split, &filter.clone(), &mut |e| {
-                    self.handle(e, &mut source)
-                })?;
+                let opts = self.opts;
+                read_aihub(path, &bytes, file.split, &opts.filter, &mut |e| self.handle(e, &mut source))?;
             }
         }
         let (sha256, bytes) = input.finish().at(path)?;

@@ -375,7 +375,10 @@ mod tests {
         w.finish().unwrap()
     }
 
-    fn records_strategy() -> impl Strategy<Value = (u32, Vec<(Vec<u32>, Vec<u32>)>)> {
+    /// A vocabulary size and records drawn below it.
+    type Records = (u32, Vec<(Vec<u32>, Vec<u32>)>);
+
+    fn records_strategy() -> impl Strategy<Value = Records> {
         prop_oneof![Just(300u32), Just(65_536u32), Just(70_000u32), Just(u32::MAX)].prop_flat_map(
             |vocab| {
                 let tok = 0..vocab;
