@@ -411,7 +411,9 @@ impl<'a> ReadPass<'a> {
                 let mut bytes = Vec::new();
                 input.read_to_end(&mut bytes).at(path)?;
                 let opts = self.opts;
-                read_aihub(path, &bytes, file.split, &opts.filter, &mut |e| self.handle(e, &mut source))?;
+                read_aihub(path, &bytes, file.split, &opts.filter, &mut |e| {
+                    self.handle(e, &mut source)
+                })?;
             }
         }
         let (sha256, bytes) = input.finish().at(path)?;
