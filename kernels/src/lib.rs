@@ -1,5 +1,10 @@
-//! chingu-kernels: the `Backend` trait the model is written against, the CPU backend (the
-//! reference implementation and a usable trainer) and, behind the `cuda` feature, the CUDA
-//! backend with its hand-written kernels in `kernels/cuda/*.cu`.
-//!
-//! Status: empty until the model and kernel issues fill it.
+//! chingu-kernels: the [`Backend`] trait the model is written against and the CPU backend
+//! ([`cpu::Cpu`]), the reference implementation of every op. The CUDA backend with the
+//! hand-written kernels (feature "cuda") arrives with its own issue and must agree with the
+//! CPU backend op by op.
+
+pub mod backend;
+pub mod cpu;
+
+pub use backend::{AdamW, AttentionShape, Backend, DropoutKey};
+pub use cpu::Cpu;

@@ -1,0 +1,162 @@
+//! The `Backend` trait: every numeric operation the model performs, with explicit forward and
+//! backward passes and explicit shapes. The model is written once against it; the CPU backend
+//! is the reference, the CUDA backend (feature "cuda") must agree with it.
+//!
+//! Dimension legend, used in every shape comment: N rows (batch × time), B batch, Tq / Tk query
+//! and key time, H heads, Dh head size, D model width (H × Dh), F feed-forward width,
+//! V vocabulary. Matrices are row-major; a linear layer's weight is `[out, in]`.
+//!
+//! Gradient convention (as llm.c): parameter gradients are **accumulated** (`+=`), so tied
+//! weights and repeated use just work; an input gradient is overwritten unless the op says
+//! otherwise.
+
+/// Key for the counter-based dropout RNG: the mask of element `i` is a pure function of
+/// `(seed, step, site, i)`, so it is identical in forward and backward and independent of
+/// threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutKey {
+    /// The run's seed.
+    pub seed: u64,
+    /// The optimizer step.
+    pub step: u64,
+    /// Which dropout site in the network (layer and position within it).
+    pub site: u64,
+}
+
+/// The layout of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch rows.
+    pub batch: usize,
+    /// Query rows per batch row in `q`/`out`.
+    pub q_len: usize,
+    /// Key rows per batch row in `k`/`v` (their stride; valid keys are given per batch row).
+    pub k_len: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Mask key j for query i when j > q_offset + i (decoder self-attention).
+    pub causal: bool,
+    /// Position of query row 0 (non-zero when decoding incrementally with a KV cache).
+    pub q_offset: usize,
+}
+
+impl AttentionShape {
+    /// Model width D = heads × head_dim.
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Settings of one AdamW update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay (0 for norms and biases).
+    pub weight_decay: f32,
+    /// 1-based step, for bias correction.
+    pub step: u64,
+}
+
+/// A device that can run the model.
+pub trait Backend: Send + Sync {
+    /// A buffer of numbers on the device.
+    type Buf: Send + Sync;
+
+    /// A short name for messages (`cpu-f32`, `cuda:0`, …).
+    fn name(&self) -> String;
+
+    // --- memory -------------------------------------------------------------------------
+
+    /// A zero-filled buffer of `len` elements.
+    fn zeros(&self, len: usize) -> Self::Buf;
+    /// Uploads host values.
+    fn from_f32(&self, data: &[f32]) -> Self::Buf;
+    /// Uploads host values at full precision (for gradient checks).
+    fn from_f64(&self, data: &[f64]) -> Self::Buf;
+    /// Downloads to the host.
+    fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// Downloads to the host at full precision.
+    fn to_f64(&self, buf: &Self::Buf) -> Vec<f64>;
+    /// Elements in a buffer.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Sets every element to zero.
+    fn fill_zero(&self, buf: &mut Self::Buf);
+    /// `dst[..] = src[..]` (same length).
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// Copies `rows` rows of width `width` from `src` (starting at row `src_row`) into `dst`
+    /// (starting at row `dst_row`).
+    fn copy_rows(&self, dst: &mut Self::Buf, dst_row: usize, src: &Self::Buf, src_row: usize, rows: usize, width: usize);
+
+    // --- elementwise ----------------------------------------------------------------------
+
+    /// `acc += x`.
+    fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf);
+    /// `buf *= factor`.
+    fn scale(&self, buf: &mut Self::Buf, factor: f32);
+    /// Sum of squares, accumulated in f64 in a fixed order.
+    fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    /// True when every element is finite.
+    fn all_finite(&self, buf: &Self::Buf) -> bool;
+
+    // --- layers ---------------------------------------------------------------------------
+
+    /// `out[n] = table[ids[n]] · scale + positions[pos[n]]` — out `[N, D]`, table `[V, D]`,
+    /// positions `[max_len, D]`.
+    fn embedding_forward(&self, out: &mut Self::Buf, table: &Self::Buf, positions: &Self::Buf, ids: &[u32], pos: &[usize], width: usize, scale: f32);
+    /// `d_table[ids[n]] += d_out[n] · scale` — the position table is fixed (sinusoidal).
+    fn embedding_backward(&self, d_table: &mut Self::Buf, d_out: &Self::Buf, ids: &[u32], width: usize, scale: f32);
+
+    /// `y = x · wᵀ + b` — y `[N, O]`, x `[N, I]`, w `[O, I]`, b `[O]`.
+    fn linear_forward(&self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, rows: usize, in_dim: usize, out_dim: usize);
+    /// `dx (= or +=) dy · w`, `dw += dyᵀ · x`, `db += Σ_rows dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(&self, dx: Option<&mut Self::Buf>, accumulate_dx: bool, dw: &mut Self::Buf, db: Option<&mut Self::Buf>, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rows: usize, in_dim: usize, out_dim: usize);
+
+    /// LayerNorm over rows of width D (eps 1e-5); saves `mean` and `rstd` `[N]` for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(&self, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, rows: usize, width: usize);
+    /// `dx += …`, `dgamma += …`, `dbeta += …`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(&self, dx: &mut Self::Buf, dgamma: &mut Self::Buf, dbeta: &mut Self::Buf, dy: &Self::Buf, x: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, gamma: &Self::Buf, rows: usize, width: usize);
+
+    /// GELU, tanh approximation: `y = gelu(x)`.
+    fn gelu_forward(&self, y: &mut Self::Buf, x: &Self::Buf);
+    /// `dx = dy · gelu'(x)`.
+    fn gelu_backward(&self, dx: &mut Self::Buf, dy: &Self::Buf, x: &Self::Buf);
+    /// `y = max(x, 0)`.
+    fn relu_forward(&self, y: &mut Self::Buf, x: &Self::Buf);
+    /// `dx = dy · [x > 0]`.
+    fn relu_backward(&self, dx: &mut Self::Buf, dy: &Self::Buf, x: &Self::Buf);
+
+    /// Inverted dropout in place: zero with probability `p`, scale survivors by `1 / (1 − p)`.
+    /// Applying it to the gradient with the same key is the backward pass.
+    fn dropout(&self, buf: &mut Self::Buf, p: f32, key: DropoutKey);
+
+    /// Multi-head scaled-dot-product attention with masks from lengths: q `[B·Tq, D]`,
+    /// k and v `[B·Tk, D]`, out `[B·Tq, D]`; saves softmax probabilities `probs`
+    /// `[B, H, Tq, Tk]` for backward. Key j of batch row b is visible when `j < key_len[b]`
+    /// (and, if causal, `j ≤ q_offset + i`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(&self, out: &mut Self::Buf, probs: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_len: &[usize], shape: AttentionShape);
+    /// Writes `dq`, `dk`, `dv` (overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(&self, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, d_out: &Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, probs: &Self::Buf, shape: AttentionShape);
+
+    /// Softmax cross-entropy with label smoothing `ε` over logits `[N, V]`, ignoring rows whose
+    /// target is `ignore`: returns the mean loss over counted rows (PyTorch's definition:
+    /// `(1 − ε)·nll + ε·mean_c(−log p_c)`) and writes its gradient into `d_logits`
+    /// (already divided by the count). Returns `(loss, counted rows)`.
+    fn cross_entropy(&self, d_logits: &mut Self::Buf, logits: &Self::Buf, targets: &[u32], vocab: usize, ignore: u32, smoothing: f32) -> (f64, usize);
+
+    /// One AdamW update of `param` with `grad`, moments `m` and `v`.
+    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, settings: AdamW);
+}

@@ -1,0 +1,456 @@
+//! The CPU backend: the reference implementation of every op, and a usable trainer.
+//!
+//! Parallel with rayon, yet bitwise deterministic whatever the thread count: work is split
+//! into chunks whose boundaries depend only on the shapes, every output element is computed
+//! by exactly one task in a fixed order, and reductions across chunks are summed
+//! sequentially in chunk order. GEMMs go through `matrixmultiply`, whose per-element
+//! accumulation order does not depend on how the rows are partitioned.
+
+mod scalar;
+
+pub use scalar::Scalar;
+
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+use crate::backend::{AdamW, AttentionShape, Backend, DropoutKey};
+
+/// Rows per parallel task: fixed, so results never depend on the number of threads.
+const ROW_CHUNK: usize = 32;
+const LN_EPS: f64 = 1e-5;
+
+/// The CPU backend computing in `T` (f32 to train, f64 for gradient checks).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cpu<T: Scalar> {
+    _elem: PhantomData<T>,
+}
+
+impl<T: Scalar> Cpu<T> {
+    /// A CPU backend.
+    pub fn new() -> Self {
+        Self { _elem: PhantomData }
+    }
+}
+
+/// `C[m×n] = A·B (+ C if accumulate)`, parallel over fixed row blocks of C.
+///
+/// `a` is addressed as `a[i·rsa + p·csa]`, `b` as `b[p·rsb + j·csb]`, C is dense row-major.
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: Scalar>(c: &mut [T], a: &[T], rsa: usize, csa: usize, b: &[T], rsb: usize, csb: usize, m: usize, k: usize, n: usize, accumulate: bool) {
+    assert!(c.len() >= m * n, "gemm: C has {} elements, needs {}", c.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let beta = if accumulate { T::one() } else { T::zero() };
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|x| *x = T::zero());
+        }
+        return;
+    }
+    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
+    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
+    c[..m * n].par_chunks_mut(ROW_CHUNK * n).enumerate().for_each(|(block, c_block)| {
+        let row0 = block * ROW_CHUNK;
+        let rows = c_block.len() / n;
+        // SAFETY: the asserts above keep every A and B access in bounds; this block's C rows
+        // are its own (`par_chunks_mut`), and C is a distinct slice from A and B.
+        unsafe {
+            T::gemm(
+                rows,
+                k,
+                n,
+                T::one(),
+                a.as_ptr().add(row0 * rsa),
+                rsa as isize,
+                csa as isize,
+                b.as_ptr(),
+                rsb as isize,
+                csb as isize,
+                beta,
+                c_block.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        }
+    });
+}
+
+/// Single-threaded strided GEMM for small per-head products inside an already parallel loop.
+/// C is addressed as `c[i·rsc + j]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided<T: Scalar>(c: &mut [T], rsc: usize, a: &[T], rsa: usize, csa: usize, b: &[T], rsb: usize, csb: usize, m: usize, k: usize, n: usize, accumulate: bool) {
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * rsc..i * rsc + n].iter_mut().for_each(|x| *x = T::zero());
+            }
+        }
+        return;
+    }
+    assert!((m - 1) * rsc + n <= c.len(), "gemm: C out of bounds");
+    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
+    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
+    let beta = if accumulate { T::one() } else { T::zero() };
+    // SAFETY: bounds asserted above; `c` is a distinct mutable slice.
+    unsafe {
+        T::gemm(m, k, n, T::one(), a.as_ptr(), rsa as isize, csa as isize, b.as_ptr(), rsb as isize, csb as isize, beta, c.as_mut_ptr(), rsc as isize, 1)
+    }
+}
+
+/// Sums per-chunk partial vectors in chunk order (deterministic reduction).
+fn reduce_rows<T: Scalar>(acc: &mut [T], partials: Vec<Vec<T>>) {
+    for part in partials {
+        for (a, p) in acc.iter_mut().zip(part) {
+            *a = *a + p;
+        }
+    }
+}
+
+/// splitmix64's finaliser: a good 64-bit mix.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The dropout decision for element `index`: kept when the hash clears the threshold.
+pub fn dropout_keeps(key: DropoutKey, index: u64, p: f32) -> bool {
+    let h = mix(mix(mix(key.seed ^ 0x9e37_79b9_7f4a_7c15) ^ key.step) ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ mix(index));
+    let threshold = (f64::from(p) * 18_446_744_073_709_551_616.0) as u64;
+    h >= threshold
+}
+
+impl<T: Scalar> Backend for Cpu<T> {
+    type Buf = Vec<T>;
+
+    fn name(&self) -> String {
+        format!("cpu-{}", T::NAME)
+    }
+
+    fn zeros(&self, len: usize) -> Vec<T> {
+        vec![T::zero(); len]
+    }
+    fn from_f32(&self, data: &[f32]) -> Vec<T> {
+        data.iter().map(|&x| T::of(f64::from(x))).collect()
+    }
+    fn from_f64(&self, data: &[f64]) -> Vec<T> {
+        data.iter().map(|&x| T::of(x)).collect()
+    }
+    fn to_f32(&self, buf: &Vec<T>) -> Vec<f32> {
+        buf.iter().map(|x| x.f64() as f32).collect()
+    }
+    fn to_f64(&self, buf: &Vec<T>) -> Vec<f64> {
+        buf.iter().map(|x| x.f64()).collect()
+    }
+    fn len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn fill_zero(&self, buf: &mut Vec<T>) {
+        buf.iter_mut().for_each(|x| *x = T::zero());
+    }
+    fn copy(&self, dst: &mut Vec<T>, src: &Vec<T>) {
+        dst.copy_from_slice(src);
+    }
+    fn copy_rows(&self, dst: &mut Vec<T>, dst_row: usize, src: &Vec<T>, src_row: usize, rows: usize, width: usize) {
+        dst[dst_row * width..(dst_row + rows) * width].copy_from_slice(&src[src_row * width..(src_row + rows) * width]);
+    }
+
+    fn add_assign(&self, acc: &mut Vec<T>, x: &Vec<T>) {
+        assert_eq!(acc.len(), x.len());
+        acc.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(a, x)| {
+            a.iter_mut().zip(x).for_each(|(a, &x)| *a = *a + x);
+        });
+    }
+    fn scale(&self, buf: &mut Vec<T>, factor: f32) {
+        let f = T::of(f64::from(factor));
+        buf.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|x| *x = *x * f));
+    }
+    fn sum_squares(&self, buf: &Vec<T>) -> f64 {
+        let partials: Vec<f64> = buf.par_chunks(1 << 14).map(|c| c.iter().map(|x| x.f64() * x.f64()).sum()).collect();
+        partials.into_iter().sum()
+    }
+    fn all_finite(&self, buf: &Vec<T>) -> bool {
+        buf.par_iter().all(|x| x.is_finite())
+    }
+
+    fn embedding_forward(&self, out: &mut Vec<T>, table: &Vec<T>, positions: &Vec<T>, ids: &[u32], pos: &[usize], width: usize, scale: f32) {
+        assert_eq!(ids.len(), pos.len());
+        assert_eq!(out.len(), ids.len() * width);
+        let scale = T::of(f64::from(scale));
+        out.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+            let t = &table[ids[n] as usize * width..][..width];
+            let p = &positions[pos[n] * width..][..width];
+            for ((o, &t), &p) in row.iter_mut().zip(t).zip(p) {
+                *o = t * scale + p;
+            }
+        });
+    }
+
+    fn embedding_backward(&self, d_table: &mut Vec<T>, d_out: &Vec<T>, ids: &[u32], width: usize, scale: f32) {
+        // Sequential over rows: several rows may share an id, and the order of their sums
+        // must not depend on scheduling. It is O(N·D), negligible next to the GEMMs.
+        let scale = T::of(f64::from(scale));
+        for (n, &id) in ids.iter().enumerate() {
+            let dst = &mut d_table[id as usize * width..][..width];
+            for (d, &g) in dst.iter_mut().zip(&d_out[n * width..][..width]) {
+                *d = *d + g * scale;
+            }
+        }
+    }
+
+    fn linear_forward(&self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, b: Option<&Vec<T>>, rows: usize, in_dim: usize, out_dim: usize) {
+        // y[N,O] = x[N,I] · wᵀ: B(p, j) = w[j, p] → row stride 1, column stride I.
+        gemm(y, x, in_dim, 1, w, 1, in_dim, rows, in_dim, out_dim, false);
+        if let Some(b) = b {
+            y[..rows * out_dim].par_chunks_mut(out_dim).for_each(|row| {
+                row.iter_mut().zip(b).for_each(|(y, &b)| *y = *y + b);
+            });
+        }
+    }
+
+    fn linear_backward(&self, dx: Option<&mut Vec<T>>, accumulate_dx: bool, dw: &mut Vec<T>, db: Option<&mut Vec<T>>, dy: &Vec<T>, x: &Vec<T>, w: &Vec<T>, rows: usize, in_dim: usize, out_dim: usize) {
+        if let Some(dx) = dx {
+            // dx[N,I] = dy[N,O] · w[O,I]
+            gemm(dx, dy, out_dim, 1, w, in_dim, 1, rows, out_dim, in_dim, accumulate_dx);
+        }
+        // dw[O,I] += dyᵀ[O,N] · x[N,I]: A(o, n) = dy[n, o] → row stride 1, column stride O.
+        gemm(dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true);
+        if let Some(db) = db {
+            let partials: Vec<Vec<T>> = dy[..rows * out_dim]
+                .par_chunks(ROW_CHUNK * out_dim)
+                .map(|chunk| {
+                    let mut acc = vec![T::zero(); out_dim];
+                    for row in chunk.chunks(out_dim) {
+                        acc.iter_mut().zip(row).for_each(|(a, &g)| *a = *a + g);
+                    }
+                    acc
+                })
+                .collect();
+            reduce_rows(db, partials);
+        }
+    }
+
+    fn layernorm_forward(&self, y: &mut Vec<T>, mean: &mut Vec<T>, rstd: &mut Vec<T>, x: &Vec<T>, gamma: &Vec<T>, beta: &Vec<T>, rows: usize, width: usize) {
+        y[..rows * width]
+            .par_chunks_mut(width)
+            .zip(mean[..rows].par_iter_mut())
+            .zip(rstd[..rows].par_iter_mut())
+            .enumerate()
+            .for_each(|(n, ((y, mean), rstd))| {
+                let x = &x[n * width..][..width];
+                let m = x.iter().map(|v| v.f64()).sum::<f64>() / width as f64;
+                let var = x.iter().map(|v| (v.f64() - m).powi(2)).sum::<f64>() / width as f64;
+                let r = 1.0 / (var + LN_EPS).sqrt();
+                *mean = T::of(m);
+                *rstd = T::of(r);
+                let (m, r) = (T::of(m), T::of(r));
+                for i in 0..width {
+                    y[i] = (x[i] - m) * r * gamma[i] + beta[i];
+                }
+            });
+    }
+
+    fn layernorm_backward(&self, dx: &mut Vec<T>, dgamma: &mut Vec<T>, dbeta: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>, mean: &Vec<T>, rstd: &Vec<T>, gamma: &Vec<T>, rows: usize, width: usize) {
+        let partials: Vec<(Vec<T>, Vec<T>)> = dx[..rows * width]
+            .par_chunks_mut(ROW_CHUNK * width)
+            .enumerate()
+            .map(|(block, dx_block)| {
+                let mut dg = vec![T::zero(); width];
+                let mut db = vec![T::zero(); width];
+                for (r, dx) in dx_block.chunks_mut(width).enumerate() {
+                    let n = block * ROW_CHUNK + r;
+                    let (x, dy) = (&x[n * width..][..width], &dy[n * width..][..width]);
+                    let (m, rs) = (mean[n], rstd[n]);
+                    let mut sum_dxhat = T::zero();
+                    let mut sum_dxhat_xhat = T::zero();
+                    for i in 0..width {
+                        let xhat = (x[i] - m) * rs;
+                        let dxhat = dy[i] * gamma[i];
+                        sum_dxhat = sum_dxhat + dxhat;
+                        sum_dxhat_xhat = sum_dxhat_xhat + dxhat * xhat;
+                        dg[i] = dg[i] + dy[i] * xhat;
+                        db[i] = db[i] + dy[i];
+                    }
+                    let inv = T::one() / T::of(width as f64);
+                    let (mean_dxhat, mean_dxhat_xhat) = (sum_dxhat * inv, sum_dxhat_xhat * inv);
+                    for i in 0..width {
+                        let xhat = (x[i] - m) * rs;
+                        let dxhat = dy[i] * gamma[i];
+                        dx[i] = dx[i] + rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+                    }
+                }
+                (dg, db)
+            })
+            .collect();
+        let (dgs, dbs): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+        reduce_rows(dgamma, dgs);
+        reduce_rows(dbeta, dbs);
+    }
+
+    fn gelu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
+        let (s, c, half) = (T::of((2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(0.5));
+        y.par_chunks_mut(1 << 12).zip(x.par_chunks(1 << 12)).for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = half * x * (T::one() + (s * (x + c * x * x * x)).tanh());
+            }
+        });
+    }
+
+    fn gelu_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>) {
+        let (s, c, half) = (T::of((2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(0.5));
+        let three = T::of(3.0);
+        dx.par_chunks_mut(1 << 12).zip(dy.par_chunks(1 << 12)).zip(x.par_chunks(1 << 12)).for_each(|((dx, dy), x)| {
+            for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
+                let t = (s * (x + c * x * x * x)).tanh();
+                let d = half * (T::one() + t) + half * x * (T::one() - t * t) * s * (T::one() + three * c * x * x);
+                *dx = dy * d;
+            }
+        });
+    }
+
+    fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
+        y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = if x > T::zero() { x } else { T::zero() });
+    }
+
+    fn relu_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>) {
+        dx.par_iter_mut().zip(dy.par_iter()).zip(x.par_iter()).for_each(|((dx, &dy), &x)| *dx = if x > T::zero() { dy } else { T::zero() });
+    }
+
+    fn dropout(&self, buf: &mut Vec<T>, p: f32, key: DropoutKey) {
+        if p <= 0.0 {
+            return;
+        }
+        let keep_scale = T::of(1.0 / (1.0 - f64::from(p)));
+        buf.par_chunks_mut(1 << 12).enumerate().for_each(|(chunk, values)| {
+            for (i, v) in values.iter_mut().enumerate() {
+                let index = (chunk << 12 | i) as u64;
+                *v = if dropout_keeps(key, index, p) { *v * keep_scale } else { T::zero() };
+            }
+        });
+    }
+
+    fn attention_forward(&self, out: &mut Vec<T>, probs: &mut Vec<T>, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, key_len: &[usize], shape: AttentionShape) {
+        let AttentionShape { batch, q_len, k_len, heads, head_dim, causal, q_offset } = shape;
+        let d = shape.width();
+        assert_eq!(key_len.len(), batch);
+        assert!(out.len() >= batch * q_len * d && probs.len() >= batch * heads * q_len * k_len);
+        let scale = T::of(1.0 / (head_dim as f64).sqrt());
+        out[..batch * q_len * d]
+            .par_chunks_mut(q_len * d)
+            .zip(probs[..batch * heads * q_len * k_len].par_chunks_mut(heads * q_len * k_len))
+            .enumerate()
+            .for_each(|(b, (out_b, probs_b))| {
+                let visible_keys = key_len[b].min(k_len);
+                for h in 0..heads {
+                    let p = &mut probs_b[h * q_len * k_len..][..q_len * k_len];
+                    let q_bh = &q[b * q_len * d + h * head_dim..];
+                    let k_bh = &k[b * k_len * d + h * head_dim..];
+                    let v_bh = &v[b * k_len * d + h * head_dim..];
+                    // scores[Tq, Tk] = q_bh · k_bhᵀ
+                    gemm_strided(p, k_len, q_bh, d, 1, k_bh, 1, d, q_len, head_dim, k_len, false);
+                    for i in 0..q_len {
+                        let row = &mut p[i * k_len..][..k_len];
+                        let limit = if causal { visible_keys.min(q_offset + i + 1) } else { visible_keys };
+                        let max = row[..limit].iter().fold(T::neg_infinity(), |m, &s| m.max(s * scale));
+                        let mut sum = T::zero();
+                        for s in &mut row[..limit] {
+                            *s = (*s * scale - max).exp();
+                            sum = sum + *s;
+                        }
+                        let inv = T::one() / sum;
+                        row[..limit].iter_mut().for_each(|s| *s = *s * inv);
+                        row[limit..].iter_mut().for_each(|s| *s = T::zero());
+                    }
+                    // out_bh[Tq, Dh] = P · v_bh
+                    gemm_strided(&mut out_b[h * head_dim..], d, p, k_len, 1, v_bh, d, 1, q_len, k_len, head_dim, false);
+                }
+            });
+    }
+
+    fn attention_backward(&self, dq: &mut Vec<T>, dk: &mut Vec<T>, dv: &mut Vec<T>, d_out: &Vec<T>, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, probs: &Vec<T>, shape: AttentionShape) {
+        let AttentionShape { batch, q_len, k_len, heads, head_dim, .. } = shape;
+        let d = shape.width();
+        let scale = T::of(1.0 / (head_dim as f64).sqrt());
+        dq[..batch * q_len * d]
+            .par_chunks_mut(q_len * d)
+            .zip(dk[..batch * k_len * d].par_chunks_mut(k_len * d))
+            .zip(dv[..batch * k_len * d].par_chunks_mut(k_len * d))
+            .enumerate()
+            .for_each(|(b, ((dq_b, dk_b), dv_b))| {
+                let mut ds = vec![T::zero(); q_len * k_len];
+                for h in 0..heads {
+                    let p = &probs[(b * heads + h) * q_len * k_len..][..q_len * k_len];
+                    let off = h * head_dim;
+                    let do_bh = &d_out[b * q_len * d + off..];
+                    let q_bh = &q[b * q_len * d + off..];
+                    let k_bh = &k[b * k_len * d + off..];
+                    let v_bh = &v[b * k_len * d + off..];
+                    // dv_bh[Tk, Dh] = Pᵀ · dO_bh
+                    gemm_strided(&mut dv_b[off..], d, p, 1, k_len, do_bh, d, 1, k_len, q_len, head_dim, false);
+                    // dP[Tq, Tk] = dO_bh · v_bhᵀ
+                    gemm_strided(&mut ds, k_len, do_bh, d, 1, v_bh, 1, d, q_len, head_dim, k_len, false);
+                    // dS = P ⊙ (dP − Σ_j P·dP) · scale  (masked entries have P = 0)
+                    for i in 0..q_len {
+                        let (pr, dr) = (&p[i * k_len..][..k_len], &mut ds[i * k_len..][..k_len]);
+                        let dot = pr.iter().zip(dr.iter()).fold(T::zero(), |acc, (&p, &g)| acc + p * g);
+                        for (g, &p) in dr.iter_mut().zip(pr) {
+                            *g = p * (*g - dot) * scale;
+                        }
+                    }
+                    // dq_bh[Tq, Dh] = dS · k_bh ; dk_bh[Tk, Dh] = dSᵀ · q_bh
+                    gemm_strided(&mut dq_b[off..], d, &ds, k_len, 1, k_bh, d, 1, q_len, k_len, head_dim, false);
+                    gemm_strided(&mut dk_b[off..], d, &ds, 1, k_len, q_bh, d, 1, k_len, q_len, head_dim, false);
+                }
+            });
+    }
+
+    fn cross_entropy(&self, d_logits: &mut Vec<T>, logits: &Vec<T>, targets: &[u32], vocab: usize, ignore: u32, smoothing: f32) -> (f64, usize) {
+        let counted = targets.iter().filter(|&&t| t != ignore).count();
+        let inv_count = if counted == 0 { 0.0 } else { 1.0 / counted as f64 };
+        let eps = f64::from(smoothing);
+        let losses: Vec<f64> = d_logits[..targets.len() * vocab]
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(n, grad)| {
+                let target = targets[n];
+                if target == ignore {
+                    grad.iter_mut().for_each(|g| *g = T::zero());
+                    return 0.0;
+                }
+                let row = &logits[n * vocab..][..vocab];
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.f64()));
+                let sum_exp: f64 = row.iter().map(|x| (x.f64() - max).exp()).sum();
+                let lse = max + sum_exp.ln();
+                let mean_logit = row.iter().map(|x| x.f64()).sum::<f64>() / vocab as f64;
+                let loss = lse - (1.0 - eps) * row[target as usize].f64() - eps * mean_logit;
+                for (c, (g, x)) in grad.iter_mut().zip(row).enumerate() {
+                    let p = (x.f64() - lse).exp();
+                    let y = eps / vocab as f64 + if c == target as usize { 1.0 - eps } else { 0.0 };
+                    *g = T::of((p - y) * inv_count);
+                }
+                loss
+            })
+            .collect();
+        (losses.into_iter().sum::<f64>() * inv_count, counted)
+    }
+
+    fn adamw(&self, param: &mut Vec<T>, grad: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, s: AdamW) {
+        let (b1, b2) = (f64::from(s.beta1), f64::from(s.beta2));
+        let c1 = T::of(1.0 - b1.powi(s.step as i32));
+        let c2 = T::of(1.0 - b2.powi(s.step as i32));
+        let (b1, b2, lr, eps) = (T::of(b1), T::of(b2), T::of(f64::from(s.lr)), T::of(f64::from(s.eps)));
+        let decay = T::one() - lr * T::of(f64::from(s.weight_decay));
+        param.par_chunks_mut(1 << 12).zip(grad.par_chunks(1 << 12)).zip(m.par_chunks_mut(1 << 12)).zip(v.par_chunks_mut(1 << 12)).for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                m[i] = b1 * m[i] + (T::one() - b1) * g[i];
+                v[i] = b2 * v[i] + (T::one() - b2) * g[i] * g[i];
+                let m_hat = m[i] / c1;
+                let v_hat = v[i] / c2;
+                // Decoupled decay first, then the Adam step (PyTorch's order).
+                p[i] = p[i] * decay - lr * m_hat / (v_hat.sqrt() + eps);
+            }
+        });
+    }
+}

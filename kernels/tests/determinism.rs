@@ -1,0 +1,45 @@
+//! The CPU backend gives bit-identical f32 results whatever the number of threads.
+
+use chingu_kernels::{AttentionShape, Backend, Cpu};
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+}
+
+fn run_all() -> Vec<Vec<f32>> {
+    let cpu = Cpu::<f32>::new();
+    let (n, i, o) = (200, 48, 40);
+    let (x, w, b) = (data(n * i, 1), data(o * i, 2), data(o, 3));
+    let mut y = vec![0.0; n * o];
+    cpu.linear_forward(&mut y, &x, &w, Some(&b), n, i, o);
+    let (mut dx, mut dw, mut db) = (vec![0.0; n * i], vec![0.0; o * i], vec![0.0; o]);
+    cpu.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &y, &x, &w, n, i, o);
+    let (mut ln, mut mean, mut rstd) = (vec![0.0; n * i], vec![0.0; n], vec![0.0; n]);
+    let gamma = data(i, 4);
+    cpu.layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &gamma, &b[..i.min(40)].iter().chain(&data(8, 5)).copied().collect(), n, i);
+    let (mut dln, mut dg, mut dbeta) = (vec![0.0; n * i], vec![0.0; i], vec![0.0; i]);
+    cpu.layernorm_backward(&mut dln, &mut dg, &mut dbeta, &ln, &x, &mean, &rstd, &gamma, n, i);
+    let shape = AttentionShape { batch: 5, q_len: 40, k_len: 40, heads: 4, head_dim: 12, causal: true, q_offset: 0 };
+    let (mut out, mut probs) = (vec![0.0; 200 * 48], vec![0.0; 5 * 4 * 40 * 40]);
+    cpu.attention_forward(&mut out, &mut probs, &x, &x, &x, &[40, 3, 17, 40, 1], shape);
+    let (mut dq, mut dk, mut dv) = (vec![0.0; 200 * 48], vec![0.0; 200 * 48], vec![0.0; 200 * 48]);
+    cpu.attention_backward(&mut dq, &mut dk, &mut dv, &out, &x, &x, &x, &probs, shape);
+    let mut grad = vec![0.0; n * o];
+    let targets: Vec<u32> = (0..n as u32).map(|t| t % o as u32).collect();
+    let (loss, _) = cpu.cross_entropy(&mut grad, &y, &targets, o, 0, 0.1);
+    let norm = cpu.sum_squares(&dw) as f32;
+    vec![y, dx, dw, db, ln, dln, dg, dbeta, out, dq, dk, dv, grad, vec![loss as f32, norm]]
+}
+
+#[test]
+fn thread_count_does_not_change_any_bit() {
+    let with = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(run_all);
+    let one = with(1);
+    for threads in [2, 3, 8] {
+        let many = with(threads);
+        for (k, (a, b)) in one.iter().zip(&many).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "output {k} differs between 1 and {threads} threads");
+        }
+    }
+}
