@@ -94,7 +94,15 @@ pub trait Backend: Send + Sync {
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// Copies `rows` rows of width `width` from `src` (starting at row `src_row`) into `dst`
     /// (starting at row `dst_row`).
-    fn copy_rows(&self, dst: &mut Self::Buf, dst_row: usize, src: &Self::Buf, src_row: usize, rows: usize, width: usize);
+    fn copy_rows(
+        &self,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+        src: &Self::Buf,
+        src_row: usize,
+        rows: usize,
+        width: usize,
+    );
 
     // --- elementwise ----------------------------------------------------------------------
 
@@ -111,22 +119,81 @@ pub trait Backend: Send + Sync {
 
     /// `out[n] = table[ids[n]] · scale + positions[pos[n]]` — out `[N, D]`, table `[V, D]`,
     /// positions `[max_len, D]`.
-    fn embedding_forward(&self, out: &mut Self::Buf, table: &Self::Buf, positions: &Self::Buf, ids: &[u32], pos: &[usize], width: usize, scale: f32);
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Buf,
+        positions: &Self::Buf,
+        ids: &[u32],
+        pos: &[usize],
+        width: usize,
+        scale: f32,
+    );
     /// `d_table[ids[n]] += d_out[n] · scale` — the position table is fixed (sinusoidal).
-    fn embedding_backward(&self, d_table: &mut Self::Buf, d_out: &Self::Buf, ids: &[u32], width: usize, scale: f32);
+    fn embedding_backward(
+        &self,
+        d_table: &mut Self::Buf,
+        d_out: &Self::Buf,
+        ids: &[u32],
+        width: usize,
+        scale: f32,
+    );
 
     /// `y = x · wᵀ + b` — y `[N, O]`, x `[N, I]`, w `[O, I]`, b `[O]`.
-    fn linear_forward(&self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, rows: usize, in_dim: usize, out_dim: usize);
+    fn linear_forward(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    );
     /// `dx (= or +=) dy · w`, `dw += dyᵀ · x`, `db += Σ_rows dy`.
     #[allow(clippy::too_many_arguments)]
-    fn linear_backward(&self, dx: Option<&mut Self::Buf>, accumulate_dx: bool, dw: &mut Self::Buf, db: Option<&mut Self::Buf>, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rows: usize, in_dim: usize, out_dim: usize);
+    fn linear_backward(
+        &self,
+        dx: Option<&mut Self::Buf>,
+        accumulate_dx: bool,
+        dw: &mut Self::Buf,
+        db: Option<&mut Self::Buf>,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    );
 
     /// LayerNorm over rows of width D (eps 1e-5); saves `mean` and `rstd` `[N]` for backward.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(&self, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, rows: usize, width: usize);
+    fn layernorm_forward(
+        &self,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        rows: usize,
+        width: usize,
+    );
     /// `dx += …`, `dgamma += …`, `dbeta += …`.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(&self, dx: &mut Self::Buf, dgamma: &mut Self::Buf, dbeta: &mut Self::Buf, dy: &Self::Buf, x: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, gamma: &Self::Buf, rows: usize, width: usize);
+    fn layernorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        width: usize,
+    );
 
     /// GELU, tanh approximation: `y = gelu(x)`.
     fn gelu_forward(&self, y: &mut Self::Buf, x: &Self::Buf);
@@ -146,17 +213,52 @@ pub trait Backend: Send + Sync {
     /// `[B, H, Tq, Tk]` for backward. Key j of batch row b is visible when `j < key_len[b]`
     /// (and, if causal, `j ≤ q_offset + i`).
     #[allow(clippy::too_many_arguments)]
-    fn attention_forward(&self, out: &mut Self::Buf, probs: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_len: &[usize], shape: AttentionShape);
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        probs: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_len: &[usize],
+        shape: AttentionShape,
+    );
     /// Writes `dq`, `dk`, `dv` (overwritten).
     #[allow(clippy::too_many_arguments)]
-    fn attention_backward(&self, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, d_out: &Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, probs: &Self::Buf, shape: AttentionShape);
+    fn attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        d_out: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        probs: &Self::Buf,
+        shape: AttentionShape,
+    );
 
     /// Softmax cross-entropy with label smoothing `ε` over logits `[N, V]`, ignoring rows whose
     /// target is `ignore`: returns the mean loss over counted rows (PyTorch's definition:
     /// `(1 − ε)·nll + ε·mean_c(−log p_c)`) and writes its gradient into `d_logits`
     /// (already divided by the count). Returns `(loss, counted rows)`.
-    fn cross_entropy(&self, d_logits: &mut Self::Buf, logits: &Self::Buf, targets: &[u32], vocab: usize, ignore: u32, smoothing: f32) -> (f64, usize);
+    fn cross_entropy(
+        &self,
+        d_logits: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &[u32],
+        vocab: usize,
+        ignore: u32,
+        smoothing: f32,
+    ) -> (f64, usize);
 
     /// One AdamW update of `param` with `grad`, moments `m` and `v`.
-    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, settings: AdamW);
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        settings: AdamW,
+    );
 }

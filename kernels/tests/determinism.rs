@@ -3,7 +3,9 @@
 use chingu_kernels::{AttentionShape, Backend, Cpu};
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
 }
 
 fn run_all() -> Vec<Vec<f32>> {
@@ -16,10 +18,27 @@ fn run_all() -> Vec<Vec<f32>> {
     cpu.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &y, &x, &w, n, i, o);
     let (mut ln, mut mean, mut rstd) = (vec![0.0; n * i], vec![0.0; n], vec![0.0; n]);
     let gamma = data(i, 4);
-    cpu.layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &gamma, &b[..i.min(40)].iter().chain(&data(8, 5)).copied().collect(), n, i);
+    cpu.layernorm_forward(
+        &mut ln,
+        &mut mean,
+        &mut rstd,
+        &x,
+        &gamma,
+        &b[..i.min(40)].iter().chain(&data(8, 5)).copied().collect(),
+        n,
+        i,
+    );
     let (mut dln, mut dg, mut dbeta) = (vec![0.0; n * i], vec![0.0; i], vec![0.0; i]);
     cpu.layernorm_backward(&mut dln, &mut dg, &mut dbeta, &ln, &x, &mean, &rstd, &gamma, n, i);
-    let shape = AttentionShape { batch: 5, q_len: 40, k_len: 40, heads: 4, head_dim: 12, causal: true, q_offset: 0 };
+    let shape = AttentionShape {
+        batch: 5,
+        q_len: 40,
+        k_len: 40,
+        heads: 4,
+        head_dim: 12,
+        causal: true,
+        q_offset: 0,
+    };
     let (mut out, mut probs) = (vec![0.0; 200 * 48], vec![0.0; 5 * 4 * 40 * 40]);
     cpu.attention_forward(&mut out, &mut probs, &x, &x, &x, &[40, 3, 17, 40, 1], shape);
     let (mut dq, mut dk, mut dv) = (vec![0.0; 200 * 48], vec![0.0; 200 * 48], vec![0.0; 200 * 48]);
@@ -33,7 +52,9 @@ fn run_all() -> Vec<Vec<f32>> {
 
 #[test]
 fn thread_count_does_not_change_any_bit() {
-    let with = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(run_all);
+    let with = |threads| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(run_all)
+    };
     let one = with(1);
     for threads in [2, 3, 8] {
         let many = with(threads);

@@ -30,7 +30,12 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Compares `analytic[i]` with the central difference of `loss` in `inputs[i]`.
-fn check(name: &str, inputs: &[Vec<f64>], analytic: &[Vec<f64>], loss: impl Fn(&[Vec<f64>]) -> f64) {
+fn check(
+    name: &str,
+    inputs: &[Vec<f64>],
+    analytic: &[Vec<f64>],
+    loss: impl Fn(&[Vec<f64>]) -> f64,
+) {
     let mut worst = (0.0f64, String::new());
     for (i, grad) in analytic.iter().enumerate() {
         assert_eq!(grad.len(), inputs[i].len(), "{name}: gradient {i} has the wrong length");
@@ -43,9 +48,14 @@ fn check(name: &str, inputs: &[Vec<f64>], analytic: &[Vec<f64>], loss: impl Fn(&
             let err = (numeric - grad[j]).abs();
             let tol = 1e-7 + 1e-6 * numeric.abs();
             if err / tol > worst.0 {
-                worst = (err / tol, format!("input {i}[{j}]: analytic {} numeric {numeric}", grad[j]));
+                worst =
+                    (err / tol, format!("input {i}[{j}]: analytic {} numeric {numeric}", grad[j]));
             }
-            assert!(err <= tol, "{name}: input {i}[{j}]: analytic {} vs numeric {numeric}", grad[j]);
+            assert!(
+                err <= tol,
+                "{name}: input {i}[{j}]: analytic {} vs numeric {numeric}",
+                grad[j]
+            );
         }
     }
     eprintln!("{name}: worst error/tolerance {:.3} ({})", worst.0, worst.1);
@@ -67,7 +77,18 @@ fn linear() {
         dot(&y, &r)
     };
     let (mut dx, mut dw, mut db) = (vec![0.0; n * i], vec![0.0; o * i], vec![0.0; o]);
-    cpu().linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &r, &inputs[0], &inputs[1], n, i, o);
+    cpu().linear_backward(
+        Some(&mut dx),
+        false,
+        &mut dw,
+        Some(&mut db),
+        &r,
+        &inputs[0],
+        &inputs[1],
+        n,
+        i,
+        o,
+    );
     check("linear", &inputs, &[dx, dw, db], forward);
 }
 
@@ -95,7 +116,8 @@ fn linear_accumulates_parameter_gradients() {
 fn layernorm() {
     let (n, d) = (4, 6);
     let mut rng = Rng(3);
-    let inputs = vec![rng.vec(n * d), rng.vec(d).iter().map(|g| 1.0 + 0.5 * g).collect(), rng.vec(d)];
+    let inputs =
+        vec![rng.vec(n * d), rng.vec(d).iter().map(|g| 1.0 + 0.5 * g).collect(), rng.vec(d)];
     let r = rng.vec(n * d);
     let forward = |x: &[Vec<f64>]| {
         let (mut y, mut mean, mut rstd) = (vec![0.0; n * d], vec![0.0; n], vec![0.0; n]);
@@ -105,7 +127,9 @@ fn layernorm() {
     let (mut y, mut mean, mut rstd) = (vec![0.0; n * d], vec![0.0; n], vec![0.0; n]);
     cpu().layernorm_forward(&mut y, &mut mean, &mut rstd, &inputs[0], &inputs[1], &inputs[2], n, d);
     let (mut dx, mut dg, mut db) = (vec![0.0; n * d], vec![0.0; d], vec![0.0; d]);
-    cpu().layernorm_backward(&mut dx, &mut dg, &mut db, &r, &inputs[0], &mean, &rstd, &inputs[1], n, d);
+    cpu().layernorm_backward(
+        &mut dx, &mut dg, &mut db, &r, &inputs[0], &mean, &rstd, &inputs[1], n, d,
+    );
     check("layernorm", &inputs, &[dx, dg, db], forward);
 }
 
@@ -138,7 +162,9 @@ fn gelu_matches_its_formula() {
     let mut y = vec![0.0; 5];
     cpu().gelu_forward(&mut y, &x);
     for (x, y) in x.iter().zip(&y) {
-        let expect = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+        let expect = 0.5
+            * x
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
         assert!((y - expect).abs() < 1e-15);
     }
 }
@@ -146,7 +172,11 @@ fn gelu_matches_its_formula() {
 fn attention_case(shape: AttentionShape, key_len: &[usize], seed: u64) {
     let d = shape.width();
     let mut rng = Rng(seed);
-    let inputs = vec![rng.vec(shape.batch * shape.q_len * d), rng.vec(shape.batch * shape.k_len * d), rng.vec(shape.batch * shape.k_len * d)];
+    let inputs = vec![
+        rng.vec(shape.batch * shape.q_len * d),
+        rng.vec(shape.batch * shape.k_len * d),
+        rng.vec(shape.batch * shape.k_len * d),
+    ];
     let r = rng.vec(shape.batch * shape.q_len * d);
     let run = |x: &[Vec<f64>]| {
         let mut out = vec![0.0; shape.batch * shape.q_len * d];
@@ -155,27 +185,54 @@ fn attention_case(shape: AttentionShape, key_len: &[usize], seed: u64) {
         (out, probs)
     };
     let (_, probs) = run(&inputs);
-    let (mut dq, mut dk, mut dv) = (vec![0.0; inputs[0].len()], vec![0.0; inputs[1].len()], vec![0.0; inputs[2].len()]);
-    cpu().attention_backward(&mut dq, &mut dk, &mut dv, &r, &inputs[0], &inputs[1], &inputs[2], &probs, shape);
+    let (mut dq, mut dk, mut dv) =
+        (vec![0.0; inputs[0].len()], vec![0.0; inputs[1].len()], vec![0.0; inputs[2].len()]);
+    cpu().attention_backward(
+        &mut dq, &mut dk, &mut dv, &r, &inputs[0], &inputs[1], &inputs[2], &probs, shape,
+    );
     check(&format!("attention {shape:?}"), &inputs, &[dq, dk, dv], |x| dot(&run(x).0, &r));
 }
 
 #[test]
 fn attention_with_padding_masks() {
-    let shape = AttentionShape { batch: 2, q_len: 3, k_len: 4, heads: 2, head_dim: 3, causal: false, q_offset: 0 };
+    let shape = AttentionShape {
+        batch: 2,
+        q_len: 3,
+        k_len: 4,
+        heads: 2,
+        head_dim: 3,
+        causal: false,
+        q_offset: 0,
+    };
     attention_case(shape, &[4, 2], 5);
 }
 
 #[test]
 fn attention_causal() {
-    let shape = AttentionShape { batch: 2, q_len: 4, k_len: 4, heads: 2, head_dim: 2, causal: true, q_offset: 0 };
+    let shape = AttentionShape {
+        batch: 2,
+        q_len: 4,
+        k_len: 4,
+        heads: 2,
+        head_dim: 2,
+        causal: true,
+        q_offset: 0,
+    };
     attention_case(shape, &[4, 3], 6);
 }
 
 #[test]
 fn attention_masks_are_exact() {
     // Masked keys get probability exactly 0, and changing them changes nothing.
-    let shape = AttentionShape { batch: 1, q_len: 3, k_len: 3, heads: 1, head_dim: 2, causal: true, q_offset: 0 };
+    let shape = AttentionShape {
+        batch: 1,
+        q_len: 3,
+        k_len: 3,
+        heads: 1,
+        head_dim: 2,
+        causal: true,
+        q_offset: 0,
+    };
     let mut rng = Rng(7);
     let (q, mut k, v) = (rng.vec(6), rng.vec(6), rng.vec(6));
     let (mut out, mut probs) = (vec![0.0; 6], vec![0.0; 9]);
@@ -191,7 +248,15 @@ fn attention_masks_are_exact() {
 #[test]
 fn incremental_attention_equals_full() {
     // One query at offset t against t+1 keys equals row t of the full causal computation.
-    let full = AttentionShape { batch: 1, q_len: 5, k_len: 5, heads: 2, head_dim: 2, causal: true, q_offset: 0 };
+    let full = AttentionShape {
+        batch: 1,
+        q_len: 5,
+        k_len: 5,
+        heads: 2,
+        head_dim: 2,
+        causal: true,
+        q_offset: 0,
+    };
     let mut rng = Rng(8);
     let (q, k, v) = (rng.vec(20), rng.vec(20), rng.vec(20));
     let (mut out, mut probs) = (vec![0.0; 20], vec![0.0; 2 * 25]);
@@ -199,7 +264,15 @@ fn incremental_attention_equals_full() {
     for t in 0..5 {
         let step = AttentionShape { q_len: 1, q_offset: t, ..full };
         let (mut o, mut p) = (vec![0.0; 4], vec![0.0; 2 * 5]);
-        cpu().attention_forward(&mut o, &mut p, &q[t * 4..(t + 1) * 4].to_vec(), &k, &v, &[t + 1], step);
+        cpu().attention_forward(
+            &mut o,
+            &mut p,
+            &q[t * 4..(t + 1) * 4].to_vec(),
+            &k,
+            &v,
+            &[t + 1],
+            step,
+        );
         for (a, b) in o.iter().zip(&out[t * 4..(t + 1) * 4]) {
             assert!((a - b).abs() < 1e-14, "step {t}");
         }
@@ -247,7 +320,9 @@ fn cross_entropy_with_smoothing_and_padding() {
     }
     assert!((loss - expect / 3.0).abs() < 1e-13, "{loss} vs {}", expect / 3.0);
     assert!(grad[v..2 * v].iter().all(|&g| g == 0.0));
-    check("cross_entropy", &[logits], &[grad], |x| cpu().cross_entropy(&mut vec![0.0; n * v], &x[0], &targets, v, 0, 0.1).0);
+    check("cross_entropy", &[logits], &[grad], |x| {
+        cpu().cross_entropy(&mut vec![0.0; n * v], &x[0], &targets, v, 0, 0.1).0
+    });
 }
 
 #[test]
@@ -259,7 +334,8 @@ fn adamw_matches_the_update_rule() {
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
     cpu().adamw(&mut p, &g, &mut m, &mut v, s);
     for i in 0..10 {
-        let (lr, b1, b2, eps, wd) = (0.01f32 as f64, 0.9f32 as f64, 0.999f32 as f64, 1e-8f32 as f64, 0.1f32 as f64);
+        let (lr, b1, b2, eps, wd) =
+            (0.01f32 as f64, 0.9f32 as f64, 0.999f32 as f64, 1e-8f32 as f64, 0.1f32 as f64);
         let mi = b1 * m0[i] + (1.0 - b1) * g[i];
         let vi = b2 * v0[i] + (1.0 - b2) * g[i] * g[i];
         let mhat = mi / (1.0 - b1.powi(3));

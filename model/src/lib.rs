@@ -1,5 +1,28 @@
-//! chingu-model: the encoder-decoder transformer, written once over `Backend` with explicit
-//! forward and backward passes, plus AdamW, the learning-rate schedule, generation and
-//! safetensors import/export.
-//!
-//! Status: empty until the model issue fills it.
+//! chingu-model: the encoder-decoder transformer written once over
+//! [`chingu_kernels::Backend`] — configuration and presets, the parameter layout, explicit
+//! forward and backward passes — plus the optimizer pieces that act on the whole model.
+
+pub mod config;
+pub mod params;
+pub mod transformer;
+
+pub use config::{Activation, Config, NormPlacement};
+pub use params::Layout;
+pub use transformer::{Batch, LossStats, Model};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// An invalid configuration, with what to change.
+    #[error("model config: {0}")]
+    Config(String),
+    /// A batch inconsistent with itself or the model.
+    #[error("batch: {0}")]
+    Batch(String),
+    /// A NaN or infinity where a number was expected.
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
+}
+
+/// Shorthand.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -37,7 +37,19 @@ impl<T: Scalar> Cpu<T> {
 ///
 /// `a` is addressed as `a[i·rsa + p·csa]`, `b` as `b[p·rsb + j·csb]`, C is dense row-major.
 #[allow(clippy::too_many_arguments)]
-fn gemm<T: Scalar>(c: &mut [T], a: &[T], rsa: usize, csa: usize, b: &[T], rsb: usize, csb: usize, m: usize, k: usize, n: usize, accumulate: bool) {
+fn gemm<T: Scalar>(
+    c: &mut [T],
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
     assert!(c.len() >= m * n, "gemm: C has {} elements, needs {}", c.len(), m * n);
     if m == 0 || n == 0 {
         return;
@@ -80,7 +92,20 @@ fn gemm<T: Scalar>(c: &mut [T], a: &[T], rsa: usize, csa: usize, b: &[T], rsb: u
 /// Single-threaded strided GEMM for small per-head products inside an already parallel loop.
 /// C is addressed as `c[i·rsc + j]`.
 #[allow(clippy::too_many_arguments)]
-fn gemm_strided<T: Scalar>(c: &mut [T], rsc: usize, a: &[T], rsa: usize, csa: usize, b: &[T], rsb: usize, csb: usize, m: usize, k: usize, n: usize, accumulate: bool) {
+fn gemm_strided<T: Scalar>(
+    c: &mut [T],
+    rsc: usize,
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 || k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -95,7 +120,22 @@ fn gemm_strided<T: Scalar>(c: &mut [T], rsc: usize, a: &[T], rsa: usize, csa: us
     let beta = if accumulate { T::one() } else { T::zero() };
     // SAFETY: bounds asserted above; `c` is a distinct mutable slice.
     unsafe {
-        T::gemm(m, k, n, T::one(), a.as_ptr(), rsa as isize, csa as isize, b.as_ptr(), rsb as isize, csb as isize, beta, c.as_mut_ptr(), rsc as isize, 1)
+        T::gemm(
+            m,
+            k,
+            n,
+            T::one(),
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            1,
+        )
     }
 }
 
@@ -117,7 +157,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// The dropout decision for element `index`: kept when the hash clears the threshold.
 pub fn dropout_keeps(key: DropoutKey, index: u64, p: f32) -> bool {
-    let h = mix(mix(mix(key.seed ^ 0x9e37_79b9_7f4a_7c15) ^ key.step) ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ mix(index));
+    let h = mix(mix(mix(key.seed ^ 0x9e37_79b9_7f4a_7c15) ^ key.step)
+        ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        ^ mix(index));
     let threshold = (f64::from(p) * 18_446_744_073_709_551_616.0) as u64;
     h >= threshold
 }
@@ -153,8 +195,17 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn copy(&self, dst: &mut Vec<T>, src: &Vec<T>) {
         dst.copy_from_slice(src);
     }
-    fn copy_rows(&self, dst: &mut Vec<T>, dst_row: usize, src: &Vec<T>, src_row: usize, rows: usize, width: usize) {
-        dst[dst_row * width..(dst_row + rows) * width].copy_from_slice(&src[src_row * width..(src_row + rows) * width]);
+    fn copy_rows(
+        &self,
+        dst: &mut Vec<T>,
+        dst_row: usize,
+        src: &Vec<T>,
+        src_row: usize,
+        rows: usize,
+        width: usize,
+    ) {
+        dst[dst_row * width..(dst_row + rows) * width]
+            .copy_from_slice(&src[src_row * width..(src_row + rows) * width]);
     }
 
     fn add_assign(&self, acc: &mut Vec<T>, x: &Vec<T>) {
@@ -168,14 +219,24 @@ impl<T: Scalar> Backend for Cpu<T> {
         buf.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|x| *x = *x * f));
     }
     fn sum_squares(&self, buf: &Vec<T>) -> f64 {
-        let partials: Vec<f64> = buf.par_chunks(1 << 14).map(|c| c.iter().map(|x| x.f64() * x.f64()).sum()).collect();
+        let partials: Vec<f64> =
+            buf.par_chunks(1 << 14).map(|c| c.iter().map(|x| x.f64() * x.f64()).sum()).collect();
         partials.into_iter().sum()
     }
     fn all_finite(&self, buf: &Vec<T>) -> bool {
         buf.par_iter().all(|x| x.is_finite())
     }
 
-    fn embedding_forward(&self, out: &mut Vec<T>, table: &Vec<T>, positions: &Vec<T>, ids: &[u32], pos: &[usize], width: usize, scale: f32) {
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<T>,
+        table: &Vec<T>,
+        positions: &Vec<T>,
+        ids: &[u32],
+        pos: &[usize],
+        width: usize,
+        scale: f32,
+    ) {
         assert_eq!(ids.len(), pos.len());
         assert_eq!(out.len(), ids.len() * width);
         let scale = T::of(f64::from(scale));
@@ -188,7 +249,14 @@ impl<T: Scalar> Backend for Cpu<T> {
         });
     }
 
-    fn embedding_backward(&self, d_table: &mut Vec<T>, d_out: &Vec<T>, ids: &[u32], width: usize, scale: f32) {
+    fn embedding_backward(
+        &self,
+        d_table: &mut Vec<T>,
+        d_out: &Vec<T>,
+        ids: &[u32],
+        width: usize,
+        scale: f32,
+    ) {
         // Sequential over rows: several rows may share an id, and the order of their sums
         // must not depend on scheduling. It is O(N·D), negligible next to the GEMMs.
         let scale = T::of(f64::from(scale));
@@ -200,7 +268,16 @@ impl<T: Scalar> Backend for Cpu<T> {
         }
     }
 
-    fn linear_forward(&self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, b: Option<&Vec<T>>, rows: usize, in_dim: usize, out_dim: usize) {
+    fn linear_forward(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: Option<&Vec<T>>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
         // y[N,O] = x[N,I] · wᵀ: B(p, j) = w[j, p] → row stride 1, column stride I.
         gemm(y, x, in_dim, 1, w, 1, in_dim, rows, in_dim, out_dim, false);
         if let Some(b) = b {
@@ -210,7 +287,19 @@ impl<T: Scalar> Backend for Cpu<T> {
         }
     }
 
-    fn linear_backward(&self, dx: Option<&mut Vec<T>>, accumulate_dx: bool, dw: &mut Vec<T>, db: Option<&mut Vec<T>>, dy: &Vec<T>, x: &Vec<T>, w: &Vec<T>, rows: usize, in_dim: usize, out_dim: usize) {
+    fn linear_backward(
+        &self,
+        dx: Option<&mut Vec<T>>,
+        accumulate_dx: bool,
+        dw: &mut Vec<T>,
+        db: Option<&mut Vec<T>>,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
         if let Some(dx) = dx {
             // dx[N,I] = dy[N,O] · w[O,I]
             gemm(dx, dy, out_dim, 1, w, in_dim, 1, rows, out_dim, in_dim, accumulate_dx);
@@ -232,7 +321,17 @@ impl<T: Scalar> Backend for Cpu<T> {
         }
     }
 
-    fn layernorm_forward(&self, y: &mut Vec<T>, mean: &mut Vec<T>, rstd: &mut Vec<T>, x: &Vec<T>, gamma: &Vec<T>, beta: &Vec<T>, rows: usize, width: usize) {
+    fn layernorm_forward(
+        &self,
+        y: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        rows: usize,
+        width: usize,
+    ) {
         y[..rows * width]
             .par_chunks_mut(width)
             .zip(mean[..rows].par_iter_mut())
@@ -252,7 +351,19 @@ impl<T: Scalar> Backend for Cpu<T> {
             });
     }
 
-    fn layernorm_backward(&self, dx: &mut Vec<T>, dgamma: &mut Vec<T>, dbeta: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>, mean: &Vec<T>, rstd: &Vec<T>, gamma: &Vec<T>, rows: usize, width: usize) {
+    fn layernorm_backward(
+        &self,
+        dx: &mut Vec<T>,
+        dgamma: &mut Vec<T>,
+        dbeta: &mut Vec<T>,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        mean: &Vec<T>,
+        rstd: &Vec<T>,
+        gamma: &Vec<T>,
+        rows: usize,
+        width: usize,
+    ) {
         let partials: Vec<(Vec<T>, Vec<T>)> = dx[..rows * width]
             .par_chunks_mut(ROW_CHUNK * width)
             .enumerate()
@@ -290,7 +401,8 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn gelu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
-        let (s, c, half) = (T::of((2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(0.5));
+        let (s, c, half) =
+            (T::of((2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(0.5));
         y.par_chunks_mut(1 << 12).zip(x.par_chunks(1 << 12)).for_each(|(y, x)| {
             for (y, &x) in y.iter_mut().zip(x) {
                 *y = half * x * (T::one() + (s * (x + c * x * x * x)).tanh());
@@ -299,23 +411,32 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn gelu_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>) {
-        let (s, c, half) = (T::of((2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(0.5));
+        let (s, c, half) =
+            (T::of((2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(0.5));
         let three = T::of(3.0);
-        dx.par_chunks_mut(1 << 12).zip(dy.par_chunks(1 << 12)).zip(x.par_chunks(1 << 12)).for_each(|((dx, dy), x)| {
-            for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                let t = (s * (x + c * x * x * x)).tanh();
-                let d = half * (T::one() + t) + half * x * (T::one() - t * t) * s * (T::one() + three * c * x * x);
-                *dx = dy * d;
-            }
-        });
+        dx.par_chunks_mut(1 << 12).zip(dy.par_chunks(1 << 12)).zip(x.par_chunks(1 << 12)).for_each(
+            |((dx, dy), x)| {
+                for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
+                    let t = (s * (x + c * x * x * x)).tanh();
+                    let d = half * (T::one() + t)
+                        + half * x * (T::one() - t * t) * s * (T::one() + three * c * x * x);
+                    *dx = dy * d;
+                }
+            },
+        );
     }
 
     fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
-        y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = if x > T::zero() { x } else { T::zero() });
+        y.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(y, &x)| *y = if x > T::zero() { x } else { T::zero() });
     }
 
     fn relu_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>) {
-        dx.par_iter_mut().zip(dy.par_iter()).zip(x.par_iter()).for_each(|((dx, &dy), &x)| *dx = if x > T::zero() { dy } else { T::zero() });
+        dx.par_iter_mut()
+            .zip(dy.par_iter())
+            .zip(x.par_iter())
+            .for_each(|((dx, &dy), &x)| *dx = if x > T::zero() { dy } else { T::zero() });
     }
 
     fn dropout(&self, buf: &mut Vec<T>, p: f32, key: DropoutKey) {
@@ -331,7 +452,16 @@ impl<T: Scalar> Backend for Cpu<T> {
         });
     }
 
-    fn attention_forward(&self, out: &mut Vec<T>, probs: &mut Vec<T>, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, key_len: &[usize], shape: AttentionShape) {
+    fn attention_forward(
+        &self,
+        out: &mut Vec<T>,
+        probs: &mut Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        key_len: &[usize],
+        shape: AttentionShape,
+    ) {
         let AttentionShape { batch, q_len, k_len, heads, head_dim, causal, q_offset } = shape;
         let d = shape.width();
         assert_eq!(key_len.len(), batch);
@@ -352,8 +482,10 @@ impl<T: Scalar> Backend for Cpu<T> {
                     gemm_strided(p, k_len, q_bh, d, 1, k_bh, 1, d, q_len, head_dim, k_len, false);
                     for i in 0..q_len {
                         let row = &mut p[i * k_len..][..k_len];
-                        let limit = if causal { visible_keys.min(q_offset + i + 1) } else { visible_keys };
-                        let max = row[..limit].iter().fold(T::neg_infinity(), |m, &s| m.max(s * scale));
+                        let limit =
+                            if causal { visible_keys.min(q_offset + i + 1) } else { visible_keys };
+                        let max =
+                            row[..limit].iter().fold(T::neg_infinity(), |m, &s| m.max(s * scale));
                         let mut sum = T::zero();
                         for s in &mut row[..limit] {
                             *s = (*s * scale - max).exp();
@@ -364,12 +496,36 @@ impl<T: Scalar> Backend for Cpu<T> {
                         row[limit..].iter_mut().for_each(|s| *s = T::zero());
                     }
                     // out_bh[Tq, Dh] = P · v_bh
-                    gemm_strided(&mut out_b[h * head_dim..], d, p, k_len, 1, v_bh, d, 1, q_len, k_len, head_dim, false);
+                    gemm_strided(
+                        &mut out_b[h * head_dim..],
+                        d,
+                        p,
+                        k_len,
+                        1,
+                        v_bh,
+                        d,
+                        1,
+                        q_len,
+                        k_len,
+                        head_dim,
+                        false,
+                    );
                 }
             });
     }
 
-    fn attention_backward(&self, dq: &mut Vec<T>, dk: &mut Vec<T>, dv: &mut Vec<T>, d_out: &Vec<T>, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, probs: &Vec<T>, shape: AttentionShape) {
+    fn attention_backward(
+        &self,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+        d_out: &Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        probs: &Vec<T>,
+        shape: AttentionShape,
+    ) {
         let AttentionShape { batch, q_len, k_len, heads, head_dim, .. } = shape;
         let d = shape.width();
         let scale = T::of(1.0 / (head_dim as f64).sqrt());
@@ -388,25 +544,75 @@ impl<T: Scalar> Backend for Cpu<T> {
                     let k_bh = &k[b * k_len * d + off..];
                     let v_bh = &v[b * k_len * d + off..];
                     // dv_bh[Tk, Dh] = Pᵀ · dO_bh
-                    gemm_strided(&mut dv_b[off..], d, p, 1, k_len, do_bh, d, 1, k_len, q_len, head_dim, false);
+                    gemm_strided(
+                        &mut dv_b[off..],
+                        d,
+                        p,
+                        1,
+                        k_len,
+                        do_bh,
+                        d,
+                        1,
+                        k_len,
+                        q_len,
+                        head_dim,
+                        false,
+                    );
                     // dP[Tq, Tk] = dO_bh · v_bhᵀ
-                    gemm_strided(&mut ds, k_len, do_bh, d, 1, v_bh, 1, d, q_len, head_dim, k_len, false);
+                    gemm_strided(
+                        &mut ds, k_len, do_bh, d, 1, v_bh, 1, d, q_len, head_dim, k_len, false,
+                    );
                     // dS = P ⊙ (dP − Σ_j P·dP) · scale  (masked entries have P = 0)
                     for i in 0..q_len {
                         let (pr, dr) = (&p[i * k_len..][..k_len], &mut ds[i * k_len..][..k_len]);
-                        let dot = pr.iter().zip(dr.iter()).fold(T::zero(), |acc, (&p, &g)| acc + p * g);
+                        let dot =
+                            pr.iter().zip(dr.iter()).fold(T::zero(), |acc, (&p, &g)| acc + p * g);
                         for (g, &p) in dr.iter_mut().zip(pr) {
                             *g = p * (*g - dot) * scale;
                         }
                     }
                     // dq_bh[Tq, Dh] = dS · k_bh ; dk_bh[Tk, Dh] = dSᵀ · q_bh
-                    gemm_strided(&mut dq_b[off..], d, &ds, k_len, 1, k_bh, d, 1, q_len, k_len, head_dim, false);
-                    gemm_strided(&mut dk_b[off..], d, &ds, 1, k_len, q_bh, d, 1, k_len, q_len, head_dim, false);
+                    gemm_strided(
+                        &mut dq_b[off..],
+                        d,
+                        &ds,
+                        k_len,
+                        1,
+                        k_bh,
+                        d,
+                        1,
+                        q_len,
+                        k_len,
+                        head_dim,
+                        false,
+                    );
+                    gemm_strided(
+                        &mut dk_b[off..],
+                        d,
+                        &ds,
+                        1,
+                        k_len,
+                        q_bh,
+                        d,
+                        1,
+                        k_len,
+                        q_len,
+                        head_dim,
+                        false,
+                    );
                 }
             });
     }
 
-    fn cross_entropy(&self, d_logits: &mut Vec<T>, logits: &Vec<T>, targets: &[u32], vocab: usize, ignore: u32, smoothing: f32) -> (f64, usize) {
+    fn cross_entropy(
+        &self,
+        d_logits: &mut Vec<T>,
+        logits: &Vec<T>,
+        targets: &[u32],
+        vocab: usize,
+        ignore: u32,
+        smoothing: f32,
+    ) -> (f64, usize) {
         let counted = targets.iter().filter(|&&t| t != ignore).count();
         let inv_count = if counted == 0 { 0.0 } else { 1.0 / counted as f64 };
         let eps = f64::from(smoothing);
@@ -440,17 +646,23 @@ impl<T: Scalar> Backend for Cpu<T> {
         let (b1, b2) = (f64::from(s.beta1), f64::from(s.beta2));
         let c1 = T::of(1.0 - b1.powi(s.step as i32));
         let c2 = T::of(1.0 - b2.powi(s.step as i32));
-        let (b1, b2, lr, eps) = (T::of(b1), T::of(b2), T::of(f64::from(s.lr)), T::of(f64::from(s.eps)));
+        let (b1, b2, lr, eps) =
+            (T::of(b1), T::of(b2), T::of(f64::from(s.lr)), T::of(f64::from(s.eps)));
         let decay = T::one() - lr * T::of(f64::from(s.weight_decay));
-        param.par_chunks_mut(1 << 12).zip(grad.par_chunks(1 << 12)).zip(m.par_chunks_mut(1 << 12)).zip(v.par_chunks_mut(1 << 12)).for_each(|(((p, g), m), v)| {
-            for i in 0..p.len() {
-                m[i] = b1 * m[i] + (T::one() - b1) * g[i];
-                v[i] = b2 * v[i] + (T::one() - b2) * g[i] * g[i];
-                let m_hat = m[i] / c1;
-                let v_hat = v[i] / c2;
-                // Decoupled decay first, then the Adam step (PyTorch's order).
-                p[i] = p[i] * decay - lr * m_hat / (v_hat.sqrt() + eps);
-            }
-        });
+        param
+            .par_chunks_mut(1 << 12)
+            .zip(grad.par_chunks(1 << 12))
+            .zip(m.par_chunks_mut(1 << 12))
+            .zip(v.par_chunks_mut(1 << 12))
+            .for_each(|(((p, g), m), v)| {
+                for i in 0..p.len() {
+                    m[i] = b1 * m[i] + (T::one() - b1) * g[i];
+                    v[i] = b2 * v[i] + (T::one() - b2) * g[i] * g[i];
+                    let m_hat = m[i] / c1;
+                    let v_hat = v[i] / c2;
+                    // Decoupled decay first, then the Adam step (PyTorch's order).
+                    p[i] = p[i] * decay - lr * m_hat / (v_hat.sqrt() + eps);
+                }
+            });
     }
 }

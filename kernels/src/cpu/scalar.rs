@@ -3,7 +3,9 @@
 use num_traits::Float;
 
 /// A float the CPU backend can compute in, with its GEMM.
-pub trait Scalar: Float + Send + Sync + Default + std::fmt::Debug + std::iter::Sum + 'static {
+pub trait Scalar:
+    Float + Send + Sync + Default + std::fmt::Debug + std::iter::Sum + 'static
+{
     /// Short type name for messages.
     const NAME: &'static str;
     /// From f64 (rounding for f32).
@@ -59,7 +61,9 @@ impl Scalar for f32 {
         csc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
     }
 }
 
@@ -88,6 +92,8 @@ impl Scalar for f64 {
         csc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
     }
 }

@@ -1,0 +1,819 @@
+//! The encoder-decoder transformer over any [`Backend`]: explicit forward and backward passes,
+//! no autograd. One code path for every device; the model never asks which backend it runs on.
+//!
+//! Shapes (legend in `chingu_kernels::backend`): encoder rows Ns = B·S, decoder rows
+//! Nt = B·T; every sequence is padded to its side's batch length and real lengths travel
+//! alongside, so masks are computed from lengths, never stored.
+
+use chingu_kernels::{AttentionShape, Backend, DropoutKey};
+
+use crate::config::{Activation, Config, NormPlacement};
+use crate::params::{initial_values, AttnIdx, FfnIdx, Layout, LinearIdx, NormIdx};
+use crate::{ModelError, Result};
+
+/// A padded batch of (question, answer) pairs, as token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// B.
+    pub batch: usize,
+    /// S: padded source length.
+    pub src_len: usize,
+    /// T: padded target length.
+    pub tgt_len: usize,
+    /// Source ids `[B, S]`, padded with the pad id.
+    pub src: Vec<u32>,
+    /// Real source lengths `[B]`, each ≥ 1.
+    pub src_lengths: Vec<usize>,
+    /// Decoder input `[B, T]`: `<s>` then the answer.
+    pub tgt_in: Vec<u32>,
+    /// Decoder targets `[B, T]`: the answer then `</s>`, pad beyond the length.
+    pub tgt_out: Vec<u32>,
+    /// Real target lengths `[B]`, each ≥ 1.
+    pub tgt_lengths: Vec<usize>,
+}
+
+impl Batch {
+    /// Checks the batch is consistent with itself and with `config`.
+    pub fn validate(&self, config: &Config) -> Result<()> {
+        let fail = |m: String| Err(ModelError::Batch(m));
+        if self.src.len() != self.batch * self.src_len
+            || self.tgt_in.len() != self.batch * self.tgt_len
+            || self.tgt_out.len() != self.tgt_in.len()
+        {
+            return fail("token arrays do not match batch × length".into());
+        }
+        if self.src_lengths.len() != self.batch || self.tgt_lengths.len() != self.batch {
+            return fail("one length per batch row is needed".into());
+        }
+        if self.src_lengths.iter().chain(&self.tgt_lengths).any(|&l| l == 0) {
+            return fail("every sequence needs at least one token".into());
+        }
+        if self.src_lengths.iter().any(|&l| l > self.src_len)
+            || self.tgt_lengths.iter().any(|&l| l > self.tgt_len)
+        {
+            return fail("a length exceeds the padded length".into());
+        }
+        for (side, len) in [("source", self.src_len), ("target", self.tgt_len)] {
+            if len > config.max_len {
+                return fail(format!(
+                    "{side} length {len} exceeds the model's max_len {}",
+                    config.max_len
+                ));
+            }
+        }
+        if let Some(&bad) = self
+            .src
+            .iter()
+            .chain(&self.tgt_in)
+            .chain(&self.tgt_out)
+            .find(|&&t| t as usize >= config.vocab)
+        {
+            return fail(format!("token id {bad} is outside the model's vocabulary of {} (tokenizer and model disagree)", config.vocab));
+        }
+        Ok(())
+    }
+}
+
+/// Loss of one forward pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossStats {
+    /// Mean loss per counted target token.
+    pub loss: f64,
+    /// Target tokens counted (not padding).
+    pub tokens: usize,
+}
+
+/// Sinusoidal positions `[max_len, D]`: `PE[p, 2i] = sin(p / 10000^(2i/D))`, `PE[p, 2i+1] = cos(…)`.
+pub fn sinusoidal_positions(max_len: usize, d: usize) -> Vec<f64> {
+    let mut pe = vec![0.0; max_len * d];
+    for p in 0..max_len {
+        for i in (0..d).step_by(2) {
+            let angle = p as f64 / 10000f64.powf(i as f64 / d as f64);
+            pe[p * d + i] = angle.sin();
+            if i + 1 < d {
+                pe[p * d + i + 1] = angle.cos();
+            }
+        }
+    }
+    pe
+}
+
+/// The model: configuration, parameters and their gradients on a backend.
+pub struct Model<B: Backend> {
+    /// The backend everything runs on.
+    pub backend: B,
+    /// The configuration.
+    pub config: Config,
+    /// Parameter names, shapes and roles.
+    pub layout: Layout,
+    /// Parameter values, in layout order.
+    pub params: Vec<B::Buf>,
+    /// Gradients, accumulated by [`Model::forward_backward`]; same order.
+    pub grads: Vec<B::Buf>,
+    positions: B::Buf,
+}
+
+/// What a dropout call needs to know: whether training, and the key parts.
+#[derive(Debug, Clone, Copy)]
+struct DropoutCtx {
+    p: f32,
+    seed: u64,
+    step: u64,
+}
+
+impl DropoutCtx {
+    fn apply<B: Backend>(&self, backend: &B, buf: &mut B::Buf, site: u64) {
+        if self.p > 0.0 {
+            backend.dropout(buf, self.p, DropoutKey { seed: self.seed, step: self.step, site });
+        }
+    }
+}
+
+struct NormActs<B: Backend> {
+    /// The LayerNorm input (x for pre-norm, x + s for post-norm).
+    input: B::Buf,
+    y: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+}
+
+struct AttnActs<B: Backend> {
+    input: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    probs: B::Buf,
+    ctx: B::Buf,
+    shape: AttentionShape,
+}
+
+struct FfnActs<B: Backend> {
+    input: B::Buf,
+    pre_act: B::Buf,
+    act: B::Buf,
+}
+
+enum SubActs<B: Backend> {
+    Attn(AttnActs<B>),
+    Ffn(FfnActs<B>),
+}
+
+struct BlockActs<B: Backend> {
+    norm: NormActs<B>,
+    sub: SubActs<B>,
+    site: u64,
+}
+
+/// What a residual block computes.
+#[derive(Clone, Copy)]
+enum Sublayer {
+    SelfAttn { idx: AttnIdx, causal: bool },
+    CrossAttn { idx: AttnIdx },
+    Ffn { idx: FfnIdx },
+}
+
+/// A sequence side's rows and lengths, for attention.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    batch: usize,
+    len: usize,
+    lengths: &'a [usize],
+}
+
+/// Everything the backward pass needs from the forward pass.
+struct Activations<B: Backend> {
+    enc_blocks: Vec<BlockActs<B>>,
+    enc_final: Option<NormActs<B>>,
+    memory: B::Buf,
+    dec_blocks: Vec<BlockActs<B>>,
+    dec_final: Option<NormActs<B>>,
+    y: B::Buf,
+    d_logits: B::Buf,
+}
+
+/// Two distinct mutable elements of a slice.
+fn pair_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &mut lo[b])
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// A freshly initialised model (deterministic in `seed`).
+    pub fn new(backend: B, config: Config, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let layout = Layout::new(&config);
+        let params = layout
+            .specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| backend.from_f32(&initial_values(spec, seed, i)))
+            .collect();
+        Ok(Self::assemble(backend, config, layout, params))
+    }
+
+    /// A model from given parameter values (checkpoints, golden tests), checked against the
+    /// layout's shapes.
+    pub fn from_values(backend: B, config: Config, values: Vec<Vec<f64>>) -> Result<Self> {
+        config.validate()?;
+        let layout = Layout::new(&config);
+        if values.len() != layout.specs.len() {
+            return Err(ModelError::Config(format!(
+                "{} tensors given, the layout has {}",
+                values.len(),
+                layout.specs.len()
+            )));
+        }
+        for (spec, v) in layout.specs.iter().zip(&values) {
+            if v.len() != spec.numel() {
+                return Err(ModelError::Config(format!(
+                    "{}: {} values, shape {:?} needs {}",
+                    spec.name,
+                    v.len(),
+                    spec.shape,
+                    spec.numel()
+                )));
+            }
+        }
+        let params = values.iter().map(|v| backend.from_f64(v)).collect();
+        Ok(Self::assemble(backend, config, layout, params))
+    }
+
+    fn assemble(backend: B, config: Config, layout: Layout, params: Vec<B::Buf>) -> Self {
+        let grads = layout.specs.iter().map(|s| backend.zeros(s.numel())).collect();
+        let positions = backend.from_f64(&sinusoidal_positions(config.max_len, config.d_model));
+        Model { backend, config, layout, params, grads, positions }
+    }
+
+    /// Total parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.layout.parameter_count()
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero_grads(&mut self) {
+        for g in &mut self.grads {
+            self.backend.fill_zero(g);
+        }
+    }
+
+    fn output_weight(&self) -> usize {
+        self.layout.lm_head.unwrap_or(self.layout.embed)
+    }
+
+    // --- forward pieces ------------------------------------------------------------------
+
+    fn embed(&self, ids: &[u32], seq_len: usize, drop: DropoutCtx, site: u64) -> B::Buf {
+        let d = self.config.d_model;
+        let pos: Vec<usize> = (0..ids.len()).map(|n| n % seq_len).collect();
+        let mut x = self.backend.zeros(ids.len() * d);
+        self.backend.embedding_forward(
+            &mut x,
+            &self.params[self.layout.embed],
+            &self.positions,
+            ids,
+            &pos,
+            d,
+            (d as f32).sqrt(),
+        );
+        drop.apply(&self.backend, &mut x, site);
+        x
+    }
+
+    fn linear(
+        &self,
+        x: &B::Buf,
+        idx: LinearIdx,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> B::Buf {
+        let mut y = self.backend.zeros(rows * out_dim);
+        self.backend.linear_forward(
+            &mut y,
+            x,
+            &self.params[idx.w],
+            Some(&self.params[idx.b]),
+            rows,
+            in_dim,
+            out_dim,
+        );
+        y
+    }
+
+    fn norm(&self, x: B::Buf, idx: NormIdx, rows: usize) -> NormActs<B> {
+        let d = self.config.d_model;
+        let (mut y, mut mean, mut rstd) =
+            (self.backend.zeros(rows * d), self.backend.zeros(rows), self.backend.zeros(rows));
+        self.backend.layernorm_forward(
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            &x,
+            &self.params[idx.gamma],
+            &self.params[idx.beta],
+            rows,
+            d,
+        );
+        NormActs { input: x, y, mean, rstd }
+    }
+
+    fn attention(
+        &self,
+        input: &B::Buf,
+        kv_source: Option<&B::Buf>,
+        idx: AttnIdx,
+        query: Side<'_>,
+        keys: Side<'_>,
+        causal: bool,
+    ) -> (B::Buf, AttnActs<B>) {
+        let d = self.config.d_model;
+        let (nq, nk) = (query.batch * query.len, keys.batch * keys.len);
+        let kv = kv_source.unwrap_or(input);
+        let q = self.linear(input, idx.q, nq, d, d);
+        let k = self.linear(kv, idx.k, nk, d, d);
+        let v = self.linear(kv, idx.v, nk, d, d);
+        let shape = AttentionShape {
+            batch: query.batch,
+            q_len: query.len,
+            k_len: keys.len,
+            heads: self.config.heads,
+            head_dim: self.config.head_dim(),
+            causal,
+            q_offset: 0,
+        };
+        let mut ctx = self.backend.zeros(nq * d);
+        let mut probs = self.backend.zeros(query.batch * self.config.heads * query.len * keys.len);
+        self.backend.attention_forward(&mut ctx, &mut probs, &q, &k, &v, keys.lengths, shape);
+        let s = self.linear(&ctx, idx.o, nq, d, d);
+        let input = self.backend_clone(input);
+        (s, AttnActs { input, q, k, v, probs, ctx, shape })
+    }
+
+    fn ffn(&self, input: &B::Buf, idx: FfnIdx, rows: usize) -> (B::Buf, FfnActs<B>) {
+        let (d, f) = (self.config.d_model, self.config.d_ff);
+        let pre_act = self.linear(input, idx.fc1, rows, d, f);
+        let mut act = self.backend.zeros(rows * f);
+        match self.config.activation {
+            Activation::Gelu => self.backend.gelu_forward(&mut act, &pre_act),
+            Activation::Relu => self.backend.relu_forward(&mut act, &pre_act),
+        }
+        let s = self.linear(&act, idx.fc2, rows, f, d);
+        (s, FfnActs { input: self.backend_clone(input), pre_act, act })
+    }
+
+    fn backend_clone(&self, x: &B::Buf) -> B::Buf {
+        let mut y = self.backend.zeros(self.backend.len(x));
+        self.backend.copy(&mut y, x);
+        y
+    }
+
+    /// One residual block: pre-norm `x + F(LN(x))` or post-norm `LN(x + F(x))`.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        x: B::Buf,
+        norm: NormIdx,
+        sub: Sublayer,
+        side: Side<'_>,
+        memory: Option<(&B::Buf, Side<'_>)>,
+        drop: DropoutCtx,
+        site: u64,
+    ) -> (B::Buf, BlockActs<B>) {
+        let rows = side.batch * side.len;
+        let run = |input: &B::Buf| -> (B::Buf, SubActs<B>) {
+            match sub {
+                Sublayer::SelfAttn { idx, causal } => {
+                    let (s, a) = self.attention(input, None, idx, side, side, causal);
+                    (s, SubActs::Attn(a))
+                }
+                Sublayer::CrossAttn { idx } => {
+                    let (mem, mem_side) = memory.expect("cross-attention needs the encoder output");
+                    let (s, a) = self.attention(input, Some(mem), idx, side, mem_side, false);
+                    (s, SubActs::Attn(a))
+                }
+                Sublayer::Ffn { idx } => {
+                    let (s, a) = self.ffn(input, idx, rows);
+                    (s, SubActs::Ffn(a))
+                }
+            }
+        };
+        match self.config.norm {
+            NormPlacement::Pre => {
+                let norm_acts = self.norm(self.backend_clone(&x), norm, rows);
+                let (mut s, sub_acts) = run(&norm_acts.y);
+                drop.apply(&self.backend, &mut s, site);
+                let mut out = x;
+                self.backend.add_assign(&mut out, &s);
+                (out, BlockActs { norm: norm_acts, sub: sub_acts, site })
+            }
+            NormPlacement::Post => {
+                let (mut s, sub_acts) = run(&x);
+                drop.apply(&self.backend, &mut s, site);
+                let mut z = x;
+                self.backend.add_assign(&mut z, &s);
+                let norm_acts = self.norm(z, norm, rows);
+                let out = self.backend_clone(&norm_acts.y);
+                (out, BlockActs { norm: norm_acts, sub: sub_acts, site })
+            }
+        }
+    }
+
+    fn run_forward(&self, batch: &Batch, drop: DropoutCtx) -> Result<(LossStats, Activations<B>)> {
+        batch.validate(&self.config)?;
+        let c = &self.config;
+        let src_side = Side { batch: batch.batch, len: batch.src_len, lengths: &batch.src_lengths };
+        let tgt_side = Side { batch: batch.batch, len: batch.tgt_len, lengths: &batch.tgt_lengths };
+        let (ns, nt) = (batch.batch * batch.src_len, batch.batch * batch.tgt_len);
+
+        let mut x = self.embed(&batch.src, batch.src_len, drop, 1);
+        let mut enc_blocks = Vec::new();
+        for (l, layer) in self.layout.encoder.iter().enumerate() {
+            let site = 100 + 10 * l as u64;
+            let (h, a) = self.block(
+                x,
+                layer.ln1,
+                Sublayer::SelfAttn { idx: layer.self_attn, causal: false },
+                src_side,
+                None,
+                drop,
+                site,
+            );
+            enc_blocks.push(a);
+            let (out, a) = self.block(
+                h,
+                layer.ln2,
+                Sublayer::Ffn { idx: layer.ffn },
+                src_side,
+                None,
+                drop,
+                site + 1,
+            );
+            enc_blocks.push(a);
+            x = out;
+        }
+        let (memory, enc_final) = match self.layout.encoder_ln_f {
+            Some(idx) => {
+                let acts = self.norm(x, idx, ns);
+                (self.backend_clone(&acts.y), Some(acts))
+            }
+            None => (x, None),
+        };
+
+        let mut x = self.embed(&batch.tgt_in, batch.tgt_len, drop, 2);
+        let mut dec_blocks = Vec::new();
+        for (l, layer) in self.layout.decoder.iter().enumerate() {
+            let site = 10_000 + 10 * l as u64;
+            let (h1, a) = self.block(
+                x,
+                layer.ln1,
+                Sublayer::SelfAttn { idx: layer.self_attn, causal: true },
+                tgt_side,
+                None,
+                drop,
+                site,
+            );
+            dec_blocks.push(a);
+            let (h2, a) = self.block(
+                h1,
+                layer.ln2,
+                Sublayer::CrossAttn { idx: layer.cross_attn },
+                tgt_side,
+                Some((&memory, src_side)),
+                drop,
+                site + 1,
+            );
+            dec_blocks.push(a);
+            let (out, a) = self.block(
+                h2,
+                layer.ln3,
+                Sublayer::Ffn { idx: layer.ffn },
+                tgt_side,
+                None,
+                drop,
+                site + 2,
+            );
+            dec_blocks.push(a);
+            x = out;
+        }
+        let (y, dec_final) = match self.layout.decoder_ln_f {
+            Some(idx) => {
+                let acts = self.norm(x, idx, nt);
+                (self.backend_clone(&acts.y), Some(acts))
+            }
+            None => (x, None),
+        };
+        let mut logits = self.backend.zeros(nt * c.vocab);
+        self.backend.linear_forward(
+            &mut logits,
+            &y,
+            &self.params[self.output_weight()],
+            None,
+            nt,
+            c.d_model,
+            c.vocab,
+        );
+        let mut d_logits = self.backend.zeros(nt * c.vocab);
+        let (loss, tokens) = self.backend.cross_entropy(
+            &mut d_logits,
+            &logits,
+            &batch.tgt_out,
+            c.vocab,
+            c.pad_id,
+            c.label_smoothing,
+        );
+        if !loss.is_finite() {
+            return Err(ModelError::NonFinite(format!("loss is {loss}")));
+        }
+        Ok((
+            LossStats { loss, tokens },
+            Activations { enc_blocks, enc_final, memory, dec_blocks, dec_final, y, d_logits },
+        ))
+    }
+
+    /// The loss without gradients and without dropout (evaluation).
+    pub fn loss(&self, batch: &Batch) -> Result<LossStats> {
+        Ok(self.run_forward(batch, DropoutCtx { p: 0.0, seed: 0, step: 0 })?.0)
+    }
+
+    /// The logits `[B·T, V]` of a teacher-forced pass (evaluation, tests).
+    pub fn logits(&self, batch: &Batch) -> Result<Vec<f64>> {
+        let (_, acts) = self.run_forward(batch, DropoutCtx { p: 0.0, seed: 0, step: 0 })?;
+        let c = &self.config;
+        let nt = batch.batch * batch.tgt_len;
+        let mut logits = self.backend.zeros(nt * c.vocab);
+        self.backend.linear_forward(
+            &mut logits,
+            &acts.y,
+            &self.params[self.output_weight()],
+            None,
+            nt,
+            c.d_model,
+            c.vocab,
+        );
+        Ok(self.backend.to_f64(&logits))
+    }
+
+    /// Forward and backward: returns the loss and **adds** the gradients into `self.grads`.
+    /// Dropout (when the config has it) is keyed by `seed` and `step`.
+    pub fn forward_backward(&mut self, batch: &Batch, seed: u64, step: u64) -> Result<LossStats> {
+        let drop = DropoutCtx { p: self.config.dropout, seed, step };
+        let (stats, acts) = self.run_forward(batch, drop)?;
+        self.backward(batch, acts, drop);
+        Ok(stats)
+    }
+
+    // --- backward ------------------------------------------------------------------------
+
+    fn linear_back(
+        &mut self,
+        dx: Option<&mut B::Buf>,
+        accumulate: bool,
+        idx: LinearIdx,
+        dy: &B::Buf,
+        x: &B::Buf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        let (dw, db) = pair_mut(&mut self.grads, idx.w, idx.b);
+        self.backend.linear_backward(
+            dx,
+            accumulate,
+            dw,
+            Some(db),
+            dy,
+            x,
+            &self.params[idx.w],
+            rows,
+            in_dim,
+            out_dim,
+        );
+    }
+
+    fn norm_back(
+        &mut self,
+        dx: &mut B::Buf,
+        idx: NormIdx,
+        dy: &B::Buf,
+        acts: &NormActs<B>,
+        rows: usize,
+    ) {
+        let d = self.config.d_model;
+        let (dg, db) = pair_mut(&mut self.grads, idx.gamma, idx.beta);
+        self.backend.layernorm_backward(
+            dx,
+            dg,
+            db,
+            dy,
+            &acts.input,
+            &acts.mean,
+            &acts.rstd,
+            &self.params[idx.gamma],
+            rows,
+            d,
+        );
+    }
+
+    /// Backward through a sublayer: returns d(input); cross-attention adds its key/value
+    /// gradient into `d_memory`.
+    fn sub_back(
+        &mut self,
+        sub: Sublayer,
+        acts: &SubActs<B>,
+        d_s: &B::Buf,
+        cross: Option<(&mut B::Buf, &B::Buf)>,
+    ) -> B::Buf {
+        let d = self.config.d_model;
+        match (sub, acts) {
+            (Sublayer::SelfAttn { idx, .. } | Sublayer::CrossAttn { idx }, SubActs::Attn(a)) => {
+                let shape = a.shape;
+                let (nq, nk) = (shape.batch * shape.q_len, shape.batch * shape.k_len);
+                let mut d_ctx = self.backend.zeros(nq * d);
+                self.linear_back(Some(&mut d_ctx), false, idx.o, d_s, &a.ctx, nq, d, d);
+                let (mut dq, mut dk, mut dv) = (
+                    self.backend.zeros(nq * d),
+                    self.backend.zeros(nk * d),
+                    self.backend.zeros(nk * d),
+                );
+                self.backend.attention_backward(
+                    &mut dq, &mut dk, &mut dv, &d_ctx, &a.q, &a.k, &a.v, &a.probs, shape,
+                );
+                let mut d_input = self.backend.zeros(nq * d);
+                self.linear_back(Some(&mut d_input), false, idx.q, &dq, &a.input, nq, d, d);
+                match (sub, cross) {
+                    // Keys and values came from the encoder output: their gradient goes there.
+                    (Sublayer::CrossAttn { .. }, Some((d_mem, memory))) => {
+                        self.linear_back(Some(d_mem), true, idx.k, &dk, memory, nk, d, d);
+                        self.linear_back(Some(d_mem), true, idx.v, &dv, memory, nk, d, d);
+                    }
+                    _ => {
+                        self.linear_back(Some(&mut d_input), true, idx.k, &dk, &a.input, nk, d, d);
+                        self.linear_back(Some(&mut d_input), true, idx.v, &dv, &a.input, nk, d, d);
+                    }
+                }
+                d_input
+            }
+            (Sublayer::Ffn { idx }, SubActs::Ffn(a)) => {
+                let f = self.config.d_ff;
+                let rows = self.backend.len(&a.pre_act) / f;
+                let mut d_act = self.backend.zeros(rows * f);
+                self.linear_back(Some(&mut d_act), false, idx.fc2, d_s, &a.act, rows, f, d);
+                let mut d_pre = self.backend.zeros(rows * f);
+                match self.config.activation {
+                    Activation::Gelu => self.backend.gelu_backward(&mut d_pre, &d_act, &a.pre_act),
+                    Activation::Relu => self.backend.relu_backward(&mut d_pre, &d_act, &a.pre_act),
+                }
+                let mut d_input = self.backend.zeros(rows * d);
+                self.linear_back(Some(&mut d_input), false, idx.fc1, &d_pre, &a.input, rows, d, f);
+                d_input
+            }
+            _ => unreachable!("sublayer and activations always match"),
+        }
+    }
+
+    fn block_back(
+        &mut self,
+        d_out: B::Buf,
+        norm: NormIdx,
+        sub: Sublayer,
+        acts: &BlockActs<B>,
+        dropout: DropoutCtx,
+        cross: Option<(&mut B::Buf, &B::Buf)>,
+    ) -> B::Buf {
+        let rows = self.backend.len(&d_out) / self.config.d_model;
+        match self.config.norm {
+            NormPlacement::Pre => {
+                let mut d_s = self.backend_clone(&d_out);
+                dropout.apply(&self.backend, &mut d_s, acts.site);
+                let d_y = self.sub_back(sub, &acts.sub, &d_s, cross);
+                let mut d_x = d_out;
+                self.norm_back(&mut d_x, norm, &d_y, &acts.norm, rows);
+                d_x
+            }
+            NormPlacement::Post => {
+                let mut d_z = self.backend.zeros(self.backend.len(&d_out));
+                self.norm_back(&mut d_z, norm, &d_out, &acts.norm, rows);
+                let mut d_s = self.backend_clone(&d_z);
+                dropout.apply(&self.backend, &mut d_s, acts.site);
+                let d_in = self.sub_back(sub, &acts.sub, &d_s, cross);
+                self.backend.add_assign(&mut d_z, &d_in);
+                d_z
+            }
+        }
+    }
+
+    fn backward(&mut self, batch: &Batch, acts: Activations<B>, dropout: DropoutCtx) {
+        let c = self.config.clone();
+        let d = c.d_model;
+        let (ns, nt) = (batch.batch * batch.src_len, batch.batch * batch.tgt_len);
+        let Activations { enc_blocks, enc_final, memory, dec_blocks, dec_final, y, d_logits } =
+            acts;
+
+        // Output projection: logits = y · Wᵀ.
+        let mut d_y = self.backend.zeros(nt * d);
+        let w = self.output_weight();
+        self.backend.linear_backward(
+            Some(&mut d_y),
+            false,
+            &mut self.grads[w],
+            None,
+            &d_logits,
+            &y,
+            &self.params[w],
+            nt,
+            d,
+            c.vocab,
+        );
+        drop(d_logits);
+
+        let mut d_x = match (&dec_final, self.layout.decoder_ln_f) {
+            (Some(a), Some(idx)) => {
+                let mut d_x = self.backend.zeros(nt * d);
+                self.norm_back(&mut d_x, idx, &d_y, a, nt);
+                d_x
+            }
+            _ => d_y,
+        };
+        let mut d_memory = self.backend.zeros(ns * d);
+        let layers = self.layout.decoder.clone();
+        for (l, layer) in layers.iter().enumerate().rev() {
+            let blocks = &dec_blocks[3 * l..3 * l + 3];
+            d_x = self.block_back(
+                d_x,
+                layer.ln3,
+                Sublayer::Ffn { idx: layer.ffn },
+                &blocks[2],
+                dropout,
+                None,
+            );
+            d_x = self.block_back(
+                d_x,
+                layer.ln2,
+                Sublayer::CrossAttn { idx: layer.cross_attn },
+                &blocks[1],
+                dropout,
+                Some((&mut d_memory, &memory)),
+            );
+            d_x = self.block_back(
+                d_x,
+                layer.ln1,
+                Sublayer::SelfAttn { idx: layer.self_attn, causal: true },
+                &blocks[0],
+                dropout,
+                None,
+            );
+        }
+        dropout.apply(&self.backend, &mut d_x, 2);
+        let emb = self.layout.embed;
+        self.backend.embedding_backward(
+            &mut self.grads[emb],
+            &d_x,
+            &batch.tgt_in,
+            d,
+            (d as f32).sqrt(),
+        );
+
+        let mut d_x = match (&enc_final, self.layout.encoder_ln_f) {
+            (Some(a), Some(idx)) => {
+                let mut d_x = self.backend.zeros(ns * d);
+                self.norm_back(&mut d_x, idx, &d_memory, a, ns);
+                d_x
+            }
+            _ => d_memory,
+        };
+        let layers = self.layout.encoder.clone();
+        for (l, layer) in layers.iter().enumerate().rev() {
+            let blocks = &enc_blocks[2 * l..2 * l + 2];
+            d_x = self.block_back(
+                d_x,
+                layer.ln2,
+                Sublayer::Ffn { idx: layer.ffn },
+                &blocks[1],
+                dropout,
+                None,
+            );
+            d_x = self.block_back(
+                d_x,
+                layer.ln1,
+                Sublayer::SelfAttn { idx: layer.self_attn, causal: false },
+                &blocks[0],
+                dropout,
+                None,
+            );
+        }
+        dropout.apply(&self.backend, &mut d_x, 1);
+        self.backend.embedding_backward(
+            &mut self.grads[emb],
+            &d_x,
+            &batch.src,
+            d,
+            (d as f32).sqrt(),
+        );
+    }
+}
