@@ -2,6 +2,7 @@
 //! readers (AIHub 543 JSON, Q/A CSV, JSONL), text normalisation, tokenizer training, the
 //! shard format, the embedded sample corpus and the `chingu prepare` pipeline.
 
+pub mod batching;
 pub mod durable;
 pub mod error;
 pub mod manifest;

@@ -249,7 +249,7 @@ pub trait Backend: Send + Sync {
         targets: &[u32],
         vocab: usize,
         ignore: u32,
-        smoothing: f32,
+        smoothing: f64,
     ) -> (f64, usize);
 
     /// One AdamW update of `param` with `grad`, moments `m` and `v`.

@@ -315,7 +315,7 @@ fn cross_entropy_with_smoothing_and_padding() {
         let x = &logits[row * v..][..v];
         let lse = x.iter().map(|x| x.exp()).sum::<f64>().ln();
         let logp: Vec<f64> = x.iter().map(|x| x - lse).collect();
-        let eps = f64::from(0.1f32); // the op takes its smoothing as f32
+        let eps = 0.1;
         expect += (1.0 - eps) * -logp[t as usize] + eps * -logp.iter().sum::<f64>() / v as f64;
     }
     assert!((loss - expect / 3.0).abs() < 1e-13, "{loss} vs {}", expect / 3.0);

@@ -51,7 +51,7 @@ pub struct Config {
     /// Share the embedding matrix with the output projection.
     pub tied_embeddings: bool,
     /// Label smoothing of the loss.
-    pub label_smoothing: f32,
+    pub label_smoothing: f64,
     /// Padding token id (ignored by the loss).
     pub pad_id: u32,
 }

@@ -611,11 +611,11 @@ impl<T: Scalar> Backend for Cpu<T> {
         targets: &[u32],
         vocab: usize,
         ignore: u32,
-        smoothing: f32,
+        smoothing: f64,
     ) -> (f64, usize) {
         let counted = targets.iter().filter(|&&t| t != ignore).count();
         let inv_count = if counted == 0 { 0.0 } else { 1.0 / counted as f64 };
-        let eps = f64::from(smoothing);
+        let eps = smoothing;
         let losses: Vec<f64> = d_logits[..targets.len() * vocab]
             .par_chunks_mut(vocab)
             .enumerate()
