@@ -3,10 +3,13 @@
 //! forward and backward passes — plus the optimizer pieces that act on the whole model.
 
 pub mod config;
+pub mod generate;
+pub mod optim;
 pub mod params;
 pub mod transformer;
 
 pub use config::{Activation, Config, NormPlacement};
+pub use optim::{Optimizer, OptimizerSettings, Schedule};
 pub use params::Layout;
 pub use transformer::{Batch, LossStats, Model};
 

@@ -110,15 +110,15 @@ pub struct Model<B: Backend> {
     pub params: Vec<B::Buf>,
     /// Gradients, accumulated by [`Model::forward_backward`]; same order.
     pub grads: Vec<B::Buf>,
-    positions: B::Buf,
+    pub(crate) positions: B::Buf,
 }
 
 /// What a dropout call needs to know: whether training, and the key parts.
 #[derive(Debug, Clone, Copy)]
-struct DropoutCtx {
-    p: f32,
-    seed: u64,
-    step: u64,
+pub(crate) struct DropoutCtx {
+    pub(crate) p: f32,
+    pub(crate) seed: u64,
+    pub(crate) step: u64,
 }
 
 impl DropoutCtx {
@@ -129,10 +129,10 @@ impl DropoutCtx {
     }
 }
 
-struct NormActs<B: Backend> {
+pub(crate) struct NormActs<B: Backend> {
     /// The LayerNorm input (x for pre-norm, x + s for post-norm).
     input: B::Buf,
-    y: B::Buf,
+    pub(crate) y: B::Buf,
     mean: B::Buf,
     rstd: B::Buf,
 }
@@ -158,7 +158,7 @@ enum SubActs<B: Backend> {
     Ffn(FfnActs<B>),
 }
 
-struct BlockActs<B: Backend> {
+pub(crate) struct BlockActs<B: Backend> {
     norm: NormActs<B>,
     sub: SubActs<B>,
     site: u64,
@@ -174,10 +174,10 @@ enum Sublayer {
 
 /// A sequence side's rows and lengths, for attention.
 #[derive(Clone, Copy)]
-struct Side<'a> {
-    batch: usize,
-    len: usize,
-    lengths: &'a [usize],
+pub(crate) struct Side<'a> {
+    pub(crate) batch: usize,
+    pub(crate) len: usize,
+    pub(crate) lengths: &'a [usize],
 }
 
 /// Everything the backward pass needs from the forward pass.
@@ -262,13 +262,13 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    fn output_weight(&self) -> usize {
+    pub(crate) fn output_weight(&self) -> usize {
         self.layout.lm_head.unwrap_or(self.layout.embed)
     }
 
     // --- forward pieces ------------------------------------------------------------------
 
-    fn embed(&self, ids: &[u32], seq_len: usize, drop: DropoutCtx, site: u64) -> B::Buf {
+    pub(crate) fn embed(&self, ids: &[u32], seq_len: usize, drop: DropoutCtx, site: u64) -> B::Buf {
         let d = self.config.d_model;
         let pos: Vec<usize> = (0..ids.len()).map(|n| n % seq_len).collect();
         let mut x = self.backend.zeros(ids.len() * d);
@@ -285,7 +285,7 @@ impl<B: Backend> Model<B> {
         x
     }
 
-    fn linear(
+    pub(crate) fn linear(
         &self,
         x: &B::Buf,
         idx: LinearIdx,
@@ -306,7 +306,7 @@ impl<B: Backend> Model<B> {
         y
     }
 
-    fn norm(&self, x: B::Buf, idx: NormIdx, rows: usize) -> NormActs<B> {
+    pub(crate) fn norm(&self, x: B::Buf, idx: NormIdx, rows: usize) -> NormActs<B> {
         let d = self.config.d_model;
         let (mut y, mut mean, mut rstd) =
             (self.backend.zeros(rows * d), self.backend.zeros(rows), self.backend.zeros(rows));
@@ -367,7 +367,7 @@ impl<B: Backend> Model<B> {
         (s, FfnActs { input: self.backend_clone(input), pre_act, act })
     }
 
-    fn backend_clone(&self, x: &B::Buf) -> B::Buf {
+    pub(crate) fn backend_clone(&self, x: &B::Buf) -> B::Buf {
         let mut y = self.backend.zeros(self.backend.len(x));
         self.backend.copy(&mut y, x);
         y
@@ -424,14 +424,17 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    fn run_forward(&self, batch: &Batch, drop: DropoutCtx) -> Result<(LossStats, Activations<B>)> {
-        batch.validate(&self.config)?;
-        let c = &self.config;
-        let src_side = Side { batch: batch.batch, len: batch.src_len, lengths: &batch.src_lengths };
-        let tgt_side = Side { batch: batch.batch, len: batch.tgt_len, lengths: &batch.tgt_lengths };
-        let (ns, nt) = (batch.batch * batch.src_len, batch.batch * batch.tgt_len);
-
-        let mut x = self.embed(&batch.src, batch.src_len, drop, 1);
+    /// The encoder: embeddings, layers and (pre-norm) the final norm. Returns the memory the
+    /// decoder attends to, and what backward needs.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn encoder_stack(
+        &self,
+        src: &[u32],
+        src_side: Side<'_>,
+        drop: DropoutCtx,
+    ) -> (B::Buf, Vec<BlockActs<B>>, Option<NormActs<B>>) {
+        let ns = src_side.batch * src_side.len;
+        let mut x = self.embed(src, src_side.len, drop, 1);
         let mut enc_blocks = Vec::new();
         for (l, layer) in self.layout.encoder.iter().enumerate() {
             let site = 100 + 10 * l as u64;
@@ -457,13 +460,23 @@ impl<B: Backend> Model<B> {
             enc_blocks.push(a);
             x = out;
         }
-        let (memory, enc_final) = match self.layout.encoder_ln_f {
+        match self.layout.encoder_ln_f {
             Some(idx) => {
                 let acts = self.norm(x, idx, ns);
-                (self.backend_clone(&acts.y), Some(acts))
+                (self.backend_clone(&acts.y), enc_blocks, Some(acts))
             }
-            None => (x, None),
-        };
+            None => (x, enc_blocks, None),
+        }
+    }
+
+    fn run_forward(&self, batch: &Batch, drop: DropoutCtx) -> Result<(LossStats, Activations<B>)> {
+        batch.validate(&self.config)?;
+        let c = &self.config;
+        let src_side = Side { batch: batch.batch, len: batch.src_len, lengths: &batch.src_lengths };
+        let tgt_side = Side { batch: batch.batch, len: batch.tgt_len, lengths: &batch.tgt_lengths };
+        let nt = batch.batch * batch.tgt_len;
+
+        let (memory, enc_blocks, enc_final) = self.encoder_stack(&batch.src, src_side, drop);
 
         let mut x = self.embed(&batch.tgt_in, batch.tgt_len, drop, 2);
         let mut dec_blocks = Vec::new();

@@ -1,0 +1,166 @@
+//! AdamW over the whole model, global-norm gradient clipping and the learning-rate schedule.
+
+use chingu_kernels::{AdamW, Backend};
+use serde::{Deserialize, Serialize};
+
+use crate::transformer::Model;
+use crate::{ModelError, Result};
+
+/// How the learning rate moves over training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Schedule {
+    /// The same rate every step (the original's choice).
+    Constant,
+    /// Linear warm-up over `warmup` steps, then cosine decay to `min_ratio`·lr at `total`.
+    WarmupCosine {
+        /// Warm-up steps.
+        warmup: u64,
+        /// Step at which the decay ends.
+        total: u64,
+        /// Final rate as a share of the peak.
+        min_ratio: f32,
+    },
+}
+
+impl Schedule {
+    /// The rate at 1-based `step` for peak rate `lr`.
+    pub fn rate(&self, lr: f32, step: u64) -> f32 {
+        match *self {
+            Schedule::Constant => lr,
+            Schedule::WarmupCosine { warmup, total, min_ratio } => {
+                if step <= warmup {
+                    return lr * step as f32 / warmup.max(1) as f32;
+                }
+                let span = total.saturating_sub(warmup).max(1);
+                let progress = ((step - warmup) as f64 / span as f64).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                lr * (min_ratio + (1.0 - min_ratio) * cosine as f32)
+            }
+        }
+    }
+}
+
+/// Optimizer settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerSettings {
+    /// Peak learning rate.
+    pub lr: f32,
+    /// AdamW β₁.
+    pub beta1: f32,
+    /// AdamW β₂.
+    pub beta2: f32,
+    /// AdamW ε.
+    pub eps: f32,
+    /// Decoupled weight decay for matrices (never for biases and norms).
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub clip_norm: Option<f32>,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            clip_norm: Some(1.0),
+            schedule: Schedule::Constant,
+        }
+    }
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateInfo {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub lr: f32,
+}
+
+/// AdamW state: first and second moments per parameter tensor, and the step count.
+pub struct Optimizer<B: Backend> {
+    /// Settings.
+    pub settings: OptimizerSettings,
+    /// First moments, in layout order.
+    pub exp_avg: Vec<B::Buf>,
+    /// Second moments, in layout order.
+    pub exp_avg_sq: Vec<B::Buf>,
+    /// Updates applied so far.
+    pub step: u64,
+}
+
+impl<B: Backend> Optimizer<B> {
+    /// Zeroed moments for `model`.
+    pub fn new(model: &Model<B>, settings: OptimizerSettings) -> Self {
+        let zeros = || model.layout.specs.iter().map(|s| model.backend.zeros(s.numel())).collect();
+        Self { settings, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0 }
+    }
+
+    /// Clips and applies the accumulated gradients, then leaves them as they are (the caller
+    /// zeroes them). Fails, changing nothing, if any gradient is NaN or infinite.
+    pub fn update(&mut self, model: &mut Model<B>) -> Result<UpdateInfo> {
+        let mut sum = 0.0f64;
+        for (spec, grad) in model.layout.specs.iter().zip(&model.grads) {
+            let s = model.backend.sum_squares(grad);
+            if !s.is_finite() {
+                return Err(ModelError::NonFinite(format!(
+                    "gradient of {} at step {}",
+                    spec.name,
+                    self.step + 1
+                )));
+            }
+            sum += s;
+        }
+        let grad_norm = sum.sqrt();
+        if let Some(clip) = self.settings.clip_norm {
+            if grad_norm > f64::from(clip) {
+                let factor = (f64::from(clip) / grad_norm) as f32;
+                for grad in &mut model.grads {
+                    model.backend.scale(grad, factor);
+                }
+            }
+        }
+        self.step += 1;
+        let lr = self.settings.schedule.rate(self.settings.lr, self.step);
+        for (i, spec) in model.layout.specs.iter().enumerate() {
+            let settings = AdamW {
+                lr,
+                beta1: self.settings.beta1,
+                beta2: self.settings.beta2,
+                eps: self.settings.eps,
+                weight_decay: if spec.decay { self.settings.weight_decay } else { 0.0 },
+                step: self.step,
+            };
+            model.backend.adamw(
+                &mut model.params[i],
+                &model.grads[i],
+                &mut self.exp_avg[i],
+                &mut self.exp_avg_sq[i],
+                settings,
+            );
+        }
+        Ok(UpdateInfo { grad_norm, lr })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine() {
+        let s = Schedule::WarmupCosine { warmup: 10, total: 110, min_ratio: 0.1 };
+        assert!((s.rate(1.0, 5) - 0.5).abs() < 1e-6);
+        assert!((s.rate(1.0, 10) - 1.0).abs() < 1e-6);
+        assert!((s.rate(1.0, 60) - 0.55).abs() < 1e-6);
+        assert!((s.rate(1.0, 110) - 0.1).abs() < 1e-6);
+        assert!((s.rate(1.0, 500) - 0.1).abs() < 1e-6);
+        assert_eq!(Schedule::Constant.rate(0.3, 7), 0.3);
+    }
+}
