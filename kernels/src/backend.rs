@@ -79,9 +79,9 @@ pub trait Backend: Send + Sync {
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize) -> Self::Buf;
     /// Uploads host values.
-    fn from_f32(&self, data: &[f32]) -> Self::Buf;
+    fn upload_f32(&self, data: &[f32]) -> Self::Buf;
     /// Uploads host values at full precision (for gradient checks).
-    fn from_f64(&self, data: &[f64]) -> Self::Buf;
+    fn upload_f64(&self, data: &[f64]) -> Self::Buf;
     /// Downloads to the host.
     fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
     /// Downloads to the host at full precision.

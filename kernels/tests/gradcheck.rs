@@ -140,7 +140,7 @@ fn gelu_and_relu() {
     let r = rng.vec(40);
     let mut dx = vec![0.0; 40];
     cpu().gelu_backward(&mut dx, &r, &x);
-    check("gelu", &[x.clone()], &[dx], |x| {
+    check("gelu", std::slice::from_ref(&x), &[dx], |x| {
         let mut y = vec![0.0; 40];
         cpu().gelu_forward(&mut y, &x[0]);
         dot(&y, &r)

@@ -51,6 +51,14 @@ pub enum Strategy {
         /// Seed of the draw.
         seed: u64,
     },
+    /// Beam search: keep the `width` best partial answers by total log-probability; finished
+    /// answers are ranked by score / ((5 + length) / 6)^`length_penalty` (GNMT).
+    Beam {
+        /// Beams.
+        width: usize,
+        /// Length-penalty exponent α (0: none; larger favours longer answers).
+        length_penalty: f32,
+    },
 }
 
 /// Generation settings.
@@ -266,6 +274,10 @@ impl<B: Backend> Model<B> {
         eos: u32,
         options: GenerateOptions,
     ) -> Result<Vec<u32>> {
+        if let Strategy::Beam { width, length_penalty } = options.strategy {
+            let max_new = options.max_new_tokens;
+            return self.beam_search(src, bos, eos, width.max(1), length_penalty, max_new);
+        }
         let encoded = self.encode(src, &[src.len()], src.len())?;
         let capacity = options.max_new_tokens.min(self.config.max_len);
         let mut state = self.start_decode(encoded, capacity)?;
@@ -274,6 +286,7 @@ impl<B: Backend> Model<B> {
         let mut rng = options_seed(&options);
         while out.len() < capacity {
             let mut logits = self.decode_step(&mut state, &[token])?;
+            self.forbid_specials(&mut logits, bos);
             if options.repetition_penalty != 1.0 {
                 for &t in &out {
                     let l = &mut logits[t as usize];
@@ -294,10 +307,115 @@ impl<B: Backend> Model<B> {
     }
 }
 
+impl<B: Backend> Model<B> {
+    fn beam_search(
+        &self,
+        src: &[u32],
+        bos: u32,
+        eos: u32,
+        width: usize,
+        alpha: f32,
+        max_new: usize,
+    ) -> Result<Vec<u32>> {
+        let len = src.len();
+        // Every beam is a batch row; the source is repeated so rows stay independent.
+        let repeated: Vec<u32> = (0..width).flat_map(|_| src.iter().copied()).collect();
+        let encoded = self.encode(&repeated, &vec![len; width], len)?;
+        let capacity = max_new.min(self.config.max_len);
+        let mut state = self.start_decode(encoded, capacity)?;
+        let penalty = |score: f64, length: usize| {
+            score / ((5.0 + length as f64) / 6.0).powf(f64::from(alpha))
+        };
+        // (tokens, log-probability) of live beams; only beam 0 is live at the start.
+        let mut beams: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 0.0)];
+        let mut finished: Vec<(Vec<u32>, f64)> = Vec::new();
+        let vocab = self.config.vocab;
+        for _ in 0..capacity {
+            let tokens: Vec<u32> = (0..width)
+                .map(|b| beams.get(b).and_then(|(t, _)| t.last().copied()).unwrap_or(bos))
+                .collect();
+            let mut logits = self.decode_step(&mut state, &tokens)?;
+            for row in logits.chunks_mut(vocab) {
+                self.forbid_specials(row, bos);
+            }
+            let mut candidates: Vec<(usize, u32, f64)> = Vec::new();
+            for (b, (_, score)) in beams.iter().enumerate() {
+                let row = &logits[b * vocab..(b + 1) * vocab];
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let lse = f64::from(max)
+                    + row.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln();
+                let mut best: Vec<(u32, f64)> =
+                    row.iter().enumerate().map(|(t, &v)| (t as u32, f64::from(v) - lse)).collect();
+                best.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+                candidates.extend(best.into_iter().take(width).map(|(t, lp)| (b, t, score + lp)));
+            }
+            candidates.sort_by(|x, y| y.2.total_cmp(&x.2).then((x.0, x.1).cmp(&(y.0, y.1))));
+            let mut next: Vec<(usize, Vec<u32>, f64)> = Vec::new();
+            for (b, token, score) in candidates {
+                if next.len() == width {
+                    break;
+                }
+                let mut tokens = beams[b].0.clone();
+                if token == eos {
+                    finished.push((tokens, penalty(score, beams[b].0.len() + 1)));
+                } else {
+                    tokens.push(token);
+                    next.push((b, tokens, score));
+                }
+            }
+            let best_finished = finished.iter().map(|f| f.1).fold(f64::NEG_INFINITY, f64::max);
+            // Stop when no live beam can still beat the best finished answer (exact for α = 0,
+            // where extending a beam only lowers its score; a heuristic for α > 0).
+            if next.is_empty()
+                || next.iter().all(|(_, t, s)| penalty(*s, t.len() + 1) < best_finished)
+            {
+                beams.clear();
+                break;
+            }
+            // Reorder the caches: new beam i continues old beam next[i].0.
+            let order: Vec<usize> = next.iter().map(|(b, _, _)| *b).collect();
+            state.reorder(&self.backend, &order, self.config.d_model);
+            beams = next.into_iter().map(|(_, t, s)| (t, s)).collect();
+        }
+        // Beams still live here ran into the length limit: they compete without `</s>`.
+        finished.extend(beams.into_iter().map(|(t, s)| {
+            let l = t.len() + 1;
+            (t, penalty(s, l))
+        }));
+        finished.sort_by(|x, y| y.1.total_cmp(&x.1));
+        Ok(finished.into_iter().next().map(|(t, _)| t).unwrap_or_default())
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// An answer never contains `<s>` or padding.
+    fn forbid_specials(&self, logits: &mut [f32], bos: u32) {
+        for id in [bos, self.config.pad_id] {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+impl<B: Backend> DecodeState<B> {
+    /// Makes row i of every cache a copy of old row `order[i]` (beam reordering).
+    fn reorder(&mut self, backend: &B, order: &[usize], width: usize) {
+        let cap = self.capacity;
+        for cache in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
+            let mut fresh = backend.zeros(backend.len(cache));
+            for (to, &from) in order.iter().enumerate() {
+                backend.copy_rows(&mut fresh, to * cap, cache, from * cap, self.position, width);
+            }
+            *cache = fresh;
+        }
+    }
+}
+
 fn options_seed(options: &GenerateOptions) -> u64 {
     match options.strategy {
         Strategy::Sample { seed, .. } => seed,
-        Strategy::Greedy => 0,
+        Strategy::Greedy | Strategy::Beam { .. } => 0,
     }
 }
 
@@ -319,7 +437,7 @@ fn pick(logits: &[f32], strategy: Strategy, rng: &mut u64) -> u32 {
             .0 as u32
     };
     match strategy {
-        Strategy::Greedy => argmax(),
+        Strategy::Greedy | Strategy::Beam { .. } => argmax(),
         Strategy::Sample { temperature, top_k, top_p, .. } => {
             if temperature <= 0.0 {
                 return argmax();

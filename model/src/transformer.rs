@@ -212,7 +212,7 @@ impl<B: Backend> Model<B> {
             .specs
             .iter()
             .enumerate()
-            .map(|(i, spec)| backend.from_f32(&initial_values(spec, seed, i)))
+            .map(|(i, spec)| backend.upload_f32(&initial_values(spec, seed, i)))
             .collect();
         Ok(Self::assemble(backend, config, layout, params))
     }
@@ -240,13 +240,13 @@ impl<B: Backend> Model<B> {
                 )));
             }
         }
-        let params = values.iter().map(|v| backend.from_f64(v)).collect();
+        let params = values.iter().map(|v| backend.upload_f64(v)).collect();
         Ok(Self::assemble(backend, config, layout, params))
     }
 
     fn assemble(backend: B, config: Config, layout: Layout, params: Vec<B::Buf>) -> Self {
         let grads = layout.specs.iter().map(|s| backend.zeros(s.numel())).collect();
-        let positions = backend.from_f64(&sinusoidal_positions(config.max_len, config.d_model));
+        let positions = backend.upload_f64(&sinusoidal_positions(config.max_len, config.d_model));
         Model { backend, config, layout, params, grads, positions }
     }
 

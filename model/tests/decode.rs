@@ -68,3 +68,80 @@ fn cached_decoding_equals_full_recomputation_pre_norm() {
 fn cached_decoding_equals_full_recomputation_post_norm() {
     check(NormPlacement::Post);
 }
+
+mod beam {
+    use super::*;
+    use chingu_model::generate::{GenerateOptions, Strategy};
+
+    fn log_softmax(row: &[f32]) -> Vec<f64> {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = f64::from(max) + row.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln();
+        row.iter().map(|&v| f64::from(v) - lse).collect()
+    }
+
+    /// Log-probability of `answer` (then `</s>` if `finished`) under the distribution generation
+    /// uses, by stepping the decoder.
+    fn score(model: &Model<Cpu<f64>>, src: &[u32], answer: &[u32], finished: bool) -> f64 {
+        let mut state =
+            model.start_decode(model.encode(src, &[src.len()], src.len()).unwrap(), 3).unwrap();
+        let mut total = 0.0;
+        let mut prev = 1;
+        let targets: Vec<u32> = answer.iter().copied().chain(finished.then_some(2)).collect();
+        for &t in &targets {
+            let mut row = model.decode_step(&mut state, &[prev]).unwrap();
+            row[0] = f32::NEG_INFINITY; // generation never emits <pad> or <s>
+            row[1] = f32::NEG_INFINITY;
+            total += log_softmax(&row)[t as usize];
+            prev = t;
+        }
+        total
+    }
+
+    #[test]
+    fn wide_beam_finds_the_exhaustive_best_and_width_one_is_greedy() {
+        let mut greedy_missed = 0;
+        for seed in 0..20 {
+            let mut config = config(NormPlacement::Pre);
+            config.vocab = 6;
+            let model = Model::new(Cpu::<f64>::new(), config.clone(), seed).unwrap();
+            let values = model.params.iter().map(|p| p.iter().map(|v| v * 0.3).collect()).collect();
+            let model = Model::from_values(Cpu::<f64>::new(), config, values).unwrap();
+            let src = vec![3, 4, 5, 2];
+            // Every answer of up to 3 tokens from {3, 4, 5}: generation never emits <pad> (0)
+            // or <s> (1), and </s> (2) ends an answer.
+            let alphabet = [3u32, 4, 5];
+            let mut best = (f64::NEG_INFINITY, Vec::new());
+            let mut consider = |answer: Vec<u32>, finished: bool| {
+                let s = score(&model, &src, &answer, finished);
+                if s > best.0 {
+                    best = (s, answer);
+                }
+            };
+            consider(vec![], true);
+            for &a in &alphabet {
+                consider(vec![a], true);
+                for &b in &alphabet {
+                    consider(vec![a, b], true);
+                    for &c in &alphabet {
+                        consider(vec![a, b, c], false); // capacity reached: no </s>
+                    }
+                }
+            }
+            let options =
+                |strategy| GenerateOptions { strategy, max_new_tokens: 3, repetition_penalty: 1.0 };
+            let beam = |width| {
+                model
+                    .generate(&src, 1, 2, options(Strategy::Beam { width, length_penalty: 0.0 }))
+                    .unwrap()
+            };
+            assert_eq!(beam(64), best.1, "seed {seed}: exhaustive best scores {}", best.0);
+            let greedy = model.generate(&src, 1, 2, options(Strategy::Greedy)).unwrap();
+            assert_eq!(beam(1), greedy, "seed {seed}");
+            greedy_missed += usize::from(greedy != best.1);
+        }
+        // Some of these models must be ones where greedy decoding misses the best answer, or
+        // the test would not tell beam search from greedy.
+        assert!(greedy_missed > 0, "greedy was optimal for every seed");
+        eprintln!("greedy missed the best answer for {greedy_missed} of 20 models");
+    }
+}

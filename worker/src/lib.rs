@@ -1,5 +1,45 @@
-//! chingu-worker: one training process per device. It joins the coordinator, maps its share of
-//! the token shards, runs train steps, all-reduces gradients through a `Collective`, writes its
-//! checkpoint parts and streams metrics.
-//!
-//! Status: empty until the coordinator/worker issue fills it.
+//! chingu-worker: one training process per device. Today it is the single-process trainer
+//! (`trainer`), checkpoints (`checkpoint`) and evaluation (`eval`); joining a coordinator and
+//! all-reducing through a `Collective` arrive with the coordinator issue.
+
+pub mod checkpoint;
+pub mod data;
+pub mod eval;
+pub mod trainer;
+
+use std::path::{Path, PathBuf};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// An I/O error on a named file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Prepared data problems.
+    #[error(transparent)]
+    Corpus(#[from] chingu_corpus::Error),
+    /// Model problems.
+    #[error(transparent)]
+    Model(#[from] chingu_model::ModelError),
+    /// A checkpoint that cannot be used.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// Training cannot go on (NaN, bad options).
+    #[error("{0}")]
+    Training(String),
+}
+
+impl WorkerError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        WorkerError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Shorthand.
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

@@ -174,10 +174,10 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn zeros(&self, len: usize) -> Vec<T> {
         vec![T::zero(); len]
     }
-    fn from_f32(&self, data: &[f32]) -> Vec<T> {
+    fn upload_f32(&self, data: &[f32]) -> Vec<T> {
         data.iter().map(|&x| T::of(f64::from(x))).collect()
     }
-    fn from_f64(&self, data: &[f64]) -> Vec<T> {
+    fn upload_f64(&self, data: &[f64]) -> Vec<T> {
         data.iter().map(|&x| T::of(x)).collect()
     }
     fn to_f32(&self, buf: &Vec<T>) -> Vec<f32> {

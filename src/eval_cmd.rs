@@ -1,0 +1,269 @@
+//! `chingu ask`, `chingu chat` and `chingu eval`: load a run's latest checkpoint and answer or
+//! score.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use chingu_corpus::manifest::SpecialIdsEntry;
+use chingu_corpus::tokenizer::{self, Tokenizer};
+use chingu_kernels::{Backend, Cpu};
+use chingu_model::generate::{GenerateOptions, Strategy};
+use chingu_model::Model;
+use chingu_worker::checkpoint::{self, Loaded};
+use chingu_worker::data::Prepared;
+use chingu_worker::eval;
+
+/// Generation flags shared by ask and chat.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerationArgs {
+    /// Sampling temperature; 0 means greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only within the top-p probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Penalise tokens already generated (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Longest answer in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Beam search with this many beams (1: off). Takes precedence over sampling.
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    /// Beam search length-penalty exponent (0: none; larger favours longer answers).
+    #[arg(long, default_value_t = 0.6)]
+    pub length_penalty: f32,
+}
+
+impl GenerationArgs {
+    fn options(&self) -> GenerateOptions {
+        let strategy = if self.beam > 1 {
+            Strategy::Beam { width: self.beam, length_penalty: self.length_penalty }
+        } else if self.temperature > 0.0 {
+            Strategy::Sample {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            }
+        } else {
+            Strategy::Greedy
+        };
+        GenerateOptions {
+            strategy,
+            max_new_tokens: self.max_new_tokens,
+            repetition_penalty: self.repetition_penalty,
+        }
+    }
+}
+
+/// A loaded model with its tokenizer.
+pub struct Chatbot {
+    model: Model<Cpu<f32>>,
+    tokenizer: Tokenizer,
+    specials: SpecialIdsEntry,
+}
+
+fn load(run: &Path) -> anyhow::Result<(Chatbot, Loaded<Cpu<f32>>)> {
+    let loaded = checkpoint::load_latest(Cpu::<f32>::new(), run)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has no checkpoint yet: train first with chingu train --run {}",
+            run.display(),
+            run.display()
+        )
+    })?;
+    let tok_path = loaded.dir.join("tokenizer.json");
+    let tokenizer = tokenizer::load(&tok_path)?;
+    let ids = tokenizer::special_ids(&tokenizer)?;
+    let specials =
+        SpecialIdsEntry { pad: ids.pad, bos: ids.bos, eos: ids.eos, unk: ids.unk, sep: ids.sep };
+    let model = Model::from_values(
+        Cpu::<f32>::new(),
+        loaded.state.config.clone(),
+        loaded.model.params.iter().map(|p| p.iter().map(|&v| f64::from(v)).collect()).collect(),
+    )?;
+    Ok((Chatbot { model, tokenizer, specials }, loaded))
+}
+
+/// `chingu ask`.
+pub fn ask(run: &Path, question: &str, gen: &GenerationArgs) -> anyhow::Result<()> {
+    let (bot, _) = load(run)?;
+    println!(
+        "{}",
+        eval::answer(&bot.model, &bot.tokenizer, bot.specials, question, gen.options())?
+    );
+    Ok(())
+}
+
+/// `chingu chat`: a read-answer loop; `/quit` leaves, `/settings` shows the generation settings.
+pub fn chat(run: &Path, gen: &GenerationArgs) -> anyhow::Result<()> {
+    let (bot, loaded) = load(run)?;
+    eprintln!(
+        "chingu chat — {} (step {}). Type a message; /settings shows settings, /quit leaves.",
+        loaded.dir.display(),
+        loaded.state.step
+    );
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush().ok();
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => return Ok(()),
+            "/settings" => println!("{:?}", gen.options()),
+            question => println!(
+                "{}",
+                eval::answer(&bot.model, &bot.tokenizer, bot.specials, question, gen.options())?
+            ),
+        }
+    }
+}
+
+/// Reads `heldout.jsonl` of a prepared directory: (question, answer) pairs.
+fn heldout(data: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let path = data.join(chingu_corpus::prepare::HELDOUT_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}", path.display(), i + 1))?;
+            let field = |k: &str| {
+                v[k].as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("{}:{}: no {k}", path.display(), i + 1))
+            };
+            Ok((field("question")?, field("answer")?))
+        })
+        .collect()
+}
+
+/// Prints a few held-out questions with the model's answers (the quick job's ending).
+pub fn print_samples<B: Backend>(
+    model: &Model<B>,
+    data: &Path,
+    count: usize,
+) -> anyhow::Result<()> {
+    let prepared = Prepared::open(data)?;
+    let mut pairs = heldout(data)?;
+    pairs.extend(
+        ["배고파", "오늘 너무 피곤해", "주말에 뭐 하지?"]
+            .iter()
+            .map(|q| (q.to_string(), String::new())),
+    );
+    let step = (pairs.len() / count.max(1)).max(1);
+    println!("\nsample answers:");
+    for (q, a) in pairs.iter().step_by(step).take(count) {
+        let got = eval::answer(
+            model,
+            &prepared.tokenizer,
+            prepared.specials(),
+            q,
+            GenerateOptions::default(),
+        )?;
+        let mark = if a.is_empty() {
+            ""
+        } else if &got == a {
+            "  ✓"
+        } else {
+            "  ✗"
+        };
+        println!("  Q: {q}\n  A: {got}{mark}");
+    }
+    Ok(())
+}
+
+/// Arguments of `chingu eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Run directory with checkpoints.
+    #[arg(long, default_value = "runs/quickstart")]
+    pub run: PathBuf,
+    /// Prepared data to score on (valid split, and heldout.jsonl when present).
+    #[arg(long, default_value = "prepared")]
+    pub data: PathBuf,
+    /// Score at most this many held-out questions (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `chingu eval`.
+pub fn evaluate(args: &EvalArgs) -> anyhow::Result<()> {
+    let (bot, loaded) = load(&args.run)?;
+    let prepared = Prepared::open(&args.data)?;
+    if prepared.manifest.tokenizer.sha256 != loaded.state.tokenizer_sha256 {
+        anyhow::bail!(
+            "{} uses another tokenizer than the checkpoint; pass the --data it was trained on",
+            args.data.display()
+        );
+    }
+    let specials = prepared.specials();
+    let teacher = if prepared.valid.is_empty() {
+        None
+    } else {
+        let (records, _) =
+            chingu_corpus::batching::index_records(&prepared.valid, bot.model.config.max_len)?;
+        Some(eval::teacher_forced(
+            &bot.model,
+            &prepared.valid,
+            &records,
+            specials,
+            4096,
+            usize::MAX,
+        )?)
+    };
+    let mut pairs = heldout(&args.data)?;
+    if let Some(step) = pairs.len().checked_div(args.limit) {
+        let step = step.max(1);
+        pairs = pairs.into_iter().step_by(step).take(args.limit).collect();
+    }
+    let generation = if pairs.is_empty() {
+        None
+    } else {
+        Some(eval::score_generation(&bot.model, &bot.tokenizer, specials, &pairs)?)
+    };
+    if args.json {
+        let out = serde_json::json!({ "checkpoint": loaded.dir, "step": loaded.state.step, "valid": teacher, "heldout": generation });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("checkpoint      {} (step {})", loaded.dir.display(), loaded.state.step);
+    if let Some(t) = teacher {
+        println!(
+            "valid loss      {:.4} (perplexity {:.2}, token accuracy {:.1}%, {} tokens)",
+            t.loss,
+            t.perplexity,
+            100.0 * t.token_accuracy,
+            t.tokens
+        );
+    }
+    if let Some(g) = generation {
+        println!(
+            "held-out        exact match {:.1}% ({}/{}), chrF {:.1}",
+            100.0 * g.exact_match,
+            g.exact,
+            g.questions,
+            g.chrf
+        );
+    }
+    Ok(())
+}
