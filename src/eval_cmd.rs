@@ -1,7 +1,6 @@
 //! `chingu ask`, `chingu chat` and `chingu eval`: load a run's latest checkpoint and answer or
 //! score.
 
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -103,7 +102,8 @@ pub fn ask(run: &Path, question: &str, gen: &GenerationArgs) -> anyhow::Result<(
     Ok(())
 }
 
-/// `chingu chat`: a read-answer loop; `/quit` leaves, `/settings` shows the generation settings.
+/// `chingu chat`: a read-answer loop with line editing and history (kept in
+/// `RUN/chat_history.txt`); `/quit` leaves, `/settings` shows the generation settings.
 pub fn chat(run: &Path, gen: &GenerationArgs) -> anyhow::Result<()> {
     let (bot, loaded) = load(run)?;
     eprintln!(
@@ -111,25 +111,41 @@ pub fn chat(run: &Path, gen: &GenerationArgs) -> anyhow::Result<()> {
         loaded.dir.display(),
         loaded.state.step
     );
-    let stdin = std::io::stdin();
-    let mut line = String::new();
+    let mut editor = rustyline::DefaultEditor::new()?;
+    let history = run.join("chat_history.txt");
+    let _ = editor.load_history(&history); // absent on the first chat
     loop {
-        eprint!("> ");
-        std::io::stderr().flush().ok();
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            return Ok(());
+        let line = match editor.readline("> ") {
+            Ok(line) => line,
+            Err(
+                rustyline::error::ReadlineError::Eof | rustyline::error::ReadlineError::Interrupted,
+            ) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
         }
-        match line.trim() {
-            "" => continue,
-            "/quit" | "/exit" => return Ok(()),
+        let _ = editor.add_history_entry(line);
+        match line {
+            "/quit" | "/exit" => break,
             "/settings" => println!("{:?}", gen.options()),
-            question => println!(
-                "{}",
-                eval::answer(&bot.model, &bot.tokenizer, bot.specials, question, gen.options())?
-            ),
+            question => {
+                println!(
+                    "{}",
+                    eval::answer(
+                        &bot.model,
+                        &bot.tokenizer,
+                        bot.specials,
+                        question,
+                        gen.options()
+                    )?
+                )
+            }
         }
     }
+    editor.save_history(&history).with_context(|| history.display().to_string())?;
+    Ok(())
 }
 
 /// Reads `heldout.jsonl` of a prepared directory: (question, answer) pairs.

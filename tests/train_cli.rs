@@ -185,4 +185,22 @@ fn training_into_a_used_run_needs_resume() {
     assert_eq!(report["step"], 2);
     assert!(report["valid"]["loss"].as_f64().unwrap() > 0.0);
     assert_eq!(report["heldout"]["questions"], 3);
+
+    // chat: reads lines until /quit, answers each, keeps history in the run directory.
+    let mut child = chingu()
+        .args(["chat", "--run"])
+        .arg(&run)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all("안녕\n/settings\n/quit\n".as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "one answer and the settings: {stdout}");
+    assert!(stdout.contains("Greedy"), "{stdout}");
+    assert!(std::fs::read_to_string(run.join("chat_history.txt")).unwrap().contains("안녕"));
 }

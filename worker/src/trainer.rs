@@ -185,7 +185,6 @@ pub fn train<B: Backend + Clone>(
     let mut plan: (u64, Vec<Vec<RecordRef>>) =
         (cursor.epoch, epoch_plan(&records, seed, cursor.epoch, batch_tokens));
     let (mut total_tokens, mut total_time, mut last_loss) = (0usize, 0.0f64, f64::NAN);
-    let mut last_checkpoint = optimizer.step;
     while optimizer.step < opts.steps {
         if cursor.batch as usize >= plan.1.len() {
             cursor = Cursor { epoch: cursor.epoch + 1, batch: 0 };
@@ -252,10 +251,8 @@ pub fn train<B: Backend + Clone>(
             )?;
             tracing::info!(target: "chingu::train::checkpoint", step, dir = %dir.display());
             observer(&TrainEvent::Checkpoint { step, dir });
-            last_checkpoint = step;
         }
     }
-    let _ = last_checkpoint;
     Ok(TrainOutcome {
         step: optimizer.step,
         model,
