@@ -214,7 +214,8 @@ pub struct EvalArgs {
     /// Prepared data to score on (valid split, and heldout.jsonl when present).
     #[arg(long, default_value = "prepared")]
     pub data: PathBuf,
-    /// Score at most this many held-out questions (0: all).
+    /// Generate answers for at most this many held-out questions and this many valid pairs
+    /// (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
     /// Print one JSON object instead of a table.
@@ -247,18 +248,37 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<()> {
             usize::MAX,
         )?)
     };
-    let mut pairs = heldout(&args.data)?;
-    if let Some(step) = pairs.len().checked_div(args.limit) {
-        let step = step.max(1);
-        pairs = pairs.into_iter().step_by(step).take(args.limit).collect();
-    }
-    let generation = if pairs.is_empty() {
-        None
-    } else {
-        Some(eval::score_generation(&bot.model, &bot.tokenizer, specials, &pairs)?)
+    let subset = |pairs: Vec<(String, String)>| match pairs.len().checked_div(args.limit) {
+        Some(step) => pairs.into_iter().step_by(step.max(1)).take(args.limit).collect(),
+        None => pairs,
     };
+    let score = |pairs: Vec<(String, String)>| -> anyhow::Result<_> {
+        let pairs = subset(pairs);
+        Ok(if pairs.is_empty() {
+            None
+        } else {
+            Some(eval::score_generation(&bot.model, &bot.tokenizer, specials, &pairs)?)
+        })
+    };
+    let generation = score(heldout(&args.data)?)?;
+    // The valid split as text, back from its shards.
+    let mut valid_pairs = Vec::new();
+    for shard in &prepared.valid {
+        for record in shard.iter() {
+            let q = tokenizer::decode(&prepared.tokenizer, &record.question.to_vec())?;
+            let a = tokenizer::decode(&prepared.tokenizer, &record.answer.to_vec())?;
+            valid_pairs.push((q, a));
+        }
+    }
+    let valid_generation = score(valid_pairs)?;
     if args.json {
-        let out = serde_json::json!({ "checkpoint": loaded.dir, "step": loaded.state.step, "valid": teacher, "heldout": generation });
+        let out = serde_json::json!({
+            "checkpoint": loaded.dir,
+            "step": loaded.state.step,
+            "valid": teacher,
+            "valid_generation": valid_generation,
+            "heldout": generation,
+        });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -270,6 +290,15 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<()> {
             t.perplexity,
             100.0 * t.token_accuracy,
             t.tokens
+        );
+    }
+    if let Some(g) = valid_generation {
+        println!(
+            "valid answers   exact match {:.1}% ({}/{}), chrF {:.1}",
+            100.0 * g.exact_match,
+            g.exact,
+            g.questions,
+            g.chrf
         );
     }
     if let Some(g) = generation {

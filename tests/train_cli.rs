@@ -185,6 +185,7 @@ fn training_into_a_used_run_needs_resume() {
     assert_eq!(report["step"], 2);
     assert!(report["valid"]["loss"].as_f64().unwrap() > 0.0);
     assert_eq!(report["heldout"]["questions"], 3);
+    assert_eq!(report["valid_generation"]["questions"], 3);
 
     // chat: reads lines until /quit, answers each, keeps history in the run directory.
     let mut child = chingu()

@@ -152,6 +152,36 @@ impl<B: Backend> Optimizer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Activation, Config, NormPlacement};
+    use chingu_kernels::Cpu;
+
+    #[test]
+    fn non_finite_gradients_stop_the_update_and_name_the_tensor() {
+        let config = Config {
+            vocab: 7,
+            d_model: 4,
+            heads: 1,
+            d_ff: 4,
+            encoder_layers: 1,
+            decoder_layers: 1,
+            max_len: 4,
+            dropout: 0.0,
+            norm: NormPlacement::Pre,
+            activation: Activation::Gelu,
+            tied_embeddings: true,
+            label_smoothing: 0.0,
+            pad_id: 0,
+        };
+        let mut model = Model::new(Cpu::<f32>::new(), config, 1).unwrap();
+        let mut optimizer = Optimizer::new(&model, OptimizerSettings::default());
+        let index = model.layout.find("decoder.layers.0.ffn.fc1.weight").unwrap();
+        model.grads[index][2] = f32::NAN;
+        let before = model.params.clone();
+        let err = optimizer.update(&mut model).unwrap_err().to_string();
+        assert!(err.contains("decoder.layers.0.ffn.fc1.weight") && err.contains("step 1"), "{err}");
+        assert_eq!(model.params, before, "nothing may change");
+        assert_eq!(optimizer.step, 0);
+    }
 
     #[test]
     fn warmup_then_cosine() {
