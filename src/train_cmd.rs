@@ -24,6 +24,9 @@ pub struct TrainArgs {
     /// Override the preset's dropout.
     #[arg(long)]
     pub dropout: Option<f32>,
+    /// Position encoding: sinusoidal (fixed, default) or learned.
+    #[arg(long, value_parser = ["sinusoidal", "learned"])]
+    pub positions: Option<String>,
     /// Train until this many optimizer steps are done.
     #[arg(long, default_value_t = 6000)]
     pub steps: u64,
@@ -122,6 +125,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         run: args.run.clone(),
         preset: args.preset.clone(),
         dropout: args.dropout,
+        positions: args.positions.as_deref().map(|p| match p {
+            "learned" => chingu_model::Positions::Learned,
+            _ => chingu_model::Positions::Sinusoidal,
+        }),
         steps: args.steps,
         batch_tokens: args.batch_tokens,
         optimizer: OptimizerSettings {

@@ -25,6 +25,17 @@ pub enum Activation {
     Relu,
 }
 
+/// How token positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Fixed sine/cosine table (the 2017 transformer's).
+    #[default]
+    Sinusoidal,
+    /// A trained table `positions.weight` `[max_len, D]`.
+    Learned,
+}
+
 /// Everything that fixes the model's shape and training-time behaviour.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
@@ -54,6 +65,9 @@ pub struct Config {
     pub label_smoothing: f64,
     /// Padding token id (ignored by the loss).
     pub pad_id: u32,
+    /// Position encoding.
+    #[serde(default)]
+    pub positions: Positions,
 }
 
 impl Config {
@@ -74,6 +88,7 @@ impl Config {
             tied_embeddings: true,
             label_smoothing: 0.1,
             pad_id: 0,
+            positions: Positions::Sinusoidal,
         };
         let config = match name {
             "tiny" => Config {

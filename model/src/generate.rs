@@ -232,7 +232,7 @@ impl<B: Backend> Model<B> {
         self.backend.embedding_forward(
             &mut x,
             &self.params[self.layout.embed],
-            &self.positions,
+            self.position_table(),
             tokens,
             &pos,
             d,

@@ -8,7 +8,7 @@ pub mod optim;
 pub mod params;
 pub mod transformer;
 
-pub use config::{Activation, Config, NormPlacement};
+pub use config::{Activation, Config, NormPlacement, Positions};
 pub use optim::{Optimizer, OptimizerSettings, Schedule};
 pub use params::Layout;
 pub use transformer::{Batch, LossStats, Model};

@@ -171,6 +171,7 @@ mod tests {
             tied_embeddings: true,
             label_smoothing: 0.0,
             pad_id: 0,
+            positions: crate::Positions::Sinusoidal,
         };
         let mut model = Model::new(Cpu::<f32>::new(), config, 1).unwrap();
         let mut optimizer = Optimizer::new(&model, OptimizerSettings::default());

@@ -2,7 +2,7 @@
 //! and the safetensors checkpoints), shape and initialisation, and index structs the forward
 //! pass uses to find them.
 
-use crate::config::{Config, NormPlacement};
+use crate::config::{Config, NormPlacement, Positions};
 
 /// How a tensor starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -122,6 +122,8 @@ pub struct Layout {
     pub decoder_ln_f: Option<NormIdx>,
     /// `lm_head.weight` `[V, D]` when embeddings are not tied.
     pub lm_head: Option<usize>,
+    /// `positions.weight` `[max_len, D]` when positions are learned.
+    pub positions: Option<usize>,
 }
 
 struct Builder {
@@ -207,10 +209,22 @@ impl Layout {
             })
             .collect();
         let decoder_ln_f = pre.then(|| b.norm("decoder.ln_f", d));
+        let positions = (config.positions == Positions::Learned).then(|| {
+            b.add("positions.weight".into(), vec![config.max_len, d], Init::Normal(0.02), false)
+        });
         let lm_head = (!config.tied_embeddings).then(|| {
             b.add("lm_head.weight".into(), vec![config.vocab, d], Init::Normal(0.02), true)
         });
-        Layout { specs: b.specs, embed, encoder, encoder_ln_f, decoder, decoder_ln_f, lm_head }
+        Layout {
+            specs: b.specs,
+            embed,
+            encoder,
+            encoder_ln_f,
+            decoder,
+            decoder_ln_f,
+            lm_head,
+            positions,
+        }
     }
 
     /// Total parameters.

@@ -268,6 +268,14 @@ impl<B: Backend> Model<B> {
 
     // --- forward pieces ------------------------------------------------------------------
 
+    /// The position table in use: learned parameters or the fixed sinusoidal table.
+    pub(crate) fn position_table(&self) -> &B::Buf {
+        match self.layout.positions {
+            Some(index) => &self.params[index],
+            None => &self.positions,
+        }
+    }
+
     pub(crate) fn embed(&self, ids: &[u32], seq_len: usize, drop: DropoutCtx, site: u64) -> B::Buf {
         let d = self.config.d_model;
         let pos: Vec<usize> = (0..ids.len()).map(|n| n % seq_len).collect();
@@ -275,7 +283,7 @@ impl<B: Backend> Model<B> {
         self.backend.embedding_forward(
             &mut x,
             &self.params[self.layout.embed],
-            &self.positions,
+            self.position_table(),
             ids,
             &pos,
             d,
@@ -791,6 +799,7 @@ impl<B: Backend> Model<B> {
             d,
             (d as f32).sqrt(),
         );
+        self.position_backward(&d_x, batch.tgt_len);
 
         let mut d_x = match (&enc_final, self.layout.encoder_ln_f) {
             (Some(a), Some(idx)) => {
@@ -828,5 +837,16 @@ impl<B: Backend> Model<B> {
             d,
             (d as f32).sqrt(),
         );
+        self.position_backward(&d_x, batch.src_len);
+    }
+
+    /// Learned positions: row n of the embedding output used position n mod `seq_len`.
+    fn position_backward(&mut self, d_x: &B::Buf, seq_len: usize) {
+        if let Some(index) = self.layout.positions {
+            let d = self.config.d_model;
+            let rows = self.backend.len(d_x) / d;
+            let positions: Vec<u32> = (0..rows).map(|n| (n % seq_len) as u32).collect();
+            self.backend.embedding_backward(&mut self.grads[index], d_x, &positions, d, 1.0);
+        }
     }
 }

@@ -18,11 +18,16 @@ fn config(norm: NormPlacement) -> Config {
         tied_embeddings: norm == NormPlacement::Pre,
         label_smoothing: 0.0,
         pad_id: 0,
+        positions: chingu_model::Positions::Sinusoidal,
     }
 }
 
 fn check(norm: NormPlacement) {
-    let config = config(norm);
+    check_config(config(norm));
+}
+
+fn check_config(config: Config) {
+    let norm = config.norm;
     let model = Model::new(Cpu::<f64>::new(), config.clone(), 3).unwrap();
     // Bigger weights so the check is not passed by near-uniform outputs.
     let values = model.params.iter().map(|p| p.iter().map(|v| v * 20.0).collect()).collect();
@@ -67,6 +72,13 @@ fn cached_decoding_equals_full_recomputation_pre_norm() {
 #[test]
 fn cached_decoding_equals_full_recomputation_post_norm() {
     check(NormPlacement::Post);
+}
+
+#[test]
+fn cached_decoding_equals_full_recomputation_learned_positions() {
+    let mut c = config(NormPlacement::Pre);
+    c.positions = chingu_model::Positions::Learned;
+    check_config(c);
 }
 
 mod beam {

@@ -80,6 +80,7 @@ fn config(norm: NormPlacement) -> Config {
         tied_embeddings: pre,
         label_smoothing: 0.1,
         pad_id: 0,
+        positions: chingu_model::Positions::Sinusoidal,
     }
 }
 

@@ -21,6 +21,7 @@ fn tiny(norm: NormPlacement, activation: Activation, tied: bool, dropout: f32) -
         tied_embeddings: tied,
         label_smoothing: 0.1,
         pad_id: 0,
+        positions: chingu_model::Positions::Sinusoidal,
     }
 }
 
@@ -139,4 +140,11 @@ fn invalid_configs_and_batches_are_explained() {
         .unwrap_err()
         .to_string()
         .contains("outside the model's vocabulary of 11"));
+}
+
+#[test]
+fn learned_positions() {
+    let mut config = tiny(NormPlacement::Pre, Activation::Gelu, true, 0.0);
+    config.positions = chingu_model::Positions::Learned;
+    check(config);
 }

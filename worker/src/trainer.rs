@@ -28,6 +28,8 @@ pub struct TrainOptions {
     pub preset: String,
     /// Dropout override for the preset.
     pub dropout: Option<f32>,
+    /// Position-encoding override for the preset.
+    pub positions: Option<chingu_model::Positions>,
     /// Train until this many optimizer steps are done.
     pub steps: u64,
     /// Padded tokens (source + target) per batch.
@@ -155,6 +157,9 @@ pub fn train<B: Backend + Clone>(
             let mut config = Config::preset(&opts.preset, vocab)?;
             if let Some(p) = opts.dropout {
                 config.dropout = p;
+            }
+            if let Some(p) = opts.positions {
+                config.positions = p;
             }
             config.pad_id = specials.pad;
             let model = Model::new(backend, config, opts.seed)?;
