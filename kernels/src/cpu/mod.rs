@@ -33,10 +33,9 @@ impl<T: Scalar> Cpu<T> {
     }
 }
 
-/// `C[m×n] = A·B (+ C if accumulate)`, parallel over fixed row blocks of C.
+/// `C[m×n] = A·B (+ C if accumulate)` with dense row-major C.
 ///
-/// `a` is addressed as `a[i·rsa + p·csa]`, `b` as `b[p·rsb + j·csb]`, C is dense row-major.
-#[allow(clippy::too_many_arguments)]
+/// `a` is addressed as `a[i·rsa + p·csa]`, `b` as `b[p·rsb + j·csb]`.
 fn gemm<T: Scalar>(
     c: &mut [T],
     a: &[T],
@@ -50,45 +49,15 @@ fn gemm<T: Scalar>(
     n: usize,
     accumulate: bool,
 ) {
-    assert!(c.len() >= m * n, "gemm: C has {} elements, needs {}", c.len(), m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let beta = if accumulate { T::one() } else { T::zero() };
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].iter_mut().for_each(|x| *x = T::zero());
-        }
-        return;
-    }
-    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
-    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
-    // One call: matrixmultiply threads inside it (feature "threading") over blocks of C rows
-    // and columns, after packing each operand panel once; the k loop stays sequential and
-    // outermost, so every element is accumulated in the same order whatever the thread count.
-    // SAFETY: the asserts above keep every A and B access in bounds; C is a distinct slice.
-    unsafe {
-        T::gemm(
-            m,
-            k,
-            n,
-            T::one(),
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
-    }
+    gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
 }
 
-/// Single-threaded strided GEMM for small per-head products inside an already parallel loop.
-/// C is addressed as `c[i·rsc + j]`.
+/// `C[m×n] = A·B (+ C if accumulate)` with C addressed as `c[i·rsc + j]` (strided rows let
+/// attention write one head's columns in place).
+///
+/// One matrixmultiply call: for large products it threads inside (feature "threading") over
+/// blocks of C after packing each operand panel once; its k loop stays sequential and
+/// outermost, so every element is accumulated in the same order whatever the thread count.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided<T: Scalar>(
     c: &mut [T],
