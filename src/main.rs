@@ -68,7 +68,8 @@ enum Command {
         generation: eval_cmd::GenerationArgs,
     },
     /// Score a run: teacher-forced loss, perplexity and token accuracy on the valid split;
-    /// exact match and chrF of generated answers on the held-out computed questions.
+    /// exact match and chrF of generated answers on the valid split and on the held-out computed
+    /// questions.
     Eval(eval_cmd::EvalArgs),
     /// Benchmark: time training steps on a synthetic batch (used by bench/train_bench.py).
     #[command(hide = true)]
