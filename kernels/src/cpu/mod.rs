@@ -123,12 +123,25 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// The dropout decision for element `index`: kept when the hash clears the threshold.
+///
+/// The key is mixed once into a stream base, and element `index` takes the `index`-th value of
+/// the SplitMix64 stream from there: one mix per element, and any element computable alone
+/// (as a CUDA thread will).
 pub fn dropout_keeps(key: DropoutKey, index: u64, p: f32) -> bool {
-    let h = mix(mix(mix(key.seed ^ 0x9e37_79b9_7f4a_7c15) ^ key.step)
+    dropout_hash(dropout_base(key), index) >= dropout_threshold(p)
+}
+
+fn dropout_base(key: DropoutKey) -> u64 {
+    mix(mix(key.seed ^ 0x9e37_79b9_7f4a_7c15) ^ key.step)
         ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        ^ mix(index));
-    let threshold = (f64::from(p) * 18_446_744_073_709_551_616.0) as u64;
-    h >= threshold
+}
+
+fn dropout_hash(base: u64, index: u64) -> u64 {
+    mix(base.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+}
+
+fn dropout_threshold(p: f32) -> u64 {
+    (f64::from(p) * 18_446_744_073_709_551_616.0) as u64
 }
 
 impl<T: Scalar> Backend for Cpu<T> {
@@ -411,10 +424,15 @@ impl<T: Scalar> Backend for Cpu<T> {
             return;
         }
         let keep_scale = T::of(1.0 / (1.0 - f64::from(p)));
+        let (base, threshold) = (dropout_base(key), dropout_threshold(p));
         buf.par_chunks_mut(1 << 12).enumerate().for_each(|(chunk, values)| {
             for (i, v) in values.iter_mut().enumerate() {
                 let index = (chunk << 12 | i) as u64;
-                *v = if dropout_keeps(key, index, p) { *v * keep_scale } else { T::zero() };
+                *v = if dropout_hash(base, index) >= threshold {
+                    *v * keep_scale
+                } else {
+                    T::zero()
+                };
             }
         });
     }
