@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use chingu_corpus::manifest::SpecialIdsEntry;
 use chingu_corpus::tokenizer::{self, Tokenizer};
+use chingu_corpus::Manifest;
 use chingu_kernels::{Backend, Cpu};
 use chingu_model::generate::{GenerateOptions, Strategy};
 use chingu_model::Model;
-use chingu_worker::checkpoint::{self, Loaded};
+use chingu_worker::checkpoint::{self, Loaded, TrainState};
 use chingu_worker::data::Prepared;
 use chingu_worker::eval;
 
@@ -64,37 +65,34 @@ impl GenerationArgs {
     }
 }
 
-/// A loaded model with its tokenizer.
+/// A run's latest good checkpoint, ready to answer.
 pub struct Chatbot {
     model: Model<Cpu<f32>>,
     tokenizer: Tokenizer,
     specials: SpecialIdsEntry,
+    /// The checkpoint directory.
+    dir: PathBuf,
+    /// Its training state.
+    state: TrainState,
 }
 
-fn load(run: &Path) -> anyhow::Result<(Chatbot, Loaded<Cpu<f32>>)> {
-    let loaded = checkpoint::load_latest(Cpu::<f32>::new(), run)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "{} has no checkpoint yet: train first with chingu train --run {}",
-            run.display(),
-            run.display()
-        )
-    })?;
-    let tok_path = loaded.dir.join("tokenizer.json");
-    let tokenizer = tokenizer::load(&tok_path)?;
-    let ids = tokenizer::special_ids(&tokenizer)?;
-    let specials =
-        SpecialIdsEntry { pad: ids.pad, bos: ids.bos, eos: ids.eos, unk: ids.unk, sep: ids.sep };
-    let model = Model::from_values(
-        Cpu::<f32>::new(),
-        loaded.state.config.clone(),
-        loaded.model.params.iter().map(|p| p.iter().map(|&v| f64::from(v)).collect()).collect(),
-    )?;
-    Ok((Chatbot { model, tokenizer, specials }, loaded))
+fn load(run: &Path) -> anyhow::Result<Chatbot> {
+    let Loaded { dir, state, model, .. } = checkpoint::load_latest(Cpu::<f32>::new(), run)?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no checkpoint yet: train first with chingu train --run {}",
+                run.display(),
+                run.display()
+            )
+        })?;
+    let tokenizer = tokenizer::load(&dir.join("tokenizer.json"))?;
+    let specials = tokenizer::special_ids(&tokenizer)?.into();
+    Ok(Chatbot { model, tokenizer, specials, dir, state })
 }
 
 /// `chingu ask`.
 pub fn ask(run: &Path, question: &str, gen: &GenerationArgs) -> anyhow::Result<()> {
-    let (bot, _) = load(run)?;
+    let bot = load(run)?;
     println!(
         "{}",
         eval::answer(&bot.model, &bot.tokenizer, bot.specials, question, gen.options())?
@@ -105,11 +103,11 @@ pub fn ask(run: &Path, question: &str, gen: &GenerationArgs) -> anyhow::Result<(
 /// `chingu chat`: a read-answer loop with line editing and history (kept in
 /// `RUN/chat_history.txt`); `/quit` leaves, `/settings` shows the generation settings.
 pub fn chat(run: &Path, gen: &GenerationArgs) -> anyhow::Result<()> {
-    let (bot, loaded) = load(run)?;
+    let bot = load(run)?;
     eprintln!(
         "chingu chat — {} (step {}). Type a message; /settings shows settings, /quit leaves.",
-        loaded.dir.display(),
-        loaded.state.step
+        bot.dir.display(),
+        bot.state.step
     );
     let mut editor = rustyline::DefaultEditor::new()?;
     let history = run.join("chat_history.txt");
@@ -176,7 +174,9 @@ pub fn print_samples<B: Backend>(
     data: &Path,
     count: usize,
 ) -> anyhow::Result<()> {
-    let prepared = Prepared::open(data)?;
+    // Only the tokenizer is needed: no reason to re-verify every shard after training.
+    let manifest = Manifest::load(data)?;
+    let tok = tokenizer::load(&data.join(&manifest.tokenizer.file))?;
     let mut pairs = heldout(data)?;
     pairs.extend(
         ["배고파", "오늘 너무 피곤해", "주말에 뭐 하지?"]
@@ -188,8 +188,8 @@ pub fn print_samples<B: Backend>(
     for (q, a) in pairs.iter().step_by(step).take(count) {
         let got = eval::answer(
             model,
-            &prepared.tokenizer,
-            prepared.specials(),
+            &tok,
+            manifest.tokenizer.special_ids,
             q,
             GenerateOptions::default(),
         )?;
@@ -225,9 +225,9 @@ pub struct EvalArgs {
 
 /// `chingu eval`.
 pub fn evaluate(args: &EvalArgs) -> anyhow::Result<()> {
-    let (bot, loaded) = load(&args.run)?;
+    let bot = load(&args.run)?;
     let prepared = Prepared::open(&args.data)?;
-    if prepared.manifest.tokenizer.sha256 != loaded.state.tokenizer_sha256 {
+    if prepared.manifest.tokenizer.sha256 != bot.state.tokenizer_sha256 {
         anyhow::bail!(
             "{} uses another tokenizer than the checkpoint; pass the --data it was trained on",
             args.data.display()
@@ -273,8 +273,8 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<()> {
     let valid_generation = score(valid_pairs)?;
     if args.json {
         let out = serde_json::json!({
-            "checkpoint": loaded.dir,
-            "step": loaded.state.step,
+            "checkpoint": bot.dir,
+            "step": bot.state.step,
             "valid": teacher,
             "valid_generation": valid_generation,
             "heldout": generation,
@@ -282,7 +282,7 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("checkpoint      {} (step {})", loaded.dir.display(), loaded.state.step);
+    println!("checkpoint      {} (step {})", bot.dir.display(), bot.state.step);
     if let Some(t) = teacher {
         println!(
             "valid loss      {:.4} (perplexity {:.2}, token accuracy {:.1}%, {} tokens)",

@@ -155,7 +155,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     }
     let read_time = progress.finish();
     let ReadPass { counts, sources, bad_examples, spill, .. } = reading;
-    spill.finish(&spill_path)?;
+    spill.finish()?;
     if counts.train == 0 {
         return Err(Error::Invalid(format!(
             "no training pairs: read {} pairs, {} duplicates, {} empty, {} bad",
@@ -458,8 +458,8 @@ impl SpillWriter {
         self.out.write_all(answer.as_bytes()).at(&self.path)
     }
 
-    fn finish(mut self, path: &Path) -> Result<()> {
-        self.out.flush().at(path)
+    fn finish(mut self) -> Result<()> {
+        self.out.flush().at(&self.path)
     }
 }
 

@@ -188,6 +188,8 @@ struct Activations<B: Backend> {
     dec_blocks: Vec<BlockActs<B>>,
     dec_final: Option<NormActs<B>>,
     y: B::Buf,
+    /// Kept for evaluation; released before backward.
+    logits: B::Buf,
     d_logits: B::Buf,
 }
 
@@ -553,7 +555,16 @@ impl<B: Backend> Model<B> {
         }
         Ok((
             LossStats { loss, tokens },
-            Activations { enc_blocks, enc_final, memory, dec_blocks, dec_final, y, d_logits },
+            Activations {
+                enc_blocks,
+                enc_final,
+                memory,
+                dec_blocks,
+                dec_final,
+                y,
+                logits,
+                d_logits,
+            },
         ))
     }
 
@@ -564,20 +575,13 @@ impl<B: Backend> Model<B> {
 
     /// The logits `[B·T, V]` of a teacher-forced pass (evaluation, tests).
     pub fn logits(&self, batch: &Batch) -> Result<Vec<f64>> {
-        let (_, acts) = self.run_forward(batch, DropoutCtx { p: 0.0, seed: 0, step: 0 })?;
-        let c = &self.config;
-        let nt = batch.batch * batch.tgt_len;
-        let mut logits = self.backend.zeros(nt * c.vocab);
-        self.backend.linear_forward(
-            &mut logits,
-            &acts.y,
-            &self.params[self.output_weight()],
-            None,
-            nt,
-            c.d_model,
-            c.vocab,
-        );
-        Ok(self.backend.to_f64(&logits))
+        Ok(self.loss_and_logits(batch)?.1)
+    }
+
+    /// Loss and logits `[B·T, V]` from one teacher-forced pass without dropout.
+    pub fn loss_and_logits(&self, batch: &Batch) -> Result<(LossStats, Vec<f64>)> {
+        let (stats, acts) = self.run_forward(batch, DropoutCtx { p: 0.0, seed: 0, step: 0 })?;
+        Ok((stats, self.backend.to_f64(&acts.logits)))
     }
 
     /// Forward and backward: returns the loss and **adds** the gradients into `self.grads`.
@@ -733,8 +737,17 @@ impl<B: Backend> Model<B> {
         let c = self.config.clone();
         let d = c.d_model;
         let (ns, nt) = (batch.batch * batch.src_len, batch.batch * batch.tgt_len);
-        let Activations { enc_blocks, enc_final, memory, dec_blocks, dec_final, y, d_logits } =
-            acts;
+        let Activations {
+            enc_blocks,
+            enc_final,
+            memory,
+            dec_blocks,
+            dec_final,
+            y,
+            logits,
+            d_logits,
+        } = acts;
+        drop(logits);
 
         // Output projection: logits = y · Wᵀ.
         let mut d_y = self.backend.zeros(nt * d);

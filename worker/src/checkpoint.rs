@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use chingu_corpus::batching::Cursor;
 use chingu_corpus::durable::{sha256_file, write_synced};
 use chingu_kernels::Backend;
-use chingu_model::{Config, Model, Optimizer, OptimizerSettings};
+use chingu_model::{Config, Layout, Model, Optimizer, OptimizerSettings};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -258,11 +258,11 @@ pub fn load_dir<B: Backend>(backend: B, dir: &Path) -> Result<Loaded<B>> {
             )));
         }
     }
-    let model = Model::new(backend, state.config.clone(), 0).map_err(WorkerError::from)?;
-    let names: Vec<String> = model.layout.specs.iter().map(|s| s.name.clone()).collect();
-    let shapes: Vec<Vec<usize>> = model.layout.specs.iter().map(|s| s.shape.clone()).collect();
+    state.config.validate().map_err(WorkerError::from)?;
+    let layout = Layout::new(&state.config);
+    let names: Vec<String> = layout.specs.iter().map(|s| s.name.clone()).collect();
+    let shapes: Vec<Vec<usize>> = layout.specs.iter().map(|s| s.shape.clone()).collect();
     let values = tensors_from_file(&dir.join(MODEL_FILE), &names, &shapes)?;
-    let Model { backend, .. } = model;
     let model =
         Model::from_values(backend, state.config.clone(), values).map_err(WorkerError::from)?;
     let opt_names: Vec<String> =

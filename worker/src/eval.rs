@@ -14,18 +14,6 @@ use chingu_model::Model;
 use crate::data::make_batch;
 use crate::Result;
 
-/// Mean loss over up to `max_batches` batches of a fixed plan of `records`.
-pub fn validation_loss<B: Backend>(
-    model: &Model<B>,
-    shards: &[Shard],
-    records: &[RecordRef],
-    specials: SpecialIdsEntry,
-    batch_tokens: usize,
-    max_batches: usize,
-) -> Result<f64> {
-    Ok(teacher_forced(model, shards, records, specials, batch_tokens, max_batches)?.loss)
-}
-
 /// Teacher-forced scores.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct TeacherForced {
@@ -39,7 +27,8 @@ pub struct TeacherForced {
     pub tokens: usize,
 }
 
-/// Teacher-forced loss, perplexity and token accuracy over a fixed plan of `records`.
+/// Teacher-forced loss, perplexity and token accuracy over up to `max_batches` batches of a
+/// fixed plan of `records` (one forward pass per batch).
 pub fn teacher_forced<B: Backend>(
     model: &Model<B>,
     shards: &[Shard],
@@ -53,10 +42,9 @@ pub fn teacher_forced<B: Backend>(
     let vocab = model.config.vocab;
     for batch_records in plan.iter().take(max_batches.max(1)) {
         let batch = make_batch(shards, batch_records, specials);
-        let stats = model.loss(&batch)?;
+        let (stats, logits) = model.loss_and_logits(&batch)?;
         loss_sum += stats.loss * stats.tokens as f64;
         tokens += stats.tokens;
-        let logits = model.logits(&batch)?;
         for (row, &target) in batch.tgt_out.iter().enumerate() {
             if target == specials.pad {
                 continue;

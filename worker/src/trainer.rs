@@ -223,14 +223,15 @@ pub fn train<B: Backend + Clone>(
         observer(&TrainEvent::Step(report));
 
         if opts.eval_every > 0 && step % opts.eval_every == 0 && !valid_records.is_empty() {
-            let loss = eval::validation_loss(
+            let loss = eval::teacher_forced(
                 &model,
                 &data.valid,
                 &valid_records,
                 specials,
                 batch_tokens,
                 opts.eval_batches,
-            )?;
+            )?
+            .loss;
             tracing::info!(target: "chingu::train::valid", step, valid_loss = loss);
             observer(&TrainEvent::Validation { step, loss });
         }
