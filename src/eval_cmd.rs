@@ -177,25 +177,26 @@ pub fn print_samples<B: Backend>(
     // Only the tokenizer is needed: no reason to re-verify every shard after training.
     let manifest = Manifest::load(data)?;
     let tok = tokenizer::load(&data.join(&manifest.tokenizer.file))?;
-    let mut pairs = heldout(data)?;
-    pairs.extend(
-        ["배고파", "오늘 너무 피곤해", "주말에 뭐 하지?"]
-            .iter()
-            .map(|q| (q.to_string(), String::new())),
-    );
-    let step = (pairs.len() / count.max(1)).max(1);
+    // Evenly spaced held-out questions (scored), then a few everyday ones (no single right
+    // answer). Appending the everyday ones to the held-out list and striding over both would
+    // never reach them.
+    let heldout = heldout(data)?;
+    let step = (heldout.len() / count.max(1)).max(1);
+    let everyday =
+        ["배고파", "오늘 너무 피곤해", "주말에 뭐 하지?"].map(|q| (q.to_string(), String::new()));
+    let pairs = heldout.into_iter().step_by(step).take(count).chain(everyday);
     println!("\nsample answers:");
-    for (q, a) in pairs.iter().step_by(step).take(count) {
+    for (q, a) in pairs {
         let got = eval::answer(
             model,
             &tok,
             manifest.tokenizer.special_ids,
-            q,
+            &q,
             GenerateOptions::default(),
         )?;
         let mark = if a.is_empty() {
             ""
-        } else if &got == a {
+        } else if got == a {
             "  ✓"
         } else {
             "  ✗"
