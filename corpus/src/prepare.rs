@@ -210,7 +210,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
 
     // Phase 3: encode and write shards.
     let mut progress = Progress::new(opts.progress, "encode", Unit::Pairs, counts.kept);
-    let mut writers = [Split::Train, Split::Valid]
+    // Indexed by `split as usize`: `Split::ALL` is in discriminant order.
+    let mut writers = Split::ALL
         .map(|split| SplitShards::new(staging.path(), split, vocab_size, opts.shard_records));
     let mut lengths =
         [LengthCounter::default(), LengthCounter::default(), LengthCounter::default()];

@@ -28,13 +28,6 @@ pub struct DecodeState<B: Backend> {
     position: usize,
 }
 
-impl<B: Backend> DecodeState<B> {
-    /// Positions decoded so far.
-    pub fn position(&self) -> usize {
-        self.position
-    }
-}
-
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Strategy {
