@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod rng;
 
 pub use backend::{AdamW, AttentionShape, Backend, DropoutKey};
 pub use cpu::Cpu;

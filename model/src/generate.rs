@@ -3,6 +3,7 @@
 //! decoding and sampling (temperature, top-k, top-p, repetition penalty) build on one step
 //! function, [`Model::decode_step`], which a test checks against full recomputation.
 
+use chingu_kernels::rng::SplitMix64;
 use chingu_kernels::{AttentionShape, Backend};
 
 use crate::config::{Activation, NormPlacement};
@@ -276,7 +277,7 @@ impl<B: Backend> Model<B> {
         let mut state = self.start_decode(encoded, capacity)?;
         let mut out: Vec<u32> = Vec::new();
         let mut token = bos;
-        let mut rng = options_seed(&options);
+        let mut rng = SplitMix64(options_seed(&options));
         while out.len() < capacity {
             let mut logits = self.decode_step(&mut state, &[token])?;
             self.forbid_specials(&mut logits, bos);
@@ -412,16 +413,8 @@ fn options_seed(options: &GenerateOptions) -> u64 {
     }
 }
 
-fn next_uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Chooses a token from logits.
-fn pick(logits: &[f32], strategy: Strategy, rng: &mut u64) -> u32 {
+fn pick(logits: &[f32], strategy: Strategy, rng: &mut SplitMix64) -> u32 {
     let argmax = || {
         logits
             .iter()
@@ -458,7 +451,7 @@ fn pick(logits: &[f32], strategy: Strategy, rng: &mut u64) -> u32 {
                 }
             }
             let mass: f64 = probs[..keep].iter().sum();
-            let mut draw = next_uniform(rng) * mass;
+            let mut draw = rng.next_f64() * mass;
             for (i, p) in probs[..keep].iter().enumerate() {
                 draw -= p;
                 if draw <= 0.0 {
@@ -477,10 +470,10 @@ mod tests {
     #[test]
     fn sampling_respects_top_k_and_temperature_zero() {
         let logits = [0.0, 5.0, 4.9, -1.0];
-        let mut rng = 1;
+        let mut rng = SplitMix64(1);
         assert_eq!(pick(&logits, Strategy::Greedy, &mut rng), 1);
         for seed in 0..50 {
-            let mut rng = seed;
+            let mut rng = SplitMix64(seed);
             let t = pick(
                 &logits,
                 Strategy::Sample { temperature: 1.0, top_k: 2, top_p: 1.0, seed },
@@ -496,7 +489,7 @@ mod tests {
             ),
             1
         );
-        let mut rng = 3;
+        let mut rng = SplitMix64(3);
         assert_eq!(
             pick(
                 &logits,

@@ -2,6 +2,8 @@
 //! and the safetensors checkpoints), shape and initialisation, and index structs the forward
 //! pass uses to find them.
 
+use chingu_kernels::rng::{SplitMix64, GAMMA};
+
 use crate::config::{Config, NormPlacement, Positions};
 
 /// How a tensor starts.
@@ -246,14 +248,8 @@ pub fn initial_values(spec: &TensorSpec, seed: u64, index: usize) -> Vec<f32> {
         Init::Ones => vec![1.0; n],
         Init::Zeros => vec![0.0; n],
         Init::Normal(std) => {
-            let mut state = seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let mut uniform = move || {
-                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-            };
+            let mut rng = SplitMix64(seed ^ (index as u64 + 1).wrapping_mul(GAMMA));
+            let mut uniform = move || rng.next_f64();
             (0..n)
                 .map(|_| {
                     // Box-Muller; 1 - u keeps the logarithm finite.

@@ -15,6 +15,7 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use crate::backend::{AdamW, AttentionShape, Backend, DropoutKey};
+use crate::rng::{mix, GAMMA};
 
 /// Rows per parallel task: fixed, so results never depend on the number of threads.
 const ROW_CHUNK: usize = 128;
@@ -115,13 +116,6 @@ fn reduce_rows<T: Scalar>(acc: &mut [T], partials: Vec<Vec<T>>) {
     }
 }
 
-/// splitmix64's finaliser: a good 64-bit mix.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// The dropout decision for element `index`: kept when the hash clears the threshold.
 ///
 /// The key is mixed once into a stream base, and element `index` takes the `index`-th value of
@@ -132,12 +126,11 @@ pub fn dropout_keeps(key: DropoutKey, index: u64, p: f32) -> bool {
 }
 
 fn dropout_base(key: DropoutKey) -> u64 {
-    mix(mix(key.seed ^ 0x9e37_79b9_7f4a_7c15) ^ key.step)
-        ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    mix(mix(key.seed ^ GAMMA) ^ key.step) ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 fn dropout_hash(base: u64, index: u64) -> u64 {
-    mix(base.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+    mix(base.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
 }
 
 fn dropout_threshold(p: f32) -> u64 {
