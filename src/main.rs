@@ -1,8 +1,11 @@
 //! The `chingu` command line: argument parsing, logging set-up, and one call into the crates
 //! per subcommand. No logic of its own lives here.
 
+mod allocator;
 mod bench_cmd;
 mod eval_cmd;
+mod launch_cmd;
+mod logging;
 mod prepare_cmd;
 mod train_cmd;
 
@@ -10,9 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Training allocates large activation buffers every step; the system allocator returns them
-/// to the kernel and gets zeroed pages back each time (page faults were ~10% of a step),
-/// while mimalloc keeps and reuses them.
+/// Training allocates large activation buffers every step; see [`allocator`] for why mimalloc.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -71,6 +72,21 @@ enum Command {
     /// exact match and chrF of generated answers on the valid split and on the held-out computed
     /// questions.
     Eval(eval_cmd::EvalArgs),
+    /// Train data-parallel from a manifest: start a coordinator and the manifest's workers.
+    ///
+    /// Example: chingu launch deploy/quickstart.toml (see deploy/README.md for every key).
+    /// The coordinator serves gRPC (loopback unless coordinator.address says otherwise),
+    /// spawns `workers.count` worker processes, restarts them from LATEST when one fails (up to
+    /// restart.max_restarts), and on Ctrl-C/SIGTERM checkpoints at the next step and stops.
+    /// Logs: RUN/logs/{coordinator,worker-RANK}.jsonl; per-step metrics: RUN/metrics.jsonl.
+    #[command(verbatim_doc_comment)]
+    Launch(launch_cmd::LaunchArgs),
+    /// Run only the coordinator of a manifest; workers join with `chingu worker` (clusters).
+    Coordinator(launch_cmd::LaunchArgs),
+    /// Run one worker that joins a coordinator (the job token comes from CHINGU_JOB_TOKEN).
+    Worker(launch_cmd::WorkerCmdArgs),
+    /// Show a job's ranks: step, loss, tokens/s, last heartbeat, restarts.
+    Status(launch_cmd::StatusArgs),
     /// Benchmark: time training steps on a synthetic batch (used by bench/train_bench.py).
     #[command(hide = true)]
     BenchTrain(bench_cmd::BenchArgs),
@@ -79,45 +95,30 @@ enum Command {
     BenchDecode(bench_cmd::BenchArgs),
 }
 
-/// Readable logs on stderr (`CHINGU_LOG` filters them; per-step training events are hidden
-/// there by default) and, for training, every event as a JSON line in `json_log`.
-fn init_logging(json_log: Option<&std::path::Path>) -> anyhow::Result<()> {
-    use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{fmt, EnvFilter};
-    let stderr_filter = EnvFilter::try_from_env("CHINGU_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,chingu::train::step=warn"));
-    let stderr = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .with_filter(stderr_filter);
-    let json = match json_log {
-        Some(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-            Some(
-                fmt::layer()
-                    .json()
-                    .with_writer(std::sync::Mutex::new(file))
-                    .with_filter(EnvFilter::new("info")),
-            )
-        }
-        None => None,
-    };
-    tracing_subscriber::registry().with(stderr).with(json).init();
-    Ok(())
-}
-
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
-    let json_log = match &cli.command {
-        Some(Command::Train(args)) => Some(args.json_log()),
-        None => Some(train_cmd::TrainArgs::quickstart().json_log()),
+    let manifest = match &cli.command {
+        Some(Command::Launch(args) | Command::Coordinator(args)) => {
+            match launch_cmd::load_manifest(&args.manifest) {
+                Ok(m) => Some(m),
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         _ => None,
     };
-    if let Err(err) = init_logging(json_log.as_deref()) {
+    let worker_log = logging::DeferredLog::default();
+    let json_log = match (&cli.command, &manifest) {
+        (Some(Command::Train(args)), _) => logging::JsonLog::File(args.json_log()),
+        (None, _) => logging::JsonLog::File(train_cmd::TrainArgs::quickstart().json_log()),
+        (_, Some(m)) => logging::JsonLog::File(m.job.run.join("logs").join("coordinator.jsonl")),
+        (Some(Command::Worker(_)), _) => logging::JsonLog::Deferred(worker_log.clone()),
+        _ => logging::JsonLog::None,
+    };
+    if let Err(err) = logging::init(json_log) {
         eprintln!("error: cannot set up logging: {err:#}");
         return ExitCode::FAILURE;
     }
@@ -129,6 +130,14 @@ fn main() -> ExitCode {
         }
         Some(Command::Chat { run, generation }) => eval_cmd::chat(&run, &generation),
         Some(Command::Eval(args)) => eval_cmd::evaluate(&args),
+        Some(Command::Launch(args)) => {
+            launch_cmd::run(manifest.expect("loaded above"), &args, true)
+        }
+        Some(Command::Coordinator(args)) => {
+            launch_cmd::run(manifest.expect("loaded above"), &args, false)
+        }
+        Some(Command::Worker(args)) => launch_cmd::worker(&args, &worker_log),
+        Some(Command::Status(args)) => launch_cmd::status(&args),
         Some(Command::BenchTrain(args)) => bench_cmd::train(&args),
         Some(Command::BenchDecode(args)) => bench_cmd::decode(&args),
         None => {

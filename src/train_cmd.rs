@@ -95,7 +95,7 @@ impl TrainArgs {
     }
 }
 
-fn ensure_data(data: &Path) -> anyhow::Result<()> {
+pub(crate) fn ensure_data(data: &Path) -> anyhow::Result<()> {
     if data.join("manifest.json").exists() {
         return Ok(());
     }

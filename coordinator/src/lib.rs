@@ -1,5 +1,6 @@
-//! chingu-coordinator: the gRPC service that owns a job's truth (step, data cursor, seeds,
-//! checkpoints, restarts), hands out ranks and shard plans, and the local launcher that starts
-//! worker processes from a deploy manifest.
-//!
-//! Status: empty until the coordinator issue fills it.
+//! chingu-coordinator: the gRPC service that owns a training job (rendezvous, rank and data
+//! plan, heartbeats, restarts, checkpoints), the manifest format, and the local launcher.
+
+pub mod manifest;
+pub mod launcher;
+pub mod service;

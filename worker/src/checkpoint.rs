@@ -134,15 +134,47 @@ pub fn save<B: Backend>(
     run: &Path,
     model: &Model<B>,
     optimizer: &Optimizer<B>,
-    mut state: TrainState,
+    state: TrainState,
     tokenizer: &Path,
     keep: usize,
 ) -> Result<PathBuf> {
+    let partial = write_parts(run, state.step, model, optimizer, tokenizer)?;
+    commit(run, &partial.dir, state, &partial.parts, keep)
+}
+
+/// One file of a checkpoint as written: name inside the directory, sha256, size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// File name.
+    pub name: String,
+    /// Hex sha256.
+    pub sha256: String,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// A checkpoint's files written to its staging directory, not yet committed.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// `RUN/checkpoints/step-N.partial`.
+    pub dir: PathBuf,
+    /// The files in it.
+    pub parts: Vec<Part>,
+}
+
+/// Writes (and fsyncs) the model, optimizer and tokenizer files of step `step` into
+/// `RUN/checkpoints/step-N.partial/` — the part a training process contributes; [`commit`]
+/// finishes the checkpoint.
+pub fn write_parts<B: Backend>(
+    run: &Path,
+    step: u64,
+    model: &Model<B>,
+    optimizer: &Optimizer<B>,
+    tokenizer: &Path,
+) -> Result<Staged> {
     let root = checkpoints_dir(run);
     fs::create_dir_all(&root).map_err(|e| WorkerError::io(&root, e))?;
-    let name = step_name(state.step);
-    let partial = root.join(format!("{name}.partial"));
-    let final_dir = root.join(&name);
+    let partial = root.join(format!("{}.partial", step_name(step)));
     if partial.exists() {
         fs::remove_dir_all(&partial).map_err(|e| WorkerError::io(&partial, e))?;
     }
@@ -173,22 +205,54 @@ pub fn save<B: Backend>(
     let tokenizer_bytes = fs::read(tokenizer).map_err(|e| WorkerError::io(tokenizer, e))?;
     write_synced(&partial.join(TOKENIZER_FILE), &tokenizer_bytes).map_err(WorkerError::from)?;
 
+    let mut parts = Vec::new();
+    for name in [MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE] {
+        let path = partial.join(name);
+        let bytes = fs::metadata(&path).map_err(|e| WorkerError::io(&path, e))?.len();
+        let sha256 = sha256_file(&path).map_err(WorkerError::from)?;
+        parts.push(Part { name: name.to_string(), sha256, bytes });
+    }
+    Ok(Staged { dir: partial, parts })
+}
+
+/// Finishes a staged checkpoint: re-hashes every part against what its writer reported,
+/// writes `state.json` with the hashes, renames the directory to `step-N`, moves LATEST to it
+/// and keeps the newest `keep`. A part that does not match is an error naming it.
+pub fn commit(
+    run: &Path,
+    partial: &Path,
+    mut state: TrainState,
+    parts: &[Part],
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run);
+    let name = step_name(state.step);
+    let final_dir = root.join(&name);
     state.files.clear();
-    for file in [MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE] {
-        state
-            .files
-            .insert(file.into(), sha256_file(&partial.join(file)).map_err(WorkerError::from)?);
+    for part in parts {
+        let path = partial.join(&part.name);
+        let sha = sha256_file(&path).map_err(WorkerError::from)?;
+        let bytes = fs::metadata(&path).map_err(|e| WorkerError::io(&path, e))?.len();
+        if sha != part.sha256 || bytes != part.bytes {
+            return Err(WorkerError::Checkpoint(format!(
+                "{}: {bytes} bytes with sha256 {sha}, but its writer reported {} bytes with {}",
+                path.display(),
+                part.bytes,
+                part.sha256
+            )));
+        }
+        state.files.insert(part.name.clone(), sha);
     }
     let mut json =
         serde_json::to_string_pretty(&state).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
     json.push('\n');
     write_synced(&partial.join(STATE_FILE), json.as_bytes()).map_err(WorkerError::from)?;
-    sync_dir(&partial)?;
+    sync_dir(partial)?;
 
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir).map_err(|e| WorkerError::io(&final_dir, e))?;
     }
-    fs::rename(&partial, &final_dir).map_err(|e| WorkerError::io(&final_dir, e))?;
+    fs::rename(partial, &final_dir).map_err(|e| WorkerError::io(&final_dir, e))?;
     sync_dir(&root)?;
     let latest_tmp = root.join(format!("{LATEST}.tmp"));
     write_synced(&latest_tmp, format!("{name}\n").as_bytes()).map_err(WorkerError::from)?;
@@ -228,6 +292,12 @@ fn list_steps(root: &Path) -> Result<Vec<u64>> {
         }
     }
     Ok(steps)
+}
+
+/// The step LATEST names, if any.
+pub fn latest_step(run: &Path) -> Option<u64> {
+    let name = fs::read_to_string(checkpoints_dir(run).join(LATEST)).ok()?;
+    name.trim().strip_prefix("step-")?.parse().ok()
 }
 
 /// True when the run has at least one checkpoint directory.

@@ -1,10 +1,14 @@
-//! chingu-worker: one training process per device. Today it is the single-process trainer
-//! (`trainer`), checkpoints (`checkpoint`) and evaluation (`eval`); joining a coordinator and
-//! all-reducing through a `Collective` arrive with the coordinator issue.
+//! chingu-worker: one training process per device: the trainer (`trainer`, one process or one
+//! rank), checkpoints (`checkpoint`), evaluation (`eval`), the gradient all-reduce seam
+//! (`collective`), the job spec (`job`) and a launched worker's session with its coordinator
+//! (`remote`).
 
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
 pub mod eval;
+pub mod job;
+pub mod remote;
 pub mod trainer;
 
 use std::path::{Path, PathBuf};

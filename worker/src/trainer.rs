@@ -1,9 +1,18 @@
-//! The single-process trainer: length-bucketed batches from prepared shards, AdamW, periodic
-//! validation and checkpoints, exact resume.
+//! The trainer: length-bucketed batches from prepared shards, AdamW, periodic validation and
+//! checkpoints, exact resume — for one process (`chingu train`) or one rank of a data-parallel
+//! job (`chingu launch`), through the same loop.
 //!
 //! Exactness: everything that shapes a step is a function of (seed, step, data cursor) and of
 //! the tensors in the checkpoint — the batch plan is recomputed from the seed and epoch,
 //! dropout masks are keyed by step — so a resumed run repeats the uninterrupted one bit for bit.
+//!
+//! Data parallelism: a step consumes a *group* of `world × accumulate` consecutive batches of
+//! the epoch plan; rank r takes slots `r·accumulate .. (r+1)·accumulate`, so every record is
+//! used exactly once per epoch across ranks and the cursor stays one number. Each slot's
+//! gradient is scaled by its share of the group's target tokens (so the sum is the mean over the
+//! whole group), slots are summed in order on a rank, then across ranks by the collective. Slot
+//! k's dropout is keyed by (seed, step, k), whoever computes it. With two ranks the all-reduce
+//! is one commutative addition, so 2 ranks × 1 slot and 1 rank × 2 slots give the same bits.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,6 +22,7 @@ use chingu_kernels::Backend;
 use chingu_model::{Config, Model, ModelError, Optimizer, OptimizerSettings};
 
 use crate::checkpoint::{self, TrainState};
+use crate::collective::{Collective, Solo};
 use crate::data::{make_batch, Prepared};
 use crate::eval;
 use crate::{Result, WorkerError};
@@ -38,7 +48,7 @@ pub struct TrainOptions {
     pub optimizer: OptimizerSettings,
     /// Seed for initialisation, data order and dropout.
     pub seed: u64,
-    /// Write a checkpoint every this many steps (and at the end).
+    /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// Validation loss every this many steps (0: never).
     pub eval_every: u64,
@@ -67,7 +77,38 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f32,
+    /// Seconds in the gradient all-reduce (0 for one rank).
+    pub allreduce_s: f64,
+    /// Seconds of the whole step.
+    pub step_s: f64,
 }
+
+/// What the ranks may ask for at a step boundary; summed across ranks, so all act together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// Write a checkpoint after this step.
+    pub checkpoint: bool,
+    /// Checkpoint after this step, then stop.
+    pub stop: bool,
+}
+
+/// How this process takes part in training: its collective, its slots per step, where control
+/// requests come from and how checkpoints are written.
+pub struct Parallel<'a, B: Backend> {
+    /// Sums gradients across ranks (`Solo` for one process).
+    pub collective: &'a mut dyn Collective,
+    /// Micro-batches per rank per step (gradient accumulation).
+    pub accumulate: usize,
+    /// This rank's requests, asked once per step.
+    pub requests: &'a mut dyn FnMut() -> Requests,
+    /// Writes a checkpoint of the given state; returns where it went (None on ranks that do
+    /// not write).
+    pub checkpoint: &'a mut CheckpointWriter<'a, B>,
+}
+
+/// Writes one checkpoint (see [`Parallel::checkpoint`]).
+pub type CheckpointWriter<'a, B> =
+    dyn FnMut(&Model<B>, &Optimizer<B>, TrainState) -> Result<Option<PathBuf>> + 'a;
 
 /// What the trainer tells its observer.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +152,8 @@ pub struct TrainOutcome<B: Backend> {
     pub tokens_per_s: f64,
     /// Last training loss.
     pub last_loss: f64,
+    /// True when training stopped on request before `steps`.
+    pub stopped: bool,
 }
 
 fn non_finite(step: u64, e: ModelError) -> WorkerError {
@@ -122,12 +165,38 @@ fn non_finite(step: u64, e: ModelError) -> WorkerError {
     }
 }
 
-/// Trains on `backend`, reporting to `observer`.
+/// Trains on `backend` in this process alone, reporting to `observer`; checkpoints go to
+/// `opts.run` directly.
 pub fn train<B: Backend + Clone>(
     backend: B,
     opts: &TrainOptions,
     observer: &mut dyn FnMut(&TrainEvent),
 ) -> Result<TrainOutcome<B>> {
+    let data = Prepared::open(&opts.data)?;
+    let tokenizer = data.tokenizer_path();
+    let mut save = |model: &Model<B>, optimizer: &Optimizer<B>, state: TrainState| {
+        checkpoint::save(&opts.run, model, optimizer, state, &tokenizer, opts.keep).map(Some)
+    };
+    let parallel = Parallel {
+        collective: &mut Solo,
+        accumulate: 1,
+        requests: &mut Requests::default,
+        checkpoint: &mut save,
+    };
+    train_parallel(backend, opts, parallel, observer)
+}
+
+/// Trains on `backend` as one rank of `parallel`, reporting to `observer`.
+pub fn train_parallel<B: Backend + Clone>(
+    backend: B,
+    opts: &TrainOptions,
+    parallel: Parallel<'_, B>,
+    observer: &mut dyn FnMut(&TrainEvent),
+) -> Result<TrainOutcome<B>> {
+    let Parallel { collective, accumulate, requests, checkpoint: write_checkpoint } = parallel;
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let accumulate = accumulate.max(1);
+    let group = world * accumulate;
     let data = Prepared::open(&opts.data)?;
     let specials = data.specials();
     let tokenizer_sha = data.manifest.tokenizer.sha256.clone();
@@ -190,6 +259,8 @@ pub fn train<B: Backend + Clone>(
     let mut plan: (u64, Vec<Vec<RecordRef>>) =
         (cursor.epoch, epoch_plan(&records, seed, cursor.epoch, batch_tokens));
     let (mut total_tokens, mut total_time, mut last_loss) = (0usize, 0.0f64, f64::NAN);
+    let mut spare_grads: Vec<B::Buf> = Vec::new();
+    let mut stopped = false;
     while optimizer.step < opts.steps {
         if cursor.batch as usize >= plan.1.len() {
             cursor = Cursor { epoch: cursor.epoch + 1, batch: 0 };
@@ -197,32 +268,80 @@ pub fn train<B: Backend + Clone>(
         if plan.0 != cursor.epoch {
             plan = (cursor.epoch, epoch_plan(&records, seed, cursor.epoch, batch_tokens));
         }
-        let batch_records = &plan.1[cursor.batch as usize];
-        let batch = make_batch(&data.train, batch_records, specials);
+        let first = cursor.batch as usize;
+        let slots = &plan.1[first..(first + group).min(plan.1.len())];
+        let group_targets: usize = slots.iter().flatten().map(|r| r.tgt_len as usize).sum();
         let started = Instant::now();
         let step = optimizer.step + 1;
-        model.zero_grads();
-        let stats = model.forward_backward(&batch, seed, step).map_err(|e| non_finite(step, e))?;
+        let (mut weighted_loss, mut real_tokens) = (0.0f64, 0usize);
+        for i in 0..accumulate {
+            let slot = rank * accumulate + i;
+            if i > 0 {
+                // Keep the slots so far aside; this slot's gradient is computed fresh.
+                if spare_grads.is_empty() {
+                    spare_grads = model.grads.iter().map(|g| model.backend.zeros(model.backend.len(g))).collect();
+                }
+                std::mem::swap(&mut spare_grads, &mut model.grads);
+            }
+            model.zero_grads();
+            if let Some(records) = slots.get(slot) {
+                let batch = make_batch(&data.train, records, specials);
+                let slot_seed = if slot == 0 { seed } else { seed ^ chingu_kernels::rng::mix(slot as u64) };
+                let stats = model
+                    .forward_backward(&batch, slot_seed, step)
+                    .map_err(|e| non_finite(step, e))?;
+                weighted_loss += stats.loss * stats.tokens as f64;
+                real_tokens += batch.src_lengths.iter().chain(&batch.tgt_lengths).sum::<usize>();
+                if group > 1 {
+                    let share = (stats.tokens as f64 / group_targets as f64) as f32;
+                    for g in &mut model.grads {
+                        model.backend.scale(g, share);
+                    }
+                }
+            }
+            if i > 0 {
+                for (g, earlier) in model.grads.iter_mut().zip(&spare_grads) {
+                    model.backend.add_assign(g, earlier);
+                }
+            }
+        }
+        let local = (requests)();
+        let (mut requested, mut allreduce_s) = (local, 0.0);
+        if world > 1 {
+            let reduce_started = Instant::now();
+            let control = [
+                weighted_loss as f32,
+                f32::from(u8::from(local.checkpoint)),
+                f32::from(u8::from(local.stop)),
+            ];
+            let summed = all_reduce_grads(&mut model, collective, &control)
+                .map_err(|e| WorkerError::Training(format!("step {step}: {e}")))?;
+            weighted_loss = f64::from(summed[0]);
+            requested = Requests { checkpoint: summed[1] > 0.0, stop: summed[2] > 0.0 };
+            allreduce_s = reduce_started.elapsed().as_secs_f64();
+        }
+        let loss = weighted_loss / group_targets.max(1) as f64;
         let info = optimizer.update(&mut model).map_err(|e| non_finite(step, e))?;
-        cursor.batch += 1;
+        cursor.batch += slots.len() as u64;
         let seconds = started.elapsed().as_secs_f64();
-        let real_tokens: usize = batch.src_lengths.iter().chain(&batch.tgt_lengths).sum();
         total_tokens += real_tokens;
         total_time += seconds;
-        last_loss = stats.loss;
+        last_loss = loss;
         let report = StepReport {
             step,
             epoch: cursor.epoch,
-            loss: stats.loss,
-            tokens: stats.tokens,
+            loss,
+            tokens: group_targets,
             tokens_per_s: real_tokens as f64 / seconds.max(1e-9),
             grad_norm: info.grad_norm,
             lr: info.lr,
+            allreduce_s,
+            step_s: seconds,
         };
-        tracing::info!(target: "chingu::train::step", step, epoch = cursor.epoch, loss = stats.loss, tokens = stats.tokens, tokens_per_s = report.tokens_per_s, grad_norm = info.grad_norm, lr = info.lr);
+        tracing::info!(target: "chingu::train::step", step, epoch = cursor.epoch, loss, tokens = group_targets, tokens_per_s = report.tokens_per_s, grad_norm = info.grad_norm, lr = info.lr, allreduce_s, step_s = seconds);
         observer(&TrainEvent::Step(report));
 
-        if opts.eval_every > 0 && step % opts.eval_every == 0 && !valid_records.is_empty() {
+        if rank == 0 && opts.eval_every > 0 && step % opts.eval_every == 0 && !valid_records.is_empty() {
             let loss = eval::teacher_forced(
                 &model,
                 &data.valid,
@@ -235,7 +354,8 @@ pub fn train<B: Backend + Clone>(
             tracing::info!(target: "chingu::train::valid", step, valid_loss = loss);
             observer(&TrainEvent::Validation { step, loss });
         }
-        if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
+        let scheduled = opts.checkpoint_every > 0 && step % opts.checkpoint_every == 0;
+        if scheduled || step == opts.steps || requested.checkpoint || requested.stop {
             let state = TrainState {
                 version: checkpoint::CHECKPOINT_VERSION,
                 step,
@@ -247,16 +367,14 @@ pub fn train<B: Backend + Clone>(
                 tokenizer_sha256: tokenizer_sha.clone(),
                 files: Default::default(),
             };
-            let dir = checkpoint::save(
-                &opts.run,
-                &model,
-                &optimizer,
-                state,
-                &data.tokenizer_path(),
-                opts.keep,
-            )?;
-            tracing::info!(target: "chingu::train::checkpoint", step, dir = %dir.display());
-            observer(&TrainEvent::Checkpoint { step, dir });
+            if let Some(dir) = (write_checkpoint)(&model, &optimizer, state)? {
+                tracing::info!(target: "chingu::train::checkpoint", step, dir = %dir.display());
+                observer(&TrainEvent::Checkpoint { step, dir });
+            }
+        }
+        if requested.stop {
+            stopped = true;
+            break;
         }
     }
     Ok(TrainOutcome {
@@ -264,5 +382,29 @@ pub fn train<B: Backend + Clone>(
         model,
         tokens_per_s: total_tokens as f64 / total_time.max(1e-9),
         last_loss,
+        stopped,
     })
+}
+
+/// Sums every gradient and `control` across ranks in one flat buffer; returns the summed
+/// control values.
+fn all_reduce_grads<B: Backend>(
+    model: &mut Model<B>,
+    collective: &mut dyn Collective,
+    control: &[f32],
+) -> std::result::Result<Vec<f32>, crate::collective::CollectiveError> {
+    let mut flat: Vec<f32> = Vec::new();
+    for g in &model.grads {
+        flat.extend(model.backend.to_f32(g));
+    }
+    let grads_len = flat.len();
+    flat.extend_from_slice(control);
+    collective.all_reduce_sum(&mut flat)?;
+    let mut offset = 0;
+    for g in &mut model.grads {
+        let n = model.backend.len(g);
+        *g = model.backend.upload_f32(&flat[offset..offset + n]);
+        offset += n;
+    }
+    Ok(flat[grads_len..].to_vec())
 }

@@ -3,8 +3,9 @@
 //! Parallel with rayon, yet bitwise deterministic whatever the thread count: work is split
 //! into chunks whose boundaries depend only on the shapes, every output element is computed
 //! by exactly one task in a fixed order, and reductions across chunks are summed
-//! sequentially in chunk order. GEMMs go through `matrixmultiply`, whose per-element
-//! accumulation order does not depend on how the rows are partitioned.
+//! sequentially in chunk order. GEMMs go through `matrixmultiply` (single-threaded calls, split
+//! by rows across rayon), whose per-element accumulation order does not depend on how the rows
+//! are partitioned.
 
 mod scalar;
 
@@ -50,15 +51,34 @@ fn gemm<T: Scalar>(
     n: usize,
     accumulate: bool,
 ) {
-    gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
+    let threads = rayon::current_num_threads();
+    if threads == 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
+        gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
+        return;
+    }
+    // Split C's rows across rayon's threads: one pool for GEMMs and elementwise ops alike, so
+    // no pool spins while the other computes. Every element's accumulation order is
+    // matrixmultiply's k loop whatever the split (which depends on the thread count), so no bit
+    // can change. (Each task packs its own copy of B; splitting columns instead when n > m,
+    // to share the smaller operand, measured no faster on seed-256.)
+    let rows_per_task = m.div_ceil(threads).max(GEMM_MIN_ROWS);
+    c[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, c_rows)| {
+        let first = task * rows_per_task;
+        let rows = c_rows.len() / n;
+        gemm_strided(c_rows, n, &a[first * rsa..], rsa, csa, b, rsb, csb, rows, k, n, accumulate);
+    });
 }
+
+/// Smallest row block a GEMM is split into.
+const GEMM_MIN_ROWS: usize = 64;
+/// Smallest `m·k·n` worth splitting a GEMM for.
+const GEMM_MIN_SPLIT_FLOPS: usize = 1 << 20;
 
 /// `C[m×n] = A·B (+ C if accumulate)` with C addressed as `c[i·rsc + j]` (strided rows let
 /// attention write one head's columns in place).
 ///
-/// One matrixmultiply call: for large products it threads inside (feature "threading") over
-/// blocks of C after packing each operand panel once; its k loop stays sequential and
-/// outermost, so every element is accumulated in the same order whatever the thread count.
+/// One single-threaded matrixmultiply call; its k loop is sequential and outermost, so every
+/// element is accumulated in the same order however C's rows are partitioned.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided<T: Scalar>(
     c: &mut [T],
@@ -604,15 +624,18 @@ impl<T: Scalar> Backend for Cpu<T> {
                     return 0.0;
                 }
                 let row = &logits[n * vocab..][..vocab];
-                let max = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.f64()));
-                // One exp per logit: keep exp(x − max) in the gradient row, normalise after.
+                let max_t = row.iter().fold(T::of(f64::NEG_INFINITY), |m, &x| m.max(x));
+                let max = max_t.f64();
+                // One exp per logit, in T (f32's exp is a fraction of f64's cost; each term is
+                // in (0, 1] so its relative error stays at T's epsilon); sums in f64. Keep
+                // exp(x − max) in the gradient row, normalise after.
                 let mut sum_exp = 0.0f64;
                 let mut sum_logits = 0.0f64;
-                for (g, x) in grad.iter_mut().zip(row) {
-                    let e = (x.f64() - max).exp();
-                    sum_exp += e;
+                for (g, &x) in grad.iter_mut().zip(row) {
+                    let e = (x - max_t).exp();
+                    sum_exp += e.f64();
                     sum_logits += x.f64();
-                    *g = T::of(e);
+                    *g = e;
                 }
                 let lse = max + sum_exp.ln();
                 let mean_logit = sum_logits / vocab as f64;

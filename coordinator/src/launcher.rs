@@ -1,0 +1,309 @@
+//! Runs a job: serves the coordinator, spawns the manifest's workers locally (or waits for
+//! them to join, on a cluster), watches them, restarts the job from LATEST when a rank fails
+//! (up to `max_restarts`), checkpoints and stops cleanly on Ctrl-C/SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use chingu_model::{OptimizerSettings, Positions, Schedule};
+use chingu_proto::pb;
+use chingu_worker::checkpoint;
+use chingu_worker::job::JobSpec;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::manifest::{Backend, Manifest};
+use crate::service::{Incident, Job, JobConfig, Phase, Service};
+
+/// Environment variable carrying the job token to local workers.
+pub const TOKEN_ENV: &str = "CHINGU_JOB_TOKEN";
+/// Environment variable carrying a local worker's rank.
+pub const RANK_ENV: &str = "CHINGU_RANK";
+
+/// Why a job could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The manifest is wrong.
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    /// The job failed.
+    #[error("{0}")]
+    Job(String),
+}
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The job.
+    pub manifest: Manifest,
+    /// Continue the run from LATEST.
+    pub resume: bool,
+    /// Spawn the workers here (`chingu launch`); false waits for them to join
+    /// (`chingu coordinator`, clusters).
+    pub local_workers: bool,
+    /// The `chingu` executable the workers run.
+    pub exe: PathBuf,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Last step.
+    pub step: u64,
+    /// Restarts it took.
+    pub restarts: u32,
+    /// True when it stopped on Ctrl-C/SIGTERM (after a checkpoint) before its last step.
+    pub interrupted: bool,
+}
+
+/// The job spec of a manifest, with paths made absolute against the current directory.
+pub fn job_spec(m: &Manifest) -> Result<JobSpec, LaunchError> {
+    let cwd = std::env::current_dir().map_err(|e| LaunchError::Job(format!("current directory: {e}")))?;
+    let schedule = match m.train.schedule.as_str() {
+        "cosine" => Schedule::WarmupCosine {
+            warmup: m.train.warmup,
+            total: m.train.steps,
+            min_ratio: m.train.min_lr_ratio,
+        },
+        _ => Schedule::Constant,
+    };
+    Ok(JobSpec {
+        name: m.job.name.clone(),
+        run: cwd.join(&m.job.run),
+        data: cwd.join(&m.data.path),
+        preset: m.model.preset.clone(),
+        dropout: m.model.dropout,
+        positions: m.model.positions.as_deref().map(|p| match p {
+            "learned" => Positions::Learned,
+            _ => Positions::Sinusoidal,
+        }),
+        steps: m.train.steps,
+        batch_tokens: m.train.batch_tokens,
+        accumulate: m.train.accumulate,
+        optimizer: OptimizerSettings {
+            lr: m.train.lr,
+            weight_decay: m.train.weight_decay,
+            clip_norm: m.train.clip_norm,
+            schedule,
+            ..OptimizerSettings::default()
+        },
+        seed: m.job.seed,
+        checkpoint_every: m.checkpoint.every_steps,
+        eval_every: m.train.eval_every,
+        keep: m.checkpoint.keep,
+        threads: m.train.threads,
+        backend: match m.workers.backend {
+            Backend::Auto => "auto",
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+        }
+        .to_string(),
+    })
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("OS randomness");
+    u64::from_le_bytes(bytes)
+}
+
+/// A fresh job token: 128 random bits, hex.
+pub fn new_token() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("json.tmp");
+    if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+        tracing::debug!(path = %path.display(), "could not write");
+    }
+}
+
+/// Serves the job and drives it to the end.
+pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
+    let m = &launch.manifest;
+    let spec = job_spec(m)?;
+    let has_checkpoints = checkpoint::has_checkpoints(&spec.run);
+    if has_checkpoints && !launch.resume {
+        return Err(LaunchError::Job(format!(
+            "{} already has checkpoints: pass --resume to continue it, or change job.run in {}",
+            spec.run.display(),
+            m.path.display()
+        )));
+    }
+    let world = m.workers.count as u32;
+    let token = new_token();
+    let (incident_tx, mut incidents) = mpsc::unbounded_channel();
+    let config = JobConfig {
+        spec: spec.clone(),
+        world_size: world,
+        heartbeat_timeout: Duration::from_secs_f64(m.restart.heartbeat_timeout_s),
+    };
+    let job = Job::new(config, token.clone(), random_u64(), incident_tx);
+
+    let listener = tokio::net::TcpListener::bind(m.coordinator.address)
+        .await
+        .map_err(|e| LaunchError::Job(format!("cannot listen on {} (coordinator.address in {}): {e}", m.coordinator.address, m.path.display())))?;
+    let address = listener.local_addr().map_err(|e| LaunchError::Job(e.to_string()))?;
+    let url = format!("http://{address}");
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::coordinator_server::CoordinatorServer::new(Service(job.clone())))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = server_stopped.await;
+            }),
+    );
+    write_atomic(
+        &spec.run.join("coordinator.json"),
+        &serde_json::json!({ "address": url, "pid": std::process::id(), "job": spec.name }).to_string(),
+    );
+    tracing::info!(job = %spec.name, %url, world, run = %spec.run.display(), "coordinator listening");
+    if !launch.local_workers {
+        tracing::info!("start each worker with: chingu worker --coordinator {url} (job token in {TOKEN_ENV}; printed once below)");
+        eprintln!("{TOKEN_ENV}={token}");
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| LaunchError::Job(format!("cannot watch SIGTERM: {e}")))?;
+    let mut resume = launch.resume && has_checkpoints;
+    let mut restart = false;
+    let mut stopping = false;
+    let every_minutes = m.checkpoint.every_minutes;
+    let result = 'generations: loop {
+        let generation = job.new_generation(resume, restart);
+        let mut children: Vec<Child> = Vec::new();
+        let (exit_tx, mut exits) = mpsc::unbounded_channel::<(u32, std::process::ExitStatus)>();
+        if launch.local_workers {
+            for rank in 0..world {
+                match spawn_worker(&launch.exe, &url, &token, rank) {
+                    Ok(child) => children.push(child),
+                    Err(e) => break 'generations Err(LaunchError::Job(format!("cannot start worker {rank}: {e}"))),
+                }
+            }
+            for (rank, child) in children.iter_mut().enumerate() {
+                forward_stderr(child, rank as u32);
+            }
+        }
+        let mut watchers = Vec::new();
+        for (rank, mut child) in children.drain(..).enumerate() {
+            let exit_tx = exit_tx.clone();
+            let (kill_tx, mut kill_rx) = tokio::sync::oneshot::channel::<()>();
+            watchers.push((kill_tx, tokio::spawn(async move {
+                let status = tokio::select! {
+                    status = child.wait() => status,
+                    _ = &mut kill_rx => { let _ = child.kill().await; child.wait().await }
+                };
+                if let Ok(status) = status {
+                    let _ = exit_tx.send((rank as u32, status));
+                }
+            })));
+        }
+        drop(exit_tx);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_timed_checkpoint = Instant::now();
+        let mut finished: Option<u64> = None;
+        let mut exited_ok = 0u32;
+        let failure: Option<String> = loop {
+            tokio::select! {
+                Some(incident) = incidents.recv() => match incident {
+                    Incident::AllFinished { step } => {
+                        finished = Some(step);
+                        if !launch.local_workers || exited_ok == world { break None; }
+                    }
+                    Incident::RankLost { rank, reason } => break Some(format!("rank {rank}: {reason}")),
+                },
+                Some((rank, status)) = exits.recv() => {
+                    if status.success() {
+                        exited_ok += 1;
+                        if exited_ok == world && finished.is_some() { break None; }
+                    } else {
+                        break Some(format!("worker {rank} exited with {status}"));
+                    }
+                },
+                _ = tick.tick() => {
+                    write_atomic(&spec.run.join("status.json"), &serde_json::to_string_pretty(&job.snapshot()).unwrap_or_default());
+                    if let Some(&rank) = job.silent_ranks().first() {
+                        break Some(format!("rank {rank}: no heartbeat for {:.0} s", m.restart.heartbeat_timeout_s));
+                    }
+                    if every_minutes > 0.0 && last_timed_checkpoint.elapsed().as_secs_f64() >= every_minutes * 60.0 {
+                        last_timed_checkpoint = Instant::now();
+                        job.broadcast(pb::command::Command::Checkpoint(pb::CheckpointNow {}));
+                    }
+                },
+                _ = tokio::signal::ctrl_c(), if !stopping => {
+                    stopping = true;
+                    tracing::warn!("interrupted: checkpointing at the next step, then stopping (Ctrl-C again kills the workers)");
+                    job.broadcast(pb::command::Command::Stop(pb::Stop { reason: "Ctrl-C".into() }));
+                },
+                _ = sigterm.recv(), if !stopping => {
+                    stopping = true;
+                    tracing::warn!("SIGTERM: checkpointing at the next step, then stopping");
+                    job.broadcast(pb::command::Command::Stop(pb::Stop { reason: "SIGTERM".into() }));
+                },
+                _ = tokio::signal::ctrl_c(), if stopping => break Some("interrupted twice".into()),
+            }
+        };
+        match failure {
+            None => {
+                for (_, watcher) in watchers {
+                    let _ = watcher.await;
+                }
+                job.set_phase(Phase::Finished);
+                break Ok(Outcome {
+                    step: finished.unwrap_or(0),
+                    restarts: job.snapshot().restarts,
+                    interrupted: stopping && finished.unwrap_or(0) < spec.steps,
+                });
+            }
+            Some(reason) => {
+                job.broadcast(pb::command::Command::Abort(pb::Abort { reason: reason.clone() }));
+                for (kill, watcher) in watchers {
+                    let _ = kill.send(());
+                    let _ = watcher.await;
+                }
+                while incidents.try_recv().is_ok() {}
+                let restarts = job.snapshot().restarts;
+                if stopping || restarts >= m.restart.max_restarts {
+                    job.set_phase(Phase::Failed);
+                    let why = if stopping { "while stopping".to_string() } else { format!("after {restarts} restart(s) (restart.max_restarts = {})", m.restart.max_restarts) };
+                    break Err(LaunchError::Job(format!("job failed {why}: {reason}")));
+                }
+                tracing::warn!(generation, restart = restarts + 1, max_restarts = m.restart.max_restarts, "{reason}; restarting every worker from LATEST");
+                resume = checkpoint::has_checkpoints(&spec.run);
+                restart = true;
+            }
+        }
+    };
+    write_atomic(&spec.run.join("status.json"), &serde_json::to_string_pretty(&job.snapshot()).unwrap_or_default());
+    let _ = stop_server.send(());
+    let _ = server.await;
+    result
+}
+
+fn spawn_worker(exe: &Path, url: &str, token: &str, rank: u32) -> std::io::Result<Child> {
+    Command::new(exe)
+        .args(["worker", "--coordinator", url])
+        .env(TOKEN_ENV, token)
+        .env(RANK_ENV, rank.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// Copies a worker's stderr to ours, each line prefixed with its rank.
+fn forward_stderr(child: &mut Child, rank: u32) {
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[rank {rank}] {line}");
+            }
+        });
+    }
+}
+

@@ -1,0 +1,543 @@
+//! The coordinator's gRPC service and the job state it owns: who joined with which rank, the
+//! rendezvous barrier, each rank's session (events up, commands down), metrics aggregation,
+//! checkpoint commits, and incidents (a rank lost, every rank finished) for the supervisor.
+//!
+//! Proto types stop here: the rest of the coordinator sees [`Incident`]s and plain values.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chingu_proto::pb;
+use chingu_worker::checkpoint::{self, Part, TrainState};
+use chingu_worker::job::JobSpec;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Where the job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Waiting for every rank to join.
+    Pending,
+    /// Every rank joined; waiting at the barrier.
+    Rendezvous,
+    /// Training.
+    Running,
+    /// A checkpoint's parts are being verified and committed.
+    Checkpointing,
+    /// Every rank finished.
+    Finished,
+    /// Gave up (restarts exhausted or a fatal error).
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Rendezvous => "rendezvous",
+            Phase::Running => "running",
+            Phase::Checkpointing => "checkpointing",
+            Phase::Finished => "finished",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// What the supervisor must react to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incident {
+    /// A rank of the current generation stopped talking (session ended, heartbeat timeout,
+    /// reported error).
+    RankLost {
+        /// The rank.
+        rank: u32,
+        /// What happened.
+        reason: String,
+    },
+    /// Every rank of the current generation finished at `step`.
+    AllFinished {
+        /// Last step.
+        step: u64,
+    },
+}
+
+/// Fixed facts of the job.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// The job every worker gets.
+    pub spec: JobSpec,
+    /// Number of ranks.
+    pub world_size: u32,
+    /// Silence after which a rank counts as lost.
+    pub heartbeat_timeout: Duration,
+}
+
+/// One rank's slot in the current generation.
+#[derive(Debug)]
+struct Rank {
+    host: String,
+    device: String,
+    step: u64,
+    loss: f64,
+    tokens_per_s: f64,
+    last_seen: Instant,
+    session: Option<mpsc::Sender<Result<pb::Command, Status>>>,
+    finished: bool,
+}
+
+#[derive(Debug)]
+struct JobState {
+    phase: Phase,
+    generation: u64,
+    restarts: u32,
+    resume: bool,
+    ranks: Vec<Option<Rank>>,
+    ring: Vec<Option<String>>,
+    latest_step: Option<u64>,
+    pending_metrics: BTreeMap<u64, Vec<Option<pb::StepMetrics>>>,
+}
+
+/// The job as the coordinator sees it; shared by the gRPC service and the supervisor.
+pub struct Job {
+    token: String,
+    ring_key: u64,
+    config: JobConfig,
+    spec_json: String,
+    state: Mutex<JobState>,
+    barrier: watch::Sender<(u64, Option<Vec<String>>)>,
+    incidents: mpsc::UnboundedSender<Incident>,
+    metrics: Mutex<Option<File>>,
+}
+
+/// One rank in a status snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct RankSnapshot {
+    /// Rank.
+    pub rank: u32,
+    /// Host.
+    pub host: String,
+    /// Device.
+    pub device: String,
+    /// Steps done.
+    pub step: u64,
+    /// Last loss.
+    pub loss: f64,
+    /// Last tokens/s.
+    pub tokens_per_s: f64,
+    /// Seconds since the rank was last heard from.
+    pub last_seen_s: f64,
+}
+
+/// The job at a glance (`RUN/status.json`, the Status RPC).
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// Job name.
+    pub job: String,
+    /// Phase.
+    pub state: Phase,
+    /// Generation (restarts + 1).
+    pub generation: u64,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Step of LATEST.
+    pub latest_checkpoint_step: Option<u64>,
+    /// Ranks of the current generation that joined.
+    pub ranks: Vec<RankSnapshot>,
+}
+
+impl Job {
+    /// A job in phase Pending (generation 0: call [`Job::new_generation`] before workers join).
+    pub fn new(
+        config: JobConfig,
+        token: String,
+        ring_key: u64,
+        incidents: mpsc::UnboundedSender<Incident>,
+    ) -> Arc<Job> {
+        let spec_json = serde_json::to_string(&config.spec).expect("job spec serialises");
+        let world = config.world_size as usize;
+        let metrics = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.spec.run.join("metrics.jsonl"))
+            .map_err(|e| tracing::warn!("cannot open metrics.jsonl: {e}"))
+            .ok();
+        Arc::new(Job {
+            token,
+            ring_key,
+            spec_json,
+            state: Mutex::new(JobState {
+                phase: Phase::Pending,
+                generation: 0,
+                restarts: 0,
+                resume: false,
+                ranks: (0..world).map(|_| None).collect(),
+                ring: vec![None; world],
+                latest_step: checkpoint::latest_step(&config.spec.run),
+                pending_metrics: BTreeMap::new(),
+            }),
+            barrier: watch::channel((0, None)).0,
+            incidents,
+            metrics: Mutex::new(metrics),
+            config,
+        })
+    }
+
+    /// The token every call must carry.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Starts a new generation (first start or restart): empties the rank table; workers of
+    /// older generations are refused from now on. `resume` tells the joining workers to
+    /// continue from LATEST.
+    pub fn new_generation(&self, resume: bool, restart: bool) -> u64 {
+        let mut s = self.state.lock().expect("job state");
+        s.generation += 1;
+        if restart {
+            s.restarts += 1;
+        }
+        s.resume = resume;
+        s.phase = Phase::Pending;
+        s.ranks.iter_mut().for_each(|r| *r = None);
+        s.ring.iter_mut().for_each(|r| *r = None);
+        s.pending_metrics.clear();
+        s.generation
+    }
+
+    /// Sets the phase (the supervisor's final verdicts).
+    pub fn set_phase(&self, phase: Phase) {
+        self.state.lock().expect("job state").phase = phase;
+    }
+
+    /// Sends `command` to every rank with an open session.
+    pub fn broadcast(&self, command: pb::command::Command) {
+        let s = self.state.lock().expect("job state");
+        for rank in s.ranks.iter().flatten() {
+            if let Some(session) = &rank.session {
+                let _ = session.try_send(Ok(pb::Command { command: Some(command.clone()) }));
+            }
+        }
+    }
+
+    /// Ranks of the running generation silent for longer than the heartbeat timeout.
+    pub fn silent_ranks(&self) -> Vec<u32> {
+        let s = self.state.lock().expect("job state");
+        if s.phase != Phase::Running && s.phase != Phase::Checkpointing {
+            return Vec::new();
+        }
+        s.ranks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
+            .filter(|(_, r)| !r.finished && r.last_seen.elapsed() > self.config.heartbeat_timeout)
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// The job at a glance.
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.state.lock().expect("job state");
+        Snapshot {
+            job: self.config.spec.name.clone(),
+            state: s.phase,
+            generation: s.generation,
+            restarts: s.restarts,
+            latest_checkpoint_step: s.latest_step,
+            ranks: s
+                .ranks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    r.as_ref().map(|r| RankSnapshot {
+                        rank: i as u32,
+                        host: r.host.clone(),
+                        device: r.device.clone(),
+                        step: r.step,
+                        loss: r.loss,
+                        tokens_per_s: r.tokens_per_s,
+                        last_seen_s: r.last_seen.elapsed().as_secs_f64(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn check_token<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let expected = format!("Bearer {}", self.token);
+        match request.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+            Some(got) if got == expected => Ok(()),
+            got => {
+                let from = request.remote_addr().map_or("unknown".to_string(), |a| a.to_string());
+                tracing::warn!(from, token_present = got.is_some(), "rejected a call with a wrong or missing job token");
+                Err(Status::unauthenticated("wrong or missing job token"))
+            }
+        }
+    }
+
+    fn lost(&self, rank: u32, generation: u64, reason: String) {
+        let current = {
+            let s = self.state.lock().expect("job state");
+            s.generation == generation
+                && !matches!(s.phase, Phase::Finished | Phase::Failed)
+                && s.ranks.get(rank as usize).and_then(|r| r.as_ref()).is_some_and(|r| !r.finished)
+        };
+        if current {
+            let _ = self.incidents.send(Incident::RankLost { rank, reason });
+        }
+    }
+
+    fn record_metrics(&self, s: &mut JobState, rank: u32, m: pb::StepMetrics) {
+        let world = self.config.world_size as usize;
+        let step = m.step;
+        let entry = s.pending_metrics.entry(step).or_insert_with(|| vec![None; world]);
+        entry[rank as usize] = Some(m);
+        if entry.iter().all(Option::is_some) {
+            let all: Vec<pb::StepMetrics> =
+                s.pending_metrics.remove(&step).into_iter().flatten().flatten().collect();
+            let line = serde_json::json!({
+                "step": step,
+                "epoch": all[0].epoch,
+                "loss": all[0].loss,
+                "tokens": all[0].tokens,
+                "tokens_per_s": all.iter().map(|m| m.tokens_per_s).sum::<f64>(),
+                "tokens_per_s_by_rank": all.iter().map(|m| m.tokens_per_s).collect::<Vec<_>>(),
+                "allreduce_s": all.iter().map(|m| m.allreduce_s).fold(0.0, f64::max),
+                "step_s": all.iter().map(|m| m.step_s).fold(0.0, f64::max),
+                "grad_norm": all[0].grad_norm,
+                "lr": all[0].lr,
+            });
+            if let Some(file) = self.metrics.lock().expect("metrics").as_mut() {
+                let _ = writeln!(file, "{line}");
+            }
+            tracing::debug!(target: "chingu::coordinator::step", step, loss = all[0].loss);
+        }
+        // Steps some rank never reported (it died) must not pile up.
+        while s.pending_metrics.len() > 64 {
+            let oldest = *s.pending_metrics.keys().next().expect("non-empty");
+            s.pending_metrics.remove(&oldest);
+        }
+    }
+
+    async fn commit(&self, parts: pb::CheckpointParts) {
+        let state: TrainState = match serde_json::from_str(&parts.state_json) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(step = parts.step, "checkpoint state from rank 0 is unreadable: {e}");
+                return;
+            }
+        };
+        self.state.lock().expect("job state").phase = Phase::Checkpointing;
+        let run = self.config.spec.run.clone();
+        let keep = self.config.spec.keep;
+        let dir = PathBuf::from(&parts.dir);
+        let list: Vec<Part> = parts
+            .parts
+            .iter()
+            .map(|p| Part { name: p.name.clone(), sha256: p.sha256.clone(), bytes: p.bytes })
+            .collect();
+        let step = state.step;
+        let result =
+            tokio::task::spawn_blocking(move || checkpoint::commit(&run, &dir, state, &list, keep))
+                .await;
+        let mut s = self.state.lock().expect("job state");
+        if s.phase == Phase::Checkpointing {
+            s.phase = Phase::Running;
+        }
+        match result {
+            Ok(Ok(dir)) => {
+                s.latest_step = Some(step);
+                tracing::info!(step, dir = %dir.display(), "checkpoint committed; LATEST moved");
+            }
+            Ok(Err(e)) => tracing::error!(step, "checkpoint not committed: {e}"),
+            Err(e) => tracing::error!(step, "checkpoint commit panicked: {e}"),
+        }
+    }
+
+    async fn handle_session(self: Arc<Self>, mut events: Streaming<pb::WorkerEvent>, commands: mpsc::Sender<Result<pb::Command, Status>>) {
+        let mut me: Option<(u32, u64)> = None;
+        let reason = loop {
+            let event = match events.next().await {
+                Some(Ok(e)) => e,
+                Some(Err(status)) => break format!("its session broke ({})", status.message()),
+                None => break "it closed its session".to_string(),
+            };
+            let (rank, generation) = (event.rank, event.generation);
+            let mut finished_step = None;
+            let mut to_commit = None;
+            {
+                let mut s = self.state.lock().expect("job state");
+                if generation != s.generation {
+                    continue;
+                }
+                let Some(slot) = s.ranks.get_mut(rank as usize).and_then(|r| r.as_mut()) else {
+                    continue;
+                };
+                slot.last_seen = Instant::now();
+                match event.event {
+                    Some(pb::worker_event::Event::Hello(_)) => {
+                        slot.session = Some(commands.clone());
+                        me = Some((rank, generation));
+                    }
+                    Some(pb::worker_event::Event::Heartbeat(h)) => slot.step = slot.step.max(h.step),
+                    Some(pb::worker_event::Event::Step(m)) => {
+                        slot.step = m.step;
+                        slot.loss = m.loss;
+                        slot.tokens_per_s = m.tokens_per_s;
+                        self.record_metrics(&mut s, rank, m);
+                    }
+                    Some(pb::worker_event::Event::Log(l)) => {
+                        if l.level == "error" {
+                            tracing::error!(rank, "{}", l.message);
+                        } else {
+                            tracing::warn!(rank, "{}", l.message);
+                        }
+                    }
+                    Some(pb::worker_event::Event::Finished(f)) => {
+                        slot.finished = true;
+                        slot.step = f.step;
+                        if s.ranks.iter().all(|r| r.as_ref().is_some_and(|r| r.finished)) {
+                            s.phase = Phase::Finished;
+                            finished_step = Some(f.step);
+                        }
+                    }
+                    Some(pb::worker_event::Event::Checkpoint(parts)) => to_commit = Some(parts),
+                    None => {}
+                }
+            }
+            if let Some(parts) = to_commit {
+                self.commit(parts).await;
+            }
+            if let Some(step) = finished_step {
+                let _ = self.incidents.send(Incident::AllFinished { step });
+            }
+        };
+        if let Some((rank, generation)) = me {
+            self.lost(rank, generation, reason);
+        }
+    }
+}
+
+/// The gRPC face of a [`Job`].
+#[derive(Clone)]
+pub struct Service(pub Arc<Job>);
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::Command, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let job = &self.0;
+        job.check_token(&request)?;
+        let req = request.into_inner();
+        let mut s = job.state.lock().expect("job state");
+        if matches!(s.phase, Phase::Finished | Phase::Failed) || s.generation == 0 {
+            return Err(Status::failed_precondition(format!("the job is {}", s.phase.name())));
+        }
+        let wanted = usize::try_from(req.requested_rank).ok().filter(|&r| r < s.ranks.len() && s.ranks[r].is_none());
+        let Some(rank) = wanted.or_else(|| s.ranks.iter().position(Option::is_none)) else {
+            return Err(Status::resource_exhausted(format!(
+                "all {} ranks of generation {} have joined",
+                s.ranks.len(),
+                s.generation
+            )));
+        };
+        s.ranks[rank] = Some(Rank {
+            host: req.host.clone(),
+            device: req.device.clone(),
+            step: 0,
+            loss: f64::NAN,
+            tokens_per_s: 0.0,
+            last_seen: Instant::now(),
+            session: None,
+            finished: false,
+        });
+        if s.ranks.iter().all(Option::is_some) {
+            s.phase = Phase::Rendezvous;
+        }
+        tracing::info!(rank, host = %req.host, device = %req.device, pid = req.pid, generation = s.generation, "worker joined");
+        Ok(Response::new(pb::JoinReply {
+            rank: rank as u32,
+            world_size: job.config.world_size,
+            job_spec_json: job.spec_json.clone(),
+            generation: s.generation,
+            resume: s.resume,
+            ring_key: job.ring_key ^ s.generation,
+        }))
+    }
+
+    async fn rendezvous(&self, request: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousReply>, Status> {
+        let job = &self.0;
+        job.check_token(&request)?;
+        let req = request.into_inner();
+        let mut barrier = job.barrier.subscribe();
+        {
+            let mut s = job.state.lock().expect("job state");
+            if req.generation != s.generation {
+                return Err(Status::failed_precondition(format!(
+                    "generation {} is over (the job restarted as generation {})",
+                    req.generation, s.generation
+                )));
+            }
+            let Some(slot) = s.ring.get_mut(req.rank as usize) else {
+                return Err(Status::invalid_argument(format!("rank {} is out of range", req.rank)));
+            };
+            *slot = Some(req.ring_address.clone());
+            if s.ring.iter().all(Option::is_some) && s.ranks.iter().all(Option::is_some) {
+                let addresses: Vec<String> = s.ring.iter().flatten().cloned().collect();
+                s.phase = Phase::Running;
+                tracing::info!(generation = s.generation, ?addresses, "rendezvous complete");
+                job.barrier.send_replace((s.generation, Some(addresses)));
+            }
+        }
+        let addresses = barrier
+            .wait_for(|(g, a)| *g == req.generation && a.is_some())
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
+            .1
+            .clone()
+            .expect("checked");
+        Ok(Response::new(pb::RendezvousReply { ring_addresses: addresses, nccl_unique_id: Vec::new() }))
+    }
+
+    type SessionStream = CommandStream;
+
+    async fn session(&self, request: Request<Streaming<pb::WorkerEvent>>) -> Result<Response<Self::SessionStream>, Status> {
+        self.0.check_token(&request)?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(self.0.clone().handle_session(request.into_inner(), tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        self.0.check_token(&request)?;
+        let snap = self.0.snapshot();
+        Ok(Response::new(pb::StatusReply {
+            job: snap.job,
+            state: snap.state.name().to_string(),
+            generation: snap.generation,
+            restarts: snap.restarts,
+            latest_checkpoint_step: snap.latest_checkpoint_step.unwrap_or(0),
+            ranks: snap
+                .ranks
+                .into_iter()
+                .map(|r| pb::RankStatus {
+                    rank: r.rank,
+                    host: r.host,
+                    device: r.device,
+                    step: r.step,
+                    loss: r.loss,
+                    tokens_per_s: r.tokens_per_s,
+                    last_seen_s: r.last_seen_s,
+                })
+                .collect(),
+        }))
+    }
+}

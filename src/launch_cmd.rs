@@ -1,0 +1,174 @@
+//! `chingu launch`, `chingu coordinator`, `chingu worker` and `chingu status`: the
+//! data-parallel job from a manifest, each side alone for clusters, and a look at a running job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use chingu_coordinator::launcher::{self, Launch, RANK_ENV, TOKEN_ENV};
+use chingu_coordinator::manifest::Manifest;
+use chingu_kernels::Cpu;
+use chingu_worker::checkpoint;
+use chingu_worker::remote::{self, WorkerArgs};
+
+use crate::logging::DeferredLog;
+
+/// `chingu launch` / `chingu coordinator` arguments.
+#[derive(clap::Args, Debug)]
+pub struct LaunchArgs {
+    /// The job manifest (TOML), e.g. deploy/quickstart.toml.
+    pub manifest: PathBuf,
+    /// Continue the run from its LATEST checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Sample questions to answer at the end (launch only).
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+}
+
+/// `chingu worker` arguments.
+#[derive(clap::Args, Debug)]
+pub struct WorkerCmdArgs {
+    /// Coordinator URL, e.g. http://10.0.0.1:50051. The job token comes from CHINGU_JOB_TOKEN.
+    #[arg(long)]
+    pub coordinator: String,
+    /// Address this worker's gradient ring listens on and advertises to its peers.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ring_host: String,
+}
+
+/// `chingu status` arguments.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Run directory of the job (reads RUN/status.json, which the coordinator refreshes every
+    /// second).
+    #[arg(long, default_value = "runs/quickstart")]
+    pub run: PathBuf,
+    /// Redraw every second until the job ends.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+/// Loads a manifest (before logging starts, so its log file can be opened).
+pub fn load_manifest(path: &std::path::Path) -> anyhow::Result<Manifest> {
+    Ok(Manifest::load(path)?)
+}
+
+/// Runs the coordinator, with (`launch`) or without (`coordinator`) local workers.
+pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow::Result<()> {
+    if manifest.data.prepare_embedded {
+        crate::train_cmd::ensure_data(&manifest.data.path)?;
+    }
+    manifest.check_paths()?;
+    let launch = Launch {
+        manifest: manifest.clone(),
+        resume: args.resume,
+        local_workers,
+        exe: std::env::current_exe().context("cannot find the chingu executable")?,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let outcome = runtime.block_on(launcher::run(launch))?;
+    let run_dir = &manifest.job.run;
+    if outcome.interrupted {
+        println!(
+            "stopped at step {} after a checkpoint; continue with: chingu launch {} --resume",
+            outcome.step,
+            manifest.path.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "job {} finished at step {} ({} restart(s)); checkpoints in {}",
+        manifest.job.name,
+        outcome.step,
+        outcome.restarts,
+        checkpoint::checkpoints_dir(run_dir).display()
+    );
+    if local_workers && args.samples > 0 {
+        if let Some(loaded) = checkpoint::load_latest(Cpu::<f32>::new(), run_dir)? {
+            crate::eval_cmd::print_samples(&loaded.model, &manifest.data.path, args.samples)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one worker until the job ends for it.
+pub fn worker(args: &WorkerCmdArgs, log: &DeferredLog) -> anyhow::Result<()> {
+    let token = std::env::var(TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("{TOKEN_ENV} is not set: a worker needs the job token its coordinator printed at start")
+    })?;
+    let requested_rank = match std::env::var(RANK_ENV) {
+        Ok(r) => Some(r.parse().with_context(|| format!("{RANK_ENV}={r} is not a rank"))?),
+        Err(_) => None,
+    };
+    let worker_args = WorkerArgs {
+        coordinator: args.coordinator.clone(),
+        token,
+        requested_rank,
+        ring_host: args.ring_host.clone(),
+    };
+    let mut on_joined = |joined: &remote::Joined| {
+        let path = joined.spec.run.join("logs").join(format!("worker-{}.jsonl", joined.rank));
+        if let Err(e) = log.open(&path) {
+            tracing::warn!("cannot open {}: {e}", path.display());
+        }
+    };
+    remote::run(&worker_args, &mut on_joined)?;
+    Ok(())
+}
+
+/// Prints the job's status table (from RUN/status.json).
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let path = args.run.join("status.json");
+    loop {
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("{}: no status (has a coordinator run this job?)", path.display())
+        })?;
+        let status: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let age = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        if args.watch {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{}", format_status(&status, age));
+        let state = status["state"].as_str().unwrap_or("");
+        if !args.watch || state == "finished" || state == "failed" {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The status table.
+pub fn format_status(s: &serde_json::Value, age_s: f64) -> String {
+    let mut out = format!(
+        "job {}  state {}  generation {}  restarts {}  latest checkpoint {}  (written {:.0} s ago)\n",
+        s["job"].as_str().unwrap_or("?"),
+        s["state"].as_str().unwrap_or("?"),
+        s["generation"],
+        s["restarts"],
+        s["latest_checkpoint_step"].as_u64().map_or("none".to_string(), |v| format!("step {v}")),
+        age_s
+    );
+    out.push_str(&format!(
+        "{:>4}  {:<12} {:<6} {:>8} {:>8} {:>10} {:>10}\n",
+        "rank", "host", "device", "step", "loss", "tokens/s", "last seen"
+    ));
+    for r in s["ranks"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:>4}  {:<12} {:<6} {:>8} {:>8.4} {:>10.0} {:>9.1}s\n",
+            r["rank"],
+            r["host"].as_str().unwrap_or("?"),
+            r["device"].as_str().unwrap_or("?"),
+            r["step"],
+            r["loss"].as_f64().unwrap_or(f64::NAN),
+            r["tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["last_seen_s"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    out
+}

@@ -1,0 +1,327 @@
+//! A worker process in a launched job: join the coordinator, meet the other ranks at the
+//! rendezvous, build the collective, train as one rank, and keep a session open for
+//! heartbeats, metrics and checkpoint reports (up) and commands (down).
+//!
+//! The worker holds no job state of its own beyond what a checkpoint restores. If the
+//! coordinator disappears the worker exits non-zero at once with a message saying so (a
+//! restarted coordinator resumes the job from LATEST); an `Abort` command does the same.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chingu_kernels::Cpu;
+use chingu_model::{Model, Optimizer};
+use chingu_proto::pb;
+use chingu_proto::pb::coordinator_client::CoordinatorClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::checkpoint::{self, TrainState};
+use crate::collective::{Collective, RingListener, Solo, TcpRing};
+use crate::data::Prepared;
+use crate::job::JobSpec;
+use crate::trainer::{train_parallel, Parallel, Requests, TrainEvent};
+use crate::{Result, WorkerError};
+
+/// Exit status of a worker whose coordinator went away or told it to abort.
+pub const EXIT_COORDINATOR_LOST: i32 = 3;
+/// How often the worker tells the coordinator it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long to keep trying to reach the coordinator at start-up.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+/// How long ring peers get to connect to each other.
+const RING_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to reach the job.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    /// Coordinator URL (`http://127.0.0.1:50051`).
+    pub coordinator: String,
+    /// The job token.
+    pub token: String,
+    /// The rank a local launcher assigned (None: any free rank).
+    pub requested_rank: Option<u32>,
+    /// Address this worker's ring listener binds and advertises (`127.0.0.1`).
+    pub ring_host: String,
+}
+
+/// What the worker learnt at `Join`.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// Rank.
+    pub rank: u32,
+    /// World size.
+    pub world_size: u32,
+    /// The job.
+    pub spec: JobSpec,
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, Authorize>>;
+
+/// Adds the job token to every call.
+#[derive(Clone)]
+pub struct Authorize(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Connects to the coordinator (retrying for a while: it may still be starting).
+pub async fn connect(url: &str, token: &str) -> Result<Client> {
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| WorkerError::Training("the job token has characters HTTP headers cannot carry".into()))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| WorkerError::Training(format!("bad coordinator URL {url}: {e}")))?;
+    let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(CoordinatorClient::with_interceptor(channel, Authorize(bearer))),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(WorkerError::Training(format!("cannot reach the coordinator at {url}: {e}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
+    WorkerError::Training(format!("coordinator refused {what}: {} ({:?})", status.message(), status.code()))
+}
+
+/// Runs one worker to the end of the job; returns the last step done. `on_joined` learns the
+/// rank and job as soon as they are known (to open the per-rank log file).
+pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Training(format!("cannot start the async runtime: {e}")))?;
+    let mut client = runtime.block_on(connect(&args.coordinator, &args.token))?;
+    let join = runtime
+        .block_on(client.join(pb::JoinRequest {
+            host: hostname(),
+            device: "cpu".into(),
+            capabilities: vec!["cpu".into(), "tcp-ring".into()],
+            requested_rank: args.requested_rank.map_or(-1, |r| r as i32),
+            pid: std::process::id(),
+        }))
+        .map_err(|s| rpc_error("join", s))?
+        .into_inner();
+    let spec: JobSpec = serde_json::from_str(&join.job_spec_json)
+        .map_err(|e| WorkerError::Training(format!("the coordinator sent a job spec this worker cannot read: {e}")))?;
+    let joined = Joined { rank: join.rank, world_size: join.world_size, spec: spec.clone() };
+    on_joined(&joined);
+    let (rank, world, generation) = (join.rank, join.world_size, join.generation);
+    tracing::info!(rank, world, generation, resume = join.resume, job = %spec.name, "joined");
+
+    // Rendezvous: publish this rank's ring address, learn everyone's.
+    let listener = RingListener::bind(SocketAddr::new(
+        args.ring_host.parse().map_err(|e| WorkerError::Training(format!("bad ring host {}: {e}", args.ring_host)))?,
+        0,
+    ))
+    .map_err(|e| WorkerError::io(&PathBuf::from(&args.ring_host), e))?;
+    let meet = runtime
+        .block_on(client.rendezvous(pb::RendezvousRequest {
+            rank,
+            generation,
+            ring_address: listener.local_addr().to_string(),
+            nccl_unique_id: Vec::new(),
+        }))
+        .map_err(|s| rpc_error("rendezvous", s))?
+        .into_inner();
+    let peers: Vec<SocketAddr> = meet
+        .ring_addresses
+        .iter()
+        .map(|a| a.parse().map_err(|e| WorkerError::Training(format!("bad peer address {a}: {e}"))))
+        .collect::<Result<_>>()?;
+    let mut collective: Box<dyn Collective> = if world == 1 {
+        Box::new(Solo)
+    } else {
+        Box::new(
+            TcpRing::connect(listener, rank as usize, &peers, join.ring_key, RING_TIMEOUT)
+                .map_err(|e| WorkerError::Training(format!("ring: {e}")))?,
+        )
+    };
+
+    // The session: events up through a channel, commands down into flags.
+    let (events, event_rx) = mpsc::unbounded_channel::<pb::WorkerEvent>();
+    let send = {
+        let events = events.clone();
+        move |event: pb::worker_event::Event| {
+            let _ = events.send(pb::WorkerEvent { rank, generation, event: Some(event) });
+        }
+    };
+    send(pb::worker_event::Event::Hello(pb::Hello {}));
+    let commands = runtime
+        .block_on(client.session(UnboundedReceiverStream::new(event_rx)))
+        .map_err(|s| rpc_error("session", s))?
+        .into_inner();
+    let flags = Arc::new(Flags::default());
+    let reader = runtime.spawn(read_commands(commands, flags.clone()));
+    let heartbeat = {
+        let (send, flags) = (send.clone(), flags.clone());
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            loop {
+                tick.tick().await;
+                let step = flags.step.load(Ordering::Relaxed);
+                send(pb::worker_event::Event::Heartbeat(pb::Heartbeat { step }));
+            }
+        })
+    };
+
+    let threads = if spec.threads > 0 {
+        spec.threads
+    } else {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / world as usize).max(1)
+    };
+    if spec.backend == "cuda" {
+        return Err(WorkerError::Training(
+            "this build has no CUDA backend yet; set workers.backend = \"cpu\" or \"auto\"".into(),
+        ));
+    }
+    if spec.backend == "auto" {
+        tracing::info!("no CUDA backend in this build: training on the CPU");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| WorkerError::Training(format!("thread pool: {e}")))?;
+    let data = Prepared::open(&spec.data)?;
+    let tokenizer = data.tokenizer_path();
+    let options = spec.train_options(join.resume);
+    let outcome = pool.install(|| {
+        let mut requests = || Requests {
+            checkpoint: flags.checkpoint.swap(false, Ordering::Relaxed),
+            stop: flags.stop.load(Ordering::Relaxed),
+        };
+        let mut write = |model: &Model<Cpu<f32>>, optimizer: &Optimizer<Cpu<f32>>, state: TrainState| {
+            if rank != 0 {
+                return Ok(None);
+            }
+            let staged = checkpoint::write_parts(&spec.run, state.step, model, optimizer, &tokenizer)?;
+            let state_json = serde_json::to_string(&state).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+            send(pb::worker_event::Event::Checkpoint(pb::CheckpointParts {
+                step: state.step,
+                dir: staged.dir.display().to_string(),
+                state_json,
+                parts: staged
+                    .parts
+                    .iter()
+                    .map(|p| pb::Part { name: p.name.clone(), sha256: p.sha256.clone(), bytes: p.bytes })
+                    .collect(),
+            }));
+            // Where the checkpoint lands once the coordinator commits it.
+            Ok(Some(staged.dir.with_extension("")))
+        };
+        let mut observer = |event: &TrainEvent| match event {
+            TrainEvent::Started { step, parameters, resumed_from, records } => {
+                flags.step.store(*step, Ordering::Relaxed);
+                tracing::info!(rank, step, parameters, records, resumed_from = ?resumed_from, threads, "training");
+            }
+            TrainEvent::Step(r) => {
+                flags.step.store(r.step, Ordering::Relaxed);
+                if r.step % 50 == 0 || r.step == 1 {
+                    tracing::info!(
+                        step = r.step,
+                        loss = format!("{:.4}", r.loss),
+                        tokens_per_s = format!("{:.0}", r.tokens_per_s),
+                        allreduce_ms = format!("{:.1}", r.allreduce_s * 1e3),
+                        "train"
+                    );
+                }
+                send(pb::worker_event::Event::Step(pb::StepMetrics {
+                    step: r.step,
+                    epoch: r.epoch,
+                    loss: r.loss,
+                    tokens: r.tokens as u64,
+                    tokens_per_s: r.tokens_per_s,
+                    allreduce_s: r.allreduce_s,
+                    step_s: r.step_s,
+                    grad_norm: r.grad_norm,
+                    lr: r.lr,
+                }));
+            }
+            TrainEvent::Validation { step, loss } => tracing::info!(step, valid_loss = loss, "validation"),
+            TrainEvent::Checkpoint { .. } => {}
+        };
+        let parallel = Parallel {
+            collective: collective.as_mut(),
+            accumulate: spec.accumulate,
+            requests: &mut requests,
+            checkpoint: &mut write,
+        };
+        train_parallel(Cpu::<f32>::new(), &options, parallel, &mut observer)
+    });
+    heartbeat.abort();
+    let result = match outcome {
+        Ok(outcome) => {
+            flags.finished.store(true, Ordering::Relaxed);
+            send(pb::worker_event::Event::Finished(pb::Finished { step: outcome.step }));
+            Ok(outcome.step)
+        }
+        Err(e) => {
+            flags.finished.store(true, Ordering::Relaxed);
+            send(pb::worker_event::Event::Log(pb::LogLine { level: "error".into(), message: e.to_string() }));
+            Err(e)
+        }
+    };
+    // Close the event stream and let the coordinator see everything before exiting.
+    drop(send);
+    drop(events);
+    let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), reader).await });
+    result
+}
+
+#[derive(Default)]
+struct Flags {
+    checkpoint: AtomicBool,
+    stop: AtomicBool,
+    finished: AtomicBool,
+    step: AtomicU64,
+}
+
+async fn read_commands(mut commands: tonic::Streaming<pb::Command>, flags: Arc<Flags>) {
+    loop {
+        let lost = match commands.message().await {
+            Ok(Some(pb::Command { command: Some(command) })) => {
+                match command {
+                    pb::command::Command::Checkpoint(_) => flags.checkpoint.store(true, Ordering::Relaxed),
+                    pb::command::Command::Stop(s) => {
+                        tracing::info!(reason = %s.reason, "stop requested: checkpoint at the next step, then exit");
+                        flags.stop.store(true, Ordering::Relaxed);
+                    }
+                    pb::command::Command::Abort(a) => {
+                        tracing::error!(reason = %a.reason, "the coordinator aborted this worker");
+                        std::process::exit(EXIT_COORDINATOR_LOST);
+                    }
+                }
+                continue;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => "closed the session".to_string(),
+            Err(status) => format!("broke the session: {}", status.message()),
+        };
+        if flags.finished.load(Ordering::Relaxed) {
+            return;
+        }
+        tracing::error!("the coordinator {lost}; exiting (a restarted coordinator resumes the job from its LATEST checkpoint)");
+        std::process::exit(EXIT_COORDINATOR_LOST);
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
