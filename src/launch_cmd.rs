@@ -95,7 +95,9 @@ pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow
 /// Runs one worker until the job ends for it.
 pub fn worker(args: &WorkerCmdArgs, log: &DeferredLog) -> anyhow::Result<()> {
     let token = std::env::var(TOKEN_ENV).map_err(|_| {
-        anyhow::anyhow!("{TOKEN_ENV} is not set: a worker needs the job token its coordinator printed at start")
+        anyhow::anyhow!(
+            "{TOKEN_ENV} is not set: a worker needs the job token its coordinator printed at start"
+        )
     })?;
     let requested_rank = match std::env::var(RANK_ENV) {
         Ok(r) => Some(r.parse().with_context(|| format!("{RANK_ENV}={r} is not a rank"))?),
@@ -124,8 +126,8 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!("{}: no status (has a coordinator run this job?)", path.display())
         })?;
-        let status: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let status: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let age = std::fs::metadata(&path)
             .and_then(|m| m.modified())
             .ok()

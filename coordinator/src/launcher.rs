@@ -60,7 +60,8 @@ pub struct Outcome {
 
 /// The job spec of a manifest, with paths made absolute against the current directory.
 pub fn job_spec(m: &Manifest) -> Result<JobSpec, LaunchError> {
-    let cwd = std::env::current_dir().map_err(|e| LaunchError::Job(format!("current directory: {e}")))?;
+    let cwd =
+        std::env::current_dir().map_err(|e| LaunchError::Job(format!("current directory: {e}")))?;
     let schedule = match m.train.schedule.as_str() {
         "cosine" => Schedule::WarmupCosine {
             warmup: m.train.warmup,
@@ -143,22 +144,30 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
     };
     let job = Job::new(config, token.clone(), random_u64(), incident_tx);
 
-    let listener = tokio::net::TcpListener::bind(m.coordinator.address)
-        .await
-        .map_err(|e| LaunchError::Job(format!("cannot listen on {} (coordinator.address in {}): {e}", m.coordinator.address, m.path.display())))?;
+    let listener = tokio::net::TcpListener::bind(m.coordinator.address).await.map_err(|e| {
+        LaunchError::Job(format!(
+            "cannot listen on {} (coordinator.address in {}): {e}",
+            m.coordinator.address,
+            m.path.display()
+        ))
+    })?;
     let address = listener.local_addr().map_err(|e| LaunchError::Job(e.to_string()))?;
     let url = format!("http://{address}");
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::coordinator_server::CoordinatorServer::new(Service(job.clone())))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = server_stopped.await;
-            }),
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = server_stopped.await;
+                },
+            ),
     );
     write_atomic(
         &spec.run.join("coordinator.json"),
-        &serde_json::json!({ "address": url, "pid": std::process::id(), "job": spec.name }).to_string(),
+        &serde_json::json!({ "address": url, "pid": std::process::id(), "job": spec.name })
+            .to_string(),
     );
     tracing::info!(job = %spec.name, %url, world, run = %spec.run.display(), "coordinator listening");
     if !launch.local_workers {
@@ -180,7 +189,11 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
             for rank in 0..world {
                 match spawn_worker(&launch.exe, &url, &token, rank) {
                     Ok(child) => children.push(child),
-                    Err(e) => break 'generations Err(LaunchError::Job(format!("cannot start worker {rank}: {e}"))),
+                    Err(e) => {
+                        break 'generations Err(LaunchError::Job(format!(
+                            "cannot start worker {rank}: {e}"
+                        )))
+                    }
                 }
             }
             for (rank, child) in children.iter_mut().enumerate() {
@@ -191,15 +204,18 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
         for (rank, mut child) in children.drain(..).enumerate() {
             let exit_tx = exit_tx.clone();
             let (kill_tx, mut kill_rx) = tokio::sync::oneshot::channel::<()>();
-            watchers.push((kill_tx, tokio::spawn(async move {
-                let status = tokio::select! {
-                    status = child.wait() => status,
-                    _ = &mut kill_rx => { let _ = child.kill().await; child.wait().await }
-                };
-                if let Ok(status) = status {
-                    let _ = exit_tx.send((rank as u32, status));
-                }
-            })));
+            watchers.push((
+                kill_tx,
+                tokio::spawn(async move {
+                    let status = tokio::select! {
+                        status = child.wait() => status,
+                        _ = &mut kill_rx => { let _ = child.kill().await; child.wait().await }
+                    };
+                    if let Ok(status) = status {
+                        let _ = exit_tx.send((rank as u32, status));
+                    }
+                }),
+            ));
         }
         drop(exit_tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -268,16 +284,31 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
                 let restarts = job.snapshot().restarts;
                 if stopping || restarts >= m.restart.max_restarts {
                     job.set_phase(Phase::Failed);
-                    let why = if stopping { "while stopping".to_string() } else { format!("after {restarts} restart(s) (restart.max_restarts = {})", m.restart.max_restarts) };
+                    let why = if stopping {
+                        "while stopping".to_string()
+                    } else {
+                        format!(
+                            "after {restarts} restart(s) (restart.max_restarts = {})",
+                            m.restart.max_restarts
+                        )
+                    };
                     break Err(LaunchError::Job(format!("job failed {why}: {reason}")));
                 }
-                tracing::warn!(generation, restart = restarts + 1, max_restarts = m.restart.max_restarts, "{reason}; restarting every worker from LATEST");
+                tracing::warn!(
+                    generation,
+                    restart = restarts + 1,
+                    max_restarts = m.restart.max_restarts,
+                    "{reason}; restarting every worker from LATEST"
+                );
                 resume = checkpoint::has_checkpoints(&spec.run);
                 restart = true;
             }
         }
     };
-    write_atomic(&spec.run.join("status.json"), &serde_json::to_string_pretty(&job.snapshot()).unwrap_or_default());
+    write_atomic(
+        &spec.run.join("status.json"),
+        &serde_json::to_string_pretty(&job.snapshot()).unwrap_or_default(),
+    );
     let _ = stop_server.send(());
     let _ = server.await;
     result
@@ -306,4 +337,3 @@ fn forward_stderr(child: &mut Child, rank: u32) {
         });
     }
 }
-

@@ -849,11 +849,7 @@ impl Doc<'_> {
             weight_decay: self
                 .number(s, "weight_decay", non_negative, "must not be negative")?
                 .map_or(d.weight_decay, |x| x as f32),
-            clip_norm: match clip {
-                Some(x) if x == 0.0 => None,
-                Some(x) => Some(x as f32),
-                None => d.clip_norm,
-            },
+            clip_norm: clip.map_or(d.clip_norm, |x| (x > 0.0).then_some(x as f32)),
             eval_every: self.unsigned(s, "eval_every", 0)?.unwrap_or(d.eval_every),
             threads: self.size(s, "threads", 0)?.unwrap_or(d.threads),
         })
@@ -919,14 +915,14 @@ fn found(expected: &str, value: &Value<'_>) -> String {
     format!("must be {expected}, found {}", value.get_ref().type_str())
 }
 
-/// "; did you mean `x`?" for the allowed name closest to `name`, when one is close.
+/// " (did you mean `x`?)" for the allowed name closest to `name`, when one is close.
 fn suggestion(name: &str, allowed: &[&str]) -> String {
     allowed
         .iter()
         .map(|a| (edit_distance(name, a), a))
         .filter(|(d, a)| *d <= 2.max(a.len() / 4))
         .min()
-        .map_or(String::new(), |(_, a)| format!("; did you mean `{a}`?"))
+        .map_or(String::new(), |(_, a)| format!(" (did you mean `{a}`?)"))
 }
 
 /// Levenshtein distance over characters, with adjacent swaps costing one (as typos do).
@@ -936,8 +932,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {

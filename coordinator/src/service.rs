@@ -276,7 +276,11 @@ impl Job {
             Some(got) if got == expected => Ok(()),
             got => {
                 let from = request.remote_addr().map_or("unknown".to_string(), |a| a.to_string());
-                tracing::warn!(from, token_present = got.is_some(), "rejected a call with a wrong or missing job token");
+                tracing::warn!(
+                    from,
+                    token_present = got.is_some(),
+                    "rejected a call with a wrong or missing job token"
+                );
                 Err(Status::unauthenticated("wrong or missing job token"))
             }
         }
@@ -330,7 +334,10 @@ impl Job {
         let state: TrainState = match serde_json::from_str(&parts.state_json) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(step = parts.step, "checkpoint state from rank 0 is unreadable: {e}");
+                tracing::error!(
+                    step = parts.step,
+                    "checkpoint state from rank 0 is unreadable: {e}"
+                );
                 return;
             }
         };
@@ -361,7 +368,11 @@ impl Job {
         }
     }
 
-    async fn handle_session(self: Arc<Self>, mut events: Streaming<pb::WorkerEvent>, commands: mpsc::Sender<Result<pb::Command, Status>>) {
+    async fn handle_session(
+        self: Arc<Self>,
+        mut events: Streaming<pb::WorkerEvent>,
+        commands: mpsc::Sender<Result<pb::Command, Status>>,
+    ) {
         let mut me: Option<(u32, u64)> = None;
         let reason = loop {
             let event = match events.next().await {
@@ -386,7 +397,9 @@ impl Job {
                         slot.session = Some(commands.clone());
                         me = Some((rank, generation));
                     }
-                    Some(pb::worker_event::Event::Heartbeat(h)) => slot.step = slot.step.max(h.step),
+                    Some(pb::worker_event::Event::Heartbeat(h)) => {
+                        slot.step = slot.step.max(h.step)
+                    }
                     Some(pb::worker_event::Event::Step(m)) => {
                         slot.step = m.step;
                         slot.loss = m.loss;
@@ -433,7 +446,10 @@ type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::Command, Status>> + Se
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for Service {
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
         let job = &self.0;
         job.check_token(&request)?;
         let req = request.into_inner();
@@ -441,7 +457,9 @@ impl pb::coordinator_server::Coordinator for Service {
         if matches!(s.phase, Phase::Finished | Phase::Failed) || s.generation == 0 {
             return Err(Status::failed_precondition(format!("the job is {}", s.phase.name())));
         }
-        let wanted = usize::try_from(req.requested_rank).ok().filter(|&r| r < s.ranks.len() && s.ranks[r].is_none());
+        let wanted = usize::try_from(req.requested_rank)
+            .ok()
+            .filter(|&r| r < s.ranks.len() && s.ranks[r].is_none());
         let Some(rank) = wanted.or_else(|| s.ranks.iter().position(Option::is_none)) else {
             return Err(Status::resource_exhausted(format!(
                 "all {} ranks of generation {} have joined",
@@ -473,7 +491,10 @@ impl pb::coordinator_server::Coordinator for Service {
         }))
     }
 
-    async fn rendezvous(&self, request: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousReply>, Status> {
+    async fn rendezvous(
+        &self,
+        request: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousReply>, Status> {
         let job = &self.0;
         job.check_token(&request)?;
         let req = request.into_inner();
@@ -504,19 +525,28 @@ impl pb::coordinator_server::Coordinator for Service {
             .1
             .clone()
             .expect("checked");
-        Ok(Response::new(pb::RendezvousReply { ring_addresses: addresses, nccl_unique_id: Vec::new() }))
+        Ok(Response::new(pb::RendezvousReply {
+            ring_addresses: addresses,
+            nccl_unique_id: Vec::new(),
+        }))
     }
 
     type SessionStream = CommandStream;
 
-    async fn session(&self, request: Request<Streaming<pb::WorkerEvent>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::WorkerEvent>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         self.0.check_token(&request)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(self.0.clone().handle_session(request.into_inner(), tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
-    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
         self.0.check_token(&request)?;
         let snap = self.0.snapshot();
         Ok(Response::new(pb::StatusReply {

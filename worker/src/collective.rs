@@ -42,9 +42,9 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -755,7 +755,11 @@ fn greet(
     stream
         .write_all(&reply(status, me.rank, me.world))
         .map_err(|e| format!("cannot answer its handshake: {e}"))?;
-    if status == ACCEPTED { Ok(stream) } else { Err(reason) }
+    if status == ACCEPTED {
+        Ok(stream)
+    } else {
+        Err(reason)
+    }
 }
 
 /// Records `err` unless an earlier error is already the cause, and shuts both sockets down so the

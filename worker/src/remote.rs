@@ -76,17 +76,21 @@ impl tonic::service::Interceptor for Authorize {
 
 /// Connects to the coordinator (retrying for a while: it may still be starting).
 pub async fn connect(url: &str, token: &str) -> Result<Client> {
-    let bearer = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| WorkerError::Training("the job token has characters HTTP headers cannot carry".into()))?;
+    let bearer = format!("Bearer {token}").parse().map_err(|_| {
+        WorkerError::Training("the job token has characters HTTP headers cannot carry".into())
+    })?;
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| WorkerError::Training(format!("bad coordinator URL {url}: {e}")))?;
     let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
     loop {
         match endpoint.connect().await {
-            Ok(channel) => return Ok(CoordinatorClient::with_interceptor(channel, Authorize(bearer))),
+            Ok(channel) => {
+                return Ok(CoordinatorClient::with_interceptor(channel, Authorize(bearer)))
+            }
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(WorkerError::Training(format!("cannot reach the coordinator at {url}: {e}")));
+                return Err(WorkerError::Training(format!(
+                    "cannot reach the coordinator at {url}: {e}"
+                )));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -94,7 +98,11 @@ pub async fn connect(url: &str, token: &str) -> Result<Client> {
 }
 
 fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
-    WorkerError::Training(format!("coordinator refused {what}: {} ({:?})", status.message(), status.code()))
+    WorkerError::Training(format!(
+        "coordinator refused {what}: {} ({:?})",
+        status.message(),
+        status.code()
+    ))
 }
 
 /// Runs one worker to the end of the job; returns the last step done. `on_joined` learns the
@@ -116,8 +124,11 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         }))
         .map_err(|s| rpc_error("join", s))?
         .into_inner();
-    let spec: JobSpec = serde_json::from_str(&join.job_spec_json)
-        .map_err(|e| WorkerError::Training(format!("the coordinator sent a job spec this worker cannot read: {e}")))?;
+    let spec: JobSpec = serde_json::from_str(&join.job_spec_json).map_err(|e| {
+        WorkerError::Training(format!(
+            "the coordinator sent a job spec this worker cannot read: {e}"
+        ))
+    })?;
     let joined = Joined { rank: join.rank, world_size: join.world_size, spec: spec.clone() };
     on_joined(&joined);
     let (rank, world, generation) = (join.rank, join.world_size, join.generation);
@@ -125,7 +136,9 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
 
     // Rendezvous: publish this rank's ring address, learn everyone's.
     let listener = RingListener::bind(SocketAddr::new(
-        args.ring_host.parse().map_err(|e| WorkerError::Training(format!("bad ring host {}: {e}", args.ring_host)))?,
+        args.ring_host
+            .parse()
+            .map_err(|e| WorkerError::Training(format!("bad ring host {}: {e}", args.ring_host)))?,
         0,
     ))
     .map_err(|e| WorkerError::io(&PathBuf::from(&args.ring_host), e))?;
@@ -272,7 +285,10 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         }
         Err(e) => {
             flags.finished.store(true, Ordering::Relaxed);
-            send(pb::worker_event::Event::Log(pb::LogLine { level: "error".into(), message: e.to_string() }));
+            send(pb::worker_event::Event::Log(pb::LogLine {
+                level: "error".into(),
+                message: e.to_string(),
+            }));
             Err(e)
         }
     };
@@ -296,7 +312,9 @@ async fn read_commands(mut commands: tonic::Streaming<pb::Command>, flags: Arc<F
         let lost = match commands.message().await {
             Ok(Some(pb::Command { command: Some(command) })) => {
                 match command {
-                    pb::command::Command::Checkpoint(_) => flags.checkpoint.store(true, Ordering::Relaxed),
+                    pb::command::Command::Checkpoint(_) => {
+                        flags.checkpoint.store(true, Ordering::Relaxed)
+                    }
                     pb::command::Command::Stop(s) => {
                         tracing::info!(reason = %s.reason, "stop requested: checkpoint at the next step, then exit");
                         flags.stop.store(true, Ordering::Relaxed);

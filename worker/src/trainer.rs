@@ -279,14 +279,19 @@ pub fn train_parallel<B: Backend + Clone>(
             if i > 0 {
                 // Keep the slots so far aside; this slot's gradient is computed fresh.
                 if spare_grads.is_empty() {
-                    spare_grads = model.grads.iter().map(|g| model.backend.zeros(model.backend.len(g))).collect();
+                    spare_grads = model
+                        .grads
+                        .iter()
+                        .map(|g| model.backend.zeros(model.backend.len(g)))
+                        .collect();
                 }
                 std::mem::swap(&mut spare_grads, &mut model.grads);
             }
             model.zero_grads();
             if let Some(records) = slots.get(slot) {
                 let batch = make_batch(&data.train, records, specials);
-                let slot_seed = if slot == 0 { seed } else { seed ^ chingu_kernels::rng::mix(slot as u64) };
+                let slot_seed =
+                    if slot == 0 { seed } else { seed ^ chingu_kernels::rng::mix(slot as u64) };
                 let stats = model
                     .forward_backward(&batch, slot_seed, step)
                     .map_err(|e| non_finite(step, e))?;
@@ -341,7 +346,11 @@ pub fn train_parallel<B: Backend + Clone>(
         tracing::info!(target: "chingu::train::step", step, epoch = cursor.epoch, loss, tokens = group_targets, tokens_per_s = report.tokens_per_s, grad_norm = info.grad_norm, lr = info.lr, allreduce_s, step_s = seconds);
         observer(&TrainEvent::Step(report));
 
-        if rank == 0 && opts.eval_every > 0 && step % opts.eval_every == 0 && !valid_records.is_empty() {
+        if rank == 0
+            && opts.eval_every > 0
+            && step % opts.eval_every == 0
+            && !valid_records.is_empty()
+        {
             let loss = eval::teacher_forced(
                 &model,
                 &data.valid,
