@@ -44,6 +44,9 @@ pub struct StatusArgs {
     /// second).
     #[arg(long, default_value = "runs/quickstart")]
     pub run: PathBuf,
+    /// Ask a coordinator instead (its Status call; the job token comes from CHINGU_JOB_TOKEN).
+    #[arg(long, conflicts_with = "run")]
+    pub coordinator: Option<String>,
     /// Redraw every second until the job ends.
     #[arg(long)]
     pub watch: bool,
@@ -123,16 +126,22 @@ pub fn worker(args: &WorkerCmdArgs, log: &DeferredLog) -> anyhow::Result<()> {
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let path = args.run.join("status.json");
     loop {
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("{}: no status (has a coordinator run this job?)", path.display())
-        })?;
-        let status: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let age = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .map_or(0.0, |d| d.as_secs_f64());
+        let (status, age) = match &args.coordinator {
+            Some(url) => (status_from_coordinator(url)?, 0.0),
+            None => {
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!("{}: no status (has a coordinator run this job?)", path.display())
+                })?;
+                let status: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not valid JSON", path.display()))?;
+                let age = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .map_or(0.0, |d| d.as_secs_f64());
+                (status, age)
+            }
+        };
         if args.watch {
             print!("\x1b[2J\x1b[H");
         }
@@ -143,6 +152,33 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// The Status call of a running coordinator, in the shape of RUN/status.json.
+fn status_from_coordinator(url: &str) -> anyhow::Result<serde_json::Value> {
+    let token = std::env::var(TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("{TOKEN_ENV} is not set: the Status call needs the job token")
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = runtime.block_on(async {
+        let mut client = remote::connect(url, &token).await?;
+        client
+            .status(chingu_proto::pb::StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))
+    })?;
+    Ok(serde_json::json!({
+        "job": reply.job,
+        "state": reply.state,
+        "generation": reply.generation,
+        "restarts": reply.restarts,
+        "latest_checkpoint_step": (reply.latest_checkpoint_step > 0).then_some(reply.latest_checkpoint_step),
+        "ranks": reply.ranks.iter().map(|r| serde_json::json!({
+            "rank": r.rank, "host": r.host, "device": r.device, "step": r.step,
+            "loss": r.loss, "tokens_per_s": r.tokens_per_s, "last_seen_s": r.last_seen_s,
+        })).collect::<Vec<_>>(),
+    }))
 }
 
 /// The status table.

@@ -177,6 +177,41 @@ fn two_workers_equal_one_worker_accumulating_two_batches() {
             "{log} is empty"
         );
     }
+    // The run is an ordinary run for the other commands.
+    let table = ok(chingu().arg("status").arg("--run").arg(two.join("run")).output().unwrap());
+    assert!(table.contains("state finished"), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.trim_start().starts_with(['0', '1'])).count(),
+        2,
+        "{table}"
+    );
+    // (12 steps teach no answers; loading and generating from the launched run must work.)
+    ok(chingu()
+        .args(["ask", "--run"])
+        .arg(two.join("run"))
+        .arg("3에 4를 더하면 얼마예요?")
+        .output()
+        .unwrap());
+}
+
+#[test]
+fn sigterm_checkpoints_and_stops_then_resume_ends_bit_identical() {
+    let expected = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest(tmp.path(), &LONG);
+    let run = tmp.path().join("run");
+    let mut child = spawn_launch(&m);
+    wait_for_latest(&run, 20, &mut child);
+    signal(child.id(), "-TERM");
+    let stdout = ok(child.wait_with_output().unwrap());
+    assert!(stdout.contains("stopped at step"), "{stdout}");
+    let stopped = latest(&run).unwrap();
+    assert!((20..LONG.steps).contains(&stopped), "stopped at {stopped}");
+    ok(launch(&m, true));
+    assert!(
+        &tensors(&run, LONG.steps) == expected,
+        "final checkpoint differs from the uninterrupted run"
+    );
 }
 
 #[test]

@@ -309,9 +309,24 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
         &spec.run.join("status.json"),
         &serde_json::to_string_pretty(&job.snapshot()).unwrap_or_default(),
     );
+    // The coordinator's own CPU time (this process; workers are separate processes): the
+    // benchmark divides it by the steps to show the coordinator's cost per step.
+    if let Some(cpu_s) = own_cpu_seconds() {
+        tracing::info!(cpu_s, ok = result.is_ok(), "coordinator done");
+    }
     let _ = stop_server.send(());
     let _ = server.await;
     result
+}
+
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`).
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn spawn_worker(exe: &Path, url: &str, token: &str, rank: u32) -> std::io::Result<Child> {
@@ -322,6 +337,9 @@ fn spawn_worker(exe: &Path, url: &str, token: &str, rank: u32) -> std::io::Resul
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        // Their own process group: a terminal's Ctrl-C reaches only the coordinator, which
+        // stops the workers after a checkpoint instead of losing the step in flight.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
 }

@@ -314,6 +314,7 @@ impl Job {
                 "tokens_per_s": all.iter().map(|m| m.tokens_per_s).sum::<f64>(),
                 "tokens_per_s_by_rank": all.iter().map(|m| m.tokens_per_s).collect::<Vec<_>>(),
                 "allreduce_s": all.iter().map(|m| m.allreduce_s).fold(0.0, f64::max),
+                "allreduce_exposed_s": all.iter().map(|m| m.allreduce_exposed_s).fold(0.0, f64::max),
                 "step_s": all.iter().map(|m| m.step_s).fold(0.0, f64::max),
                 "grad_norm": all[0].grad_norm,
                 "lr": all[0].lr,

@@ -11,7 +11,7 @@ pub mod transformer;
 pub use config::{Activation, Config, NormPlacement, Positions};
 pub use optim::{Optimizer, OptimizerSettings, Schedule};
 pub use params::Layout;
-pub use transformer::{Batch, LossStats, Model};
+pub use transformer::{Batch, LossStats, Model, StageHook};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -83,6 +83,9 @@ pub struct LossStats {
     pub tokens: usize,
 }
 
+/// Called after each backward stage: (stage index, backend, every gradient).
+pub type StageHook<'a, B> = dyn FnMut(usize, &B, &mut [<B as Backend>::Buf]) + 'a;
+
 /// Sinusoidal positions `[max_len, D]`: `PE[p, 2i] = sin(p / 10000^(2i/D))`, `PE[p, 2i+1] = cos(…)`.
 pub fn sinusoidal_positions(max_len: usize, d: usize) -> Vec<f64> {
     let mut pe = vec![0.0; max_len * d];
@@ -587,10 +590,47 @@ impl<B: Backend> Model<B> {
     /// Forward and backward: returns the loss and **adds** the gradients into `self.grads`.
     /// Dropout (when the config has it) is keyed by `seed` and `step`.
     pub fn forward_backward(&mut self, batch: &Batch, seed: u64, step: u64) -> Result<LossStats> {
+        self.forward_backward_staged(batch, seed, step, &mut |_, _, _| {})
+    }
+
+    /// [`Model::forward_backward`], calling `on_stage(s, backend, grads)` as soon as stage `s`
+    /// of [`Model::backward_stages`] is done — its gradients final — so a data-parallel
+    /// trainer can start all-reducing them while the rest of the backward pass runs.
+    pub fn forward_backward_staged(
+        &mut self,
+        batch: &Batch,
+        seed: u64,
+        step: u64,
+        on_stage: &mut StageHook<'_, B>,
+    ) -> Result<LossStats> {
         let drop = DropoutCtx { p: self.config.dropout, seed, step };
         let (stats, acts) = self.run_forward(batch, drop)?;
-        self.backward(batch, acts, drop);
+        self.backward(batch, acts, drop, on_stage);
         Ok(stats)
+    }
+
+    /// The stages of the backward pass in the order they finish, each listing the parameters
+    /// whose gradients are final once it is done: the output side (untied output projection,
+    /// decoder's final norm), each decoder layer from the top, the encoder's final norm, each
+    /// encoder layer from the top, then the rest (embeddings, learned positions).
+    pub fn backward_stages(&self) -> Vec<Vec<usize>> {
+        let named = |prefix: &str| -> Vec<usize> {
+            (0..self.layout.specs.len())
+                .filter(|&i| self.layout.specs[i].name.starts_with(prefix))
+                .collect()
+        };
+        let mut stages =
+            vec![self.layout.lm_head.into_iter().chain(named("decoder.ln_f.")).collect::<Vec<_>>()];
+        for l in (0..self.layout.decoder.len()).rev() {
+            stages.push(named(&format!("decoder.layers.{l}.")));
+        }
+        stages.push(named("encoder.ln_f."));
+        for l in (0..self.layout.encoder.len()).rev() {
+            stages.push(named(&format!("encoder.layers.{l}.")));
+        }
+        let listed: std::collections::BTreeSet<usize> = stages.iter().flatten().copied().collect();
+        stages.push((0..self.layout.specs.len()).filter(|i| !listed.contains(i)).collect());
+        stages
     }
 
     // --- backward ------------------------------------------------------------------------
@@ -733,7 +773,18 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    fn backward(&mut self, batch: &Batch, acts: Activations<B>, dropout: DropoutCtx) {
+    fn backward(
+        &mut self,
+        batch: &Batch,
+        acts: Activations<B>,
+        dropout: DropoutCtx,
+        on_stage: &mut StageHook<'_, B>,
+    ) {
+        let mut stage = 0;
+        let mut done = |model: &mut Self| {
+            on_stage(stage, &model.backend, &mut model.grads);
+            stage += 1;
+        };
         let c = self.config.clone();
         let d = c.d_model;
         let (ns, nt) = (batch.batch * batch.src_len, batch.batch * batch.tgt_len);
@@ -774,6 +825,7 @@ impl<B: Backend> Model<B> {
             }
             _ => d_y,
         };
+        done(self);
         let mut d_memory = self.backend.zeros(ns * d);
         let layers = self.layout.decoder.clone();
         for (l, layer) in layers.iter().enumerate().rev() {
@@ -802,6 +854,7 @@ impl<B: Backend> Model<B> {
                 dropout,
                 None,
             );
+            done(self);
         }
         dropout.apply(&self.backend, &mut d_x, 2);
         let emb = self.layout.embed;
@@ -822,6 +875,7 @@ impl<B: Backend> Model<B> {
             }
             _ => d_memory,
         };
+        done(self);
         let layers = self.layout.encoder.clone();
         for (l, layer) in layers.iter().enumerate().rev() {
             let blocks = &enc_blocks[2 * l..2 * l + 2];
@@ -841,6 +895,7 @@ impl<B: Backend> Model<B> {
                 dropout,
                 None,
             );
+            done(self);
         }
         dropout.apply(&self.backend, &mut d_x, 1);
         self.backend.embedding_backward(
@@ -851,6 +906,7 @@ impl<B: Backend> Model<B> {
             (d as f32).sqrt(),
         );
         self.position_backward(&d_x, batch.src_len);
+        done(self);
     }
 
     /// Learned positions: row n of the embedding output used position n mod `seq_len`.

@@ -250,6 +250,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
                         loss = format!("{:.4}", r.loss),
                         tokens_per_s = format!("{:.0}", r.tokens_per_s),
                         allreduce_ms = format!("{:.1}", r.allreduce_s * 1e3),
+                        exposed_ms = format!("{:.1}", r.allreduce_exposed_s * 1e3),
                         "train"
                     );
                 }
@@ -260,6 +261,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
                     tokens: r.tokens as u64,
                     tokens_per_s: r.tokens_per_s,
                     allreduce_s: r.allreduce_s,
+                    allreduce_exposed_s: r.allreduce_exposed_s,
                     step_s: r.step_s,
                     grad_norm: r.grad_norm,
                     lr: r.lr,

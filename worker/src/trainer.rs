@@ -77,8 +77,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f32,
-    /// Seconds in the gradient all-reduce (0 for one rank).
+    /// Seconds the gradient all-reduce took on its thread (0 for one rank).
     pub allreduce_s: f64,
+    /// Seconds of it not hidden behind the backward pass (the step waited for them).
+    pub allreduce_exposed_s: f64,
     /// Seconds of the whole step.
     pub step_s: f64,
 }
@@ -260,6 +262,7 @@ pub fn train_parallel<B: Backend + Clone>(
         (cursor.epoch, epoch_plan(&records, seed, cursor.epoch, batch_tokens));
     let (mut total_tokens, mut total_time, mut last_loss) = (0usize, 0.0f64, f64::NAN);
     let mut spare_grads: Vec<B::Buf> = Vec::new();
+    let stages = model.backward_stages();
     let mut stopped = false;
     while optimizer.step < opts.steps {
         if cursor.batch as usize >= plan.1.len() {
@@ -274,57 +277,84 @@ pub fn train_parallel<B: Backend + Clone>(
         let started = Instant::now();
         let step = optimizer.step + 1;
         let (mut weighted_loss, mut real_tokens) = (0.0f64, 0usize);
-        for i in 0..accumulate {
-            let slot = rank * accumulate + i;
-            if i > 0 {
-                // Keep the slots so far aside; this slot's gradient is computed fresh.
-                if spare_grads.is_empty() {
-                    spare_grads = model
-                        .grads
-                        .iter()
-                        .map(|g| model.backend.zeros(model.backend.len(g)))
-                        .collect();
+        let (requested, comm) = std::thread::scope(|scope| -> Result<(Requests, CommStats)> {
+            // With more than one rank, the last slot's gradients leave for the all-reduce stage
+            // by stage while the rest of its backward pass runs.
+            let mut reducer =
+                (world > 1).then(|| Reducer::start(scope, &mut *collective, stages.clone()));
+            for i in 0..accumulate {
+                let slot = rank * accumulate + i;
+                if i > 0 {
+                    // Keep the slots so far aside; this slot's gradient is computed fresh.
+                    if spare_grads.is_empty() {
+                        spare_grads = model
+                            .grads
+                            .iter()
+                            .map(|g| model.backend.zeros(model.backend.len(g)))
+                            .collect();
+                    }
+                    std::mem::swap(&mut spare_grads, &mut model.grads);
                 }
-                std::mem::swap(&mut spare_grads, &mut model.grads);
-            }
-            model.zero_grads();
-            if let Some(records) = slots.get(slot) {
-                let batch = make_batch(&data.train, records, specials);
-                let slot_seed =
-                    if slot == 0 { seed } else { seed ^ chingu_kernels::rng::mix(slot as u64) };
-                let stats = model
-                    .forward_backward(&batch, slot_seed, step)
-                    .map_err(|e| non_finite(step, e))?;
-                weighted_loss += stats.loss * stats.tokens as f64;
-                real_tokens += batch.src_lengths.iter().chain(&batch.tgt_lengths).sum::<usize>();
-                if group > 1 {
-                    let share = (stats.tokens as f64 / group_targets as f64) as f32;
-                    for g in &mut model.grads {
-                        model.backend.scale(g, share);
+                model.zero_grads();
+                let records = slots.get(slot);
+                let slot_targets: usize =
+                    records.into_iter().flatten().map(|r| r.tgt_len as usize).sum();
+                // Each slot's share of the group's targets, so the sum is the group's mean.
+                let share = (group > 1 && records.is_some())
+                    .then(|| (slot_targets as f64 / group_targets as f64) as f32);
+                let earlier = (i > 0).then_some(&spare_grads);
+                let stream = if i + 1 == accumulate { reducer.as_mut() } else { None };
+                let mut finish_stage =
+                    FinishStage { stages: &stages, share, earlier, reducer: stream };
+                match records {
+                    Some(records) => {
+                        let batch = make_batch(&data.train, records, specials);
+                        let slot_seed = if slot == 0 {
+                            seed
+                        } else {
+                            seed ^ chingu_kernels::rng::mix(slot as u64)
+                        };
+                        let stats = model
+                            .forward_backward_staged(
+                                &batch,
+                                slot_seed,
+                                step,
+                                &mut |stage, backend, grads| {
+                                    finish_stage.run(stage, backend, grads)
+                                },
+                            )
+                            .map_err(|e| non_finite(step, e))?;
+                        debug_assert_eq!(stats.tokens, slot_targets);
+                        weighted_loss += stats.loss * stats.tokens as f64;
+                        real_tokens +=
+                            batch.src_lengths.iter().chain(&batch.tgt_lengths).sum::<usize>();
+                    }
+                    None => {
+                        // No batch left for this slot at the end of the epoch: zeros (plus the
+                        // earlier slots) still take part, stage by stage.
+                        for stage in 0..stages.len() {
+                            finish_stage.run(stage, &model.backend, &mut model.grads);
+                        }
                     }
                 }
             }
-            if i > 0 {
-                for (g, earlier) in model.grads.iter_mut().zip(&spare_grads) {
-                    model.backend.add_assign(g, earlier);
+            let local = (requests)();
+            match reducer {
+                None => Ok((local, CommStats::default())),
+                Some(reducer) => {
+                    let control = [
+                        weighted_loss as f32,
+                        f32::from(u8::from(local.checkpoint)),
+                        f32::from(u8::from(local.stop)),
+                    ];
+                    let (summed, comm) = reducer
+                        .finish(&mut model, &control)
+                        .map_err(|e| WorkerError::Training(format!("step {step}: {e}")))?;
+                    weighted_loss = f64::from(summed[0]);
+                    Ok((Requests { checkpoint: summed[1] > 0.0, stop: summed[2] > 0.0 }, comm))
                 }
             }
-        }
-        let local = (requests)();
-        let (mut requested, mut allreduce_s) = (local, 0.0);
-        if world > 1 {
-            let reduce_started = Instant::now();
-            let control = [
-                weighted_loss as f32,
-                f32::from(u8::from(local.checkpoint)),
-                f32::from(u8::from(local.stop)),
-            ];
-            let summed = all_reduce_grads(&mut model, collective, &control)
-                .map_err(|e| WorkerError::Training(format!("step {step}: {e}")))?;
-            weighted_loss = f64::from(summed[0]);
-            requested = Requests { checkpoint: summed[1] > 0.0, stop: summed[2] > 0.0 };
-            allreduce_s = reduce_started.elapsed().as_secs_f64();
-        }
+        })?;
         let loss = weighted_loss / group_targets.max(1) as f64;
         let info = optimizer.update(&mut model).map_err(|e| non_finite(step, e))?;
         cursor.batch += slots.len() as u64;
@@ -340,10 +370,11 @@ pub fn train_parallel<B: Backend + Clone>(
             tokens_per_s: real_tokens as f64 / seconds.max(1e-9),
             grad_norm: info.grad_norm,
             lr: info.lr,
-            allreduce_s,
+            allreduce_s: comm.reduce_s,
+            allreduce_exposed_s: comm.exposed_s,
             step_s: seconds,
         };
-        tracing::info!(target: "chingu::train::step", step, epoch = cursor.epoch, loss, tokens = group_targets, tokens_per_s = report.tokens_per_s, grad_norm = info.grad_norm, lr = info.lr, allreduce_s, step_s = seconds);
+        tracing::info!(target: "chingu::train::step", step, epoch = cursor.epoch, loss, tokens = group_targets, tokens_per_s = report.tokens_per_s, grad_norm = info.grad_norm, lr = info.lr, allreduce_s = comm.reduce_s, allreduce_exposed_s = comm.exposed_s, step_s = seconds);
         observer(&TrainEvent::Step(report));
 
         if rank == 0
@@ -395,25 +426,151 @@ pub fn train_parallel<B: Backend + Clone>(
     })
 }
 
-/// Sums every gradient and `control` across ranks in one flat buffer; returns the summed
-/// control values.
-fn all_reduce_grads<B: Backend>(
-    model: &mut Model<B>,
-    collective: &mut dyn Collective,
-    control: &[f32],
-) -> std::result::Result<Vec<f32>, crate::collective::CollectiveError> {
-    let mut flat: Vec<f32> = Vec::new();
-    for g in &model.grads {
-        flat.extend(model.backend.to_f32(g));
+/// Floats per all-reduce message sent during backward: large enough to amortise a round trip,
+/// small enough that the first leaves early.
+const OVERLAP_BUCKET: usize = 1 << 18;
+
+/// Time spent in the all-reduce of one step.
+#[derive(Debug, Clone, Copy, Default)]
+struct CommStats {
+    /// Seconds the collective worked (on its own thread).
+    reduce_s: f64,
+    /// Seconds the step waited for it after the backward pass.
+    exposed_s: f64,
+}
+
+/// What happens to a stage's gradients when backward finishes it: scaled to the slot's
+/// share, added to the earlier slots, and — for the last slot of a rank — handed to the
+/// all-reduce.
+struct FinishStage<'a, 'r, 'scope, B: Backend> {
+    stages: &'a [Vec<usize>],
+    share: Option<f32>,
+    earlier: Option<&'a Vec<B::Buf>>,
+    reducer: Option<&'r mut Reducer<'scope>>,
+}
+
+impl<B: Backend> FinishStage<'_, '_, '_, B> {
+    fn run(&mut self, stage: usize, backend: &B, grads: &mut [B::Buf]) {
+        for &i in &self.stages[stage] {
+            if let Some(share) = self.share {
+                backend.scale(&mut grads[i], share);
+            }
+            if let Some(earlier) = self.earlier {
+                backend.add_assign(&mut grads[i], &earlier[i]);
+            }
+        }
+        if let Some(reducer) = self.reducer.as_deref_mut() {
+            reducer.stage_ready(stage, backend, grads);
+        }
     }
-    let grads_len = flat.len();
-    flat.extend_from_slice(control);
-    collective.all_reduce_sum(&mut flat)?;
-    let mut offset = 0;
-    for g in &mut model.grads {
-        let n = model.backend.len(g);
-        *g = model.backend.upload_f32(&flat[offset..offset + n]);
-        offset += n;
+}
+
+/// A batch of parameters' gradients, flattened, on its way through the all-reduce.
+struct Bucket {
+    params: Vec<usize>,
+    data: Vec<f32>,
+    seconds: f64,
+}
+
+/// All-reduces gradients on a helper thread while backward goes on: stages' gradients are
+/// packed into buckets in stage order (the same on every rank, so every rank sums the same
+/// messages) and reduced one after another.
+struct Reducer<'scope> {
+    stages: Vec<Vec<usize>>,
+    pending: Bucket,
+    to_comm: Option<std::sync::mpsc::Sender<Bucket>>,
+    results:
+        std::sync::mpsc::Receiver<std::result::Result<Bucket, crate::collective::CollectiveError>>,
+    helper: std::thread::ScopedJoinHandle<'scope, ()>,
+    sent: usize,
+}
+
+impl<'scope> Reducer<'scope> {
+    fn start<'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        collective: &'scope mut dyn Collective,
+        stages: Vec<Vec<usize>>,
+    ) -> Self {
+        let (to_comm, inbox) = std::sync::mpsc::channel::<Bucket>();
+        let (outbox, results) = std::sync::mpsc::channel();
+        let helper = scope.spawn(move || {
+            for mut bucket in inbox {
+                let started = Instant::now();
+                let result = collective.all_reduce_sum(&mut bucket.data);
+                bucket.seconds = started.elapsed().as_secs_f64();
+                let failed = result.is_err();
+                let _ = outbox.send(result.map(|()| bucket));
+                if failed {
+                    return;
+                }
+            }
+        });
+        Reducer {
+            stages,
+            pending: Bucket { params: Vec::new(), data: Vec::new(), seconds: 0.0 },
+            to_comm: Some(to_comm),
+            results,
+            helper,
+            sent: 0,
+        }
     }
-    Ok(flat[grads_len..].to_vec())
+
+    fn stage_ready<B: Backend>(&mut self, stage: usize, backend: &B, grads: &[B::Buf]) {
+        for &i in &self.stages[stage] {
+            self.pending.params.push(i);
+            self.pending.data.extend(backend.to_f32(&grads[i]));
+        }
+        if self.pending.data.len() >= OVERLAP_BUCKET || stage + 1 == self.stages.len() {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        if !self.pending.params.is_empty() || !self.pending.data.is_empty() {
+            let bucket = std::mem::replace(
+                &mut self.pending,
+                Bucket { params: Vec::new(), data: Vec::new(), seconds: 0.0 },
+            );
+            if let Some(to_comm) = &self.to_comm {
+                let _ = to_comm.send(bucket);
+                self.sent += 1;
+            }
+        }
+    }
+
+    /// Sends `control` last, waits for every bucket and writes the sums back into the
+    /// gradients; returns the summed control values and the step's communication times.
+    fn finish<B: Backend>(
+        mut self,
+        model: &mut Model<B>,
+        control: &[f32],
+    ) -> std::result::Result<(Vec<f32>, CommStats), crate::collective::CollectiveError> {
+        let backward_done = Instant::now();
+        self.send();
+        self.pending.data.extend_from_slice(control);
+        self.send();
+        drop(self.to_comm.take());
+        let mut stats = CommStats::default();
+        let mut control_sum = Vec::new();
+        for _ in 0..self.sent {
+            let bucket = match self.results.recv() {
+                Ok(result) => result?,
+                Err(_) => break,
+            };
+            stats.reduce_s += bucket.seconds;
+            if bucket.params.is_empty() {
+                control_sum = bucket.data;
+                continue;
+            }
+            let mut offset = 0;
+            for &i in &bucket.params {
+                let n = model.backend.len(&model.grads[i]);
+                model.grads[i] = model.backend.upload_f32(&bucket.data[offset..offset + n]);
+                offset += n;
+            }
+        }
+        let _ = self.helper.join();
+        stats.exposed_s = backward_done.elapsed().as_secs_f64();
+        Ok((control_sum, stats))
+    }
 }
