@@ -21,6 +21,8 @@ pub enum JsonLog {
 enum Sink {
     Buffer(Vec<u8>),
     File(File),
+    /// The file could not be opened: drop lines rather than buffer them forever.
+    Discard,
 }
 
 /// A JSON log whose file is chosen after logging starts; lines before that are kept in memory.
@@ -36,8 +38,14 @@ impl Default for DeferredLog {
 impl DeferredLog {
     /// Opens `path` (appending), writes the buffered lines to it, and sends later lines there.
     pub fn open(&self, path: &Path) -> std::io::Result<()> {
-        let mut file = open_append(path)?;
         let mut sink = self.0.lock().expect("log sink");
+        let mut file = match open_append(path) {
+            Ok(file) => file,
+            Err(e) => {
+                *sink = Sink::Discard;
+                return Err(e);
+            }
+        };
         if let Sink::Buffer(buffered) = &*sink {
             file.write_all(buffered)?;
         }
@@ -57,12 +65,13 @@ impl Write for DeferredWriter {
                 Ok(buf.len())
             }
             Sink::File(f) => f.write(buf),
+            Sink::Discard => Ok(buf.len()),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut *self.0.lock().expect("log sink") {
-            Sink::Buffer(_) => Ok(()),
+            Sink::Buffer(_) | Sink::Discard => Ok(()),
             Sink::File(f) => f.flush(),
         }
     }

@@ -144,6 +144,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eval_batches: 20,
         keep: args.keep,
         resume: args.resume,
+        resume_step: None,
     };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = (args.progress == "auto" && terminal).then(|| {

@@ -337,3 +337,18 @@ fn bad_manifests_are_refused_with_their_location() {
     assert!(stderr.contains("stpes"), "{stderr}");
     assert!(!tmp.path().join("run/logs").exists(), "nothing may start for a bad manifest");
 }
+
+#[test]
+fn a_deterministic_failure_fails_the_job_without_restarting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest(tmp.path(), &SMALL);
+    let text =
+        std::fs::read_to_string(&m).unwrap().replace("eval_every = 0", "eval_every = 0\nlr = 1e9");
+    std::fs::write(&m, text).unwrap();
+    let out = launch(&m, false);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("a restart would fail the same way"), "{stderr}");
+    assert!(stderr.contains("NaN"), "{stderr}");
+    assert!(!stderr.contains("restarting every worker"), "{stderr}");
+}

@@ -19,6 +19,9 @@ use crate::service::{Incident, Job, JobConfig, Phase, Service};
 
 /// Environment variable carrying the job token to local workers.
 pub const TOKEN_ENV: &str = "CHINGU_JOB_TOKEN";
+/// How long workers that reported Finished get to exit before they are killed.
+const FINISHED_GRACE: Duration = Duration::from_secs(30);
+
 /// Environment variable carrying a local worker's rank.
 pub const RANK_ENV: &str = "CHINGU_RANK";
 
@@ -125,6 +128,14 @@ fn write_atomic(path: &Path, text: &str) {
 /// Serves the job and drives it to the end.
 pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
     let m = &launch.manifest;
+    if m.workers.backend == Backend::Cuda {
+        return Err(m
+            .error_at(
+                "workers.backend",
+                "this build has no CUDA backend yet: use \"cpu\" or \"auto\"",
+            )
+            .into());
+    }
     let spec = job_spec(m)?;
     let has_checkpoints = checkpoint::has_checkpoints(&spec.run);
     if has_checkpoints && !launch.resume {
@@ -175,14 +186,18 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
         eprintln!("{TOKEN_ENV}={token}");
     }
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate())
         .map_err(|e| LaunchError::Job(format!("cannot watch SIGTERM: {e}")))?;
+    // Created once: a listener made anew on every loop pass could miss a Ctrl-C in between.
+    let mut sigint = signal(SignalKind::interrupt())
+        .map_err(|e| LaunchError::Job(format!("cannot watch Ctrl-C: {e}")))?;
     let mut resume = launch.resume && has_checkpoints;
     let mut restart = false;
     let mut stopping = false;
     let every_minutes = m.checkpoint.every_minutes;
     let result = 'generations: loop {
-        let generation = job.new_generation(resume, restart);
+        let generation = job.new_generation(resume, restart).await;
         let mut children: Vec<Child> = Vec::new();
         let (exit_tx, mut exits) = mpsc::unbounded_channel::<(u32, std::process::ExitStatus)>();
         if launch.local_workers {
@@ -222,50 +237,72 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
         let mut last_timed_checkpoint = Instant::now();
         let mut finished: Option<u64> = None;
         let mut exited_ok = 0u32;
-        let failure: Option<String> = loop {
+        // (reason, fatal): a fatal failure would only repeat after a restart.
+        let failure: Option<(String, bool)> = loop {
             tokio::select! {
                 Some(incident) = incidents.recv() => match incident {
-                    Incident::AllFinished { step } => {
+                    Incident::AllFinished { generation: g, step } if g == generation => {
                         finished = Some(step);
                         if !launch.local_workers || exited_ok == world { break None; }
                     }
-                    Incident::RankLost { rank, reason } => break Some(format!("rank {rank}: {reason}")),
+                    Incident::RankLost { generation: g, rank, reason, fatal } if g == generation => {
+                        break Some((format!("rank {rank}: {reason}"), fatal));
+                    }
+                    _ => {}
                 },
                 Some((rank, status)) = exits.recv() => {
                     if status.success() {
                         exited_ok += 1;
                         if exited_ok == world && finished.is_some() { break None; }
                     } else {
-                        break Some(format!("worker {rank} exited with {status}"));
+                        // Its last words may still be on their way through the session.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let (error, fatal) = job.last_error(rank).unwrap_or_default();
+                        let detail = if error.is_empty() { String::new() } else { format!("; its last error: {error}") };
+                        break Some((format!("worker {rank} exited with {status}{detail}"), fatal));
                     }
                 },
                 _ = tick.tick() => {
                     write_atomic(&spec.run.join("status.json"), &serde_json::to_string_pretty(&job.snapshot()).unwrap_or_default());
                     if let Some(&rank) = job.silent_ranks().first() {
-                        break Some(format!("rank {rank}: no heartbeat for {:.0} s", m.restart.heartbeat_timeout_s));
+                        break Some((format!("rank {rank}: no heartbeat for {:.0} s", m.restart.heartbeat_timeout_s), false));
                     }
                     if every_minutes > 0.0 && last_timed_checkpoint.elapsed().as_secs_f64() >= every_minutes * 60.0 {
                         last_timed_checkpoint = Instant::now();
                         job.broadcast(pb::command::Command::Checkpoint(pb::CheckpointNow {}));
                     }
                 },
-                _ = tokio::signal::ctrl_c(), if !stopping => {
+                _ = sigint.recv() => {
+                    if stopping {
+                        break Some(("interrupted twice".into(), true));
+                    }
                     stopping = true;
                     tracing::warn!("interrupted: checkpointing at the next step, then stopping (Ctrl-C again kills the workers)");
-                    job.broadcast(pb::command::Command::Stop(pb::Stop { reason: "Ctrl-C".into() }));
+                    job.request_stop("Ctrl-C");
                 },
                 _ = sigterm.recv(), if !stopping => {
                     stopping = true;
                     tracing::warn!("SIGTERM: checkpointing at the next step, then stopping");
-                    job.broadcast(pb::command::Command::Stop(pb::Stop { reason: "SIGTERM".into() }));
+                    job.request_stop("SIGTERM");
                 },
-                _ = tokio::signal::ctrl_c(), if stopping => break Some("interrupted twice".into()),
             }
         };
         match failure {
             None => {
-                for (_, watcher) in watchers {
-                    let _ = watcher.await;
+                // Every rank said it finished; one that then hangs is not waited for long.
+                for (kill, mut watcher) in watchers {
+                    if tokio::time::timeout(FINISHED_GRACE, &mut watcher).await.is_err() {
+                        let _ = kill.send(());
+                        let _ = watcher.await;
+                    }
+                }
+                let step = finished.unwrap_or(0);
+                if job.latest_step() != Some(step) {
+                    job.set_phase(Phase::Failed);
+                    break Err(LaunchError::Job(format!(
+                        "the workers finished at step {step} but its checkpoint was not committed (LATEST is {:?}); see the coordinator's log, then --resume",
+                        job.latest_step()
+                    )));
                 }
                 job.set_phase(Phase::Finished);
                 break Ok(Outcome {
@@ -274,7 +311,7 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
                     interrupted: stopping && finished.unwrap_or(0) < spec.steps,
                 });
             }
-            Some(reason) => {
+            Some((reason, fatal)) => {
                 job.broadcast(pb::command::Command::Abort(pb::Abort { reason: reason.clone() }));
                 for (kill, watcher) in watchers {
                     let _ = kill.send(());
@@ -282,9 +319,11 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
                 }
                 while incidents.try_recv().is_ok() {}
                 let restarts = job.snapshot().restarts;
-                if stopping || restarts >= m.restart.max_restarts {
+                if fatal || stopping || restarts >= m.restart.max_restarts {
                     job.set_phase(Phase::Failed);
-                    let why = if stopping {
+                    let why = if fatal {
+                        "(a restart would fail the same way)".to_string()
+                    } else if stopping {
                         "while stopping".to_string()
                     } else {
                         format!(

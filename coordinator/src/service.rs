@@ -57,13 +57,19 @@ pub enum Incident {
     /// A rank of the current generation stopped talking (session ended, heartbeat timeout,
     /// reported error).
     RankLost {
+        /// The generation it happened in (stale ones are ignored).
+        generation: u64,
         /// The rank.
         rank: u32,
-        /// What happened.
+        /// What happened, with the rank's last reported error.
         reason: String,
+        /// The rank reported an error a restart would only repeat (bad data, settings, NaN).
+        fatal: bool,
     },
     /// Every rank of the current generation finished at `step`.
     AllFinished {
+        /// The generation.
+        generation: u64,
         /// Last step.
         step: u64,
     },
@@ -91,6 +97,8 @@ struct Rank {
     last_seen: Instant,
     session: Option<mpsc::Sender<Result<pb::Command, Status>>>,
     finished: bool,
+    /// The last error the rank reported, and whether it was fatal.
+    last_error: Option<(String, bool)>,
 }
 
 #[derive(Debug)]
@@ -102,6 +110,10 @@ struct JobState {
     ranks: Vec<Option<Rank>>,
     ring: Vec<Option<String>>,
     latest_step: Option<u64>,
+    /// The checkpoint this generation's workers start from.
+    resume_step: Option<u64>,
+    /// Set by Ctrl-C/SIGTERM: every session, even one opened later, is told to stop.
+    stop_requested: Option<String>,
     pending_metrics: BTreeMap<u64, Vec<Option<pb::StepMetrics>>>,
 }
 
@@ -115,6 +127,9 @@ pub struct Job {
     barrier: watch::Sender<(u64, Option<Vec<String>>)>,
     incidents: mpsc::UnboundedSender<Incident>,
     metrics: Mutex<Option<File>>,
+    /// Held while a checkpoint is committed; a new generation waits for it, so every rank of
+    /// the new one resumes from the same LATEST.
+    commit_lock: tokio::sync::Mutex<()>,
 }
 
 /// One rank in a status snapshot.
@@ -181,11 +196,14 @@ impl Job {
                 ranks: (0..world).map(|_| None).collect(),
                 ring: vec![None; world],
                 latest_step: checkpoint::latest_step(&config.spec.run),
+                resume_step: None,
+                stop_requested: None,
                 pending_metrics: BTreeMap::new(),
             }),
             barrier: watch::channel((0, None)).0,
             incidents,
             metrics: Mutex::new(metrics),
+            commit_lock: tokio::sync::Mutex::new(()),
             config,
         })
     }
@@ -195,16 +213,21 @@ impl Job {
         &self.token
     }
 
-    /// Starts a new generation (first start or restart): empties the rank table; workers of
-    /// older generations are refused from now on. `resume` tells the joining workers to
-    /// continue from LATEST.
-    pub fn new_generation(&self, resume: bool, restart: bool) -> u64 {
+    /// Starts a new generation (first start or restart) once no checkpoint commit is in
+    /// flight: empties the rank table; workers of older generations are refused from now on.
+    /// With `resume`, the joining workers all continue from the LATEST of this moment.
+    pub async fn new_generation(&self, resume: bool, restart: bool) -> u64 {
+        let _no_commit = self.commit_lock.lock().await;
         let mut s = self.state.lock().expect("job state");
         s.generation += 1;
         if restart {
             s.restarts += 1;
         }
-        s.resume = resume;
+        s.latest_step = checkpoint::latest_step(&self.config.spec.run);
+        s.resume = resume && s.latest_step.is_some();
+        s.resume_step = if s.resume { s.latest_step } else { None };
+        // Wake rendezvous waiters of the old generation (they get an error).
+        self.barrier.send_replace((s.generation, None));
         s.phase = Phase::Pending;
         s.ranks.iter_mut().for_each(|r| *r = None);
         s.ring.iter_mut().for_each(|r| *r = None);
@@ -215,6 +238,23 @@ impl Job {
     /// Sets the phase (the supervisor's final verdicts).
     pub fn set_phase(&self, phase: Phase) {
         self.state.lock().expect("job state").phase = phase;
+    }
+
+    /// Asks every rank — also those whose session opens later — to checkpoint and stop.
+    pub fn request_stop(&self, reason: &str) {
+        self.state.lock().expect("job state").stop_requested = Some(reason.to_string());
+        self.broadcast(pb::command::Command::Stop(pb::Stop { reason: reason.to_string() }));
+    }
+
+    /// The last error rank `rank` of the current generation reported, and whether it was fatal.
+    pub fn last_error(&self, rank: u32) -> Option<(String, bool)> {
+        let s = self.state.lock().expect("job state");
+        s.ranks.get(rank as usize)?.as_ref()?.last_error.clone()
+    }
+
+    /// The step LATEST names, as far as this coordinator committed or found it.
+    pub fn latest_step(&self) -> Option<u64> {
+        self.state.lock().expect("job state").latest_step
     }
 
     /// Sends `command` to every rank with an open session.
@@ -287,14 +327,22 @@ impl Job {
     }
 
     fn lost(&self, rank: u32, generation: u64, reason: String) {
-        let current = {
-            let s = self.state.lock().expect("job state");
-            s.generation == generation
-                && !matches!(s.phase, Phase::Finished | Phase::Failed)
-                && s.ranks.get(rank as usize).and_then(|r| r.as_ref()).is_some_and(|r| !r.finished)
+        let mut s = self.state.lock().expect("job state");
+        if s.generation != generation {
+            return;
+        }
+        let live = !matches!(s.phase, Phase::Finished | Phase::Failed);
+        let Some(slot) = s.ranks.get_mut(rank as usize).and_then(|r| r.as_mut()) else {
+            return;
         };
-        if current {
-            let _ = self.incidents.send(Incident::RankLost { rank, reason });
+        slot.session = None;
+        let fatal = slot.last_error.as_ref().is_some_and(|(_, fatal)| *fatal);
+        if live && !slot.finished || fatal {
+            let reason = match &slot.last_error {
+                Some((error, _)) => format!("{reason}; its last error: {error}"),
+                None => reason,
+            };
+            let _ = self.incidents.send(Incident::RankLost { generation, rank, reason, fatal });
         }
     }
 
@@ -331,7 +379,11 @@ impl Job {
         }
     }
 
-    async fn commit(&self, parts: pb::CheckpointParts) {
+    async fn commit(&self, rank: u32, generation: u64, parts: pb::CheckpointParts) {
+        let _committing = self.commit_lock.lock().await;
+        if self.state.lock().expect("job state").generation != generation {
+            return;
+        }
         let state: TrainState = match serde_json::from_str(&parts.state_json) {
             Ok(s) => s,
             Err(e) => {
@@ -342,6 +394,11 @@ impl Job {
                 return;
             }
         };
+        let expected = checkpoint::staging_dir(&self.config.spec.run, state.step);
+        if PathBuf::from(&parts.dir) != expected {
+            tracing::error!(step = state.step, dir = %parts.dir, expected = %expected.display(), "checkpoint parts reported outside the run's staging directory; ignored");
+            return;
+        }
         self.state.lock().expect("job state").phase = Phase::Checkpointing;
         let run = self.config.spec.run.clone();
         let keep = self.config.spec.keep;
@@ -358,6 +415,10 @@ impl Job {
         let mut s = self.state.lock().expect("job state");
         if s.phase == Phase::Checkpointing {
             s.phase = Phase::Running;
+        }
+        // The committing rank's session was not read meanwhile: its heartbeats are not late.
+        if let Some(slot) = s.ranks.get_mut(rank as usize).and_then(|r| r.as_mut()) {
+            slot.last_seen = Instant::now();
         }
         match result {
             Ok(Ok(dir)) => {
@@ -397,6 +458,11 @@ impl Job {
                     Some(pb::worker_event::Event::Hello(_)) => {
                         slot.session = Some(commands.clone());
                         me = Some((rank, generation));
+                        if let Some(reason) = &s.stop_requested {
+                            let stop =
+                                pb::command::Command::Stop(pb::Stop { reason: reason.clone() });
+                            let _ = commands.try_send(Ok(pb::Command { command: Some(stop) }));
+                        }
                     }
                     Some(pb::worker_event::Event::Heartbeat(h)) => {
                         slot.step = slot.step.max(h.step)
@@ -408,10 +474,11 @@ impl Job {
                         self.record_metrics(&mut s, rank, m);
                     }
                     Some(pb::worker_event::Event::Log(l)) => {
-                        if l.level == "error" {
-                            tracing::error!(rank, "{}", l.message);
-                        } else {
+                        if l.level == "warn" {
                             tracing::warn!(rank, "{}", l.message);
+                        } else {
+                            tracing::error!(rank, "{}", l.message);
+                            slot.last_error = Some((l.message, l.level == "fatal"));
                         }
                     }
                     Some(pb::worker_event::Event::Finished(f)) => {
@@ -427,10 +494,10 @@ impl Job {
                 }
             }
             if let Some(parts) = to_commit {
-                self.commit(parts).await;
+                self.commit(rank, generation, parts).await;
             }
             if let Some(step) = finished_step {
-                let _ = self.incidents.send(Incident::AllFinished { step });
+                let _ = self.incidents.send(Incident::AllFinished { generation, step });
             }
         };
         if let Some((rank, generation)) = me {
@@ -477,6 +544,7 @@ impl pb::coordinator_server::Coordinator for Service {
             last_seen: Instant::now(),
             session: None,
             finished: false,
+            last_error: None,
         });
         if s.ranks.iter().all(Option::is_some) {
             s.phase = Phase::Rendezvous;
@@ -488,6 +556,7 @@ impl pb::coordinator_server::Coordinator for Service {
             job_spec_json: job.spec_json.clone(),
             generation: s.generation,
             resume: s.resume,
+            resume_step: s.resume_step.unwrap_or(0),
             ring_key: job.ring_key ^ s.generation,
         }))
     }
@@ -515,17 +584,24 @@ impl pb::coordinator_server::Coordinator for Service {
             if s.ring.iter().all(Option::is_some) && s.ranks.iter().all(Option::is_some) {
                 let addresses: Vec<String> = s.ring.iter().flatten().cloned().collect();
                 s.phase = Phase::Running;
+                // Heartbeats start with the sessions; nobody is late yet.
+                let now = Instant::now();
+                s.ranks.iter_mut().flatten().for_each(|r| r.last_seen = now);
                 tracing::info!(generation = s.generation, ?addresses, "rendezvous complete");
                 job.barrier.send_replace((s.generation, Some(addresses)));
             }
         }
-        let addresses = barrier
-            .wait_for(|(g, a)| *g == req.generation && a.is_some())
+        let (generation, addresses) = barrier
+            .wait_for(|(g, a)| *g != req.generation || a.is_some())
             .await
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
-            .1
-            .clone()
-            .expect("checked");
+            .clone();
+        let Some(addresses) = addresses.filter(|_| generation == req.generation) else {
+            return Err(Status::aborted(format!(
+                "generation {} ended before every rank met (the job restarted)",
+                req.generation
+            )));
+        };
         Ok(Response::new(pb::RendezvousReply {
             ring_addresses: addresses,
             nccl_unique_id: Vec::new(),

@@ -70,6 +70,16 @@ pub fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
+/// The directory of step `step`'s checkpoint.
+pub fn step_dir(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(step_name(step))
+}
+
+/// The staging directory rank 0 writes step `step`'s parts into.
+pub fn staging_dir(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(format!("{}.partial", step_name(step)))
+}
+
 fn step_name(step: u64) -> String {
     format!("step-{step:08}")
 }

@@ -47,8 +47,8 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// The trainer options of this job; `resume` continues from the run's LATEST.
-    pub fn train_options(&self, resume: bool) -> TrainOptions {
+    /// The trainer options of this job, continuing from `resume_step`'s checkpoint if given.
+    pub fn train_options(&self, resume_step: Option<u64>) -> TrainOptions {
         TrainOptions {
             data: self.data.clone(),
             run: self.run.clone(),
@@ -63,7 +63,8 @@ impl JobSpec {
             eval_every: self.eval_every,
             eval_batches: 20,
             keep: self.keep,
-            resume,
+            resume: resume_step.is_some(),
+            resume_step,
         }
     }
 }

@@ -34,12 +34,21 @@ pub enum WorkerError {
     /// A checkpoint that cannot be used.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    /// Training cannot go on (NaN, bad options).
+    /// Training cannot go on (NaN, bad options): retrying gives the same error.
     #[error("{0}")]
     Training(String),
+    /// The all-reduce failed (a peer died or hung): a restart may succeed.
+    #[error("{0}")]
+    Collective(String),
 }
 
 impl WorkerError {
+    /// True when running the same job again cannot help (bad data, bad settings, NaN) — as
+    /// opposed to a lost peer or coordinator.
+    pub fn is_deterministic(&self) -> bool {
+        !matches!(self, WorkerError::Collective(_) | WorkerError::Io { .. })
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         WorkerError::Io { path: path.to_path_buf(), source }
     }

@@ -161,7 +161,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
     } else {
         Box::new(
             TcpRing::connect(listener, rank as usize, &peers, join.ring_key, RING_TIMEOUT)
-                .map_err(|e| WorkerError::Training(format!("ring: {e}")))?,
+                .map_err(|e| WorkerError::Collective(format!("ring: {e}")))?,
         )
     };
 
@@ -212,7 +212,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         .map_err(|e| WorkerError::Training(format!("thread pool: {e}")))?;
     let data = Prepared::open(&spec.data)?;
     let tokenizer = data.tokenizer_path();
-    let options = spec.train_options(join.resume);
+    let options = spec.train_options(join.resume.then_some(join.resume_step));
     let outcome = pool.install(|| {
         let mut requests = || Requests {
             checkpoint: flags.checkpoint.swap(false, Ordering::Relaxed),
@@ -287,8 +287,9 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         }
         Err(e) => {
             flags.finished.store(true, Ordering::Relaxed);
+            let level = if e.is_deterministic() { "fatal" } else { "error" };
             send(pb::worker_event::Event::Log(pb::LogLine {
-                level: "error".into(),
+                level: level.into(),
                 message: e.to_string(),
             }));
             Err(e)

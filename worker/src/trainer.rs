@@ -58,6 +58,9 @@ pub struct TrainOptions {
     pub keep: usize,
     /// Continue from the run's latest checkpoint.
     pub resume: bool,
+    /// Continue from exactly this step's checkpoint (a launched job's coordinator names it,
+    /// so every rank starts from the same one); overrides `resume`.
+    pub resume_step: Option<u64>,
 }
 
 /// One optimizer step's numbers.
@@ -161,7 +164,7 @@ pub struct TrainOutcome<B: Backend> {
 fn non_finite(step: u64, e: ModelError) -> WorkerError {
     match e {
         ModelError::NonFinite(what) => WorkerError::Training(format!(
-            "step {step}: {what}; stopping without writing a checkpoint (the last good one is kept). Try a lower --lr"
+            "step {step}: {what}; stopping without writing a checkpoint (the last good one is kept). Try a lower learning rate (--lr, or train.lr in a manifest)"
         )),
         other => other.into(),
     }
@@ -204,12 +207,14 @@ pub fn train_parallel<B: Backend + Clone>(
     let tokenizer_sha = data.manifest.tokenizer.sha256.clone();
     let vocab = data.manifest.tokenizer.vocab_size as usize;
 
-    let (mut model, mut optimizer, mut cursor, seed, batch_tokens, resumed_from) = match opts
-        .resume
-        .then(|| checkpoint::load_latest(backend.clone(), &opts.run))
-        .transpose()?
-        .flatten()
-    {
+    let loaded = match opts.resume_step {
+        Some(step) => {
+            Some(checkpoint::load_dir(backend.clone(), &checkpoint::step_dir(&opts.run, step))?)
+        }
+        None if opts.resume => checkpoint::load_latest(backend.clone(), &opts.run)?,
+        None => None,
+    };
+    let (mut model, mut optimizer, mut cursor, seed, batch_tokens, resumed_from) = match loaded {
         Some(loaded) => {
             if loaded.state.tokenizer_sha256 != tokenizer_sha {
                 return Err(WorkerError::Training(format!(
@@ -342,16 +347,20 @@ pub fn train_parallel<B: Backend + Clone>(
             match reducer {
                 None => Ok((local, CommStats::default())),
                 Some(reducer) => {
+                    // The loss travels as two f32s (high and low part) so the reported mean
+                    // keeps f64 precision whatever the world size.
+                    let high = weighted_loss as f32;
                     let control = [
-                        weighted_loss as f32,
+                        high,
+                        (weighted_loss - f64::from(high)) as f32,
                         f32::from(u8::from(local.checkpoint)),
                         f32::from(u8::from(local.stop)),
                     ];
                     let (summed, comm) = reducer
                         .finish(&mut model, &control)
-                        .map_err(|e| WorkerError::Training(format!("step {step}: {e}")))?;
-                    weighted_loss = f64::from(summed[0]);
-                    Ok((Requests { checkpoint: summed[1] > 0.0, stop: summed[2] > 0.0 }, comm))
+                        .map_err(|e| WorkerError::Collective(format!("step {step}: {e}")))?;
+                    weighted_loss = f64::from(summed[0]) + f64::from(summed[1]);
+                    Ok((Requests { checkpoint: summed[2] > 0.0, stop: summed[3] > 0.0 }, comm))
                 }
             }
         })?;
@@ -570,6 +579,11 @@ impl<'scope> Reducer<'scope> {
             }
         }
         let _ = self.helper.join();
+        if control_sum.len() != control.len() {
+            return Err(crate::collective::CollectiveError::Broken(
+                "the all-reduce thread stopped before the step's last message".into(),
+            ));
+        }
         stats.exposed_s = backward_done.elapsed().as_secs_f64();
         Ok((control_sum, stats))
     }
