@@ -395,7 +395,7 @@ impl Job {
             }
         };
         let expected = checkpoint::staging_dir(&self.config.spec.run, state.step);
-        if PathBuf::from(&parts.dir) != expected {
+        if std::path::Path::new(&parts.dir) != expected {
             tracing::error!(step = state.step, dir = %parts.dir, expected = %expected.display(), "checkpoint parts reported outside the run's staging directory; ignored");
             return;
         }
