@@ -352,3 +352,78 @@ fn a_deterministic_failure_fails_the_job_without_restarting() {
     assert!(stderr.contains("NaN"), "{stderr}");
     assert!(!stderr.contains("restarting every worker"), "{stderr}");
 }
+
+#[test]
+fn timed_checkpoints_change_nothing_but_the_files() {
+    let expected = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest(tmp.path(), &LONG);
+    // No step-based checkpoints; one every 0.6 s instead (at whatever step the ranks agree on).
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace(&format!("every_steps = {}", LONG.every), "every_steps = 0\nevery_minutes = 0.01");
+    std::fs::write(&m, text).unwrap();
+    ok(launch(&m, false));
+    let run = tmp.path().join("run");
+    let steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    assert!(steps.len() >= 2, "expected timed checkpoints besides the last, got {steps:?}");
+    assert!(&tensors(&run, LONG.steps) == expected, "timed checkpoints changed the training");
+}
+
+#[test]
+fn coordinator_and_workers_started_separately_run_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest(tmp.path(), &SMALL);
+    let mut coordinator = chingu()
+        .arg("coordinator")
+        .arg(&m)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The coordinator prints the job token once, for the operator to hand to the workers.
+    let mut stderr = std::io::BufReader::new(coordinator.stderr.take().unwrap());
+    let mut token = String::new();
+    let mut line = String::new();
+    while token.is_empty() {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
+            "no token printed"
+        );
+        if let Some(t) = line.trim().strip_prefix("CHINGU_JOB_TOKEN=") {
+            token = t.to_string();
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("run/coordinator.json")).unwrap(),
+    )
+    .unwrap();
+    let url = info["address"].as_str().unwrap().to_string();
+    let workers: Vec<Child> = (0..2)
+        .map(|_| {
+            chingu()
+                .args(["worker", "--coordinator", &url])
+                .env("CHINGU_JOB_TOKEN", &token)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+    assert!(coordinator.wait().unwrap().success());
+    // Same job as the launched two-worker run: same bytes.
+    let launched = tmp.path().join("launched");
+    ok(launch(&manifest(&launched, &SMALL), false));
+    assert!(
+        tensors(&tmp.path().join("run"), SMALL.steps)
+            == tensors(&launched.join("run"), SMALL.steps)
+    );
+}
