@@ -267,19 +267,34 @@ impl Job {
         }
     }
 
-    /// Ranks of the running generation silent for longer than the heartbeat timeout.
+    /// Ranks of the current generation silent for longer than the heartbeat timeout (while
+    /// running), or missing at the rendezvous for that long after joining.
     pub fn silent_ranks(&self) -> Vec<u32> {
         let s = self.state.lock().expect("job state");
-        if s.phase != Phase::Running && s.phase != Phase::Checkpointing {
-            return Vec::new();
+        let timeout = self.config.heartbeat_timeout;
+        match s.phase {
+            Phase::Running | Phase::Checkpointing => s
+                .ranks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
+                .filter(|(_, r)| !r.finished && r.last_seen.elapsed() > timeout)
+                .map(|(i, _)| i as u32)
+                .collect(),
+            // Everyone joined; a rank that has not reached the rendezvous within the timeout
+            // died on the way (the others wait for it at the barrier).
+            Phase::Rendezvous => s
+                .ranks
+                .iter()
+                .zip(&s.ring)
+                .enumerate()
+                .filter(|(_, (r, ring))| {
+                    ring.is_none() && r.as_ref().is_some_and(|r| r.last_seen.elapsed() > timeout)
+                })
+                .map(|(i, _)| i as u32)
+                .collect(),
+            _ => Vec::new(),
         }
-        s.ranks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
-            .filter(|(_, r)| !r.finished && r.last_seen.elapsed() > self.config.heartbeat_timeout)
-            .map(|(i, _)| i as u32)
-            .collect()
     }
 
     /// The job at a glance.

@@ -51,8 +51,26 @@ fn gemm<T: Scalar>(
     n: usize,
     accumulate: bool,
 ) {
-    let threads = rayon::current_num_threads();
-    if threads == 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
+    gemm_on(rayon::current_num_threads(), c, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
+}
+
+/// [`gemm`] split into at most `threads` row blocks.
+#[allow(clippy::too_many_arguments)]
+fn gemm_on<T: Scalar>(
+    threads: usize,
+    c: &mut [T],
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    if threads <= 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
         gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
         return;
     }
@@ -293,12 +311,39 @@ impl<T: Scalar> Backend for Cpu<T> {
         in_dim: usize,
         out_dim: usize,
     ) {
-        if let Some(dx) = dx {
-            // dx[N,I] = dy[N,O] · w[O,I]
-            gemm(dx, dy, out_dim, 1, w, in_dim, 1, rows, out_dim, in_dim, accumulate_dx);
-        }
         // dw[O,I] += dyᵀ[O,N] · x[N,I]: A(o, n) = dy[n, o] → row stride 1, column stride O.
-        gemm(dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true);
+        let mut weight_grad = |threads: usize| {
+            gemm_on(threads, dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true)
+        };
+        match dx {
+            // The two products are independent and equally large: side by side, each on half
+            // the threads, rather than each split by rows (which packs B once per block).
+            Some(dx) => {
+                let threads = rayon::current_num_threads();
+                let half = threads / 2;
+                rayon::join(
+                    // dx[N,I] = dy[N,O] · w[O,I]
+                    || {
+                        gemm_on(
+                            half,
+                            dx,
+                            dy,
+                            out_dim,
+                            1,
+                            w,
+                            in_dim,
+                            1,
+                            rows,
+                            out_dim,
+                            in_dim,
+                            accumulate_dx,
+                        )
+                    },
+                    move || weight_grad(threads - half),
+                );
+            }
+            None => weight_grad(rayon::current_num_threads()),
+        }
         if let Some(db) = db {
             let partials: Vec<Vec<T>> = dy[..rows * out_dim]
                 .par_chunks(ROW_CHUNK * out_dim)
