@@ -60,7 +60,7 @@ pub fn load_manifest(path: &std::path::Path) -> anyhow::Result<Manifest> {
 /// Runs the coordinator, with (`launch`) or without (`coordinator`) local workers.
 pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow::Result<()> {
     if manifest.data.prepare_embedded {
-        crate::train_cmd::ensure_data(&manifest.data.path)?;
+        crate::train_cmd::prepare_embedded(&manifest.data.path)?;
     }
     manifest.check_paths()?;
     let launch = Launch {

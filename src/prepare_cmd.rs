@@ -15,7 +15,7 @@ pub struct PrepareArgs {
     inputs: Vec<PathBuf>,
     /// Output directory; replaced if it holds an earlier chingu prepare output.
     #[arg(long, default_value = "prepared")]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Read every input as this format instead of detecting it.
     #[arg(long, value_parser = ["aihub", "csv", "jsonl"])]
     format: Option<String>,

@@ -106,8 +106,21 @@ pub(crate) fn ensure_data(data: &Path) -> anyhow::Result<()> {
             data.display()
         );
     }
-    eprintln!("chingu: no prepared data yet; preparing the embedded sample corpus into prepared/");
-    crate::prepare_cmd::run(crate::prepare_cmd::PrepareArgs::quickstart())
+    prepare_embedded(data)
+}
+
+/// Prepares the embedded sample corpus into `data` (the quick job's first step).
+pub(crate) fn prepare_embedded(data: &Path) -> anyhow::Result<()> {
+    if data.join("manifest.json").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "chingu: no prepared data yet; preparing the embedded sample corpus into {}",
+        data.display()
+    );
+    let mut args = crate::prepare_cmd::PrepareArgs::quickstart();
+    args.out = data.to_path_buf();
+    crate::prepare_cmd::run(args)
 }
 
 /// Runs `chingu train`.
