@@ -28,7 +28,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = ["sinusoidal", "learned"])]
     pub positions: Option<String>,
     /// Train until this many optimizer steps are done.
-    #[arg(long, default_value_t = 6000)]
+    #[arg(long, default_value_t = 8000)]
     pub steps: u64,
     /// Padded tokens (question + answer) per batch. Small batches suit small corpora: on the
     /// embedded corpus, 1,024-token batches reach a given loss in far less time than 4,096.

@@ -1272,7 +1272,7 @@ address = "0.0.0.0:7000"
         assert_eq!(q.data, Data { path: "prepared".into(), prepare_embedded: true });
         assert_eq!(q.model.preset, "tiny");
         let t = &q.train;
-        assert_eq!((t.steps, t.batch_tokens, t.accumulate, t.lr), (6000, 1024, 1, 1e-3));
+        assert_eq!((t.steps, t.batch_tokens, t.accumulate, t.lr), (8000, 1024, 1, 1e-3));
         assert_eq!((t.schedule.as_str(), t.warmup, t.eval_every), ("cosine", 200, 1000));
         assert_eq!(q.workers, Workers { count: 1, backend: Backend::Auto });
         assert_eq!((q.checkpoint.every_steps, q.checkpoint.keep), (1000, 3));
@@ -1287,7 +1287,7 @@ address = "0.0.0.0:7000"
         assert_eq!(c.job.name, "cpu-2workers");
         assert_eq!(c.job.run, Path::new("runs/cpu-2workers"));
         assert_eq!(c.workers, Workers { count: 2, backend: Backend::Cpu });
-        assert_eq!((c.train.steps, c.train.batch_tokens), (6000, 512));
+        assert_eq!((c.train.steps, c.train.batch_tokens), (8000, 512));
         // The same global batch as the quickstart's, split over two workers.
         let global = |m: &Manifest| m.train.batch_tokens * m.train.accumulate * m.workers.count;
         assert_eq!(global(&c), global(&q));
