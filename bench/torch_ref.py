@@ -74,7 +74,7 @@ PRESETS = {
         d_ff=1024,
         enc_layers=6,
         dec_layers=6,
-        max_len=256,
+        max_len=1024,
         norm="pre",
         activation="gelu",
         tied=True,
@@ -82,6 +82,7 @@ PRESETS = {
         dropout=0.1,
     ),
 }
+PRESETS["seed-768"] = dict(PRESETS["seed-256"], d_model=768, d_ff=3072)
 
 
 def sinusoidal_pe(length, d, dtype, device=None):
@@ -540,47 +541,93 @@ def cmd_params(args):
     print(count_params(model))
 
 
+def model_flops(cfg, B, S, T):
+    """Matrix FLOPs of one training step (forward ×3 for forward + backward), counting full
+    attention score matrices (causal ones too), as MFU figures usually do."""
+    D, F, V = cfg["d_model"], cfg["d_ff"], cfg["vocab"]
+    le, ld = cfg["enc_layers"], cfg["dec_layers"]
+    enc = le * (2 * S * (4 * D * D + 2 * D * F) + 4 * S * S * D)
+    dec = ld * (2 * T * (4 * D * D + 2 * D * F) + 2 * T * 2 * D * D + 2 * S * 2 * D * D
+                + 4 * T * T * D + 4 * T * S * D)
+    out = 2 * T * D * V
+    return 3 * B * (enc + dec + out)
+
+
 def cmd_bench(args):
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = PRESETS[args.preset]
-    model = Seq2Seq(cfg).float()
+    cuda = args.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    model = Seq2Seq(cfg).float().to(dev)
     model.train()
     B, S, T = args.batch, args.src_len, args.tgt_len
     V = cfg["vocab"]
-    src = torch.randint(1, V, (B, S))
-    tgt_in = torch.randint(1, V, (B, T))
-    targets = torch.randint(1, V, (B, T))
-    src_len = torch.full((B,), S, dtype=torch.int64)
-    tgt_len = torch.full((B,), T, dtype=torch.int64)
+    src = torch.randint(1, V, (B, S), device=dev)
+    tgt_in = torch.randint(1, V, (B, T), device=dev)
+    targets = torch.randint(1, V, (B, T), device=dev)
+    src_len = torch.full((B,), S, dtype=torch.int64, device=dev)
+    tgt_len = torch.full((B,), T, dtype=torch.int64, device=dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    # AMP fp16 with dynamic loss scaling: what a PyTorch user would run on a GPU.
+    scaler = torch.amp.GradScaler("cuda") if cuda and args.amp else None
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits, _ = model(src, src_len, tgt_in, tgt_len)
-        loss = model.loss(logits, targets)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+            logits, _ = model(src, src_len, tgt_in, tgt_len)
+            loss = model.loss(logits, targets)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        return loss
 
     for _ in range(args.warmup):
         step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            step().item()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    # Median for the GPU (event-timed, many steps); the mean on the CPU as before.
+    step_s = times[len(times) // 2] if cuda else sum(times) / len(times)
     tokens = B * (S + T)
-    print(json.dumps({
+    result = {
         "impl": "pytorch",
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "amp": bool(scaler),
+        "preset": args.preset,
+        "batch": [B, S, T],
         "threads": args.threads,
         "tokens_per_step": tokens,
         "step_ms": round(step_s * 1000, 3),
         "tokens_per_s": round(tokens / step_s, 1),
         "params": count_params(model),
-    }))
+    }
+    if cuda:
+        flops = model_flops(cfg, B, S, T)
+        result["tflops"] = round(flops / step_s / 1e12, 2)
+        result["mfu"] = round(flops / step_s / (args.peak_tflops * 1e12), 4)
+        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    print(json.dumps(result))
 
 
 def main(argv=None):
@@ -602,6 +649,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=18)
     p.add_argument("--src-len", type=int, default=64)
     p.add_argument("--tgt-len", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler (cuda only)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense fp16 tensor peak for MFU (H100/H200 SXM: 989)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("params", help="print parameter count")

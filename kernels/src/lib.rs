@@ -1,10 +1,11 @@
-//! chingu-kernels: the [`Backend`] trait the model is written against and the CPU backend
-//! ([`cpu::Cpu`]), the reference implementation of every op. The CUDA backend with the
-//! hand-written kernels (feature "cuda") arrives with its own issue and must agree with the
-//! CPU backend op by op.
+//! chingu-kernels: the [`Backend`] trait the model is written against, the CPU backend
+//! ([`cpu::Cpu`]) — the reference implementation of every op — and the hand-written CUDA
+//! kernels with what runs them ([`gpu`]: a real GPU with feature "cuda", our CPU emulation
+//! of CUDA with feature "emu"), each checked op by op against the CPU backend.
 
 pub mod backend;
 pub mod cpu;
+pub mod gpu;
 pub mod rng;
 
 pub use backend::{AdamW, AttentionShape, Backend, DropoutKey};

@@ -163,7 +163,8 @@ pub fn dropout_keeps(key: DropoutKey, index: u64, p: f32) -> bool {
     dropout_hash(dropout_base(key), index) >= dropout_threshold(p)
 }
 
-fn dropout_base(key: DropoutKey) -> u64 {
+/// The per-call stream base of dropout's hash (shared with the GPU launcher).
+pub(crate) fn dropout_base(key: DropoutKey) -> u64 {
     mix(mix(key.seed ^ GAMMA) ^ key.step) ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
@@ -171,7 +172,8 @@ fn dropout_hash(base: u64, index: u64) -> u64 {
     mix(base.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
 }
 
-fn dropout_threshold(p: f32) -> u64 {
+/// p·2^64: elements whose hash is below it are dropped (shared with the GPU launcher).
+pub(crate) fn dropout_threshold(p: f32) -> u64 {
     (f64::from(p) * 18_446_744_073_709_551_616.0) as u64
 }
 

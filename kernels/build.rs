@@ -1,0 +1,20 @@
+//! With feature "emu", compiles every kernel in `cuda/` with the system C++ compiler against
+//! our CUDA emulation layer (`cuda/emu/cuda_emu.h`), so the kernels run on the CPU in tests.
+
+fn main() {
+    println!("cargo:rerun-if-changed=cuda");
+    if std::env::var_os("CARGO_FEATURE_EMU").is_none() {
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("cuda/emu/launch_all.cpp")
+        .include("cuda")
+        .opt_level(2)
+        .warnings(true)
+        .extra_warnings(true)
+        // Kernels are device code written for nvcc: unused launch parameters are normal.
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile("chingu_emu");
+}

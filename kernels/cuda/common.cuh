@@ -1,0 +1,97 @@
+// common.cuh — included first by every kernel file in kernels/cuda/.
+//
+// Selects the real CUDA headers (NVRTC, at run time and in CI) or our CPU emulation layer
+// (g++, CHINGU_EMU defined: kernels/cuda/emu/cuda_emu.h), and holds the small device helpers
+// the kernels share: warp and block reductions and the SplitMix64 mix used by dropout.
+//
+// Conventions for every kernel in this directory:
+// - `extern "C"` names `{op}_{dtype}`; sizes are `int` (launchers check they fit).
+// - Activations, weights in compute and activation gradients are fp16 (`__half`); every sum,
+//   product chain and reduction is done in fp32 (double where a reduction must be exact
+//   enough to be order-insensitive at fp32, e.g. the global gradient norm).
+// - Parameter gradients are fp32 and accumulated (`+=`), as in the CPU backend; master
+//   weights and AdamW moments are fp32.
+// - No float atomics on any path whose result is kept: every reduction has a fixed order,
+//   so a kernel gives the same bits on every run.
+// - When compiled for the emulator, this header must stay the only local include: the CUDA
+//   runtime inlines it textually into each kernel file before handing it to NVRTC.
+#pragma once
+
+#ifdef CHINGU_EMU
+#include "emu/cuda_emu.h"
+#else
+#include <cuda_fp16.h>
+#include <mma.h>
+#define CHINGU_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
+namespace chingu {
+
+constexpr unsigned FULL_MASK = 0xffffffffu;
+
+/// -inf without <math.h> (NVRTC has no INFINITY macro).
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+/// Sum over the 32 lanes of a full warp; every lane gets the total. The butterfly order is
+/// fixed, so the result is the same on every run.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    return v;
+}
+
+/// Sum over a 1-D block whose size is a multiple of 32 (at most 1024); every thread gets the
+/// total. `scratch` is 32 floats of shared memory; the call ends with a barrier, so the
+/// caller may reuse `scratch` right after.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = lane < warps ? scratch[lane] : 0.0f;
+    total = warp_sum(total);
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    double total = lane < warps ? scratch[lane] : 0.0;
+    total = warp_sum(total);
+    __syncthreads();
+    return total;
+}
+
+/// Maximum over a 1-D block (see `block_sum`).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = lane < warps ? scratch[lane] : neg_inf();
+    total = warp_max(total);
+    __syncthreads();
+    return total;
+}
+
+/// SplitMix64's finaliser, bit for bit as `kernels/src/rng.rs::mix`.
+__device__ __forceinline__ unsigned long long splitmix_mix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+}  // namespace chingu

@@ -1,0 +1,48 @@
+// cross_entropy.cu — fused softmax cross-entropy with label smoothing ε and ignored rows.
+//
+// For each row n of logits [N, V] (fp16) with target t = targets[n] ≠ ignore:
+//   loss_n = logsumexp(x) − (1 − ε)·x_t − ε·mean_c(x_c)        (PyTorch's definition)
+//   d_logits[n, c] = grad_scale·(softmax(x)_c − ε/V − (1 − ε)·[c = t])
+// where grad_scale = loss_scale / counted_rows (the host knows both). Ignored rows get loss 0
+// and a zero gradient. One block per row: a max pass, a pass for Σexp and Σx, and a pass
+// writing the gradient; probabilities are never stored. row_loss [N] is fp32 (unscaled); the
+// host sums it in row order (N is a few thousand at most), so the loss is deterministic.
+#include "common.cuh"
+
+extern "C" __global__ void cross_entropy_f16(__half* d_logits, float* row_loss,
+                                             const __half* logits, const int* targets,
+                                             int rows, int vocab, int ignore, float smoothing,
+                                             float grad_scale) {
+    __shared__ float scratch[32];
+    const int n = blockIdx.x;
+    if (n >= rows) return;
+    const __half* x = logits + (long long)n * vocab;
+    __half* g = d_logits + (long long)n * vocab;
+    const int t = targets[n];
+    if (t == ignore) {
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) g[c] = __float2half_rn(0.0f);
+        if (threadIdx.x == 0) row_loss[n] = 0.0f;
+        return;
+    }
+    float m = chingu::neg_inf();
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, __half2float(x[c]));
+    const float max = chingu::block_max(m, scratch);
+    float se = 0.0f, sx = 0.0f;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float v = __half2float(x[c]);
+        se += expf(v - max);
+        sx += v;
+    }
+    const float sum_exp = chingu::block_sum(se, scratch);
+    const float sum_x = chingu::block_sum(sx, scratch);
+    const float inv_sum = 1.0f / sum_exp, off = smoothing / vocab;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        float p = expf(__half2float(x[c]) - max) * inv_sum - off;
+        if (c == t) p -= 1.0f - smoothing;
+        g[c] = __float2half_rn(p * grad_scale);
+    }
+    if (threadIdx.x == 0) {
+        const float lse = max + logf(sum_exp);
+        row_loss[n] = lse - (1.0f - smoothing) * __half2float(x[t]) - smoothing * (sum_x / vocab);
+    }
+}

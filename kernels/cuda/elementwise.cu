@@ -1,0 +1,81 @@
+// elementwise.cu — memory-bound one-pass ops over flat buffers of `n` elements.
+//
+// casts fp16↔fp32; GELU (tanh approximation, written as x·σ(2u) like the CPU backend) and
+// ReLU forward/backward; `acc += x` (residual); `buf *= factor`; bias add over rows and the
+// bias gradient (fp32, accumulated, a fixed row order per column: no atomics).
+// Every kernel is grid-stride, so any grid size is correct; fp16 values are read, computed
+// in fp32 and rounded once (round-to-nearest-even) on store.
+#include "common.cuh"
+
+#define GRID_STRIDE(i, n) \
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += gridDim.x * blockDim.x)
+
+extern "C" __global__ void cast_f32_to_f16(__half* out, const float* in, int n) {
+    GRID_STRIDE(i, n) out[i] = __float2half_rn(in[i]);
+}
+
+extern "C" __global__ void cast_f16_to_f32(float* out, const __half* in, int n) {
+    GRID_STRIDE(i, n) out[i] = __half2float(in[i]);
+}
+
+// 2·sqrt(2/π) and GELU's cubic coefficient.
+#define GELU_S2 1.5957691216057308f
+#define GELU_C 0.044715f
+
+extern "C" __global__ void gelu_forward_f16(__half* y, const __half* x, int n) {
+    GRID_STRIDE(i, n) {
+        const float v = __half2float(x[i]);
+        const float two_u = GELU_S2 * (v + GELU_C * v * v * v);
+        y[i] = __float2half_rn(v / (1.0f + expf(-two_u)));
+    }
+}
+
+extern "C" __global__ void gelu_backward_f16(__half* dx, const __half* dy, const __half* x, int n) {
+    GRID_STRIDE(i, n) {
+        const float v = __half2float(x[i]);
+        const float sig = 1.0f / (1.0f + expf(-(GELU_S2 * (v + GELU_C * v * v * v))));
+        const float d = sig + v * sig * (1.0f - sig) * GELU_S2 * (1.0f + 3.0f * GELU_C * v * v);
+        dx[i] = __float2half_rn(__half2float(dy[i]) * d);
+    }
+}
+
+extern "C" __global__ void relu_forward_f16(__half* y, const __half* x, int n) {
+    GRID_STRIDE(i, n) {
+        const float v = __half2float(x[i]);
+        y[i] = __float2half_rn(v > 0.0f ? v : 0.0f);
+    }
+}
+
+extern "C" __global__ void relu_backward_f16(__half* dx, const __half* dy, const __half* x, int n) {
+    GRID_STRIDE(i, n) dx[i] = __half2float(x[i]) > 0.0f ? dy[i] : __float2half_rn(0.0f);
+}
+
+extern "C" __global__ void add_assign_f16(__half* acc, const __half* x, int n) {
+    GRID_STRIDE(i, n) acc[i] = __float2half_rn(__half2float(acc[i]) + __half2float(x[i]));
+}
+
+extern "C" __global__ void scale_f16(__half* buf, float factor, int n) {
+    GRID_STRIDE(i, n) buf[i] = __float2half_rn(__half2float(buf[i]) * factor);
+}
+
+extern "C" __global__ void scale_f32(float* buf, float factor, int n) {
+    GRID_STRIDE(i, n) buf[i] *= factor;
+}
+
+/// y[r, c] += b[c] over `rows × cols`.
+extern "C" __global__ void bias_add_f16(__half* y, const __half* b, int rows, int cols) {
+    GRID_STRIDE(i, rows * cols) {
+        const int c = i % cols;
+        y[i] = __float2half_rn(__half2float(y[i]) + __half2float(b[c]));
+    }
+}
+
+/// db[c] += Σ_r dy[r, c]: one thread per column walks the rows in order (adjacent threads
+/// read adjacent columns, so every row read is coalesced).
+extern "C" __global__ void bias_backward_f16(float* db, const __half* dy, int rows, int cols) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float sum = 0.0f;
+    for (int r = 0; r < rows; ++r) sum += __half2float(dy[(long long)r * cols + c]);
+    db[c] += sum;
+}

@@ -1,0 +1,113 @@
+// launch_all.cpp — every kernel of kernels/cuda/ compiled by g++ against our emulation layer,
+// behind one C entry point with cuLaunchKernel's calling convention.
+//
+// `chingu_emu_launch(name, grid, block, shared_bytes, args, …)` takes `args` as the driver
+// API does: an array of pointers to each argument's value (a device pointer argument is a
+// u64 address, which on the emulated device is a host address). So the Rust launchers build
+// one argument list and hand it to either device. Built by kernels/build.rs (feature "emu").
+#define CHINGU_EMU 1
+#include "../common.cuh"
+
+#include "../adamw.cu"
+#include "../cross_entropy.cu"
+#include "../dropout.cu"
+#include "../elementwise.cu"
+#include "../embedding.cu"
+#include "../layernorm.cu"
+#include "../reduce.cu"
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <type_traits>
+#include <utility>
+
+namespace {
+
+template <typename... A, std::size_t... I>
+void unpack(const char* name, void (*kernel)(A...), dim3 grid, dim3 block, size_t shared_bytes,
+            void** args, std::index_sequence<I...>) {
+    chingu_emu::launch(name, kernel, grid, block, shared_bytes,
+                       *static_cast<std::decay_t<A>*>(args[I])...);
+}
+
+template <typename... A>
+void dispatch(const char* name, void (*kernel)(A...), dim3 grid, dim3 block, size_t shared_bytes,
+              void** args) {
+    unpack(name, kernel, grid, block, shared_bytes, args, std::index_sequence_for<A...>{});
+}
+
+using Thunk = void (*)(const char*, dim3, dim3, size_t, void**);
+struct Entry {
+    const char* name;
+    Thunk thunk;
+};
+
+#define KERNEL(k)                                                             \
+    Entry {                                                                   \
+        #k, [](const char* n, dim3 g, dim3 b, size_t s, void** a) {           \
+            dispatch(n, &k, g, b, s, a);                                      \
+        }                                                                     \
+    }
+
+const Entry KERNELS[] = {
+    KERNEL(adamw_f32),
+    KERNEL(cross_entropy_f16),
+    KERNEL(dropout_f16),
+    KERNEL(cast_f32_to_f16),
+    KERNEL(cast_f16_to_f32),
+    KERNEL(gelu_forward_f16),
+    KERNEL(gelu_backward_f16),
+    KERNEL(relu_forward_f16),
+    KERNEL(relu_backward_f16),
+    KERNEL(add_assign_f16),
+    KERNEL(scale_f16),
+    KERNEL(scale_f32),
+    KERNEL(bias_add_f16),
+    KERNEL(bias_backward_f16),
+    KERNEL(embedding_forward_f16),
+    KERNEL(embedding_backward_f16),
+    KERNEL(layernorm_forward_f16),
+    KERNEL(layernorm_backward_f16),
+    KERNEL(layernorm_backward_reduce_f32),
+    KERNEL(sum_squares_partial_f32),
+    KERNEL(sum_squares_partial_f16),
+    KERNEL(sum_final_f64),
+    KERNEL(unscale_f32),
+    KERNEL(check_finite_f16),
+};
+
+void write_error(char* err, size_t err_len, const char* message) {
+    if (err && err_len) {
+        std::strncpy(err, message, err_len - 1);
+        err[err_len - 1] = '\0';
+    }
+}
+
+}  // namespace
+
+/// Runs kernel `name` to completion. Returns 0 on success; 1 for an unknown kernel, 2 for a
+/// launch the emulator refused or a kernel that threw (message in `err`).
+extern "C" int chingu_emu_launch(const char* name, const unsigned* grid, const unsigned* block,
+                                 unsigned shared_bytes, void** args, char* err, size_t err_len) {
+    for (const Entry& e : KERNELS) {
+        if (std::strcmp(e.name, name) != 0) continue;
+        try {
+            e.thunk(e.name, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]),
+                    shared_bytes, args);
+            return 0;
+        } catch (const std::exception& ex) {
+            write_error(err, err_len, ex.what());
+            return 2;
+        }
+    }
+    char message[256];
+    std::snprintf(message, sizeof message, "no kernel named %s in the emulated build", name);
+    write_error(err, err_len, message);
+    return 1;
+}
+
+/// The kernel names, for the test that every .cu kernel is reachable.
+extern "C" const char* chingu_emu_kernel_name(size_t index) {
+    return index < sizeof KERNELS / sizeof KERNELS[0] ? KERNELS[index].name : nullptr;
+}

@@ -1,0 +1,101 @@
+// layernorm.cu — LayerNorm over rows of width D (eps 1e-5), fp16 in and out, fp32 statistics.
+//
+// forward:  y = (x − mean)·rstd·γ + β; saves mean and rstd [N] (fp32) for backward.
+//           One block per row; mean first, then the variance from (x − mean)² (two passes
+//           over the row, as the CPU backend, so no cancellation for rows with a large mean).
+// backward: dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = dy·γ (dx is fp16 and
+//           accumulated, as the CPU backend's); dγ += Σ dy·x̂ and dβ += Σ dy (fp32).
+//           Deterministic without atomics: block b handles rows [b·R, (b+1)·R) in order and
+//           writes its partial dγ, dβ to `partials` [blocks, 2, D]; `layernorm_backward_reduce`
+//           then sums the partials over blocks in block order into dγ, dβ.
+// Shapes: x, y, dy, dx [N, D]; γ, β [D] fp16; dγ, dβ [D] fp32; block size a multiple of 32.
+#include "common.cuh"
+
+extern "C" __global__ void layernorm_forward_f16(__half* y, float* mean_out, float* rstd_out,
+                                                 const __half* x, const __half* gamma,
+                                                 const __half* beta, int rows, int width) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const __half* xr = x + (long long)row * width;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) s += __half2float(xr[i]);
+    const float mean = chingu::block_sum(s, scratch) / width;
+    float q = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float d = __half2float(xr[i]) - mean;
+        q += d * d;
+    }
+    const float var = chingu::block_sum(q, scratch) / width;
+    const float rstd = rsqrtf(var + 1e-5f);
+    __half* yr = y + (long long)row * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float xhat = (__half2float(xr[i]) - mean) * rstd;
+        yr[i] = __float2half_rn(xhat * __half2float(gamma[i]) + __half2float(beta[i]));
+    }
+    if (threadIdx.x == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+/// Dynamic shared memory: 2·D floats (this block's dγ and dβ partials).
+extern "C" __global__ void layernorm_backward_f16(__half* dx, float* partials, const __half* dy,
+                                                  const __half* x, const float* mean,
+                                                  const float* rstd, const __half* gamma,
+                                                  int rows, int width, int rows_per_block) {
+    CHINGU_DYNAMIC_SMEM(float, acc);
+    __shared__ float scratch[32];
+    float* dgamma = acc;
+    float* dbeta = acc + width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        dgamma[i] = 0.0f;
+        dbeta[i] = 0.0f;
+    }
+    const int first = blockIdx.x * rows_per_block;
+    const int last = min(first + rows_per_block, rows);
+    for (int row = first; row < last; ++row) {
+        const long long off = (long long)row * width;
+        const float m = mean[row], rs = rstd[row];
+        float s1 = 0.0f, s2 = 0.0f;
+        // Each thread owns the columns i ≡ threadIdx.x (mod blockDim), so its dγ/dβ entries
+        // are touched by it alone and need no barrier between rows.
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            const float g = __half2float(dy[off + i]);
+            const float xhat = (__half2float(x[off + i]) - m) * rs;
+            const float dxhat = g * __half2float(gamma[i]);
+            s1 += dxhat;
+            s2 += dxhat * xhat;
+            dgamma[i] += g * xhat;
+            dbeta[i] += g;
+        }
+        const float mean_dxhat = chingu::block_sum(s1, scratch) / width;
+        const float mean_dxhat_xhat = chingu::block_sum(s2, scratch) / width;
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            const float xhat = (__half2float(x[off + i]) - m) * rs;
+            const float dxhat = __half2float(dy[off + i]) * __half2float(gamma[i]);
+            const float d = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+            dx[off + i] = __float2half_rn(__half2float(dx[off + i]) + d);
+        }
+    }
+    float* out = partials + (long long)blockIdx.x * 2 * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        out[i] = dgamma[i];
+        out[width + i] = dbeta[i];
+    }
+}
+
+/// dγ[i] += Σ_b partials[b, 0, i]; dβ[i] += Σ_b partials[b, 1, i], b in order.
+extern "C" __global__ void layernorm_backward_reduce_f32(float* dgamma, float* dbeta,
+                                                         const float* partials, int blocks,
+                                                         int width) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= width) return;
+    float g = 0.0f, b = 0.0f;
+    for (int k = 0; k < blocks; ++k) {
+        g += partials[(long long)k * 2 * width + i];
+        b += partials[(long long)k * 2 * width + width + i];
+    }
+    dgamma[i] += g;
+    dbeta[i] += b;
+}

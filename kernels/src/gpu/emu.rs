@@ -1,0 +1,127 @@
+//! The emulated device: the same kernel sources compiled by g++ against our CUDA emulation
+//! layer (`kernels/cuda/emu/`, built by `kernels/build.rs`) and run on the CPU. Device memory
+//! is host memory; launches are synchronous and serialised by the emulator.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use super::{Device, DevicePtr, GpuError};
+
+extern "C" {
+    fn chingu_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared_bytes: u32,
+        args: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn chingu_emu_kernel_name(index: usize) -> *const c_char;
+}
+
+/// Alignment of emulated allocations (cudaMalloc gives at least 256).
+const ALIGN: usize = 256;
+
+/// The CPU-emulated CUDA device.
+#[derive(Debug, Default)]
+pub struct EmuDevice;
+
+impl EmuDevice {
+    /// The emulated device.
+    pub fn new() -> Self {
+        Self
+    }
+
+    /// Every kernel the emulated build knows.
+    pub fn kernel_names() -> Vec<String> {
+        let mut names = Vec::new();
+        // SAFETY: the function returns static strings, then null past the end.
+        unsafe {
+            loop {
+                let p = chingu_emu_kernel_name(names.len());
+                if p.is_null() {
+                    break;
+                }
+                names.push(CStr::from_ptr(p).to_string_lossy().into_owned());
+            }
+        }
+        names
+    }
+}
+
+impl Device for EmuDevice {
+    fn name(&self) -> String {
+        "emu (CUDA emulated on the CPU)".to_string()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc(layout) };
+        if ptr.is_null() {
+            return Err(GpuError::Driver {
+                call: "emu alloc".into(),
+                message: format!("out of memory for {bytes} bytes"),
+            });
+        }
+        // Poison fresh memory (0xFF bytes are NaN in f16/f32/f64) so a kernel that leaves an
+        // output unwritten fails its test.
+        // SAFETY: `ptr` holds `bytes` bytes.
+        unsafe { std::ptr::write_bytes(ptr, 0xFF, bytes.max(1)) };
+        Ok(ptr as DevicePtr)
+    }
+
+    fn free(&self, ptr: DevicePtr, bytes: usize) {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
+        // SAFETY: allocated by `alloc` with this layout.
+        unsafe { dealloc(ptr as *mut u8, layout) };
+    }
+
+    fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
+        // SAFETY: `dst` is an allocation at least as large (DeviceBuffer checks).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
+        // SAFETY: as for upload.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    unsafe fn launch(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), GpuError> {
+        let name = CString::new(kernel).expect("kernel name");
+        let (grid, block) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
+        let mut err = vec![0 as c_char; 1024];
+        // SAFETY: the caller guarantees the arguments match the kernel.
+        let rc = unsafe {
+            chingu_emu_launch(
+                name.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                shared_bytes,
+                args.as_mut_ptr(),
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: the emulator wrote a NUL-terminated message.
+        let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        Err(GpuError::Emulation { kernel: kernel.to_string(), message })
+    }
+
+    fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(())
+    }
+}

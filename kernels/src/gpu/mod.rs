@@ -1,0 +1,176 @@
+//! The hand-written CUDA kernels (`kernels/cuda/*.cu`) and what runs them: a [`Device`]
+//! (a real GPU through cudarc with feature "cuda", or our CPU emulation of CUDA with feature
+//! "emu"), typed device buffers, and one checked launcher per kernel in [`ops`].
+//!
+//! Both devices take the same argument lists (cuLaunchKernel's array of pointers to each
+//! argument's value), so a launcher is written once and the test bodies in
+//! `kernels/tests/gpu_kernels.rs` run unchanged on the emulator in CI and on a GPU when one
+//! is there.
+
+pub mod ops;
+pub mod sources;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "emu")]
+pub mod emu;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// What can go wrong on a device, with enough context to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// A CUDA library could not be loaded (no driver, no NVRTC).
+    #[error("{0}")]
+    Missing(String),
+    /// A driver call failed.
+    #[error("CUDA {call} failed: {message}")]
+    Driver {
+        /// The driver call or the kernel launched.
+        call: String,
+        /// The driver's error name and text.
+        message: String,
+    },
+    /// NVRTC rejected a kernel file (or warned, where warnings are errors).
+    #[error("NVRTC could not compile {file} for {arch}:\n{log}")]
+    Compile {
+        /// The .cu file.
+        file: String,
+        /// `compute_XY` or `sm_XY`.
+        arch: String,
+        /// NVRTC's program log.
+        log: String,
+    },
+    /// A launcher was given buffers whose sizes do not fit the op.
+    #[error("{op}: {message}")]
+    Shape {
+        /// The op.
+        op: &'static str,
+        /// What does not fit.
+        message: String,
+    },
+    /// The emulated device refused a launch or a kernel failed on it.
+    #[error("emulated launch of {kernel} failed: {message}")]
+    Emulation {
+        /// The kernel.
+        kernel: String,
+        /// The emulator's message.
+        message: String,
+    },
+}
+
+/// A shared handle to a device, as launchers and buffers take it.
+pub type Gpu = Arc<dyn Device>;
+
+/// A device address (on the emulated device, a host address).
+pub type DevicePtr = u64;
+
+/// A device that runs the kernels.
+pub trait Device: Send + Sync {
+    /// For messages: `emu`, `cuda:0 (NVIDIA H100 80GB HBM3, sm_90)`.
+    fn name(&self) -> String;
+    /// `bytes` of uninitialised device memory (at least 256-byte aligned).
+    fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError>;
+    /// Releases memory from [`Device::alloc`].
+    fn free(&self, ptr: DevicePtr, bytes: usize);
+    /// Copies host bytes to the device.
+    fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError>;
+    /// Copies device bytes to the host (waits for earlier launches).
+    fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError>;
+    /// Launches `kernel` with cuLaunchKernel's argument convention.
+    ///
+    /// # Safety
+    /// `args` must point to values whose types and number match the kernel's parameters, and
+    /// every device pointer among them must cover what the kernel touches.
+    unsafe fn launch(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), GpuError>;
+    /// Waits for every launch so far and reports any asynchronous error.
+    fn synchronize(&self) -> Result<(), GpuError>;
+}
+
+/// Element types a device buffer can hold.
+pub trait Element: Copy + Default + Send + Sync + 'static {
+    /// For messages.
+    const NAME: &'static str;
+}
+impl Element for f32 {
+    const NAME: &'static str = "f32";
+}
+impl Element for f64 {
+    const NAME: &'static str = "f64";
+}
+impl Element for half::f16 {
+    const NAME: &'static str = "f16";
+}
+impl Element for i32 {
+    const NAME: &'static str = "i32";
+}
+
+/// `len` elements of `T` on a device; freed on drop.
+pub struct DeviceBuffer<T: Element> {
+    device: Arc<dyn Device>,
+    ptr: DevicePtr,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T: Element> DeviceBuffer<T> {
+    /// Uninitialised space for `len` elements.
+    pub fn uninit(device: &Arc<dyn Device>, len: usize) -> Result<Self, GpuError> {
+        let ptr = device.alloc((len * size_of::<T>()).max(1))?;
+        Ok(Self { device: device.clone(), ptr, len, _elem: PhantomData })
+    }
+
+    /// A copy of host values.
+    pub fn from_host(device: &Arc<dyn Device>, data: &[T]) -> Result<Self, GpuError> {
+        let buf = Self::uninit(device, data.len())?;
+        // SAFETY: plain-old-data elements viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
+        };
+        device.upload(buf.ptr, bytes)?;
+        Ok(buf)
+    }
+
+    /// The values, copied to the host.
+    pub fn to_host(&self) -> Result<Vec<T>, GpuError> {
+        let mut out = vec![T::default(); self.len];
+        // SAFETY: plain-old-data elements viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), self.len * size_of::<T>())
+        };
+        self.device.download(self.ptr, bytes)?;
+        Ok(out)
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device address, for launch arguments.
+    pub fn ptr(&self) -> DevicePtr {
+        self.ptr
+    }
+}
+
+impl<T: Element> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        self.device.free(self.ptr, (self.len * size_of::<T>()).max(1));
+    }
+}

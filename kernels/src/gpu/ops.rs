@@ -1,0 +1,618 @@
+//! One checked launcher per kernel: shapes are validated against the buffers, sizes must
+//! fit the kernels' `int`s, and the launch configuration is chosen here. Launch
+//! configurations never change results: elementwise kernels are grid-stride, and every
+//! reduction has a grid fixed by the shapes alone.
+
+use std::ffi::c_void;
+
+use half::f16;
+
+use super::{DeviceBuffer, Element, Gpu, GpuError};
+use crate::backend::{AdamW, DropoutKey};
+use crate::cpu::{dropout_base, dropout_threshold};
+
+/// Threads per block for elementwise kernels.
+const THREADS: u32 = 256;
+/// Most blocks an elementwise launch uses (grid-stride beyond).
+const MAX_BLOCKS: u32 = 65_535;
+/// Blocks of the first pass of a sum of squares: fixed, so the norm never depends on the GPU.
+const REDUCE_BLOCKS: usize = 256;
+/// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
+const LN_ROWS_PER_BLOCK: usize = 32;
+
+fn shape(op: &'static str, message: String) -> GpuError {
+    GpuError::Shape { op, message }
+}
+
+fn int(op: &'static str, what: &str, value: usize) -> Result<i32, GpuError> {
+    i32::try_from(value)
+        .map_err(|_| shape(op, format!("{what} = {value} exceeds the kernels' int")))
+}
+
+fn expect_len<T: Element>(
+    op: &'static str,
+    name: &str,
+    buf: &DeviceBuffer<T>,
+    len: usize,
+) -> Result<(), GpuError> {
+    if buf.len() == len {
+        Ok(())
+    } else {
+        Err(shape(op, format!("{name} holds {} {} elements, expected {len}", buf.len(), T::NAME)))
+    }
+}
+
+fn blocks_for(n: usize) -> u32 {
+    (n.div_ceil(THREADS as usize)).clamp(1, MAX_BLOCKS as usize) as u32
+}
+
+/// Pointers to each argument value, as cuLaunchKernel wants them.
+macro_rules! args {
+    ($($arg:expr),* $(,)?) => {
+        &mut [$((&$arg) as *const _ as *mut c_void),*]
+    };
+}
+
+/// Launches and, on the emulator, has already finished; on a GPU the launch is queued.
+fn launch(
+    dev: &Gpu,
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_bytes: u32,
+    args: &mut [*mut c_void],
+) -> Result<(), GpuError> {
+    // SAFETY: every caller below passes exactly the kernel's parameter list, with device
+    // buffers whose lengths it has checked against the shapes.
+    unsafe { dev.launch(kernel, grid, block, shared_bytes, args) }
+}
+
+fn elementwise(
+    dev: &Gpu,
+    kernel: &str,
+    n: usize,
+    args: &mut [*mut c_void],
+) -> Result<(), GpuError> {
+    launch(dev, kernel, (blocks_for(n), 1, 1), (THREADS, 1, 1), 0, args)
+}
+
+/// `out = f16(in)`, round to nearest even.
+pub fn cast_f32_to_f16(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f16>,
+    input: &DeviceBuffer<f32>,
+) -> Result<(), GpuError> {
+    const OP: &str = "cast_f32_to_f16";
+    expect_len(OP, "out", out, input.len())?;
+    let n = int(OP, "n", input.len())?;
+    elementwise(dev, OP, input.len(), args![out.ptr(), input.ptr(), n])
+}
+
+/// `out = f32(in)`, exact.
+pub fn cast_f16_to_f32(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f32>,
+    input: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    const OP: &str = "cast_f16_to_f32";
+    expect_len(OP, "out", out, input.len())?;
+    let n = int(OP, "n", input.len())?;
+    elementwise(dev, OP, input.len(), args![out.ptr(), input.ptr(), n])
+}
+
+fn unary(
+    op: &'static str,
+    dev: &Gpu,
+    y: &mut DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    expect_len(op, "y", y, x.len())?;
+    let n = int(op, "n", x.len())?;
+    elementwise(dev, op, x.len(), args![y.ptr(), x.ptr(), n])
+}
+
+fn unary_backward(
+    op: &'static str,
+    dev: &Gpu,
+    dx: &mut DeviceBuffer<f16>,
+    dy: &DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    expect_len(op, "dx", dx, x.len())?;
+    expect_len(op, "dy", dy, x.len())?;
+    let n = int(op, "n", x.len())?;
+    elementwise(dev, op, x.len(), args![dx.ptr(), dy.ptr(), x.ptr(), n])
+}
+
+/// `y = gelu(x)` (tanh approximation).
+pub fn gelu_forward(
+    dev: &Gpu,
+    y: &mut DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    unary("gelu_forward_f16", dev, y, x)
+}
+
+/// `dx = dy · gelu'(x)`.
+pub fn gelu_backward(
+    dev: &Gpu,
+    dx: &mut DeviceBuffer<f16>,
+    dy: &DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    unary_backward("gelu_backward_f16", dev, dx, dy, x)
+}
+
+/// `y = max(x, 0)`.
+pub fn relu_forward(
+    dev: &Gpu,
+    y: &mut DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    unary("relu_forward_f16", dev, y, x)
+}
+
+/// `dx = dy · [x > 0]`.
+pub fn relu_backward(
+    dev: &Gpu,
+    dx: &mut DeviceBuffer<f16>,
+    dy: &DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    unary_backward("relu_backward_f16", dev, dx, dy, x)
+}
+
+/// `acc += x` (residual connections).
+pub fn add_assign(
+    dev: &Gpu,
+    acc: &mut DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    const OP: &str = "add_assign_f16";
+    expect_len(OP, "x", x, acc.len())?;
+    let n = int(OP, "n", acc.len())?;
+    elementwise(dev, OP, acc.len(), args![acc.ptr(), x.ptr(), n])
+}
+
+/// `buf *= factor`.
+pub fn scale_f16(dev: &Gpu, buf: &mut DeviceBuffer<f16>, factor: f32) -> Result<(), GpuError> {
+    let n = int("scale_f16", "n", buf.len())?;
+    elementwise(dev, "scale_f16", buf.len(), args![buf.ptr(), factor, n])
+}
+
+/// `buf *= factor`.
+pub fn scale_f32(dev: &Gpu, buf: &mut DeviceBuffer<f32>, factor: f32) -> Result<(), GpuError> {
+    let n = int("scale_f32", "n", buf.len())?;
+    elementwise(dev, "scale_f32", buf.len(), args![buf.ptr(), factor, n])
+}
+
+/// `y[r, c] += b[c]` over `rows × cols`.
+pub fn bias_add(
+    dev: &Gpu,
+    y: &mut DeviceBuffer<f16>,
+    b: &DeviceBuffer<f16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "bias_add_f16";
+    expect_len(OP, "y", y, rows * cols)?;
+    expect_len(OP, "b", b, cols)?;
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+    int(OP, "rows × cols", rows * cols)?;
+    elementwise(dev, OP, rows * cols, args![y.ptr(), b.ptr(), r, c])
+}
+
+/// `db[c] += Σ_r dy[r, c]` (fp32, rows summed in order).
+pub fn bias_backward(
+    dev: &Gpu,
+    db: &mut DeviceBuffer<f32>,
+    dy: &DeviceBuffer<f16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "bias_backward_f16";
+    expect_len(OP, "dy", dy, rows * cols)?;
+    expect_len(OP, "db", db, cols)?;
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+    int(OP, "rows × cols", rows * cols)?;
+    let grid = (cols.div_ceil(THREADS as usize).max(1) as u32, 1, 1);
+    launch(dev, OP, grid, (THREADS, 1, 1), 0, args![db.ptr(), dy.ptr(), r, c])
+}
+
+/// Inverted dropout in place, dropping exactly the elements the CPU backend drops.
+pub fn dropout(
+    dev: &Gpu,
+    buf: &mut DeviceBuffer<f16>,
+    p: f32,
+    key: DropoutKey,
+) -> Result<(), GpuError> {
+    const OP: &str = "dropout_f16";
+    if !(0.0..1.0).contains(&p) {
+        return Err(shape(OP, format!("p = {p} must be in [0, 1)")));
+    }
+    if p == 0.0 {
+        return Ok(());
+    }
+    let n = int(OP, "n", buf.len())?;
+    let (base, threshold) = (dropout_base(key), dropout_threshold(p));
+    let keep_scale = (1.0 / (1.0 - f64::from(p))) as f32;
+    elementwise(dev, OP, buf.len(), args![buf.ptr(), base, threshold, keep_scale, n])
+}
+
+/// Threads per row for row-wise kernels: a multiple of 32, at most 1024, about one per
+/// 4 elements.
+fn row_threads(width: usize) -> u32 {
+    (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+/// LayerNorm forward over `rows × width`; writes `mean`, `rstd` `[rows]` (fp32).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    dev: &Gpu,
+    y: &mut DeviceBuffer<f16>,
+    mean: &mut DeviceBuffer<f32>,
+    rstd: &mut DeviceBuffer<f32>,
+    x: &DeviceBuffer<f16>,
+    gamma: &DeviceBuffer<f16>,
+    beta: &DeviceBuffer<f16>,
+    rows: usize,
+    width: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "layernorm_forward_f16";
+    expect_len(OP, "x", x, rows * width)?;
+    expect_len(OP, "y", y, rows * width)?;
+    expect_len(OP, "mean", mean, rows)?;
+    expect_len(OP, "rstd", rstd, rows)?;
+    expect_len(OP, "gamma", gamma, width)?;
+    expect_len(OP, "beta", beta, width)?;
+    let (r, w) = (int(OP, "rows", rows)?, int(OP, "width", width)?);
+    if rows == 0 {
+        return Ok(());
+    }
+    launch(
+        dev,
+        OP,
+        (rows as u32, 1, 1),
+        (row_threads(width), 1, 1),
+        0,
+        args![y.ptr(), mean.ptr(), rstd.ptr(), x.ptr(), gamma.ptr(), beta.ptr(), r, w],
+    )
+}
+
+/// LayerNorm backward: `dx += …` (fp16), `dgamma += …`, `dbeta += …` (fp32).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dev: &Gpu,
+    dx: &mut DeviceBuffer<f16>,
+    dgamma: &mut DeviceBuffer<f32>,
+    dbeta: &mut DeviceBuffer<f32>,
+    dy: &DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+    mean: &DeviceBuffer<f32>,
+    rstd: &DeviceBuffer<f32>,
+    gamma: &DeviceBuffer<f16>,
+    rows: usize,
+    width: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "layernorm_backward_f16";
+    for (name, len) in [("dx", dx.len()), ("dy", dy.len()), ("x", x.len())] {
+        if len != rows * width {
+            return Err(shape(
+                OP,
+                format!("{name} holds {len} elements, expected {}", rows * width),
+            ));
+        }
+    }
+    expect_len(OP, "mean", mean, rows)?;
+    expect_len(OP, "rstd", rstd, rows)?;
+    expect_len(OP, "gamma", gamma, width)?;
+    expect_len(OP, "dgamma", dgamma, width)?;
+    expect_len(OP, "dbeta", dbeta, width)?;
+    let (r, w) = (int(OP, "rows", rows)?, int(OP, "width", width)?);
+    if rows == 0 {
+        return Ok(());
+    }
+    let blocks = rows.div_ceil(LN_ROWS_PER_BLOCK);
+    let shared =
+        u32::try_from(2 * width * size_of::<f32>()).ok().filter(|&b| b <= 48 * 1024).ok_or_else(
+            || shape(OP, format!("width {width} needs more than 48 KiB of shared memory")),
+        )?;
+    let partials = DeviceBuffer::<f32>::uninit(dev, blocks * 2 * width)?;
+    let per_block = LN_ROWS_PER_BLOCK as i32;
+    launch(
+        dev,
+        OP,
+        (blocks as u32, 1, 1),
+        (row_threads(width), 1, 1),
+        shared,
+        args![
+            dx.ptr(),
+            partials.ptr(),
+            dy.ptr(),
+            x.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            gamma.ptr(),
+            r,
+            w,
+            per_block
+        ],
+    )?;
+    let b = int(OP, "blocks", blocks)?;
+    launch(
+        dev,
+        "layernorm_backward_reduce_f32",
+        (width.div_ceil(THREADS as usize) as u32, 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args![dgamma.ptr(), dbeta.ptr(), partials.ptr(), b, w],
+    )?;
+    // The scratch buffer is freed when this returns: make sure the kernels are done with it.
+    dev.synchronize()
+}
+
+/// `out[n] = table[ids[n]] · scale + positions[pos[n]]`.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f16>,
+    table: &DeviceBuffer<f16>,
+    positions: &DeviceBuffer<f16>,
+    ids: &[u32],
+    pos: &[usize],
+    width: usize,
+    scale: f32,
+) -> Result<(), GpuError> {
+    const OP: &str = "embedding_forward_f16";
+    if ids.len() != pos.len() {
+        return Err(shape(OP, format!("{} ids but {} positions", ids.len(), pos.len())));
+    }
+    expect_len(OP, "out", out, ids.len() * width)?;
+    let vocab = table.len() / width.max(1);
+    let max_len = positions.len() / width.max(1);
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(shape(OP, format!("token id {bad} outside the table's {vocab} rows")));
+    }
+    if let Some(&bad) = pos.iter().find(|&&p| p >= max_len) {
+        return Err(shape(OP, format!("position {bad} outside the {max_len} position rows")));
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids_dev = upload_i32(dev, OP, ids.iter().map(|&i| i as usize))?;
+    let pos_dev = upload_i32(dev, OP, pos.iter().copied())?;
+    let (rows, w) = (int(OP, "rows", ids.len())?, int(OP, "width", width)?);
+    launch(
+        dev,
+        OP,
+        (ids.len() as u32, 1, 1),
+        (row_threads(width).min(256), 1, 1),
+        0,
+        args![
+            out.ptr(),
+            table.ptr(),
+            positions.ptr(),
+            ids_dev.ptr(),
+            pos_dev.ptr(),
+            rows,
+            w,
+            scale
+        ],
+    )?;
+    dev.synchronize()
+}
+
+/// `d_table[ids[n]] += d_out[n] · scale` (fp32), rows of one id summed in order, no atomics.
+pub fn embedding_backward(
+    dev: &Gpu,
+    d_table: &mut DeviceBuffer<f32>,
+    d_out: &DeviceBuffer<f16>,
+    ids: &[u32],
+    width: usize,
+    scale: f32,
+) -> Result<(), GpuError> {
+    const OP: &str = "embedding_backward_f16";
+    expect_len(OP, "d_out", d_out, ids.len() * width)?;
+    let vocab = d_table.len() / width.max(1);
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(shape(OP, format!("token id {bad} outside the table's {vocab} rows")));
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Counting sort by id, stable: rows of one id stay in their order.
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&n| ids[n]);
+    let (mut group_start, mut group_id) = (Vec::new(), Vec::new());
+    for (k, &n) in order.iter().enumerate() {
+        if group_id.last() != Some(&(ids[n] as usize)) {
+            group_start.push(k);
+            group_id.push(ids[n] as usize);
+        }
+    }
+    group_start.push(order.len());
+    let groups = group_id.len();
+    let order_dev = upload_i32(dev, OP, order.into_iter())?;
+    let start_dev = upload_i32(dev, OP, group_start.into_iter())?;
+    let id_dev = upload_i32(dev, OP, group_id.into_iter())?;
+    let (g, w) = (int(OP, "groups", groups)?, int(OP, "width", width)?);
+    let grid = (width.div_ceil(THREADS as usize) as u32, groups as u32, 1);
+    launch(
+        dev,
+        OP,
+        grid,
+        (THREADS, 1, 1),
+        0,
+        args![
+            d_table.ptr(),
+            d_out.ptr(),
+            order_dev.ptr(),
+            start_dev.ptr(),
+            id_dev.ptr(),
+            g,
+            w,
+            scale
+        ],
+    )?;
+    dev.synchronize()
+}
+
+/// Softmax cross-entropy with label smoothing over logits `[N, V]`, rows with target
+/// `ignore` skipped. Writes `d_logits` scaled by `loss_scale / counted` and returns the mean
+/// loss over counted rows (unscaled) and the count.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy(
+    dev: &Gpu,
+    d_logits: &mut DeviceBuffer<f16>,
+    logits: &DeviceBuffer<f16>,
+    targets: &[u32],
+    vocab: usize,
+    ignore: u32,
+    smoothing: f32,
+    loss_scale: f32,
+) -> Result<(f64, usize), GpuError> {
+    const OP: &str = "cross_entropy_f16";
+    expect_len(OP, "logits", logits, targets.len() * vocab)?;
+    expect_len(OP, "d_logits", d_logits, targets.len() * vocab)?;
+    if let Some(&bad) = targets.iter().find(|&&t| t != ignore && t as usize >= vocab) {
+        return Err(shape(OP, format!("target {bad} outside the vocabulary of {vocab}")));
+    }
+    let counted = targets.iter().filter(|&&t| t != ignore).count();
+    if targets.is_empty() {
+        return Ok((0.0, 0));
+    }
+    let grad_scale = if counted == 0 { 0.0 } else { loss_scale / counted as f32 };
+    let targets_dev = upload_i32(dev, OP, targets.iter().map(|&t| t as usize))?;
+    let row_loss = DeviceBuffer::<f32>::uninit(dev, targets.len())?;
+    let (rows, v) = (int(OP, "rows", targets.len())?, int(OP, "vocab", vocab)?);
+    let ignore = ignore as i32;
+    launch(
+        dev,
+        OP,
+        (targets.len() as u32, 1, 1),
+        (row_threads(vocab).min(512), 1, 1),
+        0,
+        args![
+            d_logits.ptr(),
+            row_loss.ptr(),
+            logits.ptr(),
+            targets_dev.ptr(),
+            rows,
+            v,
+            ignore,
+            smoothing,
+            grad_scale
+        ],
+    )?;
+    let losses = row_loss.to_host()?;
+    let total: f64 = losses.iter().map(|&l| f64::from(l)).sum();
+    let mean = if counted == 0 { 0.0 } else { total / counted as f64 };
+    Ok((mean, counted))
+}
+
+/// Σ x² over every buffer, deterministic (fixed grid per tensor, partials summed in order).
+pub fn sum_squares(dev: &Gpu, tensors: &[&DeviceBuffer<f32>]) -> Result<f64, GpuError> {
+    const OP: &str = "sum_squares_partial_f32";
+    if tensors.is_empty() {
+        return Ok(0.0);
+    }
+    let partials = DeviceBuffer::<f64>::uninit(dev, tensors.len() * REDUCE_BLOCKS)?;
+    for (t, x) in tensors.iter().enumerate() {
+        let n = int(OP, "n", x.len())?;
+        let slot = partials.ptr() + (t * REDUCE_BLOCKS * size_of::<f64>()) as u64;
+        launch(dev, OP, (REDUCE_BLOCKS as u32, 1, 1), (THREADS, 1, 1), 0, args![slot, x.ptr(), n])?;
+    }
+    let total = DeviceBuffer::<f64>::uninit(dev, 1)?;
+    let count = int(OP, "partials", partials.len())?;
+    launch(
+        dev,
+        "sum_final_f64",
+        (1, 1, 1),
+        (1024, 1, 1),
+        0,
+        args![total.ptr(), partials.ptr(), count],
+    )?;
+    Ok(total.to_host()?[0])
+}
+
+/// `grad *= inv_scale` for every buffer; true when any result is inf or NaN (overflow).
+pub fn unscale(
+    dev: &Gpu,
+    grads: &mut [&mut DeviceBuffer<f32>],
+    inv_scale: f32,
+) -> Result<bool, GpuError> {
+    const OP: &str = "unscale_f32";
+    let flag = DeviceBuffer::<i32>::from_host(dev, &[0])?;
+    for g in grads.iter_mut() {
+        let n = int(OP, "n", g.len())?;
+        elementwise(dev, OP, g.len(), args![g.ptr(), flag.ptr(), inv_scale, n])?;
+    }
+    Ok(flag.to_host()?[0] != 0)
+}
+
+/// True when every element is finite.
+pub fn all_finite_f16(dev: &Gpu, x: &DeviceBuffer<f16>) -> Result<bool, GpuError> {
+    const OP: &str = "check_finite_f16";
+    let flag = DeviceBuffer::<i32>::from_host(dev, &[0])?;
+    let n = int(OP, "n", x.len())?;
+    elementwise(dev, OP, x.len(), args![flag.ptr(), x.ptr(), n])?;
+    Ok(flag.to_host()?[0] == 0)
+}
+
+/// One AdamW step on fp32 master weights; refreshes the fp16 copy when given.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    dev: &Gpu,
+    param: &mut DeviceBuffer<f32>,
+    param_half: Option<&mut DeviceBuffer<f16>>,
+    grad: &DeviceBuffer<f32>,
+    m: &mut DeviceBuffer<f32>,
+    v: &mut DeviceBuffer<f32>,
+    s: AdamW,
+) -> Result<(), GpuError> {
+    const OP: &str = "adamw_f32";
+    let len = param.len();
+    expect_len(OP, "grad", grad, len)?;
+    expect_len(OP, "m", m, len)?;
+    expect_len(OP, "v", v, len)?;
+    let half_ptr = match param_half {
+        Some(h) => {
+            expect_len(OP, "param_half", h, len)?;
+            h.ptr()
+        }
+        None => 0,
+    };
+    let n = int(OP, "n", len)?;
+    // Bias corrections in f64 then rounded, as the CPU backend does.
+    let c1 = (1.0 - f64::from(s.beta1).powi(s.step as i32)) as f32;
+    let c2 = (1.0 - f64::from(s.beta2).powi(s.step as i32)) as f32;
+    elementwise(
+        dev,
+        OP,
+        len,
+        args![
+            param.ptr(),
+            half_ptr,
+            grad.ptr(),
+            m.ptr(),
+            v.ptr(),
+            s.lr,
+            s.beta1,
+            s.beta2,
+            s.eps,
+            s.weight_decay,
+            c1,
+            c2,
+            n
+        ],
+    )
+}
+
+fn upload_i32(
+    dev: &Gpu,
+    op: &'static str,
+    values: impl Iterator<Item = usize>,
+) -> Result<DeviceBuffer<i32>, GpuError> {
+    let host = values.map(|v| int(op, "index", v)).collect::<Result<Vec<i32>, _>>()?;
+    DeviceBuffer::from_host(dev, &host)
+}

@@ -1,0 +1,597 @@
+//! Every CUDA kernel against the CPU backend, through the same checked launchers
+//! (`chingu_kernels::gpu::ops`): always on the emulated device (the .cu sources compiled by
+//! g++ against `kernels/cuda/emu/cuda_emu.h`, run on the CPU — this is what CI runs), and
+//! also on a real GPU when `CHINGU_GPU_TESTS=1` (then a missing GPU is a failure, not a skip).
+//!
+//! Inputs are fresh random values rounded to fp16; the CPU reference (f32) gets the same
+//! rounded values. Outputs are poisoned (NaN) before every launch, so an element a kernel
+//! never writes fails. Tolerances, per op, are |got − want| ≤ atol + rtol·|want|:
+//! - elementwise fp16 outputs: rtol 2·2⁻¹¹ (one fp16 rounding of the result, plus the
+//!   rounding of `expf` differences), atol 1e-3 for values near zero;
+//! - reductions into fp16 (LayerNorm, cross-entropy gradients): fp32 sums in another order
+//!   than the CPU's plus one fp16 rounding: rtol 4e-3, atol 2e-3 (×max|want| for sums);
+//! - fp32 results (dγ, dβ, bias and embedding gradients, AdamW): rtol 1e-4..1e-5, see each
+//!   test; the mask of dropout and the fp16 casts must match exactly.
+
+use std::sync::{Arc, OnceLock};
+
+use chingu_kernels::gpu::emu::EmuDevice;
+use chingu_kernels::gpu::{ops, sources, DeviceBuffer, Gpu, GpuError};
+use chingu_kernels::rng::SplitMix64;
+use chingu_kernels::{AdamW, Backend, Cpu, DropoutKey};
+use half::f16;
+
+fn emu() -> Gpu {
+    static EMU: OnceLock<Gpu> = OnceLock::new();
+    EMU.get_or_init(|| Arc::new(EmuDevice::new())).clone()
+}
+
+/// The devices every test body runs on.
+fn devices() -> Vec<Gpu> {
+    let mut devices = vec![emu()];
+    if std::env::var("CHINGU_GPU_TESTS").as_deref() == Ok("1") {
+        static GPU: OnceLock<Gpu> = OnceLock::new();
+        let gpu = GPU.get_or_init(|| {
+            let dev = chingu_kernels::gpu::cuda::CudaDevice::new(0).unwrap_or_else(|e| {
+                panic!("CHINGU_GPU_TESTS=1 but the GPU could not be opened: {e}")
+            });
+            Arc::new(dev)
+        });
+        devices.push(gpu.clone());
+    }
+    devices
+}
+
+fn cpu() -> Cpu<f32> {
+    Cpu::new()
+}
+
+/// Uniform values in [lo, hi), rounded to fp16 (returned as f16 and as their exact f32).
+fn random_half(rng: &mut SplitMix64, n: usize, lo: f64, hi: f64) -> (Vec<f16>, Vec<f32>) {
+    let h: Vec<f16> = (0..n).map(|_| f16::from_f64(lo + (hi - lo) * rng.next_f64())).collect();
+    let f = h.iter().map(|x| x.to_f32()).collect();
+    (h, f)
+}
+
+fn random_f32(rng: &mut SplitMix64, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+    (0..n).map(|_| (lo + (hi - lo) * rng.next_f64()) as f32).collect()
+}
+
+fn poisoned_half(dev: &Gpu, n: usize) -> DeviceBuffer<f16> {
+    DeviceBuffer::from_host(dev, &vec![f16::NAN; n]).unwrap()
+}
+
+fn poisoned_f32(dev: &Gpu, n: usize) -> DeviceBuffer<f32> {
+    DeviceBuffer::from_host(dev, &vec![f32::NAN; n]).unwrap()
+}
+
+fn up<T: chingu_kernels::gpu::Element>(dev: &Gpu, data: &[T]) -> DeviceBuffer<T> {
+    DeviceBuffer::from_host(dev, data).unwrap()
+}
+
+fn down_half(buf: &DeviceBuffer<f16>) -> Vec<f32> {
+    buf.to_host().unwrap().iter().map(|x| x.to_f32()).collect()
+}
+
+/// Fails with the worst element when any |got − want| > atol + rtol·|want| (NaN fails).
+fn assert_close(what: &str, dev: &Gpu, got: &[f32], want: &[f32], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what} on {}: length", dev.name());
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (f64::from(g), f64::from(w));
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        let within = excess <= 0.0;
+        if !within && worst.is_none_or(|(_, e)| excess > e || excess.is_nan()) {
+            worst = Some((i, if excess.is_nan() { f64::INFINITY } else { excess }));
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what} on {}: element {i} is {} but the CPU backend gives {} (atol {atol}, rtol {rtol})",
+            dev.name(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+fn max_abs(v: &[f32]) -> f64 {
+    v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
+}
+
+const SIZES: &[usize] = &[1, 31, 256, 4099, 70_001];
+
+#[test]
+fn every_kernel_in_the_sources_is_in_the_emulated_build() {
+    let mut in_sources: Vec<String> =
+        sources::FILES.iter().flat_map(|(_, src)| sources::kernel_names(src)).collect();
+    let mut emulated = EmuDevice::kernel_names();
+    in_sources.sort();
+    emulated.sort();
+    assert!(in_sources.len() >= 20, "found only {in_sources:?}");
+    assert_eq!(in_sources, emulated);
+}
+
+#[test]
+fn casts_round_to_nearest_even_exactly() {
+    let mut rng = SplitMix64(1);
+    for dev in devices() {
+        for &n in SIZES {
+            // Values across fp16's range, subnormals and overflow included.
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    let mag = 10f64.powf(-9.0 + 14.0 * rng.next_f64());
+                    let v = if i % 2 == 0 { mag } else { -mag };
+                    v as f32
+                })
+                .collect();
+            let input = up(&dev, &x);
+            let mut out = poisoned_half(&dev, n);
+            ops::cast_f32_to_f16(&dev, &mut out, &input).unwrap();
+            let got: Vec<u16> = out.to_host().unwrap().iter().map(|h| h.to_bits()).collect();
+            let want: Vec<u16> = x.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+            assert_eq!(got, want, "cast_f32_to_f16 on {}", dev.name());
+            let mut back = poisoned_f32(&dev, n);
+            ops::cast_f16_to_f32(&dev, &mut back, &out).unwrap();
+            let want_back: Vec<u32> =
+                want.iter().map(|&b| f16::from_bits(b).to_f32().to_bits()).collect();
+            let got_back: Vec<u32> = back.to_host().unwrap().iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got_back, want_back, "cast_f16_to_f32 on {}", dev.name());
+        }
+    }
+}
+
+#[test]
+fn activations_match_the_cpu_backend() {
+    let mut rng = SplitMix64(2);
+    for dev in devices() {
+        for &n in SIZES {
+            let (xh, x) = random_half(&mut rng, n, -6.0, 6.0);
+            let (dyh, dy) = random_half(&mut rng, n, -2.0, 2.0);
+            let (xd, dyd) = (up(&dev, &xh), up(&dev, &dyh));
+            type Fwd = fn(&Gpu, &mut DeviceBuffer<f16>, &DeviceBuffer<f16>) -> Result<(), GpuError>;
+            type Bwd = fn(
+                &Gpu,
+                &mut DeviceBuffer<f16>,
+                &DeviceBuffer<f16>,
+                &DeviceBuffer<f16>,
+            ) -> Result<(), GpuError>;
+            type CpuFwd = fn(&Cpu<f32>, &mut Vec<f32>, &Vec<f32>);
+            type CpuBwd = fn(&Cpu<f32>, &mut Vec<f32>, &Vec<f32>, &Vec<f32>);
+            let cases: [(&str, Fwd, Bwd, CpuFwd, CpuBwd); 2] = [
+                (
+                    "gelu",
+                    ops::gelu_forward,
+                    ops::gelu_backward,
+                    |c, y, x| c.gelu_forward(y, x),
+                    |c, dx, dy, x| c.gelu_backward(dx, dy, x),
+                ),
+                (
+                    "relu",
+                    ops::relu_forward,
+                    ops::relu_backward,
+                    |c, y, x| c.relu_forward(y, x),
+                    |c, dx, dy, x| c.relu_backward(dx, dy, x),
+                ),
+            ];
+            for (name, fwd, bwd, cpu_fwd, cpu_bwd) in cases {
+                let mut y = poisoned_half(&dev, n);
+                fwd(&dev, &mut y, &xd).unwrap();
+                let mut want = vec![0.0; n];
+                cpu_fwd(&cpu(), &mut want, &x);
+                assert_close(
+                    &format!("{name} forward, n {n}"),
+                    &dev,
+                    &down_half(&y),
+                    &want,
+                    1e-3,
+                    2.0 / 2048.0,
+                );
+                let mut dx = poisoned_half(&dev, n);
+                bwd(&dev, &mut dx, &dyd, &xd).unwrap();
+                let mut want = vec![0.0; n];
+                cpu_bwd(&cpu(), &mut want, &dy, &x);
+                assert_close(
+                    &format!("{name} backward, n {n}"),
+                    &dev,
+                    &down_half(&dx),
+                    &want,
+                    1e-3,
+                    2.0 / 2048.0,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn residual_scale_and_bias_match_the_cpu_backend() {
+    let mut rng = SplitMix64(3);
+    for dev in devices() {
+        for &(rows, cols) in &[(1, 1), (7, 33), (130, 256), (3, 1000)] {
+            let n = rows * cols;
+            let (ah, a) = random_half(&mut rng, n, -4.0, 4.0);
+            let (bh, b) = random_half(&mut rng, n, -4.0, 4.0);
+            let mut acc = up(&dev, &ah);
+            ops::add_assign(&dev, &mut acc, &up(&dev, &bh)).unwrap();
+            let mut want = a.clone();
+            cpu().add_assign(&mut want, &b);
+            assert_close("add_assign", &dev, &down_half(&acc), &want, 1e-3, 1.0 / 2048.0);
+
+            ops::scale_f16(&dev, &mut acc, 0.37).unwrap();
+            let mut want_scaled =
+                down_half(&up(&dev, &want.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()));
+            cpu().scale(&mut want_scaled, 0.37);
+            assert_close("scale_f16", &dev, &down_half(&acc), &want_scaled, 1e-3, 2.0 / 2048.0);
+
+            // Bias add, and its gradient accumulated onto existing values.
+            let (biash, bias) = random_half(&mut rng, cols, -1.0, 1.0);
+            let mut y = up(&dev, &ah);
+            ops::bias_add(&dev, &mut y, &up(&dev, &biash), rows, cols).unwrap();
+            let want: Vec<f32> = (0..n).map(|i| a[i] + bias[i % cols]).collect();
+            assert_close("bias_add", &dev, &down_half(&y), &want, 1e-3, 1.0 / 2048.0);
+            let start = random_f32(&mut rng, cols, -1.0, 1.0);
+            let mut db = up(&dev, &start);
+            ops::bias_backward(&dev, &mut db, &up(&dev, &bh), rows, cols).unwrap();
+            let want: Vec<f32> = (0..cols)
+                .map(|c| {
+                    start[c] + (0..rows).map(|r| f64::from(b[r * cols + c])).sum::<f64>() as f32
+                })
+                .collect();
+            assert_close(
+                "bias_backward",
+                &dev,
+                &db.to_host().unwrap(),
+                &want,
+                1e-4 * rows as f64,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn dropout_drops_exactly_what_the_cpu_backend_drops() {
+    let mut rng = SplitMix64(4);
+    for dev in devices() {
+        for &n in SIZES {
+            for &p in &[0.1f32, 0.5] {
+                // Inputs away from zero, so a dropped element is exactly the zeros.
+                let (xh, x) = random_half(&mut rng, n, 0.5, 3.0);
+                let key = DropoutKey { seed: 7 + n as u64, step: 3, site: 11 };
+                let mut buf = up(&dev, &xh);
+                ops::dropout(&dev, &mut buf, p, key).unwrap();
+                let got = down_half(&buf);
+                let mut want = x.clone();
+                cpu().dropout(&mut want, p, key);
+                for i in 0..n {
+                    assert_eq!(
+                        got[i] == 0.0,
+                        want[i] == 0.0,
+                        "dropout mask at {i} of {n} on {}",
+                        dev.name()
+                    );
+                }
+                assert_close(&format!("dropout p {p}"), &dev, &got, &want, 1e-3, 1.0 / 2048.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn layernorm_matches_the_cpu_backend() {
+    let mut rng = SplitMix64(5);
+    for dev in devices() {
+        for &(rows, width) in &[(1, 16), (37, 200), (70, 256), (5, 768), (33, 1030)] {
+            let n = rows * width;
+            // A row mean far from zero checks the two-pass variance.
+            let (xh, x) = random_half(&mut rng, n, 2.0, 6.0);
+            let (gh, g) = random_half(&mut rng, width, 0.5, 1.5);
+            let (bh, b) = random_half(&mut rng, width, -0.5, 0.5);
+            let (xd, gd, bd) = (up(&dev, &xh), up(&dev, &gh), up(&dev, &bh));
+            let mut y = poisoned_half(&dev, n);
+            let (mut mean, mut rstd) = (poisoned_f32(&dev, rows), poisoned_f32(&dev, rows));
+            ops::layernorm_forward(&dev, &mut y, &mut mean, &mut rstd, &xd, &gd, &bd, rows, width)
+                .unwrap();
+            let (mut want_y, mut want_mean, mut want_rstd) =
+                (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
+            cpu().layernorm_forward(
+                &mut want_y,
+                &mut want_mean,
+                &mut want_rstd,
+                &x,
+                &g,
+                &b,
+                rows,
+                width,
+            );
+            assert_close("layernorm y", &dev, &down_half(&y), &want_y, 2e-3, 4e-3);
+            assert_close("layernorm mean", &dev, &mean.to_host().unwrap(), &want_mean, 1e-5, 1e-5);
+            assert_close("layernorm rstd", &dev, &rstd.to_host().unwrap(), &want_rstd, 1e-5, 1e-3);
+
+            // Backward from the CPU's statistics, accumulating onto non-zero dx, dγ, dβ.
+            let (dyh, dy) = random_half(&mut rng, n, -1.0, 1.0);
+            let (dx0h, dx0) = random_half(&mut rng, n, -0.5, 0.5);
+            let (dg0, db0) =
+                (random_f32(&mut rng, width, -1.0, 1.0), random_f32(&mut rng, width, -1.0, 1.0));
+            let mut dx = up(&dev, &dx0h);
+            let (mut dgam, mut dbet) = (up(&dev, &dg0), up(&dev, &db0));
+            ops::layernorm_backward(
+                &dev,
+                &mut dx,
+                &mut dgam,
+                &mut dbet,
+                &up(&dev, &dyh),
+                &xd,
+                &up(&dev, &want_mean),
+                &up(&dev, &want_rstd),
+                &gd,
+                rows,
+                width,
+            )
+            .unwrap();
+            let (mut want_dx, mut want_dg, mut want_db) = (dx0.clone(), dg0.clone(), db0.clone());
+            cpu().layernorm_backward(
+                &mut want_dx,
+                &mut want_dg,
+                &mut want_db,
+                &dy,
+                &x,
+                &want_mean,
+                &want_rstd,
+                &g,
+                rows,
+                width,
+            );
+            let dx_got = down_half(&dx);
+            assert_close(
+                "layernorm dx",
+                &dev,
+                &dx_got,
+                &want_dx,
+                2e-3 * max_abs(&want_dx).max(1.0),
+                4e-3,
+            );
+            let sum_tol = 1e-5 * rows as f64;
+            assert_close(
+                "layernorm dgamma",
+                &dev,
+                &dgam.to_host().unwrap(),
+                &want_dg,
+                sum_tol,
+                1e-4,
+            );
+            assert_close(
+                "layernorm dbeta",
+                &dev,
+                &dbet.to_host().unwrap(),
+                &want_db,
+                sum_tol,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn embedding_matches_the_cpu_backend() {
+    let mut rng = SplitMix64(6);
+    for dev in devices() {
+        for &(vocab, width, rows) in &[(5, 8, 1), (50, 24, 100), (300, 256, 333)] {
+            let (th, t) = random_half(&mut rng, vocab * width, -1.0, 1.0);
+            let (ph, p) = random_half(&mut rng, 40 * width, -1.0, 1.0);
+            // Few distinct ids, so many rows share one (the backward's hard case).
+            let ids: Vec<u32> = (0..rows)
+                .map(|_| (rng.next_u64() % vocab.min(7) as u64) as u32 * (vocab as u32 / 7).max(1))
+                .collect();
+            let pos: Vec<usize> = (0..rows).map(|i| i % 40).collect();
+            let scale = (width as f32).sqrt();
+            let mut out = poisoned_half(&dev, rows * width);
+            ops::embedding_forward(
+                &dev,
+                &mut out,
+                &up(&dev, &th),
+                &up(&dev, &ph),
+                &ids,
+                &pos,
+                width,
+                scale,
+            )
+            .unwrap();
+            let mut want = vec![0.0; rows * width];
+            cpu().embedding_forward(&mut want, &t, &p, &ids, &pos, width, scale);
+            assert_close("embedding forward", &dev, &down_half(&out), &want, 1e-3, 1.0 / 2048.0);
+
+            let (dh, d) = random_half(&mut rng, rows * width, -1.0, 1.0);
+            let start = random_f32(&mut rng, vocab * width, -1.0, 1.0);
+            let mut dt = up(&dev, &start);
+            ops::embedding_backward(&dev, &mut dt, &up(&dev, &dh), &ids, width, scale).unwrap();
+            let mut want = start.clone();
+            cpu().embedding_backward(&mut want, &d, &ids, width, scale);
+            assert_close(
+                "embedding backward",
+                &dev,
+                &dt.to_host().unwrap(),
+                &want,
+                1e-5 * rows as f64 * f64::from(scale),
+                1e-5,
+            );
+        }
+        let err = ops::embedding_forward(
+            &dev,
+            &mut poisoned_half(&dev, 8),
+            &up(&dev, &[f16::ZERO; 16]),
+            &up(&dev, &[f16::ZERO; 8]),
+            &[2],
+            &[0],
+            8,
+            1.0,
+        );
+        assert!(
+            matches!(err, Err(GpuError::Shape { .. })),
+            "id 2 of a 2-row table must be rejected: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn cross_entropy_matches_the_cpu_backend() {
+    let mut rng = SplitMix64(7);
+    const IGNORE: u32 = 0;
+    for dev in devices() {
+        for &(rows, vocab) in &[(1, 7), (37, 1000), (9, 16_000)] {
+            let (lh, l) = random_half(&mut rng, rows * vocab, -8.0, 8.0);
+            let targets: Vec<u32> = (0..rows)
+                .map(|i| {
+                    if i % 5 == 3 {
+                        IGNORE
+                    } else {
+                        1 + (rng.next_u64() % (vocab as u64 - 1)) as u32
+                    }
+                })
+                .collect();
+            for &loss_scale in &[1.0f32, 1024.0] {
+                let mut dl = poisoned_half(&dev, rows * vocab);
+                let (loss, counted) = ops::cross_entropy(
+                    &dev,
+                    &mut dl,
+                    &up(&dev, &lh),
+                    &targets,
+                    vocab,
+                    IGNORE,
+                    0.1,
+                    loss_scale,
+                )
+                .unwrap();
+                let mut want_grad = vec![0.0; rows * vocab];
+                let (want_loss, want_counted) =
+                    cpu().cross_entropy(&mut want_grad, &l, &targets, vocab, IGNORE, 0.1);
+                assert_eq!(counted, want_counted);
+                assert!(
+                    (loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+                    "loss {loss} vs {want_loss} on {}",
+                    dev.name()
+                );
+                let got: Vec<f32> = down_half(&dl).iter().map(|g| g / loss_scale).collect();
+                let atol = 2e-3 * max_abs(&want_grad);
+                assert_close(
+                    &format!("cross-entropy grad, scale {loss_scale}"),
+                    &dev,
+                    &got,
+                    &want_grad,
+                    atol,
+                    4e-3,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gradient_norm_is_exact_and_deterministic() {
+    let mut rng = SplitMix64(8);
+    for dev in devices() {
+        let tensors: Vec<Vec<f32>> =
+            [1usize, 1000, 70_001, 3].iter().map(|&n| random_f32(&mut rng, n, -3.0, 3.0)).collect();
+        let bufs: Vec<DeviceBuffer<f32>> = tensors.iter().map(|t| up(&dev, t)).collect();
+        let refs: Vec<&DeviceBuffer<f32>> = bufs.iter().collect();
+        let got = ops::sum_squares(&dev, &refs).unwrap();
+        let want: f64 = tensors.iter().flatten().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!((got - want).abs() <= 1e-12 * want, "Σx² {got} vs {want} on {}", dev.name());
+        assert_eq!(
+            got.to_bits(),
+            ops::sum_squares(&dev, &refs).unwrap().to_bits(),
+            "same bits twice"
+        );
+        let cpu_sum: f64 = tensors.iter().map(|t| cpu().sum_squares(t)).sum();
+        assert!((got - cpu_sum).abs() <= 1e-12 * want);
+    }
+}
+
+#[test]
+fn unscale_detects_overflow() {
+    let mut rng = SplitMix64(9);
+    for dev in devices() {
+        let a = random_f32(&mut rng, 5000, -100.0, 100.0);
+        let mut b = random_f32(&mut rng, 300, -100.0, 100.0);
+        let (mut da, mut db) = (up(&dev, &a), up(&dev, &b));
+        assert!(!ops::unscale(&dev, &mut [&mut da, &mut db], 1.0 / 64.0).unwrap());
+        let want: Vec<f32> = a.iter().map(|v| v * (1.0 / 64.0)).collect();
+        assert_close("unscale", &dev, &da.to_host().unwrap(), &want, 0.0, 0.0);
+        b[123] = f32::INFINITY;
+        let mut db = up(&dev, &b);
+        assert!(ops::unscale(&dev, &mut [&mut da, &mut db], 0.5).unwrap(), "inf must be reported");
+        b[123] = f32::NAN;
+        let mut db = up(&dev, &b);
+        assert!(ops::unscale(&dev, &mut [&mut db], 0.5).unwrap(), "NaN must be reported");
+
+        let (h, _) = random_half(&mut rng, 777, -1.0, 1.0);
+        assert!(ops::all_finite_f16(&dev, &up(&dev, &h)).unwrap());
+        let mut h2 = h.clone();
+        h2[776] = f16::INFINITY;
+        assert!(!ops::all_finite_f16(&dev, &up(&dev, &h2)).unwrap());
+    }
+}
+
+#[test]
+fn adamw_matches_the_cpu_backend() {
+    let mut rng = SplitMix64(10);
+    for dev in devices() {
+        for &n in SIZES {
+            let p = random_f32(&mut rng, n, -1.0, 1.0);
+            let g = random_f32(&mut rng, n, -0.1, 0.1);
+            let m = random_f32(&mut rng, n, -0.01, 0.01);
+            let v = random_f32(&mut rng, n, 0.0, 1e-4);
+            let s = AdamW {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-9,
+                weight_decay: 0.01,
+                step: 17,
+            };
+            let (mut dp, mut dm, mut dv) = (up(&dev, &p), up(&dev, &m), up(&dev, &v));
+            let mut half = poisoned_half(&dev, n);
+            ops::adamw(&dev, &mut dp, Some(&mut half), &up(&dev, &g), &mut dm, &mut dv, s).unwrap();
+            let (mut wp, mut wm, mut wv) = (p.clone(), m.clone(), v.clone());
+            cpu().adamw(&mut wp, &g, &mut wm, &mut wv, s);
+            let got_p = dp.to_host().unwrap();
+            assert_close("adamw param", &dev, &got_p, &wp, 1e-7, 1e-6);
+            assert_close("adamw m", &dev, &dm.to_host().unwrap(), &wm, 1e-9, 1e-6);
+            assert_close("adamw v", &dev, &dv.to_host().unwrap(), &wv, 1e-12, 1e-6);
+            let want_half: Vec<u16> = got_p.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+            let got_half: Vec<u16> = half.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got_half, want_half, "fp16 copy of the master weights on {}", dev.name());
+        }
+    }
+}
+
+#[test]
+fn launchers_reject_mismatched_shapes() {
+    let dev = emu();
+    let x = up(&dev, &[f16::ONE; 10]);
+    let mut y = poisoned_half(&dev, 9);
+    let err = ops::gelu_forward(&dev, &mut y, &x).unwrap_err();
+    assert!(
+        err.to_string().contains("gelu_forward_f16: y holds 9 f16 elements, expected 10"),
+        "{err}"
+    );
+    let mut ln_y = poisoned_half(&dev, 10);
+    let (mut mean, mut rstd) = (poisoned_f32(&dev, 2), poisoned_f32(&dev, 2));
+    let err = ops::layernorm_forward(
+        &dev,
+        &mut ln_y,
+        &mut mean,
+        &mut rstd,
+        &x,
+        &up(&dev, &[f16::ONE; 4]),
+        &up(&dev, &[f16::ONE; 5]),
+        2,
+        5,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("gamma holds 4"), "{err}");
+    let err =
+        ops::dropout(&dev, &mut y, 1.0, DropoutKey { seed: 0, step: 0, site: 0 }).unwrap_err();
+    assert!(err.to_string().contains("must be in [0, 1)"), "{err}");
+}
