@@ -6,7 +6,10 @@
 //   the CPU, in the spirit of Numba's CUDA simulator. It is used in CI to run every
 //   hand-written kernel against a CPU reference. Correctness and clear failure messages
 //   come first; speed second (a launch of 64 blocks x 256 threads takes milliseconds).
-//   Kernel sources reach it through common.cuh when CHINGU_EMU is defined.
+//   Kernel sources reach it through common.cuh when CHINGU_EMU is defined; compile them
+//   with `g++ -std=c++17 -x c++ -DCHINGU_EMU -Wno-unknown-pragmas` (`#pragma unroll`).
+//   Under -fsanitize=address every fiber switch is annotated for ASan, and an ASan report
+//   raised inside a kernel is preceded by a line naming kernel/block/thread.
 //
 // EXECUTION MODEL
 //   * chingu_emu::launch(name, kernel, grid, block, dynamic_smem_bytes, args...) runs the
@@ -32,15 +35,19 @@
 //     partial warp has fewer lanes. Warp collectives (__shfl*_sync, votes, __syncwarp,
 //     __reduce_*_sync, WMMA) rendezvous the non-exited lanes named in `mask`; the calling
 //     lane must be in its mask, all participants must pass the same mask (else they
-//     deadlock, which is reported) and call the same kind of collective. Lanes named in a mask that do not exist in the block (a
-//     partial warp) are ignored. A shuffle that reads a lane which does not take part
-//     returns a poison value (all bits 1: NaN for float/half, -1 for ints).
+//     deadlock, which is reported) and call the same kind of collective. Lanes named in
+//     a mask that do not exist in the block (a partial warp) are ignored. A shuffle that
+//     reads a lane which does not take part returns a poison value (all bits 1: NaN for
+//     float/half, -1 for ints). One rendezvous per collective: each lane deposits its
+//     value in a per-lane slot, and the lane that completes the rendezvous computes every
+//     participant's result.
 //   * Errors inside a kernel (deadlock, divergent barrier, bad mask, failed assert(),
 //     __trap(), WMMA misuse, C++ exception) abandon the launch and make launch() throw
 //     chingu_emu::launch_error whose what() names the kernel, the launch configuration,
 //     the block and the thread(s); try_launch() returns the message instead. An uncaught
 //     launch_error aborts the process with that message. The emulator stays usable
-//     afterwards.
+//     afterwards (the failed launch's fibers are abandoned, not unwound: destructors of
+//     objects in their frames do not run).
 //
 // MEMORY
 //   * "Device" memory is ordinary host memory: pass host pointers as kernel arguments.
@@ -76,9 +83,10 @@
 //   Bit-exact IEEE binary16: conversions round to nearest even (subnormals, overflow to
 //   inf); every arithmetic op rounds its exact result once (via float, which is exact
 //   enough for + - * / sqrt; __hfma via double). Any NaN result is the GPU's canonical NaN
-//   0x7fff. hexp/hlog/... are the correctly rounded float function rounded to half (the
-//   GPU's may differ by an ulp). Implicit conversions mirror cuda_fp16.h: `__half h =
-//   1.0f; float f = h;` work; mixed `__half op float` is ambiguous there and here.
+//   0x7fff. hexp/hlog/... are glibc's float function rounded to half (the GPU's
+//   approximations may differ by an ulp). Implicit conversions mirror cuda_fp16.h:
+//   `__half h = 1.0f; float f = h;` work; mixed `__half op float` is ambiguous there and
+//   here.
 //
 // WMMA
 //   fragment<Use,16,16,16,T,Layout> has public x[num_elements] (8 per lane). Fragment
