@@ -11,14 +11,21 @@
 //! - reductions into fp16 (LayerNorm, cross-entropy gradients): fp32 sums in another order
 //!   than the CPU's plus one fp16 rounding: rtol 4e-3, atol 2e-3 (×max|want| for sums);
 //! - fp32 results (dγ, dβ, bias and embedding gradients, AdamW): rtol 1e-4..1e-5, see each
-//!   test; the mask of dropout and the fp16 casts must match exactly.
+//!   test; the mask of dropout and the fp16 casts must match exactly;
+//! - fused attention (fp16 tensor-core products, fp32 softmax): P and dS are rounded to fp16
+//!   (2⁻¹¹ relative) before their products and every output once more, and the sums over
+//!   keys / queries mix signs, so an element's error scales with the largest terms of its
+//!   sum, not with the element: atol 2e-3·max|want|, rtol 4e-3 (the worst error observed
+//!   on the test shapes is 1e-3·max|want|; a wrong mask or a missed rescale is off by far
+//!   more). The fp32
+//!   log-sum-exp must match the one computed here in f64 to 1e-4·(1 + |want|).
 
 use std::sync::{Arc, OnceLock};
 
 use chingu_kernels::gpu::emu::EmuDevice;
 use chingu_kernels::gpu::{ops, sources, DeviceBuffer, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
-use chingu_kernels::{AdamW, Backend, Cpu, DropoutKey};
+use chingu_kernels::{AdamW, AttentionShape, Backend, Cpu, DropoutKey};
 use half::f16;
 
 fn emu() -> Gpu {
@@ -564,6 +571,149 @@ fn adamw_matches_the_cpu_backend() {
             assert_eq!(got_half, want_half, "fp16 copy of the master weights on {}", dev.name());
         }
     }
+}
+
+/// log Σ_j exp(s·q_i·k_j) over the keys query i sees, in f64 (−inf when it sees none), in
+/// the kernels' `[B, H, Tq]` order.
+fn reference_lse(q: &[f32], k: &[f32], key_len: &[usize], s: AttentionShape) -> Vec<f32> {
+    let (d, dh) = (s.width(), s.head_dim);
+    let scale = 1.0 / (dh as f64).sqrt();
+    let mut lse = Vec::with_capacity(s.batch * s.heads * s.q_len);
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            for i in 0..s.q_len {
+                let mut limit = key_len[b].min(s.k_len);
+                if s.causal {
+                    limit = limit.min(s.q_offset + i + 1);
+                }
+                let scores: Vec<f64> = (0..limit)
+                    .map(|j| {
+                        let qr = &q[(b * s.q_len + i) * d + h * dh..][..dh];
+                        let kr = &k[(b * s.k_len + j) * d + h * dh..][..dh];
+                        qr.iter().zip(kr).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|&x| (x - max).exp()).sum();
+                lse.push(if limit == 0 { f32::NEG_INFINITY } else { (max + sum.ln()) as f32 });
+            }
+        }
+    }
+    lse
+}
+
+#[test]
+fn attention_matches_the_cpu_backend() {
+    let mut rng = SplitMix64(11);
+    // (batch, q_len, k_len, heads, head_dim, causal, q_offset, key_len per batch row)
+    type Case = (usize, usize, usize, usize, usize, bool, usize, &'static [usize]);
+    let cases: &[Case] = &[
+        (2, 17, 33, 2, 16, false, 0, &[33, 5]), // cross-attention, partial tiles
+        (3, 33, 33, 2, 64, true, 0, &[33, 1, 20]), // causal self-attention
+        (2, 1, 70, 2, 64, true, 69, &[70, 40]), // decoding one token with a KV cache
+        (1, 70, 70, 1, 64, true, 0, &[70]),     // several tiles each way, causal
+        (2, 5, 9, 1, 192, false, 0, &[9, 3]),   // the large head width
+        (2, 4, 20, 2, 16, true, 10, &[20, 0]),  // chunked decoding; a row with no key
+        (1, 33, 17, 3, 32, false, 0, &[17]),    // more queries than keys
+    ];
+    for dev in devices() {
+        for &(batch, q_len, k_len, heads, head_dim, causal, q_offset, key_len) in cases {
+            let s = AttentionShape { batch, q_len, k_len, heads, head_dim, causal, q_offset };
+            let what = format!("{s:?}, key_len {key_len:?}");
+            let d = s.width();
+            let (nq, nk) = (batch * q_len * d, batch * k_len * d);
+            let (qh, q) = random_half(&mut rng, nq, -2.0, 2.0);
+            let (kh, k) = random_half(&mut rng, nk, -2.0, 2.0);
+            let (vh, v) = random_half(&mut rng, nk, -1.0, 1.0);
+            let (doh, d_out) = random_half(&mut rng, nq, -1.0, 1.0);
+            let (qd, kd, vd, dod) = (up(&dev, &qh), up(&dev, &kh), up(&dev, &vh), up(&dev, &doh));
+
+            let mut out = poisoned_half(&dev, nq);
+            let mut lse = poisoned_f32(&dev, batch * heads * q_len);
+            ops::attention_forward(&dev, &mut out, &mut lse, &qd, &kd, &vd, key_len, s).unwrap();
+            let (mut want_out, mut probs) =
+                (vec![0.0; nq], vec![0.0; batch * heads * q_len * k_len]);
+            cpu().attention_forward(&mut want_out, &mut probs, &q, &k, &v, key_len, s);
+            let atol = 2e-3 * max_abs(&want_out);
+            assert_close(
+                &format!("attention out, {what}"),
+                &dev,
+                &down_half(&out),
+                &want_out,
+                atol,
+                4e-3,
+            );
+            let want_lse = reference_lse(&q, &k, key_len, s);
+            let got_lse = lse.to_host().unwrap();
+            for (n, (&g, &w)) in got_lse.iter().zip(&want_lse).enumerate() {
+                let ok = if w.is_infinite() {
+                    g == w
+                } else {
+                    (f64::from(g) - f64::from(w)).abs() <= 1e-4 * (1.0 + f64::from(w).abs())
+                };
+                assert!(ok, "attention lse[{n}] is {g}, want {w}, {what} on {}", dev.name());
+            }
+
+            let (mut dq, mut dk, mut dv) =
+                (poisoned_half(&dev, nq), poisoned_half(&dev, nk), poisoned_half(&dev, nk));
+            ops::attention_backward(
+                &dev, &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse, key_len, s,
+            )
+            .unwrap();
+            let (mut want_dq, mut want_dk, mut want_dv) =
+                (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            cpu().attention_backward(
+                &mut want_dq,
+                &mut want_dk,
+                &mut want_dv,
+                &d_out,
+                &q,
+                &k,
+                &v,
+                &probs,
+                s,
+            );
+            for (name, got, want) in
+                [("dq", &dq, &want_dq), ("dk", &dk, &want_dk), ("dv", &dv, &want_dv)]
+            {
+                let atol = 2e-3 * max_abs(want);
+                assert_close(
+                    &format!("attention {name}, {what}"),
+                    &dev,
+                    &down_half(got),
+                    want,
+                    atol,
+                    4e-3,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_rejects_a_head_width_the_kernels_do_not_take() {
+    let dev = emu();
+    let s = AttentionShape {
+        batch: 1,
+        q_len: 3,
+        k_len: 3,
+        heads: 2,
+        head_dim: 20,
+        causal: false,
+        q_offset: 0,
+    };
+    let x = up(&dev, &[f16::ONE; 120]);
+    let (mut out, mut lse) = (poisoned_half(&dev, 120), poisoned_f32(&dev, 6));
+    let err = ops::attention_forward(&dev, &mut out, &mut lse, &x, &x, &x, &[3], s).unwrap_err();
+    assert!(matches!(err, GpuError::Shape { .. }), "{err:?}");
+    assert!(err.to_string().contains("head_dim 20"), "{err}");
+    let (mut dq, mut dk, mut dv) =
+        (poisoned_half(&dev, 120), poisoned_half(&dev, 120), poisoned_half(&dev, 120));
+    let err =
+        ops::attention_backward(&dev, &mut dq, &mut dk, &mut dv, &x, &x, &x, &x, &x, &lse, &[3], s)
+            .unwrap_err();
+    assert!(err.to_string().contains("head_dim 20"), "{err}");
 }
 
 #[test]

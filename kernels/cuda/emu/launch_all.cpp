@@ -9,6 +9,7 @@
 #include "../common.cuh"
 
 #include "../adamw.cu"
+#include "../attention.cu"
 #include "../cross_entropy.cu"
 #include "../dropout.cu"
 #include "../elementwise.cu"
@@ -52,6 +53,10 @@ struct Entry {
 
 const Entry KERNELS[] = {
     KERNEL(adamw_f32),
+    KERNEL(attention_forward_f16),
+    KERNEL(attention_backward_delta_f16),
+    KERNEL(attention_backward_dkdv_f16),
+    KERNEL(attention_backward_dq_f16),
     KERNEL(cross_entropy_f16),
     KERNEL(dropout_f16),
     KERNEL(cast_f32_to_f16),

@@ -8,7 +8,7 @@ use std::ffi::c_void;
 use half::f16;
 
 use super::{DeviceBuffer, Element, Gpu, GpuError};
-use crate::backend::{AdamW, DropoutKey};
+use crate::backend::{AdamW, AttentionShape, DropoutKey};
 use crate::cpu::{dropout_base, dropout_threshold};
 
 /// Threads per block for elementwise kernels.
@@ -19,6 +19,11 @@ const MAX_BLOCKS: u32 = 65_535;
 const REDUCE_BLOCKS: usize = 256;
 /// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
 const LN_ROWS_PER_BLOCK: usize = 32;
+/// Query / key rows per attention tile, and threads per attention block (4 warps).
+const ATTN_TILE: usize = 16;
+const ATTN_THREADS: u32 = 128;
+/// Largest head width the attention kernels take (their shared tiles fit 48 KiB up to it).
+const ATTN_MAX_HEAD_DIM: usize = 256;
 
 fn shape(op: &'static str, message: String) -> GpuError {
     GpuError::Shape { op, message }
@@ -348,6 +353,204 @@ pub fn layernorm_backward(
         args![dgamma.ptr(), dbeta.ptr(), partials.ptr(), b, w],
     )?;
     // The scratch buffer is freed when this returns: make sure the kernels are done with it.
+    dev.synchronize()
+}
+
+/// The attention launchers' common checks; returns the kernels' int arguments
+/// `[batch, q_len, k_len, heads, head_dim, causal, q_offset]` and the key lengths, clamped to
+/// `k_len` as the CPU backend clamps them, uploaded as ints.
+fn attention_args(
+    dev: &Gpu,
+    op: &'static str,
+    key_len: &[usize],
+    s: AttentionShape,
+) -> Result<([i32; 7], DeviceBuffer<i32>), GpuError> {
+    if s.head_dim == 0 || s.head_dim % 16 != 0 || s.head_dim > ATTN_MAX_HEAD_DIM {
+        return Err(shape(
+            op,
+            format!(
+                "head_dim {} must be a positive multiple of 16, at most {ATTN_MAX_HEAD_DIM}",
+                s.head_dim
+            ),
+        ));
+    }
+    if key_len.len() != s.batch {
+        return Err(shape(op, format!("{} key lengths for {} batch rows", key_len.len(), s.batch)));
+    }
+    if s.batch > 65_535 || s.heads > 65_535 {
+        return Err(shape(op, format!("batch {} or heads {} over 65535", s.batch, s.heads)));
+    }
+    let d = s.width();
+    int(op, "batch × q_len × D", s.batch * s.q_len * d)?;
+    int(op, "batch × k_len × D", s.batch * s.k_len * d)?;
+    int(op, "batch × heads × q_len", s.batch * s.heads * s.q_len)?;
+    int(op, "q_offset + q_len", s.q_offset + s.q_len)?;
+    let ints = [
+        int(op, "batch", s.batch)?,
+        int(op, "q_len", s.q_len)?,
+        int(op, "k_len", s.k_len)?,
+        int(op, "heads", s.heads)?,
+        int(op, "head_dim", s.head_dim)?,
+        i32::from(s.causal),
+        int(op, "q_offset", s.q_offset)?,
+    ];
+    let lens = upload_i32(dev, op, key_len.iter().map(|&l| l.min(s.k_len)))?;
+    Ok((ints, lens))
+}
+
+/// Dynamic shared memory of the attention kernels, as their file header gives it.
+fn attention_shared(head_dim: usize, forward: bool) -> u32 {
+    let ld = head_dim + 8;
+    (if forward { 160 * ld + 4608 } else { 128 * ld + 9216 }) as u32
+}
+
+/// Fused attention forward (see `kernels/cuda/attention.cu`): `out` `[B·Tq, D]` (fp16) and
+/// the log-sum-exp of each query row's scaled scores, `lse` `[B, H, Tq]` (fp32, −inf for a
+/// row with no visible key), which the backward needs.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f16>,
+    lse: &mut DeviceBuffer<f32>,
+    q: &DeviceBuffer<f16>,
+    k: &DeviceBuffer<f16>,
+    v: &DeviceBuffer<f16>,
+    key_len: &[usize],
+    s: AttentionShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "attention_forward_f16";
+    let d = s.width();
+    expect_len(OP, "q", q, s.batch * s.q_len * d)?;
+    expect_len(OP, "k", k, s.batch * s.k_len * d)?;
+    expect_len(OP, "v", v, s.batch * s.k_len * d)?;
+    expect_len(OP, "out", out, s.batch * s.q_len * d)?;
+    expect_len(OP, "lse", lse, s.batch * s.heads * s.q_len)?;
+    let (a, lens) = attention_args(dev, OP, key_len, s)?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let grid = (s.q_len.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32);
+    launch(
+        dev,
+        OP,
+        grid,
+        (ATTN_THREADS, 1, 1),
+        attention_shared(s.head_dim, true),
+        args![
+            out.ptr(),
+            lse.ptr(),
+            q.ptr(),
+            k.ptr(),
+            v.ptr(),
+            lens.ptr(),
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            a[4],
+            a[5],
+            a[6]
+        ],
+    )?;
+    // `lens` is freed when this returns: make sure the kernel is done with it.
+    dev.synchronize()
+}
+
+/// Fused attention backward from the forward's `out` and `lse`: writes (overwrites) `dq`,
+/// `dk`, `dv`; keys past `key_len` get zero gradients. Deterministic (no atomics).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dev: &Gpu,
+    dq: &mut DeviceBuffer<f16>,
+    dk: &mut DeviceBuffer<f16>,
+    dv: &mut DeviceBuffer<f16>,
+    d_out: &DeviceBuffer<f16>,
+    q: &DeviceBuffer<f16>,
+    k: &DeviceBuffer<f16>,
+    v: &DeviceBuffer<f16>,
+    out: &DeviceBuffer<f16>,
+    lse: &DeviceBuffer<f32>,
+    key_len: &[usize],
+    s: AttentionShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "attention_backward_dkdv_f16";
+    let d = s.width();
+    for (name, buf) in [("dq", &*dq), ("d_out", d_out), ("q", q), ("out", out)] {
+        expect_len(OP, name, buf, s.batch * s.q_len * d)?;
+    }
+    for (name, buf) in [("dk", &*dk), ("dv", &*dv), ("k", k), ("v", v)] {
+        expect_len(OP, name, buf, s.batch * s.k_len * d)?;
+    }
+    expect_len(OP, "lse", lse, s.batch * s.heads * s.q_len)?;
+    let (a, lens) = attention_args(dev, OP, key_len, s)?;
+    let rows_heads = s.batch * s.heads * s.q_len;
+    let delta = DeviceBuffer::<f32>::uninit(dev, rows_heads.max(1))?;
+    if rows_heads > 0 {
+        let (b, tq, h, dh) = (a[0], a[1], a[3], a[4]);
+        launch(
+            dev,
+            "attention_backward_delta_f16",
+            (rows_heads.div_ceil(ATTN_THREADS as usize / 32) as u32, 1, 1),
+            (ATTN_THREADS, 1, 1),
+            0,
+            args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
+        )?;
+    }
+    let shared = attention_shared(s.head_dim, false);
+    if !dk.is_empty() {
+        launch(
+            dev,
+            OP,
+            (s.k_len.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32),
+            (ATTN_THREADS, 1, 1),
+            shared,
+            args![
+                dk.ptr(),
+                dv.ptr(),
+                d_out.ptr(),
+                q.ptr(),
+                k.ptr(),
+                v.ptr(),
+                lse.ptr(),
+                delta.ptr(),
+                lens.ptr(),
+                a[0],
+                a[1],
+                a[2],
+                a[3],
+                a[4],
+                a[5],
+                a[6]
+            ],
+        )?;
+    }
+    if !dq.is_empty() {
+        launch(
+            dev,
+            "attention_backward_dq_f16",
+            (s.q_len.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32),
+            (ATTN_THREADS, 1, 1),
+            shared,
+            args![
+                dq.ptr(),
+                d_out.ptr(),
+                q.ptr(),
+                k.ptr(),
+                v.ptr(),
+                lse.ptr(),
+                delta.ptr(),
+                lens.ptr(),
+                a[0],
+                a[1],
+                a[2],
+                a[3],
+                a[4],
+                a[5],
+                a[6]
+            ],
+        )?;
+    }
+    // The scratch buffers are freed when this returns: make sure the kernels are done.
     dev.synchronize()
 }
 

@@ -7,6 +7,7 @@ pub const COMMON: &str = include_str!("../../cuda/common.cuh");
 /// Every kernel file: (file name, source).
 pub const FILES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../../cuda/adamw.cu")),
+    ("attention.cu", include_str!("../../cuda/attention.cu")),
     ("cross_entropy.cu", include_str!("../../cuda/cross_entropy.cu")),
     ("dropout.cu", include_str!("../../cuda/dropout.cu")),
     ("elementwise.cu", include_str!("../../cuda/elementwise.cu")),
