@@ -4,6 +4,7 @@
 mod allocator;
 mod bench_cmd;
 mod eval_cmd;
+mod gpu_cmd;
 mod launch_cmd;
 mod logging;
 mod prepare_cmd;
@@ -87,6 +88,9 @@ enum Command {
     Worker(launch_cmd::WorkerCmdArgs),
     /// Show a job's ranks: step, loss, tokens/s, last heartbeat, restarts.
     Status(launch_cmd::StatusArgs),
+    /// Check the GPU: CUDA support in this build, driver, devices, NVRTC, and that every
+    /// kernel compiles and loads for each device (build with --features cuda).
+    Gpu,
     /// Benchmark: time training steps on a synthetic batch (used by bench/train_bench.py).
     #[command(hide = true)]
     BenchTrain(bench_cmd::BenchArgs),
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Worker(args)) => launch_cmd::worker(&args, &worker_log),
         Some(Command::Status(args)) => launch_cmd::status(&args),
+        Some(Command::Gpu) => gpu_cmd::run(),
         Some(Command::BenchTrain(args)) => bench_cmd::train(&args),
         Some(Command::BenchDecode(args)) => bench_cmd::decode(&args),
         None => {

@@ -1,0 +1,528 @@
+//! Times every kernel op at the shapes of one `seed-256` training step at batch
+//! 18 × (1024 + 1024) tokens, through the checked launchers of `chingu_kernels::gpu::ops`.
+//!
+//! ```text
+//! kernel_bench [--device cuda|emu] [--reps N] [--json PATH]
+//! ```
+//!
+//! `--device cuda` (the default) runs on GPU 0; `--device emu` runs the same launchers on
+//! the CPU emulation of CUDA at tiny shapes (N ÷ 64, V ÷ 16, T ÷ 16, parameters ÷ 64), only
+//! to smoke-test this program. Each op is launched 3 times to warm up, then `reps` times
+//! between two device synchronisations; the time is the host wall time of that loop divided
+//! by `reps` (some launchers synchronise or read a result back themselves: that is part of
+//! what the op costs). Inputs are fresh random values from SplitMix64, never zeros.
+//!
+//! GB/s is the minimum traffic of the op (every input read once, every output written once,
+//! an accumulated buffer counted as one read and one write) over the time; the formula is
+//! given beside each op. Attention also reports TFLOP/s: 4·B·H·Tq·Tk·Dh for the forward,
+//! 2.5× that for the backward, halved when causal. `bench/kernel_bench.py` times the same
+//! ops in PyTorch and `bench/kernel_compare.py` puts the two JSON files side by side.
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chingu_kernels::gpu::{ops, DeviceBuffer, Element, Gpu, GpuError};
+use chingu_kernels::rng::{mix, SplitMix64};
+use chingu_kernels::{AdamW, AttentionShape, DropoutKey};
+use half::f16;
+use rayon::prelude::*;
+
+/// Launches before timing.
+const WARMUP: usize = 3;
+/// Parameters of the `seed-256` model (vocabulary 16,000, tied embeddings).
+const SEED_256_PARAMS: usize = 15_156_224;
+/// Label smoothing and dropout of the `seed-256` preset.
+const SMOOTHING: f32 = 0.1;
+const DROPOUT: f32 = 0.1;
+/// Elements per independently seeded chunk of random input (so filling runs in parallel).
+const CHUNK: usize = 1 << 16;
+
+struct Args {
+    device: String,
+    reps: usize,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args { device: "cuda".into(), reps: 20, json: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--device" => args.device = value()?,
+            "--reps" => {
+                let v = value()?;
+                args.reps = v.parse().map_err(|_| format!("--reps {v}: not a number"))?;
+                if args.reps == 0 {
+                    return Err("--reps must be at least 1".into());
+                }
+            }
+            "--json" => args.json = Some(PathBuf::from(value()?)),
+            "-h" | "--help" => {
+                println!("kernel_bench [--device cuda|emu] [--reps N (20)] [--json PATH]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    if args.device != "cuda" && args.device != "emu" {
+        return Err(format!("--device {}: choose cuda or emu", args.device));
+    }
+    Ok(args)
+}
+
+/// The shapes of one training step.
+#[derive(Debug, Clone, Copy)]
+struct Shapes {
+    /// Token rows of one stack: batch × sequence length.
+    n: usize,
+    /// Model width, feed-forward width, heads, head width.
+    d: usize,
+    f: usize,
+    h: usize,
+    dh: usize,
+    /// Vocabulary.
+    v: usize,
+    /// Attention batch and sequence length (Tq = Tk).
+    b: usize,
+    t: usize,
+    /// Trainable parameters (AdamW, gradient norm).
+    params: usize,
+}
+
+impl Shapes {
+    fn seed_256() -> Self {
+        Self {
+            n: 18 * 1024,
+            d: 256,
+            f: 1024,
+            h: 4,
+            dh: 64,
+            v: 16_000,
+            b: 18,
+            t: 1024,
+            params: SEED_256_PARAMS,
+        }
+    }
+
+    /// The emulator's smoke-test shapes.
+    fn tiny() -> Self {
+        let s = Self::seed_256();
+        Self { n: s.n / 64, v: s.v / 16, t: s.t / 16, params: s.params / 64, ..s }
+    }
+}
+
+/// One timed op.
+struct Row {
+    op: &'static str,
+    shape: String,
+    seconds: f64,
+    bytes: f64,
+    flops: Option<f64>,
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        self.bytes / self.seconds / 1e9
+    }
+
+    fn tflops(&self) -> Option<f64> {
+        self.flops.map(|f| f / self.seconds / 1e12)
+    }
+}
+
+/// Warms up, then times `reps` launches between two synchronisations; seconds per launch.
+/// `launch` gets the launch's index (0, 1, … across warm-up and timing).
+fn time_op(
+    dev: &Gpu,
+    reps: usize,
+    mut launch: impl FnMut(usize) -> Result<(), GpuError>,
+) -> Result<f64, GpuError> {
+    for i in 0..WARMUP {
+        launch(i)?;
+    }
+    dev.synchronize()?;
+    let start = Instant::now();
+    for i in 0..reps {
+        launch(WARMUP + i)?;
+    }
+    dev.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// `n` uniform values in [lo, hi) from SplitMix64, filled in parallel chunks.
+fn random_vec<T: Send>(seed: u64, n: usize, lo: f64, hi: f64, conv: fn(f64) -> T) -> Vec<T> {
+    (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .flat_map_iter(|c| {
+            let mut rng = SplitMix64(mix(seed ^ mix(c as u64 + 1)));
+            let len = CHUNK.min(n - c * CHUNK);
+            (0..len).map(move |_| conv(lo + (hi - lo) * rng.next_f64()))
+        })
+        .collect()
+}
+
+/// A device buffer of random fp16 values in [lo, hi).
+fn random_half(
+    dev: &Gpu,
+    seed: u64,
+    n: usize,
+    lo: f64,
+    hi: f64,
+) -> Result<DeviceBuffer<f16>, GpuError> {
+    DeviceBuffer::from_host(dev, &random_vec(seed, n, lo, hi, f16::from_f64))
+}
+
+/// A device buffer of random fp32 values in [lo, hi).
+fn random_f32(
+    dev: &Gpu,
+    seed: u64,
+    n: usize,
+    lo: f64,
+    hi: f64,
+) -> Result<DeviceBuffer<f32>, GpuError> {
+    DeviceBuffer::from_host(dev, &random_vec(seed, n, lo, hi, |x| x as f32))
+}
+
+/// Output space (never read before the op writes it).
+fn out<T: Element>(dev: &Gpu, n: usize) -> Result<DeviceBuffer<T>, GpuError> {
+    DeviceBuffer::uninit(dev, n)
+}
+
+/// `n` random ids in [lo, hi).
+fn random_ids(seed: u64, n: usize, lo: u32, hi: u32) -> Vec<u32> {
+    let mut rng = SplitMix64(seed);
+    (0..n).map(|_| lo + (rng.next_u64() % u64::from(hi - lo)) as u32).collect()
+}
+
+fn distinct(ids: &[u32]) -> usize {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted.len()
+}
+
+const H: f64 = 2.0; // bytes of an fp16
+const S: f64 = 4.0; // bytes of an fp32 / int32
+
+fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    let (n, d, f, v) = (s.n, s.d, s.f, s.v);
+    let (nf, df, ff, vf, pf) = (n as f64, d as f64, f as f64, v as f64, s.params as f64);
+    let nd = format!("{n}x{d}");
+    let mut seed = 0x6368_696e_6775_u64; // "chingu"
+    let mut next_seed = || {
+        seed += 1;
+        seed
+    };
+    let mut push = |op, shape: String, seconds, bytes, flops| {
+        let row = Row { op, shape, seconds, bytes, flops };
+        eprintln!("{:<22} {:<28} {:>10.1} µs", row.op, row.shape, row.seconds * 1e6);
+        rows.push(row);
+    };
+
+    // --- LayerNorm over N × D -----------------------------------------------------------
+    {
+        let x = random_half(dev, next_seed(), n * d, -2.0, 2.0)?;
+        let gamma = random_half(dev, next_seed(), d, 0.5, 1.5)?;
+        let beta = random_half(dev, next_seed(), d, -0.5, 0.5)?;
+        let mut y = out::<f16>(dev, n * d)?;
+        let (mut mean, mut rstd) = (out::<f32>(dev, n)?, out::<f32>(dev, n)?);
+        // x, y: 2·N·D fp16; γ, β: 2·D fp16; mean, rstd written: 2·N fp32.
+        let t = time_op(dev, reps, |_| {
+            ops::layernorm_forward(dev, &mut y, &mut mean, &mut rstd, &x, &gamma, &beta, n, d)
+        })?;
+        push("layernorm_fwd", nd.clone(), t, H * (2.0 * nf * df + 2.0 * df) + S * 2.0 * nf, None);
+
+        let dy = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+        let mut dx = random_half(dev, next_seed(), n * d, -0.5, 0.5)?;
+        let mut dgamma = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
+        let mut dbeta = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
+        // dy, x read and dx accumulated (read + write): 4·N·D fp16; mean, rstd: 2·N fp32;
+        // γ: D fp16; dγ, dβ accumulated: 4·D fp32.
+        let t = time_op(dev, reps, |_| {
+            ops::layernorm_backward(
+                dev,
+                &mut dx,
+                &mut dgamma,
+                &mut dbeta,
+                &dy,
+                &x,
+                &mean,
+                &rstd,
+                &gamma,
+                n,
+                d,
+            )
+        })?;
+        push(
+            "layernorm_bwd",
+            nd.clone(),
+            t,
+            H * (4.0 * nf * df + df) + S * (2.0 * nf + 4.0 * df),
+            None,
+        );
+    }
+
+    // --- GELU over N × F ----------------------------------------------------------------
+    {
+        let x = random_half(dev, next_seed(), n * f, -4.0, 4.0)?;
+        let mut y = out::<f16>(dev, n * f)?;
+        // x read, y written: 2·N·F fp16.
+        let t = time_op(dev, reps, |_| ops::gelu_forward(dev, &mut y, &x))?;
+        push("gelu_fwd", format!("{n}x{f}"), t, H * 2.0 * nf * ff, None);
+        let dy = random_half(dev, next_seed(), n * f, -1.0, 1.0)?;
+        let mut dx = out::<f16>(dev, n * f)?;
+        // dy, x read, dx written: 3·N·F fp16.
+        let t = time_op(dev, reps, |_| ops::gelu_backward(dev, &mut dx, &dy, &x))?;
+        push("gelu_bwd", format!("{n}x{f}"), t, H * 3.0 * nf * ff, None);
+    }
+
+    // --- Dropout and the residual add over N × D -----------------------------------------
+    {
+        let mut buf = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+        // In place: read and written once, 2·N·D fp16. A new mask every launch.
+        let t = time_op(dev, reps, |i| {
+            let key = DropoutKey { seed: 7, step: i as u64, site: 3 };
+            ops::dropout(dev, &mut buf, DROPOUT, key)
+        })?;
+        push("dropout", nd.clone(), t, H * 2.0 * nf * df, None);
+
+        let mut acc = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+        let x = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+        // acc read and written, x read: 3·N·D fp16.
+        let t = time_op(dev, reps, |_| ops::add_assign(dev, &mut acc, &x))?;
+        push("add_assign", nd.clone(), t, H * 3.0 * nf * df, None);
+    }
+
+    // --- Embedding: N rows gathered from a V × D table plus positions --------------------
+    {
+        let table = random_half(dev, next_seed(), v * d, -1.0, 1.0)?;
+        let positions = random_half(dev, next_seed(), s.t * d, -1.0, 1.0)?;
+        let ids = random_ids(next_seed(), n, 0, v as u32);
+        let pos: Vec<usize> = (0..n).map(|i| i % s.t).collect();
+        let (rows_used, pos_used) = (distinct(&ids) as f64, s.t.min(n) as f64);
+        let scale = (d as f32).sqrt();
+        let mut emb = out::<f16>(dev, n * d)?;
+        // Distinct table rows and position rows read once, output written: fp16 × D each;
+        // ids and positions uploaded: 2·N int32.
+        let t = time_op(dev, reps, |_| {
+            ops::embedding_forward(dev, &mut emb, &table, &positions, &ids, &pos, d, scale)
+        })?;
+        let shape = format!("{n} rows of {v}x{d}");
+        push(
+            "embedding_fwd",
+            shape.clone(),
+            t,
+            H * df * (rows_used + pos_used + nf) + S * 2.0 * nf,
+            None,
+        );
+
+        let d_out = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+        let mut d_table = random_f32(dev, next_seed(), v * d, -1.0, 1.0)?;
+        // d_out read: N·D fp16; distinct rows of d_table accumulated (read + write): fp32 × D
+        // each; ids: N int32 (the launcher's sorted order and groups are host-side extras).
+        let t = time_op(dev, reps, |_| {
+            ops::embedding_backward(dev, &mut d_table, &d_out, &ids, d, scale)
+        })?;
+        push("embedding_bwd", shape, t, H * nf * df + S * (2.0 * rows_used * df + nf), None);
+    }
+
+    // --- Cross-entropy (loss and gradient in one kernel) over N × V logits ---------------
+    {
+        let logits = random_half(dev, next_seed(), n * v, -8.0, 8.0)?;
+        let mut d_logits = out::<f16>(dev, n * v)?;
+        let targets = random_ids(next_seed(), n, 1, v as u32);
+        // logits read, d_logits written: 2·N·V fp16; targets read, row losses written: 2·N int32/fp32.
+        let t = time_op(dev, reps, |_| {
+            ops::cross_entropy(dev, &mut d_logits, &logits, &targets, v, 0, SMOOTHING, 1024.0)
+                .map(|_| ())
+        })?;
+        push("cross_entropy", format!("{n}x{v}"), t, H * 2.0 * nf * vf + S * 2.0 * nf, None);
+    }
+
+    // --- AdamW and the gradient norm over every parameter --------------------------------
+    {
+        let p = s.params;
+        let mut param = random_f32(dev, next_seed(), p, -0.1, 0.1)?;
+        let mut half = out::<f16>(dev, p)?;
+        let grad = random_f32(dev, next_seed(), p, -0.01, 0.01)?;
+        let mut m = random_f32(dev, next_seed(), p, -1e-3, 1e-3)?;
+        let mut var = random_f32(dev, next_seed(), p, 1e-8, 1e-6)?;
+        // param, m, v read and written, grad read: 7·P fp32; the fp16 copy written: P fp16.
+        let t = time_op(dev, reps, |i| {
+            let step = AdamW {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-9,
+                weight_decay: 0.01,
+                step: 1 + i as u64,
+            };
+            ops::adamw(dev, &mut param, Some(&mut half), &grad, &mut m, &mut var, step)
+        })?;
+        push("adamw", format!("{p} params"), t, S * 7.0 * pf + H * pf, None);
+
+        // Each element read once: P fp32 (the f64 result is read back to the host).
+        let t = time_op(dev, reps, |_| ops::sum_squares(dev, &[&grad]).map(|_| ()))?;
+        push("sum_squares", format!("{p} f32"), t, S * pf, None);
+    }
+
+    // --- Self-attention, Tq = Tk = T, every key visible ----------------------------------
+    {
+        let (b, t_len) = (s.b, s.t);
+        let key_len = vec![t_len; b];
+        let x_len = b * t_len * d;
+        let q = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
+        let k = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
+        let vv = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
+        let d_out = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
+        let (xf, lse_f) = (x_len as f64, (b * s.h * t_len) as f64);
+        for causal in [false, true] {
+            let shape = AttentionShape {
+                batch: b,
+                q_len: t_len,
+                k_len: t_len,
+                heads: s.h,
+                head_dim: s.dh,
+                causal,
+                q_offset: 0,
+            };
+            let label =
+                format!("B{b} H{} T{t_len} Dh{}{}", s.h, s.dh, if causal { " causal" } else { "" });
+            let fwd_flops = 4.0 * (b * s.h) as f64 * (t_len * t_len * s.dh) as f64
+                / if causal { 2.0 } else { 1.0 };
+            let mut o = out::<f16>(dev, x_len)?;
+            let mut lse = out::<f32>(dev, b * s.h * t_len)?;
+            // q, k, v read, out written: 4·B·T·D fp16; lse written: B·H·T fp32.
+            let fwd_bytes = H * 4.0 * xf + S * lse_f;
+            let t = time_op(dev, reps, |_| {
+                ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+            })?;
+            let (fwd_op, bwd_op, both_op) = if causal {
+                ("attn_fwd_causal", "attn_bwd_causal", "attn_fwd_bwd_causal")
+            } else {
+                ("attn_fwd", "attn_bwd", "attn_fwd_bwd")
+            };
+            push(fwd_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
+
+            let (mut dq, mut dk, mut dv) =
+                (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);
+            // d_out, q, k, v, out read and dq, dk, dv written: 8·B·T·D fp16; lse read:
+            // B·H·T fp32.
+            let bwd_bytes = H * 8.0 * xf + S * lse_f;
+            let t = time_op(dev, reps, |_| {
+                ops::attention_backward(
+                    dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &vv, &o, &lse, &key_len, shape,
+                )
+            })?;
+            push(bwd_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
+
+            // Forward then backward, as a training step runs them (what the PyTorch side can
+            // time for scaled_dot_product_attention): the sum of the two minimum traffics.
+            let t = time_op(dev, reps, |_| {
+                ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)?;
+                ops::attention_backward(
+                    dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &vv, &o, &lse, &key_len, shape,
+                )
+            })?;
+            push(both_op, label, t, fwd_bytes + bwd_bytes, Some(3.5 * fwd_flops));
+        }
+    }
+    Ok(rows)
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut s =
+        String::from("| op | shape | time (µs) | GB/s | TFLOP/s |\n|---|---|---:|---:|---:|\n");
+    for r in rows {
+        let tflops = r.tflops().map_or("".to_string(), |t| format!("{t:.2}"));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {} |",
+            r.op,
+            r.shape,
+            r.seconds * 1e6,
+            r.gbps(),
+            tflops
+        );
+    }
+    s
+}
+
+/// A JSON string literal.
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json(device: &str, reps: usize, s: Shapes, rows: &[Row]) -> String {
+    let mut out = String::from("{\n");
+    let _ = writeln!(out, "  \"impl\": \"chingu\",");
+    let _ = writeln!(out, "  \"device\": {},", json_str(device));
+    let _ = writeln!(out, "  \"reps\": {reps},");
+    let _ = writeln!(out, "  \"timing\": \"mean of reps (host clock around the loop)\",");
+    let _ = writeln!(out, "  \"shapes\": {},", json_str(&format!("{s:?}")));
+    out.push_str("  \"results\": [\n");
+    for (i, r) in rows.iter().enumerate() {
+        let tflops = r.tflops().map_or("null".to_string(), |t| format!("{t}"));
+        let _ = writeln!(
+            out,
+            "    {{\"op\": {}, \"shape\": {}, \"time_us\": {}, \"bytes\": {}, \"gbps\": {}, \
+             \"tflops\": {}}}{}",
+            json_str(r.op),
+            json_str(&r.shape),
+            r.seconds * 1e6,
+            r.bytes,
+            r.gbps(),
+            tflops,
+            if i + 1 < rows.len() { "," } else { "" }
+        );
+    }
+    out.push_str("  ]\n}\n");
+    out
+}
+
+fn main() {
+    if let Err(e) = bench_main() {
+        eprintln!("kernel_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn bench_main() -> Result<(), Box<dyn Error>> {
+    let args = parse_args()?;
+    let (dev, shapes): (Gpu, Shapes) = if args.device == "cuda" {
+        (Arc::new(chingu_kernels::gpu::cuda::CudaDevice::new(0)?), Shapes::seed_256())
+    } else {
+        (Arc::new(chingu_kernels::gpu::emu::EmuDevice::new()), Shapes::tiny())
+    };
+    eprintln!("kernel_bench on {}, {} reps, {shapes:?}", dev.name(), args.reps);
+    let rows = run(&dev, shapes, args.reps)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, json(&dev.name(), args.reps, shapes, &rows))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    println!(
+        "\nchingu kernels on {} (mean of {} reps after {WARMUP} warm-up launches)\n",
+        dev.name(),
+        args.reps
+    );
+    print!("{}", table(&rows));
+    Ok(())
+}
