@@ -5,7 +5,9 @@
 use std::alloc::{alloc, dealloc, Layout};
 use std::ffi::{c_char, c_void, CStr, CString};
 
-use super::{Device, DevicePtr, GpuError};
+use half::f16;
+
+use super::{Device, DevicePtr, Gemm, GpuError};
 
 extern "C" {
     fn chingu_emu_launch(
@@ -122,6 +124,67 @@ impl Device for EmuDevice {
     }
 
     fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
+        let Gemm { m, n, k, .. } = *g;
+        // SAFETY: the caller guarantees the extents (device memory is host memory here).
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(g.a as *const f16, m * k),
+                std::slice::from_raw_parts(g.b as *const f16, k * n),
+            )
+        };
+        let a: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
+        let b: Vec<f32> = b.iter().map(|x| x.to_f32()).collect();
+        // Row/column strides of op(A) [m×k] and op(B) [k×n] in their stored layouts.
+        let (rsa, csa) = if g.trans_a { (1, m) } else { (k, 1) };
+        let (rsb, csb) = if g.trans_b { (1, k) } else { (n, 1) };
+        let mut c = vec![0f32; m * n];
+        if m > 0 && n > 0 && k > 0 {
+            // SAFETY: the strides above address inside `a` and `b`; `c` is dense m×n.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    rsa as isize,
+                    csa as isize,
+                    b.as_ptr(),
+                    rsb as isize,
+                    csb as isize,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                )
+            };
+        }
+        if let Some(bias) = g.bias {
+            // SAFETY: bias holds n halves.
+            let bias = unsafe { std::slice::from_raw_parts(bias as *const f16, n) };
+            for row in c.chunks_mut(n.max(1)) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b.to_f32());
+            }
+        }
+        // SAFETY: C holds m×n elements of its type.
+        unsafe {
+            if g.c_f32 {
+                let out = std::slice::from_raw_parts_mut(g.c as *mut f32, m * n);
+                for (o, v) in out.iter_mut().zip(&c) {
+                    *o = if g.beta == 0.0 { *v } else { *o * g.beta + *v };
+                }
+            } else {
+                let out = std::slice::from_raw_parts_mut(g.c as *mut f16, m * n);
+                for (o, v) in out.iter_mut().zip(&c) {
+                    let prior = if g.beta == 0.0 { 0.0 } else { o.to_f32() * g.beta };
+                    *o = f16::from_f32(prior + *v);
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -69,6 +69,37 @@ pub type Gpu = Arc<dyn Device>;
 /// A device address (on the emulated device, a host address).
 pub type DevicePtr = u64;
 
+/// One matrix product, row-major: `C[m×n] = op(A)·op(B) + beta·C (+ bias)`, fp16 inputs,
+/// fp32 compute. `A` is `[m×k]` (`[k×m]` when `trans_a`), `B` is `[k×n]` (`[n×k]` when
+/// `trans_b`), both fp16 and dense; `C` is dense `[m×n]`, fp32 when `c_f32` else fp16. `beta`
+/// is 0 (overwrite) or 1 (accumulate). `bias` (fp16 `[n]`, added to every row) only with
+/// `beta = 0`. The emulated device computes it on the CPU (f32 sums); a GPU through cuBLASLt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemm {
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// The summed dimension.
+    pub k: usize,
+    /// A's address.
+    pub a: DevicePtr,
+    /// A is stored `[k×m]`.
+    pub trans_a: bool,
+    /// B's address.
+    pub b: DevicePtr,
+    /// B is stored `[n×k]`.
+    pub trans_b: bool,
+    /// C's address.
+    pub c: DevicePtr,
+    /// C is fp32 (else fp16).
+    pub c_f32: bool,
+    /// 0 or 1.
+    pub beta: f32,
+    /// Optional fp16 bias `[n]`.
+    pub bias: Option<DevicePtr>,
+}
+
 /// A device that runs the kernels.
 pub trait Device: Send + Sync {
     /// For messages: `emu`, `cuda:0 (NVIDIA H100 80GB HBM3, sm_90)`.
@@ -96,6 +127,11 @@ pub trait Device: Send + Sync {
     ) -> Result<(), GpuError>;
     /// Waits for every launch so far and reports any asynchronous error.
     fn synchronize(&self) -> Result<(), GpuError>;
+    /// One matrix product (see [`Gemm`]).
+    ///
+    /// # Safety
+    /// Every pointer in `g` must cover the matrix the shape says it holds.
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
 }
 
 /// Element types a device buffer can hold.
