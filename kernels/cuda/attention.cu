@@ -6,7 +6,9 @@
 // Shapes (B batch rows, H heads, Dh head width, D = H·Dh): q, out, d_out, dq [B·Tq, D];
 // k, v, dk, dv [B·Tk, D]; head h is columns h·Dh..(h+1)·Dh; lse, delta [B, H, Tq] fp32;
 // key_len [B] int, already clamped to Tk by the launcher. Query i of batch row b sees key j
-// when j < key_len[b] and, if causal, j ≤ q_offset + i. Scale s = 1/sqrt(Dh).
+// when j < key_len[b] and, if causal, j ≤ q_offset + i. Scale s = 1/sqrt(Dh). Exponentials
+// are taken base 2 on scores pre-multiplied by s·log2(e) (the same function; lse is stored in
+// natural-log units).
 //
 // forward:  out = softmax(s·Q·Kᵀ + mask)·V per (b, h); one block per (query tile, h, b)
 //           walks the visible key tiles with an online softmax (running max m and sum l per
@@ -20,203 +22,340 @@
 //           dq:    one block per (query tile, h, b) walking key tiles: dQ = s·Σ dS·K.
 //           dq, dk, dv are overwritten; keys j ≥ key_len get dk = dv = 0.
 //
-// Invariants: Dh is a multiple of 16 and at most 256 (the launcher checks); Tq and Tk are
-// arbitrary (tiles are padded with zeros in shared memory and the padding is masked). Blocks
-// are 128 threads (4 warps). Tiles are 16 rows; shared tiles of fp16 rows have a leading
-// dimension of Dh + 8 (`ld`), and the dynamic shared memory per block is
-//   forward:           160·ld + 4608 bytes  (≤ 46 848 for Dh 256)
-//   dkdv and dq:       128·ld + 9216 bytes  (≤ 43 008 for Dh 256)
-// (`ops.rs` computes the same sizes). Score tiles are computed by the 4 warps splitting the
-// Dh reduction into 4 partial 16×16 tiles, summed in a fixed order by the threads, so the
-// fragment element order (opaque) is never relied on: only load/store/fill/mma, and
-// position-independent scaling of accumulator elements.
+// Tiling. A block is W warps (blockDim.x = 32·W, W ∈ {1, 2, 4}); warp w owns 16 rows of the
+// block's "own" dimension end to end (queries for forward and dq, keys for dkdv): its score
+// tile row-block, its softmax state, its accumulators. The block walks the other dimension in
+// tiles of T rows (T ∈ {16, 32}, the kernels' last argument), loaded once per block into
+// shared memory with 16-byte vector loads (rows past the valid length are zero), so the
+// only block-wide barriers are the two around each shared tile load; everything between is
+// per warp (__syncwarp). Tiles entirely above the causal diagonal or past key_len are
+// skipped (per block for the loads, per warp for the arithmetic). The launcher picks, by Dh,
+// the first (W, T) of (4,32), (4,16), (2,32), (2,16), (1,32), (1,16) whose shared memory
+// fits 48 KiB (Dh 64: W 4, T 32 for all three kernels; Dh 128: forward (4,32), backward
+// (2,32); Dh 256: forward (2,16), backward (1,16)).
+//
+// Per warp and tile: the 16 × T score tile (and dP tile in the backward) is computed with
+// WMMA into float fragments and stored into the warp's own float region (leading dimension
+// T + 4); lanes 2r and 2r+1 then do row r's elementwise work (mask, exp, row max / sum by a
+// pair shuffle) and write P or dS as fp16 for the next products — in the backward in place
+// over the float rows they came from (leading dimension 2·(T + 4) halves), after a
+// __syncwarp once both lanes of the row hold their values in registers. Accumulators (O, dQ,
+// dK, dV) stay in registers as fragments, 4 column tiles (64 columns) per pass: a head wider
+// than 64 is done in ceil(Dh/64) passes over the other dimension, each recomputing the
+// scores (the softmax statistics come out bit-identical in every pass). The forward rescales
+// O row-wise by alpha = exp(m_old − m_new) through a "row index" accumulator fragment,
+// loaded once from a 16 × 16 tile holding each element's row number: element e of any
+// accumulator fragment belongs to row rowf.x[e], and alpha of that row is read from column T
+// of the warp's float region. So the fragment element order (opaque) is never relied on:
+// only load/store/fill/mma and elementwise work on x[] keyed by a fragment of the same type.
+//
+// Shared memory (bytes; ld = Dh + 8 halves for every fp16 tile; `ops.rs` computes the same):
+//   forward:      2·ld·(16W + 2T)            Q (16W rows), K and V (T rows each)
+//                 + W·16·(T + 4)·4           per-warp scores (float; column T: alpha, 1/l)
+//                 + W·16·(T + 8)·2           per-warp P (fp16)
+//   dkdv and dq:  2·ld·(32W + 2T)            own K,V (dkdv) or Q,dO (dq): 16W rows each;
+//                                            the walked Q,dO or K,V: T rows each
+//                 + W·32·(T + 4)·4           per-warp scores and dP (float; fp16 in place)
+//                 + 2·T·4                    lse·log2(e) and delta of the query tile (dkdv)
+// e.g. Dh 64, W 4, T 32: forward 32 768, backward 46 336.
+//
+// Invariants: Dh is a multiple of 16 and at most 256 (the launcher checks), so every fp16
+// row (D·2 bytes) and head offset (h·Dh·2) is a multiple of 32 bytes and a row is Dh/8
+// 16-byte chunks; global vector accesses are used when the base pointer is 16-byte aligned
+// (scalar otherwise). Tq and Tk are arbitrary: padded rows are zero in shared memory and
+// masked (forward, dq) or have lse = +inf, i.e. P = 0 (dkdv). Every WMMA pointer is 32-byte
+// aligned and every ldm a multiple of 16 bytes (region sizes are multiples of 32 bytes).
+// Reductions have a fixed order (pair shuffles, mma in k order, tiles in index order).
 #include "common.cuh"
 
 namespace chingu {
 namespace attn {
 
-constexpr int TILE = 16;
-constexpr int WARPS = 4;
-constexpr int THREADS = 32 * WARPS;
-/// Dh/16 ≤ 16 column tiles over 4 warps.
-constexpr int COL_TILES_PER_WARP = 4;
+/// Output column tiles (16 columns each) a warp accumulates per pass.
+constexpr int COL_TILES = 4;
+/// 16-row sub-tiles of a walked tile (T ≤ 32).
+constexpr int MAX_SUB = 2;
+/// Walked-tile columns a lane handles (T/2 ≤ 16).
+constexpr int MAX_LANE_COLS = 16;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
 
 using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half,
                                      nvcuda::wmma::row_major>;
-using FragAT = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half,
-                                      nvcuda::wmma::col_major>;
 using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half,
                                      nvcuda::wmma::row_major>;
 using FragBT = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half,
                                       nvcuda::wmma::col_major>;
 using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
-/// Rows [row0, row0 + 16) of one head (`src` points at row 0, column h·Dh) into a 16 × Dh
-/// shared tile with leading dimension ld; rows ≥ valid are zero.
-__device__ __forceinline__ void load_tile(__half* tile, const __half* src, int row0, int valid,
-                                          int width, int head_dim, int ld) {
-    for (int e = threadIdx.x; e < TILE * head_dim; e += THREADS) {
-        const int r = e / head_dim, c = e - r * head_dim;
-        const int row = row0 + r;
-        tile[r * ld + c] =
-            row < valid ? src[(long long)row * width + c] : __float2half_rn(0.0f);
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+/// 8 halves (16 bytes), both pointers 16-byte aligned.
+__device__ __forceinline__ void copy8(__half* dst, const __half* src) {
+#ifdef CHINGU_EMU
+    memcpy(dst, src, 16);
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void zero8(__half* dst) {
+#ifdef CHINGU_EMU
+    for (int c = 0; c < 8; ++c) dst[c] = __float2half_rn(0.0f);
+#else
+    *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+/// 8 floats to 8 halves at 16-byte aligned dst.
+__device__ __forceinline__ void store8_aligned(__half* dst, const float* src) {
+#ifdef CHINGU_EMU
+    for (int c = 0; c < 8; ++c) dst[c] = __float2half_rn(src[c]);
+#else
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+    for (int c = 0; c < 4; ++c) h[c] = __floats2half2_rn(src[2 * c], src[2 * c + 1]);
+    *reinterpret_cast<uint4*>(dst) = u;
+#endif
+}
+
+/// 8 floats to 8 halves at dst (one 16-byte store when dst is aligned).
+__device__ __forceinline__ void store8(__half* dst, const float* src) {
+    if (aligned16(dst)) {
+        store8_aligned(dst, src);
+    } else {
+        for (int c = 0; c < 8; ++c) dst[c] = __float2half_rn(src[c]);
     }
 }
 
-/// part[warp] (16 × 16 fp32) = Σ over this warp's k-steps (kk ≡ warp mod 4) of
-/// a[:, kk] · b[:, kk]ᵀ, with a and b 16 × Dh row-major shared tiles: b is read as a
-/// column-major matrix_b, so the four partials sum to a·bᵀ.
-__device__ __forceinline__ void partial_abt(float* part, const __half* a, const __half* b,
-                                            int head_dim, int ld) {
-    const int warp = threadIdx.x >> 5;
-    FragC acc;
-    nvcuda::wmma::fill_fragment(acc, 0.0f);
-    for (int kk = warp; kk < head_dim / 16; kk += WARPS) {
-        FragA fa;
-        FragBT fb;
-        nvcuda::wmma::load_matrix_sync(fa, a + kk * 16, ld);
-        nvcuda::wmma::load_matrix_sync(fb, b + kk * 16, ld);
-        nvcuda::wmma::mma_sync(acc, fa, fb, acc);
-    }
-    nvcuda::wmma::store_matrix_sync(part + warp * 256, acc, 16, nvcuda::wmma::mem_row_major);
-}
-
-/// The four partials of element e, summed in a fixed order.
-__device__ __forceinline__ float sum_partials(const float* part, int e) {
-    return ((part[e] + part[256 + e]) + part[512 + e]) + part[768 + e];
-}
-
-/// Max / sum over the 8 consecutive lanes that share a query row (xor butterfly: every lane
-/// of the group gets the same bits).
-__device__ __forceinline__ float group8_max(float v) {
-    for (int o = 4; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float group8_sum(float v) {
-    for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
-__device__ __forceinline__ bool visible(int i, int j, int q_len, int kl, int causal,
-                                        int q_offset) {
-    return i < q_len && j < kl && (!causal || j <= q_offset + i);
-}
-
-/// Keys [0, limit) that some query of the tile starting at q0 may see.
-__device__ __forceinline__ int key_limit(int q0, int q_len, int kl, int causal, int q_offset) {
-    int limit = kl;
-    if (causal) limit = min(limit, q_offset + min(q0 + TILE, q_len));
-    return limit;
-}
-
-/// Backward, one 16 × 16 (query tile q0, key tile k0) block: from the score and dP partials,
-/// P = exp(s·S − lse) (0 where masked) and dS = P·(dP − D), both stored fp16 row-major
-/// (query rows) in ps / dss (ps may be null). Thread (r, g) handles row r, columns 2g, 2g+1.
-__device__ __forceinline__ void probs_and_dscores(__half* ps, __half* dss, const float* spart,
-                                                  const float* dppart, int q0, int k0,
-                                                  float lse_i, float delta_i, float scale,
-                                                  int q_len, int kl, int causal, int q_offset) {
-    const int r = threadIdx.x >> 3, g = threadIdx.x & 7;
-    for (int c = 2 * g; c < 2 * g + 2; ++c) {
-        const int e = r * TILE + c;
-        float p = 0.0f, ds = 0.0f;
-        if (visible(q0 + r, k0 + c, q_len, kl, causal, q_offset)) {
-            p = expf(sum_partials(spart, e) * scale - lse_i);
-            ds = p * (sum_partials(dppart, e) - delta_i);
+/// Rows [row0, row0 + rows) of one head (`src` points at row 0, column h·Dh; rows are
+/// `width` halves apart) into a rows × Dh shared tile with leading dimension ld; rows ≥ valid
+/// are zero. The whole block takes part.
+__device__ __forceinline__ void load_rows(__half* tile, const __half* src, int row0, int rows,
+                                          int valid, int width, int head_dim, int ld) {
+    if (aligned16(src)) {  // width·2 and h·Dh·2 are multiples of 32: every row is aligned
+        const int chunks = head_dim >> 3;
+        for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+            const int r = e / chunks, c = (e - r * chunks) << 3;
+            const int row = row0 + r;
+            if (row < valid) copy8(tile + r * ld + c, src + (long long)row * width + c);
+            else zero8(tile + r * ld + c);
         }
-        if (ps) ps[e] = __float2half_rn(p);
-        dss[e] = __float2half_rn(ds);
+    } else {
+        for (int e = threadIdx.x; e < rows * head_dim; e += blockDim.x) {
+            const int r = e / head_dim, c = e - r * head_dim;
+            const int row = row0 + r;
+            tile[r * ld + c] =
+                row < valid ? src[(long long)row * width + c] : __float2half_rn(0.0f);
+        }
     }
+}
+
+/// The "row index" fragment: element e of any accumulator fragment lies in row rowf.x[e].
+/// Built through the warp's own float scratch (16 × 16, leading dimension lds).
+__device__ __forceinline__ void row_index_fragment(FragC& rowf, float* scratch, int lds) {
+    const int lane = threadIdx.x & 31;
+    for (int e = lane; e < 256; e += 32) scratch[(e >> 4) * lds + (e & 15)] = (float)(e >> 4);
+    __syncwarp();
+    nvcuda::wmma::load_matrix_sync(rowf, scratch, lds, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+}
+
+/// Writes accumulator `acc` (16 × 16) to rows row0..row0+16 of `dst` (pointing at the tile's
+/// first column; rows `width` halves apart) through the warp's float scratch: lane (r, hh)
+/// writes row r, columns hh·8..hh·8+8, when row0 + r < rows; rows ≥ zero_from get zeros.
+__device__ __forceinline__ void write_tile(__half* dst, const FragC& acc, float* scratch,
+                                          int lds, int row0, int rows, int zero_from,
+                                          int width) {
+    const int lane = threadIdx.x & 31, r = lane >> 1, hh = lane & 1;
+    nvcuda::wmma::store_matrix_sync(scratch, acc, lds, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+    const int row = row0 + r;
+    if (row < rows) {
+        float vals[8];
+        for (int c = 0; c < 8; ++c) vals[c] = row < zero_from ? scratch[r * lds + hh * 8 + c] : 0.0f;
+        store8(dst + (long long)row * width + hh * 8, vals);
+    }
+    __syncwarp();
+}
+
+/// n floats (n a multiple of 4, at most MAX_LANE_COLS) from 16-byte aligned shared memory.
+__device__ __forceinline__ void read_floats(float* dst, const float* src, int n) {
+    for (int c = 0; c < MAX_LANE_COLS; c += 4) {
+        if (c >= n) break;
+        const float4 f = *reinterpret_cast<const float4*>(src + c);
+        dst[c] = f.x;
+        dst[c + 1] = f.y;
+        dst[c + 2] = f.z;
+        dst[c + 3] = f.w;
+    }
+}
+
+/// n floats (n a multiple of 8, at most MAX_LANE_COLS) to fp16 at 16-byte aligned dst.
+__device__ __forceinline__ void write_halves(__half* dst, const float* src, int n) {
+    for (int c = 0; c < MAX_LANE_COLS; c += 8) {
+        if (c >= n) break;
+        store8_aligned(dst + c, src + c);
+    }
+}
+
+__device__ __forceinline__ bool sees(int i, int j, int kl, int causal, int q_offset) {
+    return j < kl && (!causal || j <= q_offset + i);
 }
 
 }  // namespace attn
 }  // namespace chingu
 
-/// Grid (ceil(Tq/16), H, B), 128 threads, 160·ld + 4608 bytes of dynamic shared memory.
+/// Grid (ceil(Tq/16W), H, B), 32·W threads; `tile` = T keys per walked tile; shared memory
+/// as in the header.
 extern "C" __global__ void attention_forward_f16(__half* out, float* lse, const __half* q,
                                                  const __half* k, const __half* v,
                                                  const int* key_len, int batch, int q_len,
                                                  int k_len, int heads, int head_dim,
-                                                 int causal, int q_offset) {
+                                                 int causal, int q_offset, int tile) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
     CHINGU_DYNAMIC_SMEM(float4, smem);
-    const int ld = head_dim + 8;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows = 16 * warps;
+    const int ld = head_dim + 8, lds = tile + 4, ldp = tile + 8;
     __half* qs = reinterpret_cast<__half*>(smem);
-    __half* ks = qs + TILE * ld;
-    __half* vs = ks + TILE * ld;
-    __half* ps = vs + TILE * ld;                             // 16 × 16
-    float* os = reinterpret_cast<float*>(ps + TILE * TILE);  // 16 × ld output accumulator
-    float* part = os + TILE * ld;                            // WARPS × 16 × 16
+    __half* ks = qs + rows * ld;
+    __half* vs = ks + tile * ld;
+    float* sbase = reinterpret_cast<float*>(vs + tile * ld);
+    float* sw = sbase + warp * 16 * lds;  // this warp's scores, 16 × lds
+    __half* pw = reinterpret_cast<__half*>(sbase + warps * 16 * lds) + warp * 16 * ldp;
 
-    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
     const int width = heads * head_dim;
     const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
     const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
     const int kl = key_len[b];
-    const int limit = key_limit(q0, q_len, kl, causal, q_offset);
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    const int warp = threadIdx.x >> 5;
-    // Thread (r, g) owns query row r: columns 2g, 2g+1 of a score tile and columns
-    // g, g+8, … of the output accumulator.
-    const int r = threadIdx.x >> 3, g = threadIdx.x & 7;
-    const int i = q0 + r;
-
-    load_tile(qs, q + q_base, q0, q_len, width, head_dim, ld);
-    for (int c = g; c < ld; c += 8) os[r * ld + c] = 0.0f;
-    float m = chingu::neg_inf(), l = 0.0f;
-    __syncthreads();
-
-    for (int k0 = 0; k0 < limit; k0 += TILE) {
-        load_tile(ks, k + k_base, k0, kl, width, head_dim, ld);
-        load_tile(vs, v + k_base, k0, kl, width, head_dim, ld);
-        __syncthreads();
-        partial_abt(part, qs, ks, head_dim, ld);
-        __syncthreads();
-
-        float s[2];
-        float tile_max = chingu::neg_inf();
-        for (int c = 0; c < 2; ++c) {
-            const int col = 2 * g + c;
-            const float x = sum_partials(part, r * TILE + col) * scale;
-            s[c] = visible(i, k0 + col, q_len, kl, causal, q_offset) ? x : chingu::neg_inf();
-            tile_max = fmaxf(tile_max, s[c]);
-        }
-        const float m_new = fmaxf(m, group8_max(tile_max));
-        float alpha = 1.0f, p[2] = {0.0f, 0.0f};
-        if (m_new != chingu::neg_inf()) {
-            alpha = expf(m - m_new);  // 0 while m is still −inf
-            for (int c = 0; c < 2; ++c) p[c] = expf(s[c] - m_new);
-        }
-        l = l * alpha + group8_sum(p[0] + p[1]);
-        m = m_new;
-        for (int c = 0; c < 2; ++c) ps[r * TILE + 2 * g + c] = __float2half_rn(p[c]);
-        for (int c = g; c < head_dim; c += 8) os[r * ld + c] *= alpha;
-        __syncthreads();
-
-        // O += P·V, warp w on output column tiles w, w+4, …
-        for (int n = warp; n < head_dim / 16; n += WARPS) {
-            FragC acc;
-            FragA fp;
-            FragB fv;
-            wmma::load_matrix_sync(acc, os + n * 16, ld, wmma::mem_row_major);
-            wmma::load_matrix_sync(fp, ps, TILE);
-            wmma::load_matrix_sync(fv, vs + n * 16, ld);
-            wmma::mma_sync(acc, fp, fv, acc);
-            wmma::store_matrix_sync(os + n * 16, acc, ld, wmma::mem_row_major);
-        }
-        __syncthreads();
+    const int wq0 = q0 + 16 * warp;
+    // Lanes 2r and 2r+1 own query row r of the warp: columns [hh·T/2, (hh+1)·T/2) of a tile.
+    const int r = lane >> 1, hh = lane & 1, i = wq0 + r;
+    const int half_cols = tile >> 1, cbeg = hh * half_cols;
+    const int nsub = tile >> 4, col_tiles = head_dim >> 4;
+    int block_limit = kl, warp_limit = kl;
+    if (causal) {
+        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
+        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
     }
+    if (wq0 >= q_len) warp_limit = 0;
+    const float sc = LOG2E / sqrtf((float)head_dim);
+    float* srow = sw + r * lds;
+    __half* prow = pw + r * ldp;
 
-    if (i < q_len) {
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        __half* o = out + q_base + (long long)i * width;
-        for (int c = g; c < head_dim; c += 8) o[c] = __float2half_rn(os[r * ld + c] * inv);
-        if (g == 0)
+    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
+    FragC rowf;
+    row_index_fragment(rowf, sw, lds);
+
+    for (int c0 = 0; c0 < col_tiles; c0 += COL_TILES) {
+        FragC o[COL_TILES];
+        for (int t = 0; t < COL_TILES; ++t) wmma::fill_fragment(o[t], 0.0f);
+        float m = chingu::neg_inf(), l = 0.0f;  // log2 units
+
+        for (int k0 = 0; k0 < block_limit; k0 += tile) {
+            __syncthreads();  // every warp is done with the previous K/V tile
+            load_rows(ks, k + k_base, k0, tile, kl, width, head_dim, ld);
+            load_rows(vs, v + k_base, k0, tile, kl, width, head_dim, ld);
+            __syncthreads();
+            if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+
+            // S = Q·Kᵀ for the warp's 16 rows × T keys.
+            FragC s[MAX_SUB];
+            for (int kf = 0; kf < MAX_SUB; ++kf) wmma::fill_fragment(s[kf], 0.0f);
+            for (int d = 0; d < col_tiles; ++d) {
+                FragA fq;
+                wmma::load_matrix_sync(fq, qs + 16 * warp * ld + 16 * d, ld);
+                for (int kf = 0; kf < MAX_SUB; ++kf) {
+                    if (kf >= nsub) break;
+                    FragBT fk;
+                    wmma::load_matrix_sync(fk, ks + 16 * kf * ld + 16 * d, ld);
+                    wmma::mma_sync(s[kf], fq, fk, s[kf]);
+                }
+            }
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                if (kf >= nsub) break;
+                wmma::store_matrix_sync(sw + 16 * kf, s[kf], lds, wmma::mem_row_major);
+            }
+            __syncwarp();
+
+            // Online softmax of row r (two lanes, fixed pair order).
+            const bool masked = k0 + tile > kl || (causal && k0 + tile - 1 > q_offset + wq0);
+            float mx = chingu::neg_inf();
+            for (int c8 = 0; c8 < MAX_LANE_COLS; c8 += 8) {
+                if (c8 >= half_cols) break;
+                float x[8];
+                read_floats(x, srow + cbeg + c8, 8);
+                for (int e = 0; e < 8; ++e)
+                    if (!masked || sees(i, k0 + cbeg + c8 + e, kl, causal, q_offset))
+                        mx = fmaxf(mx, x[e]);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(chingu::FULL_MASK, mx, 1));
+            const float m_new = fmaxf(m, mx * sc);
+            float alpha = 1.0f, sum = 0.0f;
+            if (m_new != chingu::neg_inf()) alpha = exp2f(m - m_new);  // 0 while m is −inf
+            for (int c8 = 0; c8 < MAX_LANE_COLS; c8 += 8) {
+                if (c8 >= half_cols) break;
+                float x[8];
+                read_floats(x, srow + cbeg + c8, 8);
+                for (int e = 0; e < 8; ++e) {
+                    float p = 0.0f;
+                    if (m_new != chingu::neg_inf() &&
+                        (!masked || sees(i, k0 + cbeg + c8 + e, kl, causal, q_offset)))
+                        p = exp2f(fmaf(x[e], sc, -m_new));
+                    x[e] = p;
+                    sum += p;
+                }
+                store8_aligned(prow + cbeg + c8, x);
+            }
+            sum += __shfl_xor_sync(chingu::FULL_MASK, sum, 1);
+            l = l * alpha + sum;
+            m = m_new;
+            if (hh == 0) srow[tile] = alpha;
+            __syncwarp();
+
+            // O = alpha·O + P·V.
+            for (int e = 0; e < rowf.num_elements; ++e) {
+                const float a = sw[(int)rowf.x[e] * lds + tile];
+                for (int t = 0; t < COL_TILES; ++t) o[t].x[e] *= a;
+            }
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                if (kf >= nsub) break;
+                FragA fp;
+                wmma::load_matrix_sync(fp, pw + 16 * kf, ldp);
+                for (int t = 0; t < COL_TILES; ++t) {
+                    const int n = c0 + t;
+                    if (n >= col_tiles) break;
+                    FragB fv;
+                    wmma::load_matrix_sync(fv, vs + 16 * kf * ld + 16 * n, ld);
+                    wmma::mma_sync(o[t], fp, fv, o[t]);
+                }
+            }
+        }
+
+        // out = O / l (0 for a row with no visible key), through the warp's scratch.
+        __syncwarp();
+        if (hh == 0) srow[tile] = l > 0.0f ? 1.0f / l : 0.0f;
+        __syncwarp();
+        for (int e = 0; e < rowf.num_elements; ++e) {
+            const float a = sw[(int)rowf.x[e] * lds + tile];
+            for (int t = 0; t < COL_TILES; ++t) o[t].x[e] *= a;
+        }
+        for (int t = 0; t < COL_TILES; ++t) {
+            const int n = c0 + t;
+            if (n >= col_tiles) break;
+            write_tile(out + q_base + 16 * n, o[t], sw, lds, wq0, q_len, q_len, width);
+        }
+        if (c0 == 0 && hh == 0 && i < q_len)
             lse[((long long)b * heads + h) * q_len + i] =
-                l > 0.0f ? m + logf(l) : chingu::neg_inf();
+                l > 0.0f ? m * LN2 + logf(l) : chingu::neg_inf();
     }
 }
 
@@ -241,177 +380,283 @@ extern "C" __global__ void attention_backward_delta_f16(float* delta, const __ha
     }
 }
 
-/// Grid (ceil(Tk/16), H, B), 128 threads, 128·ld + 9216 bytes of dynamic shared memory.
+/// Grid (ceil(Tk/16W), H, B), 32·W threads; `tile` = T queries per walked tile; shared
+/// memory as in the header.
 extern "C" __global__ void attention_backward_dkdv_f16(
     __half* dk, __half* dv, const __half* d_out, const __half* q, const __half* k,
     const __half* v, const float* lse, const float* delta, const int* key_len, int batch,
-    int q_len, int k_len, int heads, int head_dim, int causal, int q_offset) {
+    int q_len, int k_len, int heads, int head_dim, int causal, int q_offset, int tile) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
     CHINGU_DYNAMIC_SMEM(float4, smem);
-    const int ld = head_dim + 8;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows = 16 * warps;
+    const int ld = head_dim + 8, lds = tile + 4, ldh = 2 * lds;
     __half* ks = reinterpret_cast<__half*>(smem);
-    __half* vs = ks + TILE * ld;
-    __half* qs = vs + TILE * ld;
-    __half* dos = qs + TILE * ld;
-    float* spart = reinterpret_cast<float*>(dos + TILE * ld);  // WARPS × 16 × 16
-    float* dppart = spart + WARPS * 256;                        // WARPS × 16 × 16
-    __half* ps = reinterpret_cast<__half*>(dppart + WARPS * 256);
-    __half* dss = ps + TILE * TILE;
+    __half* vs = ks + rows * ld;
+    __half* qs = vs + rows * ld;
+    __half* dos = qs + tile * ld;
+    float* fbase = reinterpret_cast<float*>(dos + tile * ld);
+    float* sw = fbase + warp * 32 * lds;  // Sᵀ (16 keys × T queries), then Pᵀ in fp16
+    float* dpw = sw + 16 * lds;           // dPᵀ, then dSᵀ in fp16
+    float* lse_s = fbase + warps * 32 * lds;
+    float* delta_s = lse_s + tile;
 
-    const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int k0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
     const int width = heads * head_dim;
     const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
     const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
     const long long stat_base = ((long long)b * heads + h) * q_len;
     const int kl = key_len[b];
+    const float sc = LOG2E / sqrtf((float)head_dim);
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r = threadIdx.x >> 3;
-    const int col_tiles = head_dim / 16;
+    const int wk0 = k0 + 16 * warp;
+    // Lanes 2r and 2r+1 own key row r of the warp: columns [hh·T/2, (hh+1)·T/2) of a tile.
+    const int r = lane >> 1, hh = lane & 1, j = wk0 + r;
+    const int half_cols = tile >> 1, cbeg = hh * half_cols;
+    const int nsub = tile >> 4, col_tiles = head_dim >> 4;
 
-    // Query tiles that can see some key of this tile: none when the whole tile is past
-    // key_len; with a causal mask, from the first query i with k0 ≤ q_offset + i.
+    // Query tiles that can see some key of this block: none when the whole block is past
+    // key_len; with a causal mask, from the first query i with k0 ≤ q_offset + i. Per warp,
+    // the first query that sees one of its keys.
     int q_begin = 0;
     if (k0 >= kl) q_begin = q_len;
-    else if (causal && k0 > q_offset) q_begin = (k0 - q_offset) / TILE * TILE;
+    else if (causal && k0 > q_offset) q_begin = (k0 - q_offset) / tile * tile;
+    int warp_first = 0;
+    if (wk0 >= kl) warp_first = q_len;
+    else if (causal && wk0 > q_offset) warp_first = wk0 - q_offset;
 
-    load_tile(ks, k + k_base, k0, kl, width, head_dim, ld);
-    load_tile(vs, v + k_base, k0, kl, width, head_dim, ld);
+    load_rows(ks, k + k_base, k0, rows, kl, width, head_dim, ld);
+    load_rows(vs, v + k_base, k0, rows, kl, width, head_dim, ld);
+    float* srow = sw + r * lds;
+    float* dprow = dpw + r * lds;
+    __half* prow = reinterpret_cast<__half*>(sw) + r * ldh;
+    __half* dsrow = reinterpret_cast<__half*>(dpw) + r * ldh;
 
-    FragC dk_acc[COL_TILES_PER_WARP], dv_acc[COL_TILES_PER_WARP];
-    for (int t = 0; t < COL_TILES_PER_WARP; ++t) {
-        wmma::fill_fragment(dk_acc[t], 0.0f);
-        wmma::fill_fragment(dv_acc[t], 0.0f);
-    }
-
-    for (int q0 = q_begin; q0 < q_len; q0 += TILE) {
-        load_tile(qs, q + q_base, q0, q_len, width, head_dim, ld);
-        load_tile(dos, d_out + q_base, q0, q_len, width, head_dim, ld);
-        const int i = q0 + r;
-        const float lse_i = i < q_len ? lse[stat_base + i] : 0.0f;
-        const float delta_i = i < q_len ? delta[stat_base + i] : 0.0f;
-        __syncthreads();
-        partial_abt(spart, qs, ks, head_dim, ld);
-        partial_abt(dppart, dos, vs, head_dim, ld);
-        __syncthreads();
-        probs_and_dscores(ps, dss, spart, dppart, q0, k0, lse_i, delta_i, scale, q_len, kl,
-                          causal, q_offset);
-        __syncthreads();
-        // dV += Pᵀ·dO and dK += dSᵀ·Q on column tiles warp, warp+4, …; Pᵀ and dSᵀ are the
-        // row-major P and dS read as column-major matrix_a.
-        FragAT fp, fds;
-        wmma::load_matrix_sync(fp, ps, TILE);
-        wmma::load_matrix_sync(fds, dss, TILE);
-        for (int t = 0; t < COL_TILES_PER_WARP; ++t) {
-            const int n = warp + WARPS * t;
-            if (n >= col_tiles) break;
-            FragB fb;
-            wmma::load_matrix_sync(fb, dos + n * 16, ld);
-            wmma::mma_sync(dv_acc[t], fp, fb, dv_acc[t]);
-            wmma::load_matrix_sync(fb, qs + n * 16, ld);
-            wmma::mma_sync(dk_acc[t], fds, fb, dk_acc[t]);
+    for (int c0 = 0; c0 < col_tiles; c0 += COL_TILES) {
+        FragC dk_acc[COL_TILES], dv_acc[COL_TILES];
+        for (int t = 0; t < COL_TILES; ++t) {
+            wmma::fill_fragment(dk_acc[t], 0.0f);
+            wmma::fill_fragment(dv_acc[t], 0.0f);
         }
-        __syncthreads();
-    }
 
-    // Each warp stages its tiles through its own 16 × 16 slice of spart (free now).
-    float* stage = spart + warp * 256;
-    for (int t = 0; t < COL_TILES_PER_WARP; ++t) {
-        const int n = warp + WARPS * t;
-        if (n >= col_tiles) break;
-        for (int e = 0; e < dk_acc[t].num_elements; ++e) dk_acc[t].x[e] *= scale;
-        for (int which = 0; which < 2; ++which) {
-            wmma::store_matrix_sync(stage, which == 0 ? dk_acc[t] : dv_acc[t], TILE,
-                                    wmma::mem_row_major);
-            __syncwarp();
-            __half* dst = (which == 0 ? dk : dv) + k_base + n * 16;
-            for (int e = lane; e < TILE * TILE; e += 32) {
-                const int row = e >> 4, j = k0 + row;
-                if (j < k_len)
-                    dst[(long long)j * width + (e & 15)] =
-                        __float2half_rn(j < kl ? stage[e] : 0.0f);
+        for (int q0 = q_begin; q0 < q_len; q0 += tile) {
+            __syncthreads();  // every warp is done with the previous Q/dO tile
+            load_rows(qs, q + q_base, q0, tile, q_len, width, head_dim, ld);
+            load_rows(dos, d_out + q_base, q0, tile, q_len, width, head_dim, ld);
+            for (int c = threadIdx.x; c < tile; c += blockDim.x) {
+                const int qi = q0 + c;
+                const float ls = qi < q_len ? lse[stat_base + qi] : chingu::neg_inf();
+                // +inf makes P = 0 for padding rows and rows without a visible key.
+                lse_s[c] = ls != chingu::neg_inf() ? ls * LOG2E : pos_inf();
+                delta_s[c] = qi < q_len ? delta[stat_base + qi] : 0.0f;
+            }
+            __syncthreads();
+            if (q0 + tile <= warp_first) continue;  // warp-uniform: no query sees its keys
+
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys × T queries.
+            FragC s[MAX_SUB], dp[MAX_SUB];
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                wmma::fill_fragment(s[kf], 0.0f);
+                wmma::fill_fragment(dp[kf], 0.0f);
+            }
+            for (int d = 0; d < col_tiles; ++d) {
+                FragA fk, fv;
+                wmma::load_matrix_sync(fk, ks + 16 * warp * ld + 16 * d, ld);
+                wmma::load_matrix_sync(fv, vs + 16 * warp * ld + 16 * d, ld);
+                for (int kf = 0; kf < MAX_SUB; ++kf) {
+                    if (kf >= nsub) break;
+                    FragBT fb;
+                    wmma::load_matrix_sync(fb, qs + 16 * kf * ld + 16 * d, ld);
+                    wmma::mma_sync(s[kf], fk, fb, s[kf]);
+                    wmma::load_matrix_sync(fb, dos + 16 * kf * ld + 16 * d, ld);
+                    wmma::mma_sync(dp[kf], fv, fb, dp[kf]);
+                }
+            }
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                if (kf >= nsub) break;
+                wmma::store_matrix_sync(sw + 16 * kf, s[kf], lds, wmma::mem_row_major);
+                wmma::store_matrix_sync(dpw + 16 * kf, dp[kf], lds, wmma::mem_row_major);
             }
             __syncwarp();
+
+            // Pᵀ = exp(s·S − lse) (0 where masked), dSᵀ = Pᵀ∘(dPᵀ − D), written in fp16 over
+            // the float rows once both lanes of the row have read them.
+            const bool masked = wk0 + 16 > kl || (causal && wk0 + 15 > q_offset + q0);
+            float p[MAX_LANE_COLS], ds[MAX_LANE_COLS], st[MAX_LANE_COLS];
+            read_floats(p, srow + cbeg, half_cols);
+            read_floats(st, lse_s + cbeg, half_cols);
+            for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
+                if (jj >= half_cols) break;
+                p[jj] = exp2f(fmaf(p[jj], sc, -st[jj]));
+                if (masked && !sees(q0 + cbeg + jj, j, kl, causal, q_offset)) p[jj] = 0.0f;
+            }
+            read_floats(ds, dprow + cbeg, half_cols);
+            read_floats(st, delta_s + cbeg, half_cols);
+            for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
+                if (jj >= half_cols) break;
+                ds[jj] = p[jj] * (ds[jj] - st[jj]);
+            }
+            __syncwarp();
+            write_halves(prow + cbeg, p, half_cols);
+            write_halves(dsrow + cbeg, ds, half_cols);
+            __syncwarp();
+
+            // dV += Pᵀ·dO, dK += dSᵀ·Q.
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                if (kf >= nsub) break;
+                FragA fp, fds;
+                wmma::load_matrix_sync(fp, reinterpret_cast<__half*>(sw) + 16 * kf, ldh);
+                wmma::load_matrix_sync(fds, reinterpret_cast<__half*>(dpw) + 16 * kf, ldh);
+                for (int t = 0; t < COL_TILES; ++t) {
+                    const int n = c0 + t;
+                    if (n >= col_tiles) break;
+                    FragB fb;
+                    wmma::load_matrix_sync(fb, dos + 16 * kf * ld + 16 * n, ld);
+                    wmma::mma_sync(dv_acc[t], fp, fb, dv_acc[t]);
+                    wmma::load_matrix_sync(fb, qs + 16 * kf * ld + 16 * n, ld);
+                    wmma::mma_sync(dk_acc[t], fds, fb, dk_acc[t]);
+                }
+            }
+        }
+
+        // Keys j < k_len are written; those ≥ key_len get zeros.
+        __syncwarp();
+        for (int t = 0; t < COL_TILES; ++t) {
+            const int n = c0 + t;
+            if (n >= col_tiles) break;
+            for (int e = 0; e < dk_acc[t].num_elements; ++e) dk_acc[t].x[e] *= scale;
+            write_tile(dk + k_base + 16 * n, dk_acc[t], sw, lds, wk0, k_len, kl, width);
+            write_tile(dv + k_base + 16 * n, dv_acc[t], sw, lds, wk0, k_len, kl, width);
         }
     }
 }
 
-/// Grid (ceil(Tq/16), H, B), 128 threads, 128·ld + 9216 bytes of dynamic shared memory.
+/// Grid (ceil(Tq/16W), H, B), 32·W threads; `tile` = T keys per walked tile; shared memory
+/// as in the header.
 extern "C" __global__ void attention_backward_dq_f16(
     __half* dq, const __half* d_out, const __half* q, const __half* k, const __half* v,
     const float* lse, const float* delta, const int* key_len, int batch, int q_len, int k_len,
-    int heads, int head_dim, int causal, int q_offset) {
+    int heads, int head_dim, int causal, int q_offset, int tile) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
     CHINGU_DYNAMIC_SMEM(float4, smem);
-    const int ld = head_dim + 8;
-    __half* ks = reinterpret_cast<__half*>(smem);
-    __half* vs = ks + TILE * ld;
-    __half* qs = vs + TILE * ld;
-    __half* dos = qs + TILE * ld;
-    float* spart = reinterpret_cast<float*>(dos + TILE * ld);
-    float* dppart = spart + WARPS * 256;
-    __half* dss = reinterpret_cast<__half*>(dppart + WARPS * 256) + TILE * TILE;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows = 16 * warps;
+    const int ld = head_dim + 8, lds = tile + 4, ldh = 2 * lds;
+    __half* qs = reinterpret_cast<__half*>(smem);
+    __half* dos = qs + rows * ld;
+    __half* ks = dos + rows * ld;
+    __half* vs = ks + tile * ld;
+    float* fbase = reinterpret_cast<float*>(vs + tile * ld);
+    float* sw = fbase + warp * 32 * lds;  // S (16 queries × T keys), then dS in fp16
+    float* dpw = sw + 16 * lds;           // dP
 
-    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
     const int width = heads * head_dim;
     const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
     const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
     const long long stat_base = ((long long)b * heads + h) * q_len;
     const int kl = key_len[b];
-    const int limit = key_limit(q0, q_len, kl, causal, q_offset);
+    const float sc = LOG2E / sqrtf((float)head_dim);
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r = threadIdx.x >> 3;
-    const int col_tiles = head_dim / 16;
-
-    load_tile(qs, q + q_base, q0, q_len, width, head_dim, ld);
-    load_tile(dos, d_out + q_base, q0, q_len, width, head_dim, ld);
-    const int i = q0 + r;
-    const float lse_i = i < q_len ? lse[stat_base + i] : 0.0f;
+    const int wq0 = q0 + 16 * warp;
+    // Lanes 2r and 2r+1 own query row r of the warp: columns [hh·T/2, (hh+1)·T/2) of a tile.
+    const int r = lane >> 1, hh = lane & 1, i = wq0 + r;
+    const int half_cols = tile >> 1, cbeg = hh * half_cols;
+    const int nsub = tile >> 4, col_tiles = head_dim >> 4;
+    int block_limit = kl, warp_limit = kl;
+    if (causal) {
+        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
+        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
+    }
+    if (wq0 >= q_len) warp_limit = 0;
+    // Padding rows and rows without a visible key get P = 0 (lse = +inf).
+    const float ls = i < q_len ? lse[stat_base + i] : chingu::neg_inf();
+    const float lse_i = ls != chingu::neg_inf() ? ls * LOG2E : pos_inf();
     const float delta_i = i < q_len ? delta[stat_base + i] : 0.0f;
 
-    FragC dq_acc[COL_TILES_PER_WARP];
-    for (int t = 0; t < COL_TILES_PER_WARP; ++t) wmma::fill_fragment(dq_acc[t], 0.0f);
+    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
+    load_rows(dos, d_out + q_base, q0, rows, q_len, width, head_dim, ld);
+    const float* srow = sw + r * lds;
+    const float* dprow = dpw + r * lds;
+    __half* dsrow = reinterpret_cast<__half*>(sw) + r * ldh;
 
-    for (int k0 = 0; k0 < limit; k0 += TILE) {
-        load_tile(ks, k + k_base, k0, kl, width, head_dim, ld);
-        load_tile(vs, v + k_base, k0, kl, width, head_dim, ld);
-        __syncthreads();
-        partial_abt(spart, qs, ks, head_dim, ld);
-        partial_abt(dppart, dos, vs, head_dim, ld);
-        __syncthreads();
-        probs_and_dscores(nullptr, dss, spart, dppart, q0, k0, lse_i, delta_i, scale, q_len,
-                          kl, causal, q_offset);
-        __syncthreads();
-        // dQ += dS·K on column tiles warp, warp+4, …
-        FragA fds;
-        wmma::load_matrix_sync(fds, dss, TILE);
-        for (int t = 0; t < COL_TILES_PER_WARP; ++t) {
-            const int n = warp + WARPS * t;
+    for (int c0 = 0; c0 < col_tiles; c0 += COL_TILES) {
+        FragC dq_acc[COL_TILES];
+        for (int t = 0; t < COL_TILES; ++t) wmma::fill_fragment(dq_acc[t], 0.0f);
+
+        for (int k0 = 0; k0 < block_limit; k0 += tile) {
+            __syncthreads();  // every warp is done with the previous K/V tile
+            load_rows(ks, k + k_base, k0, tile, kl, width, head_dim, ld);
+            load_rows(vs, v + k_base, k0, tile, kl, width, head_dim, ld);
+            __syncthreads();
+            if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+
+            // S = Q·Kᵀ and dP = dO·Vᵀ for the warp's 16 queries × T keys.
+            FragC s[MAX_SUB], dp[MAX_SUB];
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                wmma::fill_fragment(s[kf], 0.0f);
+                wmma::fill_fragment(dp[kf], 0.0f);
+            }
+            for (int d = 0; d < col_tiles; ++d) {
+                FragA fq, fdo;
+                wmma::load_matrix_sync(fq, qs + 16 * warp * ld + 16 * d, ld);
+                wmma::load_matrix_sync(fdo, dos + 16 * warp * ld + 16 * d, ld);
+                for (int kf = 0; kf < MAX_SUB; ++kf) {
+                    if (kf >= nsub) break;
+                    FragBT fb;
+                    wmma::load_matrix_sync(fb, ks + 16 * kf * ld + 16 * d, ld);
+                    wmma::mma_sync(s[kf], fq, fb, s[kf]);
+                    wmma::load_matrix_sync(fb, vs + 16 * kf * ld + 16 * d, ld);
+                    wmma::mma_sync(dp[kf], fdo, fb, dp[kf]);
+                }
+            }
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                if (kf >= nsub) break;
+                wmma::store_matrix_sync(sw + 16 * kf, s[kf], lds, wmma::mem_row_major);
+                wmma::store_matrix_sync(dpw + 16 * kf, dp[kf], lds, wmma::mem_row_major);
+            }
+            __syncwarp();
+
+            // dS = P∘(dP − D) with P = exp(s·S − lse) (0 where masked), in fp16 over S.
+            const bool masked = k0 + tile > kl || (causal && k0 + tile - 1 > q_offset + wq0);
+            float p[MAX_LANE_COLS], dpv[MAX_LANE_COLS];
+            read_floats(p, srow + cbeg, half_cols);
+            read_floats(dpv, dprow + cbeg, half_cols);
+            for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
+                if (jj >= half_cols) break;
+                p[jj] = exp2f(fmaf(p[jj], sc, -lse_i));
+                if (masked && !sees(i, k0 + cbeg + jj, kl, causal, q_offset)) p[jj] = 0.0f;
+                p[jj] *= dpv[jj] - delta_i;
+            }
+            __syncwarp();
+            write_halves(dsrow + cbeg, p, half_cols);
+            __syncwarp();
+
+            // dQ += dS·K.
+            for (int kf = 0; kf < MAX_SUB; ++kf) {
+                if (kf >= nsub) break;
+                FragA fds;
+                wmma::load_matrix_sync(fds, reinterpret_cast<__half*>(sw) + 16 * kf, ldh);
+                for (int t = 0; t < COL_TILES; ++t) {
+                    const int n = c0 + t;
+                    if (n >= col_tiles) break;
+                    FragB fk;
+                    wmma::load_matrix_sync(fk, ks + 16 * kf * ld + 16 * n, ld);
+                    wmma::mma_sync(dq_acc[t], fds, fk, dq_acc[t]);
+                }
+            }
+        }
+
+        __syncwarp();
+        for (int t = 0; t < COL_TILES; ++t) {
+            const int n = c0 + t;
             if (n >= col_tiles) break;
-            FragB fk;
-            wmma::load_matrix_sync(fk, ks + n * 16, ld);
-            wmma::mma_sync(dq_acc[t], fds, fk, dq_acc[t]);
+            for (int e = 0; e < dq_acc[t].num_elements; ++e) dq_acc[t].x[e] *= scale;
+            write_tile(dq + q_base + 16 * n, dq_acc[t], sw, lds, wq0, q_len, q_len, width);
         }
-        __syncthreads();
-    }
-
-    float* stage = spart + warp * 256;
-    for (int t = 0; t < COL_TILES_PER_WARP; ++t) {
-        const int n = warp + WARPS * t;
-        if (n >= col_tiles) break;
-        for (int e = 0; e < dq_acc[t].num_elements; ++e) dq_acc[t].x[e] *= scale;
-        wmma::store_matrix_sync(stage, dq_acc[t], TILE, wmma::mem_row_major);
-        __syncwarp();
-        __half* dst = dq + q_base + n * 16;
-        for (int e = lane; e < TILE * TILE; e += 32) {
-            const int row = q0 + (e >> 4);
-            if (row < q_len) dst[(long long)row * width + (e & 15)] = __float2half_rn(stage[e]);
-        }
-        __syncwarp();
     }
 }

@@ -66,6 +66,23 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// What a buffer holds, for backends that store kinds differently (the GPU backend keeps
+/// activations in fp16, gradients, statistics and optimizer state in fp32, and parameters as
+/// fp32 masters with an fp16 copy). The CPU backend stores every kind alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufRole {
+    /// Activations and their gradients.
+    Activation,
+    /// Trainable weights.
+    Parameter,
+    /// Parameter gradients (accumulated).
+    Gradient,
+    /// Optimizer moments.
+    OptimizerState,
+    /// Saved per-row statistics: LayerNorm mean and rstd, attention's saved softmax data.
+    Statistics,
+}
+
 /// A device that can run the model.
 pub trait Backend: Send + Sync {
     /// A buffer of numbers on the device.
@@ -82,6 +99,18 @@ pub trait Backend: Send + Sync {
     fn upload_f32(&self, data: &[f32]) -> Self::Buf;
     /// Uploads host values at full precision (for gradient checks).
     fn upload_f64(&self, data: &[f64]) -> Self::Buf;
+    /// A zero-filled buffer of `len` elements holding `role` (default: [`Backend::zeros`]).
+    fn zeros_as(&self, len: usize, _role: BufRole) -> Self::Buf {
+        self.zeros(len)
+    }
+    /// Uploads values holding `role` (default: [`Backend::upload_f32`]).
+    fn upload_f32_as(&self, data: &[f32], _role: BufRole) -> Self::Buf {
+        self.upload_f32(data)
+    }
+    /// Uploads values holding `role` at full precision (default: [`Backend::upload_f64`]).
+    fn upload_f64_as(&self, data: &[f64], _role: BufRole) -> Self::Buf {
+        self.upload_f64(data)
+    }
     /// Downloads to the host.
     fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
     /// Downloads to the host at full precision.
@@ -223,6 +252,32 @@ pub trait Backend: Send + Sync {
         key_len: &[usize],
         shape: AttentionShape,
     );
+    /// Elements of the `probs` buffer attention saves for backward (default: the whole softmax,
+    /// `[B, H, Tq, Tk]`; a fused backend saves less, e.g. one log-sum-exp per query row).
+    fn attention_stats_len(&self, shape: AttentionShape) -> usize {
+        shape.batch * shape.heads * shape.q_len * shape.k_len
+    }
+
+    /// [`Backend::attention_backward`] given also the forward's output and the key lengths,
+    /// which a backend that recomputes the softmax needs (default: ignores them).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_full(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        d_out: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        _out: &Self::Buf,
+        probs: &Self::Buf,
+        _key_len: &[usize],
+        shape: AttentionShape,
+    ) {
+        self.attention_backward(dq, dk, dv, d_out, q, k, v, probs, shape);
+    }
+
     /// Writes `dq`, `dk`, `dv` (overwritten).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(

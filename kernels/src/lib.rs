@@ -8,5 +8,5 @@ pub mod cpu;
 pub mod gpu;
 pub mod rng;
 
-pub use backend::{AdamW, AttentionShape, Backend, DropoutKey};
+pub use backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};
 pub use cpu::Cpu;

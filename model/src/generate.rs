@@ -4,7 +4,7 @@
 //! function, [`Model::decode_step`], which a test checks against full recomputation.
 
 use chingu_kernels::rng::SplitMix64;
-use chingu_kernels::{AttentionShape, Backend};
+use chingu_kernels::{AttentionShape, Backend, BufRole};
 
 use crate::config::{Activation, NormPlacement};
 use crate::params::{AttnIdx, FfnIdx, NormIdx};
@@ -165,7 +165,8 @@ impl<B: Backend> Model<B> {
             q_offset,
         };
         let mut ctx = self.backend.zeros(batch * d);
-        let mut probs = self.backend.zeros(batch * self.config.heads * k_len);
+        let mut probs =
+            self.backend.zeros_as(self.backend.attention_stats_len(shape), BufRole::Statistics);
         self.backend.attention_forward(&mut ctx, &mut probs, &q, k, v, &lengths, shape);
         self.linear(&ctx, idx.o, batch, d, d)
     }

@@ -1,6 +1,6 @@
 //! AdamW over the whole model, global-norm gradient clipping and the learning-rate schedule.
 
-use chingu_kernels::{AdamW, Backend};
+use chingu_kernels::{AdamW, Backend, BufRole};
 use serde::{Deserialize, Serialize};
 
 use crate::transformer::Model;
@@ -98,7 +98,10 @@ pub struct Optimizer<B: Backend> {
 impl<B: Backend> Optimizer<B> {
     /// Zeroed moments for `model`.
     pub fn new(model: &Model<B>, settings: OptimizerSettings) -> Self {
-        let zeros = || model.layout.specs.iter().map(|s| model.backend.zeros(s.numel())).collect();
+        let zeros = || {
+            let specs = model.layout.specs.iter();
+            specs.map(|s| model.backend.zeros_as(s.numel(), BufRole::OptimizerState)).collect()
+        };
         Self { settings, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0 }
     }
 

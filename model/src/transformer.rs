@@ -5,7 +5,7 @@
 //! Nt = B·T; every sequence is padded to its side's batch length and real lengths travel
 //! alongside, so masks are computed from lengths, never stored.
 
-use chingu_kernels::{AttentionShape, Backend, DropoutKey};
+use chingu_kernels::{AttentionShape, Backend, BufRole, DropoutKey};
 
 use crate::config::{Activation, Config, NormPlacement};
 use crate::params::{initial_values, AttnIdx, FfnIdx, Layout, LinearIdx, NormIdx};
@@ -148,6 +148,8 @@ struct AttnActs<B: Backend> {
     probs: B::Buf,
     ctx: B::Buf,
     shape: AttentionShape,
+    /// Visible keys per batch row (a backend that recomputes the softmax needs them).
+    key_len: Vec<usize>,
 }
 
 struct FfnActs<B: Backend> {
@@ -217,7 +219,11 @@ impl<B: Backend> Model<B> {
             .specs
             .iter()
             .enumerate()
-            .map(|(i, spec)| backend.upload_f32(&initial_values(spec, seed, i)))
+            .map(|(i, spec)| {
+                let values: Vec<f64> =
+                    initial_values(spec, seed, i).into_iter().map(f64::from).collect();
+                backend.upload_f64_as(&values, BufRole::Parameter)
+            })
             .collect();
         Ok(Self::assemble(backend, config, layout, params))
     }
@@ -245,12 +251,13 @@ impl<B: Backend> Model<B> {
                 )));
             }
         }
-        let params = values.iter().map(|v| backend.upload_f64(v)).collect();
+        let params = values.iter().map(|v| backend.upload_f64_as(v, BufRole::Parameter)).collect();
         Ok(Self::assemble(backend, config, layout, params))
     }
 
     fn assemble(backend: B, config: Config, layout: Layout, params: Vec<B::Buf>) -> Self {
-        let grads = layout.specs.iter().map(|s| backend.zeros(s.numel())).collect();
+        let grads =
+            layout.specs.iter().map(|s| backend.zeros_as(s.numel(), BufRole::Gradient)).collect();
         let positions = backend.upload_f64(&sinusoidal_positions(config.max_len, config.d_model));
         Model { backend, config, layout, params, grads, positions }
     }
@@ -321,8 +328,8 @@ impl<B: Backend> Model<B> {
 
     pub(crate) fn norm(&self, x: B::Buf, idx: NormIdx, rows: usize) -> NormActs<B> {
         let d = self.config.d_model;
-        let (mut y, mut mean, mut rstd) =
-            (self.backend.zeros(rows * d), self.backend.zeros(rows), self.backend.zeros(rows));
+        let stats = || self.backend.zeros_as(rows, BufRole::Statistics);
+        let (mut y, mut mean, mut rstd) = (self.backend.zeros(rows * d), stats(), stats());
         self.backend.layernorm_forward(
             &mut y,
             &mut mean,
@@ -361,11 +368,13 @@ impl<B: Backend> Model<B> {
             q_offset: 0,
         };
         let mut ctx = self.backend.zeros(nq * d);
-        let mut probs = self.backend.zeros(query.batch * self.config.heads * query.len * keys.len);
+        let mut probs =
+            self.backend.zeros_as(self.backend.attention_stats_len(shape), BufRole::Statistics);
         self.backend.attention_forward(&mut ctx, &mut probs, &q, &k, &v, keys.lengths, shape);
         let s = self.linear(&ctx, idx.o, nq, d, d);
         let input = self.backend_clone(input);
-        (s, AttnActs { input, q, k, v, probs, ctx, shape })
+        let key_len = keys.lengths.to_vec();
+        (s, AttnActs { input, q, k, v, probs, ctx, shape, key_len })
     }
 
     fn ffn(&self, input: &B::Buf, idx: FfnIdx, rows: usize) -> (B::Buf, FfnActs<B>) {
@@ -706,8 +715,9 @@ impl<B: Backend> Model<B> {
                     self.backend.zeros(nk * d),
                     self.backend.zeros(nk * d),
                 );
-                self.backend.attention_backward(
-                    &mut dq, &mut dk, &mut dv, &d_ctx, &a.q, &a.k, &a.v, &a.probs, shape,
+                self.backend.attention_backward_full(
+                    &mut dq, &mut dk, &mut dv, &d_ctx, &a.q, &a.k, &a.v, &a.ctx, &a.probs,
+                    &a.key_len, shape,
                 );
                 let mut d_input = self.backend.zeros(nq * d);
                 self.linear_back(Some(&mut d_input), false, idx.q, &dq, &a.input, nq, d, d);

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use chingu_corpus::batching::Cursor;
 use chingu_corpus::durable::{sha256_file, write_synced};
-use chingu_kernels::Backend;
+use chingu_kernels::{Backend, BufRole};
 use chingu_model::{Config, Layout, Model, Optimizer, OptimizerSettings};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -351,8 +351,8 @@ pub fn load_dir<B: Backend>(backend: B, dir: &Path) -> Result<Loaded<B>> {
     let moments = tensors_from_file(&dir.join(OPTIMIZER_FILE), &opt_names, &opt_shapes)?;
     let mut optimizer = Optimizer::new(&model, state.optimizer);
     for (i, pair) in moments.chunks(2).enumerate() {
-        optimizer.exp_avg[i] = model.backend.upload_f64(&pair[0]);
-        optimizer.exp_avg_sq[i] = model.backend.upload_f64(&pair[1]);
+        optimizer.exp_avg[i] = model.backend.upload_f64_as(&pair[0], BufRole::OptimizerState);
+        optimizer.exp_avg_sq[i] = model.backend.upload_f64_as(&pair[1], BufRole::OptimizerState);
     }
     optimizer.step = state.step;
     Ok(Loaded { dir: dir.to_path_buf(), state, model, optimizer })

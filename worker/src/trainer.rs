@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use chingu_corpus::batching::{epoch_plan, index_records, Cursor, RecordRef};
-use chingu_kernels::Backend;
+use chingu_kernels::{Backend, BufRole};
 use chingu_model::{Config, Model, ModelError, Optimizer, OptimizerSettings};
 
 use crate::checkpoint::{self, TrainState};
@@ -295,7 +295,9 @@ pub fn train_parallel<B: Backend + Clone>(
                         spare_grads = model
                             .grads
                             .iter()
-                            .map(|g| model.backend.zeros(model.backend.len(g)))
+                            .map(|g| {
+                                model.backend.zeros_as(model.backend.len(g), BufRole::Gradient)
+                            })
                             .collect();
                     }
                     std::mem::swap(&mut spare_grads, &mut model.grads);
@@ -574,7 +576,9 @@ impl<'scope> Reducer<'scope> {
             let mut offset = 0;
             for &i in &bucket.params {
                 let n = model.backend.len(&model.grads[i]);
-                model.grads[i] = model.backend.upload_f32(&bucket.data[offset..offset + n]);
+                model.grads[i] = model
+                    .backend
+                    .upload_f32_as(&bucket.data[offset..offset + n], BufRole::Gradient);
                 offset += n;
             }
         }

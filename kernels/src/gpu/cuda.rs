@@ -2,10 +2,13 @@
 //! without CUDA builds and runs, and [`CudaDevice::new`] says plainly what is missing.
 //! Every kernel file is compiled by NVRTC for the device's architecture when the device is
 //! opened (the on-disk cache, streams and the caching allocator come with the CUDA backend).
+//! Matrix products go through cuBLASLt when its library is there (see [`Device::gemm`]).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::Mutex;
 
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{result, sys};
 
 use super::{nvrtc, sources, Device, DevicePtr, Gemm, GpuError};
@@ -17,6 +20,8 @@ pub struct CudaDevice {
     label: String,
     arch: (i32, i32),
     functions: HashMap<String, sys::CUfunction>,
+    /// cuBLASLt, when libcublasLt could be loaded.
+    blas: Option<Blas>,
 }
 
 // SAFETY: the context is made current on whichever thread calls in; driver handles are
@@ -88,12 +93,16 @@ impl CudaDevice {
                 functions.insert(kernel, f);
             }
         }
+        // SAFETY: only tries to open the library.
+        let blas =
+            if unsafe { lt_sys::is_culib_present() } { Some(Blas::new(context)?) } else { None };
         Ok(Self {
             ordinal,
             context,
             label: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
             arch: (major, minor),
             functions,
+            blas,
         })
     }
 
@@ -138,6 +147,18 @@ impl Device for CudaDevice {
         unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("cuMemcpyHtoD"))
     }
 
+    fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: `dst` covers `bytes` (the callers check); ordered on the default stream.
+        unsafe { result::memset_d8_sync(dst, 0, bytes) }.map_err(driver("cuMemsetD8"))
+    }
+
+    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: both cover `bytes`.
+        unsafe { result::memcpy_dtod_sync(dst, src, bytes) }.map_err(driver("cuMemcpyDtoD"))
+    }
+
     fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
         self.bind()?;
         // SAFETY: `src` covers `dst.len()` bytes.
@@ -171,9 +192,353 @@ impl Device for CudaDevice {
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
-        Err(GpuError::Driver {
-            call: format!("gemm {}x{}x{}", g.m, g.n, g.k),
-            message: "cuBLASLt GEMMs are not wired in yet".into(),
+        let blas = self.blas.as_ref().ok_or_else(|| {
+            GpuError::Missing(
+                "cuBLASLt (libcublasLt.so) not found: GPU matrix products need the CUDA \
+                 toolkit's cuBLAS libraries on the library path"
+                    .into(),
+            )
+        })?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        if g.k == 0 {
+            return Err(GpuError::Shape {
+                op: "gemm",
+                message: format!("{}×{}×0: cuBLASLt takes no empty sums (k ≥ 1)", g.m, g.n),
+            });
+        }
+        self.bind()?;
+        // The fp16 bias of an fp32 product is widened into a scratch buffer first: cuBLASLt's
+        // bias defaults to D's type, and the guard keeps other threads off the scratch until
+        // the product that reads it is queued (the null stream then orders the rest).
+        let mut scratch = None;
+        let bias = match g.bias {
+            Some(bias) if g.c_f32 => {
+                let mut guard = blas.bias_f32.lock().unwrap_or_else(|e| e.into_inner());
+                let widened = self.widen_bias(&mut guard, bias, g.n)?;
+                scratch = Some(guard);
+                Some(widened)
+            }
+            other => other,
+        };
+        // SAFETY: the caller guarantees the extents; the context is current.
+        let queued = unsafe { blas.matmul(g, bias) };
+        drop(scratch);
+        queued
+    }
+}
+
+/// Workspace cuBLASLt may use per product (allocated once per device).
+const LT_WORKSPACE_BYTES: usize = 32 << 20;
+/// `cublasOperation_t` (cuBLAS's enum, not in cudarc's cublaslt bindings): N = 0, T = 1.
+const CUBLAS_OP_N: i32 = 0;
+const CUBLAS_OP_T: i32 = 1;
+
+/// One cached heuristic choice: every descriptor attribute the algorithm was chosen for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    c_f32: bool,
+    bias: bool,
+    /// Alignments (bytes, ≤ 256) of cuBLASLt's A (our B), B (our A) and C = D.
+    align: [u32; 3],
+}
+
+/// cuBLASLt state of one device.
+struct Blas {
+    context: sys::CUcontext,
+    handle: lt_sys::cublasLtHandle_t,
+    workspace: DevicePtr,
+    plans: Mutex<HashMap<PlanKey, lt_sys::cublasLtMatmulAlgo_t>>,
+    /// fp32 copy of the current fp32 product's bias: (address, capacity in elements).
+    bias_f32: Mutex<(DevicePtr, usize)>,
+}
+
+impl Blas {
+    fn new(context: sys::CUcontext) -> Result<Self, GpuError> {
+        let handle = lt::create_handle().map_err(|e| GpuError::Driver {
+            call: "cublasLtCreate".into(),
+            message: format!("{e:?}"),
+        })?;
+        // SAFETY: plain allocation in the current context.
+        let workspace = match unsafe { result::malloc_sync(LT_WORKSPACE_BYTES) } {
+            Ok(ptr) => ptr,
+            Err(e) => {
+                // SAFETY: created above, used by nothing.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                return Err(driver("cuMemAlloc (cuBLASLt workspace)")(e));
+            }
+        };
+        Ok(Self {
+            context,
+            handle,
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+            bias_f32: Mutex::new((0, 0)),
         })
+    }
+
+    /// Queues `g` on the null stream (context current; `bias` already of D's type).
+    ///
+    /// Row-major `C[m×n]` is, read column-major, `Cᵀ[n×m]` with leading dimension n, and
+    /// `Cᵀ = op(B)ᵀ·op(A)ᵀ`. A row-major matrix stored `[r×c]` is, read column-major, its
+    /// transpose `[c×r]` with leading dimension c. So cuBLASLt's first operand is our B as
+    /// stored, read `[cols×rows]`: that is op(B)ᵀ itself when B is not transposed (op N), and
+    /// op(B) when it is (op T); its second operand is our A likewise; its (m, n, k) are our
+    /// (n, m, k). cuBLASLt's bias epilogue adds bias[i] to row i of the column-major D
+    /// (n rows here), i.e. to column i of our row-major C: the `[n]` bias of the contract.
+    ///
+    /// # Safety
+    /// As [`Device::gemm`].
+    unsafe fn matmul(&self, g: &Gemm, bias: Option<DevicePtr>) -> Result<(), GpuError> {
+        let Gemm { m, n, k, .. } = *g;
+        let what = format!(
+            "{m}×{n}×{k} (A{}, B{}, C {}, beta {}{})",
+            if g.trans_a { "ᵀ" } else { "" },
+            if g.trans_b { "ᵀ" } else { "" },
+            if g.c_f32 { "f32" } else { "f16" },
+            g.beta,
+            if bias.is_some() { ", bias" } else { "" },
+        );
+        let fail = |step: &str| {
+            let call = format!("cublasLtMatmul {what}: {step}");
+            move |e: lt::CublasError| GpuError::Driver { call, message: format!("{e:?}") }
+        };
+        let f16 = lt_sys::cudaDataType::CUDA_R_16F;
+        let c_type = if g.c_f32 {
+            lt_sys::cudaDataType::CUDA_R_32F
+        } else {
+            lt_sys::cudaDataType::CUDA_R_16F
+        };
+        // Stored (rows, cols) of our row-major A and B.
+        let (a_rows, a_cols) = if g.trans_a { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if g.trans_b { (n, k) } else { (k, n) };
+        let layout = |ty, rows: usize, cols: usize, step| {
+            lt::create_matrix_layout(ty, cols as u64, rows as u64, cols as i64)
+                .map(Layout)
+                .map_err(fail(step))
+        };
+        // cuBLASLt's A = our B (n×k after its op), its B = our A (k×m), C = D = Cᵀ (n×m).
+        let lt_a = layout(f16, b_rows, b_cols, "layout of B")?;
+        let lt_b = layout(f16, a_rows, a_cols, "layout of A")?;
+        let lt_c = layout(c_type, m, n, "layout of C")?;
+
+        let desc = lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType::CUDA_R_32F,
+        )
+        .map(MatmulDesc)
+        .map_err(fail("cublasLtMatmulDescCreate"))?;
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        use lt_sys::cublasLtMatmulDescAttributes_t as Attr;
+        // SAFETY: each value has the attribute's type (int32 ops, uint32 epilogue, a device
+        // pointer) and lives across the call.
+        unsafe {
+            set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.trans_b))
+                .map_err(fail("TRANSA"))?;
+            set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.trans_a))
+                .map_err(fail("TRANSB"))?;
+            if let Some(bias) = bias {
+                let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)
+                    .map_err(fail("EPILOGUE"))?;
+                let pointer = bias as usize as *const c_void;
+                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer)
+                    .map_err(fail("BIAS_POINTER"))?;
+            }
+        }
+
+        let align = [alignment(g.b), alignment(g.a), alignment(g.c)];
+        let key = PlanKey {
+            m,
+            n,
+            k,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            c_f32: g.c_f32,
+            bias: bias.is_some(),
+            align,
+        };
+        let algo = {
+            let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+            match plans.get(&key) {
+                Some(algo) => *algo,
+                None => {
+                    // SAFETY: live descriptors.
+                    let algo = unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align) }
+                        .map_err(fail("cublasLtMatmulAlgoGetHeuristic"))?;
+                    plans.insert(key, algo);
+                    algo
+                }
+            }
+        };
+        let (alpha, beta) = (1.0f32, g.beta);
+        // SAFETY: live descriptors; the caller guarantees the matrices; C and D are the same
+        // buffer with the same layout (in place); the workspace is ours and as large as the
+        // heuristic was told.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                desc.0,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                g.b as usize as *const c_void,
+                lt_a.0,
+                g.a as usize as *const c_void,
+                lt_b.0,
+                g.c as usize as *const c_void,
+                lt_c.0,
+                g.c as usize as *mut c_void,
+                lt_c.0,
+                &algo,
+                self.workspace as usize as *mut c_void,
+                LT_WORKSPACE_BYTES,
+                std::ptr::null_mut(),
+            )
+        }
+        .map_err(fail("cublasLtMatmul"))
+    }
+
+    /// The fastest algorithm for these descriptors within our workspace and alignments.
+    ///
+    /// # Safety
+    /// Live descriptors.
+    unsafe fn heuristic(
+        &self,
+        desc: &MatmulDesc,
+        a: &Layout,
+        b: &Layout,
+        c: &Layout,
+        align: [u32; 3],
+    ) -> Result<lt_sys::cublasLtMatmulAlgo_t, lt::CublasError> {
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        let pref = Preference(lt::create_matmul_pref()?);
+        let set = |attr, value: *const c_void, size| {
+            // SAFETY: `value` points at `size` bytes of the attribute's type.
+            unsafe { lt::set_matmul_pref_attribute(pref.0, attr, value, size) }
+        };
+        let workspace = LT_WORKSPACE_BYTES as u64;
+        set(Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&workspace as *const u64).cast(), 8)?;
+        let [a_align, b_align, c_align] = align;
+        for (attr, value) in [
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a_align),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b_align),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c_align),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &c_align),
+        ] {
+            set(attr, (value as *const u32).cast(), 4)?;
+        }
+        // SAFETY: live descriptors (C and D share one layout).
+        let found = unsafe {
+            lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.0, c.0, pref.0)
+        }?;
+        Ok(found.algo)
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: the primary context outlives the device; everything below is ours. Failures
+        // (after a sticky error) leave nothing to do.
+        unsafe {
+            if result::ctx::set_current(self.context).is_ok() {
+                let _ = result::ctx::synchronize();
+                let _ = lt::destroy_handle(self.handle);
+                let _ = result::free_sync(self.workspace);
+                let (scratch, capacity) =
+                    *self.bias_f32.get_mut().unwrap_or_else(|e| e.into_inner());
+                if capacity > 0 {
+                    let _ = result::free_sync(scratch);
+                }
+            }
+        }
+    }
+}
+
+impl CudaDevice {
+    /// Queues `scratch = f32(bias)` for `n` elements (growing the scratch) and returns it.
+    fn widen_bias(
+        &self,
+        scratch: &mut (DevicePtr, usize),
+        bias: DevicePtr,
+        n: usize,
+    ) -> Result<DevicePtr, GpuError> {
+        let count = i32::try_from(n).map_err(|_| GpuError::Shape {
+            op: "gemm",
+            message: format!("bias of {n} elements exceeds the kernels' int"),
+        })?;
+        if scratch.1 < n {
+            // Earlier products may still read the old scratch.
+            self.synchronize()?;
+            if scratch.1 > 0 {
+                self.free(scratch.0, scratch.1 * 4);
+                *scratch = (0, 0);
+            }
+            let capacity = n.max(1024);
+            *scratch = (self.alloc(capacity * 4)?, capacity);
+        }
+        let out = scratch.0;
+        let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+        let args: &mut [*mut c_void] = &mut [
+            (&out as *const DevicePtr).cast_mut().cast(),
+            (&bias as *const DevicePtr).cast_mut().cast(),
+            (&count as *const i32).cast_mut().cast(),
+        ];
+        // SAFETY: cast_f16_to_f32(float* out, const __half* in, int n); `out` holds at least
+        // n floats and the caller guarantees `bias` holds n halves.
+        unsafe { self.launch("cast_f16_to_f32", (blocks, 1, 1), (256, 1, 1), 0, args) }?;
+        Ok(out)
+    }
+}
+
+/// Largest power of two (≤ 256) dividing a device address: what the heuristic may assume.
+fn alignment(ptr: DevicePtr) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
+}
+
+/// # Safety
+/// `value` must have the attribute's type.
+unsafe fn set_desc<T>(
+    desc: &MatmulDesc,
+    attr: lt_sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<(), lt::CublasError> {
+    // SAFETY: the caller guarantees the type; the size is the value's.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc.0,
+            attr,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>(),
+        )
+    }
+}
+
+/// Descriptors destroyed on drop (destroying cannot fail for a live descriptor).
+struct MatmulDesc(lt_sys::cublasLtMatmulDesc_t);
+struct Layout(lt_sys::cublasLtMatrixLayout_t);
+struct Preference(lt_sys::cublasLtMatmulPreference_t);
+
+impl Drop for MatmulDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by us, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+impl Drop for Preference {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
     }
 }

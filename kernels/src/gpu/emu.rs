@@ -86,6 +86,18 @@ impl Device for EmuDevice {
         Ok(())
     }
 
+    fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        // SAFETY: `dst` is an allocation of at least `bytes` (the callers check).
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+        Ok(())
+    }
+
+    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        // SAFETY: as above; `copy` allows overlap.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
     fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
         // SAFETY: as for upload.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };

@@ -7,6 +7,8 @@
 //! `kernels/tests/gpu_kernels.rs` run unchanged on the emulator in CI and on a GPU when one
 //! is there.
 
+pub mod backend;
+pub mod gemm;
 pub mod ops;
 pub mod sources;
 
@@ -110,6 +112,10 @@ pub trait Device: Send + Sync {
     fn free(&self, ptr: DevicePtr, bytes: usize);
     /// Copies host bytes to the device.
     fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError>;
+    /// Sets `bytes` bytes at `dst` to zero.
+    fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError>;
+    /// Copies `bytes` bytes between device addresses (ordered after earlier launches).
+    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError>;
     /// Copies device bytes to the host (waits for earlier launches).
     fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError>;
     /// Launches `kernel` with cuLaunchKernel's argument convention.

@@ -19,11 +19,12 @@ const MAX_BLOCKS: u32 = 65_535;
 const REDUCE_BLOCKS: usize = 256;
 /// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
 const LN_ROWS_PER_BLOCK: usize = 32;
-/// Query / key rows per attention tile, and threads per attention block (4 warps).
-const ATTN_TILE: usize = 16;
+/// Threads per block of the attention delta kernel (one warp per row and head).
 const ATTN_THREADS: u32 = 128;
 /// Largest head width the attention kernels take (their shared tiles fit 48 KiB up to it).
 const ATTN_MAX_HEAD_DIM: usize = 256;
+/// Dynamic shared memory a block may use without opting in.
+const ATTN_MAX_SHARED: usize = 48 * 1024;
 
 fn shape(op: &'static str, message: String) -> GpuError {
     GpuError::Shape { op, message }
@@ -398,10 +399,43 @@ fn attention_args(
     Ok((ints, lens))
 }
 
-/// Dynamic shared memory of the attention kernels, as their file header gives it.
-fn attention_shared(head_dim: usize, forward: bool) -> u32 {
-    let ld = head_dim + 8;
-    (if forward { 160 * ld + 4608 } else { 128 * ld + 9216 }) as u32
+/// Block shape of an attention kernel: warps W (each owns 16 rows of the block's own
+/// dimension), the walked tile T (16 or 32 rows), and the dynamic shared memory in bytes,
+/// as `kernels/cuda/attention.cu`'s header gives them: the first (W, T) whose memory fits
+/// 48 KiB.
+#[derive(Clone, Copy)]
+struct AttnBlock {
+    warps: usize,
+    tile: i32,
+    shared: u32,
+}
+
+impl AttnBlock {
+    fn new(head_dim: usize, forward: bool) -> Self {
+        let ld = head_dim + 8;
+        for (warps, tile) in [(4, 32), (4, 16), (2, 32), (2, 16), (1, 32), (1, 16)] {
+            let bytes = if forward {
+                2 * ld * (16 * warps + 2 * tile)
+                    + warps * 16 * (tile + 4) * 4
+                    + warps * 16 * (tile + 8) * 2
+            } else {
+                2 * ld * (32 * warps + 2 * tile) + warps * 32 * (tile + 4) * 4 + 2 * tile * 4
+            };
+            if bytes <= ATTN_MAX_SHARED {
+                return AttnBlock { warps, tile: tile as i32, shared: bytes as u32 };
+            }
+        }
+        unreachable!("W 1, T 16 fits 48 KiB for every head_dim up to {ATTN_MAX_HEAD_DIM}")
+    }
+
+    /// Rows of the block's own dimension.
+    fn rows(self) -> usize {
+        16 * self.warps
+    }
+
+    fn threads(self) -> (u32, u32, u32) {
+        (32 * self.warps as u32, 1, 1)
+    }
 }
 
 /// Fused attention forward (see `kernels/cuda/attention.cu`): `out` `[B·Tq, D]` (fp16) and
@@ -429,13 +463,14 @@ pub fn attention_forward(
     if out.is_empty() {
         return Ok(());
     }
-    let grid = (s.q_len.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32);
+    let blk = AttnBlock::new(s.head_dim, true);
+    let grid = (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32);
     launch(
         dev,
         OP,
         grid,
-        (ATTN_THREADS, 1, 1),
-        attention_shared(s.head_dim, true),
+        blk.threads(),
+        blk.shared,
         args![
             out.ptr(),
             lse.ptr(),
@@ -449,7 +484,8 @@ pub fn attention_forward(
             a[3],
             a[4],
             a[5],
-            a[6]
+            a[6],
+            blk.tile
         ],
     )?;
     // `lens` is freed when this returns: make sure the kernel is done with it.
@@ -496,14 +532,14 @@ pub fn attention_backward(
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
         )?;
     }
-    let shared = attention_shared(s.head_dim, false);
+    let blk = AttnBlock::new(s.head_dim, false);
     if !dk.is_empty() {
         launch(
             dev,
             OP,
-            (s.k_len.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32),
-            (ATTN_THREADS, 1, 1),
-            shared,
+            (s.k_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32),
+            blk.threads(),
+            blk.shared,
             args![
                 dk.ptr(),
                 dv.ptr(),
@@ -520,7 +556,8 @@ pub fn attention_backward(
                 a[3],
                 a[4],
                 a[5],
-                a[6]
+                a[6],
+                blk.tile
             ],
         )?;
     }
@@ -528,9 +565,9 @@ pub fn attention_backward(
         launch(
             dev,
             "attention_backward_dq_f16",
-            (s.q_len.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32),
-            (ATTN_THREADS, 1, 1),
-            shared,
+            (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32),
+            blk.threads(),
+            blk.shared,
             args![
                 dq.ptr(),
                 d_out.ptr(),
@@ -546,7 +583,8 @@ pub fn attention_backward(
                 a[3],
                 a[4],
                 a[5],
-                a[6]
+                a[6],
+                blk.tile
             ],
         )?;
     }

@@ -1,0 +1,575 @@
+//! The [`Backend`] trait on a CUDA device (or its CPU emulation): the model, unchanged, runs
+//! mixed precision — activations and their gradients in fp16, parameter gradients, statistics
+//! and optimizer moments in fp32, parameters as fp32 masters with an fp16 copy that AdamW
+//! refreshes — through the hand-written kernels ([`super::ops`]) and [`Device::gemm`]
+//! (cuBLASLt on a GPU).
+//!
+//! Buffers carry their storage ([`GpuBuf`]); each op checks it gets the kinds it computes on.
+//! The `Backend` trait is infallible (the CPU cannot fail), so a device error here panics with
+//! the op and the device's message. The loss scale ([`GpuBackend::set_loss_scale`]) multiplies
+//! the cross-entropy gradient, hence every gradient; the trainer unscales before the update.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use half::f16;
+
+use super::{ops, DeviceBuffer, Gemm, Gpu, GpuError};
+use crate::backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};
+
+/// A buffer on the GPU backend.
+pub enum GpuBuf {
+    /// fp16: activations and their gradients.
+    Half(DeviceBuffer<f16>),
+    /// fp32: parameter gradients, statistics, optimizer moments.
+    Float(DeviceBuffer<f32>),
+    /// A parameter: fp32 master weights and the fp16 copy the forward pass reads.
+    Param {
+        /// The master weights AdamW updates.
+        master: DeviceBuffer<f32>,
+        /// Their fp16 rounding.
+        half: DeviceBuffer<f16>,
+    },
+}
+
+impl GpuBuf {
+    fn kind(&self) -> &'static str {
+        match self {
+            GpuBuf::Half(_) => "fp16",
+            GpuBuf::Float(_) => "fp32",
+            GpuBuf::Param { .. } => "parameter",
+        }
+    }
+}
+
+/// The model's backend on a CUDA device.
+pub struct GpuBackend {
+    dev: Gpu,
+    loss_scale: AtomicU32,
+}
+
+fn check<T>(op: &str, r: Result<T, GpuError>) -> T {
+    r.unwrap_or_else(|e| panic!("GPU backend, {op}: {e}"))
+}
+
+/// The fp16 view an op reads: activations, or a parameter's fp16 copy.
+fn half<'a>(op: &str, b: &'a GpuBuf) -> &'a DeviceBuffer<f16> {
+    match b {
+        GpuBuf::Half(h) | GpuBuf::Param { half: h, .. } => h,
+        GpuBuf::Float(_) => panic!("GPU backend, {op}: expected an fp16 buffer, got fp32"),
+    }
+}
+
+fn half_mut<'a>(op: &str, b: &'a mut GpuBuf) -> &'a mut DeviceBuffer<f16> {
+    match b {
+        GpuBuf::Half(h) => h,
+        other => {
+            panic!("GPU backend, {op}: expected an fp16 activation buffer, got {}", other.kind())
+        }
+    }
+}
+
+fn float<'a>(op: &str, b: &'a GpuBuf) -> &'a DeviceBuffer<f32> {
+    match b {
+        GpuBuf::Float(f) => f,
+        other => panic!("GPU backend, {op}: expected an fp32 buffer, got {}", other.kind()),
+    }
+}
+
+fn float_mut<'a>(op: &str, b: &'a mut GpuBuf) -> &'a mut DeviceBuffer<f32> {
+    match b {
+        GpuBuf::Float(f) => f,
+        other => panic!("GPU backend, {op}: expected an fp32 buffer, got {}", other.kind()),
+    }
+}
+
+impl GpuBackend {
+    /// The backend on `dev`, loss scale 1.
+    pub fn new(dev: Gpu) -> Self {
+        Self { dev, loss_scale: AtomicU32::new(1f32.to_bits()) }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Gpu {
+        &self.dev
+    }
+
+    /// Multiplies the cross-entropy gradient (hence every gradient) by `scale`.
+    pub fn set_loss_scale(&self, scale: f32) {
+        self.loss_scale.store(scale.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The current loss scale.
+    pub fn loss_scale(&self) -> f32 {
+        f32::from_bits(self.loss_scale.load(Ordering::Relaxed))
+    }
+
+    fn zeroed<T: super::Element>(&self, len: usize) -> DeviceBuffer<T> {
+        let buf = check("zeros", DeviceBuffer::uninit(&self.dev, len));
+        check("zeros", self.dev.memset_zero(buf.ptr(), len * size_of::<T>()));
+        buf
+    }
+
+    fn upload_half(&self, data: impl Iterator<Item = f32>) -> DeviceBuffer<f16> {
+        let host: Vec<f16> = data.map(f16::from_f32).collect();
+        check("upload", DeviceBuffer::from_host(&self.dev, &host))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        op: &str,
+        c: (u64, usize, bool),
+        a: &DeviceBuffer<f16>,
+        trans_a: bool,
+        b: &DeviceBuffer<f16>,
+        trans_b: bool,
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+        bias: Option<&DeviceBuffer<f16>>,
+    ) {
+        let (c_ptr, c_len, c_f32) = c;
+        assert!(
+            a.len() >= m * k && b.len() >= k * n && c_len >= m * n,
+            "GPU backend, {op}: {m}×{k}·{k}×{n} does not fit buffers of {}, {} and {}",
+            a.len(),
+            b.len(),
+            c_len
+        );
+        let g = Gemm {
+            m,
+            n,
+            k,
+            a: a.ptr(),
+            trans_a,
+            b: b.ptr(),
+            trans_b,
+            c: c_ptr,
+            c_f32,
+            beta,
+            bias: bias.map(|b| b.ptr()),
+        };
+        // SAFETY: extents checked above.
+        check(op, unsafe { self.dev.gemm(&g) });
+    }
+}
+
+impl Backend for GpuBackend {
+    type Buf = GpuBuf;
+
+    fn name(&self) -> String {
+        format!("{} (fp16 mixed precision)", self.dev.name())
+    }
+
+    fn zeros(&self, len: usize) -> GpuBuf {
+        GpuBuf::Half(self.zeroed(len))
+    }
+
+    fn zeros_as(&self, len: usize, role: BufRole) -> GpuBuf {
+        match role {
+            BufRole::Activation => GpuBuf::Half(self.zeroed(len)),
+            BufRole::Gradient | BufRole::OptimizerState | BufRole::Statistics => {
+                GpuBuf::Float(self.zeroed(len))
+            }
+            BufRole::Parameter => {
+                GpuBuf::Param { master: self.zeroed(len), half: self.zeroed(len) }
+            }
+        }
+    }
+
+    fn upload_f32_as(&self, data: &[f32], role: BufRole) -> GpuBuf {
+        let float = || check("upload", DeviceBuffer::from_host(&self.dev, data));
+        match role {
+            BufRole::Activation => GpuBuf::Half(self.upload_half(data.iter().copied())),
+            BufRole::Gradient | BufRole::OptimizerState | BufRole::Statistics => {
+                GpuBuf::Float(float())
+            }
+            BufRole::Parameter => {
+                GpuBuf::Param { half: self.upload_half(data.iter().copied()), master: float() }
+            }
+        }
+    }
+
+    fn upload_f64_as(&self, data: &[f64], role: BufRole) -> GpuBuf {
+        let values: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+        self.upload_f32_as(&values, role)
+    }
+
+    fn upload_f32(&self, data: &[f32]) -> GpuBuf {
+        GpuBuf::Half(self.upload_half(data.iter().copied()))
+    }
+
+    fn upload_f64(&self, data: &[f64]) -> GpuBuf {
+        GpuBuf::Half(self.upload_half(data.iter().map(|&x| x as f32)))
+    }
+
+    fn to_f32(&self, buf: &GpuBuf) -> Vec<f32> {
+        match buf {
+            GpuBuf::Half(h) => check("download", h.to_host()).iter().map(|x| x.to_f32()).collect(),
+            GpuBuf::Float(f) | GpuBuf::Param { master: f, .. } => check("download", f.to_host()),
+        }
+    }
+
+    fn to_f64(&self, buf: &GpuBuf) -> Vec<f64> {
+        self.to_f32(buf).into_iter().map(f64::from).collect()
+    }
+
+    fn len(&self, buf: &GpuBuf) -> usize {
+        match buf {
+            GpuBuf::Half(h) => h.len(),
+            GpuBuf::Float(f) | GpuBuf::Param { master: f, .. } => f.len(),
+        }
+    }
+
+    fn fill_zero(&self, buf: &mut GpuBuf) {
+        let (ptr, bytes) = match buf {
+            GpuBuf::Half(h) => (h.ptr(), h.len() * 2),
+            GpuBuf::Float(f) => (f.ptr(), f.len() * 4),
+            GpuBuf::Param { .. } => panic!("GPU backend, fill_zero: parameters are never zeroed"),
+        };
+        check("fill_zero", self.dev.memset_zero(ptr, bytes));
+    }
+
+    fn copy(&self, dst: &mut GpuBuf, src: &GpuBuf) {
+        let (d, s) = (half_mut("copy", dst), half("copy", src));
+        assert_eq!(d.len(), s.len(), "GPU backend, copy: lengths differ");
+        check("copy", self.dev.copy_on_device(d.ptr(), s.ptr(), s.len() * 2));
+    }
+
+    fn copy_rows(
+        &self,
+        dst: &mut GpuBuf,
+        dst_row: usize,
+        src: &GpuBuf,
+        src_row: usize,
+        rows: usize,
+        width: usize,
+    ) {
+        let (d, s) = (half_mut("copy_rows", dst), half("copy_rows", src));
+        assert!(
+            (dst_row + rows) * width <= d.len() && (src_row + rows) * width <= s.len(),
+            "GPU backend, copy_rows: rows out of range"
+        );
+        let bytes = rows * width * 2;
+        let (dp, sp) =
+            (d.ptr() + (dst_row * width * 2) as u64, s.ptr() + (src_row * width * 2) as u64);
+        check("copy_rows", self.dev.copy_on_device(dp, sp, bytes));
+    }
+
+    fn add_assign(&self, acc: &mut GpuBuf, x: &GpuBuf) {
+        check(
+            "add_assign",
+            ops::add_assign(&self.dev, half_mut("add_assign", acc), half("add_assign", x)),
+        );
+    }
+
+    fn scale(&self, buf: &mut GpuBuf, factor: f32) {
+        match buf {
+            GpuBuf::Half(h) => check("scale", ops::scale_f16(&self.dev, h, factor)),
+            GpuBuf::Float(f) => check("scale", ops::scale_f32(&self.dev, f, factor)),
+            GpuBuf::Param { .. } => {
+                panic!("GPU backend, scale: parameters are changed by AdamW only")
+            }
+        }
+    }
+
+    fn sum_squares(&self, buf: &GpuBuf) -> f64 {
+        match buf {
+            GpuBuf::Float(f) | GpuBuf::Param { master: f, .. } => {
+                check("sum_squares", ops::sum_squares(&self.dev, &[f]))
+            }
+            GpuBuf::Half(h) => {
+                let mut wide = check("sum_squares", DeviceBuffer::uninit(&self.dev, h.len()));
+                check("sum_squares", ops::cast_f16_to_f32(&self.dev, &mut wide, h));
+                check("sum_squares", ops::sum_squares(&self.dev, &[&wide]))
+            }
+        }
+    }
+
+    fn all_finite(&self, buf: &GpuBuf) -> bool {
+        match buf {
+            GpuBuf::Half(h) => check("all_finite", ops::all_finite_f16(&self.dev, h)),
+            _ => self.sum_squares(buf).is_finite(),
+        }
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut GpuBuf,
+        table: &GpuBuf,
+        positions: &GpuBuf,
+        ids: &[u32],
+        pos: &[usize],
+        width: usize,
+        scale: f32,
+    ) {
+        const OP: &str = "embedding_forward";
+        let (t, p) = (half(OP, table), half(OP, positions));
+        check(
+            OP,
+            ops::embedding_forward(&self.dev, half_mut(OP, out), t, p, ids, pos, width, scale),
+        );
+    }
+
+    fn embedding_backward(
+        &self,
+        d_table: &mut GpuBuf,
+        d_out: &GpuBuf,
+        ids: &[u32],
+        width: usize,
+        scale: f32,
+    ) {
+        const OP: &str = "embedding_backward";
+        let d = half(OP, d_out);
+        check(OP, ops::embedding_backward(&self.dev, float_mut(OP, d_table), d, ids, width, scale));
+    }
+
+    fn linear_forward(
+        &self,
+        y: &mut GpuBuf,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        b: Option<&GpuBuf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        const OP: &str = "linear_forward";
+        let y = half_mut(OP, y);
+        let bias = b.map(|b| half(OP, b));
+        // y[rows×out] = x[rows×in] · wᵀ, w stored [out×in].
+        let c = (y.ptr(), y.len(), false);
+        self.gemm(OP, c, half(OP, x), false, half(OP, w), true, (rows, out_dim, in_dim), 0.0, bias);
+    }
+
+    fn linear_backward(
+        &self,
+        dx: Option<&mut GpuBuf>,
+        accumulate_dx: bool,
+        dw: &mut GpuBuf,
+        db: Option<&mut GpuBuf>,
+        dy: &GpuBuf,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        const OP: &str = "linear_backward";
+        let (dy_h, x_h, w_h) = (half(OP, dy), half(OP, x), half(OP, w));
+        if let Some(dx) = dx {
+            // dx[rows×in] (=|+=) dy[rows×out] · w[out×in].
+            let dx = half_mut(OP, dx);
+            let beta = if accumulate_dx { 1.0 } else { 0.0 };
+            self.gemm(
+                OP,
+                (dx.ptr(), dx.len(), false),
+                dy_h,
+                false,
+                w_h,
+                false,
+                (rows, in_dim, out_dim),
+                beta,
+                None,
+            );
+        }
+        // dw[out×in] += dyᵀ · x, dy stored [rows×out].
+        let dw = float_mut(OP, dw);
+        self.gemm(
+            OP,
+            (dw.ptr(), dw.len(), true),
+            dy_h,
+            true,
+            x_h,
+            false,
+            (out_dim, in_dim, rows),
+            1.0,
+            None,
+        );
+        if let Some(db) = db {
+            check(OP, ops::bias_backward(&self.dev, float_mut(OP, db), dy_h, rows, out_dim));
+        }
+    }
+
+    fn layernorm_forward(
+        &self,
+        y: &mut GpuBuf,
+        mean: &mut GpuBuf,
+        rstd: &mut GpuBuf,
+        x: &GpuBuf,
+        gamma: &GpuBuf,
+        beta: &GpuBuf,
+        rows: usize,
+        width: usize,
+    ) {
+        const OP: &str = "layernorm_forward";
+        let (x, g, b) = (half(OP, x), half(OP, gamma), half(OP, beta));
+        let (mean, rstd) = (float_mut(OP, mean), float_mut(OP, rstd));
+        check(
+            OP,
+            ops::layernorm_forward(&self.dev, half_mut(OP, y), mean, rstd, x, g, b, rows, width),
+        );
+    }
+
+    fn layernorm_backward(
+        &self,
+        dx: &mut GpuBuf,
+        dgamma: &mut GpuBuf,
+        dbeta: &mut GpuBuf,
+        dy: &GpuBuf,
+        x: &GpuBuf,
+        mean: &GpuBuf,
+        rstd: &GpuBuf,
+        gamma: &GpuBuf,
+        rows: usize,
+        width: usize,
+    ) {
+        const OP: &str = "layernorm_backward";
+        let (dy, x, g) = (half(OP, dy), half(OP, x), half(OP, gamma));
+        let (mean, rstd) = (float(OP, mean), float(OP, rstd));
+        let (dg, db) = (float_mut(OP, dgamma), float_mut(OP, dbeta));
+        check(
+            OP,
+            ops::layernorm_backward(
+                &self.dev,
+                half_mut(OP, dx),
+                dg,
+                db,
+                dy,
+                x,
+                mean,
+                rstd,
+                g,
+                rows,
+                width,
+            ),
+        );
+    }
+
+    fn gelu_forward(&self, y: &mut GpuBuf, x: &GpuBuf) {
+        check(
+            "gelu_forward",
+            ops::gelu_forward(&self.dev, half_mut("gelu_forward", y), half("gelu_forward", x)),
+        );
+    }
+
+    fn gelu_backward(&self, dx: &mut GpuBuf, dy: &GpuBuf, x: &GpuBuf) {
+        const OP: &str = "gelu_backward";
+        check(OP, ops::gelu_backward(&self.dev, half_mut(OP, dx), half(OP, dy), half(OP, x)));
+    }
+
+    fn relu_forward(&self, y: &mut GpuBuf, x: &GpuBuf) {
+        check(
+            "relu_forward",
+            ops::relu_forward(&self.dev, half_mut("relu_forward", y), half("relu_forward", x)),
+        );
+    }
+
+    fn relu_backward(&self, dx: &mut GpuBuf, dy: &GpuBuf, x: &GpuBuf) {
+        const OP: &str = "relu_backward";
+        check(OP, ops::relu_backward(&self.dev, half_mut(OP, dx), half(OP, dy), half(OP, x)));
+    }
+
+    fn dropout(&self, buf: &mut GpuBuf, p: f32, key: DropoutKey) {
+        check("dropout", ops::dropout(&self.dev, half_mut("dropout", buf), p, key));
+    }
+
+    fn attention_stats_len(&self, shape: AttentionShape) -> usize {
+        // One log-sum-exp per (batch row, head, query).
+        shape.batch * shape.heads * shape.q_len
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut GpuBuf,
+        probs: &mut GpuBuf,
+        q: &GpuBuf,
+        k: &GpuBuf,
+        v: &GpuBuf,
+        key_len: &[usize],
+        shape: AttentionShape,
+    ) {
+        const OP: &str = "attention_forward";
+        let (q, k, v) = (half(OP, q), half(OP, k), half(OP, v));
+        let lse = float_mut(OP, probs);
+        check(
+            OP,
+            ops::attention_forward(&self.dev, half_mut(OP, out), lse, q, k, v, key_len, shape),
+        );
+    }
+
+    fn attention_backward(
+        &self,
+        _dq: &mut GpuBuf,
+        _dk: &mut GpuBuf,
+        _dv: &mut GpuBuf,
+        _d_out: &GpuBuf,
+        _q: &GpuBuf,
+        _k: &GpuBuf,
+        _v: &GpuBuf,
+        _probs: &GpuBuf,
+        _shape: AttentionShape,
+    ) {
+        panic!("GPU backend: attention backward recomputes the softmax and needs the forward's output and key lengths: call attention_backward_full");
+    }
+
+    fn attention_backward_full(
+        &self,
+        dq: &mut GpuBuf,
+        dk: &mut GpuBuf,
+        dv: &mut GpuBuf,
+        d_out: &GpuBuf,
+        q: &GpuBuf,
+        k: &GpuBuf,
+        v: &GpuBuf,
+        out: &GpuBuf,
+        probs: &GpuBuf,
+        key_len: &[usize],
+        shape: AttentionShape,
+    ) {
+        const OP: &str = "attention_backward";
+        let (d_out, q, k, v, out) =
+            (half(OP, d_out), half(OP, q), half(OP, k), half(OP, v), half(OP, out));
+        let lse = float(OP, probs);
+        let (dq, dk, dv) = (half_mut(OP, dq), half_mut(OP, dk), half_mut(OP, dv));
+        check(
+            OP,
+            ops::attention_backward(
+                &self.dev, dq, dk, dv, d_out, q, k, v, out, lse, key_len, shape,
+            ),
+        );
+    }
+
+    fn cross_entropy(
+        &self,
+        d_logits: &mut GpuBuf,
+        logits: &GpuBuf,
+        targets: &[u32],
+        vocab: usize,
+        ignore: u32,
+        smoothing: f64,
+    ) -> (f64, usize) {
+        const OP: &str = "cross_entropy";
+        let (d, l) = (half_mut(OP, d_logits), half(OP, logits));
+        let scale = self.loss_scale();
+        check(
+            OP,
+            ops::cross_entropy(&self.dev, d, l, targets, vocab, ignore, smoothing as f32, scale),
+        )
+    }
+
+    fn adamw(
+        &self,
+        param: &mut GpuBuf,
+        grad: &GpuBuf,
+        m: &mut GpuBuf,
+        v: &mut GpuBuf,
+        settings: AdamW,
+    ) {
+        const OP: &str = "adamw";
+        let GpuBuf::Param { master, half } = param else {
+            panic!("GPU backend, adamw: expected a parameter, got {}", param.kind());
+        };
+        let (g, m, v) = (float(OP, grad), float_mut(OP, m), float_mut(OP, v));
+        check(OP, ops::adamw(&self.dev, master, Some(half), g, m, v, settings));
+    }
+}

@@ -1,0 +1,291 @@
+//! The matrix product (`chingu_kernels::gpu::gemm::gemm`, i.e. `Device::gemm`) against an f64
+//! reference computed here: always on the emulated device (matrixmultiply on the CPU), and on
+//! a real GPU (cuBLASLt) when `CHINGU_GPU_TESTS=1` (then a GPU that cannot be opened is a
+//! failure, not a skip).
+//!
+//! Every case draws a logical `op(A)[m×k]` and `op(B)[k×n]` rounded to fp16 and stores them
+//! as the transpose flags say, so all four transpose combinations share one reference product
+//! per shape. Outputs are fp16 and fp32, overwritten (C poisoned with NaN, so an element left
+//! unwritten or read with beta 0 fails), accumulated onto random C, or overwritten with a bias.
+//!
+//! Tolerance, per element: the inputs are fp16, so every product a·b is exact in fp32 (11-bit
+//! significands multiply into 22 bits) and in f64; C and the bias are exact too. What remains
+//! is the rounding of the k + 1 fp32 additions, in whatever order and blocking the device
+//! sums (split-K, tensor-core blocks): whatever the order, the error is at most
+//! (k + 1)·δ·S with S = Σ|a·b| + |c| + |bias| and δ the relative error of one addition — 2⁻²⁴
+//! rounding to nearest, 2⁻²³ for the truncating adders of tensor cores. We allow
+//! 4·(k + 2)·2⁻²⁴·S (twice the truncating bound). S itself is bounded above by
+//! ‖a_row‖₂·‖b_col‖₂ + |c| + |bias| (Cauchy–Schwarz), which is cheap and keeps the bound
+//! rigorous. An fp16 output adds one rounding of the result: 2⁻¹⁰·|ref| (twice the
+//! round-to-nearest half ulp) plus 2⁻²⁴ for values in the subnormal range. A transposition,
+//! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
+
+use std::sync::{Arc, OnceLock};
+
+use chingu_kernels::gpu::emu::EmuDevice;
+use chingu_kernels::gpu::gemm::{gemm, GemmOut};
+use chingu_kernels::gpu::{DeviceBuffer, Gpu, GpuError};
+use chingu_kernels::rng::SplitMix64;
+use half::f16;
+
+fn emu() -> Gpu {
+    static EMU: OnceLock<Gpu> = OnceLock::new();
+    EMU.get_or_init(|| Arc::new(EmuDevice::new())).clone()
+}
+
+/// The devices every test body runs on.
+fn devices() -> Vec<Gpu> {
+    let mut devices = vec![emu()];
+    if std::env::var("CHINGU_GPU_TESTS").as_deref() == Ok("1") {
+        static GPU: OnceLock<Gpu> = OnceLock::new();
+        let gpu = GPU.get_or_init(|| {
+            let dev = chingu_kernels::gpu::cuda::CudaDevice::new(0).unwrap_or_else(|e| {
+                panic!("CHINGU_GPU_TESTS=1 but the GPU could not be opened: {e}")
+            });
+            Arc::new(dev)
+        });
+        devices.push(gpu.clone());
+    }
+    devices
+}
+
+/// Uniform values in [lo, hi) rounded to fp16, with their exact f64 values.
+fn random_half(rng: &mut SplitMix64, n: usize, lo: f64, hi: f64) -> (Vec<f16>, Vec<f64>) {
+    let h: Vec<f16> = (0..n).map(|_| f16::from_f64(lo + (hi - lo) * rng.next_f64())).collect();
+    let f = h.iter().map(|x| x.to_f64()).collect();
+    (h, f)
+}
+
+/// Row-major `[rows×cols]` stored transposed, `[cols×rows]`.
+fn transpose(x: &[f16], rows: usize, cols: usize) -> Vec<f16> {
+    let mut t = vec![f16::ZERO; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// One shape's logical operands and what the reference needs of them.
+struct Problem {
+    m: usize,
+    n: usize,
+    k: usize,
+    /// op(A) `[m×k]` and op(B) `[k×n]`, row-major.
+    a: Vec<f16>,
+    b: Vec<f16>,
+    /// op(A)·op(B) in f64, `[m×n]`.
+    product: Vec<f64>,
+    /// ‖row i of op(A)‖₂ and ‖column j of op(B)‖₂.
+    a_norms: Vec<f64>,
+    b_norms: Vec<f64>,
+}
+
+impl Problem {
+    fn new(rng: &mut SplitMix64, m: usize, n: usize, k: usize) -> Self {
+        let (a, af) = random_half(rng, m * k, -1.0, 1.0);
+        let (b, bf) = random_half(rng, k * n, -1.0, 1.0);
+        let mut product = vec![0f64; m * n];
+        for i in 0..m {
+            let row = &mut product[i * n..(i + 1) * n];
+            for l in 0..k {
+                let x = af[i * k + l];
+                for (p, y) in row.iter_mut().zip(&bf[l * n..(l + 1) * n]) {
+                    *p += x * y;
+                }
+            }
+        }
+        let a_norms = (0..m)
+            .map(|i| af[i * k..(i + 1) * k].iter().map(|x| x * x).sum::<f64>().sqrt())
+            .collect();
+        let b_norms = (0..n)
+            .map(|j| (0..k).map(|l| bf[l * n + j] * bf[l * n + j]).sum::<f64>().sqrt())
+            .collect();
+        Self { m, n, k, a, b, product, a_norms, b_norms }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Overwrite,
+    Accumulate,
+    Bias,
+}
+
+/// Runs one case and checks every element; returns the worst |error| / tolerance.
+#[allow(clippy::needless_range_loop)] // (i, j) index five arrays at once
+fn run_case(
+    dev: &Gpu,
+    rng: &mut SplitMix64,
+    p: &Problem,
+    trans_a: bool,
+    trans_b: bool,
+    c_f32: bool,
+    mode: Mode,
+) -> f64 {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let case = format!(
+        "{} {m}×{n}×{k} trans_a {trans_a} trans_b {trans_b} C {} {mode:?}",
+        dev.name(),
+        if c_f32 { "f32" } else { "f16" }
+    );
+    let a_host = if trans_a { transpose(&p.a, m, k) } else { p.a.clone() };
+    let b_host = if trans_b { transpose(&p.b, k, n) } else { p.b.clone() };
+    let a = DeviceBuffer::from_host(dev, &a_host).unwrap();
+    let b = DeviceBuffer::from_host(dev, &b_host).unwrap();
+    // The prior C (exact in the output type) and the bias, as f64.
+    let (c0_half, c0) = match mode {
+        Mode::Accumulate => random_half(rng, m * n, -4.0, 4.0),
+        _ => (vec![f16::NAN; m * n], vec![0.0; m * n]),
+    };
+    let (bias_half, bias) = match mode {
+        Mode::Bias => random_half(rng, n, -2.0, 2.0),
+        _ => (Vec::new(), vec![0.0; n]),
+    };
+    let bias_buf = (mode == Mode::Bias).then(|| DeviceBuffer::from_host(dev, &bias_half).unwrap());
+    let accumulate = mode == Mode::Accumulate;
+    let got: Vec<f64> = if c_f32 {
+        let init: Vec<f32> = c0_half.iter().map(|x| x.to_f32()).collect();
+        let mut c = DeviceBuffer::from_host(dev, &init).unwrap();
+        gemm(
+            dev,
+            GemmOut::F32(&mut c),
+            &a,
+            trans_a,
+            &b,
+            trans_b,
+            m,
+            n,
+            k,
+            accumulate,
+            bias_buf.as_ref(),
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        c.to_host().unwrap().iter().map(|&x| f64::from(x)).collect()
+    } else {
+        let mut c = DeviceBuffer::from_host(dev, &c0_half).unwrap();
+        gemm(
+            dev,
+            GemmOut::F16(&mut c),
+            &a,
+            trans_a,
+            &b,
+            trans_b,
+            m,
+            n,
+            k,
+            accumulate,
+            bias_buf.as_ref(),
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        c.to_host().unwrap().iter().map(|x| x.to_f64()).collect()
+    };
+    let accumulation = 4.0 * (k + 2) as f64 * 2f64.powi(-24);
+    let mut worst: f64 = 0.0;
+    for i in 0..m {
+        for j in 0..n {
+            let at = i * n + j;
+            let want = p.product[at] + c0[at] + bias[j];
+            let scale = p.a_norms[i] * p.b_norms[j] + c0[at].abs() + bias[j].abs();
+            let mut tol = accumulation * scale;
+            if !c_f32 {
+                tol += 2f64.powi(-10) * want.abs() + 2f64.powi(-24);
+            }
+            let err = (got[at] - want).abs();
+            assert!(
+                err <= tol,
+                "{case}: C[{i}, {j}] = {} but the reference is {want} (|error| {err:e} > tolerance {tol:e})",
+                got[at]
+            );
+            worst = worst.max(err / tol);
+        }
+    }
+    worst
+}
+
+#[test]
+fn gemm_matches_an_f64_reference() {
+    let shapes = [(1, 1, 1), (7, 13, 5), (64, 64, 64), (1152, 256, 768), (33, 1000, 17)];
+    let mut rng = SplitMix64(0x6e6d);
+    let problems: Vec<Problem> =
+        shapes.iter().map(|&(m, n, k)| Problem::new(&mut rng, m, n, k)).collect();
+    for dev in devices() {
+        let mut worst: f64 = 0.0;
+        for p in &problems {
+            for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                for c_f32 in [false, true] {
+                    for mode in [Mode::Overwrite, Mode::Accumulate, Mode::Bias] {
+                        worst =
+                            worst.max(run_case(&dev, &mut rng, p, trans_a, trans_b, c_f32, mode));
+                    }
+                }
+            }
+        }
+        eprintln!("{}: worst |error| / tolerance {worst:.3}", dev.name());
+    }
+}
+
+#[test]
+fn repeated_shapes_reuse_nothing_stale() {
+    // The same shape again with fresh data (a GPU serves it from its cached algorithm).
+    let mut rng = SplitMix64(7);
+    for dev in devices() {
+        for _ in 0..3 {
+            let p = Problem::new(&mut rng, 48, 40, 24);
+            run_case(&dev, &mut rng, &p, false, true, false, Mode::Bias);
+            run_case(&dev, &mut rng, &p, false, true, true, Mode::Bias);
+        }
+    }
+}
+
+#[test]
+fn gemm_rejects_mismatched_buffers() {
+    for dev in devices() {
+        let h = |n: usize| DeviceBuffer::<f16>::from_host(&dev, &vec![f16::ONE; n]).unwrap();
+        let (m, n, k) = (3, 4, 5);
+        let (a, at, b, bt, bias) = (h(m * k), h(k * m), h(k * n), h(n * k), h(n));
+        let mut c16 = h(m * n);
+        let mut c32 = DeviceBuffer::<f32>::from_host(&dev, &vec![0.0; m * n]).unwrap();
+        let expect_shape = |r: Result<(), GpuError>, what: &str| match r {
+            Err(GpuError::Shape { op: "gemm", message }) => {
+                assert!(!message.is_empty(), "{what}: empty message");
+            }
+            other => panic!("{}: {what}: expected a gemm shape error, got {other:?}", dev.name()),
+        };
+        // The well-formed calls pass.
+        gemm(&dev, GemmOut::F16(&mut c16), &a, false, &b, false, m, n, k, false, Some(&bias))
+            .unwrap();
+        gemm(&dev, GemmOut::F32(&mut c32), &at, true, &bt, true, m, n, k, true, None).unwrap();
+        let short_a = h(m * k - 1);
+        expect_shape(
+            gemm(&dev, GemmOut::F16(&mut c16), &short_a, false, &b, false, m, n, k, false, None),
+            "A too short",
+        );
+        let long_b = h(k * n + 1);
+        expect_shape(
+            gemm(&dev, GemmOut::F16(&mut c16), &a, false, &long_b, true, m, n, k, false, None),
+            "B too long",
+        );
+        let mut c_wrong = DeviceBuffer::<f32>::from_host(&dev, &vec![0.0; m * n + n]).unwrap();
+        expect_shape(
+            gemm(&dev, GemmOut::F32(&mut c_wrong), &a, false, &b, false, m, n, k, false, None),
+            "C of the wrong size",
+        );
+        let bias_m = h(m);
+        expect_shape(
+            gemm(&dev, GemmOut::F16(&mut c16), &a, false, &b, false, m, n, k, false, Some(&bias_m)),
+            "bias of m elements",
+        );
+        expect_shape(
+            gemm(&dev, GemmOut::F32(&mut c32), &a, false, &b, false, m, n, k, true, Some(&bias)),
+            "bias with accumulate",
+        );
+        let empty = h(0);
+        let mut c_k0 = h(m * n);
+        expect_shape(
+            gemm(&dev, GemmOut::F16(&mut c_k0), &empty, false, &empty, false, m, n, 0, false, None),
+            "k = 0",
+        );
+    }
+}
