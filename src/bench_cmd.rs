@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// cpu, or cuda (GPU 0, fp16 mixed precision; needs a --features cuda build).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
 }
 
 fn synthetic_batch(args: &BenchArgs) -> Batch {
@@ -50,17 +53,43 @@ fn synthetic_batch(args: &BenchArgs) -> Batch {
 
 /// Times full training steps (forward, backward, AdamW).
 pub fn train(args: &BenchArgs) -> anyhow::Result<()> {
+    match crate::gpu_cmd::select(&args.device)? {
+        crate::gpu_cmd::Selected::Cpu => train_on(Cpu::<f32>::new(), "chingu-cpu", &|| {}, args),
+        #[cfg(feature = "cuda")]
+        crate::gpu_cmd::Selected::Cuda(dev) => {
+            let sync = dev.clone();
+            let backend = chingu_kernels::gpu::backend::GpuBackend::new(dev);
+            train_on(
+                backend,
+                "chingu-cuda",
+                &move || sync.synchronize().expect("synchronize"),
+                args,
+            )
+        }
+    }
+}
+
+/// [`train`] on one backend; `sync` waits for the device before a clock is read.
+fn train_on<B: chingu_kernels::Backend>(
+    backend: B,
+    name: &str,
+    sync: &dyn Fn(),
+    args: &BenchArgs,
+) -> anyhow::Result<()> {
     let config = Config::preset(&args.preset, args.vocab)?;
-    let mut model = Model::new(Cpu::<f32>::new(), config, 1)?;
+    let mut model = Model::new(backend, config, 1)?;
     let mut optimizer =
         Optimizer::new(&model, OptimizerSettings { lr: 1e-4, ..OptimizerSettings::default() });
     let batch = synthetic_batch(args);
     let mut timed = 0.0;
+    let mut skipped = 0;
     for step in 0..args.warmup + args.steps {
+        sync();
         let started = Instant::now();
         model.zero_grads();
         model.forward_backward(&batch, 1, step as u64 + 1)?;
-        optimizer.update(&mut model)?;
+        skipped += usize::from(optimizer.update(&mut model)?.skipped);
+        sync();
         if step >= args.warmup {
             timed += started.elapsed().as_secs_f64();
         }
@@ -68,7 +97,10 @@ pub fn train(args: &BenchArgs) -> anyhow::Result<()> {
     let tokens = args.batch * (args.src_len + args.tgt_len);
     let step_ms = 1000.0 * timed / args.steps as f64;
     let json = serde_json::json!({
-        "impl": "chingu-cpu",
+        "impl": name,
+        "preset": args.preset,
+        "batch": [args.batch, args.src_len, args.tgt_len],
+        "skipped_steps": skipped,
         "threads": rayon_threads(),
         "tokens_per_step": tokens,
         "step_ms": step_ms,

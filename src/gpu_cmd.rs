@@ -42,3 +42,56 @@ pub fn run() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Where `--device` puts training.
+pub enum Selected {
+    /// The CPU backend.
+    Cpu,
+    /// A CUDA device, every kernel compiled and loaded.
+    #[cfg(feature = "cuda")]
+    Cuda(chingu_kernels::gpu::Gpu),
+}
+
+/// Resolves `--device auto|cpu|cuda`: `auto` takes GPU 0 when this build has CUDA support and
+/// a device opens, else says in one line why not and takes the CPU; `cuda` fails instead.
+pub fn select(device: &str) -> anyhow::Result<Selected> {
+    if device == "cpu" {
+        return Ok(Selected::Cpu);
+    }
+    #[cfg(feature = "emu")]
+    if std::env::var("CHINGU_EMULATED_GPU").as_deref() == Ok("1") {
+        eprintln!("chingu: CHINGU_EMULATED_GPU=1: the CUDA kernels run emulated on the CPU");
+        return Ok(Selected::Cuda(std::sync::Arc::new(chingu_kernels::gpu::emu::EmuDevice::new())));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use chingu_kernels::gpu::cuda::CudaDevice;
+        use chingu_kernels::gpu::Device;
+        let opened = if CudaDevice::count() == 0 {
+            Err("no CUDA driver or device found".to_string())
+        } else {
+            CudaDevice::new(0).map_err(|e| e.to_string())
+        };
+        match opened {
+            Ok(dev) => {
+                eprintln!("chingu: training on {} (fp16 mixed precision)", dev.name());
+                Ok(Selected::Cuda(std::sync::Arc::new(dev)))
+            }
+            Err(why) if device == "auto" => {
+                eprintln!("chingu: {why}; training on the CPU");
+                Ok(Selected::Cpu)
+            }
+            Err(why) => anyhow::bail!("--device cuda: {why}"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        if device == "cuda" {
+            anyhow::bail!(
+                "--device cuda: this build has no CUDA support (rebuild with --features cuda)"
+            );
+        }
+        eprintln!("chingu: this build has no CUDA support (build with --features cuda); training on the CPU");
+        Ok(Selected::Cpu)
+    }
+}

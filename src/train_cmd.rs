@@ -65,8 +65,9 @@ pub struct TrainArgs {
     /// Continue from the run's latest good checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Device: auto (a CUDA GPU when built with CUDA and one is found, else the CPU) or cpu.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu"])]
+    /// Device: auto (a CUDA GPU when built with --features cuda and one is found, else the
+    /// CPU), cpu, or cuda (fail if no GPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
     /// Progress: a bar on a terminal and log lines otherwise (auto), log lines (log), or
     /// nothing (quiet).
@@ -126,9 +127,7 @@ pub(crate) fn prepare_embedded(data: &Path) -> anyhow::Result<()> {
 /// Runs `chingu train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     ensure_data(&args.data)?;
-    if args.device == "auto" {
-        eprintln!("chingu: this build has no CUDA backend yet; training on the CPU");
-    }
+    let device = crate::gpu_cmd::select(&args.device)?;
     let schedule = match args.schedule.as_str() {
         "constant" => Schedule::Constant,
         _ => Schedule::WarmupCosine { warmup: args.warmup, total: args.steps, min_ratio: 0.1 },
@@ -215,9 +214,28 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let outcome =
-        train(Cpu::<f32>::new(), &options, &mut observer).context("chingu train failed")?;
-    if let Some(bar) = &bar {
+    match device {
+        crate::gpu_cmd::Selected::Cpu => {
+            let outcome = train(Cpu::<f32>::new(), &options, &mut observer);
+            report(outcome, &args, bar.as_ref())
+        }
+        #[cfg(feature = "cuda")]
+        crate::gpu_cmd::Selected::Cuda(dev) => {
+            let backend = chingu_kernels::gpu::backend::GpuBackend::new(dev);
+            let outcome = train(backend, &options, &mut observer);
+            report(outcome, &args, bar.as_ref())
+        }
+    }
+}
+
+/// Prints the end of a training run and, when asked, sample answers.
+fn report<B: chingu_kernels::Backend>(
+    outcome: Result<chingu_worker::trainer::TrainOutcome<B>, chingu_worker::WorkerError>,
+    args: &TrainArgs,
+    bar: Option<&ProgressBar>,
+) -> anyhow::Result<()> {
+    let outcome = outcome.context("chingu train failed")?;
+    if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     println!(

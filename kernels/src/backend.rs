@@ -252,6 +252,13 @@ pub trait Backend: Send + Sync {
         key_len: &[usize],
         shape: AttentionShape,
     );
+    /// True for a backend whose gradients need dynamic loss scaling (fp16 activations).
+    fn uses_loss_scaling(&self) -> bool {
+        false
+    }
+    /// Sets the factor the loss gradient is multiplied by (a no-op where there is none).
+    fn set_loss_scale(&self, _scale: f32) {}
+
     /// Elements of the `probs` buffer attention saves for backward (default: the whole softmax,
     /// `[B, H, Tq, Tk]`; a fused backend saves less, e.g. one log-sum-exp per query row).
     fn attention_stats_len(&self, shape: AttentionShape) -> usize {

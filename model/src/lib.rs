@@ -9,7 +9,7 @@ pub mod params;
 pub mod transformer;
 
 pub use config::{Activation, Config, NormPlacement, Positions};
-pub use optim::{Optimizer, OptimizerSettings, Schedule};
+pub use optim::{LossScaler, Optimizer, OptimizerSettings, Schedule, UpdateInfo};
 pub use params::Layout;
 pub use transformer::{Batch, LossStats, Model, StageHook};
 

@@ -74,6 +74,26 @@ impl Default for OptimizerSettings {
     }
 }
 
+/// Dynamic loss scaling for backends with fp16 gradients: the loss gradient is multiplied by
+/// `scale` so small activation gradients stay representable; gradients are divided by it
+/// before the update. An overflow (inf/NaN in any gradient) skips the update and halves the
+/// scale; `growth_interval` clean updates in a row double it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    /// The current factor.
+    pub scale: f32,
+    /// Clean updates since the scale last changed.
+    pub clean_steps: u64,
+    /// Clean updates after which the scale doubles.
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self { scale: 65_536.0, clean_steps: 0, growth_interval: 2_000 }
+    }
+}
+
 /// What one update did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UpdateInfo {
@@ -81,6 +101,10 @@ pub struct UpdateInfo {
     pub grad_norm: f64,
     /// The learning rate used.
     pub lr: f32,
+    /// With loss scaling: the scale the step's gradients carried.
+    pub loss_scale: Option<f32>,
+    /// True when an overflow skipped the update (the scale was halved).
+    pub skipped: bool,
 }
 
 /// AdamW state: first and second moments per parameter tensor, and the step count.
@@ -93,6 +117,8 @@ pub struct Optimizer<B: Backend> {
     pub exp_avg_sq: Vec<B::Buf>,
     /// Updates applied so far.
     pub step: u64,
+    /// Dynamic loss scaling, on backends that need it.
+    pub scaler: Option<LossScaler>,
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -102,12 +128,60 @@ impl<B: Backend> Optimizer<B> {
             let specs = model.layout.specs.iter();
             specs.map(|s| model.backend.zeros_as(s.numel(), BufRole::OptimizerState)).collect()
         };
-        Self { settings, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0 }
+        let scaler = model.backend.uses_loss_scaling().then(LossScaler::default);
+        if let Some(s) = scaler {
+            model.backend.set_loss_scale(s.scale);
+        }
+        Self { settings, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0, scaler }
+    }
+
+    /// Restores loss-scaling state (from a checkpoint) and hands the scale to the backend.
+    pub fn set_scaler(&mut self, model: &Model<B>, scaler: LossScaler) {
+        if self.scaler.is_some() {
+            self.scaler = Some(scaler);
+            model.backend.set_loss_scale(scaler.scale);
+        }
+    }
+
+    /// With loss scaling: true (and the scale halved, nothing else changed) when a gradient
+    /// overflowed; otherwise divides the gradients by the scale and returns false.
+    fn unscale(&mut self, model: &mut Model<B>) -> Result<Option<(f32, bool)>> {
+        let Some(scaler) = self.scaler.as_mut() else { return Ok(None) };
+        let used = scaler.scale;
+        let overflow = model.grads.iter().any(|g| !model.backend.all_finite(g));
+        if overflow {
+            if used <= 1.0 {
+                return Err(ModelError::NonFinite(format!(
+                    "gradients at step {} even with loss scale {used}",
+                    self.step + 1
+                )));
+            }
+            scaler.scale = used / 2.0;
+            scaler.clean_steps = 0;
+            model.backend.set_loss_scale(scaler.scale);
+            return Ok(Some((used, true)));
+        }
+        for grad in &mut model.grads {
+            model.backend.scale(grad, 1.0 / used);
+        }
+        scaler.clean_steps += 1;
+        if scaler.clean_steps >= scaler.growth_interval {
+            scaler.scale = used * 2.0;
+            scaler.clean_steps = 0;
+            model.backend.set_loss_scale(scaler.scale);
+        }
+        Ok(Some((used, false)))
     }
 
     /// Clips and applies the accumulated gradients, then leaves them as they are (the caller
     /// zeroes them). Fails, changing nothing, if any gradient is NaN or infinite.
     pub fn update(&mut self, model: &mut Model<B>) -> Result<UpdateInfo> {
+        let scaled = self.unscale(model)?;
+        let loss_scale = scaled.map(|(scale, _)| scale);
+        if let Some((_, true)) = scaled {
+            let lr = self.settings.schedule.rate(self.settings.lr, self.step + 1);
+            return Ok(UpdateInfo { grad_norm: f64::NAN, lr, loss_scale, skipped: true });
+        }
         let mut sum = 0.0f64;
         for (spec, grad) in model.layout.specs.iter().zip(&model.grads) {
             let s = model.backend.sum_squares(grad);
@@ -148,7 +222,7 @@ impl<B: Backend> Optimizer<B> {
                 settings,
             );
         }
-        Ok(UpdateInfo { grad_norm, lr })
+        Ok(UpdateInfo { grad_norm, lr, loss_scale, skipped: false })
     }
 }
 

@@ -24,7 +24,8 @@ use chingu_kernels::gpu::emu::EmuDevice;
 use chingu_kernels::gpu::Gpu;
 use chingu_kernels::{Backend, Cpu};
 use chingu_model::{
-    Activation, Batch, Config, Model, NormPlacement, Optimizer, OptimizerSettings, Positions,
+    Activation, Batch, Config, LossScaler, Model, NormPlacement, Optimizer, OptimizerSettings,
+    Positions,
 };
 
 fn devices() -> Vec<Gpu> {
@@ -103,15 +104,16 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32) {
     );
     let batch = batch();
     let mut cpu = Model::new(Cpu::<f32>::new(), config.clone(), 9).unwrap();
-    let gpu_backend = GpuBackend::new(dev.clone());
-    gpu_backend.set_loss_scale(loss_scale);
-    let mut gpu = Model::new(gpu_backend, config.clone(), 9).unwrap();
+    let mut gpu = Model::new(GpuBackend::new(dev.clone()), config.clone(), 9).unwrap();
     // A large Adam epsilon keeps the update linear in the gradient (√v̂ ≪ eps for most
     // weights): with the default 1e-8, step 1 moves every weight by ±lr, the sign of its
     // gradient, so a weight whose gradient is small next to fp16 rounding may go either way.
     let settings = OptimizerSettings { clip_norm: None, eps: 1e-2, ..OptimizerSettings::default() };
     let (mut opt_cpu, mut opt_gpu) =
         (Optimizer::new(&cpu, settings), Optimizer::new(&gpu, settings));
+    // A scale that never grows within the test, so both steps carry `loss_scale`.
+    let scaler = LossScaler { scale: loss_scale, clean_steps: 0, growth_interval: 1_000 };
+    opt_gpu.set_scaler(&gpu, scaler);
     let initial: Vec<Vec<f32>> = cpu.params.iter().map(|p| cpu.backend.to_f32(p)).collect();
     for step in 1..=2u64 {
         cpu.zero_grads();
@@ -143,18 +145,13 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32) {
                 spec.name
             );
         }
-        // The trainer's unscaling: gradients back to their true size before the update.
-        if loss_scale != 1.0 {
-            for g in &mut gpu.grads {
-                gpu.backend.scale(g, 1.0 / loss_scale);
-            }
-        }
         // A weight whose true gradient is zero (the key biases) moves by rounding noise on
         // either backend: only weights with a real gradient are compared.
         let live: Vec<bool> =
             cpu.grads.iter().map(|g| norm(&cpu.backend.to_f32(g)) > 1e-5 * total).collect();
         opt_cpu.update(&mut cpu).unwrap();
-        opt_gpu.update(&mut gpu).unwrap();
+        let info = opt_gpu.update(&mut gpu).unwrap();
+        assert_eq!((info.loss_scale, info.skipped), (Some(loss_scale), false), "{what}");
         for (i, spec) in cpu.layout.specs.iter().enumerate().filter(|(i, _)| live[*i]) {
             let moved = |p: Vec<f32>| -> Vec<f32> {
                 p.iter().zip(&initial[i]).map(|(a, b)| a - b).collect()
@@ -169,6 +166,38 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32) {
             );
         }
     }
+}
+
+/// An overflowing gradient skips the update, leaves every weight and moment as it was, and
+/// halves the scale; a clean step at the new scale then updates.
+#[test]
+fn overflow_skips_the_update_and_halves_the_scale() {
+    let config = config(NormPlacement::Pre, Activation::Gelu, true, Positions::Sinusoidal);
+    let mut gpu = Model::new(GpuBackend::new(devices()[0].clone()), config, 9).unwrap();
+    let mut opt = Optimizer::new(&gpu, OptimizerSettings::default());
+    assert_eq!(opt.scaler.map(|s| s.scale), Some(65_536.0));
+    gpu.zero_grads();
+    gpu.forward_backward(&batch(), 5, 1).unwrap();
+    let before: Vec<Vec<f32>> = gpu.params.iter().map(|p| gpu.backend.to_f32(p)).collect();
+    let last = gpu.grads.len() - 1;
+    let n = gpu.backend.len(&gpu.grads[last]);
+    let mut poisoned = gpu.backend.to_f32(&gpu.grads[last]);
+    poisoned[n / 2] = f32::INFINITY;
+    gpu.grads[last] = gpu.backend.upload_f32_as(&poisoned, chingu_kernels::BufRole::Gradient);
+    let info = opt.update(&mut gpu).unwrap();
+    assert!(info.skipped && info.loss_scale == Some(65_536.0), "{info:?}");
+    assert_eq!(opt.step, 0, "a skipped update is not a step");
+    assert_eq!(opt.scaler.map(|s| s.scale), Some(32_768.0));
+    let after: Vec<Vec<f32>> = gpu.params.iter().map(|p| gpu.backend.to_f32(p)).collect();
+    assert_eq!(before, after, "weights unchanged by a skipped step");
+    gpu.zero_grads();
+    gpu.forward_backward(&batch(), 5, 1).unwrap();
+    let info = opt.update(&mut gpu).unwrap();
+    assert!(
+        !info.skipped && info.loss_scale == Some(32_768.0) && info.grad_norm.is_finite(),
+        "{info:?}"
+    );
+    assert_eq!(opt.step, 1);
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use chingu_corpus::batching::Cursor;
 use chingu_corpus::durable::{sha256_file, write_synced};
 use chingu_kernels::{Backend, BufRole};
-use chingu_model::{Config, Layout, Model, Optimizer, OptimizerSettings};
+use chingu_model::{Config, Layout, LossScaler, Model, Optimizer, OptimizerSettings};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,10 @@ pub struct TrainState {
     pub tokenizer_sha256: String,
     /// sha256 of every other file in the checkpoint.
     pub files: BTreeMap<String, String>,
+    /// Dynamic loss scaling state of an fp16 (GPU) run; absent for the CPU. A CPU resume of a
+    /// GPU checkpoint ignores it, a GPU resume of a CPU one starts from the default scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// A checkpoint read back.
@@ -355,6 +359,9 @@ pub fn load_dir<B: Backend>(backend: B, dir: &Path) -> Result<Loaded<B>> {
         optimizer.exp_avg_sq[i] = model.backend.upload_f64_as(&pair[1], BufRole::OptimizerState);
     }
     optimizer.step = state.step;
+    if let Some(scaler) = state.loss_scaler {
+        optimizer.set_scaler(&model, scaler);
+    }
     Ok(Loaded { dir: dir.to_path_buf(), state, model, optimizer })
 }
 

@@ -198,14 +198,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / world as usize).max(1)
     };
-    if spec.backend == "cuda" {
-        return Err(WorkerError::Training(
-            "this build has no CUDA backend yet; set workers.backend = \"cpu\" or \"auto\"".into(),
-        ));
-    }
-    if spec.backend == "auto" {
-        tracing::info!("no CUDA backend in this build: training on the CPU");
-    }
+    let gpu = open_gpu(&spec.backend, rank as usize)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -217,25 +210,6 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         let mut requests = || Requests {
             checkpoint: flags.checkpoint.swap(false, Ordering::Relaxed),
             stop: flags.stop.load(Ordering::Relaxed),
-        };
-        let mut write = |model: &Model<Cpu<f32>>, optimizer: &Optimizer<Cpu<f32>>, state: TrainState| {
-            if rank != 0 {
-                return Ok(None);
-            }
-            let staged = checkpoint::write_parts(&spec.run, state.step, model, optimizer, &tokenizer)?;
-            let state_json = serde_json::to_string(&state).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-            send(pb::worker_event::Event::Checkpoint(pb::CheckpointParts {
-                step: state.step,
-                dir: staged.dir.display().to_string(),
-                state_json,
-                parts: staged
-                    .parts
-                    .iter()
-                    .map(|p| pb::Part { name: p.name.clone(), sha256: p.sha256.clone(), bytes: p.bytes })
-                    .collect(),
-            }));
-            // Where the checkpoint lands once the coordinator commits it.
-            Ok(Some(staged.dir.with_extension("")))
         };
         let mut observer = |event: &TrainEvent| match event {
             TrainEvent::Started { step, parameters, resumed_from, records } => {
@@ -270,20 +244,43 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
             TrainEvent::Validation { step, loss } => tracing::info!(step, valid_loss = loss, "validation"),
             TrainEvent::Checkpoint { .. } => {}
         };
-        let parallel = Parallel {
-            collective: collective.as_mut(),
-            accumulate: spec.accumulate,
-            requests: &mut requests,
-            checkpoint: &mut write,
-        };
-        train_parallel(Cpu::<f32>::new(), &options, parallel, &mut observer)
+        // One arm per backend type: the checkpoint writer is typed by the model it writes.
+        match gpu {
+            #[cfg(feature = "cuda")]
+            Some(dev) => {
+                type B = chingu_kernels::gpu::backend::GpuBackend;
+                let mut write = |model: &Model<B>, optimizer: &Optimizer<B>, state: TrainState| {
+                    stage_checkpoint(rank, &spec.run, &tokenizer, &send, model, optimizer, state)
+                };
+                let parallel = Parallel {
+                    collective: collective.as_mut(),
+                    accumulate: spec.accumulate,
+                    requests: &mut requests,
+                    checkpoint: &mut write,
+                };
+                train_parallel(B::new(dev), &options, parallel, &mut observer).map(|o| o.step)
+            }
+            _ => {
+                type B = Cpu<f32>;
+                let mut write = |model: &Model<B>, optimizer: &Optimizer<B>, state: TrainState| {
+                    stage_checkpoint(rank, &spec.run, &tokenizer, &send, model, optimizer, state)
+                };
+                let parallel = Parallel {
+                    collective: collective.as_mut(),
+                    accumulate: spec.accumulate,
+                    requests: &mut requests,
+                    checkpoint: &mut write,
+                };
+                train_parallel(B::new(), &options, parallel, &mut observer).map(|o| o.step)
+            }
+        }
     });
     heartbeat.abort();
     let result = match outcome {
-        Ok(outcome) => {
+        Ok(step) => {
             flags.finished.store(true, Ordering::Relaxed);
-            send(pb::worker_event::Event::Finished(pb::Finished { step: outcome.step }));
-            Ok(outcome.step)
+            send(pb::worker_event::Event::Finished(pb::Finished { step }));
+            Ok(step)
         }
         Err(e) => {
             flags.finished.store(true, Ordering::Relaxed);
@@ -345,4 +342,79 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The device a rank trains on for `workers.backend`: `cpu` → none; `cuda` → GPU
+/// `rank mod count` or an error; `auto` → that GPU when this build has CUDA support and it
+/// opens, else the CPU, with one log line saying why.
+#[cfg(feature = "cuda")]
+fn open_gpu(backend: &str, rank: usize) -> Result<Option<chingu_kernels::gpu::Gpu>> {
+    use chingu_kernels::gpu::cuda::CudaDevice;
+    use chingu_kernels::gpu::Device;
+    if backend == "cpu" {
+        return Ok(None);
+    }
+    let count = CudaDevice::count();
+    let opened = if count == 0 {
+        Err("no CUDA driver or device found".to_string())
+    } else {
+        CudaDevice::new(rank % count).map_err(|e| e.to_string())
+    };
+    match opened {
+        Ok(dev) => {
+            tracing::info!(device = %dev.name(), "training on the GPU (fp16 mixed precision)");
+            Ok(Some(std::sync::Arc::new(dev)))
+        }
+        Err(why) if backend == "auto" => {
+            tracing::info!("{why}: training on the CPU");
+            Ok(None)
+        }
+        Err(why) => Err(WorkerError::Training(format!("workers.backend = \"cuda\": {why}"))),
+    }
+}
+
+/// Without CUDA support every rank trains on the CPU; `cuda` is refused.
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(backend: &str, _rank: usize) -> Result<Option<()>> {
+    match backend {
+        "cuda" => Err(WorkerError::Training(
+            "workers.backend = \"cuda\" but this build has no CUDA support (build with --features cuda)".into(),
+        )),
+        "auto" => {
+            tracing::info!("no CUDA support in this build (--features cuda): training on the CPU");
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Rank 0 writes a checkpoint's parts to the staging directory and reports them (with their
+/// sha256) to the coordinator, which commits them; other ranks write nothing.
+fn stage_checkpoint<B: chingu_kernels::Backend>(
+    rank: u32,
+    run: &std::path::Path,
+    tokenizer: &std::path::Path,
+    send: &dyn Fn(pb::worker_event::Event),
+    model: &Model<B>,
+    optimizer: &Optimizer<B>,
+    state: TrainState,
+) -> Result<Option<std::path::PathBuf>> {
+    if rank != 0 {
+        return Ok(None);
+    }
+    let staged = checkpoint::write_parts(run, state.step, model, optimizer, tokenizer)?;
+    let state_json =
+        serde_json::to_string(&state).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+    send(pb::worker_event::Event::Checkpoint(pb::CheckpointParts {
+        step: state.step,
+        dir: staged.dir.display().to_string(),
+        state_json,
+        parts: staged
+            .parts
+            .iter()
+            .map(|p| pb::Part { name: p.name.clone(), sha256: p.sha256.clone(), bytes: p.bytes })
+            .collect(),
+    }));
+    // Where the checkpoint lands once the coordinator commits it.
+    Ok(Some(staged.dir.with_extension("")))
 }

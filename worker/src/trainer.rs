@@ -369,6 +369,17 @@ pub fn train_parallel<B: Backend + Clone>(
         let loss = weighted_loss / group_targets.max(1) as f64;
         let info = optimizer.update(&mut model).map_err(|e| non_finite(step, e))?;
         cursor.batch += slots.len() as u64;
+        if info.skipped {
+            // fp16 gradients overflowed: no update was made (the batch is consumed, the step
+            // number is not), and the loss scale was halved. A stop request still stops.
+            let scale = info.loss_scale.unwrap_or(f32::NAN);
+            tracing::warn!(target: "chingu::train::overflow", step, loss_scale = scale, "gradient overflow at loss scale {scale}: update skipped, scale halved");
+            if requested.stop {
+                stopped = true;
+                break;
+            }
+            continue;
+        }
         let seconds = started.elapsed().as_secs_f64();
         total_tokens += real_tokens;
         total_time += seconds;
@@ -417,6 +428,7 @@ pub fn train_parallel<B: Backend + Clone>(
                 optimizer: optimizer.settings,
                 tokenizer_sha256: tokenizer_sha.clone(),
                 files: Default::default(),
+                loss_scaler: optimizer.scaler,
             };
             if let Some(dir) = (write_checkpoint)(&model, &optimizer, state)? {
                 tracing::info!(target: "chingu::train::checkpoint", step, dir = %dir.display());

@@ -10,6 +10,7 @@
 //! the cross-entropy gradient, hence every gradient; the trainer unscales before the update.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use half::f16;
 
@@ -41,10 +42,11 @@ impl GpuBuf {
     }
 }
 
-/// The model's backend on a CUDA device.
+/// The model's backend on a CUDA device. Clones share the device and the loss scale.
+#[derive(Clone)]
 pub struct GpuBackend {
     dev: Gpu,
-    loss_scale: AtomicU32,
+    loss_scale: Arc<AtomicU32>,
 }
 
 fn check<T>(op: &str, r: Result<T, GpuError>) -> T {
@@ -85,17 +87,12 @@ fn float_mut<'a>(op: &str, b: &'a mut GpuBuf) -> &'a mut DeviceBuffer<f32> {
 impl GpuBackend {
     /// The backend on `dev`, loss scale 1.
     pub fn new(dev: Gpu) -> Self {
-        Self { dev, loss_scale: AtomicU32::new(1f32.to_bits()) }
+        Self { dev, loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())) }
     }
 
     /// The device.
     pub fn device(&self) -> &Gpu {
         &self.dev
-    }
-
-    /// Multiplies the cross-entropy gradient (hence every gradient) by `scale`.
-    pub fn set_loss_scale(&self, scale: f32) {
-        self.loss_scale.store(scale.to_bits(), Ordering::Relaxed);
     }
 
     /// The current loss scale.
@@ -162,6 +159,15 @@ impl Backend for GpuBackend {
 
     fn zeros(&self, len: usize) -> GpuBuf {
         GpuBuf::Half(self.zeroed(len))
+    }
+
+    fn uses_loss_scaling(&self) -> bool {
+        true
+    }
+
+    /// Multiplies the cross-entropy gradient (hence every gradient) by `scale`.
+    fn set_loss_scale(&self, scale: f32) {
+        self.loss_scale.store(scale.to_bits(), Ordering::Relaxed);
     }
 
     fn zeros_as(&self, len: usize, role: BufRole) -> GpuBuf {

@@ -22,7 +22,15 @@ pub struct CudaDevice {
     functions: HashMap<String, sys::CUfunction>,
     /// cuBLASLt, when libcublasLt could be loaded.
     blas: Option<Blas>,
+    /// Freed allocations by rounded size, handed out again: a training step frees and
+    /// allocates the same activation sizes every step, and cuMemAlloc/cuMemFree synchronise
+    /// the device. Reuse is safe because every launch and copy is ordered on one stream.
+    cache: std::sync::Mutex<HashMap<usize, Vec<DevicePtr>>>,
 }
+
+/// Allocation sizes are rounded up to this granule; buckets are exact sizes otherwise, since
+/// training reuses the same shapes every step.
+const ALLOC_GRANULE: usize = 512;
 
 // SAFETY: the context is made current on whichever thread calls in; driver handles are
 // thread-safe.
@@ -103,6 +111,7 @@ impl CudaDevice {
             arch: (major, minor),
             functions,
             blas,
+            cache: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -114,6 +123,18 @@ impl CudaDevice {
     /// The device's ordinal.
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// Frees every cached allocation (after an out-of-memory, or to hand memory back).
+    pub fn release_cached(&self) {
+        let parked: Vec<DevicePtr> =
+            self.cache.lock().expect("allocator").drain().flat_map(|(_, v)| v).collect();
+        if self.bind().is_ok() {
+            for ptr in parked {
+                // SAFETY: allocated by `alloc` and no longer referenced by any buffer.
+                let _ = unsafe { result::free_sync(ptr) };
+            }
+        }
     }
 
     fn bind(&self) -> Result<(), GpuError> {
@@ -128,17 +149,26 @@ impl Device for CudaDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
+        let size = bytes.max(1).div_ceil(ALLOC_GRANULE) * ALLOC_GRANULE;
+        if let Some(ptr) = self.cache.lock().expect("allocator").get_mut(&size).and_then(Vec::pop) {
+            return Ok(ptr);
+        }
         self.bind()?;
         // SAFETY: plain allocation.
-        unsafe { result::malloc_sync(bytes.max(1)) }.map_err(driver("cuMemAlloc"))
+        match unsafe { result::malloc_sync(size) } {
+            Ok(ptr) => Ok(ptr),
+            Err(_) => {
+                // Out of memory with buffers parked in the cache: give them back, try again.
+                self.release_cached();
+                // SAFETY: as above.
+                unsafe { result::malloc_sync(size) }.map_err(driver("cuMemAlloc"))
+            }
+        }
     }
 
-    fn free(&self, ptr: DevicePtr, _bytes: usize) {
-        if self.bind().is_ok() {
-            // SAFETY: allocated by `alloc`; freeing can only fail after a sticky error, which
-            // the next synchronize reports.
-            let _ = unsafe { result::free_sync(ptr) };
-        }
+    fn free(&self, ptr: DevicePtr, bytes: usize) {
+        let size = bytes.max(1).div_ceil(ALLOC_GRANULE) * ALLOC_GRANULE;
+        self.cache.lock().expect("allocator").entry(size).or_default().push(ptr);
     }
 
     fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
