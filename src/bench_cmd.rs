@@ -54,26 +54,26 @@ fn synthetic_batch(args: &BenchArgs) -> Batch {
 /// Times full training steps (forward, backward, AdamW).
 pub fn train(args: &BenchArgs) -> anyhow::Result<()> {
     match crate::gpu_cmd::select(&args.device)? {
-        crate::gpu_cmd::Selected::Cpu => train_on(Cpu::<f32>::new(), "chingu-cpu", &|| {}, args),
+        crate::gpu_cmd::Selected::Cpu => {
+            train_on(Cpu::<f32>::new(), "chingu-cpu", &|| {}, &|| None, args)
+        }
         #[cfg(feature = "cuda")]
         crate::gpu_cmd::Selected::Cuda(dev) => {
-            let sync = dev.clone();
+            let (sync, mem) = (dev.clone(), dev.clone());
             let backend = chingu_kernels::gpu::backend::GpuBackend::new(dev);
-            train_on(
-                backend,
-                "chingu-cuda",
-                &move || sync.synchronize().expect("synchronize"),
-                args,
-            )
+            let sync = move || sync.synchronize().expect("synchronize");
+            train_on(backend, "chingu-cuda", &sync, &move || mem.memory_in_use(), args)
         }
     }
 }
 
-/// [`train`] on one backend; `sync` waits for the device before a clock is read.
+/// [`train`] on one backend; `sync` waits for the device before a clock is read, `memory`
+/// reports device memory in use.
 fn train_on<B: chingu_kernels::Backend>(
     backend: B,
     name: &str,
     sync: &dyn Fn(),
+    memory: &dyn Fn() -> Option<usize>,
     args: &BenchArgs,
 ) -> anyhow::Result<()> {
     let config = Config::preset(&args.preset, args.vocab)?;
@@ -101,6 +101,7 @@ fn train_on<B: chingu_kernels::Backend>(
         "preset": args.preset,
         "batch": [args.batch, args.src_len, args.tgt_len],
         "skipped_steps": skipped,
+        "device_memory_gib": memory().map(|b| b as f64 / (1u64 << 30) as f64),
         "threads": rayon_threads(),
         "tokens_per_step": tokens,
         "step_ms": step_ms,

@@ -68,6 +68,7 @@ pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow
         resume: args.resume,
         local_workers,
         exe: std::env::current_exe().context("cannot find the chingu executable")?,
+        cuda_build: cfg!(feature = "cuda"),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let outcome = runtime.block_on(launcher::run(launch))?;

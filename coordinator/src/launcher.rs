@@ -48,6 +48,9 @@ pub struct Launch {
     pub local_workers: bool,
     /// The `chingu` executable the workers run.
     pub exe: PathBuf,
+    /// Whether that executable was built with CUDA support (`workers.backend = "cuda"` is
+    /// refused up front otherwise, before any worker starts).
+    pub cuda_build: bool,
 }
 
 /// How a job ended.
@@ -128,11 +131,11 @@ fn write_atomic(path: &Path, text: &str) {
 /// Serves the job and drives it to the end.
 pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
     let m = &launch.manifest;
-    if m.workers.backend == Backend::Cuda {
+    if m.workers.backend == Backend::Cuda && !launch.cuda_build {
         return Err(m
             .error_at(
                 "workers.backend",
-                "this build has no CUDA backend yet: use \"cpu\" or \"auto\"",
+                "this build has no CUDA support: rebuild with `--features cuda`, or use \"cpu\" or \"auto\"",
             )
             .into());
     }

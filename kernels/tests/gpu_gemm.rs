@@ -20,33 +20,14 @@
 //! round-to-nearest half ulp) plus 2⁻²⁴ for values in the subnormal range. A transposition,
 //! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
 
-use std::sync::{Arc, OnceLock};
-
-use chingu_kernels::gpu::emu::EmuDevice;
 use chingu_kernels::gpu::gemm::{gemm, GemmOut};
 use chingu_kernels::gpu::{DeviceBuffer, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
 use half::f16;
 
-fn emu() -> Gpu {
-    static EMU: OnceLock<Gpu> = OnceLock::new();
-    EMU.get_or_init(|| Arc::new(EmuDevice::new())).clone()
-}
-
 /// The devices every test body runs on.
 fn devices() -> Vec<Gpu> {
-    let mut devices = vec![emu()];
-    if std::env::var("CHINGU_GPU_TESTS").as_deref() == Ok("1") {
-        static GPU: OnceLock<Gpu> = OnceLock::new();
-        let gpu = GPU.get_or_init(|| {
-            let dev = chingu_kernels::gpu::cuda::CudaDevice::new(0).unwrap_or_else(|e| {
-                panic!("CHINGU_GPU_TESTS=1 but the GPU could not be opened: {e}")
-            });
-            Arc::new(dev)
-        });
-        devices.push(gpu.clone());
-    }
-    devices
+    chingu_kernels::gpu::test_devices()
 }
 
 /// Uniform values in [lo, hi) rounded to fp16, with their exact f64 values.

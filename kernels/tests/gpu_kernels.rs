@@ -35,18 +35,7 @@ fn emu() -> Gpu {
 
 /// The devices every test body runs on.
 fn devices() -> Vec<Gpu> {
-    let mut devices = vec![emu()];
-    if std::env::var("CHINGU_GPU_TESTS").as_deref() == Ok("1") {
-        static GPU: OnceLock<Gpu> = OnceLock::new();
-        let gpu = GPU.get_or_init(|| {
-            let dev = chingu_kernels::gpu::cuda::CudaDevice::new(0).unwrap_or_else(|e| {
-                panic!("CHINGU_GPU_TESTS=1 but the GPU could not be opened: {e}")
-            });
-            Arc::new(dev)
-        });
-        devices.push(gpu.clone());
-    }
-    devices
+    chingu_kernels::gpu::test_devices()
 }
 
 fn cpu() -> Cpu<f32> {

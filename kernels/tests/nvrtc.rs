@@ -128,3 +128,30 @@ fn parse_ptxas(log: &str) -> Vec<PtxasRow> {
     }
     rows
 }
+
+#[test]
+fn compiled_kernels_are_cached_on_disk_and_a_damaged_entry_is_recompiled() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("chingu-kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // SAFETY: tests in this binary that read the variable run after it is set (this is the
+    // only test touching it).
+    unsafe { std::env::set_var("CHINGU_KERNEL_CACHE", &dir) };
+    let (file, source) = sources::FILES[0];
+    let first = nvrtc::compile_cached(file, source, "compute_80").unwrap();
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "one cache entry: {entries:?}");
+    assert_eq!(std::fs::read(&entries[0]).unwrap(), first);
+    // Served from the cache: a marker appended before the NUL shows it was read back.
+    let mut marked = first.clone();
+    marked.insert(marked.len() - 1, b'\n');
+    std::fs::write(&entries[0], &marked).unwrap();
+    assert_eq!(nvrtc::compile_cached(file, source, "compute_80").unwrap(), marked);
+    // A truncated entry (no closing NUL) is compiled again and replaced.
+    std::fs::write(&entries[0], &first[..first.len() / 2]).unwrap();
+    assert_eq!(nvrtc::compile_cached(file, source, "compute_80").unwrap(), first);
+    assert_eq!(std::fs::read(&entries[0]).unwrap(), first);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -17,10 +17,7 @@
 //! `compare`); a wrong update — sign, missing decay, bias correction, a stale fp16 copy — is
 //! off by 100% or more.
 
-use std::sync::{Arc, OnceLock};
-
 use chingu_kernels::gpu::backend::GpuBackend;
-use chingu_kernels::gpu::emu::EmuDevice;
 use chingu_kernels::gpu::Gpu;
 use chingu_kernels::{Backend, Cpu};
 use chingu_model::{
@@ -29,20 +26,7 @@ use chingu_model::{
 };
 
 fn devices() -> Vec<Gpu> {
-    static EMU: OnceLock<Gpu> = OnceLock::new();
-    let mut devices = vec![EMU.get_or_init(|| Arc::new(EmuDevice::new())).clone()];
-    if std::env::var("CHINGU_GPU_TESTS").as_deref() == Ok("1") {
-        static GPU: OnceLock<Gpu> = OnceLock::new();
-        devices.push(
-            GPU.get_or_init(|| {
-                Arc::new(chingu_kernels::gpu::cuda::CudaDevice::new(0).unwrap_or_else(|e| {
-                    panic!("CHINGU_GPU_TESTS=1 but the GPU could not be opened: {e}")
-                }))
-            })
-            .clone(),
-        );
-    }
-    devices
+    chingu_kernels::gpu::test_devices()
 }
 
 fn config(norm: NormPlacement, activation: Activation, tied: bool, positions: Positions) -> Config {

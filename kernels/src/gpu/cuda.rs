@@ -89,9 +89,9 @@ impl CudaDevice {
         let arch = format!("compute_{major}{minor}");
         let mut functions = HashMap::new();
         for (file, source) in sources::FILES {
-            let compiled = nvrtc::compile(file, source, &arch, &[])?;
+            let ptx = nvrtc::compile_cached(file, source, &arch)?;
             // SAFETY: NUL-terminated PTX; the module stays loaded for the process.
-            let module = unsafe { result::module::load_data(compiled.image.as_ptr().cast()) }
+            let module = unsafe { result::module::load_data(ptx.as_ptr().cast()) }
                 .map_err(driver("cuModuleLoadData"))?;
             for kernel in sources::kernel_names(source) {
                 let c_name = CString::new(kernel.clone()).expect("kernel name");
@@ -175,6 +175,11 @@ impl Device for CudaDevice {
         self.bind()?;
         // SAFETY: `dst` covers `src.len()` bytes (DeviceBuffer checks).
         unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("cuMemcpyHtoD"))
+    }
+
+    fn memory_in_use(&self) -> Option<usize> {
+        self.bind().ok()?;
+        result::mem_get_info().ok().map(|(free, total)| total - free)
     }
 
     fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {

@@ -133,6 +133,12 @@ pub trait Device: Send + Sync {
     ) -> Result<(), GpuError>;
     /// Waits for every launch so far and reports any asynchronous error.
     fn synchronize(&self) -> Result<(), GpuError>;
+    /// Bytes of device memory in use by the whole device (driver's view: total − free), where
+    /// the device can tell; the caching allocator keeps a step's peak, so after training this
+    /// is the peak plus the context's own overhead.
+    fn memory_in_use(&self) -> Option<usize> {
+        None
+    }
     /// One matrix product (see [`Gemm`]).
     ///
     /// # Safety
@@ -214,5 +220,35 @@ impl<T: Element> DeviceBuffer<T> {
 impl<T: Element> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         self.device.free(self.ptr, (self.len * size_of::<T>()).max(1));
+    }
+}
+
+/// The devices GPU test bodies run on: the emulated device; with `CHINGU_GPU_TESTS=1` also
+/// CUDA device 0, with `CHINGU_GPU_TESTS=only` that device alone (for a GPU machine, where the
+/// emulated runs add nothing CI has not shown). When asked for, a GPU that cannot be opened is
+/// a panic, never a skip. Devices are opened once per process.
+#[cfg(feature = "emu")]
+pub fn test_devices() -> Vec<Gpu> {
+    use std::sync::OnceLock;
+    static EMU: OnceLock<Gpu> = OnceLock::new();
+    let emu = || EMU.get_or_init(|| Arc::new(emu::EmuDevice::new())).clone();
+    let wanted = std::env::var("CHINGU_GPU_TESTS").unwrap_or_default();
+    let gpu = || -> Gpu {
+        #[cfg(feature = "cuda")]
+        {
+            static GPU: OnceLock<Gpu> = OnceLock::new();
+            GPU.get_or_init(|| match cuda::CudaDevice::new(0) {
+                Ok(dev) => Arc::new(dev),
+                Err(e) => panic!("CHINGU_GPU_TESTS={wanted} but the GPU could not be opened: {e}"),
+            })
+            .clone()
+        }
+        #[cfg(not(feature = "cuda"))]
+        panic!("CHINGU_GPU_TESTS={wanted} needs chingu-kernels built with feature \"cuda\"")
+    };
+    match wanted.as_str() {
+        "1" => vec![emu(), gpu()],
+        "only" => vec![gpu()],
+        _ => vec![emu()],
     }
 }

@@ -100,6 +100,44 @@ pub fn compile(file: &str, source: &str, arch: &str, extra: &[&str]) -> Result<C
     outcome
 }
 
+/// PTX of one kernel file for `arch` (`compute_XY`), from the on-disk cache when this exact
+/// source, architecture and NVRTC version were compiled before, else compiled and cached.
+/// The cache is `$CHINGU_KERNEL_CACHE`, else `$XDG_CACHE_HOME/chingu/kernels`, else
+/// `~/.cache/chingu/kernels`; entries are written to a temporary name and renamed, so a crash
+/// never leaves a half-written one, and an unreadable cache only costs a compilation.
+pub fn compile_cached(file: &str, source: &str, arch: &str) -> Result<Vec<u8>, GpuError> {
+    let (major, minor) = version()?;
+    let full = sources::with_common_inlined(source);
+    let key = xxhash_rust::xxh3::xxh3_128(format!("{major}.{minor}\0{arch}\0{full}").as_bytes());
+    let path = cache_dir().map(|d| d.join(format!("{file}.{arch}.{key:032x}.ptx")));
+    if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        if bytes.last() == Some(&0) {
+            return Ok(bytes);
+        }
+    }
+    let compiled = compile(file, source, arch, &[])?;
+    if let Some(path) = path {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = path.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
+            std::fs::write(&tmp, &compiled.image).and_then(|_| std::fs::rename(&tmp, &path))
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(compiled.image)
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("CHINGU_KERNEL_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("chingu").join("kernels"))
+}
+
 /// CUBIN bytes of a program compiled for a real architecture.
 unsafe fn cubin(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, String> {
     use cudarc::nvrtc::sys;
