@@ -141,6 +141,11 @@ pub trait Backend: Send + Sync {
     fn scale(&self, buf: &mut Self::Buf, factor: f32);
     /// Sum of squares, accumulated in f64 in a fixed order.
     fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    /// Σ over every buffer of its sum of squares, in buffer order (default: one
+    /// [`Backend::sum_squares`] each; a GPU reads back one number instead of one per buffer).
+    fn sum_squares_all(&self, bufs: &[&Self::Buf]) -> f64 {
+        bufs.iter().map(|b| self.sum_squares(b)).sum()
+    }
     /// True when every element is finite.
     fn all_finite(&self, buf: &Self::Buf) -> bool;
 

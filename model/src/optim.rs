@@ -143,13 +143,16 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    /// With loss scaling: true (and the scale halved, nothing else changed) when a gradient
-    /// overflowed; otherwise divides the gradients by the scale and returns false.
-    fn unscale(&mut self, model: &mut Model<B>) -> Result<Option<(f32, bool)>> {
+    /// With loss scaling: `(scale, true)` — the scale halved, nothing else changed — when a
+    /// gradient overflowed; otherwise divides the gradients by the scale and returns
+    /// `(scale, false)` with the unscaled gradients' sum of squares (one device read-back
+    /// for the overflow check and the norm together).
+    fn unscale(&mut self, model: &mut Model<B>) -> Result<Option<(f32, bool, f64)>> {
         let Some(scaler) = self.scaler.as_mut() else { return Ok(None) };
         let used = scaler.scale;
-        let overflow = model.grads.iter().any(|g| !model.backend.all_finite(g));
-        if overflow {
+        let grads: Vec<&B::Buf> = model.grads.iter().collect();
+        let scaled_sum = model.backend.sum_squares_all(&grads);
+        if !scaled_sum.is_finite() {
             if used <= 1.0 {
                 return Err(ModelError::NonFinite(format!(
                     "gradients at step {} even with loss scale {used}",
@@ -159,7 +162,7 @@ impl<B: Backend> Optimizer<B> {
             scaler.scale = used / 2.0;
             scaler.clean_steps = 0;
             model.backend.set_loss_scale(scaler.scale);
-            return Ok(Some((used, true)));
+            return Ok(Some((used, true, f64::NAN)));
         }
         for grad in &mut model.grads {
             model.backend.scale(grad, 1.0 / used);
@@ -170,31 +173,24 @@ impl<B: Backend> Optimizer<B> {
             scaler.clean_steps = 0;
             model.backend.set_loss_scale(scaler.scale);
         }
-        Ok(Some((used, false)))
+        let inv = f64::from(used).recip();
+        Ok(Some((used, false, scaled_sum * inv * inv)))
     }
 
     /// Clips and applies the accumulated gradients, then leaves them as they are (the caller
-    /// zeroes them). Fails, changing nothing, if any gradient is NaN or infinite.
+    /// zeroes them). Fails, changing nothing, if any gradient is NaN or infinite — except
+    /// with loss scaling, where an overflow skips the update and halves the scale instead.
     pub fn update(&mut self, model: &mut Model<B>) -> Result<UpdateInfo> {
         let scaled = self.unscale(model)?;
-        let loss_scale = scaled.map(|(scale, _)| scale);
-        if let Some((_, true)) = scaled {
+        let loss_scale = scaled.map(|(scale, _, _)| scale);
+        if let Some((_, true, _)) = scaled {
             let lr = self.settings.schedule.rate(self.settings.lr, self.step + 1);
             return Ok(UpdateInfo { grad_norm: f64::NAN, lr, loss_scale, skipped: true });
         }
-        let mut sum = 0.0f64;
-        for (spec, grad) in model.layout.specs.iter().zip(&model.grads) {
-            let s = model.backend.sum_squares(grad);
-            if !s.is_finite() {
-                return Err(ModelError::NonFinite(format!(
-                    "gradient of {} at step {}",
-                    spec.name,
-                    self.step + 1
-                )));
-            }
-            sum += s;
-        }
-        let grad_norm = sum.sqrt();
+        let grad_norm = match scaled {
+            Some((_, _, sum)) => sum.sqrt(),
+            None => self.checked_norm(model)?,
+        };
         if let Some(clip) = self.settings.clip_norm {
             if grad_norm > f64::from(clip) {
                 let factor = (f64::from(clip) / grad_norm) as f32;
@@ -223,6 +219,24 @@ impl<B: Backend> Optimizer<B> {
             );
         }
         Ok(UpdateInfo { grad_norm, lr, loss_scale, skipped: false })
+    }
+
+    /// The global gradient norm, tensor by tensor in layout order, naming the first tensor
+    /// that is not finite.
+    fn checked_norm(&self, model: &Model<B>) -> Result<f64> {
+        let mut sum = 0.0f64;
+        for (spec, grad) in model.layout.specs.iter().zip(&model.grads) {
+            let s = model.backend.sum_squares(grad);
+            if !s.is_finite() {
+                return Err(ModelError::NonFinite(format!(
+                    "gradient of {} at step {}",
+                    spec.name,
+                    self.step + 1
+                )));
+            }
+            sum += s;
+        }
+        Ok(sum.sqrt())
     }
 }
 

@@ -291,6 +291,12 @@ impl Backend for GpuBackend {
         }
     }
 
+    fn sum_squares_all(&self, bufs: &[&GpuBuf]) -> f64 {
+        let floats: Vec<&DeviceBuffer<f32>> =
+            bufs.iter().map(|b| float("sum_squares_all", b)).collect();
+        check("sum_squares_all", ops::sum_squares(&self.dev, &floats))
+    }
+
     fn all_finite(&self, buf: &GpuBuf) -> bool {
         match buf {
             GpuBuf::Half(h) => check("all_finite", ops::all_finite_f16(&self.dev, h)),
