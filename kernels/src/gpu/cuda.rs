@@ -184,14 +184,17 @@ impl Device for CudaDevice {
 
     fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
         self.bind()?;
-        // SAFETY: `dst` covers `bytes` (the callers check); ordered on the default stream.
-        unsafe { result::memset_d8_sync(dst, 0, bytes) }.map_err(driver("cuMemsetD8"))
+        // SAFETY: `dst` covers `bytes` (the callers check). Queued on the default stream like
+        // every launch, so the host does not wait for the device here.
+        unsafe { result::memset_d8_async(dst, 0, bytes, std::ptr::null_mut()) }
+            .map_err(driver("cuMemsetD8Async"))
     }
 
     fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
         self.bind()?;
-        // SAFETY: both cover `bytes`.
-        unsafe { result::memcpy_dtod_sync(dst, src, bytes) }.map_err(driver("cuMemcpyDtoD"))
+        // SAFETY: both cover `bytes`; queued on the default stream (no host wait).
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, std::ptr::null_mut()) }
+            .map_err(driver("cuMemcpyDtoDAsync"))
     }
 
     fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {

@@ -108,7 +108,9 @@ pub trait Device: Send + Sync {
     fn name(&self) -> String;
     /// `bytes` of uninitialised device memory (at least 256-byte aligned).
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError>;
-    /// Releases memory from [`Device::alloc`].
+    /// Releases memory from [`Device::alloc`]. Launches may still be using it: a device must
+    /// only hand it out again to work ordered after them (one stream, or a cache that waits),
+    /// which is why launchers drop their scratch buffers without synchronising.
     fn free(&self, ptr: DevicePtr, bytes: usize);
     /// Copies host bytes to the device.
     fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError>;

@@ -353,8 +353,9 @@ pub fn layernorm_backward(
         0,
         args![dgamma.ptr(), dbeta.ptr(), partials.ptr(), b, w],
     )?;
-    // The scratch buffer is freed when this returns: make sure the kernels are done with it.
-    dev.synchronize()
+    // The scratch buffer goes back to the device's allocator, which only hands it to later
+    // work on the same stream: no need to wait for the kernels here.
+    Ok(())
 }
 
 /// The attention launchers' common checks; returns the kernels' int arguments
@@ -488,8 +489,8 @@ pub fn attention_forward(
             blk.tile
         ],
     )?;
-    // `lens` is freed when this returns: make sure the kernel is done with it.
-    dev.synchronize()
+    // `lens` is reused only by later work on the same stream (see `layernorm_backward`).
+    Ok(())
 }
 
 /// Fused attention backward from the forward's `out` and `lse`: writes (overwrites) `dq`,
@@ -588,8 +589,8 @@ pub fn attention_backward(
             ],
         )?;
     }
-    // The scratch buffers are freed when this returns: make sure the kernels are done.
-    dev.synchronize()
+    // Scratch buffers are reused only by later work on the same stream.
+    Ok(())
 }
 
 /// `out[n] = table[ids[n]] · scale + positions[pos[n]]`.
@@ -640,7 +641,8 @@ pub fn embedding_forward(
             scale
         ],
     )?;
-    dev.synchronize()
+    // The index buffers are reused only by later work on the same stream.
+    Ok(())
 }
 
 /// `d_table[ids[n]] += d_out[n] · scale` (fp32), rows of one id summed in order, no atomics.
@@ -695,7 +697,8 @@ pub fn embedding_backward(
             scale
         ],
     )?;
-    dev.synchronize()
+    // The index buffers are reused only by later work on the same stream.
+    Ok(())
 }
 
 /// Softmax cross-entropy with label smoothing over logits `[N, V]`, rows with target
