@@ -1,7 +1,7 @@
 // elementwise.cu — memory-bound one-pass ops over flat buffers of `n` elements.
 //
 // casts fp16↔fp32; GELU (tanh approximation, written as x·σ(2u) like the CPU backend) and
-// ReLU forward/backward; `acc += x` (residual); `buf *= factor`; bias add over rows and the
+// ReLU forward/backward; `acc += x` (residual, and fp32 gradient accumulation); `buf *= factor`; bias add over rows and the
 // bias gradient (fp32, accumulated, a fixed row order per column: no atomics).
 // Every kernel is grid-stride, so any grid size is correct; fp16 values are read, computed
 // in fp32 and rounded once (round-to-nearest-even) on store.
@@ -52,6 +52,11 @@ extern "C" __global__ void relu_backward_f16(__half* dx, const __half* dy, const
 
 extern "C" __global__ void add_assign_f16(__half* acc, const __half* x, int n) {
     GRID_STRIDE(i, n) acc[i] = __float2half_rn(__half2float(acc[i]) + __half2float(x[i]));
+}
+
+/// `acc += x` in fp32 (gradient accumulation across micro-batches).
+extern "C" __global__ void add_assign_f32(float* acc, const float* x, int n) {
+    GRID_STRIDE(i, n) acc[i] += x[i];
 }
 
 extern "C" __global__ void scale_f16(__half* buf, float factor, int n) {

@@ -26,8 +26,9 @@ extern "C" __global__ void embedding_backward_f16(float* d_table, const __half* 
                                                   const int* order, const int* group_start,
                                                   const int* group_id, int groups, int width,
                                                   float scale) {
-    const int g = blockIdx.y;
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    // Groups on x (up to 2^31 − 1 blocks), column blocks on y (width / blockDim of them).
+    const int g = blockIdx.x;
+    const int i = blockIdx.y * blockDim.x + threadIdx.x;
     if (g >= groups || i >= width) return;
     float sum = 0.0f;
     for (int k = group_start[g]; k < group_start[g + 1]; ++k)

@@ -214,6 +214,14 @@ fn residual_scale_and_bias_match_the_cpu_backend() {
             cpu().add_assign(&mut want, &b);
             assert_close("add_assign", &dev, &down_half(&acc), &want, 1e-3, 1.0 / 2048.0);
 
+            // fp32 accumulation (gradients over micro-batches): exact as on the CPU.
+            let (fa, fb) = (random_f32(&mut rng, n, -4.0, 4.0), random_f32(&mut rng, n, -4.0, 4.0));
+            let mut facc = up(&dev, &fa);
+            ops::add_assign_f32(&dev, &mut facc, &up(&dev, &fb)).unwrap();
+            let mut fwant = fa.clone();
+            cpu().add_assign(&mut fwant, &fb);
+            assert_close("add_assign_f32", &dev, &facc.to_host().unwrap(), &fwant, 0.0, 0.0);
+
             ops::scale_f16(&dev, &mut acc, 0.37).unwrap();
             let mut want_scaled =
                 down_half(&up(&dev, &want.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()));

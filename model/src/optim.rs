@@ -88,6 +88,9 @@ pub struct LossScaler {
     pub growth_interval: u64,
 }
 
+/// The largest loss scale (2^24).
+pub const MAX_LOSS_SCALE: f32 = 16_777_216.0;
+
 impl Default for LossScaler {
     fn default() -> Self {
         Self { scale: 65_536.0, clean_steps: 0, growth_interval: 2_000 }
@@ -169,7 +172,8 @@ impl<B: Backend> Optimizer<B> {
         }
         scaler.clean_steps += 1;
         if scaler.clean_steps >= scaler.growth_interval {
-            scaler.scale = used * 2.0;
+            // Capped: fp16 gradients need no more, and an infinite scale could never recover.
+            scaler.scale = (used * 2.0).min(MAX_LOSS_SCALE);
             scaler.clean_steps = 0;
             model.backend.set_loss_scale(scaler.scale);
         }

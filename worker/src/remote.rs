@@ -198,7 +198,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / world as usize).max(1)
     };
-    let gpu = open_gpu(&spec.backend, rank as usize)?;
+    let gpu = open_gpu(&spec.backend, rank as usize, world as usize)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -345,10 +345,12 @@ fn hostname() -> String {
 }
 
 /// The device a rank trains on for `workers.backend`: `cpu` → none; `cuda` → GPU
-/// `rank mod count` or an error; `auto` → that GPU when this build has CUDA support and it
-/// opens, else the CPU, with one log line saying why.
+/// `rank mod count` (ranks are numbered host by host) or an error; `auto` → that GPU when this
+/// build has CUDA support and it opens, else — for a single worker only — the CPU, with one log
+/// line saying why. Several ranks never mix devices: GPU ranks scale their gradients by the
+/// loss scale and skip overflowed steps, CPU ranks do not, so a mixed job would diverge.
 #[cfg(feature = "cuda")]
-fn open_gpu(backend: &str, rank: usize) -> Result<Option<chingu_kernels::gpu::Gpu>> {
+fn open_gpu(backend: &str, rank: usize, world: usize) -> Result<Option<chingu_kernels::gpu::Gpu>> {
     use chingu_kernels::gpu::cuda::CudaDevice;
     use chingu_kernels::gpu::Device;
     if backend == "cpu" {
@@ -365,17 +367,21 @@ fn open_gpu(backend: &str, rank: usize) -> Result<Option<chingu_kernels::gpu::Gp
             tracing::info!(device = %dev.name(), "training on the GPU (fp16 mixed precision)");
             Ok(Some(std::sync::Arc::new(dev)))
         }
-        Err(why) if backend == "auto" => {
+        Err(why) if backend == "auto" && world == 1 => {
             tracing::info!("{why}: training on the CPU");
             Ok(None)
         }
+        Err(why) if backend == "auto" => Err(WorkerError::Training(format!(
+            "workers.backend = \"auto\" with {world} workers: rank {rank} found no usable GPU ({why}); \
+             ranks must not mix GPU and CPU — set workers.backend = \"cpu\" or fix the GPU"
+        ))),
         Err(why) => Err(WorkerError::Training(format!("workers.backend = \"cuda\": {why}"))),
     }
 }
 
 /// Without CUDA support every rank trains on the CPU; `cuda` is refused.
 #[cfg(not(feature = "cuda"))]
-fn open_gpu(backend: &str, _rank: usize) -> Result<Option<()>> {
+fn open_gpu(backend: &str, _rank: usize, _world: usize) -> Result<Option<()>> {
     match backend {
         "cuda" => Err(WorkerError::Training(
             "workers.backend = \"cuda\" but this build has no CUDA support (build with --features cuda)".into(),

@@ -269,6 +269,8 @@ pub fn train_parallel<B: Backend + Clone>(
     let mut spare_grads: Vec<B::Buf> = Vec::new();
     let stages = model.backward_stages();
     let mut stopped = false;
+    // Requests that arrived on a step an fp16 overflow skipped, honoured at the next update.
+    let mut carried = Requests::default();
     while optimizer.step < opts.steps {
         if cursor.batch as usize >= plan.1.len() {
             cursor = Cursor { epoch: cursor.epoch + 1, batch: 0 };
@@ -369,17 +371,21 @@ pub fn train_parallel<B: Backend + Clone>(
         let loss = weighted_loss / group_targets.max(1) as f64;
         let info = optimizer.update(&mut model).map_err(|e| non_finite(step, e))?;
         cursor.batch += slots.len() as u64;
+        let requested = Requests {
+            checkpoint: requested.checkpoint || carried.checkpoint,
+            stop: requested.stop || carried.stop,
+        };
         if info.skipped {
             // fp16 gradients overflowed: no update was made (the batch is consumed, the step
-            // number is not), and the loss scale was halved. A stop request still stops.
+            // number is not) and the loss scale was halved. Every rank sees the same summed
+            // gradients, so all skip together; checkpoint and stop requests wait for the next
+            // update (each skip halves the scale, so one comes soon).
             let scale = info.loss_scale.unwrap_or(f32::NAN);
             tracing::warn!(target: "chingu::train::overflow", step, loss_scale = scale, "gradient overflow at loss scale {scale}: update skipped, scale halved");
-            if requested.stop {
-                stopped = true;
-                break;
-            }
+            carried = requested;
             continue;
         }
+        carried = Requests::default();
         let seconds = started.elapsed().as_secs_f64();
         total_tokens += real_tokens;
         total_time += seconds;

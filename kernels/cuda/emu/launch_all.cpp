@@ -66,6 +66,7 @@ const Entry KERNELS[] = {
     KERNEL(relu_forward_f16),
     KERNEL(relu_backward_f16),
     KERNEL(add_assign_f16),
+    KERNEL(add_assign_f32),
     KERNEL(scale_f16),
     KERNEL(scale_f32),
     KERNEL(bias_add_f16),

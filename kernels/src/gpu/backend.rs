@@ -102,7 +102,8 @@ impl GpuBackend {
 
     fn zeroed<T: super::Element>(&self, len: usize) -> DeviceBuffer<T> {
         let buf = check("zeros", DeviceBuffer::uninit(&self.dev, len));
-        check("zeros", self.dev.memset_zero(buf.ptr(), len * size_of::<T>()));
+        // SAFETY: the buffer holds `len` elements of `T`.
+        check("zeros", unsafe { self.dev.memset_zero(buf.ptr(), len * size_of::<T>()) });
         buf
     }
 
@@ -232,13 +233,15 @@ impl Backend for GpuBackend {
             GpuBuf::Float(f) => (f.ptr(), f.len() * 4),
             GpuBuf::Param { .. } => panic!("GPU backend, fill_zero: parameters are never zeroed"),
         };
-        check("fill_zero", self.dev.memset_zero(ptr, bytes));
+        // SAFETY: `bytes` is the buffer's size.
+        check("fill_zero", unsafe { self.dev.memset_zero(ptr, bytes) });
     }
 
     fn copy(&self, dst: &mut GpuBuf, src: &GpuBuf) {
         let (d, s) = (half_mut("copy", dst), half("copy", src));
         assert_eq!(d.len(), s.len(), "GPU backend, copy: lengths differ");
-        check("copy", self.dev.copy_on_device(d.ptr(), s.ptr(), s.len() * 2));
+        // SAFETY: both hold `s.len()` fp16 values (checked above).
+        check("copy", unsafe { self.dev.copy_on_device(d.ptr(), s.ptr(), s.len() * 2) });
     }
 
     fn copy_rows(
@@ -258,14 +261,17 @@ impl Backend for GpuBackend {
         let bytes = rows * width * 2;
         let (dp, sp) =
             (d.ptr() + (dst_row * width * 2) as u64, s.ptr() + (src_row * width * 2) as u64);
-        check("copy_rows", self.dev.copy_on_device(dp, sp, bytes));
+        // SAFETY: both row ranges were checked against the buffers above.
+        check("copy_rows", unsafe { self.dev.copy_on_device(dp, sp, bytes) });
     }
 
     fn add_assign(&self, acc: &mut GpuBuf, x: &GpuBuf) {
-        check(
-            "add_assign",
-            ops::add_assign(&self.dev, half_mut("add_assign", acc), half("add_assign", x)),
-        );
+        const OP: &str = "add_assign";
+        match acc {
+            // Gradients summed over micro-batches.
+            GpuBuf::Float(a) => check(OP, ops::add_assign_f32(&self.dev, a, float(OP, x))),
+            _ => check(OP, ops::add_assign(&self.dev, half_mut(OP, acc), half(OP, x))),
+        }
     }
 
     fn scale(&self, buf: &mut GpuBuf, factor: f32) {

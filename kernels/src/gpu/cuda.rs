@@ -166,12 +166,12 @@ impl Device for CudaDevice {
         }
     }
 
-    fn free(&self, ptr: DevicePtr, bytes: usize) {
+    unsafe fn free(&self, ptr: DevicePtr, bytes: usize) {
         let size = bytes.max(1).div_ceil(ALLOC_GRANULE) * ALLOC_GRANULE;
         self.cache.lock().expect("allocator").entry(size).or_default().push(ptr);
     }
 
-    fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
+    unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
         self.bind()?;
         // SAFETY: `dst` covers `src.len()` bytes (DeviceBuffer checks).
         unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("cuMemcpyHtoD"))
@@ -182,7 +182,7 @@ impl Device for CudaDevice {
         result::mem_get_info().ok().map(|(free, total)| total - free)
     }
 
-    fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+    unsafe fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
         self.bind()?;
         // SAFETY: `dst` covers `bytes` (the callers check). Queued on the default stream like
         // every launch, so the host does not wait for the device here.
@@ -190,14 +190,19 @@ impl Device for CudaDevice {
             .map_err(driver("cuMemsetD8Async"))
     }
 
-    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+    unsafe fn copy_on_device(
+        &self,
+        dst: DevicePtr,
+        src: DevicePtr,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
         self.bind()?;
         // SAFETY: both cover `bytes`; queued on the default stream (no host wait).
         unsafe { result::memcpy_dtod_async(dst, src, bytes, std::ptr::null_mut()) }
             .map_err(driver("cuMemcpyDtoDAsync"))
     }
 
-    fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
+    unsafe fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
         self.bind()?;
         // SAFETY: `src` covers `dst.len()` bytes.
         unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(driver("cuMemcpyDtoH"))
@@ -514,7 +519,8 @@ impl CudaDevice {
             // Earlier products may still read the old scratch.
             self.synchronize()?;
             if scratch.1 > 0 {
-                self.free(scratch.0, scratch.1 * 4);
+                // SAFETY: the scratch buffer was allocated with this size and is replaced now.
+                unsafe { self.free(scratch.0, scratch.1 * 4) };
                 *scratch = (0, 0);
             }
             let capacity = n.max(1024);

@@ -74,31 +74,36 @@ impl Device for EmuDevice {
         Ok(ptr as DevicePtr)
     }
 
-    fn free(&self, ptr: DevicePtr, bytes: usize) {
+    unsafe fn free(&self, ptr: DevicePtr, bytes: usize) {
         let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
         // SAFETY: allocated by `alloc` with this layout.
         unsafe { dealloc(ptr as *mut u8, layout) };
     }
 
-    fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
+    unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
         // SAFETY: `dst` is an allocation at least as large (DeviceBuffer checks).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }
 
-    fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+    unsafe fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
         // SAFETY: `dst` is an allocation of at least `bytes` (the callers check).
         unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
         Ok(())
     }
 
-    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+    unsafe fn copy_on_device(
+        &self,
+        dst: DevicePtr,
+        src: DevicePtr,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
         // SAFETY: as above; `copy` allows overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
     }
 
-    fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
+    unsafe fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
         // SAFETY: as for upload.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())

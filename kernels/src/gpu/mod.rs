@@ -111,15 +111,35 @@ pub trait Device: Send + Sync {
     /// Releases memory from [`Device::alloc`]. Launches may still be using it: a device must
     /// only hand it out again to work ordered after them (one stream, or a cache that waits),
     /// which is why launchers drop their scratch buffers without synchronising.
-    fn free(&self, ptr: DevicePtr, bytes: usize);
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc(bytes)` on this device and is freed once.
+    unsafe fn free(&self, ptr: DevicePtr, bytes: usize);
     /// Copies host bytes to the device.
-    fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError>;
+    ///
+    /// # Safety
+    /// `dst` addresses at least `src.len()` bytes of this device's memory.
+    unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError>;
     /// Sets `bytes` bytes at `dst` to zero.
-    fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError>;
+    ///
+    /// # Safety
+    /// `dst` addresses at least `bytes` bytes of this device's memory.
+    unsafe fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError>;
     /// Copies `bytes` bytes between device addresses (ordered after earlier launches).
-    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<(), GpuError>;
+    ///
+    /// # Safety
+    /// Both address at least `bytes` bytes of this device's memory.
+    unsafe fn copy_on_device(
+        &self,
+        dst: DevicePtr,
+        src: DevicePtr,
+        bytes: usize,
+    ) -> Result<(), GpuError>;
     /// Copies device bytes to the host (waits for earlier launches).
-    fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError>;
+    ///
+    /// # Safety
+    /// `src` addresses at least `dst.len()` bytes of this device's memory.
+    unsafe fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError>;
     /// Launches `kernel` with cuLaunchKernel's argument convention.
     ///
     /// # Safety
@@ -149,20 +169,28 @@ pub trait Device: Send + Sync {
 }
 
 /// Element types a device buffer can hold.
-pub trait Element: Copy + Default + Send + Sync + 'static {
+///
+/// # Safety
+/// Implementors must be plain old data (no padding, every bit pattern valid): buffers are
+/// copied to and from the device as bytes.
+pub unsafe trait Element: Copy + Default + Send + Sync + 'static {
     /// For messages.
     const NAME: &'static str;
 }
-impl Element for f32 {
+// SAFETY: plain old data.
+unsafe impl Element for f32 {
     const NAME: &'static str = "f32";
 }
-impl Element for f64 {
+// SAFETY: plain old data.
+unsafe impl Element for f64 {
     const NAME: &'static str = "f64";
 }
-impl Element for half::f16 {
+// SAFETY: plain old data.
+unsafe impl Element for half::f16 {
     const NAME: &'static str = "f16";
 }
-impl Element for i32 {
+// SAFETY: plain old data.
+unsafe impl Element for i32 {
     const NAME: &'static str = "i32";
 }
 
@@ -177,7 +205,11 @@ pub struct DeviceBuffer<T: Element> {
 impl<T: Element> DeviceBuffer<T> {
     /// Uninitialised space for `len` elements.
     pub fn uninit(device: &Arc<dyn Device>, len: usize) -> Result<Self, GpuError> {
-        let ptr = device.alloc((len * size_of::<T>()).max(1))?;
+        let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| GpuError::Shape {
+            op: "alloc",
+            message: format!("{len} {} elements overflow the address space", T::NAME),
+        })?;
+        let ptr = device.alloc(bytes.max(1))?;
         Ok(Self { device: device.clone(), ptr, len, _elem: PhantomData })
     }
 
@@ -188,7 +220,8 @@ impl<T: Element> DeviceBuffer<T> {
         let bytes = unsafe {
             std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
         };
-        device.upload(buf.ptr, bytes)?;
+        // SAFETY: the buffer holds exactly `bytes.len()` bytes.
+        unsafe { device.upload(buf.ptr, bytes) }?;
         Ok(buf)
     }
 
@@ -199,7 +232,8 @@ impl<T: Element> DeviceBuffer<T> {
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), self.len * size_of::<T>())
         };
-        self.device.download(self.ptr, bytes)?;
+        // SAFETY: the buffer holds exactly `bytes.len()` bytes.
+        unsafe { self.device.download(self.ptr, bytes) }?;
         Ok(out)
     }
 
@@ -221,7 +255,8 @@ impl<T: Element> DeviceBuffer<T> {
 
 impl<T: Element> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
-        self.device.free(self.ptr, (self.len * size_of::<T>()).max(1));
+        // SAFETY: allocated with this size by `uninit`, freed only here.
+        unsafe { self.device.free(self.ptr, (self.len * size_of::<T>()).max(1)) };
     }
 }
 

@@ -180,6 +180,18 @@ pub fn add_assign(
     elementwise(dev, OP, acc.len(), args![acc.ptr(), x.ptr(), n])
 }
 
+/// `acc += x` in fp32 (gradient accumulation).
+pub fn add_assign_f32(
+    dev: &Gpu,
+    acc: &mut DeviceBuffer<f32>,
+    x: &DeviceBuffer<f32>,
+) -> Result<(), GpuError> {
+    const OP: &str = "add_assign_f32";
+    expect_len(OP, "x", x, acc.len())?;
+    let n = int(OP, "n", acc.len())?;
+    elementwise(dev, OP, acc.len(), args![acc.ptr(), x.ptr(), n])
+}
+
 /// `buf *= factor`.
 pub fn scale_f16(dev: &Gpu, buf: &mut DeviceBuffer<f16>, factor: f32) -> Result<(), GpuError> {
     let n = int("scale_f16", "n", buf.len())?;
@@ -679,7 +691,7 @@ pub fn embedding_backward(
     let start_dev = upload_i32(dev, OP, group_start.into_iter())?;
     let id_dev = upload_i32(dev, OP, group_id.into_iter())?;
     let (g, w) = (int(OP, "groups", groups)?, int(OP, "width", width)?);
-    let grid = (width.div_ceil(THREADS as usize) as u32, groups as u32, 1);
+    let grid = (groups as u32, width.div_ceil(THREADS as usize) as u32, 1);
     launch(
         dev,
         OP,
