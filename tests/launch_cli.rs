@@ -338,6 +338,28 @@ fn bad_manifests_are_refused_with_their_location() {
     assert!(!tmp.path().join("run/logs").exists(), "nothing may start for a bad manifest");
 }
 
+/// `workers.backend = "cuda"` on this machine (no GPU): a build without CUDA support refuses
+/// the manifest at its line before anything starts; a CUDA build's worker reports that it
+/// found no device and the job fails at once, without restarts.
+#[test]
+fn a_cuda_job_without_a_gpu_fails_at_once_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest(tmp.path(), &SMALL);
+    let text =
+        std::fs::read_to_string(&m).unwrap().replace("backend = \"cpu\"", "backend = \"cuda\"");
+    std::fs::write(&m, &text).unwrap();
+    let out = launch(&m, false);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l.starts_with("backend")).unwrap() + 1;
+    let refused =
+        stderr.contains(&format!("job.toml:{line}:")) && stderr.contains("no CUDA support");
+    let no_device = stderr.contains("no CUDA driver or device found")
+        && stderr.contains("a restart would fail the same way");
+    assert!(refused || no_device, "{stderr}");
+    assert!(!stderr.contains("restarting every worker"), "{stderr}");
+}
+
 #[test]
 fn a_deterministic_failure_fails_the_job_without_restarting() {
     let tmp = tempfile::tempdir().unwrap();

@@ -198,7 +198,6 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / world as usize).max(1)
     };
-    let gpu = open_gpu(&spec.backend, rank as usize, world as usize)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -207,6 +206,9 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
     let tokenizer = data.tokenizer_path();
     let options = spec.train_options(join.resume.then_some(join.resume_step));
     let outcome = pool.install(|| {
+        // Inside the session: a rank that cannot get its device reports a fatal error to the
+        // coordinator, which fails the job at once instead of restarting it in vain.
+        let gpu = open_gpu(&spec.backend, rank as usize, world as usize)?;
         let mut requests = || Requests {
             checkpoint: flags.checkpoint.swap(false, Ordering::Relaxed),
             stop: flags.stop.load(Ordering::Relaxed),
