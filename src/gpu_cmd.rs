@@ -67,12 +67,7 @@ pub fn select(device: &str) -> anyhow::Result<Selected> {
     {
         use chingu_kernels::gpu::cuda::CudaDevice;
         use chingu_kernels::gpu::Device;
-        let opened = if CudaDevice::count() == 0 {
-            Err("no CUDA driver or device found".to_string())
-        } else {
-            CudaDevice::new(0).map_err(|e| e.to_string())
-        };
-        match opened {
+        match CudaDevice::open_for(0) {
             Ok(dev) => {
                 eprintln!("chingu: training on {} (fp16 mixed precision)", dev.name());
                 Ok(Selected::Cuda(std::sync::Arc::new(dev)))

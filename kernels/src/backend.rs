@@ -270,27 +270,9 @@ pub trait Backend: Send + Sync {
         shape.batch * shape.heads * shape.q_len * shape.k_len
     }
 
-    /// [`Backend::attention_backward`] given also the forward's output and the key lengths,
-    /// which a backend that recomputes the softmax needs (default: ignores them).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward_full(
-        &self,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
-        d_out: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        _out: &Self::Buf,
-        probs: &Self::Buf,
-        _key_len: &[usize],
-        shape: AttentionShape,
-    ) {
-        self.attention_backward(dq, dk, dv, d_out, q, k, v, probs, shape);
-    }
-
-    /// Writes `dq`, `dk`, `dv` (overwritten).
+    /// Writes `dq`, `dk`, `dv` (overwritten). `out` (the forward's output) and `key_len` are
+    /// what a backend that recomputes the softmax from saved statistics needs; one that saved
+    /// the whole softmax in `probs` (the CPU) ignores them.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -301,7 +283,9 @@ pub trait Backend: Send + Sync {
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
+        out: &Self::Buf,
         probs: &Self::Buf,
+        key_len: &[usize],
         shape: AttentionShape,
     );
 

@@ -42,7 +42,8 @@ fn run_all() -> Vec<Vec<f32>> {
     let (mut out, mut probs) = (vec![0.0; 200 * 48], vec![0.0; 5 * 4 * 40 * 40]);
     cpu.attention_forward(&mut out, &mut probs, &x, &x, &x, &[40, 3, 17, 40, 1], shape);
     let (mut dq, mut dk, mut dv) = (vec![0.0; 200 * 48], vec![0.0; 200 * 48], vec![0.0; 200 * 48]);
-    cpu.attention_backward(&mut dq, &mut dk, &mut dv, &out, &x, &x, &x, &probs, shape);
+    let lens = [40, 3, 17, 40, 1];
+    cpu.attention_backward(&mut dq, &mut dk, &mut dv, &out, &x, &x, &x, &out, &probs, &lens, shape);
     let mut grad = vec![0.0; n * o];
     let targets: Vec<u32> = (0..n as u32).map(|t| t % o as u32).collect();
     let (loss, _) = cpu.cross_entropy(&mut grad, &y, &targets, o, 0, 0.1);

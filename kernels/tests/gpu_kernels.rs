@@ -20,18 +20,11 @@
 //!   more). The fp32
 //!   log-sum-exp must match the one computed here in f64 to 1e-4·(1 + |want|).
 
-use std::sync::{Arc, OnceLock};
-
 use chingu_kernels::gpu::emu::EmuDevice;
 use chingu_kernels::gpu::{ops, sources, DeviceBuffer, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
 use chingu_kernels::{AdamW, AttentionShape, Backend, Cpu, DropoutKey};
 use half::f16;
-
-fn emu() -> Gpu {
-    static EMU: OnceLock<Gpu> = OnceLock::new();
-    EMU.get_or_init(|| Arc::new(EmuDevice::new())).clone()
-}
 
 /// The devices every test body runs on.
 fn devices() -> Vec<Gpu> {
@@ -672,7 +665,9 @@ fn attention_matches_the_cpu_backend() {
                 &q,
                 &k,
                 &v,
+                &want_out,
                 &probs,
+                key_len,
                 s,
             );
             for (name, got, want) in
@@ -694,7 +689,7 @@ fn attention_matches_the_cpu_backend() {
 
 #[test]
 fn attention_rejects_a_head_width_the_kernels_do_not_take() {
-    let dev = emu();
+    let dev = devices().remove(0);
     let s = AttentionShape {
         batch: 1,
         q_len: 3,
@@ -719,7 +714,7 @@ fn attention_rejects_a_head_width_the_kernels_do_not_take() {
 
 #[test]
 fn launchers_reject_mismatched_shapes() {
-    let dev = emu();
+    let dev = devices().remove(0);
     let x = up(&dev, &[f16::ONE; 10]);
     let mut y = poisoned_half(&dev, 9);
     let err = ops::gelu_forward(&dev, &mut y, &x).unwrap_err();

@@ -184,11 +184,12 @@ fn attention_case(shape: AttentionShape, key_len: &[usize], seed: u64) {
         cpu().attention_forward(&mut out, &mut probs, &x[0], &x[1], &x[2], key_len, shape);
         (out, probs)
     };
-    let (_, probs) = run(&inputs);
+    let (out, probs) = run(&inputs);
     let (mut dq, mut dk, mut dv) =
         (vec![0.0; inputs[0].len()], vec![0.0; inputs[1].len()], vec![0.0; inputs[2].len()]);
     cpu().attention_backward(
-        &mut dq, &mut dk, &mut dv, &r, &inputs[0], &inputs[1], &inputs[2], &probs, shape,
+        &mut dq, &mut dk, &mut dv, &r, &inputs[0], &inputs[1], &inputs[2], &out, &probs, key_len,
+        shape,
     );
     check(&format!("attention {shape:?}"), &inputs, &[dq, dk, dv], |x| dot(&run(x).0, &r));
 }

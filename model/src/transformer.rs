@@ -715,7 +715,7 @@ impl<B: Backend> Model<B> {
                     self.backend.zeros(nk * d),
                     self.backend.zeros(nk * d),
                 );
-                self.backend.attention_backward_full(
+                self.backend.attention_backward(
                     &mut dq, &mut dk, &mut dv, &d_ctx, &a.q, &a.k, &a.v, &a.ctx, &a.probs,
                     &a.key_len, shape,
                 );

@@ -358,13 +358,7 @@ fn open_gpu(backend: &str, rank: usize, world: usize) -> Result<Option<chingu_ke
     if backend == "cpu" {
         return Ok(None);
     }
-    let count = CudaDevice::count();
-    let opened = if count == 0 {
-        Err("no CUDA driver or device found".to_string())
-    } else {
-        CudaDevice::new(rank % count).map_err(|e| e.to_string())
-    };
-    match opened {
+    match CudaDevice::open_for(rank) {
         Ok(dev) => {
             tracing::info!(device = %dev.name(), "training on the GPU (fp16 mixed precision)");
             Ok(Some(std::sync::Arc::new(dev)))

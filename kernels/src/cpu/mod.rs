@@ -568,7 +568,9 @@ impl<T: Scalar> Backend for Cpu<T> {
         q: &Vec<T>,
         k: &Vec<T>,
         v: &Vec<T>,
+        _out: &Vec<T>,
         probs: &Vec<T>,
+        _key_len: &[usize],
         shape: AttentionShape,
     ) {
         let AttentionShape { batch, q_len, k_len, heads, head_dim, .. } = shape;

@@ -517,21 +517,6 @@ impl Backend for GpuBackend {
 
     fn attention_backward(
         &self,
-        _dq: &mut GpuBuf,
-        _dk: &mut GpuBuf,
-        _dv: &mut GpuBuf,
-        _d_out: &GpuBuf,
-        _q: &GpuBuf,
-        _k: &GpuBuf,
-        _v: &GpuBuf,
-        _probs: &GpuBuf,
-        _shape: AttentionShape,
-    ) {
-        panic!("GPU backend: attention backward recomputes the softmax and needs the forward's output and key lengths: call attention_backward_full");
-    }
-
-    fn attention_backward_full(
-        &self,
         dq: &mut GpuBuf,
         dk: &mut GpuBuf,
         dv: &mut GpuBuf,

@@ -1,7 +1,8 @@
 //! A real GPU through cudarc's driver API (feature "cuda"), loaded dynamically: a machine
 //! without CUDA builds and runs, and [`CudaDevice::new`] says plainly what is missing.
 //! Every kernel file is compiled by NVRTC for the device's architecture when the device is
-//! opened (the on-disk cache, streams and the caching allocator come with the CUDA backend).
+//! opened (PTX cached on disk, see `nvrtc::compile_cached`); freed memory is kept for reuse;
+//! all work goes to the default stream (separate streams for communication are still to come).
 //! Matrix products go through cuBLASLt when its library is there (see [`Device::gemm`]).
 
 use std::collections::HashMap;
@@ -55,6 +56,15 @@ impl CudaDevice {
             return 0;
         }
         result::device::get_count().map(|n| n.max(0) as usize).unwrap_or(0)
+    }
+
+    /// Opens device `index mod count` for a trainer (`chingu train` takes 0, a launched rank
+    /// its rank): the one place that turns "no GPU here" into a one-line reason.
+    pub fn open_for(index: usize) -> Result<Self, GpuError> {
+        match Self::count() {
+            0 => Err(GpuError::Missing("no CUDA driver or device found".into())),
+            count => Self::new(index % count),
+        }
     }
 
     /// Opens device `ordinal` and compiles every kernel for its architecture.
