@@ -1,6 +1,7 @@
 //! `chingu gpu`: what this build and this machine offer for GPU training — whether the build
-//! has CUDA support, the driver and devices found, NVRTC's version, and whether every kernel
-//! compiles and loads for each device's architecture. Says plainly what is missing.
+//! has CUDA support, the driver and devices found, NVRTC's version, NCCL's (several GPU
+//! workers need it), and whether every kernel compiles and loads for each device's
+//! architecture. Says plainly what is missing.
 
 /// Runs `chingu gpu`.
 #[cfg(feature = "cuda")]
@@ -23,6 +24,18 @@ pub fn run() -> anyhow::Result<()> {
             println!("NVRTC: {err}");
             anyhow::bail!("kernels cannot be compiled without NVRTC");
         }
+    }
+    match chingu_kernels::gpu::nccl::version() {
+        Some(v) => println!(
+            "NCCL: {}.{}.{} (several GPU workers sum gradients on the GPUs)",
+            v / 10000,
+            v / 100 % 100,
+            v % 100
+        ),
+        None => println!(
+            "NCCL: libnccl.so not found — one GPU trains fine; several GPU workers need NCCL \
+             (`scripts/nccl-link`) or workers.collective = \"ring\""
+        ),
     }
     for ordinal in 0..count {
         match CudaDevice::new(ordinal) {

@@ -361,6 +361,22 @@ fn a_cuda_job_without_a_gpu_fails_at_once_and_says_why() {
 }
 
 #[test]
+fn nccl_on_cpu_workers_is_refused_with_the_key_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest(tmp.path(), &SMALL);
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("backend = \"cpu\"", "backend = \"cpu\"\ncollective = \"nccl\"");
+    std::fs::write(&m, &text).unwrap();
+    let out = launch(&m, false);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l.starts_with("collective")).unwrap() + 1;
+    assert!(stderr.contains(&format!("job.toml:{line}:")), "{stderr}");
+    assert!(stderr.contains("NCCL sums GPU buffers"), "{stderr}");
+}
+
+#[test]
 fn a_deterministic_failure_fails_the_job_without_restarting() {
     let tmp = tempfile::tempdir().unwrap();
     let m = manifest(tmp.path(), &SMALL);

@@ -14,7 +14,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::manifest::{Backend, Manifest};
+use crate::manifest::{Backend, CollectiveKind, Manifest};
 use crate::service::{Incident, Job, JobConfig, Phase, Service};
 
 /// Environment variable carrying the job token to local workers.
@@ -101,12 +101,8 @@ pub fn job_spec(m: &Manifest) -> Result<JobSpec, LaunchError> {
         eval_every: m.train.eval_every,
         keep: m.checkpoint.keep,
         threads: m.train.threads,
-        backend: match m.workers.backend {
-            Backend::Auto => "auto",
-            Backend::Cpu => "cpu",
-            Backend::Cuda => "cuda",
-        }
-        .to_string(),
+        backend: m.workers.backend.as_str().to_string(),
+        collective: m.workers.collective.as_str().to_string(),
     })
 }
 
@@ -136,6 +132,14 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
             .error_at(
                 "workers.backend",
                 "this build has no CUDA support: rebuild with `--features cuda`, or use \"cpu\" or \"auto\"",
+            )
+            .into());
+    }
+    if m.workers.collective == CollectiveKind::Nccl && m.workers.backend == Backend::Cpu {
+        return Err(m
+            .error_at(
+                "workers.collective",
+                "NCCL sums GPU buffers: it needs workers.backend = \"cuda\" (or \"auto\" on GPUs); use \"ring\" or \"auto\" on the CPU",
             )
             .into());
     }

@@ -161,11 +161,41 @@ pub struct Workers {
     pub count: usize,
     /// Device kind; default `auto`.
     pub backend: Backend,
+    /// How gradients are summed across workers; default `auto`.
+    pub collective: CollectiveKind,
 }
 
 impl Default for Workers {
     fn default() -> Self {
-        Self { count: 1, backend: Backend::Auto }
+        Self { count: 1, backend: Backend::Auto, collective: CollectiveKind::Auto }
+    }
+}
+
+/// How workers sum their gradients (`workers.collective`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CollectiveKind {
+    /// NCCL when the workers train on GPUs and there are several, else the TCP ring (nothing
+    /// at all for one worker).
+    #[default]
+    Auto,
+    /// The TCP ring through host memory, on any device (GPU ranks copy gradients out).
+    Ring,
+    /// NCCL, in place on the GPUs; an error on the CPU. Used even for one worker (to test it).
+    Nccl,
+}
+
+impl CollectiveKind {
+    /// Every kind, in the order messages list them.
+    pub const ALL: [CollectiveKind; 3] =
+        [CollectiveKind::Auto, CollectiveKind::Ring, CollectiveKind::Nccl];
+
+    /// The name a manifest uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CollectiveKind::Auto => "auto",
+            CollectiveKind::Ring => "ring",
+            CollectiveKind::Nccl => "nccl",
+        }
     }
 }
 
@@ -483,6 +513,7 @@ impl Manifest {
             vec![
                 ("count", self.workers.count.to_string()),
                 ("backend", quoted(self.workers.backend.as_str())),
+                ("collective", quoted(self.workers.collective.as_str())),
             ],
         );
         section(
@@ -541,7 +572,7 @@ const SECTIONS: [(&str, &[&str]); 8] = [
             "threads",
         ],
     ),
-    ("workers", &["count", "backend"]),
+    ("workers", &["count", "backend", "collective"]),
     ("checkpoint", &["every_steps", "every_minutes", "keep"]),
     ("restart", &["max_restarts", "heartbeat_timeout_s"]),
     ("coordinator", &["address"]),
@@ -860,7 +891,12 @@ impl Doc<'_> {
         let count = self.integer(s, "count", 1..=MAX_WORKERS as i64)?;
         let names: Vec<&str> = Backend::ALL.iter().map(|b| b.as_str()).collect();
         let backend = self.choice(s, "backend", &names)?;
+        let kinds: Vec<&str> = CollectiveKind::ALL.iter().map(|c| c.as_str()).collect();
+        let collective = self.choice(s, "collective", &kinds)?;
         Ok(Workers {
+            collective: collective
+                .and_then(|c| CollectiveKind::ALL.into_iter().find(|x| x.as_str() == c))
+                .unwrap_or(d.collective),
             count: count.map_or(d.count, |n| n as usize),
             backend: backend
                 .and_then(|b| Backend::ALL.into_iter().find(|x| x.as_str() == b))
@@ -993,6 +1029,7 @@ threads = 3
 [workers]
 count = 8
 backend = "cuda"
+collective = "nccl"
 
 [checkpoint]
 every_steps = 200
@@ -1037,7 +1074,10 @@ address = "0.0.0.0:7000"
                 threads: 3,
             }
         );
-        assert_eq!(m.workers, Workers { count: 8, backend: Backend::Cuda });
+        assert_eq!(
+            m.workers,
+            Workers { count: 8, backend: Backend::Cuda, collective: CollectiveKind::Nccl }
+        );
         assert_eq!(
             m.checkpoint,
             CheckpointPolicy { every_steps: 200, every_minutes: 15.0, keep: 5 }
@@ -1059,7 +1099,10 @@ address = "0.0.0.0:7000"
         assert_eq!((t.lr, t.schedule.as_str(), t.warmup), (1e-3, "constant", 0));
         assert_eq!((t.min_lr_ratio, t.weight_decay, t.clip_norm), (0.1, 0.01, Some(1.0)));
         assert_eq!((t.eval_every, t.threads), (0, 0));
-        assert_eq!(m.workers, Workers { count: 1, backend: Backend::Auto });
+        assert_eq!(
+            m.workers,
+            Workers { count: 1, backend: Backend::Auto, collective: CollectiveKind::Auto }
+        );
         assert_eq!(
             m.checkpoint,
             CheckpointPolicy { every_steps: 500, every_minutes: 0.0, keep: 3 }
@@ -1116,6 +1159,12 @@ address = "0.0.0.0:7000"
             ("lr = -1.0\n", "train.lr", 5, "must be greater than 0, got -1.0"),
             ("lr = nan\n", "train.lr", 5, "must be greater than 0, got nan"),
             ("[workers]\nbackend = \"tpu\"\n", "workers.backend", 6, "\"auto\", \"cpu\", \"cuda\""),
+            (
+                "[workers]\ncollective = \"mpi\"\n",
+                "workers.collective",
+                6,
+                "\"auto\", \"ring\", \"nccl\"",
+            ),
             ("[model]\npreset = \"huge\"\n", "model.preset", 6, "\"tiny\", \"seed-256\""),
             ("[model]\ndropout = 1.0\n", "model.dropout", 6, "must be in [0, 1), got 1.0"),
             (
@@ -1274,7 +1323,10 @@ address = "0.0.0.0:7000"
         let t = &q.train;
         assert_eq!((t.steps, t.batch_tokens, t.accumulate, t.lr), (8000, 1024, 1, 1e-3));
         assert_eq!((t.schedule.as_str(), t.warmup, t.eval_every), ("cosine", 200, 1000));
-        assert_eq!(q.workers, Workers { count: 1, backend: Backend::Auto });
+        assert_eq!(
+            q.workers,
+            Workers { count: 1, backend: Backend::Auto, collective: CollectiveKind::Auto }
+        );
         assert_eq!((q.checkpoint.every_steps, q.checkpoint.keep), (1000, 3));
         assert_eq!(q.restart, RestartPolicy { max_restarts: 3, heartbeat_timeout_s: 30.0 });
         assert_eq!(q.coordinator, CoordinatorSection::default());
@@ -1286,7 +1338,10 @@ address = "0.0.0.0:7000"
         .unwrap();
         assert_eq!(c.job.name, "cpu-2workers");
         assert_eq!(c.job.run, Path::new("runs/cpu-2workers"));
-        assert_eq!(c.workers, Workers { count: 2, backend: Backend::Cpu });
+        assert_eq!(
+            c.workers,
+            Workers { count: 2, backend: Backend::Cpu, collective: CollectiveKind::Auto }
+        );
         assert_eq!((c.train.steps, c.train.batch_tokens), (8000, 512));
         // The same global batch as the quickstart's, split over two workers.
         let global = |m: &Manifest| m.train.batch_tokens * m.train.accumulate * m.workers.count;

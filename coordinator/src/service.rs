@@ -109,6 +109,8 @@ struct JobState {
     resume: bool,
     ranks: Vec<Option<Rank>>,
     ring: Vec<Option<String>>,
+    /// Rank 0's NCCL unique id for this generation (empty when it sent none).
+    nccl_id: Vec<u8>,
     latest_step: Option<u64>,
     /// The checkpoint this generation's workers start from.
     resume_step: Option<u64>,
@@ -117,6 +119,9 @@ struct JobState {
     pending_metrics: BTreeMap<u64, Vec<Option<pb::StepMetrics>>>,
 }
 
+/// What the rendezvous hands every rank: the ring addresses by rank and rank 0's NCCL unique id.
+type Meeting = (Vec<String>, Vec<u8>);
+
 /// The job as the coordinator sees it; shared by the gRPC service and the supervisor.
 pub struct Job {
     token: String,
@@ -124,7 +129,8 @@ pub struct Job {
     config: JobConfig,
     spec_json: String,
     state: Mutex<JobState>,
-    barrier: watch::Sender<(u64, Option<Vec<String>>)>,
+    /// (generation, what every rank learns once all have met).
+    barrier: watch::Sender<(u64, Option<Meeting>)>,
     incidents: mpsc::UnboundedSender<Incident>,
     metrics: Mutex<Option<File>>,
     /// Held while a checkpoint is committed; a new generation waits for it, so every rank of
@@ -195,6 +201,7 @@ impl Job {
                 resume: false,
                 ranks: (0..world).map(|_| None).collect(),
                 ring: vec![None; world],
+                nccl_id: Vec::new(),
                 latest_step: checkpoint::latest_step(&config.spec.run),
                 resume_step: None,
                 stop_requested: None,
@@ -231,6 +238,7 @@ impl Job {
         s.phase = Phase::Pending;
         s.ranks.iter_mut().for_each(|r| *r = None);
         s.ring.iter_mut().for_each(|r| *r = None);
+        s.nccl_id.clear();
         s.pending_metrics.clear();
         s.generation
     }
@@ -596,6 +604,10 @@ impl pb::coordinator_server::Coordinator for Service {
                 return Err(Status::invalid_argument(format!("rank {} is out of range", req.rank)));
             };
             *slot = Some(req.ring_address.clone());
+            if req.rank == 0 {
+                // NCCL's bootstrap runs from rank 0's process, so its id is the job's.
+                s.nccl_id = req.nccl_unique_id.clone();
+            }
             if s.ring.iter().all(Option::is_some) && s.ranks.iter().all(Option::is_some) {
                 let addresses: Vec<String> = s.ring.iter().flatten().cloned().collect();
                 s.phase = Phase::Running;
@@ -603,7 +615,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 let now = Instant::now();
                 s.ranks.iter_mut().flatten().for_each(|r| r.last_seen = now);
                 tracing::info!(generation = s.generation, ?addresses, "rendezvous complete");
-                job.barrier.send_replace((s.generation, Some(addresses)));
+                job.barrier.send_replace((s.generation, Some((addresses, s.nccl_id.clone()))));
             }
         }
         let (generation, addresses) = barrier
@@ -611,7 +623,7 @@ impl pb::coordinator_server::Coordinator for Service {
             .await
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
             .clone();
-        let Some(addresses) = addresses.filter(|_| generation == req.generation) else {
+        let Some((addresses, nccl_id)) = addresses.filter(|_| generation == req.generation) else {
             return Err(Status::aborted(format!(
                 "generation {} ended before every rank met (the job restarted)",
                 req.generation
@@ -619,7 +631,7 @@ impl pb::coordinator_server::Coordinator for Service {
         };
         Ok(Response::new(pb::RendezvousReply {
             ring_addresses: addresses,
-            nccl_unique_id: Vec::new(),
+            nccl_unique_id: nccl_id,
         }))
     }
 
@@ -661,5 +673,71 @@ impl pb::coordinator_server::Coordinator for Service {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::coordinator_server::Coordinator as _;
+
+    fn authorized<T>(job: &Job, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        let bearer = format!("Bearer {}", job.token()).parse().unwrap();
+        request.metadata_mut().insert("authorization", bearer);
+        request
+    }
+
+    /// Rank 0's NCCL unique id reaches every rank through the rendezvous, with the ring
+    /// addresses, and a new generation forgets it.
+    #[tokio::test]
+    async fn the_rendezvous_hands_rank_0s_nccl_id_to_every_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[job]\nrun = {:?}\n[train]\nsteps = 1\n[workers]\ncount = 2\n",
+            dir.path().join("run")
+        );
+        let manifest =
+            crate::manifest::Manifest::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        let spec = crate::launcher::job_spec(&manifest).unwrap();
+        let config = JobConfig { spec, world_size: 2, heartbeat_timeout: Duration::from_secs(30) };
+        let (incidents, _rx) = mpsc::unbounded_channel();
+        let job = Job::new(config, "secret".into(), 9, incidents);
+        let service = Service(job.clone());
+        for generation in 1..=2u64 {
+            assert_eq!(job.new_generation(false, generation > 1).await, generation);
+            for rank in 0..2 {
+                let join = pb::JoinRequest {
+                    host: "h".into(),
+                    device: "cuda".into(),
+                    capabilities: vec![],
+                    requested_rank: rank,
+                    pid: 1,
+                };
+                service.join(authorized(&job, join)).await.unwrap();
+            }
+            // Generation 2: rank 0 sends no id (a ring job), so nobody gets one.
+            let id: Vec<u8> = if generation == 1 { (0..128).collect() } else { Vec::new() };
+            let meet = |rank: u32, id: Vec<u8>| {
+                let service = Service(job.clone());
+                let request = authorized(
+                    &job,
+                    pb::RendezvousRequest {
+                        rank,
+                        generation,
+                        ring_address: format!("10.0.0.{rank}:1"),
+                        nccl_unique_id: id,
+                    },
+                );
+                async move { service.rendezvous(request).await.unwrap().into_inner() }
+            };
+            // Rank 1 arrives first and waits for rank 0.
+            let (one, zero) = tokio::join!(meet(1, Vec::new()), meet(0, id.clone()));
+            for reply in [one, zero] {
+                assert_eq!(reply.ring_addresses, ["10.0.0.0:1", "10.0.0.1:1"]);
+                assert_eq!(reply.nccl_unique_id, id, "generation {generation}");
+            }
+        }
     }
 }

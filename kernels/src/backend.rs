@@ -117,6 +117,11 @@ pub trait Backend: Send + Sync {
     fn to_f64(&self, buf: &Self::Buf) -> Vec<f64>;
     /// Elements in a buffer.
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Where an fp32 buffer lives on a device — (address, elements) — so a device collective
+    /// (NCCL) can sum it in place; None for host backends and for other kinds of buffer.
+    fn device_f32(&self, _buf: &Self::Buf) -> Option<(u64, usize)> {
+        None
+    }
     /// Sets every element to zero.
     fn fill_zero(&self, buf: &mut Self::Buf);
     /// `dst[..] = src[..]` (same length).

@@ -71,8 +71,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// The named presets: `tiny` (quick CPU runs), `seed-256` and `seed-768` (the original's
-    /// shapes: 6 + 6 layers, 4 heads, max length 1024).
+    /// The named presets: `micro` (tests), `tiny` (quick CPU runs), `seed-256` and `seed-768`
+    /// (the original's shapes: 6 + 6 layers, 4 heads, max length 1024).
     pub fn preset(name: &str, vocab: usize) -> Result<Self> {
         let base = Config {
             vocab,
@@ -101,12 +101,23 @@ impl Config {
                 dropout: 0.0,
                 ..base
             },
+            // For tests and smoke runs: a model every backend (the emulated GPU included)
+            // steps through in milliseconds.
+            "micro" => Config {
+                d_model: 32,
+                heads: 2,
+                d_ff: 64,
+                encoder_layers: 1,
+                decoder_layers: 1,
+                max_len: 64,
+                ..base
+            },
             "seed-256" => base,
             "seed-768" => Config { d_model: 768, d_ff: 3072, ..base },
             other => {
                 return Err(ModelError::Config(format!(
-                    "unknown preset {other:?}: choose tiny, seed-256 or seed-768"
-                )))
+                "unknown preset {other:?}: choose tiny, seed-256 or seed-768 (or micro, for tests)"
+            )))
             }
         };
         config.validate()?;

@@ -44,6 +44,13 @@ pub struct JobSpec {
     pub threads: usize,
     /// "auto", "cpu" or "cuda".
     pub backend: String,
+    /// How gradients are summed: "auto", "ring" or "nccl" (`workers.collective`).
+    #[serde(default = "auto")]
+    pub collective: String,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 impl JobSpec {

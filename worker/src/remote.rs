@@ -5,6 +5,13 @@
 //! The worker holds no job state of its own beyond what a checkpoint restores. If the
 //! coordinator disappears the worker exits non-zero at once with a message saying so (a
 //! restarted coordinator resumes the job from LATEST); an `Abort` command does the same.
+//!
+//! GPU ranks sum gradients with NCCL when the job says so (`workers.collective`, by default
+//! whenever there are several GPU ranks): rank 0 makes the unique id before the rendezvous,
+//! the coordinator hands it to every rank, and each joins the communicator inside its session
+//! (so a rank that cannot is a fatal error the coordinator reports). Before exiting on an
+//! abort or a lost coordinator a worker aborts its communicator, so no rank stays blocked in a
+//! sum waiting for a peer that is gone.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,8 +32,9 @@ use crate::checkpoint::{self, TrainState};
 use crate::collective::{Collective, RingListener, Solo, TcpRing};
 use crate::data::Prepared;
 use crate::job::JobSpec;
-use crate::trainer::{train_parallel, Parallel, Requests, TrainEvent};
+use crate::trainer::{train_parallel, Comm, Parallel, Requests, TrainEvent};
 use crate::{Result, WorkerError};
+use chingu_kernels::gpu::collective::AbortHandle;
 
 /// Exit status of a worker whose coordinator went away or told it to abort.
 pub const EXIT_COORDINATOR_LOST: i32 = 3;
@@ -134,7 +142,17 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
     let (rank, world, generation) = (join.rank, join.world_size, join.generation);
     tracing::info!(rank, world, generation, resume = join.resume, job = %spec.name, "joined");
 
-    // Rendezvous: publish this rank's ring address, learn everyone's.
+    let use_nccl = wants_nccl(&spec, world as usize);
+    // NCCL's unique id comes from rank 0; an error waits for the session to be reported.
+    let (nccl_unique_id, nccl_id_error) = match (use_nccl, rank) {
+        (true, 0) => match make_nccl_id() {
+            Ok(id) => (id, None),
+            Err(e) => (Vec::new(), Some(e)),
+        },
+        _ => (Vec::new(), None),
+    };
+
+    // Rendezvous: publish this rank's ring address (and NCCL id), learn everyone's.
     let listener = RingListener::bind(SocketAddr::new(
         args.ring_host
             .parse()
@@ -147,7 +165,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
             rank,
             generation,
             ring_address: listener.local_addr().to_string(),
-            nccl_unique_id: Vec::new(),
+            nccl_unique_id,
         }))
         .map_err(|s| rpc_error("rendezvous", s))?
         .into_inner();
@@ -156,7 +174,10 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         .iter()
         .map(|a| a.parse().map_err(|e| WorkerError::Training(format!("bad peer address {a}: {e}"))))
         .collect::<Result<_>>()?;
-    let mut collective: Box<dyn Collective> = if world == 1 {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    let nccl_id = meet.nccl_unique_id;
+    let mut collective: Box<dyn Collective> = if world == 1 || use_nccl {
+        drop(listener);
         Box::new(Solo)
     } else {
         Box::new(
@@ -209,6 +230,9 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         // Inside the session: a rank that cannot get its device reports a fatal error to the
         // coordinator, which fails the job at once instead of restarting it in vain.
         let gpu = open_gpu(&spec.backend, rank as usize, world as usize)?;
+        if let Some(e) = nccl_id_error {
+            return Err(WorkerError::Training(format!("rank 0 could not start NCCL: {e}")));
+        }
         let mut requests = || Requests {
             checkpoint: flags.checkpoint.swap(false, Ordering::Relaxed),
             stop: flags.stop.load(Ordering::Relaxed),
@@ -251,24 +275,40 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
             #[cfg(feature = "cuda")]
             Some(dev) => {
                 type B = chingu_kernels::gpu::backend::GpuBackend;
+                use chingu_kernels::gpu::collective::DeviceCollective as _;
+                let mut nccl = if use_nccl {
+                    let comm = join_nccl(&dev, &nccl_id, rank as usize, world as usize)?;
+                    *flags.abort.lock().expect("abort handle") = Some(comm.abort_handle());
+                    Some(comm)
+                } else {
+                    None
+                };
                 let mut write = |model: &Model<B>, optimizer: &Optimizer<B>, state: TrainState| {
                     stage_checkpoint(rank, &spec.run, &tokenizer, &send, model, optimizer, state)
                 };
                 let parallel = Parallel {
-                    collective: collective.as_mut(),
+                    collective: match nccl.as_mut() {
+                        Some(comm) => Comm::Device(comm),
+                        None => Comm::Host(collective.as_mut()),
+                    },
                     accumulate: spec.accumulate,
                     requests: &mut requests,
                     checkpoint: &mut write,
                 };
-                train_parallel(B::new(dev), &options, parallel, &mut observer).map(|o| o.step)
+                train_parallel(B::new(std::sync::Arc::new(dev)), &options, parallel, &mut observer)
+                    .map(|o| o.step)
             }
+            _ if use_nccl => Err(WorkerError::Training(format!(
+                "workers.collective = \"{}\" needs GPU ranks, but rank {rank} trains on the CPU",
+                spec.collective
+            ))),
             _ => {
                 type B = Cpu<f32>;
                 let mut write = |model: &Model<B>, optimizer: &Optimizer<B>, state: TrainState| {
                     stage_checkpoint(rank, &spec.run, &tokenizer, &send, model, optimizer, state)
                 };
                 let parallel = Parallel {
-                    collective: collective.as_mut(),
+                    collective: Comm::Host(collective.as_mut()),
                     accumulate: spec.accumulate,
                     requests: &mut requests,
                     checkpoint: &mut write,
@@ -307,6 +347,18 @@ struct Flags {
     stop: AtomicBool,
     finished: AtomicBool,
     step: AtomicU64,
+    /// Aborts the NCCL communicator, once there is one.
+    abort: std::sync::Mutex<Option<AbortHandle>>,
+}
+
+/// Exits the worker with [`EXIT_COORDINATOR_LOST`], aborting its communicator first: a peer
+/// blocked in a sum must not wait for this rank forever, and the process must not hang in
+/// CUDA's exit handlers behind a kernel that waits for a peer.
+fn exit_lost(flags: &Flags) -> ! {
+    if let Some(abort) = flags.abort.lock().ok().and_then(|a| a.clone()) {
+        abort();
+    }
+    std::process::exit(EXIT_COORDINATOR_LOST);
 }
 
 async fn read_commands(mut commands: tonic::Streaming<pb::Command>, flags: Arc<Flags>) {
@@ -323,7 +375,7 @@ async fn read_commands(mut commands: tonic::Streaming<pb::Command>, flags: Arc<F
                     }
                     pb::command::Command::Abort(a) => {
                         tracing::error!(reason = %a.reason, "the coordinator aborted this worker");
-                        std::process::exit(EXIT_COORDINATOR_LOST);
+                        exit_lost(&flags);
                     }
                 }
                 continue;
@@ -336,7 +388,7 @@ async fn read_commands(mut commands: tonic::Streaming<pb::Command>, flags: Arc<F
             return;
         }
         tracing::error!("the coordinator {lost}; exiting (a restarted coordinator resumes the job from its LATEST checkpoint)");
-        std::process::exit(EXIT_COORDINATOR_LOST);
+        exit_lost(&flags);
     }
 }
 
@@ -352,7 +404,11 @@ fn hostname() -> String {
 /// line saying why. Several ranks never mix devices: GPU ranks scale their gradients by the
 /// loss scale and skip overflowed steps, CPU ranks do not, so a mixed job would diverge.
 #[cfg(feature = "cuda")]
-fn open_gpu(backend: &str, rank: usize, world: usize) -> Result<Option<chingu_kernels::gpu::Gpu>> {
+fn open_gpu(
+    backend: &str,
+    rank: usize,
+    world: usize,
+) -> Result<Option<chingu_kernels::gpu::cuda::CudaDevice>> {
     use chingu_kernels::gpu::cuda::CudaDevice;
     use chingu_kernels::gpu::Device;
     if backend == "cpu" {
@@ -361,7 +417,7 @@ fn open_gpu(backend: &str, rank: usize, world: usize) -> Result<Option<chingu_ke
     match CudaDevice::open_for(rank) {
         Ok(dev) => {
             tracing::info!(device = %dev.name(), "training on the GPU (fp16 mixed precision)");
-            Ok(Some(std::sync::Arc::new(dev)))
+            Ok(Some(dev))
         }
         Err(why) if backend == "auto" && world == 1 => {
             tracing::info!("{why}: training on the CPU");
@@ -388,6 +444,48 @@ fn open_gpu(backend: &str, _rank: usize, _world: usize) -> Result<Option<()>> {
         }
         _ => Ok(None),
     }
+}
+
+/// Whether this job's ranks sum with NCCL: `workers.collective = "nccl"`, or `"auto"` with
+/// several ranks that may be on GPUs.
+fn wants_nccl(spec: &JobSpec, world: usize) -> bool {
+    cfg!(feature = "cuda")
+        && spec.backend != "cpu"
+        && (spec.collective == "nccl" || (spec.collective == "auto" && world > 1))
+}
+
+#[cfg(feature = "cuda")]
+fn make_nccl_id() -> std::result::Result<Vec<u8>, String> {
+    chingu_kernels::gpu::nccl::unique_id().map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn make_nccl_id() -> std::result::Result<Vec<u8>, String> {
+    Err("this build has no CUDA support".into())
+}
+
+/// Joins the job's NCCL communicator (blocks until every rank has).
+#[cfg(feature = "cuda")]
+fn join_nccl(
+    dev: &chingu_kernels::gpu::cuda::CudaDevice,
+    id: &[u8],
+    rank: usize,
+    world: usize,
+) -> Result<chingu_kernels::gpu::nccl::NcclCollective> {
+    use chingu_kernels::gpu::Device as _;
+    if id.is_empty() {
+        return Err(WorkerError::Training(
+            "NCCL: rank 0 sent no unique id (it could not start NCCL; its log says why)".into(),
+        ));
+    }
+    if world > 1 && dev.name().contains("GeForce") && std::env::var_os("NCCL_P2P_DISABLE").is_none()
+    {
+        tracing::warn!("GeForce GPUs have no peer-to-peer access: if NCCL hangs or fails, export NCCL_P2P_DISABLE=1 before launching (deploy/README.md, NCCL)");
+    }
+    let comm = chingu_kernels::gpu::nccl::NcclCollective::new(dev, id, rank, world)
+        .map_err(|e| WorkerError::Training(format!("rank {rank}: {e}")))?;
+    tracing::info!(rank, world, version = ?chingu_kernels::gpu::nccl::version(), "NCCL communicator ready: gradients are summed on the GPUs");
+    Ok(comm)
 }
 
 /// Rank 0 writes a checkpoint's parts to the staging directory and reports them (with their

@@ -227,6 +227,13 @@ impl Backend for GpuBackend {
         }
     }
 
+    fn device_f32(&self, buf: &GpuBuf) -> Option<(u64, usize)> {
+        match buf {
+            GpuBuf::Float(f) => Some((f.ptr(), f.len())),
+            _ => None,
+        }
+    }
+
     fn fill_zero(&self, buf: &mut GpuBuf) {
         let (ptr, bytes) = match buf {
             GpuBuf::Half(h) => (h.ptr(), h.len() * 2),

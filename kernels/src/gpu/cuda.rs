@@ -2,7 +2,8 @@
 //! without CUDA builds and runs, and [`CudaDevice::new`] says plainly what is missing.
 //! Every kernel file is compiled by NVRTC for the device's architecture when the device is
 //! opened (PTX cached on disk, see `nvrtc::compile_cached`); freed memory is kept for reuse;
-//! all work goes to the default stream (separate streams for communication are still to come).
+//! all work goes to the default stream (NCCL's sums run on a stream of their own, see
+//! [`super::nccl`]).
 //! Matrix products go through cuBLASLt when its library is there (see [`Device::gemm`]).
 
 use std::collections::HashMap;
@@ -147,7 +148,13 @@ impl CudaDevice {
         }
     }
 
-    fn bind(&self) -> Result<(), GpuError> {
+    /// The device's primary context (for NCCL's streams and events).
+    pub(super) fn context(&self) -> sys::CUcontext {
+        self.context
+    }
+
+    /// Makes the device's context current on the calling thread.
+    pub(super) fn bind(&self) -> Result<(), GpuError> {
         // SAFETY: the context lives as long as the process (primary context retained).
         unsafe { result::ctx::set_current(self.context) }.map_err(driver("cuCtxSetCurrent"))
     }

@@ -8,6 +8,7 @@
 //! is there.
 
 pub mod backend;
+pub mod collective;
 pub mod gemm;
 pub mod ops;
 pub mod sources;
@@ -16,6 +17,8 @@ pub mod sources;
 pub mod cuda;
 #[cfg(feature = "emu")]
 pub mod emu;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 
@@ -55,6 +58,9 @@ pub enum GpuError {
         /// What does not fit.
         message: String,
     },
+    /// A collective operation across ranks failed (NCCL, or the emulated group).
+    #[error("{0}")]
+    Collective(String),
     /// The emulated device refused a launch or a kernel failed on it.
     #[error("emulated launch of {kernel} failed: {message}")]
     Emulation {
