@@ -138,9 +138,14 @@ pub struct NcclCollective {
     ready: sys::CUevent,
     /// Recorded on the communication stream at `join`.
     done: sys::CUevent,
-    /// Recorded on the communication stream before the first group after a join.
-    started: sys::CUevent,
-    pending_start: bool,
+    /// (start, end) around each group of this step on the communication stream — the start
+    /// fires once the stream's wait for the compute is over — so `last_seconds` counts the
+    /// sums' own time, not the time they waited for backward. Reused step after step.
+    timing: Vec<(sys::CUevent, sys::CUevent)>,
+    /// Groups queued since the last join.
+    groups: usize,
+    /// Groups the last join covered (what `last_seconds` reports on).
+    joined: usize,
 }
 
 // SAFETY: driver and NCCL handles are thread-safe; the context is made current where used.
@@ -190,8 +195,7 @@ impl NcclCollective {
             .map_err(driver("cuStreamCreate"))?;
         let event = |flags| result::event::create(flags).map_err(driver("cuEventCreate"));
         let ready = event(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
-        let done = event(sys::CUevent_flags::CU_EVENT_DEFAULT)?;
-        let started = event(sys::CUevent_flags::CU_EVENT_DEFAULT)?;
+        let done = event(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
         Ok(Self {
             comm,
             rank,
@@ -200,8 +204,9 @@ impl NcclCollective {
             stream,
             ready,
             done,
-            started,
-            pending_start: true,
+            timing: Vec::new(),
+            groups: 0,
+            joined: 0,
         })
     }
 
@@ -252,11 +257,16 @@ impl DeviceCollective for NcclCollective {
                 sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
             )
             .map_err(driver_err("cuStreamWaitEvent"))?;
-            if self.pending_start {
-                result::event::record(self.started, self.stream)
-                    .map_err(driver_err("cuEventRecord"))?;
-                self.pending_start = false;
+            if self.groups == self.timing.len() {
+                let timed = || {
+                    result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                        .map_err(driver_err("cuEventCreate"))
+                };
+                self.timing.push((timed()?, timed()?));
             }
+            let (start, end) = self.timing[self.groups];
+            self.groups += 1;
+            result::event::record(start, self.stream).map_err(driver_err("cuEventRecord"))?;
             check("ncclGroupStart", nccl::ncclGroupStart(), Some(comm))?;
             for &(ptr, len) in buffers {
                 let r = nccl::ncclAllReduce(
@@ -274,6 +284,7 @@ impl DeviceCollective for NcclCollective {
                 }
             }
             check("ncclGroupEnd", nccl::ncclGroupEnd(), Some(comm))?;
+            result::event::record(end, self.stream).map_err(driver_err("cuEventRecord"))?;
         }
         self.async_error(comm)
     }
@@ -283,10 +294,6 @@ impl DeviceCollective for NcclCollective {
         self.bind()?;
         // SAFETY: as in `queue_all_reduce`; the compute stream now waits for the sums.
         unsafe {
-            if self.pending_start {
-                result::event::record(self.started, self.stream)
-                    .map_err(driver_err("cuEventRecord"))?;
-            }
             result::event::record(self.done, self.stream).map_err(driver_err("cuEventRecord"))?;
             result::stream::wait_event(
                 std::ptr::null_mut(),
@@ -295,17 +302,21 @@ impl DeviceCollective for NcclCollective {
             )
             .map_err(driver_err("cuStreamWaitEvent"))?;
         }
-        self.pending_start = true;
+        self.joined = std::mem::take(&mut self.groups);
         self.async_error(comm)
     }
 
     fn last_seconds(&mut self) -> Option<f64> {
         self.bind().ok()?;
-        // SAFETY: both events were recorded on this stream, `started` first.
-        unsafe {
-            result::event::synchronize(self.done).ok()?;
-            result::event::elapsed(self.started, self.done).ok().map(|ms| f64::from(ms) / 1e3)
+        let mut ms = 0.0f64;
+        for &(start, end) in &self.timing[..self.joined] {
+            // SAFETY: both recorded on this stream, start first; `end` is waited for.
+            unsafe {
+                result::event::synchronize(end).ok()?;
+                ms += f64::from(result::event::elapsed(start, end).ok()?);
+            }
         }
+        Some(ms / 1e3)
     }
 
     fn abort_handle(&self) -> AbortHandle {
@@ -322,7 +333,10 @@ impl Drop for NcclCollective {
                 let _ = result::stream::synchronize(self.stream);
                 let _ = result::event::destroy(self.ready);
                 let _ = result::event::destroy(self.done);
-                let _ = result::event::destroy(self.started);
+                for &(start, end) in &self.timing {
+                    let _ = result::event::destroy(start);
+                    let _ = result::event::destroy(end);
+                }
                 let _ = result::stream::destroy(self.stream);
             }
         }
