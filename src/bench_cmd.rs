@@ -94,6 +94,26 @@ fn train_on<B: chingu_kernels::Backend>(
             timed += started.elapsed().as_secs_f64();
         }
     }
+    #[cfg(feature = "cuda")]
+    if chingu_kernels::gpu::profile::enabled() && name == "chingu-cuda" {
+        // A few more steps with every launch timed on its own (see gpu::profile).
+        const PROFILED: usize = 3;
+        chingu_kernels::gpu::profile::reset();
+        for step in 0..PROFILED {
+            model.zero_grads();
+            model.forward_backward(&batch, 1, (args.warmup + args.steps + step) as u64 + 1)?;
+            optimizer.update(&mut model)?;
+        }
+        sync();
+        eprintln!(
+            "{} {} x ({}+{}), {PROFILED} steps, every launch timed alone:\n{}",
+            args.preset,
+            args.batch,
+            args.src_len,
+            args.tgt_len,
+            chingu_kernels::gpu::profile::report(PROFILED)
+        );
+    }
     let tokens = args.batch * (args.src_len + args.tgt_len);
     let step_ms = 1000.0 * timed / args.steps as f64;
     let json = serde_json::json!({

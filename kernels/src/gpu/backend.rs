@@ -146,8 +146,12 @@ impl GpuBackend {
             beta,
             bias: bias.map(|b| b.ptr()),
         };
+        let name = || {
+            let t = |transposed| if transposed { "ᵀ" } else { "" };
+            format!("gemm ({op}) {m}×{n}×{k} A{} B{}", t(trans_a), t(trans_b))
+        };
         // SAFETY: extents checked above.
-        check(op, unsafe { self.dev.gemm(&g) });
+        check(op, super::profile::time(&self.dev, name, || unsafe { self.dev.gemm(&g) }));
     }
 }
 

@@ -78,7 +78,12 @@ pub fn gemm(
         beta: if accumulate { 1.0 } else { 0.0 },
         bias: bias.map(DeviceBuffer::ptr),
     };
+    let name = || {
+        let t = |transposed| if transposed { "ᵀ" } else { "" };
+        let out = if c_f32 { "f32" } else { "f16" };
+        format!("gemm {m}×{n}×{k} A{} B{} → {out}", t(trans_a), t(trans_b))
+    };
     // SAFETY: every buffer's length matches the shape, and `c` is borrowed mutably, so it
     // overlaps no input.
-    unsafe { dev.gemm(&g) }
+    super::profile::time(dev, name, || unsafe { dev.gemm(&g) })
 }

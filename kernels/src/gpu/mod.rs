@@ -11,6 +11,7 @@ pub mod backend;
 pub mod collective;
 pub mod gemm;
 pub mod ops;
+pub mod profile;
 pub mod sources;
 
 #[cfg(feature = "cuda")]

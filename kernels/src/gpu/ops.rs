@@ -70,7 +70,11 @@ fn launch(
 ) -> Result<(), GpuError> {
     // SAFETY: every caller below passes exactly the kernel's parameter list, with device
     // buffers whose lengths it has checked against the shapes.
-    unsafe { dev.launch(kernel, grid, block, shared_bytes, args) }
+    super::profile::time(
+        dev,
+        || kernel.to_string(),
+        || unsafe { dev.launch(kernel, grid, block, shared_bytes, args) },
+    )
 }
 
 fn elementwise(
@@ -766,17 +770,27 @@ pub fn cross_entropy(
     Ok((mean, counted))
 }
 
-/// Σ x² over every buffer, deterministic (fixed grid per tensor, partials summed in order).
+/// Blocks of the first pass of [`sum_squares`] for `n` elements: a function of `n` alone
+/// (so the summation order is too), at least 8 elements per thread, at most [`REDUCE_BLOCKS`].
+fn sum_squares_blocks(n: usize) -> usize {
+    n.div_ceil(THREADS as usize * 8).clamp(1, REDUCE_BLOCKS)
+}
+
+/// Σ x² over every buffer, deterministic (a grid fixed by each tensor's length, partials
+/// summed in order).
 pub fn sum_squares(dev: &Gpu, tensors: &[&DeviceBuffer<f32>]) -> Result<f64, GpuError> {
     const OP: &str = "sum_squares_partial_f32";
     if tensors.is_empty() {
         return Ok(0.0);
     }
-    let partials = DeviceBuffer::<f64>::uninit(dev, tensors.len() * REDUCE_BLOCKS)?;
-    for (t, x) in tensors.iter().enumerate() {
+    let slots: usize = tensors.iter().map(|x| sum_squares_blocks(x.len())).sum();
+    let partials = DeviceBuffer::<f64>::uninit(dev, slots)?;
+    let mut slot = partials.ptr();
+    for x in tensors {
         let n = int(OP, "n", x.len())?;
-        let slot = partials.ptr() + (t * REDUCE_BLOCKS * size_of::<f64>()) as u64;
-        launch(dev, OP, (REDUCE_BLOCKS as u32, 1, 1), (THREADS, 1, 1), 0, args![slot, x.ptr(), n])?;
+        let blocks = sum_squares_blocks(x.len());
+        launch(dev, OP, (blocks as u32, 1, 1), (THREADS, 1, 1), 0, args![slot, x.ptr(), n])?;
+        slot += (blocks * size_of::<f64>()) as u64;
     }
     let total = DeviceBuffer::<f64>::uninit(dev, 1)?;
     let count = int(OP, "partials", partials.len())?;
