@@ -1,8 +1,9 @@
 // elementwise.cu — memory-bound one-pass ops over flat buffers of `n` elements.
 //
 // casts fp16↔fp32; GELU (tanh approximation, written as x·σ(2u) like the CPU backend) and
-// ReLU forward/backward; `acc += x` (residual, and fp32 gradient accumulation); `buf *= factor`; bias add over rows and the
-// bias gradient (fp32, accumulated, a fixed row order per column: no atomics).
+// ReLU forward/backward; `acc += x` (residual, and fp32 gradient accumulation);
+// `buf *= factor`; bias add over rows and the bias gradient (fp32, accumulated, two passes:
+// fixed row chunks per column, then the chunks in order; no atomics).
 // Every kernel is grid-stride, so any grid size is correct; fp16 values are read, computed
 // in fp32 and rounded once (round-to-nearest-even) on store.
 #include "common.cuh"
@@ -75,12 +76,27 @@ extern "C" __global__ void bias_add_f16(__half* y, const __half* b, int rows, in
     }
 }
 
-/// db[c] += Σ_r dy[r, c]: one thread per column walks the rows in order (adjacent threads
-/// read adjacent columns, so every row read is coalesced).
-extern "C" __global__ void bias_backward_f16(float* db, const __half* dy, int rows, int cols) {
+/// Bias gradient, pass 1 of 2: block (x, y) sums rows y·chunk .. min((y+1)·chunk, rows) of
+/// its columns in row order into partials[y, c] (adjacent threads read adjacent columns, so
+/// every row read is coalesced). The launcher fixes `chunk` from `rows` alone, so the
+/// summation order depends on the shape only; grid.y spreads the rows over the whole GPU.
+extern "C" __global__ void bias_backward_partial_f16(float* partials, const __half* dy, int rows,
+                                                     int cols, int chunk) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const int first = blockIdx.y * chunk;
+    const int last = min(first + chunk, rows);
+    float sum = 0.0f;
+    for (int r = first; r < last; ++r) sum += __half2float(dy[(long long)r * cols + c]);
+    partials[(long long)blockIdx.y * cols + c] = sum;
+}
+
+/// Bias gradient, pass 2 of 2: db[c] += Σ_y partials[y, c], y in order.
+extern "C" __global__ void bias_backward_final_f32(float* db, const float* partials, int chunks,
+                                                   int cols) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     float sum = 0.0f;
-    for (int r = 0; r < rows; ++r) sum += __half2float(dy[(long long)r * cols + c]);
+    for (int y = 0; y < chunks; ++y) sum += partials[(long long)y * cols + c];
     db[c] += sum;
 }

@@ -361,6 +361,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                 eps: 1e-9,
                 weight_decay: 0.01,
                 step: 1 + i as u64,
+                grad_scale: 1.0 / 65536.0,
             };
             ops::adamw(dev, &mut param, Some(&mut half), &grad, &mut m, &mut var, step)
         })?;

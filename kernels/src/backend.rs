@@ -64,6 +64,9 @@ pub struct AdamW {
     pub weight_decay: f32,
     /// 1-based step, for bias correction.
     pub step: u64,
+    /// Multiplies each gradient before use (loss-scale removal and clipping folded into the
+    /// update, sparing a pass over every gradient): 1 for none.
+    pub grad_scale: f32,
 }
 
 /// What a buffer holds, for backends that store kinds differently (the GPU backend keeps

@@ -331,14 +331,23 @@ fn adamw_matches_the_update_rule() {
     let mut rng = Rng(11);
     let (mut p, g) = (rng.vec(10), rng.vec(10));
     let (mut m, mut v) = (rng.vec(10), rng.vec(10).iter().map(|x| x.abs()).collect::<Vec<_>>());
-    let s = AdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3 };
+    let s = AdamW {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 3,
+        grad_scale: 0.75,
+    };
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
     cpu().adamw(&mut p, &g, &mut m, &mut v, s);
     for i in 0..10 {
         let (lr, b1, b2, eps, wd) =
             (0.01f32 as f64, 0.9f32 as f64, 0.999f32 as f64, 1e-8f32 as f64, 0.1f32 as f64);
-        let mi = b1 * m0[i] + (1.0 - b1) * g[i];
-        let vi = b2 * v0[i] + (1.0 - b2) * g[i] * g[i];
+        let g = g[i] * 0.75;
+        let mi = b1 * m0[i] + (1.0 - b1) * g;
+        let vi = b2 * v0[i] + (1.0 - b2) * g * g;
         let mhat = mi / (1.0 - b1.powi(3));
         let vhat = vi / (1.0 - b2.powi(3));
         let pi = p0[i] * (1.0 - lr * wd) - lr * mhat / (vhat.sqrt() + eps);

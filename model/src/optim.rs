@@ -147,9 +147,9 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// With loss scaling: `(scale, true)` — the scale halved, nothing else changed — when a
-    /// gradient overflowed; otherwise divides the gradients by the scale and returns
-    /// `(scale, false)` with the unscaled gradients' sum of squares (one device read-back
-    /// for the overflow check and the norm together).
+    /// gradient overflowed; otherwise `(scale, false)` with the unscaled gradients' sum of
+    /// squares (one device read-back for the overflow check and the norm together). The
+    /// gradients themselves are divided by the scale inside the update.
     fn unscale(&mut self, model: &mut Model<B>) -> Result<Option<(f32, bool, f64)>> {
         let Some(scaler) = self.scaler.as_mut() else { return Ok(None) };
         let used = scaler.scale;
@@ -167,9 +167,7 @@ impl<B: Backend> Optimizer<B> {
             model.backend.set_loss_scale(scaler.scale);
             return Ok(Some((used, true, f64::NAN)));
         }
-        for grad in &mut model.grads {
-            model.backend.scale(grad, 1.0 / used);
-        }
+        // The gradients are divided by the scale inside the update (`AdamW::grad_scale`).
         scaler.clean_steps += 1;
         if scaler.clean_steps >= scaler.growth_interval {
             // Capped: fp16 gradients need no more, and an infinite scale could never recover.
@@ -195,12 +193,13 @@ impl<B: Backend> Optimizer<B> {
             Some((_, _, sum)) => sum.sqrt(),
             None => self.checked_norm(model)?,
         };
+        // Loss-scale removal and clipping are one multiplier applied inside AdamW (no extra
+        // pass over the gradients). The inverse scale is a power of two, so the product is
+        // exactly what multiplying twice would give.
+        let mut grad_scale = loss_scale.map_or(1.0, |s| 1.0 / s);
         if let Some(clip) = self.settings.clip_norm {
             if grad_norm > f64::from(clip) {
-                let factor = (f64::from(clip) / grad_norm) as f32;
-                for grad in &mut model.grads {
-                    model.backend.scale(grad, factor);
-                }
+                grad_scale *= (f64::from(clip) / grad_norm) as f32;
             }
         }
         self.step += 1;
@@ -213,6 +212,7 @@ impl<B: Backend> Optimizer<B> {
                 eps: self.settings.eps,
                 weight_decay: if spec.decay { self.settings.weight_decay } else { 0.0 },
                 step: self.step,
+                grad_scale,
             };
             model.backend.adamw(
                 &mut model.params[i],

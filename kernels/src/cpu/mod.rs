@@ -708,6 +708,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         let (b1, b2, lr, eps) =
             (T::of(b1), T::of(b2), T::of(f64::from(s.lr)), T::of(f64::from(s.eps)));
         let decay = T::one() - lr * T::of(f64::from(s.weight_decay));
+        let grad_scale = T::of(f64::from(s.grad_scale));
         param
             .par_chunks_mut(1 << 12)
             .zip(grad.par_chunks(1 << 12))
@@ -715,8 +716,9 @@ impl<T: Scalar> Backend for Cpu<T> {
             .zip(v.par_chunks_mut(1 << 12))
             .for_each(|(((p, g), m), v)| {
                 for i in 0..p.len() {
-                    m[i] = b1 * m[i] + (T::one() - b1) * g[i];
-                    v[i] = b2 * v[i] + (T::one() - b2) * g[i] * g[i];
+                    let g = g[i] * grad_scale;
+                    m[i] = b1 * m[i] + (T::one() - b1) * g;
+                    v[i] = b2 * v[i] + (T::one() - b2) * g * g;
                     let m_hat = m[i] / c1;
                     let v_hat = v[i] / c2;
                     // Decoupled decay first, then the Adam step (PyTorch's order).

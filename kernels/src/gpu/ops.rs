@@ -17,6 +17,8 @@ const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 65_535;
 /// Blocks of the first pass of a sum of squares: fixed, so the norm never depends on the GPU.
 const REDUCE_BLOCKS: usize = 256;
+/// Rows each partial sum of the bias gradient covers (its first pass).
+const BIAS_GRAD_ROWS: usize = 64;
 /// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
 const LN_ROWS_PER_BLOCK: usize = 32;
 /// Threads per block of the attention delta kernel (one warp per row and head).
@@ -224,7 +226,7 @@ pub fn bias_add(
     elementwise(dev, OP, rows * cols, args![y.ptr(), b.ptr(), r, c])
 }
 
-/// `db[c] += Σ_r dy[r, c]` (fp32, rows summed in order).
+/// `db[c] += Σ_r dy[r, c]` (fp32; rows in fixed chunks, then the chunks in order).
 pub fn bias_backward(
     dev: &Gpu,
     db: &mut DeviceBuffer<f32>,
@@ -232,13 +234,37 @@ pub fn bias_backward(
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
-    const OP: &str = "bias_backward_f16";
+    const OP: &str = "bias_backward_partial_f16";
     expect_len(OP, "dy", dy, rows * cols)?;
     expect_len(OP, "db", db, cols)?;
     let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
     int(OP, "rows × cols", rows * cols)?;
-    let grid = (cols.div_ceil(THREADS as usize).max(1) as u32, 1, 1);
-    launch(dev, OP, grid, (THREADS, 1, 1), 0, args![db.ptr(), dy.ptr(), r, c])
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    // Rows per partial sum: a function of `rows` alone (the summation order is the shape's),
+    // enough chunks to fill the GPU, at most 65,535 (grid.y's limit).
+    let chunk = BIAS_GRAD_ROWS.max(rows.div_ceil(65_535));
+    let chunks = rows.div_ceil(chunk);
+    let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
+    let (chunk_arg, chunks_arg) = (int(OP, "chunk", chunk)?, int(OP, "chunks", chunks)?);
+    let col_blocks = cols.div_ceil(THREADS as usize) as u32;
+    launch(
+        dev,
+        OP,
+        (col_blocks, chunks as u32, 1),
+        (THREADS, 1, 1),
+        0,
+        args![partials.ptr(), dy.ptr(), r, c, chunk_arg],
+    )?;
+    launch(
+        dev,
+        "bias_backward_final_f32",
+        (col_blocks, 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args![db.ptr(), partials.ptr(), chunks_arg, c],
+    )
 }
 
 /// Inverted dropout in place, dropping exactly the elements the CPU backend drops.
@@ -873,6 +899,7 @@ pub fn adamw(
             s.weight_decay,
             c1,
             c2,
+            s.grad_scale,
             n
         ],
     )
