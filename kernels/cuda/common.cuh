@@ -87,6 +87,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return total;
 }
 
+/// Multi-tensor launches: tensor t owns blocks [first_t, first_t + blocks_t) of the grid, with
+/// `first` the descriptor field at `first_field` of each `fields`-wide u64 descriptor.
+/// Returns the t whose range holds blockIdx.x (binary search; ranges ascend with t).
+__device__ __forceinline__ int tensor_of_block(const unsigned long long* desc, int tensors,
+                                               int fields, int first_field) {
+    int lo = 0, hi = tensors - 1;
+    const unsigned long long b = blockIdx.x;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (desc[(long long)mid * fields + first_field] <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 /// SplitMix64's finaliser, bit for bit as `kernels/src/rng.rs::mix`.
 __device__ __forceinline__ unsigned long long splitmix_mix(unsigned long long z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;

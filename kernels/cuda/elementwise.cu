@@ -80,6 +80,7 @@ extern "C" __global__ void bias_add_f16(__half* y, const __half* b, int rows, in
 /// its columns in row order into partials[y, c] (adjacent threads read adjacent columns, so
 /// every row read is coalesced). The launcher fixes `chunk` from `rows` alone, so the
 /// summation order depends on the shape only; grid.y spreads the rows over the whole GPU.
+/// Pass 2 is `column_sum_f32` (reduce.cu).
 extern "C" __global__ void bias_backward_partial_f16(float* partials, const __half* dy, int rows,
                                                      int cols, int chunk) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -89,14 +90,4 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
     float sum = 0.0f;
     for (int r = first; r < last; ++r) sum += __half2float(dy[(long long)r * cols + c]);
     partials[(long long)blockIdx.y * cols + c] = sum;
-}
-
-/// Bias gradient, pass 2 of 2: db[c] += Σ_y partials[y, c], y in order.
-extern "C" __global__ void bias_backward_final_f32(float* db, const float* partials, int chunks,
-                                                   int cols) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    float sum = 0.0f;
-    for (int y = 0; y < chunks; ++y) sum += partials[(long long)y * cols + c];
-    db[c] += sum;
 }

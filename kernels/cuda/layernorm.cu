@@ -5,9 +5,14 @@
 //           over the row, as the CPU backend, so no cancellation for rows with a large mean).
 // backward: dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = dy·γ (dx is fp16 and
 //           accumulated, as the CPU backend's); dγ += Σ dy·x̂ and dβ += Σ dy (fp32).
-//           Deterministic without atomics: block b handles rows [b·R, (b+1)·R) in order and
-//           writes its partial dγ, dβ to `partials` [blocks, 2, D]; `layernorm_backward_reduce`
-//           then sums the partials over blocks in block order into dγ, dβ.
+//           Deterministic without atomics: each worker (a warp, or a block for the widest
+//           rows) handles rows [w·R, (w+1)·R) in order and writes its partial dγ, dβ to
+//           `partials` [workers, 2, D]; `column_sum_f32` (reduce.cu) then adds the partials
+//           over workers in a fixed order into dγ, dβ.
+//           Rows up to 1,024 wide: one warp per row, lane l owns columns l, l + 32, … with its
+//           dγ, dβ partials in registers (`layernorm_backward_w{256,512,1024}_f16`), so a row
+//           costs two warp reductions and no barrier. Wider rows: one block per R rows
+//           (`layernorm_backward_f16`, partials in shared memory).
 // Shapes: x, y, dy, dx [N, D]; γ, β [D] fp16; dγ, dβ [D] fp32; block size a multiple of 32.
 #include "common.cuh"
 
@@ -39,7 +44,89 @@ extern "C" __global__ void layernorm_forward_f16(__half* y, float* mean_out, flo
     }
 }
 
-/// Dynamic shared memory: 2·D floats (this block's dγ and dβ partials).
+/// Warp-per-row backward for rows of width ≤ 32·COLS (see the file comment); a warp past the
+/// last row chunk returns at once.
+template <int COLS>
+__device__ __forceinline__ void layernorm_backward_warp_rows(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    const int lane = threadIdx.x & 31;
+    const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int first = warp * rows_per_warp;
+    if (first >= rows) return;
+    const int last = min(first + rows_per_warp, rows);
+    // Only the dγ, dβ partials live in registers; the second sweep over a row re-reads dy, x
+    // and γ, which the first left in L1.
+    float dgamma[COLS], dbeta[COLS];
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) {
+        dgamma[k] = 0.0f;
+        dbeta[k] = 0.0f;
+    }
+    for (int row = first; row < last; ++row) {
+        const long long off = (long long)row * width;
+        const float m = mean[row], rs = rstd[row];
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < COLS; ++k) {
+            const int i = lane + 32 * k;
+            if (i < width) {
+                const float g = __half2float(dy[off + i]);
+                const float xhat = (__half2float(x[off + i]) - m) * rs;
+                const float dxhat = g * __half2float(gamma[i]);
+                s1 += dxhat;
+                s2 += dxhat * xhat;
+                dgamma[k] += g * xhat;
+                dbeta[k] += g;
+            }
+        }
+        const float mean_dxhat = chingu::warp_sum(s1) / width;
+        const float mean_dxhat_xhat = chingu::warp_sum(s2) / width;
+#pragma unroll
+        for (int k = 0; k < COLS; ++k) {
+            const int i = lane + 32 * k;
+            if (i < width) {
+                const float xhat = (__half2float(x[off + i]) - m) * rs;
+                const float dxhat = __half2float(dy[off + i]) * __half2float(gamma[i]);
+                const float d = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+                dx[off + i] = __float2half_rn(__half2float(dx[off + i]) + d);
+            }
+        }
+    }
+    float* out = partials + (long long)warp * 2 * width;
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) {
+        const int i = lane + 32 * k;
+        if (i < width) {
+            out[i] = dgamma[k];
+            out[width + i] = dbeta[k];
+        }
+    }
+}
+
+extern "C" __global__ void layernorm_backward_w256_f16(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    layernorm_backward_warp_rows<8>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+                                        rows_per_warp);
+}
+
+extern "C" __global__ void layernorm_backward_w512_f16(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    layernorm_backward_warp_rows<16>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+                                        rows_per_warp);
+}
+
+extern "C" __global__ void layernorm_backward_w1024_f16(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    layernorm_backward_warp_rows<32>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+                                        rows_per_warp);
+}
+
+/// Block-per-chunk backward for rows wider than 1,024. Dynamic shared memory: 2·D floats
+/// (this block's dγ and dβ partials).
 extern "C" __global__ void layernorm_backward_f16(__half* dx, float* partials, const __half* dy,
                                                   const __half* x, const float* mean,
                                                   const float* rstd, const __half* gamma,
@@ -83,19 +170,4 @@ extern "C" __global__ void layernorm_backward_f16(__half* dx, float* partials, c
         out[i] = dgamma[i];
         out[width + i] = dbeta[i];
     }
-}
-
-/// dγ[i] += Σ_b partials[b, 0, i]; dβ[i] += Σ_b partials[b, 1, i], b in order.
-extern "C" __global__ void layernorm_backward_reduce_f32(float* dgamma, float* dbeta,
-                                                         const float* partials, int blocks,
-                                                         int width) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= width) return;
-    float g = 0.0f, b = 0.0f;
-    for (int k = 0; k < blocks; ++k) {
-        g += partials[(long long)k * 2 * width + i];
-        b += partials[(long long)k * 2 * width + width + i];
-    }
-    dgamma[i] += g;
-    dbeta[i] += b;
 }

@@ -6,6 +6,9 @@
 // in one block. The host launches the first pass with a fixed grid for every tensor
 // (writing into consecutive slots of one partials buffer) and the second once, so the norm
 // depends on nothing but the data.
+// `column_sum_f32` adds the column sums of a [count, width] fp32 matrix (row stride `stride`)
+// into out[width], in a fixed order: the second pass of the bias and LayerNorm parameter
+// gradients, whose first passes write per-chunk partial sums.
 // `unscale_f32` multiplies fp32 gradients by 1/scale and raises `*overflow` (an int, only
 // ever set to 1, so concurrent writers agree) when any result is inf or NaN;
 // `check_finite_f16` only checks.
@@ -27,6 +30,27 @@ extern "C" __global__ void sum_squares_partial_f32(double* partials, const float
     sum_squares_partial(partials, x, n);
 }
 
+/// `sum_squares_partial_f32` for many tensors in one launch. desc holds 4 u64 per tensor:
+/// address, n, first block, blocks. Block first + j of tensor t does exactly what block j of
+/// a `blocks`-block `sum_squares_partial_f32` launch over that tensor does and writes slot
+/// first + j, so the partials (and the total) are bit for bit those of one launch per tensor.
+extern "C" __global__ void sum_squares_multi_f32(double* partials,
+                                                 const unsigned long long* desc, int tensors) {
+    __shared__ double scratch[32];
+    const int t = chingu::tensor_of_block(desc, tensors, 4, 2);
+    const float* x = reinterpret_cast<const float*>(desc[t * 4]);
+    const int n = (int)desc[t * 4 + 1];
+    const int first = (int)desc[t * 4 + 2], blocks = (int)desc[t * 4 + 3];
+    const int j = blockIdx.x - first;
+    double s = 0.0;
+    for (int i = j * blockDim.x + threadIdx.x; i < n; i += blocks * blockDim.x) {
+        const double v = (double)x[i];
+        s += v * v;
+    }
+    s = chingu::block_sum(s, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
 extern "C" __global__ void sum_squares_partial_f16(double* partials, const __half* x, int n) {
     sum_squares_partial(partials, x, n);
 }
@@ -38,6 +62,25 @@ extern "C" __global__ void sum_final_f64(double* out, const double* partials, in
     for (int i = threadIdx.x; i < count; i += blockDim.x) s += partials[i];
     s = chingu::block_sum(s, scratch);
     if (threadIdx.x == 0) out[0] = s;
+}
+
+/// out[c] += Σ_k in[k·stride + c], k < count. Block (32 columns, 32 groups): group g sums
+/// k = g, g + 32, … in order, then the 32 group sums are added in group order.
+extern "C" __global__ void column_sum_f32(float* out, const float* in, int count, int width,
+                                          int stride) {
+    __shared__ float part[32][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const int g = threadIdx.y;
+    float s = 0.0f;
+    if (c < width)
+        for (int k = g; k < count; k += 32) s += in[(long long)k * stride + c];
+    part[g][threadIdx.x] = s;
+    __syncthreads();
+    if (g == 0 && c < width) {
+        float total = 0.0f;
+        for (int j = 0; j < 32; ++j) total += part[j][threadIdx.x];
+        out[c] += total;
+    }
 }
 
 extern "C" __global__ void unscale_f32(float* grad, int* overflow, float inv_scale, int n) {

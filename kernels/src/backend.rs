@@ -320,4 +320,18 @@ pub trait Backend: Send + Sync {
         v: &mut Self::Buf,
         settings: AdamW,
     );
+    /// AdamW on every parameter, `settings[i]` for tensor `i` (default: one
+    /// [`Backend::adamw`] each; a GPU updates them all in one launch). Same result either way.
+    fn adamw_all(
+        &self,
+        params: &mut [Self::Buf],
+        grads: &[Self::Buf],
+        m: &mut [Self::Buf],
+        v: &mut [Self::Buf],
+        settings: &[AdamW],
+    ) {
+        for (i, param) in params.iter_mut().enumerate() {
+            self.adamw(param, &grads[i], &mut m[i], &mut v[i], settings[i]);
+        }
+    }
 }

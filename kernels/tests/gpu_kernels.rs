@@ -279,7 +279,7 @@ fn dropout_drops_exactly_what_the_cpu_backend_drops() {
 fn layernorm_matches_the_cpu_backend() {
     let mut rng = SplitMix64(5);
     for dev in devices() {
-        for &(rows, width) in &[(1, 16), (37, 200), (70, 256), (5, 768), (33, 1030)] {
+        for &(rows, width) in &[(1, 16), (37, 200), (70, 256), (300, 384), (5, 768), (33, 1030)] {
             let n = rows * width;
             // A row mean far from zero checks the two-pass variance.
             let (xh, x) = random_half(&mut rng, n, 2.0, 6.0);
@@ -561,6 +561,84 @@ fn adamw_matches_the_cpu_backend() {
             let want_half: Vec<u16> = got_p.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
             let got_half: Vec<u16> = half.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
             assert_eq!(got_half, want_half, "fp16 copy of the master weights on {}", dev.name());
+        }
+    }
+}
+
+#[test]
+fn adamw_over_many_tensors_in_one_launch_equals_one_launch_each() {
+    let mut rng = SplitMix64(12);
+    for dev in devices() {
+        let settings = AdamW {
+            lr: 2e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-9,
+            weight_decay: 0.0,
+            step: 5,
+            grad_scale: 0.5 / 256.0,
+        };
+        let decays = [0.01f32, 0.0, 0.1, 0.01, 0.0];
+        // (param, grad, m, v) per tensor, uploaded twice: one set per way of updating.
+        let host: Vec<[Vec<f32>; 4]> = SIZES
+            .iter()
+            .map(|&n| {
+                [
+                    random_f32(&mut rng, n, -1.0, 1.0),
+                    random_f32(&mut rng, n, -50.0, 50.0),
+                    random_f32(&mut rng, n, -0.01, 0.01),
+                    random_f32(&mut rng, n, 0.0, 1e-4),
+                ]
+            })
+            .collect();
+        let upload = || -> Vec<[DeviceBuffer<f32>; 4]> {
+            host.iter().map(|t| [0, 1, 2, 3].map(|i| up(&dev, &t[i]))).collect()
+        };
+        let (mut one_each, multi) = (upload(), upload());
+        let mut halves: Vec<DeviceBuffer<f16>> =
+            SIZES.iter().map(|&n| poisoned_half(&dev, n)).collect();
+        for (t, bufs) in one_each.iter_mut().enumerate() {
+            let [p, g, m, v] = bufs;
+            let s = AdamW { weight_decay: decays[t], ..settings };
+            // The second tensor has no fp16 copy.
+            let half = (t != 1).then_some(&mut halves[t]);
+            ops::adamw(&dev, p, half, g, m, v, s).unwrap();
+        }
+        let multi_halves: Vec<DeviceBuffer<f16>> =
+            SIZES.iter().map(|&n| poisoned_half(&dev, n)).collect();
+        let tensors: Vec<ops::AdamwTensor<'_>> = multi
+            .iter()
+            .enumerate()
+            .map(|(t, [p, g, m, v])| ops::AdamwTensor {
+                param: p,
+                half: (t != 1).then_some(&multi_halves[t]),
+                grad: g,
+                m,
+                v,
+                weight_decay: decays[t],
+            })
+            .collect();
+        let table = ops::AdamwTable::new(&tensors).unwrap();
+        let uploaded = DeviceBuffer::from_host(&dev, &table.words).unwrap();
+        ops::adamw_multi(&dev, &table, &uploaded, settings).unwrap();
+        for t in 0..SIZES.len() {
+            for (i, what) in ["param", "grad", "m", "v"].iter().enumerate() {
+                let bits = |b: &DeviceBuffer<f32>| -> Vec<u32> {
+                    b.to_host().unwrap().iter().map(|x| x.to_bits()).collect()
+                };
+                assert_eq!(
+                    bits(&one_each[t][i]),
+                    bits(&multi[t][i]),
+                    "{what} of tensor {t} on {}",
+                    dev.name()
+                );
+            }
+            if t != 1 {
+                let bits = |b: &DeviceBuffer<f16>| -> Vec<u16> {
+                    b.to_host().unwrap().iter().map(|x| x.to_bits()).collect()
+                };
+                assert_eq!(bits(&halves[t]), bits(&multi_halves[t]), "fp16 copy of tensor {t}");
+            }
         }
     }
 }

@@ -204,8 +204,11 @@ impl<B: Backend> Optimizer<B> {
         }
         self.step += 1;
         let lr = self.settings.schedule.rate(self.settings.lr, self.step);
-        for (i, spec) in model.layout.specs.iter().enumerate() {
-            let settings = AdamW {
+        let settings: Vec<AdamW> = model
+            .layout
+            .specs
+            .iter()
+            .map(|spec| AdamW {
                 lr,
                 beta1: self.settings.beta1,
                 beta2: self.settings.beta2,
@@ -213,15 +216,15 @@ impl<B: Backend> Optimizer<B> {
                 weight_decay: if spec.decay { self.settings.weight_decay } else { 0.0 },
                 step: self.step,
                 grad_scale,
-            };
-            model.backend.adamw(
-                &mut model.params[i],
-                &model.grads[i],
-                &mut self.exp_avg[i],
-                &mut self.exp_avg_sq[i],
-                settings,
-            );
-        }
+            })
+            .collect();
+        model.backend.adamw_all(
+            &mut model.params,
+            &model.grads,
+            &mut self.exp_avg,
+            &mut self.exp_avg_sq,
+            &settings,
+        );
         Ok(UpdateInfo { grad_norm, lr, loss_scale, skipped: false })
     }
 

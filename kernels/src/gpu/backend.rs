@@ -10,7 +10,7 @@
 //! the cross-entropy gradient, hence every gradient; the trainer unscales before the update.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 
@@ -42,12 +42,19 @@ impl GpuBuf {
     }
 }
 
-/// The model's backend on a CUDA device. Clones share the device and the loss scale.
+/// The model's backend on a CUDA device. Clones share the device, the loss scale and the
+/// uploaded AdamW descriptor table.
 #[derive(Clone)]
 pub struct GpuBackend {
     dev: Gpu,
     loss_scale: Arc<AtomicU32>,
+    /// The last multi-tensor AdamW table and its device copy: the same buffers are updated
+    /// every step, so the table is uploaded once, not once per step.
+    adamw_table: Arc<Mutex<Option<UploadedTable>>>,
 }
+
+/// A multi-tensor AdamW table and its copy on the device.
+type UploadedTable = (ops::AdamwTable, DeviceBuffer<u64>);
 
 fn check<T>(op: &str, r: Result<T, GpuError>) -> T {
     r.unwrap_or_else(|e| panic!("GPU backend, {op}: {e}"))
@@ -87,7 +94,11 @@ fn float_mut<'a>(op: &str, b: &'a mut GpuBuf) -> &'a mut DeviceBuffer<f32> {
 impl GpuBackend {
     /// The backend on `dev`, loss scale 1.
     pub fn new(dev: Gpu) -> Self {
-        Self { dev, loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())) }
+        Self {
+            dev,
+            loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())),
+            adamw_table: Arc::new(Mutex::new(None)),
+        }
     }
 
     /// The device.
@@ -585,5 +596,45 @@ impl Backend for GpuBackend {
         };
         let (g, m, v) = (float(OP, grad), float_mut(OP, m), float_mut(OP, v));
         check(OP, ops::adamw(&self.dev, master, Some(half), g, m, v, settings));
+    }
+
+    fn adamw_all(
+        &self,
+        params: &mut [GpuBuf],
+        grads: &[GpuBuf],
+        m: &mut [GpuBuf],
+        v: &mut [GpuBuf],
+        settings: &[AdamW],
+    ) {
+        const OP: &str = "adamw_all";
+        let Some(&shared) = settings.first() else { return };
+        assert!(
+            settings.iter().all(|s| AdamW { weight_decay: shared.weight_decay, ..*s } == shared),
+            "GPU backend, {OP}: only the weight decay may differ between tensors"
+        );
+        let tensors: Vec<ops::AdamwTensor<'_>> = (0..params.len())
+            .map(|i| {
+                let GpuBuf::Param { master, half } = &params[i] else {
+                    panic!("GPU backend, {OP}: expected a parameter, got {}", params[i].kind());
+                };
+                ops::AdamwTensor {
+                    param: master,
+                    half: Some(half),
+                    grad: float(OP, &grads[i]),
+                    m: float(OP, &m[i]),
+                    v: float(OP, &v[i]),
+                    weight_decay: settings[i].weight_decay,
+                }
+            })
+            .collect();
+        let table = check(OP, ops::AdamwTable::new(&tensors));
+        let mut cached = self.adamw_table.lock().expect("AdamW table");
+        if cached.as_ref().is_none_or(|(t, _)| *t != table) {
+            let uploaded = check(OP, DeviceBuffer::from_host(&self.dev, &table.words));
+            *cached = Some((table, uploaded));
+        }
+        let (table, uploaded) = cached.as_ref().expect("just set");
+        // The table names the buffers borrowed mutably above; the kernel writes through it.
+        check(OP, ops::adamw_multi(&self.dev, table, uploaded, shared));
     }
 }

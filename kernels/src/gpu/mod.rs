@@ -197,6 +197,10 @@ unsafe impl Element for half::f16 {
     const NAME: &'static str = "f16";
 }
 // SAFETY: plain old data.
+unsafe impl Element for u64 {
+    const NAME: &'static str = "u64";
+}
+// SAFETY: plain old data.
 unsafe impl Element for i32 {
     const NAME: &'static str = "i32";
 }

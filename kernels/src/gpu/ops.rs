@@ -21,6 +21,10 @@ const REDUCE_BLOCKS: usize = 256;
 const BIAS_GRAD_ROWS: usize = 64;
 /// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
 const LN_ROWS_PER_BLOCK: usize = 32;
+/// Rows per warp of the warp-per-row LayerNorm backward, at least…
+const LN_MIN_ROWS_PER_WARP: usize = 8;
+/// …and more when needed to keep the partial sums to add up at most this many.
+const LN_MAX_PARTIALS: usize = 1024;
 /// Threads per block of the attention delta kernel (one warp per row and head).
 const ATTN_THREADS: u32 = 128;
 /// Largest head width the attention kernels take (their shared tiles fit 48 KiB up to it).
@@ -247,7 +251,7 @@ pub fn bias_backward(
     let chunk = BIAS_GRAD_ROWS.max(rows.div_ceil(65_535));
     let chunks = rows.div_ceil(chunk);
     let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
-    let (chunk_arg, chunks_arg) = (int(OP, "chunk", chunk)?, int(OP, "chunks", chunks)?);
+    let chunk_arg = int(OP, "chunk", chunk)?;
     let col_blocks = cols.div_ceil(THREADS as usize) as u32;
     launch(
         dev,
@@ -257,13 +261,41 @@ pub fn bias_backward(
         0,
         args![partials.ptr(), dy.ptr(), r, c, chunk_arg],
     )?;
+    column_sums(dev, db, &partials, 0, chunks, cols, cols)
+}
+
+/// `out[c] += Σ_k partials[offset + k·stride + c]` for `k < count`, `c < width`, in a fixed
+/// order (`column_sum_f32`): the second pass of the bias and LayerNorm parameter gradients.
+fn column_sums(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f32>,
+    partials: &DeviceBuffer<f32>,
+    offset: usize,
+    count: usize,
+    width: usize,
+    stride: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "column_sum_f32";
+    expect_len(OP, "out", out, width)?;
+    if count > 0 && offset + (count - 1) * stride + width > partials.len() {
+        return Err(shape(
+            OP,
+            format!(
+                "{count} rows of stride {stride} from {offset} overflow {} partials",
+                partials.len()
+            ),
+        ));
+    }
+    let (n, w, st) =
+        (int(OP, "count", count)?, int(OP, "width", width)?, int(OP, "stride", stride)?);
+    let base = partials.ptr() + (offset * size_of::<f32>()) as u64;
     launch(
         dev,
-        "bias_backward_final_f32",
-        (col_blocks, 1, 1),
-        (THREADS, 1, 1),
+        OP,
+        (width.div_ceil(32) as u32, 1, 1),
+        (32, 32, 1),
         0,
-        args![db.ptr(), partials.ptr(), chunks_arg, c],
+        args![out.ptr(), base, n, w, st],
     )
 }
 
@@ -360,6 +392,42 @@ pub fn layernorm_backward(
     if rows == 0 {
         return Ok(());
     }
+    if width <= 1024 {
+        // One warp per row, its parameter-gradient partials in registers (see layernorm.cu).
+        let kernel = match width {
+            0..=256 => "layernorm_backward_w256_f16",
+            257..=512 => "layernorm_backward_w512_f16",
+            _ => "layernorm_backward_w1024_f16",
+        };
+        // Rows per warp: a function of `rows` alone (so is the summation order), at most
+        // LN_MAX_PARTIALS warps' partials to add up.
+        let per_warp = LN_MIN_ROWS_PER_WARP.max(rows.div_ceil(LN_MAX_PARTIALS));
+        let warps = rows.div_ceil(per_warp);
+        let partials = DeviceBuffer::<f32>::uninit(dev, warps * 2 * width)?;
+        let warps_per_block = (THREADS / 32) as usize;
+        let per_warp_arg = int(OP, "rows per warp", per_warp)?;
+        launch(
+            dev,
+            kernel,
+            (warps.div_ceil(warps_per_block) as u32, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            args![
+                dx.ptr(),
+                partials.ptr(),
+                dy.ptr(),
+                x.ptr(),
+                mean.ptr(),
+                rstd.ptr(),
+                gamma.ptr(),
+                r,
+                w,
+                per_warp_arg
+            ],
+        )?;
+        column_sums(dev, dgamma, &partials, 0, warps, width, 2 * width)?;
+        return column_sums(dev, dbeta, &partials, width, warps, width, 2 * width);
+    }
     let blocks = rows.div_ceil(LN_ROWS_PER_BLOCK);
     let shared =
         u32::try_from(2 * width * size_of::<f32>()).ok().filter(|&b| b <= 48 * 1024).ok_or_else(
@@ -386,15 +454,8 @@ pub fn layernorm_backward(
             per_block
         ],
     )?;
-    let b = int(OP, "blocks", blocks)?;
-    launch(
-        dev,
-        "layernorm_backward_reduce_f32",
-        (width.div_ceil(THREADS as usize) as u32, 1, 1),
-        (THREADS, 1, 1),
-        0,
-        args![dgamma.ptr(), dbeta.ptr(), partials.ptr(), b, w],
-    )?;
+    column_sums(dev, dgamma, &partials, 0, blocks, width, 2 * width)?;
+    column_sums(dev, dbeta, &partials, width, blocks, width, 2 * width)?;
     // The scratch buffer goes back to the device's allocator, which only hands it to later
     // work on the same stream: no need to wait for the kernels here.
     Ok(())
@@ -805,19 +866,31 @@ fn sum_squares_blocks(n: usize) -> usize {
 /// Σ x² over every buffer, deterministic (a grid fixed by each tensor's length, partials
 /// summed in order).
 pub fn sum_squares(dev: &Gpu, tensors: &[&DeviceBuffer<f32>]) -> Result<f64, GpuError> {
-    const OP: &str = "sum_squares_partial_f32";
+    const OP: &str = "sum_squares_multi_f32";
     if tensors.is_empty() {
         return Ok(0.0);
     }
-    let slots: usize = tensors.iter().map(|x| sum_squares_blocks(x.len())).sum();
-    let partials = DeviceBuffer::<f64>::uninit(dev, slots)?;
-    let mut slot = partials.ptr();
+    // One launch for every tensor: block `first_t + j` does what block j of a launch over
+    // tensor t alone would (see `sum_squares_multi_f32`).
+    let mut table = Vec::with_capacity(4 * tensors.len());
+    let mut slots = 0usize;
     for x in tensors {
-        let n = int(OP, "n", x.len())?;
+        int(OP, "n", x.len())?;
         let blocks = sum_squares_blocks(x.len());
-        launch(dev, OP, (blocks as u32, 1, 1), (THREADS, 1, 1), 0, args![slot, x.ptr(), n])?;
-        slot += (blocks * size_of::<f64>()) as u64;
+        table.extend([x.ptr(), x.len() as u64, slots as u64, blocks as u64]);
+        slots += blocks;
     }
+    let partials = DeviceBuffer::<f64>::uninit(dev, slots)?;
+    let table = DeviceBuffer::from_host(dev, &table)?;
+    let count_tensors = int(OP, "tensors", tensors.len())?;
+    launch(
+        dev,
+        OP,
+        (int(OP, "blocks", slots)? as u32, 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args![partials.ptr(), table.ptr(), count_tensors],
+    )?;
     let total = DeviceBuffer::<f64>::uninit(dev, 1)?;
     let count = int(OP, "partials", partials.len())?;
     launch(
@@ -902,6 +975,97 @@ pub fn adamw(
             s.grad_scale,
             n
         ],
+    )
+}
+
+/// One tensor of a multi-tensor AdamW update (see [`AdamwTable`]).
+#[derive(Clone, Copy)]
+pub struct AdamwTensor<'a> {
+    /// fp32 master weights.
+    pub param: &'a DeviceBuffer<f32>,
+    /// Their fp16 copy, refreshed by the update.
+    pub half: Option<&'a DeviceBuffer<f16>>,
+    /// The gradient.
+    pub grad: &'a DeviceBuffer<f32>,
+    /// First moment.
+    pub m: &'a DeviceBuffer<f32>,
+    /// Second moment.
+    pub v: &'a DeviceBuffer<f32>,
+    /// This tensor's weight decay.
+    pub weight_decay: f32,
+}
+
+/// The descriptor table of `adamw_multi_f32` (9 u64 per tensor: five addresses, n, first
+/// block, blocks, weight decay bits), built on the host; equal tables mean the same update,
+/// so a caller may keep the uploaded copy while the table does not change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdamwTable {
+    /// The descriptors.
+    pub words: Vec<u64>,
+    /// Tensors described.
+    pub tensors: usize,
+    /// Blocks of the launch.
+    pub blocks: usize,
+}
+
+impl AdamwTable {
+    /// Checks every tensor's buffers have one length and lays out the blocks.
+    pub fn new(tensors: &[AdamwTensor<'_>]) -> Result<Self, GpuError> {
+        const OP: &str = "adamw_multi_f32";
+        let mut words = Vec::with_capacity(9 * tensors.len());
+        let mut blocks = 0usize;
+        for t in tensors {
+            let n = t.param.len();
+            int(OP, "n", n)?;
+            expect_len(OP, "grad", t.grad, n)?;
+            expect_len(OP, "m", t.m, n)?;
+            expect_len(OP, "v", t.v, n)?;
+            if let Some(h) = t.half {
+                expect_len(OP, "param_half", h, n)?;
+            }
+            let own = blocks_for(n) as usize;
+            words.extend([
+                t.param.ptr(),
+                t.half.map_or(0, DeviceBuffer::ptr),
+                t.grad.ptr(),
+                t.m.ptr(),
+                t.v.ptr(),
+                n as u64,
+                blocks as u64,
+                own as u64,
+                u64::from(t.weight_decay.to_bits()),
+            ]);
+            blocks += own;
+        }
+        int(OP, "blocks", blocks)?;
+        Ok(Self { words, tensors: tensors.len(), blocks })
+    }
+}
+
+/// AdamW on every tensor of `table` (uploaded as `uploaded`) in one launch; `s` gives the
+/// shared settings (its weight decay is ignored: each tensor has its own). Bit for bit what
+/// [`adamw`] does tensor by tensor.
+pub fn adamw_multi(
+    dev: &Gpu,
+    table: &AdamwTable,
+    uploaded: &DeviceBuffer<u64>,
+    s: AdamW,
+) -> Result<(), GpuError> {
+    const OP: &str = "adamw_multi_f32";
+    expect_len(OP, "uploaded table", uploaded, table.words.len())?;
+    if table.tensors == 0 {
+        return Ok(());
+    }
+    let c1 = (1.0 - f64::from(s.beta1).powi(s.step as i32)) as f32;
+    let c2 = (1.0 - f64::from(s.beta2).powi(s.step as i32)) as f32;
+    let tensors = int(OP, "tensors", table.tensors)?;
+    launch(
+        dev,
+        OP,
+        (table.blocks as u32, 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args![uploaded.ptr(), tensors, s.lr, s.beta1, s.beta2, s.eps, c1, c2, s.grad_scale],
     )
 }
 
