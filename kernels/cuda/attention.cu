@@ -31,8 +31,10 @@
 // per warp (__syncwarp). Tiles entirely above the causal diagonal or past key_len are
 // skipped (per block for the loads, per warp for the arithmetic). The launcher picks, by Dh,
 // the first (W, T) of (4,32), (4,16), (2,32), (2,16), (1,32), (1,16) whose shared memory
-// fits 48 KiB (Dh 64: W 4, T 32 for all three kernels; Dh 128: forward (4,32), backward
-// (2,32); Dh 256: forward (2,16), backward (1,16)).
+// fits what the device opted the kernel in to (`Device::max_dynamic_shared`: 99 KiB on
+// sm_86/89 and on the emulator, 163/227 KiB on sm_80/90, else 48 KiB). Dh 64: (4,32)
+// everywhere; Dh 128 and 192: (4,32) with the opt-in (at 48 KiB: forward (4,32)/(4,16),
+// backward (2,32)/(2,16)); Dh 256 at 99 KiB: forward (4,32), backward (4,16).
 //
 // Per warp and tile: the 16 × T score tile (and dP tile in the backward) is computed with
 // WMMA into float fragments and stored into the warp's own float region (leading dimension

@@ -683,13 +683,14 @@ fn attention_matches_the_cpu_backend() {
         (3, 33, 33, 2, 64, true, 0, &[33, 1, 20]), // causal self-attention
         (2, 1, 70, 2, 64, true, 69, &[70, 40]), // decoding one token with a KV cache
         (1, 70, 70, 1, 64, true, 0, &[70]),     // several tiles each way, causal
-        (2, 5, 9, 1, 192, false, 0, &[9, 3]),   // the large head width
+        (2, 5, 9, 1, 192, false, 0, &[9, 3]),   // the large head width (seed-768's)
+        (1, 70, 70, 2, 192, true, 0, &[70]),    // …over several 64-row blocks and 32-key tiles
         (2, 4, 20, 2, 16, true, 10, &[20, 0]),  // chunked decoding; a row with no key
         (1, 33, 17, 3, 32, false, 0, &[17]),    // more queries than keys
         (1, 130, 130, 1, 64, true, 0, &[130]),  // multi-tile 64-row blocks, causal
         (3, 200, 200, 2, 64, false, 0, &[200, 77, 131]), // multi-tile, partial key lengths
-        (1, 40, 40, 1, 128, true, 0, &[40]),    // two 64-column passes, backward W 2
-        (1, 20, 24, 1, 256, true, 4, &[23]),    // widest head: W 2 / W 1, T 16
+        (1, 40, 40, 1, 128, true, 0, &[40]),    // two 64-column passes
+        (1, 20, 24, 1, 256, true, 4, &[23]),    // widest head: four passes, T 16 at 99 KiB
     ];
     for dev in devices() {
         for &(batch, q_len, k_len, heads, head_dim, causal, q_offset, key_len) in cases {

@@ -22,6 +22,8 @@ pub struct CudaDevice {
     label: String,
     arch: (i32, i32),
     functions: HashMap<String, sys::CUfunction>,
+    /// Per kernel, the dynamic shared memory it was opted in to (absent: 48 KiB).
+    shared_limits: HashMap<String, usize>,
     /// cuBLASLt, when libcublasLt could be loaded.
     blas: Option<Blas>,
     /// Freed allocations by rounded size, handed out again: a training step frees and
@@ -112,6 +114,32 @@ impl CudaDevice {
                 functions.insert(kernel, f);
             }
         }
+        // Opt every kernel in to the device's largest shared memory per block (the attention
+        // kernels use bigger tiles with it); a kernel that refuses keeps the default 48 KiB.
+        let optin = attr_optin(dev)?;
+        let mut shared_limits = HashMap::new();
+        for (name, &f) in &functions {
+            use sys::CUfunction_attribute_enum as A;
+            // SAFETY: `f` is a loaded function of the current context.
+            let granted = unsafe {
+                let fixed = result::function::get_function_attribute(
+                    f,
+                    A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                )
+                .unwrap_or(0)
+                .max(0) as usize;
+                let dynamic = optin.saturating_sub(fixed);
+                result::function::set_function_attribute(
+                    f,
+                    A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dynamic as i32,
+                )
+                .map(|()| dynamic)
+            };
+            if let Ok(dynamic) = granted {
+                shared_limits.insert(name.clone(), dynamic.max(48 * 1024));
+            }
+        }
         // SAFETY: only tries to open the library.
         let blas =
             if unsafe { lt_sys::is_culib_present() } { Some(Blas::new(context)?) } else { None };
@@ -121,6 +149,7 @@ impl CudaDevice {
             label: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
             arch: (major, minor),
             functions,
+            shared_limits,
             blas,
             cache: std::sync::Mutex::new(HashMap::new()),
         })
@@ -160,9 +189,22 @@ impl CudaDevice {
     }
 }
 
+/// The device's opt-in limit of shared memory per block (48 KiB where it has none).
+fn attr_optin(dev: sys::CUdevice) -> Result<usize, GpuError> {
+    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    // SAFETY: `dev` is a valid device handle.
+    let bytes = unsafe { result::device::get_attribute(dev, attr) }
+        .map_err(driver("cuDeviceGetAttribute"))?;
+    Ok((bytes.max(0) as usize).max(48 * 1024))
+}
+
 impl Device for CudaDevice {
     fn name(&self) -> String {
         self.label.clone()
+    }
+
+    fn max_dynamic_shared(&self, kernel: &str) -> usize {
+        self.shared_limits.get(kernel).copied().unwrap_or(48 * 1024)
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {

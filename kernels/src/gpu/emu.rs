@@ -57,6 +57,12 @@ impl Device for EmuDevice {
         "emu (CUDA emulated on the CPU)".to_string()
     }
 
+    /// The smallest opt-in limit of the architectures built for (sm_86 and sm_89: 99 KiB), so
+    /// the tests run the block shapes a consumer card gets.
+    fn max_dynamic_shared(&self, _kernel: &str) -> usize {
+        99 * 1024
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
         let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
         // SAFETY: non-zero size.

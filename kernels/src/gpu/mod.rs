@@ -168,6 +168,12 @@ pub trait Device: Send + Sync {
     fn memory_in_use(&self) -> Option<usize> {
         None
     }
+    /// The most dynamic shared memory `kernel` may be launched with, in bytes: 48 KiB unless
+    /// the device opted the kernel in to more (Ampere and later: up to 99 KiB on sm_86/89,
+    /// 163 KiB on sm_80, 227 KiB on sm_90).
+    fn max_dynamic_shared(&self, _kernel: &str) -> usize {
+        48 * 1024
+    }
     /// One matrix product (see [`Gemm`]).
     ///
     /// # Safety

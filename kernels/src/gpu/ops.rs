@@ -506,7 +506,7 @@ fn attention_args(
 /// Block shape of an attention kernel: warps W (each owns 16 rows of the block's own
 /// dimension), the walked tile T (16 or 32 rows), and the dynamic shared memory in bytes,
 /// as `kernels/cuda/attention.cu`'s header gives them: the first (W, T) whose memory fits
-/// 48 KiB.
+/// what the device lets the kernels use (48 KiB, or more where it opted them in).
 #[derive(Clone, Copy)]
 struct AttnBlock {
     warps: usize,
@@ -515,7 +515,7 @@ struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(head_dim: usize, forward: bool) -> Self {
+    fn new(head_dim: usize, forward: bool, limit: usize) -> Self {
         let ld = head_dim + 8;
         for (warps, tile) in [(4, 32), (4, 16), (2, 32), (2, 16), (1, 32), (1, 16)] {
             let bytes = if forward {
@@ -525,7 +525,7 @@ impl AttnBlock {
             } else {
                 2 * ld * (32 * warps + 2 * tile) + warps * 32 * (tile + 4) * 4 + 2 * tile * 4
             };
-            if bytes <= ATTN_MAX_SHARED {
+            if bytes <= limit.max(ATTN_MAX_SHARED) {
                 return AttnBlock { warps, tile: tile as i32, shared: bytes as u32 };
             }
         }
@@ -567,7 +567,7 @@ pub fn attention_forward(
     if out.is_empty() {
         return Ok(());
     }
-    let blk = AttnBlock::new(s.head_dim, true);
+    let blk = AttnBlock::new(s.head_dim, true, dev.max_dynamic_shared("attention_forward_f16"));
     let grid = (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32);
     launch(
         dev,
@@ -636,7 +636,10 @@ pub fn attention_backward(
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
         )?;
     }
-    let blk = AttnBlock::new(s.head_dim, false);
+    let limit = dev
+        .max_dynamic_shared("attention_backward_dkdv_f16")
+        .min(dev.max_dynamic_shared("attention_backward_dq_f16"));
+    let blk = AttnBlock::new(s.head_dim, false, limit);
     if !dk.is_empty() {
         launch(
             dev,
