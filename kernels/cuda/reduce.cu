@@ -1,11 +1,10 @@
 // reduce.cu — deterministic reductions over gradients, and loss-scale unscaling.
 //
-// Global gradient norm, two passes with a fixed shape: `sum_squares_partial_{f32,f16}` lets
-// block b of a launch sum x[i]² over its fixed grid-stride indices (in double, tree order
-// fixed by the block size) into partials[b]; `sum_final_f64` sums `count` partials in order
-// in one block. The host launches the first pass with a fixed grid for every tensor
-// (writing into consecutive slots of one partials buffer) and the second once, so the norm
-// depends on nothing but the data.
+// Global gradient norm, two passes with a fixed shape: `sum_squares_multi_f32` lets each
+// block sum x[i]² over its tensor's fixed grid-stride indices (in double, tree order fixed
+// by the block size) into its own partial slot, every tensor in one launch with a block
+// count fixed by its length; `sum_final_f64` sums the partials in order in one block. So the
+// norm depends on nothing but the data.
 // `column_sum_f32` adds the column sums of a [count, width] fp32 matrix (row stride `stride`)
 // into out[width], in a fixed order: the second pass of the bias and LayerNorm parameter
 // gradients, whose first passes write per-chunk partial sums.
@@ -14,26 +13,11 @@
 // `check_finite_f16` only checks.
 #include "common.cuh"
 
-template <typename T>
-__device__ __forceinline__ void sum_squares_partial(double* partials, const T* x, int n) {
-    __shared__ double scratch[32];
-    double s = 0.0;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const double v = (double)(float)x[i];
-        s += v * v;
-    }
-    s = chingu::block_sum(s, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = s;
-}
-
-extern "C" __global__ void sum_squares_partial_f32(double* partials, const float* x, int n) {
-    sum_squares_partial(partials, x, n);
-}
-
-/// `sum_squares_partial_f32` for many tensors in one launch. desc holds 4 u64 per tensor:
-/// address, n, first block, blocks. Block first + j of tensor t does exactly what block j of
-/// a `blocks`-block `sum_squares_partial_f32` launch over that tensor does and writes slot
-/// first + j, so the partials (and the total) are bit for bit those of one launch per tensor.
+/// First pass over many fp32 tensors in one launch. desc holds 4 u64 per tensor: address, n,
+/// first block, blocks. Block first + j of tensor t sums x[i]² (in double) over
+/// i = j·blockDim + tid, stepping by blocks·blockDim — its tensor's own grid-stride share —
+/// and writes slot first + j: the partials depend on each tensor's length alone, however
+/// tensors are grouped into launches.
 extern "C" __global__ void sum_squares_multi_f32(double* partials,
                                                  const unsigned long long* desc, int tensors) {
     __shared__ double scratch[32];
@@ -49,10 +33,6 @@ extern "C" __global__ void sum_squares_multi_f32(double* partials,
     }
     s = chingu::block_sum(s, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
-}
-
-extern "C" __global__ void sum_squares_partial_f16(double* partials, const __half* x, int n) {
-    sum_squares_partial(partials, x, n);
 }
 
 /// out[0] = Σ partials[0..count) in a fixed order (one block).

@@ -80,8 +80,6 @@ const Entry KERNELS[] = {
     KERNEL(layernorm_backward_w256_f16),
     KERNEL(layernorm_backward_w512_f16),
     KERNEL(layernorm_backward_w1024_f16),
-    KERNEL(sum_squares_partial_f32),
-    KERNEL(sum_squares_partial_f16),
     KERNEL(sum_squares_multi_f32),
     KERNEL(sum_final_f64),
     KERNEL(unscale_f32),
