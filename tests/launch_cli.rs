@@ -171,6 +171,13 @@ fn two_workers_equal_one_worker_accumulating_two_batches() {
     let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert_eq!(first["tokens_per_s_by_rank"].as_array().unwrap().len(), 2);
     assert!(first["loss"].as_f64().unwrap() > 0.0);
+    // Each rank told the coordinator which device it opened.
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(two.join("run/status.json")).unwrap())
+            .unwrap();
+    let devices: Vec<&str> =
+        status["ranks"].as_array().unwrap().iter().map(|r| r["device"].as_str().unwrap()).collect();
+    assert_eq!(devices, ["cpu", "cpu"], "{status}");
     for log in ["coordinator.jsonl", "worker-0.jsonl", "worker-1.jsonl"] {
         assert!(
             std::fs::metadata(two.join("run/logs").join(log)).unwrap().len() > 0,

@@ -487,6 +487,10 @@ impl Job {
                             let _ = commands.try_send(Ok(pb::Command { command: Some(stop) }));
                         }
                     }
+                    Some(pb::worker_event::Event::Device(d)) => {
+                        tracing::info!(rank, device = %d.device, "worker opened its device");
+                        slot.device = d.device;
+                    }
                     Some(pb::worker_event::Event::Heartbeat(h)) => {
                         slot.step = slot.step.max(h.step)
                     }

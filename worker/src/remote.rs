@@ -125,8 +125,9 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
     let join = runtime
         .block_on(client.join(pb::JoinRequest {
             host: hostname(),
-            device: "cpu".into(),
-            capabilities: vec!["cpu".into(), "tcp-ring".into()],
+            // Which device is known only once the job spec is: a DeviceOpened event follows.
+            device: "pending".into(),
+            capabilities: capabilities(),
             requested_rank: args.requested_rank.map_or(-1, |r| r as i32),
             pid: std::process::id(),
         }))
@@ -230,6 +231,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         // Inside the session: a rank that cannot get its device reports a fatal error to the
         // coordinator, which fails the job at once instead of restarting it in vain.
         let gpu = open_gpu(&spec.backend, rank as usize, world as usize)?;
+        send(pb::worker_event::Event::Device(pb::DeviceOpened { device: device_name(&gpu) }));
         if let Some(e) = nccl_id_error {
             return Err(WorkerError::Training(format!("rank 0 could not start NCCL: {e}")));
         }
@@ -444,6 +446,34 @@ fn open_gpu(backend: &str, _rank: usize, _world: usize) -> Result<Option<()>> {
         }
         _ => Ok(None),
     }
+}
+
+/// What this build can do, for the coordinator's log: `cpu`, `tcp-ring`, and with CUDA
+/// support `cuda` (plus `nccl` when its library loads).
+fn capabilities() -> Vec<String> {
+    let can = vec!["cpu".to_string(), "tcp-ring".to_string()];
+    #[cfg(feature = "cuda")]
+    let can = {
+        let mut can = can;
+        can.push("cuda".into());
+        if chingu_kernels::gpu::nccl::present() {
+            can.push("nccl".into());
+        }
+        can
+    };
+    can
+}
+
+/// What `chingu status` shows for the device a rank trains on.
+#[cfg(feature = "cuda")]
+fn device_name(gpu: &Option<chingu_kernels::gpu::cuda::CudaDevice>) -> String {
+    use chingu_kernels::gpu::Device as _;
+    gpu.as_ref().map_or_else(|| "cpu".to_string(), |dev| dev.name())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_name(_gpu: &Option<()>) -> String {
+    "cpu".to_string()
 }
 
 /// Whether this job's ranks sum with NCCL: `workers.collective = "nccl"`, or `"auto"` with
