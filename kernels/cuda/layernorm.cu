@@ -44,6 +44,28 @@ extern "C" __global__ void layernorm_forward_f16(__half* y, float* mean_out, flo
     }
 }
 
+/// One element's part of its row's backward sums: Σ dx̂ and Σ dx̂·x̂ (for dx), dγ and dβ.
+__device__ __forceinline__ void layernorm_backward_sums(float g, float x, float gamma, float m,
+                                                        float rs, float& s1, float& s2,
+                                                        float& dgamma, float& dbeta) {
+    const float xhat = (x - m) * rs;
+    const float dxhat = g * gamma;
+    s1 += dxhat;
+    s2 += dxhat * xhat;
+    dgamma += g * xhat;
+    dbeta += g;
+}
+
+/// dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) for one element (fp16, accumulated).
+__device__ __forceinline__ void layernorm_backward_dx(__half* dx, float g, float x, float gamma,
+                                                      float m, float rs, float mean_dxhat,
+                                                      float mean_dxhat_xhat) {
+    const float xhat = (x - m) * rs;
+    const float dxhat = g * gamma;
+    const float d = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+    *dx = __float2half_rn(__half2float(*dx) + d);
+}
+
 /// Warp-per-row backward for rows of width ≤ 32·COLS (see the file comment); a warp past the
 /// last row chunk returns at once.
 template <int COLS>
@@ -70,27 +92,20 @@ __device__ __forceinline__ void layernorm_backward_warp_rows(
 #pragma unroll
         for (int k = 0; k < COLS; ++k) {
             const int i = lane + 32 * k;
-            if (i < width) {
-                const float g = __half2float(dy[off + i]);
-                const float xhat = (__half2float(x[off + i]) - m) * rs;
-                const float dxhat = g * __half2float(gamma[i]);
-                s1 += dxhat;
-                s2 += dxhat * xhat;
-                dgamma[k] += g * xhat;
-                dbeta[k] += g;
-            }
+            if (i < width)
+                layernorm_backward_sums(__half2float(dy[off + i]), __half2float(x[off + i]),
+                                        __half2float(gamma[i]), m, rs, s1, s2, dgamma[k],
+                                        dbeta[k]);
         }
         const float mean_dxhat = chingu::warp_sum(s1) / width;
         const float mean_dxhat_xhat = chingu::warp_sum(s2) / width;
 #pragma unroll
         for (int k = 0; k < COLS; ++k) {
             const int i = lane + 32 * k;
-            if (i < width) {
-                const float xhat = (__half2float(x[off + i]) - m) * rs;
-                const float dxhat = __half2float(dy[off + i]) * __half2float(gamma[i]);
-                const float d = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
-                dx[off + i] = __float2half_rn(__half2float(dx[off + i]) + d);
-            }
+            if (i < width)
+                layernorm_backward_dx(dx + off + i, __half2float(dy[off + i]),
+                                      __half2float(x[off + i]), __half2float(gamma[i]), m, rs,
+                                      mean_dxhat, mean_dxhat_xhat);
         }
     }
     float* out = partials + (long long)warp * 2 * width;
@@ -147,23 +162,15 @@ extern "C" __global__ void layernorm_backward_f16(__half* dx, float* partials, c
         float s1 = 0.0f, s2 = 0.0f;
         // Each thread owns the columns i ≡ threadIdx.x (mod blockDim), so its dγ/dβ entries
         // are touched by it alone and need no barrier between rows.
-        for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            const float g = __half2float(dy[off + i]);
-            const float xhat = (__half2float(x[off + i]) - m) * rs;
-            const float dxhat = g * __half2float(gamma[i]);
-            s1 += dxhat;
-            s2 += dxhat * xhat;
-            dgamma[i] += g * xhat;
-            dbeta[i] += g;
-        }
+        for (int i = threadIdx.x; i < width; i += blockDim.x)
+            layernorm_backward_sums(__half2float(dy[off + i]), __half2float(x[off + i]),
+                                    __half2float(gamma[i]), m, rs, s1, s2, dgamma[i], dbeta[i]);
         const float mean_dxhat = chingu::block_sum(s1, scratch) / width;
         const float mean_dxhat_xhat = chingu::block_sum(s2, scratch) / width;
-        for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            const float xhat = (__half2float(x[off + i]) - m) * rs;
-            const float dxhat = __half2float(dy[off + i]) * __half2float(gamma[i]);
-            const float d = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
-            dx[off + i] = __float2half_rn(__half2float(dx[off + i]) + d);
-        }
+        for (int i = threadIdx.x; i < width; i += blockDim.x)
+            layernorm_backward_dx(dx + off + i, __half2float(dy[off + i]),
+                                  __half2float(x[off + i]), __half2float(gamma[i]), m, rs,
+                                  mean_dxhat, mean_dxhat_xhat);
     }
     float* out = partials + (long long)blockIdx.x * 2 * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {

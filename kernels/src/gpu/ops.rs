@@ -392,8 +392,10 @@ pub fn layernorm_backward(
     if rows == 0 {
         return Ok(());
     }
-    if width <= 1024 {
-        // One warp per row, its parameter-gradient partials in registers (see layernorm.cu).
+    // (kernel, blocks, threads, dynamic shared bytes, rows per worker, workers): one warp per
+    // row up to 1,024 wide (its parameter-gradient partials in registers, see layernorm.cu),
+    // else one block per row chunk.
+    let (kernel, blocks, threads, shared, per_worker, workers) = if width <= 1024 {
         let kernel = match width {
             0..=256 => "layernorm_backward_w256_f16",
             257..=512 => "layernorm_backward_w512_f16",
@@ -403,43 +405,25 @@ pub fn layernorm_backward(
         // LN_MAX_PARTIALS warps' partials to add up.
         let per_warp = LN_MIN_ROWS_PER_WARP.max(rows.div_ceil(LN_MAX_PARTIALS));
         let warps = rows.div_ceil(per_warp);
-        let partials = DeviceBuffer::<f32>::uninit(dev, warps * 2 * width)?;
-        let warps_per_block = (THREADS / 32) as usize;
-        let per_warp_arg = int(OP, "rows per warp", per_warp)?;
-        launch(
-            dev,
-            kernel,
-            (warps.div_ceil(warps_per_block) as u32, 1, 1),
-            (THREADS, 1, 1),
-            0,
-            args![
-                dx.ptr(),
-                partials.ptr(),
-                dy.ptr(),
-                x.ptr(),
-                mean.ptr(),
-                rstd.ptr(),
-                gamma.ptr(),
-                r,
-                w,
-                per_warp_arg
-            ],
-        )?;
-        column_sums(dev, dgamma, &partials, 0, warps, width, 2 * width)?;
-        return column_sums(dev, dbeta, &partials, width, warps, width, 2 * width);
-    }
-    let blocks = rows.div_ceil(LN_ROWS_PER_BLOCK);
-    let shared =
-        u32::try_from(2 * width * size_of::<f32>()).ok().filter(|&b| b <= 48 * 1024).ok_or_else(
-            || shape(OP, format!("width {width} needs more than 48 KiB of shared memory")),
-        )?;
-    let partials = DeviceBuffer::<f32>::uninit(dev, blocks * 2 * width)?;
-    let per_block = LN_ROWS_PER_BLOCK as i32;
+        let blocks = warps.div_ceil((THREADS / 32) as usize);
+        (kernel, blocks, THREADS, 0, per_warp, warps)
+    } else {
+        let shared = u32::try_from(2 * width * size_of::<f32>())
+            .ok()
+            .filter(|&b| b <= 48 * 1024)
+            .ok_or_else(|| {
+            shape(OP, format!("width {width} needs more than 48 KiB of shared memory"))
+        })?;
+        let blocks = rows.div_ceil(LN_ROWS_PER_BLOCK);
+        (OP, blocks, row_threads(width), shared, LN_ROWS_PER_BLOCK, blocks)
+    };
+    let partials = DeviceBuffer::<f32>::uninit(dev, workers * 2 * width)?;
+    let per_worker_arg = int(OP, "rows per worker", per_worker)?;
     launch(
         dev,
-        OP,
+        kernel,
         (blocks as u32, 1, 1),
-        (row_threads(width), 1, 1),
+        (threads, 1, 1),
         shared,
         args![
             dx.ptr(),
@@ -451,11 +435,11 @@ pub fn layernorm_backward(
             gamma.ptr(),
             r,
             w,
-            per_block
+            per_worker_arg
         ],
     )?;
-    column_sums(dev, dgamma, &partials, 0, blocks, width, 2 * width)?;
-    column_sums(dev, dbeta, &partials, width, blocks, width, 2 * width)?;
+    column_sums(dev, dgamma, &partials, 0, workers, width, 2 * width)?;
+    column_sums(dev, dbeta, &partials, width, workers, width, 2 * width)?;
     // The scratch buffer goes back to the device's allocator, which only hands it to later
     // work on the same stream: no need to wait for the kernels here.
     Ok(())
