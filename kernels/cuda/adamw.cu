@@ -15,7 +15,8 @@ __device__ __forceinline__ void adamw_range(float* param, __half* param_half, co
                                             float c2, float grad_scale, int n, int start,
                                             int stride) {
     const float decay = 1.0f - lr * weight_decay;
-    for (int i = start; i < n; i += stride) {
+    // 64-bit index: i + stride must not overflow for n near INT_MAX.
+    for (long long i = start; i < n; i += stride) {
         const float g = grad[i] * grad_scale;
         const float mi = beta1 * m[i] + (1.0f - beta1) * g;
         const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;

@@ -27,7 +27,8 @@ extern "C" __global__ void sum_squares_multi_f32(double* partials,
     const int first = (int)desc[t * 4 + 2], blocks = (int)desc[t * 4 + 3];
     const int j = blockIdx.x - first;
     double s = 0.0;
-    for (int i = j * blockDim.x + threadIdx.x; i < n; i += blocks * blockDim.x) {
+    for (long long i = (long long)j * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blocks * blockDim.x) {
         const double v = (double)x[i];
         s += v * v;
     }

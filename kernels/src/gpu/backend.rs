@@ -48,9 +48,10 @@ impl GpuBuf {
 pub struct GpuBackend {
     dev: Gpu,
     loss_scale: Arc<AtomicU32>,
-    /// The last multi-tensor AdamW table and its device copy: the same buffers are updated
-    /// every step, so the table is uploaded once, not once per step.
-    adamw_table: Arc<Mutex<Option<UploadedTable>>>,
+    /// The last two multi-tensor AdamW tables and their device copies, newest first: the same
+    /// buffers are updated every step (or two sets in turn, when gradient accumulation swaps
+    /// them), so a table is uploaded once, not once per step.
+    adamw_tables: Arc<Mutex<Vec<UploadedTable>>>,
 }
 
 /// A multi-tensor AdamW table and its copy on the device.
@@ -97,7 +98,7 @@ impl GpuBackend {
         Self {
             dev,
             loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())),
-            adamw_table: Arc::new(Mutex::new(None)),
+            adamw_tables: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -628,12 +629,16 @@ impl Backend for GpuBackend {
             })
             .collect();
         let table = check(OP, ops::AdamwTable::new(&tensors));
-        let mut cached = self.adamw_table.lock().expect("AdamW table");
-        if cached.as_ref().is_none_or(|(t, _)| *t != table) {
-            let uploaded = check(OP, DeviceBuffer::from_host(&self.dev, &table.words));
-            *cached = Some((table, uploaded));
+        let mut cached = self.adamw_tables.lock().expect("AdamW tables");
+        match cached.iter().position(|(t, _)| *t == table) {
+            Some(i) => cached.swap(0, i),
+            None => {
+                let uploaded = check(OP, DeviceBuffer::from_host(&self.dev, &table.words));
+                cached.insert(0, (table, uploaded));
+                cached.truncate(2);
+            }
         }
-        let (table, uploaded) = cached.as_ref().expect("just set");
+        let (table, uploaded) = &cached[0];
         // The table names the buffers borrowed mutably above; the kernel writes through it.
         check(OP, ops::adamw_multi(&self.dev, table, uploaded, shared));
     }

@@ -85,11 +85,17 @@ pub fn unique_id() -> Result<Vec<u8>, GpuError> {
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
-/// The communicator, shared with abort handles.
+/// The communicator, shared with abort handles. NCCL communicators are not thread-safe: every
+/// call holds the lock, so an abort from another thread never frees the communicator under a
+/// call in progress.
 struct Comm {
     /// Null once destroyed or aborted.
     handle: Mutex<nccl::ncclComm_t>,
 }
+
+/// How long an abort waits for a call in progress on another thread before giving up (the
+/// process is exiting anyway; a call blocked on a dead peer would never let go).
+const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 // SAFETY: NCCL communicators may be used from any thread; the mutex serialises abort/destroy.
 unsafe impl Send for Comm {}
@@ -97,31 +103,59 @@ unsafe impl Send for Comm {}
 unsafe impl Sync for Comm {}
 
 impl Comm {
-    fn get(&self) -> Result<nccl::ncclComm_t, GpuError> {
-        let comm = *self.handle.lock().expect("NCCL communicator");
+    /// Runs `f` with the live communicator, holding the lock throughout.
+    fn with<R>(
+        &self,
+        f: impl FnOnce(nccl::ncclComm_t) -> Result<R, GpuError>,
+    ) -> Result<R, GpuError> {
+        let comm = self.handle.lock().unwrap_or_else(|e| e.into_inner());
         if comm.is_null() {
-            Err(GpuError::Collective("the NCCL communicator was aborted".into()))
-        } else {
-            Ok(comm)
+            return Err(GpuError::Collective("the NCCL communicator was aborted".into()));
         }
+        f(*comm)
     }
 
+    /// Aborts (pending device work is cancelled, nothing waits) unless another thread holds
+    /// the communicator for longer than [`ABORT_PATIENCE`].
     fn abort(&self) {
-        let mut comm = self.handle.lock().expect("NCCL communicator");
-        if !comm.is_null() {
-            // SAFETY: a live communicator, never used again (the handle is nulled).
-            unsafe { nccl::ncclCommAbort(*comm) };
-            *comm = std::ptr::null_mut();
+        let deadline = std::time::Instant::now() + ABORT_PATIENCE;
+        loop {
+            match self.handle.try_lock() {
+                Ok(mut comm) => {
+                    if !comm.is_null() {
+                        // SAFETY: a live communicator no call is using (we hold the lock),
+                        // never used again (the handle is nulled).
+                        unsafe { nccl::ncclCommAbort(*comm) };
+                        *comm = std::ptr::null_mut();
+                    }
+                    return;
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    let mut comm = p.into_inner();
+                    if !comm.is_null() {
+                        // SAFETY: as above.
+                        unsafe { nccl::ncclCommAbort(*comm) };
+                        *comm = std::ptr::null_mut();
+                    }
+                    return;
+                }
+                Err(std::sync::TryLockError::WouldBlock)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            }
         }
     }
 }
 
 impl Drop for Comm {
     fn drop(&mut self) {
-        let comm = *self.handle.get_mut().expect("NCCL communicator");
+        let comm = *self.handle.get_mut().unwrap_or_else(|e| e.into_inner());
         if !comm.is_null() {
-            // SAFETY: a live communicator with no work pending (the owner joined and the host
-            // waited), destroyed once.
+            // SAFETY: a live communicator with no work pending (`NcclCollective::drop` aborts
+            // it instead when work is pending), destroyed once.
             unsafe { nccl::ncclCommDestroy(comm) };
         }
     }
@@ -191,23 +225,26 @@ impl NcclCollective {
                 message: format!("{e:?}"),
             }
         };
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .map_err(driver("cuStreamCreate"))?;
-        let event = |flags| result::event::create(flags).map_err(driver("cuEventCreate"));
-        let ready = event(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
-        let done = event(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
-        Ok(Self {
+        // Built with null handles first, so a failure below frees what was made (Drop skips
+        // the null ones) and the communicator (Comm's Drop).
+        let mut this = Self {
             comm,
             rank,
             world,
             context: device.context(),
-            stream,
-            ready,
-            done,
+            stream: std::ptr::null_mut(),
+            ready: std::ptr::null_mut(),
+            done: std::ptr::null_mut(),
             timing: Vec::new(),
             groups: 0,
             joined: 0,
-        })
+        };
+        this.stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(driver("cuStreamCreate"))?;
+        let event = |flags| result::event::create(flags).map_err(driver("cuEventCreate"));
+        this.ready = event(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+        this.done = event(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+        Ok(this)
     }
 
     fn bind(&self) -> Result<(), GpuError> {
@@ -217,17 +254,18 @@ impl NcclCollective {
             message: format!("{e:?}"),
         })
     }
+}
 
-    fn async_error(&self, comm: nccl::ncclComm_t) -> Result<(), GpuError> {
-        let mut state = nccl::ncclResult_t::ncclSuccess;
-        // SAFETY: a live communicator; writes one status.
-        check(
-            "ncclCommGetAsyncError",
-            unsafe { nccl::ncclCommGetAsyncError(comm, &mut state) },
-            Some(comm),
-        )?;
-        check("an all-reduce (asynchronous error)", state, Some(comm))
-    }
+/// NCCL's asynchronous error state of `comm` (a failed or aborted sum), as an error.
+fn async_error(comm: nccl::ncclComm_t) -> Result<(), GpuError> {
+    let mut state = nccl::ncclResult_t::ncclSuccess;
+    // SAFETY: a live communicator (the caller holds it); writes one status.
+    check(
+        "ncclCommGetAsyncError",
+        unsafe { nccl::ncclCommGetAsyncError(comm, &mut state) },
+        Some(comm),
+    )?;
+    check("an all-reduce (asynchronous error)", state, Some(comm))
 }
 
 fn driver_err(call: &'static str) -> impl FnOnce(result::DriverError) -> GpuError {
@@ -244,66 +282,76 @@ impl DeviceCollective for NcclCollective {
     }
 
     unsafe fn queue_all_reduce(&mut self, buffers: &[(DevicePtr, usize)]) -> Result<(), GpuError> {
-        let comm = self.comm.get()?;
         self.bind()?;
-        let compute = std::ptr::null_mut();
-        // SAFETY: events and streams of this context; the communication stream waits for the
-        // compute stream's work so far (the caller's gradients are final there).
-        unsafe {
-            result::event::record(self.ready, compute).map_err(driver_err("cuEventRecord"))?;
-            result::stream::wait_event(
-                self.stream,
-                self.ready,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-            .map_err(driver_err("cuStreamWaitEvent"))?;
-            if self.groups == self.timing.len() {
-                let timed = || {
-                    result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
-                        .map_err(driver_err("cuEventCreate"))
-                };
-                self.timing.push((timed()?, timed()?));
-            }
-            let (start, end) = self.timing[self.groups];
-            self.groups += 1;
-            result::event::record(start, self.stream).map_err(driver_err("cuEventRecord"))?;
-            check("ncclGroupStart", nccl::ncclGroupStart(), Some(comm))?;
-            for &(ptr, len) in buffers {
-                let r = nccl::ncclAllReduce(
-                    ptr as *const std::ffi::c_void,
-                    ptr as *mut std::ffi::c_void,
-                    len,
-                    nccl::ncclDataType_t::ncclFloat32,
-                    nccl::ncclRedOp_t::ncclSum,
-                    comm,
-                    self.stream as nccl::cudaStream_t,
-                );
-                if r != nccl::ncclResult_t::ncclSuccess {
-                    let _ = nccl::ncclGroupEnd();
-                    return check("ncclAllReduce", r, Some(comm));
-                }
-            }
-            check("ncclGroupEnd", nccl::ncclGroupEnd(), Some(comm))?;
-            result::event::record(end, self.stream).map_err(driver_err("cuEventRecord"))?;
+        if self.groups == self.timing.len() {
+            let timed = || {
+                result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                    .map_err(driver_err("cuEventCreate"))
+            };
+            let pair = (timed()?, timed()?);
+            self.timing.push(pair);
         }
-        self.async_error(comm)
+        let (start, end) = self.timing[self.groups];
+        let (ready, stream) = (self.ready, self.stream);
+        let comm = self.comm.clone();
+        comm.with(|comm| {
+            // SAFETY: events and streams of this context; the communication stream waits for
+            // the compute stream's work so far (the caller's gradients are final there); the
+            // communicator is held (see `Comm`).
+            unsafe {
+                result::event::record(ready, std::ptr::null_mut())
+                    .map_err(driver_err("cuEventRecord"))?;
+                result::stream::wait_event(
+                    stream,
+                    ready,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(driver_err("cuStreamWaitEvent"))?;
+                result::event::record(start, stream).map_err(driver_err("cuEventRecord"))?;
+                check("ncclGroupStart", nccl::ncclGroupStart(), Some(comm))?;
+                for &(ptr, len) in buffers {
+                    let r = nccl::ncclAllReduce(
+                        ptr as *const std::ffi::c_void,
+                        ptr as *mut std::ffi::c_void,
+                        len,
+                        nccl::ncclDataType_t::ncclFloat32,
+                        nccl::ncclRedOp_t::ncclSum,
+                        comm,
+                        stream as nccl::cudaStream_t,
+                    );
+                    if r != nccl::ncclResult_t::ncclSuccess {
+                        let _ = nccl::ncclGroupEnd();
+                        return check("ncclAllReduce", r, Some(comm));
+                    }
+                }
+                check("ncclGroupEnd", nccl::ncclGroupEnd(), Some(comm))?;
+                result::event::record(end, stream).map_err(driver_err("cuEventRecord"))?;
+            }
+            async_error(comm)
+        })?;
+        // Counted once its events are recorded, so `last_seconds` reads recorded pairs only.
+        self.groups += 1;
+        Ok(())
     }
 
     fn join(&mut self) -> Result<(), GpuError> {
-        let comm = self.comm.get()?;
         self.bind()?;
-        // SAFETY: as in `queue_all_reduce`; the compute stream now waits for the sums.
-        unsafe {
-            result::event::record(self.done, self.stream).map_err(driver_err("cuEventRecord"))?;
-            result::stream::wait_event(
-                std::ptr::null_mut(),
-                self.done,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-            .map_err(driver_err("cuStreamWaitEvent"))?;
-        }
+        let (done, stream) = (self.done, self.stream);
+        self.comm.clone().with(|comm| {
+            // SAFETY: as in `queue_all_reduce`; the compute stream now waits for the sums.
+            unsafe {
+                result::event::record(done, stream).map_err(driver_err("cuEventRecord"))?;
+                result::stream::wait_event(
+                    std::ptr::null_mut(),
+                    done,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(driver_err("cuStreamWaitEvent"))?;
+            }
+            async_error(comm)
+        })?;
         self.joined = std::mem::take(&mut self.groups);
-        self.async_error(comm)
+        Ok(())
     }
 
     fn last_seconds(&mut self) -> Option<f64> {
@@ -326,18 +374,32 @@ impl DeviceCollective for NcclCollective {
 }
 
 impl Drop for NcclCollective {
+    /// Frees the stream and events. Sums still pending (a peer failed mid-step, or an error
+    /// cut the step short) are not waited for — that could wait forever — but cancelled by
+    /// aborting the communicator; otherwise the communicator is destroyed normally.
     fn drop(&mut self) {
-        if self.bind().is_ok() {
-            // SAFETY: this collective's own handles, destroyed once after its work finished.
-            unsafe {
-                let _ = result::stream::synchronize(self.stream);
-                let _ = result::event::destroy(self.ready);
-                let _ = result::event::destroy(self.done);
-                for &(start, end) in &self.timing {
-                    let _ = result::event::destroy(start);
-                    let _ = result::event::destroy(end);
+        if self.bind().is_err() {
+            return;
+        }
+        // SAFETY: this collective's own handles, each destroyed once; null ones were never
+        // made (a failed `new`).
+        unsafe {
+            if !self.stream.is_null() {
+                let pending = result::event::record(self.done, self.stream).is_err()
+                    || result::event::query(self.done).is_err();
+                if pending {
+                    self.comm.abort();
                 }
                 let _ = result::stream::destroy(self.stream);
+            }
+            for event in [self.ready, self.done] {
+                if !event.is_null() {
+                    let _ = result::event::destroy(event);
+                }
+            }
+            for &(start, end) in &self.timing {
+                let _ = result::event::destroy(start);
+                let _ = result::event::destroy(end);
             }
         }
     }
