@@ -81,14 +81,18 @@ fn train_on<B: chingu_kernels::Backend>(
     let mut optimizer =
         Optimizer::new(&model, OptimizerSettings { lr: 1e-4, ..OptimizerSettings::default() });
     let batch = synthetic_batch(args);
+    // One training step; true when fp16 overflow skipped its update.
+    let mut train_step = |step: usize| -> anyhow::Result<bool> {
+        model.zero_grads();
+        model.forward_backward(&batch, 1, step as u64 + 1)?;
+        Ok(optimizer.update(&mut model)?.skipped)
+    };
     let mut timed = 0.0;
     let mut skipped = 0;
     for step in 0..args.warmup + args.steps {
         sync();
         let started = Instant::now();
-        model.zero_grads();
-        model.forward_backward(&batch, 1, step as u64 + 1)?;
-        skipped += usize::from(optimizer.update(&mut model)?.skipped);
+        skipped += usize::from(train_step(step)?);
         sync();
         if step >= args.warmup {
             timed += started.elapsed().as_secs_f64();
@@ -100,9 +104,7 @@ fn train_on<B: chingu_kernels::Backend>(
         const PROFILED: usize = 3;
         chingu_kernels::gpu::profile::reset();
         for step in 0..PROFILED {
-            model.zero_grads();
-            model.forward_backward(&batch, 1, (args.warmup + args.steps + step) as u64 + 1)?;
-            optimizer.update(&mut model)?;
+            train_step(args.warmup + args.steps + step)?;
         }
         sync();
         eprintln!(

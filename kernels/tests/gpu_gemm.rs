@@ -128,40 +128,18 @@ fn run_case(
     };
     let bias_buf = (mode == Mode::Bias).then(|| DeviceBuffer::from_host(dev, &bias_half).unwrap());
     let accumulate = mode == Mode::Accumulate;
+    let run = |c: GemmOut<'_>| {
+        gemm(dev, c, &a, trans_a, &b, trans_b, m, n, k, accumulate, bias_buf.as_ref())
+            .unwrap_or_else(|e| panic!("{case}: {e}"))
+    };
     let got: Vec<f64> = if c_f32 {
         let init: Vec<f32> = c0_half.iter().map(|x| x.to_f32()).collect();
         let mut c = DeviceBuffer::from_host(dev, &init).unwrap();
-        gemm(
-            dev,
-            GemmOut::F32(&mut c),
-            &a,
-            trans_a,
-            &b,
-            trans_b,
-            m,
-            n,
-            k,
-            accumulate,
-            bias_buf.as_ref(),
-        )
-        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        run(GemmOut::F32(&mut c));
         c.to_host().unwrap().iter().map(|&x| f64::from(x)).collect()
     } else {
         let mut c = DeviceBuffer::from_host(dev, &c0_half).unwrap();
-        gemm(
-            dev,
-            GemmOut::F16(&mut c),
-            &a,
-            trans_a,
-            &b,
-            trans_b,
-            m,
-            n,
-            k,
-            accumulate,
-            bias_buf.as_ref(),
-        )
-        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        run(GemmOut::F16(&mut c));
         c.to_host().unwrap().iter().map(|x| x.to_f64()).collect()
     };
     let accumulation = 4.0 * (k + 2) as f64 * 2f64.powi(-24);

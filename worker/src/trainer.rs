@@ -86,7 +86,8 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f32,
-    /// Seconds the gradient all-reduce took on its thread (0 for one rank).
+    /// Seconds the gradient all-reduce worked: on its helper thread (host collectives) or on
+    /// the device, group by group (NCCL); 0 without a collective.
     pub allreduce_s: f64,
     /// Seconds of it not hidden behind the backward pass (the step waited for them).
     pub allreduce_exposed_s: f64,
@@ -492,7 +493,7 @@ const OVERLAP_BUCKET: usize = 1 << 18;
 /// Time spent in the all-reduce of one step.
 #[derive(Debug, Clone, Copy, Default)]
 struct CommStats {
-    /// Seconds the collective worked (on its own thread).
+    /// Seconds the collective worked (its thread's time, or the device's per-group time).
     reduce_s: f64,
     /// Seconds the step waited for it after the backward pass.
     exposed_s: f64,

@@ -158,12 +158,8 @@ impl GpuBackend {
             beta,
             bias: bias.map(|b| b.ptr()),
         };
-        let name = || {
-            let t = |transposed| if transposed { "ᵀ" } else { "" };
-            format!("gemm ({op}) {m}×{n}×{k} A{} B{}", t(trans_a), t(trans_b))
-        };
         // SAFETY: extents checked above.
-        check(op, super::profile::time(&self.dev, name, || unsafe { self.dev.gemm(&g) }));
+        check(op, unsafe { super::gemm::run(&self.dev, op, &g) });
     }
 }
 
@@ -487,10 +483,8 @@ impl Backend for GpuBackend {
     }
 
     fn gelu_forward(&self, y: &mut GpuBuf, x: &GpuBuf) {
-        check(
-            "gelu_forward",
-            ops::gelu_forward(&self.dev, half_mut("gelu_forward", y), half("gelu_forward", x)),
-        );
+        const OP: &str = "gelu_forward";
+        check(OP, ops::gelu_forward(&self.dev, half_mut(OP, y), half(OP, x)));
     }
 
     fn gelu_backward(&self, dx: &mut GpuBuf, dy: &GpuBuf, x: &GpuBuf) {
@@ -499,10 +493,8 @@ impl Backend for GpuBackend {
     }
 
     fn relu_forward(&self, y: &mut GpuBuf, x: &GpuBuf) {
-        check(
-            "relu_forward",
-            ops::relu_forward(&self.dev, half_mut("relu_forward", y), half("relu_forward", x)),
-        );
+        const OP: &str = "relu_forward";
+        check(OP, ops::relu_forward(&self.dev, half_mut(OP, y), half(OP, x)));
     }
 
     fn relu_backward(&self, dx: &mut GpuBuf, dy: &GpuBuf, x: &GpuBuf) {

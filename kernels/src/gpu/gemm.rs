@@ -78,12 +78,23 @@ pub fn gemm(
         beta: if accumulate { 1.0 } else { 0.0 },
         bias: bias.map(DeviceBuffer::ptr),
     };
-    let name = || {
-        let t = |transposed| if transposed { "ᵀ" } else { "" };
-        let out = if c_f32 { "f32" } else { "f16" };
-        format!("gemm {m}×{n}×{k} A{} B{} → {out}", t(trans_a), t(trans_b))
-    };
     // SAFETY: every buffer's length matches the shape, and `c` is borrowed mutably, so it
     // overlaps no input.
-    super::profile::time(dev, name, || unsafe { dev.gemm(&g) })
+    unsafe { run(dev, "", &g) }
+}
+
+/// Runs `g` on `dev`, timed under a name showing the op and shape when profiling (see
+/// [`super::profile`]): the one place every product goes through.
+///
+/// # Safety
+/// Every pointer in `g` must cover the matrix the shape says it holds.
+pub unsafe fn run(dev: &Gpu, op: &str, g: &Gemm) -> Result<(), GpuError> {
+    let name = || {
+        let t = |transposed| if transposed { "ᵀ" } else { "" };
+        let out = if g.c_f32 { "f32" } else { "f16" };
+        let op = if op.is_empty() { String::new() } else { format!(" ({op})") };
+        format!("gemm{op} {}×{}×{} A{} B{} → {out}", g.m, g.n, g.k, t(g.trans_a), t(g.trans_b))
+    };
+    // SAFETY: the caller's contract.
+    super::profile::time(dev, name, || unsafe { dev.gemm(g) })
 }

@@ -119,26 +119,10 @@ impl Comm {
     /// the communicator for longer than [`ABORT_PATIENCE`].
     fn abort(&self) {
         let deadline = std::time::Instant::now() + ABORT_PATIENCE;
-        loop {
+        let mut comm = loop {
             match self.handle.try_lock() {
-                Ok(mut comm) => {
-                    if !comm.is_null() {
-                        // SAFETY: a live communicator no call is using (we hold the lock),
-                        // never used again (the handle is nulled).
-                        unsafe { nccl::ncclCommAbort(*comm) };
-                        *comm = std::ptr::null_mut();
-                    }
-                    return;
-                }
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    let mut comm = p.into_inner();
-                    if !comm.is_null() {
-                        // SAFETY: as above.
-                        unsafe { nccl::ncclCommAbort(*comm) };
-                        *comm = std::ptr::null_mut();
-                    }
-                    return;
-                }
+                Ok(comm) => break comm,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
                 Err(std::sync::TryLockError::WouldBlock)
                     if std::time::Instant::now() < deadline =>
                 {
@@ -146,6 +130,12 @@ impl Comm {
                 }
                 Err(std::sync::TryLockError::WouldBlock) => return,
             }
+        };
+        if !comm.is_null() {
+            // SAFETY: a live communicator no call is using (we hold the lock), never used
+            // again (the handle is nulled).
+            unsafe { nccl::ncclCommAbort(*comm) };
+            *comm = std::ptr::null_mut();
         }
     }
 }
