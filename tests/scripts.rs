@@ -14,12 +14,15 @@ fn nccl_link_makes_the_link_cudarc_looks_for() {
     std::fs::write(wheel.join("libnccl.so.2"), b"not really a library").unwrap();
     let dest = tmp.path().join("link");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nccl-link");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&dest)
-        .env("LD_LIBRARY_PATH", &wheel)
-        .output()
-        .unwrap();
+    let run = || {
+        Command::new("bash")
+            .arg(&script)
+            .arg(&dest)
+            .env("LD_LIBRARY_PATH", &wheel)
+            .output()
+            .unwrap()
+    };
+    let out = run();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), dest.to_str().unwrap());
     let link = dest.join("libnccl.so");
@@ -29,12 +32,7 @@ fn nccl_link_makes_the_link_cudarc_looks_for() {
     assert!(std::fs::metadata(&link).unwrap().is_file(), "the link resolves to a file");
 
     // Run again: the link is replaced, not duplicated or failed on.
-    let again = Command::new("bash")
-        .arg(&script)
-        .arg(&dest)
-        .env("LD_LIBRARY_PATH", &wheel)
-        .output()
-        .unwrap();
+    let again = run();
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 1);
 }
