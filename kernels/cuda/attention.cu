@@ -42,9 +42,12 @@
 // pair shuffle) and write P or dS as fp16 for the next products — in the backward in place
 // over the float rows they came from (leading dimension 2·(T + 4) halves), after a
 // __syncwarp once both lanes of the row hold their values in registers. Accumulators (O, dQ,
-// dK, dV) stay in registers as fragments, 4 column tiles (64 columns) per pass: a head wider
-// than 64 is done in ceil(Dh/64) passes over the other dimension, each recomputing the
-// scores (the softmax statistics come out bit-identical in every pass). The forward rescales
+// dK, dV) stay in registers as fragments, CT column tiles (16·CT columns) per pass, CT a
+// template parameter with one kernel per value (names end in _c<CT>_f16): forward and dQ
+// take the whole head in one pass (CT = Dh/16 rounded up to 4, 8, 12 or 16), so the scores
+// are computed once per tile; dK/dV holds two accumulators per column and takes CT ≤ 8, so
+// Dh 192 and 256 are two passes over the queries, each recomputing the scores (the softmax
+// statistics come out bit-identical in every pass). The forward rescales
 // O row-wise by alpha = exp(m_old − m_new) through a "row index" accumulator fragment,
 // loaded once from a 16 × 16 tile holding each element's row number: element e of any
 // accumulator fragment belongs to row rowf.x[e], and alpha of that row is read from column T
@@ -73,8 +76,6 @@
 namespace chingu {
 namespace attn {
 
-/// Output column tiles (16 columns each) a warp accumulates per pass.
-constexpr int COL_TILES = 4;
 /// 16-row sub-tiles of a walked tile (T ≤ 32).
 constexpr int MAX_SUB = 2;
 /// Walked-tile columns a lane handles (T/2 ≤ 16).
@@ -212,13 +213,16 @@ __device__ __forceinline__ bool sees(int i, int j, int kl, int causal, int q_off
 }  // namespace attn
 }  // namespace chingu
 
-/// Grid (ceil(Tq/16W), H, B), 32·W threads; `tile` = T keys per walked tile; shared memory
-/// as in the header.
-extern "C" __global__ void attention_forward_f16(__half* out, float* lse, const __half* q,
-                                                 const __half* k, const __half* v,
-                                                 const int* key_len, int batch, int q_len,
-                                                 int k_len, int heads, int head_dim,
-                                                 int causal, int q_offset, int tile) {
+#define CHINGU_ATTN_FORWARD_PARAMS                                                          \
+    __half *out, float *lse, const __half *q, const __half *k, const __half *v,               \
+        const int *key_len, int batch, int q_len, int k_len, int heads, int head_dim,       \
+        int causal, int q_offset, int tile
+#define CHINGU_ATTN_FORWARD_ARGS \
+    out, lse, q, k, v, key_len, batch, q_len, k_len, heads, head_dim, causal, q_offset, tile
+
+/// The forward body; CT = output column tiles (16 columns each) a warp accumulates per pass.
+template <int CT>
+__device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
     CHINGU_DYNAMIC_SMEM(float4, smem);
@@ -257,9 +261,9 @@ extern "C" __global__ void attention_forward_f16(__half* out, float* lse, const 
     FragC rowf;
     row_index_fragment(rowf, sw, lds);
 
-    for (int c0 = 0; c0 < col_tiles; c0 += COL_TILES) {
-        FragC o[COL_TILES];
-        for (int t = 0; t < COL_TILES; ++t) wmma::fill_fragment(o[t], 0.0f);
+    for (int c0 = 0; c0 < col_tiles; c0 += CT) {
+        FragC o[CT];
+        for (int t = 0; t < CT; ++t) wmma::fill_fragment(o[t], 0.0f);
         float m = chingu::neg_inf(), l = 0.0f;  // log2 units
 
         for (int k0 = 0; k0 < block_limit; k0 += tile) {
@@ -326,13 +330,13 @@ extern "C" __global__ void attention_forward_f16(__half* out, float* lse, const 
             // O = alpha·O + P·V.
             for (int e = 0; e < rowf.num_elements; ++e) {
                 const float a = sw[(int)rowf.x[e] * lds + tile];
-                for (int t = 0; t < COL_TILES; ++t) o[t].x[e] *= a;
+                for (int t = 0; t < CT; ++t) o[t].x[e] *= a;
             }
             for (int kf = 0; kf < MAX_SUB; ++kf) {
                 if (kf >= nsub) break;
                 FragA fp;
                 wmma::load_matrix_sync(fp, pw + 16 * kf, ldp);
-                for (int t = 0; t < COL_TILES; ++t) {
+                for (int t = 0; t < CT; ++t) {
                     const int n = c0 + t;
                     if (n >= col_tiles) break;
                     FragB fv;
@@ -348,9 +352,9 @@ extern "C" __global__ void attention_forward_f16(__half* out, float* lse, const 
         __syncwarp();
         for (int e = 0; e < rowf.num_elements; ++e) {
             const float a = sw[(int)rowf.x[e] * lds + tile];
-            for (int t = 0; t < COL_TILES; ++t) o[t].x[e] *= a;
+            for (int t = 0; t < CT; ++t) o[t].x[e] *= a;
         }
-        for (int t = 0; t < COL_TILES; ++t) {
+        for (int t = 0; t < CT; ++t) {
             const int n = c0 + t;
             if (n >= col_tiles) break;
             write_tile(out + q_base + 16 * n, o[t], sw, lds, wq0, q_len, q_len, width);
@@ -382,12 +386,17 @@ extern "C" __global__ void attention_backward_delta_f16(float* delta, const __ha
     }
 }
 
-/// Grid (ceil(Tk/16W), H, B), 32·W threads; `tile` = T queries per walked tile; shared
-/// memory as in the header.
-extern "C" __global__ void attention_backward_dkdv_f16(
-    __half* dk, __half* dv, const __half* d_out, const __half* q, const __half* k,
-    const __half* v, const float* lse, const float* delta, const int* key_len, int batch,
-    int q_len, int k_len, int heads, int head_dim, int causal, int q_offset, int tile) {
+#define CHINGU_ATTN_DKDV_PARAMS                                                             \
+    __half *dk, __half *dv, const __half *d_out, const __half *q, const __half *k,            \
+        const __half *v, const float *lse, const float *delta, const int *key_len, int batch, \
+        int q_len, int k_len, int heads, int head_dim, int causal, int q_offset, int tile
+#define CHINGU_ATTN_DKDV_ARGS                                                               \
+    dk, dv, d_out, q, k, v, lse, delta, key_len, batch, q_len, k_len, heads, head_dim, causal, \
+        q_offset, tile
+
+/// The dK/dV body; CT = column tiles of dK and of dV a warp accumulates per pass.
+template <int CT>
+__device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
     CHINGU_DYNAMIC_SMEM(float4, smem);
@@ -436,9 +445,9 @@ extern "C" __global__ void attention_backward_dkdv_f16(
     __half* prow = reinterpret_cast<__half*>(sw) + r * ldh;
     __half* dsrow = reinterpret_cast<__half*>(dpw) + r * ldh;
 
-    for (int c0 = 0; c0 < col_tiles; c0 += COL_TILES) {
-        FragC dk_acc[COL_TILES], dv_acc[COL_TILES];
-        for (int t = 0; t < COL_TILES; ++t) {
+    for (int c0 = 0; c0 < col_tiles; c0 += CT) {
+        FragC dk_acc[CT], dv_acc[CT];
+        for (int t = 0; t < CT; ++t) {
             wmma::fill_fragment(dk_acc[t], 0.0f);
             wmma::fill_fragment(dv_acc[t], 0.0f);
         }
@@ -511,7 +520,7 @@ extern "C" __global__ void attention_backward_dkdv_f16(
                 FragA fp, fds;
                 wmma::load_matrix_sync(fp, reinterpret_cast<__half*>(sw) + 16 * kf, ldh);
                 wmma::load_matrix_sync(fds, reinterpret_cast<__half*>(dpw) + 16 * kf, ldh);
-                for (int t = 0; t < COL_TILES; ++t) {
+                for (int t = 0; t < CT; ++t) {
                     const int n = c0 + t;
                     if (n >= col_tiles) break;
                     FragB fb;
@@ -525,7 +534,7 @@ extern "C" __global__ void attention_backward_dkdv_f16(
 
         // Keys j < k_len are written; those ≥ key_len get zeros.
         __syncwarp();
-        for (int t = 0; t < COL_TILES; ++t) {
+        for (int t = 0; t < CT; ++t) {
             const int n = c0 + t;
             if (n >= col_tiles) break;
             for (int e = 0; e < dk_acc[t].num_elements; ++e) dk_acc[t].x[e] *= scale;
@@ -535,12 +544,17 @@ extern "C" __global__ void attention_backward_dkdv_f16(
     }
 }
 
-/// Grid (ceil(Tq/16W), H, B), 32·W threads; `tile` = T keys per walked tile; shared memory
-/// as in the header.
-extern "C" __global__ void attention_backward_dq_f16(
-    __half* dq, const __half* d_out, const __half* q, const __half* k, const __half* v,
-    const float* lse, const float* delta, const int* key_len, int batch, int q_len, int k_len,
-    int heads, int head_dim, int causal, int q_offset, int tile) {
+#define CHINGU_ATTN_DQ_PARAMS                                                                \
+    __half *dq, const __half *d_out, const __half *q, const __half *k, const __half *v,        \
+        const float *lse, const float *delta, const int *key_len, int batch, int q_len,        \
+        int k_len, int heads, int head_dim, int causal, int q_offset, int tile
+#define CHINGU_ATTN_DQ_ARGS                                                                  \
+    dq, d_out, q, k, v, lse, delta, key_len, batch, q_len, k_len, heads, head_dim, causal,     \
+        q_offset, tile
+
+/// The dQ body; CT = dQ column tiles a warp accumulates per pass.
+template <int CT>
+__device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
     CHINGU_DYNAMIC_SMEM(float4, smem);
@@ -586,9 +600,9 @@ extern "C" __global__ void attention_backward_dq_f16(
     const float* dprow = dpw + r * lds;
     __half* dsrow = reinterpret_cast<__half*>(sw) + r * ldh;
 
-    for (int c0 = 0; c0 < col_tiles; c0 += COL_TILES) {
-        FragC dq_acc[COL_TILES];
-        for (int t = 0; t < COL_TILES; ++t) wmma::fill_fragment(dq_acc[t], 0.0f);
+    for (int c0 = 0; c0 < col_tiles; c0 += CT) {
+        FragC dq_acc[CT];
+        for (int t = 0; t < CT; ++t) wmma::fill_fragment(dq_acc[t], 0.0f);
 
         for (int k0 = 0; k0 < block_limit; k0 += tile) {
             __syncthreads();  // every warp is done with the previous K/V tile
@@ -643,7 +657,7 @@ extern "C" __global__ void attention_backward_dq_f16(
                 if (kf >= nsub) break;
                 FragA fds;
                 wmma::load_matrix_sync(fds, reinterpret_cast<__half*>(sw) + 16 * kf, ldh);
-                for (int t = 0; t < COL_TILES; ++t) {
+                for (int t = 0; t < CT; ++t) {
                     const int n = c0 + t;
                     if (n >= col_tiles) break;
                     FragB fk;
@@ -654,11 +668,47 @@ extern "C" __global__ void attention_backward_dq_f16(
         }
 
         __syncwarp();
-        for (int t = 0; t < COL_TILES; ++t) {
+        for (int t = 0; t < CT; ++t) {
             const int n = c0 + t;
             if (n >= col_tiles) break;
             for (int e = 0; e < dq_acc[t].num_elements; ++e) dq_acc[t].x[e] *= scale;
             write_tile(dq + q_base + 16 * n, dq_acc[t], sw, lds, wq0, q_len, q_len, width);
         }
     }
+}
+
+// The kernels: one instance per accumulator width. Forward and dQ hold a whole head row of up
+// to 64·CT/4 columns (CT 4, 8, 12, 16: Dh ≤ 64, 128, 192, 256 in one pass, so the scores are
+// computed once); dK/dV holds two accumulators per column tile, so CT 8 at most (Dh 192 and
+// 256 take two passes). Grids: (ceil(Tq/16W), H, B) for forward and dQ, (ceil(Tk/16W), H, B)
+// for dK/dV; 32·W threads; `tile` = T rows per walked tile; shared memory as in the header.
+extern "C" __global__ void attention_forward_c4_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward<4>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_c8_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward<8>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_c12_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward<12>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward<16>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_c4_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv<4>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_c8_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv<8>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_c4_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq<4>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_c8_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq<8>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_c12_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq<12>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq<16>(CHINGU_ATTN_DQ_ARGS);
 }

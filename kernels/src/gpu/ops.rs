@@ -22,9 +22,9 @@ const BIAS_GRAD_ROWS: usize = 64;
 /// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
 const LN_ROWS_PER_BLOCK: usize = 32;
 /// Rows per warp of the warp-per-row LayerNorm backward, at least…
-const LN_MIN_ROWS_PER_WARP: usize = 8;
+const LN_MIN_ROWS_PER_WARP: usize = 4;
 /// …and more when needed to keep the partial sums to add up at most this many.
-const LN_MAX_PARTIALS: usize = 1024;
+const LN_MAX_PARTIALS: usize = 4096;
 /// Threads per block of the attention delta kernel (one warp per row and head).
 const ATTN_THREADS: u32 = 128;
 /// Largest head width the attention kernels take (their shared tiles fit 48 KiB up to it).
@@ -490,6 +490,33 @@ fn attention_args(
     Ok((ints, lens))
 }
 
+/// The three attention kernels that come in one instance per accumulator width.
+#[derive(Clone, Copy)]
+enum AttnKernel {
+    Forward,
+    KeysValues,
+    Queries,
+}
+
+/// The instance of `kind` for heads `head_dim` wide (see `kernels/cuda/attention.cu`): forward
+/// and dQ hold the whole head row (one pass over the walked dimension), dK/dV at most 128
+/// columns of each gradient per pass.
+fn attention_kernel(kind: AttnKernel, head_dim: usize) -> &'static str {
+    let col_tiles = head_dim.div_ceil(16);
+    match (kind, col_tiles) {
+        (AttnKernel::Forward, 0..=4) => "attention_forward_c4_f16",
+        (AttnKernel::Forward, 5..=8) => "attention_forward_c8_f16",
+        (AttnKernel::Forward, 9..=12) => "attention_forward_c12_f16",
+        (AttnKernel::Forward, _) => "attention_forward_c16_f16",
+        (AttnKernel::KeysValues, 0..=4) => "attention_backward_dkdv_c4_f16",
+        (AttnKernel::KeysValues, _) => "attention_backward_dkdv_c8_f16",
+        (AttnKernel::Queries, 0..=4) => "attention_backward_dq_c4_f16",
+        (AttnKernel::Queries, 5..=8) => "attention_backward_dq_c8_f16",
+        (AttnKernel::Queries, 9..=12) => "attention_backward_dq_c12_f16",
+        (AttnKernel::Queries, _) => "attention_backward_dq_c16_f16",
+    }
+}
+
 /// Block shape of an attention kernel: warps W (each owns 16 rows of the block's own
 /// dimension), the walked tile T (16 or 32 rows), and the dynamic shared memory in bytes,
 /// as `kernels/cuda/attention.cu`'s header gives them: the first (W, T) whose memory fits
@@ -543,7 +570,7 @@ pub fn attention_forward(
     key_len: &[usize],
     s: AttentionShape,
 ) -> Result<(), GpuError> {
-    const OP: &str = "attention_forward_f16";
+    const OP: &str = "attention_forward";
     let d = s.width();
     expect_len(OP, "q", q, s.batch * s.q_len * d)?;
     expect_len(OP, "k", k, s.batch * s.k_len * d)?;
@@ -554,11 +581,12 @@ pub fn attention_forward(
     if out.is_empty() {
         return Ok(());
     }
-    let blk = AttnBlock::new(s.head_dim, true, dev.max_dynamic_shared("attention_forward_f16"));
+    let kernel = attention_kernel(AttnKernel::Forward, s.head_dim);
+    let blk = AttnBlock::new(s.head_dim, true, dev.max_dynamic_shared(kernel));
     let grid = (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32);
     launch(
         dev,
-        OP,
+        kernel,
         grid,
         blk.threads(),
         blk.shared,
@@ -600,7 +628,7 @@ pub fn attention_backward(
     key_len: &[usize],
     s: AttentionShape,
 ) -> Result<(), GpuError> {
-    const OP: &str = "attention_backward_dkdv_f16";
+    const OP: &str = "attention_backward";
     let d = s.width();
     for (name, buf) in [("dq", &*dq), ("d_out", d_out), ("q", q), ("out", out)] {
         expect_len(OP, name, buf, s.batch * s.q_len * d)?;
@@ -623,14 +651,16 @@ pub fn attention_backward(
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
         )?;
     }
-    let limit = dev
-        .max_dynamic_shared("attention_backward_dkdv_f16")
-        .min(dev.max_dynamic_shared("attention_backward_dq_f16"));
+    let (dkdv_kernel, dq_kernel) = (
+        attention_kernel(AttnKernel::KeysValues, s.head_dim),
+        attention_kernel(AttnKernel::Queries, s.head_dim),
+    );
+    let limit = dev.max_dynamic_shared(dkdv_kernel).min(dev.max_dynamic_shared(dq_kernel));
     let blk = AttnBlock::new(s.head_dim, false, limit);
     if !dk.is_empty() {
         launch(
             dev,
-            OP,
+            dkdv_kernel,
             (s.k_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32),
             blk.threads(),
             blk.shared,
@@ -658,7 +688,7 @@ pub fn attention_backward(
     if !dq.is_empty() {
         launch(
             dev,
-            "attention_backward_dq_f16",
+            dq_kernel,
             (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32),
             blk.threads(),
             blk.shared,
