@@ -45,9 +45,9 @@
 // dK, dV) stay in registers as fragments, CT column tiles (16·CT columns) per pass, CT a
 // template parameter with one kernel per value (names end in _c<CT>_f16): forward and dQ
 // take the whole head in one pass (CT = Dh/16 rounded up to 4, 8, 12 or 16), so the scores
-// are computed once per tile; dK/dV holds two accumulators per column and takes CT ≤ 8, so
-// Dh 192 and 256 are two passes over the queries, each recomputing the scores (the softmax
-// statistics come out bit-identical in every pass). The forward rescales
+// are computed once per tile; dK/dV holds two accumulators per column, one pass up to Dh
+// 64; wider heads take two passes over the queries, dV alone (scores only) then dK alone
+// (scores and dP), each recomputing the scores (bit-identical in both passes). The forward rescales
 // O row-wise by alpha = exp(m_old − m_new) through a "row index" accumulator fragment,
 // loaded once from a 16 × 16 tile holding each element's row number: element e of any
 // accumulator fragment belongs to row rowf.x[e], and alpha of that row is read from column T
@@ -394,8 +394,11 @@ extern "C" __global__ void attention_backward_delta_f16(float* delta, const __ha
     dk, dv, d_out, q, k, v, lse, delta, key_len, batch, q_len, k_len, heads, head_dim, causal, \
         q_offset, tile
 
-/// The dK/dV body; CT = column tiles of dK and of dV a warp accumulates per pass.
-template <int CT>
+/// The dK/dV body; CT = column tiles a warp accumulates per pass. SPLIT false: each pass
+/// accumulates CT tiles of dV and of dK. SPLIT true (wide heads, whose two accumulators
+/// would not fit in registers): the passes over the queries first accumulate dV alone
+/// (scores only), then dK alone (scores and dP), CT tiles of one gradient at a time.
+template <int CT, bool SPLIT>
 __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
@@ -445,12 +448,16 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
     __half* prow = reinterpret_cast<__half*>(sw) + r * ldh;
     __half* dsrow = reinterpret_cast<__half*>(dpw) + r * ldh;
 
-    for (int c0 = 0; c0 < col_tiles; c0 += CT) {
-        FragC dk_acc[CT], dv_acc[CT];
-        for (int t = 0; t < CT; ++t) {
-            wmma::fill_fragment(dk_acc[t], 0.0f);
-            wmma::fill_fragment(dv_acc[t], 0.0f);
-        }
+    // Accumulator 0 is dV (dK in a SPLIT pass that wants dK); accumulator ACCS − 1 is dK.
+    constexpr int ACCS = SPLIT ? 1 : 2;
+    const int col_passes = (col_tiles + CT - 1) / CT;
+    for (int pass = 0; pass < (SPLIT ? 2 : 1) * col_passes; ++pass) {
+        const bool want_dv = !SPLIT || pass < col_passes;
+        const bool want_dk = !SPLIT || pass >= col_passes;
+        const int c0 = (pass % col_passes) * CT;
+        FragC acc[ACCS][CT];
+        for (int a = 0; a < ACCS; ++a)
+            for (int t = 0; t < CT; ++t) wmma::fill_fragment(acc[a][t], 0.0f);
 
         for (int q0 = q_begin; q0 < q_len; q0 += tile) {
             __syncthreads();  // every warp is done with the previous Q/dO tile
@@ -466,7 +473,7 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
             __syncthreads();
             if (q0 + tile <= warp_first) continue;  // warp-uniform: no query sees its keys
 
-            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys × T queries.
+            // Sᵀ = K·Qᵀ and (for dK) dPᵀ = V·dOᵀ for the warp's 16 keys × T queries.
             FragC s[MAX_SUB], dp[MAX_SUB];
             for (int kf = 0; kf < MAX_SUB; ++kf) {
                 wmma::fill_fragment(s[kf], 0.0f);
@@ -475,12 +482,13 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
             for (int d = 0; d < col_tiles; ++d) {
                 FragA fk, fv;
                 wmma::load_matrix_sync(fk, ks + 16 * warp * ld + 16 * d, ld);
-                wmma::load_matrix_sync(fv, vs + 16 * warp * ld + 16 * d, ld);
+                if (want_dk) wmma::load_matrix_sync(fv, vs + 16 * warp * ld + 16 * d, ld);
                 for (int kf = 0; kf < MAX_SUB; ++kf) {
                     if (kf >= nsub) break;
                     FragBT fb;
                     wmma::load_matrix_sync(fb, qs + 16 * kf * ld + 16 * d, ld);
                     wmma::mma_sync(s[kf], fk, fb, s[kf]);
+                    if (!want_dk) continue;
                     wmma::load_matrix_sync(fb, dos + 16 * kf * ld + 16 * d, ld);
                     wmma::mma_sync(dp[kf], fv, fb, dp[kf]);
                 }
@@ -488,12 +496,13 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
             for (int kf = 0; kf < MAX_SUB; ++kf) {
                 if (kf >= nsub) break;
                 wmma::store_matrix_sync(sw + 16 * kf, s[kf], lds, wmma::mem_row_major);
-                wmma::store_matrix_sync(dpw + 16 * kf, dp[kf], lds, wmma::mem_row_major);
+                if (want_dk)
+                    wmma::store_matrix_sync(dpw + 16 * kf, dp[kf], lds, wmma::mem_row_major);
             }
             __syncwarp();
 
-            // Pᵀ = exp(s·S − lse) (0 where masked), dSᵀ = Pᵀ∘(dPᵀ − D), written in fp16 over
-            // the float rows once both lanes of the row have read them.
+            // Pᵀ = exp(s·S − lse) (0 where masked), dSᵀ = Pᵀ∘(dPᵀ − D) (for dK), written in
+            // fp16 over the float rows once both lanes of the row have read them.
             const bool masked = wk0 + 16 > kl || (causal && wk0 + 15 > q_offset + q0);
             float p[MAX_LANE_COLS], ds[MAX_LANE_COLS], st[MAX_LANE_COLS];
             read_floats(p, srow + cbeg, half_cols);
@@ -503,31 +512,39 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
                 p[jj] = exp2f(fmaf(p[jj], sc, -st[jj]));
                 if (masked && !sees(q0 + cbeg + jj, j, kl, causal, q_offset)) p[jj] = 0.0f;
             }
-            read_floats(ds, dprow + cbeg, half_cols);
-            read_floats(st, delta_s + cbeg, half_cols);
-            for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
-                if (jj >= half_cols) break;
-                ds[jj] = p[jj] * (ds[jj] - st[jj]);
+            if (want_dk) {
+                read_floats(ds, dprow + cbeg, half_cols);
+                read_floats(st, delta_s + cbeg, half_cols);
+                for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
+                    if (jj >= half_cols) break;
+                    ds[jj] = p[jj] * (ds[jj] - st[jj]);
+                }
             }
             __syncwarp();
             write_halves(prow + cbeg, p, half_cols);
-            write_halves(dsrow + cbeg, ds, half_cols);
+            if (want_dk) write_halves(dsrow + cbeg, ds, half_cols);
             __syncwarp();
 
             // dV += Pᵀ·dO, dK += dSᵀ·Q.
             for (int kf = 0; kf < MAX_SUB; ++kf) {
                 if (kf >= nsub) break;
                 FragA fp, fds;
-                wmma::load_matrix_sync(fp, reinterpret_cast<__half*>(sw) + 16 * kf, ldh);
-                wmma::load_matrix_sync(fds, reinterpret_cast<__half*>(dpw) + 16 * kf, ldh);
+                if (want_dv)
+                    wmma::load_matrix_sync(fp, reinterpret_cast<__half*>(sw) + 16 * kf, ldh);
+                if (want_dk)
+                    wmma::load_matrix_sync(fds, reinterpret_cast<__half*>(dpw) + 16 * kf, ldh);
                 for (int t = 0; t < CT; ++t) {
                     const int n = c0 + t;
                     if (n >= col_tiles) break;
                     FragB fb;
-                    wmma::load_matrix_sync(fb, dos + 16 * kf * ld + 16 * n, ld);
-                    wmma::mma_sync(dv_acc[t], fp, fb, dv_acc[t]);
-                    wmma::load_matrix_sync(fb, qs + 16 * kf * ld + 16 * n, ld);
-                    wmma::mma_sync(dk_acc[t], fds, fb, dk_acc[t]);
+                    if (want_dv) {
+                        wmma::load_matrix_sync(fb, dos + 16 * kf * ld + 16 * n, ld);
+                        wmma::mma_sync(acc[0][t], fp, fb, acc[0][t]);
+                    }
+                    if (want_dk) {
+                        wmma::load_matrix_sync(fb, qs + 16 * kf * ld + 16 * n, ld);
+                        wmma::mma_sync(acc[ACCS - 1][t], fds, fb, acc[ACCS - 1][t]);
+                    }
                 }
             }
         }
@@ -537,9 +554,12 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
         for (int t = 0; t < CT; ++t) {
             const int n = c0 + t;
             if (n >= col_tiles) break;
-            for (int e = 0; e < dk_acc[t].num_elements; ++e) dk_acc[t].x[e] *= scale;
-            write_tile(dk + k_base + 16 * n, dk_acc[t], sw, lds, wk0, k_len, kl, width);
-            write_tile(dv + k_base + 16 * n, dv_acc[t], sw, lds, wk0, k_len, kl, width);
+            if (want_dk) {
+                for (int e = 0; e < acc[ACCS - 1][t].num_elements; ++e)
+                    acc[ACCS - 1][t].x[e] *= scale;
+                write_tile(dk + k_base + 16 * n, acc[ACCS - 1][t], sw, lds, wk0, k_len, kl, width);
+            }
+            if (want_dv) write_tile(dv + k_base + 16 * n, acc[0][t], sw, lds, wk0, k_len, kl, width);
         }
     }
 }
@@ -679,8 +699,9 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
 
 // The kernels: one instance per accumulator width. Forward and dQ hold a whole head row of up
 // to 64·CT/4 columns (CT 4, 8, 12, 16: Dh ≤ 64, 128, 192, 256 in one pass, so the scores are
-// computed once); dK/dV holds two accumulators per column tile, so CT 8 at most (Dh 192 and
-// 256 take two passes). Grids: (ceil(Tq/16W), H, B) for forward and dQ, (ceil(Tk/16W), H, B)
+// computed once); dK/dV holds two accumulators per column tile, which fits the registers
+// for CT 4 (Dh ≤ 64); wider heads take the SPLIT instances: a dV pass, then a dK pass (a
+// non-split CT 8 spills on sm_80/86/89). Grids: (ceil(Tq/16W), H, B) for forward and dQ, (ceil(Tk/16W), H, B)
 // for dK/dV; 32·W threads; `tile` = T rows per walked tile; shared memory as in the header.
 extern "C" __global__ void attention_forward_c4_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward<4>(CHINGU_ATTN_FORWARD_ARGS);
@@ -695,10 +716,16 @@ extern "C" __global__ void attention_forward_c16_f16(CHINGU_ATTN_FORWARD_PARAMS)
     attention_forward<16>(CHINGU_ATTN_FORWARD_ARGS);
 }
 extern "C" __global__ void attention_backward_dkdv_c4_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv<4>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv<4, false>(CHINGU_ATTN_DKDV_ARGS);
 }
-extern "C" __global__ void attention_backward_dkdv_c8_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv<8>(CHINGU_ATTN_DKDV_ARGS);
+extern "C" __global__ void attention_backward_dkdv_split_c8_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv<8, true>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_split_c12_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv<12, true>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_split_c16_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv<16, true>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dq_c4_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq<4>(CHINGU_ATTN_DQ_ARGS);

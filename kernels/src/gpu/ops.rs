@@ -499,8 +499,8 @@ enum AttnKernel {
 }
 
 /// The instance of `kind` for heads `head_dim` wide (see `kernels/cuda/attention.cu`): forward
-/// and dQ hold the whole head row (one pass over the walked dimension), dK/dV at most 128
-/// columns of each gradient per pass.
+/// and dQ hold the whole head row (one pass over the walked dimension); dK/dV both gradients
+/// up to 64 columns, one gradient at a time (a dV pass, then a dK pass) for wider heads.
 fn attention_kernel(kind: AttnKernel, head_dim: usize) -> &'static str {
     let col_tiles = head_dim.div_ceil(16);
     match (kind, col_tiles) {
@@ -509,7 +509,9 @@ fn attention_kernel(kind: AttnKernel, head_dim: usize) -> &'static str {
         (AttnKernel::Forward, 9..=12) => "attention_forward_c12_f16",
         (AttnKernel::Forward, _) => "attention_forward_c16_f16",
         (AttnKernel::KeysValues, 0..=4) => "attention_backward_dkdv_c4_f16",
-        (AttnKernel::KeysValues, _) => "attention_backward_dkdv_c8_f16",
+        (AttnKernel::KeysValues, 5..=8) => "attention_backward_dkdv_split_c8_f16",
+        (AttnKernel::KeysValues, 9..=12) => "attention_backward_dkdv_split_c12_f16",
+        (AttnKernel::KeysValues, _) => "attention_backward_dkdv_split_c16_f16",
         (AttnKernel::Queries, 0..=4) => "attention_backward_dq_c4_f16",
         (AttnKernel::Queries, 5..=8) => "attention_backward_dq_c8_f16",
         (AttnKernel::Queries, 9..=12) => "attention_backward_dq_c12_f16",
