@@ -22,7 +22,7 @@
 //           dq:    one block per (query tile, h, b) walking key tiles: dQ = s·Σ dS·K.
 //           dq, dk, dv are overwritten; keys j ≥ key_len get dk = dv = 0.
 //
-// Tiling. A block is W warps (blockDim.x = 32·W, W ∈ {1, 2, 4}); warp w owns 16 rows of the
+// Tiling. A block is W warps (blockDim.x = 32·W, W ∈ {1, 2, 4, 8}); warp w owns 16 rows of the
 // block's "own" dimension end to end (queries for forward and dq, keys for dkdv): its score
 // tile row-block, its softmax state, its accumulators. The block walks the other dimension in
 // tiles of T rows (T ∈ {16, 32}, the kernels' last argument), loaded once per block into
@@ -30,11 +30,12 @@
 // only block-wide barriers are the two around each shared tile load; everything between is
 // per warp (__syncwarp). Tiles entirely above the causal diagonal or past key_len are
 // skipped (per block for the loads, per warp for the arithmetic). The launcher picks, by Dh,
-// the first (W, T) of (4,32), (4,16), (2,32), (2,16), (1,32), (1,16) whose shared memory
-// fits what the device opted the kernel in to (`Device::max_dynamic_shared`: 99 KiB on
-// sm_86/89 and on the emulator, 163/227 KiB on sm_80/90, else 48 KiB). Dh 64: (4,32)
-// everywhere; Dh 128 and 192: (4,32) with the opt-in (at 48 KiB: forward (4,32)/(4,16),
-// backward (2,32)/(2,16)); Dh 256 at 99 KiB: forward (4,32), backward (4,16).
+// the first (W, T) of (8,32) (dK/dV always, dQ for Dh > 64: measured faster on an H200),
+// (4,32), (4,16), (2,32), (2,16), (1,32), (1,16) whose shared memory fits what the device
+// opted the kernel in to (`Device::max_dynamic_shared`: 99 KiB on sm_86/89 and on the
+// emulator, 163/227 KiB on sm_80/90, else 48 KiB). Forward: (4,32) up to Dh 256 with the
+// opt-in. dK/dV: (8,32) for Dh 64 at 99 KiB, for Dh 192 at 163 KiB; else (4,32), and Dh 256
+// at 99 KiB (4,16). At 48 KiB: forward (4,32)/(4,16), backward (2,32)/(2,16) for Dh ≥ 128.
 //
 // Per warp and tile: the 16 × T score tile (and dP tile in the backward) is computed with
 // WMMA into float fragments and stored into the warp's own float region (leading dimension
@@ -46,12 +47,12 @@
 // template parameter with one kernel per value (names end in _c<CT>_f16): forward and dQ
 // take the whole head in one pass (CT = Dh/16 rounded up to 4, 8, 12 or 16), so the scores
 // are computed once per tile; dK/dV holds two accumulators per column, one pass up to Dh
-// 64; wider heads take two passes over the queries, dV alone (scores only) then dK alone
-// (scores and dP), each recomputing the scores (bit-identical in both passes). The forward rescales
-// O row-wise by alpha = exp(m_old − m_new) through a "row index" accumulator fragment,
-// loaded once from a 16 × 16 tile holding each element's row number: element e of any
-// accumulator fragment belongs to row rowf.x[e], and alpha of that row is read from column T
-// of the warp's float region. So the fragment element order (opaque) is never relied on:
+// 64; wider heads take separate passes over the queries, dV alone (scores only) then dK
+// alone (scores and dP), each recomputing the scores (bit-identical in every pass). The
+// forward rescales O row-wise by alpha = exp(m_old − m_new) through a "row index"
+// accumulator fragment, loaded once from a 16 × 16 tile holding each element's row number:
+// element e of any accumulator fragment belongs to row rowf.x[e], and alpha of that row is
+// read from column T of the warp's float region. So the fragment element order (opaque) is never relied on:
 // only load/store/fill/mma and elementwise work on x[] keyed by a fragment of the same type.
 //
 // Shared memory (bytes; ld = Dh + 8 halves for every fp16 tile; `ops.rs` computes the same):
@@ -394,11 +395,14 @@ extern "C" __global__ void attention_backward_delta_f16(float* delta, const __ha
     dk, dv, d_out, q, k, v, lse, delta, key_len, batch, q_len, k_len, heads, head_dim, causal, \
         q_offset, tile
 
-/// The dK/dV body; CT = column tiles a warp accumulates per pass. SPLIT false: each pass
-/// accumulates CT tiles of dV and of dK. SPLIT true (wide heads, whose two accumulators
-/// would not fit in registers): the passes over the queries first accumulate dV alone
-/// (scores only), then dK alone (scores and dP), CT tiles of one gradient at a time.
-template <int CT, bool SPLIT>
+/// Which gradients a dK/dV body accumulates (bits).
+constexpr int GRAD_DV = 1, GRAD_DK = 2;
+
+/// The dK/dV body; CT = column tiles of each wanted gradient a warp accumulates per pass.
+/// GRADS = GRAD_DV | GRAD_DK: both (scores and dP once per tile for the two); wide heads,
+/// whose two accumulators would not fit in registers, run a GRAD_DV body (scores only) and
+/// then a GRAD_DK body (scores and dP). Compile-time, so each body is straight-line code.
+template <int CT, int GRADS>
 __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS) {
     using namespace chingu::attn;
     namespace wmma = nvcuda::wmma;
@@ -448,13 +452,10 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
     __half* prow = reinterpret_cast<__half*>(sw) + r * ldh;
     __half* dsrow = reinterpret_cast<__half*>(dpw) + r * ldh;
 
-    // Accumulator 0 is dV (dK in a SPLIT pass that wants dK); accumulator ACCS − 1 is dK.
-    constexpr int ACCS = SPLIT ? 1 : 2;
-    const int col_passes = (col_tiles + CT - 1) / CT;
-    for (int pass = 0; pass < (SPLIT ? 2 : 1) * col_passes; ++pass) {
-        const bool want_dv = !SPLIT || pass < col_passes;
-        const bool want_dk = !SPLIT || pass >= col_passes;
-        const int c0 = (pass % col_passes) * CT;
+    // Accumulator 0 is dV when wanted; accumulator ACCS − 1 is dK when wanted.
+    constexpr bool want_dv = (GRADS & GRAD_DV) != 0, want_dk = (GRADS & GRAD_DK) != 0;
+    constexpr int ACCS = want_dv && want_dk ? 2 : 1;
+    for (int c0 = 0; c0 < col_tiles; c0 += CT) {
         FragC acc[ACCS][CT];
         for (int a = 0; a < ACCS; ++a)
             for (int t = 0; t < CT; ++t) wmma::fill_fragment(acc[a][t], 0.0f);
@@ -698,11 +699,12 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
 }
 
 // The kernels: one instance per accumulator width. Forward and dQ hold a whole head row of up
-// to 64·CT/4 columns (CT 4, 8, 12, 16: Dh ≤ 64, 128, 192, 256 in one pass, so the scores are
-// computed once); dK/dV holds two accumulators per column tile, which fits the registers
-// for CT 4 (Dh ≤ 64); wider heads take the SPLIT instances: a dV pass, then a dK pass (a
-// non-split CT 8 spills on sm_80/86/89). Grids: (ceil(Tq/16W), H, B) for forward and dQ, (ceil(Tk/16W), H, B)
-// for dK/dV; 32·W threads; `tile` = T rows per walked tile; shared memory as in the header.
+// to 16·CT columns (CT 4, 8, 12, 16: Dh ≤ 64, 128, 192, 256 in one pass, so the scores are
+// computed once). dK/dV holds two accumulators per column tile, which fits the registers
+// for CT 4 (Dh ≤ 64); wider heads take the split instances, dV then dK (CT 8: Dh ≤ 128 in
+// one pass each, 256 in two; CT 12: Dh 144–192). A two-gradient CT 8 and a split CT 16
+// spill on sm_80/86/89. Grids: (ceil(Tq/16W), H, B) for forward and dQ, (ceil(Tk/16W), H,
+// B) for dK/dV; 32·W threads; `tile` = T rows per walked tile; shared memory as above.
 extern "C" __global__ void attention_forward_c4_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward<4>(CHINGU_ATTN_FORWARD_ARGS);
 }
@@ -715,17 +717,23 @@ extern "C" __global__ void attention_forward_c12_f16(CHINGU_ATTN_FORWARD_PARAMS)
 extern "C" __global__ void attention_forward_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward<16>(CHINGU_ATTN_FORWARD_ARGS);
 }
+/// dV then dK, each in one pass over the queries (a barrier between: both bodies load the
+/// block's K and V rows into the same shared tiles).
+template <int CT>
+__device__ __forceinline__ void attention_backward_dkdv_split(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv<CT, GRAD_DV>(CHINGU_ATTN_DKDV_ARGS);
+    __syncthreads();
+    attention_backward_dkdv<CT, GRAD_DK>(CHINGU_ATTN_DKDV_ARGS);
+}
+
 extern "C" __global__ void attention_backward_dkdv_c4_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv<4, false>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv<4, GRAD_DV | GRAD_DK>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dkdv_split_c8_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv<8, true>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_split<8>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dkdv_split_c12_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv<12, true>(CHINGU_ATTN_DKDV_ARGS);
-}
-extern "C" __global__ void attention_backward_dkdv_split_c16_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv<16, true>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_split<12>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dq_c4_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq<4>(CHINGU_ATTN_DQ_ARGS);

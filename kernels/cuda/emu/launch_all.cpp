@@ -62,7 +62,6 @@ const Entry KERNELS[] = {
     KERNEL(attention_backward_dkdv_c4_f16),
     KERNEL(attention_backward_dkdv_split_c8_f16),
     KERNEL(attention_backward_dkdv_split_c12_f16),
-    KERNEL(attention_backward_dkdv_split_c16_f16),
     KERNEL(attention_backward_dq_c4_f16),
     KERNEL(attention_backward_dq_c8_f16),
     KERNEL(attention_backward_dq_c12_f16),

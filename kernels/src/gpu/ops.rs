@@ -509,9 +509,9 @@ fn attention_kernel(kind: AttnKernel, head_dim: usize) -> &'static str {
         (AttnKernel::Forward, 9..=12) => "attention_forward_c12_f16",
         (AttnKernel::Forward, _) => "attention_forward_c16_f16",
         (AttnKernel::KeysValues, 0..=4) => "attention_backward_dkdv_c4_f16",
-        (AttnKernel::KeysValues, 5..=8) => "attention_backward_dkdv_split_c8_f16",
         (AttnKernel::KeysValues, 9..=12) => "attention_backward_dkdv_split_c12_f16",
-        (AttnKernel::KeysValues, _) => "attention_backward_dkdv_split_c16_f16",
+        // CT 16 spills: Dh 80–128 in one pass per gradient, 208–256 in two.
+        (AttnKernel::KeysValues, _) => "attention_backward_dkdv_split_c8_f16",
         (AttnKernel::Queries, 0..=4) => "attention_backward_dq_c4_f16",
         (AttnKernel::Queries, 5..=8) => "attention_backward_dq_c8_f16",
         (AttnKernel::Queries, 9..=12) => "attention_backward_dq_c12_f16",
@@ -531,10 +531,19 @@ struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(head_dim: usize, forward: bool, limit: usize) -> Self {
+    fn new(kind: AttnKernel, head_dim: usize, limit: usize) -> Self {
         let ld = head_dim + 8;
-        for (warps, tile) in [(4, 32), (4, 16), (2, 32), (2, 16), (1, 32), (1, 16)] {
-            let bytes = if forward {
+        // Measured on an H200 (bench/RESULTS.md, run 12): 8 warps (128 keys a block, each Q and
+        // dO tile read once for all of them) make dK/dV 6–18% faster; dQ gains with 8 at Dh 192
+        // and loses at Dh 64; the forward is best with 4.
+        let eight = match kind {
+            AttnKernel::Forward => false,
+            AttnKernel::Queries => head_dim > 64,
+            AttnKernel::KeysValues => true,
+        };
+        let shapes = [(8, 32), (4, 32), (4, 16), (2, 32), (2, 16), (1, 32), (1, 16)];
+        for (warps, tile) in shapes.into_iter().skip(usize::from(!eight)) {
+            let bytes = if matches!(kind, AttnKernel::Forward) {
                 2 * ld * (16 * warps + 2 * tile)
                     + warps * 16 * (tile + 4) * 4
                     + warps * 16 * (tile + 8) * 2
@@ -584,7 +593,7 @@ pub fn attention_forward(
         return Ok(());
     }
     let kernel = attention_kernel(AttnKernel::Forward, s.head_dim);
-    let blk = AttnBlock::new(s.head_dim, true, dev.max_dynamic_shared(kernel));
+    let blk = AttnBlock::new(AttnKernel::Forward, s.head_dim, dev.max_dynamic_shared(kernel));
     let grid = (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32);
     launch(
         dev,
@@ -657,15 +666,16 @@ pub fn attention_backward(
         attention_kernel(AttnKernel::KeysValues, s.head_dim),
         attention_kernel(AttnKernel::Queries, s.head_dim),
     );
-    let limit = dev.max_dynamic_shared(dkdv_kernel).min(dev.max_dynamic_shared(dq_kernel));
-    let blk = AttnBlock::new(s.head_dim, false, limit);
+    let kv_blk =
+        AttnBlock::new(AttnKernel::KeysValues, s.head_dim, dev.max_dynamic_shared(dkdv_kernel));
+    let q_blk = AttnBlock::new(AttnKernel::Queries, s.head_dim, dev.max_dynamic_shared(dq_kernel));
     if !dk.is_empty() {
         launch(
             dev,
             dkdv_kernel,
-            (s.k_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32),
-            blk.threads(),
-            blk.shared,
+            (s.k_len.div_ceil(kv_blk.rows()) as u32, s.heads as u32, s.batch as u32),
+            kv_blk.threads(),
+            kv_blk.shared,
             args![
                 dk.ptr(),
                 dv.ptr(),
@@ -683,7 +693,7 @@ pub fn attention_backward(
                 a[4],
                 a[5],
                 a[6],
-                blk.tile
+                kv_blk.tile
             ],
         )?;
     }
@@ -691,9 +701,9 @@ pub fn attention_backward(
         launch(
             dev,
             dq_kernel,
-            (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32),
-            blk.threads(),
-            blk.shared,
+            (s.q_len.div_ceil(q_blk.rows()) as u32, s.heads as u32, s.batch as u32),
+            q_blk.threads(),
+            q_blk.shared,
             args![
                 dq.ptr(),
                 d_out.ptr(),
@@ -710,7 +720,7 @@ pub fn attention_backward(
                 a[4],
                 a[5],
                 a[6],
-                blk.tile
+                q_blk.tile
             ],
         )?;
     }
