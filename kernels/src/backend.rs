@@ -237,6 +237,45 @@ pub trait Backend: Send + Sync {
         width: usize,
     );
 
+    /// `pre = x · wᵀ + b` and `act = gelu(pre)`: a linear layer and its GELU (the
+    /// feed-forward block's first half). A GPU fuses the GELU into the product's store.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_gelu_forward(
+        &self,
+        act: &mut Self::Buf,
+        pre: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        self.linear_forward(pre, x, w, b, rows, in_dim, out_dim);
+        self.gelu_forward(act, pre);
+    }
+    /// The backward of `y = gelu(pre) · wᵀ + b` down to `pre`: `d_pre = (dy · w) ·
+    /// gelu'(pre)` (overwritten), `dw += dyᵀ · gelu(pre)` (`act` = gelu(pre), as the forward
+    /// made it), `db += Σ_rows dy`. A GPU fuses gelu' into the product that makes `d_pre`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_through_gelu(
+        &self,
+        d_pre: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        db: Option<&mut Self::Buf>,
+        dy: &Self::Buf,
+        act: &Self::Buf,
+        pre: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        let mut d_act = self.zeros(rows * in_dim);
+        self.linear_backward(Some(&mut d_act), false, dw, db, dy, act, w, rows, in_dim, out_dim);
+        self.gelu_backward(d_pre, &d_act, pre);
+    }
+
     /// GELU, tanh approximation: `y = gelu(x)`.
     fn gelu_forward(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// `dx = dy · gelu'(x)`.

@@ -22,7 +22,7 @@
 //! 2⁻²⁴ for values in the subnormal range. A transposition,
 //! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
 
-use chingu_kernels::gpu::gemm::{gemm, GemmOut};
+use chingu_kernels::gpu::gemm::{gemm, gemm_gelu, gemm_gelu_grad, GemmOut};
 use chingu_kernels::gpu::{DeviceBuffer, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
 use half::f16;
@@ -249,5 +249,146 @@ fn gemm_rejects_mismatched_buffers() {
             gemm(&dev, GemmOut::F16(&mut c_k0), &empty, false, &empty, false, m, n, 0, false, None),
             "k = 0",
         );
+    }
+}
+
+/// GELU (tanh approximation) and its derivative in f64: the reference of the fused epilogues.
+fn gelu(x: f64) -> f64 {
+    let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+    0.5 * x * (1.0 + u.tanh())
+}
+
+fn gelu_grad(x: f64) -> f64 {
+    let s = (2.0 / std::f64::consts::PI).sqrt();
+    let t = (s * (x + 0.044715 * x * x * x)).tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * s * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+/// The fused GELU epilogues (`gemm_gelu`: pre-activation and activation from one product;
+/// `gemm_gelu_grad`: the product times gelu' of a given pre-activation) against f64.
+/// Tolerances: the product's as in `run_case` (fp16 output), carried through GELU by its
+/// slope (|gelu'| < 1.13, so 1.2×), plus the rounding of the fp16 result and 1e-5 relative for
+/// the device's fast exponential. (Erf GELU differs from tanh GELU by less than an fp16 ulp
+/// where it matters, so this checks the fusion — which value is stored where, the bias, the
+/// slope — not the approximation.)
+#[test]
+#[allow(clippy::needless_range_loop)] // (i, j) index several arrays at once
+fn fused_gelu_epilogues_match_an_f64_reference() {
+    let shapes = [(7, 16, 5), (64, 64, 64), (33, 1000, 17), (300, 128, 96)];
+    let mut rng = SplitMix64(0x6e1);
+    for dev in devices() {
+        for &(m, n, k) in &shapes {
+            let p = Problem::new(&mut rng, m, n, k);
+            let accumulation = 4.0 * (k + 2) as f64 * 2f64.powi(-24);
+            for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                let case =
+                    format!("{} {m}×{n}×{k} trans_a {trans_a} trans_b {trans_b}", dev.name());
+                let a_host = if trans_a { transpose(&p.a, m, k) } else { p.a.clone() };
+                let b_host = if trans_b { transpose(&p.b, k, n) } else { p.b.clone() };
+                let a = DeviceBuffer::from_host(&dev, &a_host).unwrap();
+                let b = DeviceBuffer::from_host(&dev, &b_host).unwrap();
+                for with_bias in [false, true] {
+                    let (bias_half, bias) = if with_bias {
+                        random_half(&mut rng, n, -2.0, 2.0)
+                    } else {
+                        (Vec::new(), vec![0.0; n])
+                    };
+                    let bias_buf =
+                        with_bias.then(|| DeviceBuffer::from_host(&dev, &bias_half).unwrap());
+                    let mut act = DeviceBuffer::from_host(&dev, &vec![f16::NAN; m * n]).unwrap();
+                    let mut pre = DeviceBuffer::from_host(&dev, &vec![f16::NAN; m * n]).unwrap();
+                    gemm_gelu(
+                        &dev,
+                        &mut act,
+                        &mut pre,
+                        &a,
+                        trans_a,
+                        &b,
+                        trans_b,
+                        (m, n, k),
+                        bias_buf.as_ref(),
+                    )
+                    .unwrap_or_else(|e| panic!("{case}: {e}"));
+                    let (act, pre) = (act.to_host().unwrap(), pre.to_host().unwrap());
+                    for i in 0..m {
+                        for j in 0..n {
+                            let at = i * n + j;
+                            let want_pre = p.product[at] + bias[j];
+                            let sum_err =
+                                accumulation * (p.a_norms[i] * p.b_norms[j] + bias[j].abs());
+                            let tol_pre = sum_err
+                                + 2f64.powi(-10)
+                                    * (p.product[at].abs() + bias[j].abs() + want_pre.abs())
+                                + 2f64.powi(-24);
+                            let got_pre = pre[at].to_f64();
+                            assert!(
+                                (got_pre - want_pre).abs() <= tol_pre,
+                                "{case} bias {with_bias}: pre[{i}, {j}] = {got_pre}, want {want_pre}"
+                            );
+                            let want_act = gelu(want_pre);
+                            let tol_act = 1.2 * sum_err
+                                + 2f64.powi(-10) * want_act.abs()
+                                + 1e-5 * (1.0 + want_pre.abs())
+                                + 2f64.powi(-24);
+                            let got_act = act[at].to_f64();
+                            assert!(
+                                (got_act - want_act).abs() <= tol_act,
+                                "{case} bias {with_bias}: act[{i}, {j}] = {got_act}, want gelu({want_pre}) = {want_act}"
+                            );
+                        }
+                    }
+                }
+
+                let (pre_half, pre) = random_half(&mut rng, m * n, -4.0, 4.0);
+                let pre_buf = DeviceBuffer::from_host(&dev, &pre_half).unwrap();
+                let mut d_pre = DeviceBuffer::from_host(&dev, &vec![f16::NAN; m * n]).unwrap();
+                gemm_gelu_grad(&dev, &mut d_pre, &pre_buf, &a, trans_a, &b, trans_b, (m, n, k))
+                    .unwrap_or_else(|e| panic!("{case}: {e}"));
+                let d_pre = d_pre.to_host().unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let at = i * n + j;
+                        let slope = gelu_grad(pre[at]);
+                        let want = p.product[at] * slope;
+                        let tol = slope.abs() * accumulation * p.a_norms[i] * p.b_norms[j]
+                            + 2f64.powi(-10) * (p.product[at].abs() * slope.abs() + want.abs())
+                            + 1e-5 * p.product[at].abs()
+                            + 2f64.powi(-24);
+                        let got = d_pre[at].to_f64();
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "{case}: d_pre[{i}, {j}] = {got}, want {} · gelu'({}) = {want}",
+                            p.product[at],
+                            pre[at]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_gelu_needs_a_multiple_of_8_columns() {
+    for dev in devices() {
+        let h = |n: usize| DeviceBuffer::<f16>::from_host(&dev, &vec![f16::ONE; n]).unwrap();
+        let (m, n, k) = (3, 12, 5);
+        let (a, b) = (h(m * k), h(k * n));
+        let (mut act, mut pre) = (h(m * n), h(m * n));
+        match gemm_gelu(&dev, &mut act, &mut pre, &a, false, &b, false, (m, n, k), None) {
+            Err(GpuError::Shape { op: "gemm", message }) => {
+                assert!(message.contains("multiple of 8"), "{message}")
+            }
+            other => panic!("{}: expected a shape error, got {other:?}", dev.name()),
+        }
+        // With 16 columns, only the pre-activation's size is wrong.
+        let (n, short_pre) = (16, h(m * 16 - 1));
+        let (b, mut d_pre) = (h(k * n), h(m * n));
+        match gemm_gelu_grad(&dev, &mut d_pre, &short_pre, &a, false, &b, false, (m, n, k)) {
+            Err(GpuError::Shape { op: "gemm", message }) => {
+                assert!(message.contains("pre-activation"), "{message}")
+            }
+            other => panic!("{}: expected a shape error, got {other:?}", dev.name()),
+        }
     }
 }

@@ -379,12 +379,28 @@ impl<B: Backend> Model<B> {
 
     fn ffn(&self, input: &B::Buf, idx: FfnIdx, rows: usize) -> (B::Buf, FfnActs<B>) {
         let (d, f) = (self.config.d_model, self.config.d_ff);
-        let pre_act = self.linear(input, idx.fc1, rows, d, f);
         let mut act = self.backend.zeros(rows * f);
-        match self.config.activation {
-            Activation::Gelu => self.backend.gelu_forward(&mut act, &pre_act),
-            Activation::Relu => self.backend.relu_forward(&mut act, &pre_act),
-        }
+        let pre_act = match self.config.activation {
+            Activation::Gelu => {
+                let mut pre_act = self.backend.zeros(rows * f);
+                self.backend.linear_gelu_forward(
+                    &mut act,
+                    &mut pre_act,
+                    input,
+                    &self.params[idx.fc1.w],
+                    Some(&self.params[idx.fc1.b]),
+                    rows,
+                    d,
+                    f,
+                );
+                pre_act
+            }
+            Activation::Relu => {
+                let pre_act = self.linear(input, idx.fc1, rows, d, f);
+                self.backend.relu_forward(&mut act, &pre_act);
+                pre_act
+            }
+        };
         let s = self.linear(&act, idx.fc2, rows, f, d);
         (s, FfnActs { input: self.backend_clone(input), pre_act, act })
     }
@@ -737,12 +753,28 @@ impl<B: Backend> Model<B> {
             (Sublayer::Ffn { idx }, SubActs::Ffn(a)) => {
                 let f = self.config.d_ff;
                 let rows = self.backend.len(&a.pre_act) / f;
-                let mut d_act = self.backend.zeros(rows * f);
-                self.linear_back(Some(&mut d_act), false, idx.fc2, d_s, &a.act, rows, f, d);
                 let mut d_pre = self.backend.zeros(rows * f);
                 match self.config.activation {
-                    Activation::Gelu => self.backend.gelu_backward(&mut d_pre, &d_act, &a.pre_act),
-                    Activation::Relu => self.backend.relu_backward(&mut d_pre, &d_act, &a.pre_act),
+                    Activation::Gelu => {
+                        let (dw, db) = pair_mut(&mut self.grads, idx.fc2.w, idx.fc2.b);
+                        self.backend.linear_backward_through_gelu(
+                            &mut d_pre,
+                            dw,
+                            Some(db),
+                            d_s,
+                            &a.act,
+                            &a.pre_act,
+                            &self.params[idx.fc2.w],
+                            rows,
+                            f,
+                            d,
+                        );
+                    }
+                    Activation::Relu => {
+                        let mut d_act = self.backend.zeros(rows * f);
+                        self.linear_back(Some(&mut d_act), false, idx.fc2, d_s, &a.act, rows, f, d);
+                        self.backend.relu_backward(&mut d_pre, &d_act, &a.pre_act);
+                    }
                 }
                 let mut d_input = self.backend.zeros(rows * d);
                 self.linear_back(Some(&mut d_input), false, idx.fc1, &d_pre, &a.input, rows, d, f);

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use half::f16;
 
-use super::{ops, DeviceBuffer, Gemm, Gpu, GpuError};
+use super::{gemm, ops, DeviceBuffer, Gemm, GemmEpilogue, Gpu, GpuError};
 use crate::backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};
 
 /// A buffer on the GPU backend.
@@ -52,6 +52,9 @@ pub struct GpuBackend {
     /// buffers are updated every step (or two sets in turn, when gradient accumulation swaps
     /// them), so a table is uploaded once, not once per step.
     adamw_tables: Arc<Mutex<Vec<UploadedTable>>>,
+    /// GELU fused into the feed-forward products (cuBLASLt epilogues) where the shapes allow;
+    /// else the GELU kernels. `CHINGU_GELU_EPILOGUE=0` turns it off (to compare).
+    fuse_gelu: bool,
 }
 
 /// A multi-tensor AdamW table and its copy on the device.
@@ -99,7 +102,14 @@ impl GpuBackend {
             dev,
             loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())),
             adamw_tables: Arc::new(Mutex::new(Vec::new())),
+            fuse_gelu: std::env::var("CHINGU_GELU_EPILOGUE").map_or(true, |v| v != "0"),
         }
+    }
+
+    /// The same backend with the GELU epilogues on or off (see [`GpuBackend::new`]).
+    pub fn with_fused_gelu(mut self, fuse: bool) -> Self {
+        self.fuse_gelu = fuse;
+        self
     }
 
     /// The device.
@@ -157,6 +167,7 @@ impl GpuBackend {
             c_f32,
             beta,
             bias: bias.map(|b| b.ptr()),
+            epilogue: GemmEpilogue::None,
         };
         // SAFETY: extents checked above.
         check(op, unsafe { super::gemm::run(&self.dev, op, &g) });
@@ -480,6 +491,72 @@ impl Backend for GpuBackend {
                 width,
             ),
         );
+    }
+
+    fn linear_gelu_forward(
+        &self,
+        act: &mut GpuBuf,
+        pre: &mut GpuBuf,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        b: Option<&GpuBuf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        const OP: &str = "linear_gelu_forward";
+        if !(self.fuse_gelu && gemm::gelu_fusable(out_dim)) {
+            self.linear_forward(pre, x, w, b, rows, in_dim, out_dim);
+            self.gelu_forward(act, pre);
+            return;
+        }
+        let (act, pre) = (half_mut(OP, act), half_mut(OP, pre));
+        let (x, w, bias) = (half(OP, x), half(OP, w), b.map(|b| half(OP, b)));
+        // act, pre [rows×out] from x[rows×in] · wᵀ, w stored [out×in].
+        let shape = (rows, out_dim, in_dim);
+        check(OP, gemm::gemm_gelu(&self.dev, act, pre, x, false, w, true, shape, bias));
+    }
+
+    fn linear_backward_through_gelu(
+        &self,
+        d_pre: &mut GpuBuf,
+        dw: &mut GpuBuf,
+        db: Option<&mut GpuBuf>,
+        dy: &GpuBuf,
+        act: &GpuBuf,
+        pre: &GpuBuf,
+        w: &GpuBuf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        const OP: &str = "linear_backward_through_gelu";
+        if !(self.fuse_gelu && gemm::gelu_fusable(in_dim)) {
+            let mut d_act = self.zeros(rows * in_dim);
+            self.linear_backward(
+                Some(&mut d_act),
+                false,
+                dw,
+                db,
+                dy,
+                act,
+                w,
+                rows,
+                in_dim,
+                out_dim,
+            );
+            self.gelu_backward(d_pre, &d_act, pre);
+            return;
+        }
+        {
+            let (d_pre, pre) = (half_mut(OP, d_pre), half(OP, pre));
+            let (dy_h, w_h) = (half(OP, dy), half(OP, w));
+            // d_pre[rows×in] = (dy[rows×out] · w[out×in]) · gelu'(pre).
+            let shape = (rows, in_dim, out_dim);
+            check(OP, gemm::gemm_gelu_grad(&self.dev, d_pre, pre, dy_h, false, w_h, false, shape));
+        }
+        // The weight and bias gradients as any linear's.
+        self.linear_backward(None, false, dw, db, dy, act, w, rows, in_dim, out_dim);
     }
 
     fn gelu_forward(&self, y: &mut GpuBuf, x: &GpuBuf) {

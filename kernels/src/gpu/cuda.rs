@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{result, sys};
 
-use super::{nvrtc, sources, Device, DevicePtr, Gemm, GpuError};
+use super::{nvrtc, sources, Device, DevicePtr, Gemm, GemmEpilogue, GpuError};
 
 /// One CUDA device with every kernel loaded.
 pub struct CudaDevice {
@@ -347,6 +347,8 @@ struct PlanKey {
     trans_b: bool,
     c_f32: bool,
     bias: bool,
+    /// 0 none, 1 GELU, 2 GELU gradient.
+    epilogue: u8,
     /// Alignments (bytes, ≤ 256) of cuBLASLt's A (our B), B (our A) and C = D.
     align: [u32; 3],
 }
@@ -400,12 +402,17 @@ impl Blas {
     unsafe fn matmul(&self, g: &Gemm, bias: Option<DevicePtr>) -> Result<(), GpuError> {
         let Gemm { m, n, k, .. } = *g;
         let what = format!(
-            "{m}×{n}×{k} (A{}, B{}, C {}, beta {}{})",
+            "{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{})",
             if g.trans_a { "ᵀ" } else { "" },
             if g.trans_b { "ᵀ" } else { "" },
             if g.c_f32 { "f32" } else { "f16" },
             g.beta,
             if bias.is_some() { ", bias" } else { "" },
+            match g.epilogue {
+                GemmEpilogue::None => "",
+                GemmEpilogue::Gelu { .. } => ", GELU",
+                GemmEpilogue::GeluGrad { .. } => ", GELU gradient",
+            },
         );
         let fail = |step: &str| {
             let call = format!("cublasLtMatmul {what}: {step}");
@@ -445,13 +452,31 @@ impl Blas {
                 .map_err(fail("TRANSA"))?;
             set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.trans_a))
                 .map_err(fail("TRANSB"))?;
+            use lt_sys::cublasLtEpilogue_t as E;
+            let (epilogue, aux) = match (g.epilogue, bias.is_some()) {
+                (GemmEpilogue::None, false) => (E::CUBLASLT_EPILOGUE_DEFAULT, None),
+                (GemmEpilogue::None, true) => (E::CUBLASLT_EPILOGUE_BIAS, None),
+                (GemmEpilogue::Gelu { pre }, false) => (E::CUBLASLT_EPILOGUE_GELU_AUX, Some(pre)),
+                (GemmEpilogue::Gelu { pre }, true) => {
+                    (E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(pre))
+                }
+                (GemmEpilogue::GeluGrad { pre }, _) => (E::CUBLASLT_EPILOGUE_DGELU, Some(pre)),
+            };
+            set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))
+                .map_err(fail("EPILOGUE"))?;
             if let Some(bias) = bias {
-                let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
-                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)
-                    .map_err(fail("EPILOGUE"))?;
                 let pointer = bias as usize as *const c_void;
                 set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer)
                     .map_err(fail("BIAS_POINTER"))?;
+            }
+            if let Some(pre) = aux {
+                // The pre-activation has D's type and shape: cuBLASLt's n (our m) columns of
+                // our n rows each.
+                let pointer = pre as usize as *const c_void;
+                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &pointer)
+                    .map_err(fail("EPILOGUE_AUX_POINTER"))?;
+                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &(n as i64))
+                    .map_err(fail("EPILOGUE_AUX_LD"))?;
             }
         }
 
@@ -464,6 +489,11 @@ impl Blas {
             trans_b: g.trans_b,
             c_f32: g.c_f32,
             bias: bias.is_some(),
+            epilogue: match g.epilogue {
+                GemmEpilogue::None => 0,
+                GemmEpilogue::Gelu { .. } => 1,
+                GemmEpilogue::GeluGrad { .. } => 2,
+            },
             align,
         };
         let algo = {

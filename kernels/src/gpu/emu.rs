@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 
 use half::f16;
 
-use super::{Device, DevicePtr, Gemm, GpuError};
+use super::{Device, DevicePtr, Gemm, GemmEpilogue, GpuError};
 
 extern "C" {
     fn chingu_emu_launch(
@@ -193,6 +193,24 @@ impl Device for EmuDevice {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b.to_f32());
             }
         }
+        match g.epilogue {
+            GemmEpilogue::None => {}
+            GemmEpilogue::Gelu { pre } => {
+                // SAFETY: `pre` holds m×n halves (the caller's contract).
+                let pre = unsafe { std::slice::from_raw_parts_mut(pre as *mut f16, m * n) };
+                for (p, v) in pre.iter_mut().zip(c.iter_mut()) {
+                    *p = f16::from_f32(*v);
+                    *v = gelu(*v);
+                }
+            }
+            GemmEpilogue::GeluGrad { pre } => {
+                // SAFETY: as above.
+                let pre = unsafe { std::slice::from_raw_parts(pre as *const f16, m * n) };
+                for (p, v) in pre.iter().zip(c.iter_mut()) {
+                    *v *= gelu_grad(p.to_f32());
+                }
+            }
+        }
         // SAFETY: C holds m×n elements of its type.
         unsafe {
             if g.c_f32 {
@@ -211,3 +229,18 @@ impl Device for EmuDevice {
         Ok(())
     }
 }
+
+/// GELU, tanh approximation, in f32 (as the CPU backend writes it: x·σ(2u)).
+fn gelu(x: f32) -> f32 {
+    let two_u = GELU_S2 * (x + 0.044715 * x * x * x);
+    x / (1.0 + (-two_u).exp())
+}
+
+/// The derivative of [`gelu`].
+fn gelu_grad(x: f32) -> f32 {
+    let sig = 1.0 / (1.0 + (-(GELU_S2 * (x + 0.044715 * x * x * x))).exp());
+    sig + x * sig * (1.0 - sig) * GELU_S2 * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+/// 2·sqrt(2/π).
+const GELU_S2: f32 = 1.595_769_2;

@@ -3,7 +3,7 @@
 
 use half::f16;
 
-use super::{DeviceBuffer, Element, Gemm, Gpu, GpuError};
+use super::{DeviceBuffer, Element, Gemm, GemmEpilogue, Gpu, GpuError};
 
 /// The output of a product, and so its type.
 pub enum GemmOut<'a> {
@@ -49,7 +49,70 @@ pub fn gemm(
     accumulate: bool,
     bias: Option<&DeviceBuffer<f16>>,
 ) -> Result<(), GpuError> {
+    checked(dev, c, a, trans_a, b, trans_b, (m, n, k), accumulate, bias, GemmEpilogue::None)
+}
+
+/// The feed-forward block's first product with its GELU fused into the store:
+/// `pre = op(A)·op(B) + bias` and `act = gelu(pre)` (GELU of the fp32 value, then both
+/// rounded to fp16), both `[m×n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_gelu(
+    dev: &Gpu,
+    act: &mut DeviceBuffer<f16>,
+    pre: &mut DeviceBuffer<f16>,
+    a: &DeviceBuffer<f16>,
+    trans_a: bool,
+    b: &DeviceBuffer<f16>,
+    trans_b: bool,
+    (m, n, k): (usize, usize, usize),
+    bias: Option<&DeviceBuffer<f16>>,
+) -> Result<(), GpuError> {
+    check("pre-activation", pre, m, n)?;
+    let epilogue = GemmEpilogue::Gelu { pre: pre.ptr() };
+    checked(dev, GemmOut::F16(act), a, trans_a, b, trans_b, (m, n, k), false, bias, epilogue)
+}
+
+/// The gradient through a GELU fused into the product that makes the activation's
+/// gradient: `d_pre = (op(A)·op(B)) · gelu'(pre)`, all `[m×n]`, overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_gelu_grad(
+    dev: &Gpu,
+    d_pre: &mut DeviceBuffer<f16>,
+    pre: &DeviceBuffer<f16>,
+    a: &DeviceBuffer<f16>,
+    trans_a: bool,
+    b: &DeviceBuffer<f16>,
+    trans_b: bool,
+    (m, n, k): (usize, usize, usize),
+) -> Result<(), GpuError> {
+    check("pre-activation", pre, m, n)?;
+    let epilogue = GemmEpilogue::GeluGrad { pre: pre.ptr() };
+    checked(dev, GemmOut::F16(d_pre), a, trans_a, b, trans_b, (m, n, k), false, None, epilogue)
+}
+
+/// Whether cuBLASLt takes a fused GELU for `C` with `n` columns: its pre-activation's
+/// leading dimension must be a multiple of 8 elements.
+pub fn gelu_fusable(n: usize) -> bool {
+    n % 8 == 0
+}
+
+#[allow(clippy::too_many_arguments)]
+fn checked(
+    dev: &Gpu,
+    c: GemmOut<'_>,
+    a: &DeviceBuffer<f16>,
+    trans_a: bool,
+    b: &DeviceBuffer<f16>,
+    trans_b: bool,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    bias: Option<&DeviceBuffer<f16>>,
+    epilogue: GemmEpilogue,
+) -> Result<(), GpuError> {
     let shape = |message: String| GpuError::Shape { op: "gemm", message };
+    if epilogue != GemmEpilogue::None && !gelu_fusable(n) {
+        return Err(shape(format!("a fused GELU needs n a multiple of 8, not {n}")));
+    }
     if k == 0 {
         return Err(shape(format!("{m}×{n}×0: the summed dimension k must be at least 1")));
     }
@@ -77,6 +140,7 @@ pub fn gemm(
         c_f32,
         beta: if accumulate { 1.0 } else { 0.0 },
         bias: bias.map(DeviceBuffer::ptr),
+        epilogue,
     };
     // SAFETY: every buffer's length matches the shape, and `c` is borrowed mutably, so it
     // overlaps no input.
@@ -93,7 +157,13 @@ pub unsafe fn run(dev: &Gpu, op: &str, g: &Gemm) -> Result<(), GpuError> {
         let t = |transposed| if transposed { "ᵀ" } else { "" };
         let out = if g.c_f32 { "f32" } else { "f16" };
         let op = if op.is_empty() { String::new() } else { format!(" ({op})") };
-        format!("gemm{op} {}×{}×{} A{} B{} → {out}", g.m, g.n, g.k, t(g.trans_a), t(g.trans_b))
+        let epilogue = match g.epilogue {
+            GemmEpilogue::None => "",
+            GemmEpilogue::Gelu { .. } => " + GELU",
+            GemmEpilogue::GeluGrad { .. } => " · GELU'",
+        };
+        let (m, n, k, ta, tb) = (g.m, g.n, g.k, t(g.trans_a), t(g.trans_b));
+        format!("gemm{op} {m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}")
     };
     // SAFETY: the caller's contract.
     super::profile::time(dev, name, || unsafe { dev.gemm(g) })

@@ -82,7 +82,8 @@ pub type DevicePtr = u64;
 /// fp32 compute. `A` is `[m×k]` (`[k×m]` when `trans_a`), `B` is `[k×n]` (`[n×k]` when
 /// `trans_b`), both fp16 and dense; `C` is dense `[m×n]`, fp32 when `c_f32` else fp16. `beta`
 /// is 0 (overwrite) or 1 (accumulate). `bias` (fp16 `[n]`, added to every row) only with
-/// `beta = 0`. The emulated device computes it on the CPU (f32 sums); a GPU through cuBLASLt.
+/// `beta = 0`; `epilogue` (fp16 `C`, `beta = 0`) fuses the GELU of the feed-forward block.
+/// The emulated device computes it on the CPU (f32 sums); a GPU through cuBLASLt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gemm {
     /// Rows of C.
@@ -107,6 +108,29 @@ pub struct Gemm {
     pub beta: f32,
     /// Optional fp16 bias `[n]`.
     pub bias: Option<DevicePtr>,
+    /// What happens to the (biased) product before it is stored.
+    pub epilogue: GemmEpilogue,
+}
+
+/// A pointwise step fused into a product's store (cuBLASLt's epilogues), so the activation
+/// costs no pass over memory of its own. GELU is the tanh approximation, as the backends'
+/// `gelu_forward` (and cuBLASLt's). `pre` is fp16 `[m×n]`, dense like `C`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GemmEpilogue {
+    /// `C = A·B (+ bias)`.
+    #[default]
+    None,
+    /// `pre = A·B + bias` and `C = gelu(A·B + bias)`, GELU taken before rounding `pre`.
+    Gelu {
+        /// Where the pre-activation goes (the backward's input).
+        pre: DevicePtr,
+    },
+    /// `C = (A·B) · gelu'(pre)`: the product is the gradient of the activation; `C`, that of
+    /// the pre-activation.
+    GeluGrad {
+        /// The forward's pre-activation.
+        pre: DevicePtr,
+    },
 }
 
 /// A device that runs the kernels.
