@@ -267,16 +267,21 @@ fn gelu_grad(x: f64) -> f64 {
 /// The fused GELU epilogues (`gemm_gelu`: pre-activation and activation from one product;
 /// `gemm_gelu_grad`: the product times gelu' of a given pre-activation) against f64.
 /// Tolerances: the product's as in `run_case` (fp16 output), carried through GELU by its
-/// slope (|gelu'| < 1.13, so 1.2×), plus the rounding of the fp16 result and 1e-5 relative for
-/// the device's fast exponential. (Erf GELU differs from tanh GELU by less than an fp16 ulp
-/// where it matters, so this checks the fusion — which value is stored where, the bias, the
-/// slope — not the approximation.)
+/// slope (|gelu'| < 1.13, so 1.2×), plus the GELU's own evaluation: cuBLASLt's epilogue was
+/// seen 2 fp16 ulps off the correctly rounded value (H200, 2026-11-26: gelu(0.07235) stored
+/// as 0.038208, not 0.038269), as if taken in half precision from the rounded input, so we
+/// allow 2⁻⁹ of the input's and the result's magnitudes (and of the product's, for the
+/// slope), plus 2⁻¹⁴ (fp16's smallest normal). That still fails a missing or doubled bias,
+/// the pre-activation stored as the activation, another activation (ReLU, x·σ(1.702x)) or a
+/// slope off by 1%. (Erf GELU differs from tanh GELU by less than an fp16 ulp, so the
+/// approximation itself is not what this checks.)
 #[test]
 #[allow(clippy::needless_range_loop)] // (i, j) index several arrays at once
 fn fused_gelu_epilogues_match_an_f64_reference() {
     let shapes = [(7, 16, 5), (64, 64, 64), (33, 1000, 17), (300, 128, 96)];
     let mut rng = SplitMix64(0x6e1);
     for dev in devices() {
+        let mut worst: f64 = 0.0;
         for &(m, n, k) in &shapes {
             let p = Problem::new(&mut rng, m, n, k);
             let accumulation = 4.0 * (k + 2) as f64 * 2f64.powi(-24);
@@ -327,9 +332,9 @@ fn fused_gelu_epilogues_match_an_f64_reference() {
                             );
                             let want_act = gelu(want_pre);
                             let tol_act = 1.2 * sum_err
-                                + 2f64.powi(-10) * want_act.abs()
-                                + 1e-5 * (1.0 + want_pre.abs())
-                                + 2f64.powi(-24);
+                                + 2f64.powi(-9) * (want_pre.abs() + want_act.abs())
+                                + 2f64.powi(-14);
+                            worst = worst.max((act[at].to_f64() - want_act).abs() / tol_act);
                             let got_act = act[at].to_f64();
                             assert!(
                                 (got_act - want_act).abs() <= tol_act,
@@ -351,10 +356,10 @@ fn fused_gelu_epilogues_match_an_f64_reference() {
                         let slope = gelu_grad(pre[at]);
                         let want = p.product[at] * slope;
                         let tol = slope.abs() * accumulation * p.a_norms[i] * p.b_norms[j]
-                            + 2f64.powi(-10) * (p.product[at].abs() * slope.abs() + want.abs())
-                            + 1e-5 * p.product[at].abs()
-                            + 2f64.powi(-24);
+                            + 2f64.powi(-9) * (p.product[at].abs() + want.abs())
+                            + 2f64.powi(-14);
                         let got = d_pre[at].to_f64();
+                        worst = worst.max((got - want).abs() / tol);
                         assert!(
                             (got - want).abs() <= tol,
                             "{case}: d_pre[{i}, {j}] = {got}, want {} · gelu'({}) = {want}",
@@ -365,6 +370,7 @@ fn fused_gelu_epilogues_match_an_f64_reference() {
                 }
             }
         }
+        eprintln!("{}: fused GELU, worst |error| / tolerance {worst:.3}", dev.name());
     }
 }
 
