@@ -1,6 +1,7 @@
 // attention.cu — fused multi-head scaled-dot-product attention (flash style), fp16 in and out,
 // fp32 softmax statistics, tensor cores through WMMA (16×16×16 half fragments, float
-// accumulators). No sequence×sequence matrix ever reaches device memory, and the masks are
+// accumulators); at the end of the file, a forward that keeps the scores in registers
+// through mma.sync's documented fragments (opt-in, CHINGU_ATTN_MMA=1). No sequence×sequence matrix ever reaches device memory, and the masks are
 // computed from lengths, never materialised.
 //
 // Shapes (B batch rows, H heads, Dh head width, D = H·Dh): q, out, d_out, dq [B·Tq, D];
@@ -746,4 +747,193 @@ extern "C" __global__ void attention_backward_dq_c12_f16(CHINGU_ATTN_DQ_PARAMS) 
 }
 extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq<16>(CHINGU_ATTN_DQ_ARGS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward with the scores in registers (opt-in: CHINGU_ATTN_MMA=1, until measured on a GPU).
+//
+// The same function as attention_forward (same masks, out, lse), but through mma_16816
+// (common.cuh), whose register layout is documented, so nothing goes through shared memory
+// but the K and V tiles: warp w owns 16 query rows; lane (g = lane/4, t = lane%4) holds rows
+// g and g + 8 of every fragment. Per walked tile of BC keys:
+//   S = Q·Kᵀ: BC/8 accumulators s[j] (keys 8j..8j+7), A = the warp's Q fragments, loaded
+//     once into registers (qf[d], dims 16d..16d+15), B = K rows straight from shared memory
+//     (b[0] = K(key 8j+g, dims 16d+2t..+1), b[1] = the same 8 dims further);
+//   online softmax on the accumulators: each lane has 2·BC/4 of its two rows' scores; row
+//     max and sum are the lane's then the quad's (shuffles over lanes t = 0..3, fixed order);
+//     O is rescaled per row in registers;
+//   O += P·V: P's accumulators are, element for element, the A fragments of the next product
+//     (s[2kk], s[2kk+1] → a[0..3] for keys 16kk..16kk+15), rounded to fp16; B = V (b[0] =
+//     V(keys 16kk+2t, +1; dim 8n+g): two 16-bit loads) for each of the 2·Dh/16 n-tiles of O.
+// Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
+// Block: 4 warps (64 query rows); shared memory 2·BC·(Dh + 8) halves: K and V tiles (Q is
+// staged through the same space once). CT = Dh/16 rounded up (4, 8, 12, 16) with BC = 64
+// keys per tile, BC = 32 for CT 16 (registers: Q 4·CT, S BC/2, O 8·CT floats per lane).
+// ---------------------------------------------------------------------------------------------
+template <int CT, int BC>
+__device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS) {
+    using namespace chingu::attn;
+    CHINGU_DYNAMIC_SMEM(float4, smem);
+    constexpr int NT = BC / 8;  // S accumulators (8 keys each)
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int rows = 16 * warps;
+    const int ld = head_dim + 8;
+    __half* ks = reinterpret_cast<__half*>(smem);
+    __half* vs = ks + BC * ld;
+    __half* qs = ks;  // Q staged here once, before the first K/V tile
+
+    const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
+    if (b >= batch) return;
+    const int width = heads * head_dim;
+    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
+    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
+    const int kl = key_len[b];
+    const int wq0 = q0 + 16 * warp;
+    const int col_tiles = head_dim >> 4;
+    int block_limit = kl, warp_limit = kl;
+    if (causal) {
+        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
+        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
+    }
+    if (wq0 >= q_len) warp_limit = 0;
+    const float sc = LOG2E / sqrtf((float)head_dim);
+    const int i0 = wq0 + g, i1 = wq0 + g + 8;  // this lane's two query rows
+
+    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
+    __syncthreads();
+    unsigned qf[CT][4];
+    for (int d = 0; d < CT; ++d) {
+        if (d >= col_tiles) break;
+        const __half* r0 = qs + (16 * warp + g) * ld + 16 * d + 2 * t;
+        qf[d][0] = chingu::load_pair(r0);
+        qf[d][1] = chingu::load_pair(r0 + 8 * ld);
+        qf[d][2] = chingu::load_pair(r0 + 8);
+        qf[d][3] = chingu::load_pair(r0 + 8 * ld + 8);
+    }
+
+    float o[2 * CT][4];
+    for (int n = 0; n < 2 * CT; ++n)
+        for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+    // Running max (log2 units, quad-uniform) and this lane's share of the running sum.
+    float m0 = chingu::neg_inf(), m1 = chingu::neg_inf(), l0 = 0.0f, l1 = 0.0f;
+
+    for (int k0 = 0; k0 < block_limit; k0 += BC) {
+        __syncthreads();  // every warp is done with Q (first tile) or the previous K/V tile
+        load_rows(ks, k + k_base, k0, BC, kl, width, head_dim, ld);
+        load_rows(vs, v + k_base, k0, BC, kl, width, head_dim, ld);
+        __syncthreads();
+        if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+
+        float s[NT][4];
+        for (int j = 0; j < NT; ++j)
+            for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+        for (int d = 0; d < CT; ++d) {
+            if (d >= col_tiles) break;
+            for (int j = 0; j < NT; ++j) {
+                const __half* kr = ks + (8 * j + g) * ld + 16 * d + 2 * t;
+                const unsigned bk[2] = {chingu::load_pair(kr), chingu::load_pair(kr + 8)};
+                chingu::mma_16816(s[j], qf[d], bk, s[j]);
+            }
+        }
+
+        // Masks, then the rows' maxima: the lane's, then the quad's.
+        const bool masked = k0 + BC > kl || (causal && k0 + BC - 1 > q_offset + wq0);
+        float mx0 = chingu::neg_inf(), mx1 = chingu::neg_inf();
+        for (int j = 0; j < NT; ++j) {
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + 8 * j + 2 * t + (e & 1);
+                if (masked && !sees(e < 2 ? i0 : i1, key, kl, causal, q_offset))
+                    s[j][e] = chingu::neg_inf();
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(chingu::FULL_MASK, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(chingu::FULL_MASK, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 2));
+        const float n0 = fmaxf(m0, mx0 * sc), n1 = fmaxf(m1, mx1 * sc);
+        // exp2(m_old − m_new): 0 while m_old is −inf; 1 while the row has seen no key.
+        const float a0 = n0 != chingu::neg_inf() ? exp2f(m0 - n0) : 1.0f;
+        const float a1 = n1 != chingu::neg_inf() ? exp2f(m1 - n1) : 1.0f;
+        float sum0 = 0.0f, sum1 = 0.0f;
+        for (int j = 0; j < NT; ++j) {
+            for (int e = 0; e < 4; ++e) {
+                const float mn = e < 2 ? n0 : n1;
+                const float p = (mn != chingu::neg_inf() && s[j][e] != chingu::neg_inf())
+                                    ? exp2f(fmaf(s[j][e], sc, -mn))
+                                    : 0.0f;
+                s[j][e] = p;
+            }
+            sum0 += s[j][0] + s[j][1];
+            sum1 += s[j][2] + s[j][3];
+        }
+        l0 = l0 * a0 + sum0;
+        l1 = l1 * a1 + sum1;
+        m0 = n0;
+        m1 = n1;
+        for (int n = 0; n < 2 * CT; ++n) {
+            o[n][0] *= a0;
+            o[n][1] *= a0;
+            o[n][2] *= a1;
+            o[n][3] *= a1;
+        }
+
+        // O += P·V, 16 keys per product.
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            const unsigned pa[4] = {chingu::pack_half2(s[2 * kk][0], s[2 * kk][1]),
+                                    chingu::pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                                    chingu::pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    chingu::pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const __half* vr = vs + (16 * kk + 2 * t) * ld + g;
+            for (int n = 0; n < 2 * CT; ++n) {
+                if (n >= 2 * col_tiles) break;
+                const __half* vc = vr + 8 * n;
+                const unsigned bv[2] = {chingu::pack_halves(vc[0], vc[ld]),
+                                        chingu::pack_halves(vc[8 * ld], vc[9 * ld])};
+                chingu::mma_16816(o[n], pa, bv, o[n]);
+            }
+        }
+    }
+
+    // The rows' sums over the quad (fixed order), then out = O / l (0 for a row that saw no
+    // key) and lse.
+    l0 += __shfl_xor_sync(chingu::FULL_MASK, l0, 1);
+    l0 += __shfl_xor_sync(chingu::FULL_MASK, l0, 2);
+    l1 += __shfl_xor_sync(chingu::FULL_MASK, l1, 1);
+    l1 += __shfl_xor_sync(chingu::FULL_MASK, l1, 2);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    for (int n = 0; n < 2 * CT; ++n) {
+        if (n >= 2 * col_tiles) break;
+        const int col = 8 * n + 2 * t;
+        if (i0 < q_len) {
+            __half* dst = out + q_base + (long long)i0 * width + col;
+            dst[0] = __float2half_rn(o[n][0] * inv0);
+            dst[1] = __float2half_rn(o[n][1] * inv0);
+        }
+        if (i1 < q_len) {
+            __half* dst = out + q_base + (long long)i1 * width + col;
+            dst[0] = __float2half_rn(o[n][2] * inv1);
+            dst[1] = __float2half_rn(o[n][3] * inv1);
+        }
+    }
+    if (t == 0) {
+        const long long stat = ((long long)b * heads + h) * q_len;
+        if (i0 < q_len) lse[stat + i0] = l0 > 0.0f ? m0 * LN2 + logf(l0) : chingu::neg_inf();
+        if (i1 < q_len) lse[stat + i1] = l1 > 0.0f ? m1 * LN2 + logf(l1) : chingu::neg_inf();
+    }
+}
+
+extern "C" __global__ void attention_forward_mma_c4_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<4, 64>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_mma_c8_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<8, 64>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_mma_c12_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<12, 64>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<16, 32>(CHINGU_ATTN_FORWARD_ARGS);
 }

@@ -29,6 +29,47 @@ namespace chingu {
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
+/// d = a·b + c for one 16×8×16 tile on the tensor cores (fp16 in, fp32 accumulate): the PTX
+/// instruction mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, a warp collective, with
+/// the ISA's documented register layout (g = lane / 4, t = lane % 4; a register holds two
+/// halves, the lower-indexed element in its low 16 bits):
+///   a[0] = A(g, 2t..2t+1), a[1] = A(g+8, 2t..), a[2] = A(g, 2t+8..), a[3] = A(g+8, 2t+8..);
+///   b[0] = B(2t..2t+1, g), b[1] = B(2t+8..2t+9, g);
+///   c[0], c[1] = C(g, 2t), C(g, 2t+1); c[2], c[3] = C(g+8, 2t), C(g+8, 2t+1).
+/// The emulator implements the same layout (cuda_emu.h), so kernels may rely on it.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
+                                          const unsigned (&b)[2], const float (&c)[4]) {
+#ifdef CHINGU_EMU
+    chingu_emu::mma_m16n8k16(d, a, b, c);
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
+          "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+/// Two halves as one register, `lo` in the low 16 bits.
+__device__ __forceinline__ unsigned pack_halves(__half lo, __half hi) {
+    return (unsigned)__half_as_ushort(lo) | ((unsigned)__half_as_ushort(hi) << 16);
+}
+
+/// Two floats rounded to fp16 as one register, `lo` in the low 16 bits.
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+    return pack_halves(__float2half_rn(lo), __float2half_rn(hi));
+}
+
+/// The two adjacent halves at `p` (4-byte aligned) as one register: one 32-bit load.
+__device__ __forceinline__ unsigned load_pair(const __half* p) {
+#ifdef CHINGU_EMU
+    if (reinterpret_cast<unsigned long long>(p) & 3ull) __trap();  // a GPU would fault
+    return pack_halves(p[0], p[1]);
+#else
+    return *reinterpret_cast<const unsigned*>(p);
+#endif
+}
+
 /// -inf without <math.h> (NVRTC has no INFINITY macro).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

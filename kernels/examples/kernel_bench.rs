@@ -409,6 +409,12 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                 ("attn_fwd", "attn_bwd", "attn_fwd_bwd")
             };
             push(fwd_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
+            // The register-resident forward (opt-in in training: CHINGU_ATTN_MMA=1).
+            let t = time_op(dev, reps, |_| {
+                ops::attention_forward_mma(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+            })?;
+            let mma_op = if causal { "attn_fwd_mma_causal" } else { "attn_fwd_mma" };
+            push(mma_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
 
             let (mut dq, mut dk, mut dv) =
                 (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);
@@ -432,6 +438,37 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             })?;
             push(both_op, label, t, fwd_bytes + bwd_bytes, Some(3.5 * fwd_flops));
         }
+    }
+    // --- seed-768's head width (4 heads of 192): both forwards ---------------------------
+    {
+        let (b, t_len, heads, head_dim) = (s.b, s.t, 4, 192);
+        let key_len = vec![t_len; b];
+        let x_len = b * t_len * heads * head_dim;
+        let q = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
+        let k = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
+        let vv = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
+        let shape = AttentionShape {
+            batch: b,
+            q_len: t_len,
+            k_len: t_len,
+            heads,
+            head_dim,
+            causal: false,
+            q_offset: 0,
+        };
+        let label = format!("B{b} H{heads} T{t_len} Dh{head_dim}");
+        let flops = 4.0 * (b * heads) as f64 * (t_len * t_len * head_dim) as f64;
+        let bytes = H * 4.0 * x_len as f64 + S * (b * heads * t_len) as f64;
+        let mut o = out::<f16>(dev, x_len)?;
+        let mut lse = out::<f32>(dev, b * heads * t_len)?;
+        let t = time_op(dev, reps, |_| {
+            ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+        })?;
+        push("attn_fwd_dh192", label.clone(), t, bytes, Some(flops));
+        let t = time_op(dev, reps, |_| {
+            ops::attention_forward_mma(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+        })?;
+        push("attn_fwd_mma_dh192", label, t, bytes, Some(flops));
     }
     Ok(rows)
 }

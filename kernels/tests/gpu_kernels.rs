@@ -720,15 +720,33 @@ fn attention_matches_the_cpu_backend() {
                 4e-3,
             );
             let want_lse = reference_lse(&q, &k, key_len, s);
-            let got_lse = lse.to_host().unwrap();
-            for (n, (&g, &w)) in got_lse.iter().zip(&want_lse).enumerate() {
-                let ok = if w.is_infinite() {
-                    g == w
-                } else {
-                    (f64::from(g) - f64::from(w)).abs() <= 1e-4 * (1.0 + f64::from(w).abs())
-                };
-                assert!(ok, "attention lse[{n}] is {g}, want {w}, {what} on {}", dev.name());
-            }
+            let check_lse = |kernels: &str, lse: &DeviceBuffer<f32>| {
+                let got_lse = lse.to_host().unwrap();
+                for (n, (&g, &w)) in got_lse.iter().zip(&want_lse).enumerate() {
+                    let ok = if w.is_infinite() {
+                        g == w
+                    } else {
+                        (f64::from(g) - f64::from(w)).abs() <= 1e-4 * (1.0 + f64::from(w).abs())
+                    };
+                    assert!(ok, "{kernels} lse[{n}] is {g}, want {w}, {what} on {}", dev.name());
+                }
+            };
+            check_lse("attention", &lse);
+
+            // The register-resident forward (mma.sync fragments), same reference.
+            let mut out_mma = poisoned_half(&dev, nq);
+            let mut lse_mma = poisoned_f32(&dev, batch * heads * q_len);
+            ops::attention_forward_mma(&dev, &mut out_mma, &mut lse_mma, &qd, &kd, &vd, key_len, s)
+                .unwrap();
+            assert_close(
+                &format!("attention out (mma kernels), {what}"),
+                &dev,
+                &down_half(&out_mma),
+                &want_out,
+                atol,
+                4e-3,
+            );
+            check_lse("attention (mma kernels)", &lse_mma);
 
             let (mut dq, mut dk, mut dv) =
                 (poisoned_half(&dev, nq), poisoned_half(&dev, nk), poisoned_half(&dev, nk));

@@ -77,7 +77,9 @@
 //   function, not with the GPU's approximation; min/max; __ldg; printf; assert (names
 //   launch/block/thread; keep <cassert> out of kernel sources or include it before
 //   common.cuh); __half/__half2 bit-exact (see below); nvcuda::wmma for m16n16k16 with
-//   __half A/B and float or __half accumulators.
+//   __half A/B and float or __half accumulators; chingu_emu::mma_m16n8k16, the PTX
+//   instruction mma.sync.m16n8k16.row.col.f32.f16.f16.f32 with its documented register
+//   layout (kernels reach it through chingu::mma_16816 in common.cuh, inline PTX on a GPU).
 //
 // __half
 //   Bit-exact IEEE binary16: conversions round to nearest even (subnormals, overflow to
@@ -1753,7 +1755,68 @@ inline void release_wmma_mma(Warp& w, uint32_t part) {
 
 template <class Layout> constexpr bool is_col_major() { return std::is_same<Layout, nvcuda::wmma::col_major>::value; }
 
+// PTX mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with the PTX ISA's documented
+// fragment layout (unlike WMMA's, which is opaque). g = lane / 4, t = lane % 4; each 32-bit
+// register holds two halves, the lower-indexed element in the low 16 bits.
+//   A (16×16, 4 registers): a[0] = (row g, cols 2t, 2t+1), a[1] = (g + 8, 2t..),
+//                           a[2] = (g, 2t + 8..), a[3] = (g + 8, 2t + 8..)
+//   B (16×8, 2 registers):  b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t + 8, 2t + 9, col g)
+//   C, D (16×8, 4 floats):  [0], [1] = (row g, cols 2t, 2t+1); [2], [3] = (row g + 8, ...)
+// p[0..3] = a, b, c, d of each lane.
+inline float half_bits_to_float(uint32_t reg, unsigned hi) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(hi ? reg >> 16 : reg & 0xffffu)));
+}
+
+inline void release_mma_m16n8k16(Warp& w, uint32_t part) {
+  if (part != 0xffffffffu)
+    fail(strf("mma_m16n8k16: only lanes 0x%08x of the warp took part (lanes exited); it needs all 32", part));
+  float A[16][16], B[16][8], C[16][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned g = l / 4, t = l % 4;
+    const uint32_t* a = static_cast<const uint32_t*>(w.lane[l].p[0]);
+    const uint32_t* b = static_cast<const uint32_t*>(w.lane[l].p[1]);
+    const float* c = static_cast<const float*>(w.lane[l].p[2]);
+    for (unsigned h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = half_bits_to_float(a[0], h);
+      A[g + 8][2 * t + h] = half_bits_to_float(a[1], h);
+      A[g][2 * t + 8 + h] = half_bits_to_float(a[2], h);
+      A[g + 8][2 * t + 8 + h] = half_bits_to_float(a[3], h);
+      B[2 * t + h][g] = half_bits_to_float(b[0], h);
+      B[2 * t + 8 + h][g] = half_bits_to_float(b[1], h);
+      C[g][2 * t + h] = c[h];
+      C[g + 8][2 * t + h] = c[2 + h];
+    }
+  }
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned g = l / 4, t = l % 4;
+    float* d = static_cast<float*>(const_cast<void*>(w.lane[l].p[3]));
+    for (unsigned e = 0; e < 4; ++e) {
+      const unsigned r = g + 8 * (e / 2), col = 2 * t + e % 2;
+      float acc = C[r][col];
+      for (unsigned k = 0; k < 16; ++k) acc += A[r][k] * B[k][col];  // products exact in float
+      d[e] = acc;
+    }
+  }
+}
+
 }  // namespace detail
+
+// d = a·b + c for one m16n8k16 tile (see release_mma_m16n8k16 for the layout); a warp
+// collective over all 32 lanes. d may alias c.
+inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                         const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
+  using namespace detail;
+  wmma_require_full_warp("mma_m16n8k16", file, line);
+  // Copies, so an aliased d is written only after every lane's c has been read.
+  float c_copy[4] = {c[0], c[1], c[2], c[3]};
+  LaneSlot& s = my_slot("mma_m16n8k16");
+  s.p[0] = a;
+  s.p[1] = b;
+  s.p[2] = c_copy;
+  s.p[3] = d;
+  warp_collective(0xffffffffu, &release_mma_m16n8k16, "mma_m16n8k16", file, line);
+}
+
 }  // namespace chingu_emu
 
 namespace nvcuda {

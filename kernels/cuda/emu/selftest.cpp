@@ -596,6 +596,52 @@ float hval(std::mt19937& rng) { return static_cast<float>(static_cast<int>(rng()
 template <class T>
 T* dev(size_t n) { return static_cast<T*>(chingu_emu::device_alloc(n * sizeof(T))); }
 
+
+// One m16n8k16 product through chingu_emu::mma_m16n8k16, each lane packing its registers
+// from row-major A [16x16] and B [16x8] by the PTX ISA's table (g = lane/4, t = lane%4) and
+// writing its four results to D [16x8] at the positions that table gives.
+__global__ void mma_16816_probe(const __half* A, const __half* B, const float* C, float* D) {
+  const unsigned lane = threadIdx.x & 31, g = lane / 4, t = lane % 4;
+  auto pack = [](__half lo, __half hi) {
+    return static_cast<uint32_t>(__half_as_ushort(lo)) | (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
+  };
+  const uint32_t a[4] = {pack(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
+                         pack(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
+                         pack(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
+                         pack(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+  const uint32_t b[2] = {pack(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]),
+                         pack(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
+  float c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+  chingu_emu::mma_m16n8k16(c, a, b, c);  // d aliases c, as kernels accumulate
+  D[g * 8 + 2 * t] = c[0];
+  D[g * 8 + 2 * t + 1] = c[1];
+  D[(g + 8) * 8 + 2 * t] = c[2];
+  D[(g + 8) * 8 + 2 * t + 1] = c[3];
+}
+
+void test_mma_16816() {
+  std::mt19937 rng(7);
+  __half* A = dev<__half>(16 * 16);
+  __half* B = dev<__half>(16 * 8);
+  float* C = dev<float>(16 * 8);
+  float* D = dev<float>(16 * 8);
+  for (int i = 0; i < 256; ++i) A[i] = __float2half(hval(rng));
+  for (int i = 0; i < 128; ++i) B[i] = __float2half(hval(rng));
+  for (int i = 0; i < 128; ++i) C[i] = hval(rng);
+  std::fill(D, D + 128, -1.0f);
+  chingu_emu::launch("mma_16816_probe", mma_16816_probe, dim3(1), dim3(32), 0, A, B, C, D);
+  bool ok = true;
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 8; ++n) {
+      float acc = C[r * 8 + n];
+      for (int k = 0; k < 16; ++k) acc += __half2float(A[r * 16 + k]) * __half2float(B[k * 8 + n]);
+      if (D[r * 8 + n] != acc) ok = false;
+    }
+  check(ok, "mma m16n8k16 (PTX register layout): D = A*B + C at every documented position");
+  const std::string e = chingu_emu::try_launch("mma_16816_probe", mma_16816_probe, dim3(1), dim3(16), 0, A, B, C, D);
+  check(e.find("full warp") != std::string::npos, "mma m16n8k16 in a 16-thread block is an error", e);
+}
+
 void test_wmma() {
   const int M = 32, K = 48, N = 16;
   std::mt19937 rng(99);
@@ -891,6 +937,7 @@ int main() {
   test_dyn_smem();
   test_indices();
   test_wmma();
+  test_mma_16816();
   test_atomics();
   test_sync_count();
   test_math();

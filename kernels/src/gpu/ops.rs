@@ -569,7 +569,8 @@ impl AttnBlock {
 
 /// Fused attention forward (see `kernels/cuda/attention.cu`): `out` `[B·Tq, D]` (fp16) and
 /// the log-sum-exp of each query row's scaled scores, `lse` `[B, H, Tq]` (fp32, −inf for a
-/// row with no visible key), which the backward needs.
+/// row with no visible key), which the backward needs. The WMMA kernels, or with
+/// `CHINGU_ATTN_MMA=1` the register-resident ones ([`attention_forward_mma`]) where they fit.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Gpu,
@@ -580,6 +581,71 @@ pub fn attention_forward(
     v: &DeviceBuffer<f16>,
     key_len: &[usize],
     s: AttentionShape,
+) -> Result<(), GpuError> {
+    let mma = attention_mma_enabled() && MmaForward::new(dev, s.head_dim).is_some();
+    attention_forward_with(dev, out, lse, q, k, v, key_len, s, mma)
+}
+
+/// [`attention_forward`] through the kernels that keep the scores in registers
+/// (`attention_forward_mma_c*`: documented mma.sync fragments, not WMMA's), whatever
+/// `CHINGU_ATTN_MMA` says; an error where the device cannot give them their shared memory.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_mma(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f16>,
+    lse: &mut DeviceBuffer<f32>,
+    q: &DeviceBuffer<f16>,
+    k: &DeviceBuffer<f16>,
+    v: &DeviceBuffer<f16>,
+    key_len: &[usize],
+    s: AttentionShape,
+) -> Result<(), GpuError> {
+    attention_forward_with(dev, out, lse, q, k, v, key_len, s, true)
+}
+
+/// Whether `CHINGU_ATTN_MMA=1` asks for the register-resident attention forward (off by
+/// default until it has been measured on a GPU).
+fn attention_mma_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("CHINGU_ATTN_MMA").is_ok_and(|v| v == "1"))
+}
+
+/// The register-resident forward's instance for a head width: kernel, keys per tile (the
+/// kernels' `tile`, fixed per instance) and dynamic shared memory (K and V tiles of
+/// `Dh + 8` halves a row); `None` where that memory is more than the device allows.
+struct MmaForward {
+    kernel: &'static str,
+    tile: usize,
+    shared: usize,
+}
+
+impl MmaForward {
+    /// Warps per block (16 query rows each).
+    const WARPS: usize = 4;
+
+    fn new(dev: &Gpu, head_dim: usize) -> Option<Self> {
+        let (kernel, tile) = match head_dim.div_ceil(16) {
+            0..=4 => ("attention_forward_mma_c4_f16", 64),
+            5..=8 => ("attention_forward_mma_c8_f16", 64),
+            9..=12 => ("attention_forward_mma_c12_f16", 64),
+            _ => ("attention_forward_mma_c16_f16", 32),
+        };
+        let shared = 2 * tile * (head_dim + 8) * size_of::<f16>();
+        (shared <= dev.max_dynamic_shared(kernel)).then_some(MmaForward { kernel, tile, shared })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_with(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f16>,
+    lse: &mut DeviceBuffer<f32>,
+    q: &DeviceBuffer<f16>,
+    k: &DeviceBuffer<f16>,
+    v: &DeviceBuffer<f16>,
+    key_len: &[usize],
+    s: AttentionShape,
+    mma: bool,
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_forward";
     let d = s.width();
@@ -592,15 +658,31 @@ pub fn attention_forward(
     if out.is_empty() {
         return Ok(());
     }
-    let kernel = attention_kernel(AttnKernel::Forward, s.head_dim);
-    let blk = AttnBlock::new(AttnKernel::Forward, s.head_dim, dev.max_dynamic_shared(kernel));
-    let grid = (s.q_len.div_ceil(blk.rows()) as u32, s.heads as u32, s.batch as u32);
+    let (kernel, rows, threads, shared, tile) = if mma {
+        let f = MmaForward::new(dev, s.head_dim).ok_or_else(|| {
+            shape(
+                OP,
+                format!(
+                    "the register-resident kernel for head_dim {} needs more shared memory \
+                     than the device gives it",
+                    s.head_dim
+                ),
+            )
+        })?;
+        let warps = MmaForward::WARPS;
+        (f.kernel, 16 * warps, (32 * warps as u32, 1, 1), f.shared as u32, f.tile as i32)
+    } else {
+        let kernel = attention_kernel(AttnKernel::Forward, s.head_dim);
+        let blk = AttnBlock::new(AttnKernel::Forward, s.head_dim, dev.max_dynamic_shared(kernel));
+        (kernel, blk.rows(), blk.threads(), blk.shared, blk.tile)
+    };
+    let grid = (s.q_len.div_ceil(rows) as u32, s.heads as u32, s.batch as u32);
     launch(
         dev,
         kernel,
         grid,
-        blk.threads(),
-        blk.shared,
+        threads,
+        shared,
         args![
             out.ptr(),
             lse.ptr(),
@@ -615,7 +697,7 @@ pub fn attention_forward(
             a[4],
             a[5],
             a[6],
-            blk.tile
+            tile
         ],
     )?;
     // `lens` is reused only by later work on the same stream (see `layernorm_backward`).
