@@ -1,7 +1,7 @@
 // attention.cu — fused multi-head scaled-dot-product attention (flash style), fp16 in and out,
 // fp32 softmax statistics, tensor cores through WMMA (16×16×16 half fragments, float
-// accumulators); at the end of the file, a forward that keeps the scores in registers
-// through mma.sync's documented fragments (opt-in, CHINGU_ATTN_MMA=1). No sequence×sequence matrix ever reaches device memory, and the masks are
+// accumulators); at the end of the file, a forward and a dQ kernel that keep the scores in
+// registers through mma.sync's documented fragments (opt-in, CHINGU_ATTN_MMA=1). No sequence×sequence matrix ever reaches device memory, and the masks are
 // computed from lengths, never materialised.
 //
 // Shapes (B batch rows, H heads, Dh head width, D = H·Dh): q, out, d_out, dq [B·Tq, D];
@@ -936,4 +936,160 @@ extern "C" __global__ void attention_forward_mma_c12_f16(CHINGU_ATTN_FORWARD_PAR
 }
 extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward_mma<16, 32>(CHINGU_ATTN_FORWARD_ARGS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dQ with the scores in registers (opt-in with the forward above: CHINGU_ATTN_MMA=1).
+//
+// The function of attention_backward_dq through mma_16816. Warp w owns 16 query rows; the
+// block's Q and dO rows stay in shared memory (their A fragments are read per product, so a
+// head of 192 leaves registers for dQ). Per walked tile of BC keys:
+//   S = Q·Kᵀ and dP = dO·Vᵀ: BC/8 accumulators each, B fragments straight from the K and V
+//     rows (as the forward's Q·Kᵀ);
+//   P = exp2(s·S − lse) (0 where masked), dS = P∘(dP − D), element for element in registers;
+//   dQ += dS·K: dS's accumulators are the A fragments (rounded to fp16), B = K (two 16-bit
+//     loads per register, as the forward's V).
+// dQ = s·dQ is written by the lanes that hold it. Block: 4 warps; shared memory
+// (2·64 + 2·BC)·(Dh + 8) halves. CT = Dh/16 rounded up, BC = 64 keys (32 for CT > 8).
+// ---------------------------------------------------------------------------------------------
+template <int CT, int BC>
+__device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS) {
+    using namespace chingu::attn;
+    CHINGU_DYNAMIC_SMEM(float4, smem);
+    constexpr int NT = BC / 8;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int rows = 16 * warps;
+    const int ld = head_dim + 8;
+    __half* qs = reinterpret_cast<__half*>(smem);
+    __half* dos = qs + rows * ld;
+    __half* ks = dos + rows * ld;
+    __half* vs = ks + BC * ld;
+
+    const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
+    if (b >= batch) return;
+    const int width = heads * head_dim;
+    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
+    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
+    const long long stat_base = ((long long)b * heads + h) * q_len;
+    const int kl = key_len[b];
+    const int wq0 = q0 + 16 * warp;
+    const int col_tiles = head_dim >> 4;
+    int block_limit = kl, warp_limit = kl;
+    if (causal) {
+        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
+        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
+    }
+    if (wq0 >= q_len) warp_limit = 0;
+    const float sc = LOG2E / sqrtf((float)head_dim);
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const int i0 = wq0 + g, i1 = wq0 + g + 8;
+    // Padding rows and rows without a visible key get P = 0 (lse = +inf).
+    float lse0 = pos_inf(), lse1 = pos_inf(), delta0 = 0.0f, delta1 = 0.0f;
+    if (i0 < q_len) {
+        const float ls = lse[stat_base + i0];
+        if (ls != chingu::neg_inf()) lse0 = ls * LOG2E;
+        delta0 = delta[stat_base + i0];
+    }
+    if (i1 < q_len) {
+        const float ls = lse[stat_base + i1];
+        if (ls != chingu::neg_inf()) lse1 = ls * LOG2E;
+        delta1 = delta[stat_base + i1];
+    }
+
+    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
+    load_rows(dos, d_out + q_base, q0, rows, q_len, width, head_dim, ld);
+    const __half* qw = qs + (16 * warp + g) * ld + 2 * t;  // this lane's A-fragment corner
+    const __half* dow = dos + (16 * warp + g) * ld + 2 * t;
+
+    float dq_acc[2 * CT][4];
+    for (int n = 0; n < 2 * CT; ++n)
+        for (int e = 0; e < 4; ++e) dq_acc[n][e] = 0.0f;
+
+    for (int k0 = 0; k0 < block_limit; k0 += BC) {
+        __syncthreads();  // every warp is done with the previous K/V tile (Q, dO loaded)
+        load_rows(ks, k + k_base, k0, BC, kl, width, head_dim, ld);
+        load_rows(vs, v + k_base, k0, BC, kl, width, head_dim, ld);
+        __syncthreads();
+        if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+
+        float s[NT][4], dp[NT][4];
+        for (int j = 0; j < NT; ++j)
+            for (int e = 0; e < 4; ++e) {
+                s[j][e] = 0.0f;
+                dp[j][e] = 0.0f;
+            }
+        for (int d = 0; d < CT; ++d) {
+            if (d >= col_tiles) break;
+            const unsigned qa[4] = {
+                chingu::load_pair(qw + 16 * d), chingu::load_pair(qw + 8 * ld + 16 * d),
+                chingu::load_pair(qw + 16 * d + 8), chingu::load_pair(qw + 8 * ld + 16 * d + 8)};
+            const unsigned da[4] = {
+                chingu::load_pair(dow + 16 * d), chingu::load_pair(dow + 8 * ld + 16 * d),
+                chingu::load_pair(dow + 16 * d + 8), chingu::load_pair(dow + 8 * ld + 16 * d + 8)};
+            for (int j = 0; j < NT; ++j) {
+                const __half* kr = ks + (8 * j + g) * ld + 16 * d + 2 * t;
+                const __half* vr = vs + (8 * j + g) * ld + 16 * d + 2 * t;
+                const unsigned bk[2] = {chingu::load_pair(kr), chingu::load_pair(kr + 8)};
+                const unsigned bv[2] = {chingu::load_pair(vr), chingu::load_pair(vr + 8)};
+                chingu::mma_16816(s[j], qa, bk, s[j]);
+                chingu::mma_16816(dp[j], da, bv, dp[j]);
+            }
+        }
+
+        // dS = P∘(dP − D) with P = exp2(s·S − lse), 0 where masked; into s.
+        const bool masked = k0 + BC > kl || (causal && k0 + BC - 1 > q_offset + wq0);
+        for (int j = 0; j < NT; ++j)
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + 8 * j + 2 * t + (e & 1);
+                const bool upper = e >= 2;
+                float p = exp2f(fmaf(s[j][e], sc, -(upper ? lse1 : lse0)));
+                if (masked && !sees(upper ? i1 : i0, key, kl, causal, q_offset)) p = 0.0f;
+                s[j][e] = p * (dp[j][e] - (upper ? delta1 : delta0));
+            }
+
+        // dQ += dS·K, 16 keys per product.
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            const unsigned dsa[4] = {chingu::pack_half2(s[2 * kk][0], s[2 * kk][1]),
+                                     chingu::pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                                     chingu::pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                     chingu::pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const __half* kr = ks + (16 * kk + 2 * t) * ld + g;
+            for (int n = 0; n < 2 * CT; ++n) {
+                if (n >= 2 * col_tiles) break;
+                const __half* kc = kr + 8 * n;
+                const unsigned bk[2] = {chingu::pack_halves(kc[0], kc[ld]),
+                                        chingu::pack_halves(kc[8 * ld], kc[9 * ld])};
+                chingu::mma_16816(dq_acc[n], dsa, bk, dq_acc[n]);
+            }
+        }
+    }
+
+    for (int n = 0; n < 2 * CT; ++n) {
+        if (n >= 2 * col_tiles) break;
+        const int col = 8 * n + 2 * t;
+        if (i0 < q_len) {
+            __half* dst = dq + q_base + (long long)i0 * width + col;
+            dst[0] = __float2half_rn(dq_acc[n][0] * scale);
+            dst[1] = __float2half_rn(dq_acc[n][1] * scale);
+        }
+        if (i1 < q_len) {
+            __half* dst = dq + q_base + (long long)i1 * width + col;
+            dst[0] = __float2half_rn(dq_acc[n][2] * scale);
+            dst[1] = __float2half_rn(dq_acc[n][3] * scale);
+        }
+    }
+}
+
+extern "C" __global__ void attention_backward_dq_mma_c4_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<4, 64>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_mma_c8_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<8, 64>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_mma_c12_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<12, 32>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<16, 32>(CHINGU_ATTN_DQ_ARGS);
 }

@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use chingu_kernels::gpu::ops::AttentionKernels;
 use chingu_kernels::gpu::{ops, DeviceBuffer, Element, Gpu, GpuError};
 use chingu_kernels::rng::{mix, SplitMix64};
 use chingu_kernels::{AdamW, AttentionShape, DropoutKey};
@@ -411,7 +412,17 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             push(fwd_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
             // The register-resident forward (opt-in in training: CHINGU_ATTN_MMA=1).
             let t = time_op(dev, reps, |_| {
-                ops::attention_forward_mma(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+                ops::attention_forward_using(
+                    AttentionKernels::Mma,
+                    dev,
+                    &mut o,
+                    &mut lse,
+                    &q,
+                    &k,
+                    &vv,
+                    &key_len,
+                    shape,
+                )
             })?;
             let mma_op = if causal { "attn_fwd_mma_causal" } else { "attn_fwd_mma" };
             push(mma_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
@@ -427,6 +438,26 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                 )
             })?;
             push(bwd_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
+            // dQ register-resident (dK/dV stays WMMA), as CHINGU_ATTN_MMA=1 trains.
+            let t = time_op(dev, reps, |_| {
+                ops::attention_backward_using(
+                    AttentionKernels::Mma,
+                    dev,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    &d_out,
+                    &q,
+                    &k,
+                    &vv,
+                    &o,
+                    &lse,
+                    &key_len,
+                    shape,
+                )
+            })?;
+            let mma_op = if causal { "attn_bwd_mma_causal" } else { "attn_bwd_mma" };
+            push(mma_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
 
             // Forward then backward, as a training step runs them (what the PyTorch side can
             // time for scaled_dot_product_attention): the sum of the two minimum traffics.
@@ -466,9 +497,35 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         })?;
         push("attn_fwd_dh192", label.clone(), t, bytes, Some(flops));
         let t = time_op(dev, reps, |_| {
-            ops::attention_forward_mma(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+            ops::attention_forward_using(
+                AttentionKernels::Mma,
+                dev,
+                &mut o,
+                &mut lse,
+                &q,
+                &k,
+                &vv,
+                &key_len,
+                shape,
+            )
         })?;
-        push("attn_fwd_mma_dh192", label, t, bytes, Some(flops));
+        push("attn_fwd_mma_dh192", label.clone(), t, bytes, Some(flops));
+        let d_out = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
+        let (mut dq, mut dk, mut dv) =
+            (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);
+        let bwd_bytes = H * 8.0 * x_len as f64 + S * (b * heads * t_len) as f64;
+        for (op, kernels) in [
+            ("attn_bwd_dh192", AttentionKernels::Wmma),
+            ("attn_bwd_mma_dh192", AttentionKernels::Mma),
+        ] {
+            let t = time_op(dev, reps, |_| {
+                ops::attention_backward_using(
+                    kernels, dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &vv, &o, &lse,
+                    &key_len, shape,
+                )
+            })?;
+            push(op, label.clone(), t, bwd_bytes, Some(2.5 * flops));
+        }
     }
     Ok(rows)
 }

@@ -21,6 +21,7 @@
 //!   log-sum-exp must match the one computed here in f64 to 1e-4·(1 + |want|).
 
 use chingu_kernels::gpu::emu::EmuDevice;
+use chingu_kernels::gpu::ops::AttentionKernels;
 use chingu_kernels::gpu::{ops, sources, DeviceBuffer, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
 use chingu_kernels::{AdamW, AttentionShape, Backend, Cpu, DropoutKey};
@@ -704,56 +705,10 @@ fn attention_matches_the_cpu_backend() {
             let (doh, d_out) = random_half(&mut rng, nq, -1.0, 1.0);
             let (qd, kd, vd, dod) = (up(&dev, &qh), up(&dev, &kh), up(&dev, &vh), up(&dev, &doh));
 
-            let mut out = poisoned_half(&dev, nq);
-            let mut lse = poisoned_f32(&dev, batch * heads * q_len);
-            ops::attention_forward(&dev, &mut out, &mut lse, &qd, &kd, &vd, key_len, s).unwrap();
             let (mut want_out, mut probs) =
                 (vec![0.0; nq], vec![0.0; batch * heads * q_len * k_len]);
             cpu().attention_forward(&mut want_out, &mut probs, &q, &k, &v, key_len, s);
-            let atol = 2e-3 * max_abs(&want_out);
-            assert_close(
-                &format!("attention out, {what}"),
-                &dev,
-                &down_half(&out),
-                &want_out,
-                atol,
-                4e-3,
-            );
             let want_lse = reference_lse(&q, &k, key_len, s);
-            let check_lse = |kernels: &str, lse: &DeviceBuffer<f32>| {
-                let got_lse = lse.to_host().unwrap();
-                for (n, (&g, &w)) in got_lse.iter().zip(&want_lse).enumerate() {
-                    let ok = if w.is_infinite() {
-                        g == w
-                    } else {
-                        (f64::from(g) - f64::from(w)).abs() <= 1e-4 * (1.0 + f64::from(w).abs())
-                    };
-                    assert!(ok, "{kernels} lse[{n}] is {g}, want {w}, {what} on {}", dev.name());
-                }
-            };
-            check_lse("attention", &lse);
-
-            // The register-resident forward (mma.sync fragments), same reference.
-            let mut out_mma = poisoned_half(&dev, nq);
-            let mut lse_mma = poisoned_f32(&dev, batch * heads * q_len);
-            ops::attention_forward_mma(&dev, &mut out_mma, &mut lse_mma, &qd, &kd, &vd, key_len, s)
-                .unwrap();
-            assert_close(
-                &format!("attention out (mma kernels), {what}"),
-                &dev,
-                &down_half(&out_mma),
-                &want_out,
-                atol,
-                4e-3,
-            );
-            check_lse("attention (mma kernels)", &lse_mma);
-
-            let (mut dq, mut dk, mut dv) =
-                (poisoned_half(&dev, nq), poisoned_half(&dev, nk), poisoned_half(&dev, nk));
-            ops::attention_backward(
-                &dev, &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse, key_len, s,
-            )
-            .unwrap();
             let (mut want_dq, mut want_dk, mut want_dv) =
                 (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
             cpu().attention_backward(
@@ -769,18 +724,54 @@ fn attention_matches_the_cpu_backend() {
                 key_len,
                 s,
             );
-            for (name, got, want) in
-                [("dq", &dq, &want_dq), ("dk", &dk, &want_dk), ("dv", &dv, &want_dv)]
-            {
-                let atol = 2e-3 * max_abs(want);
+            // Both kernel families against the same references.
+            for kernels in [AttentionKernels::Wmma, AttentionKernels::Mma] {
+                let what = format!("{kernels:?} kernels, {what}");
+                let mut out = poisoned_half(&dev, nq);
+                let mut lse = poisoned_f32(&dev, batch * heads * q_len);
+                ops::attention_forward_using(
+                    kernels, &dev, &mut out, &mut lse, &qd, &kd, &vd, key_len, s,
+                )
+                .unwrap();
+                let atol = 2e-3 * max_abs(&want_out);
                 assert_close(
-                    &format!("attention {name}, {what}"),
+                    &format!("attention out, {what}"),
                     &dev,
-                    &down_half(got),
-                    want,
+                    &down_half(&out),
+                    &want_out,
                     atol,
                     4e-3,
                 );
+                let got_lse = lse.to_host().unwrap();
+                for (n, (&g, &w)) in got_lse.iter().zip(&want_lse).enumerate() {
+                    let ok = if w.is_infinite() {
+                        g == w
+                    } else {
+                        (f64::from(g) - f64::from(w)).abs() <= 1e-4 * (1.0 + f64::from(w).abs())
+                    };
+                    assert!(ok, "attention lse[{n}] is {g}, want {w}, {what} on {}", dev.name());
+                }
+
+                let (mut dq, mut dk, mut dv) =
+                    (poisoned_half(&dev, nq), poisoned_half(&dev, nk), poisoned_half(&dev, nk));
+                ops::attention_backward_using(
+                    kernels, &dev, &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse,
+                    key_len, s,
+                )
+                .unwrap();
+                for (name, got, want) in
+                    [("dq", &dq, &want_dq), ("dk", &dk, &want_dk), ("dv", &dv, &want_dv)]
+                {
+                    let atol = 2e-3 * max_abs(want);
+                    assert_close(
+                        &format!("attention {name}, {what}"),
+                        &dev,
+                        &down_half(got),
+                        want,
+                        atol,
+                        4e-3,
+                    );
+                }
             }
         }
     }

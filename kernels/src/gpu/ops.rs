@@ -567,10 +567,116 @@ impl AttnBlock {
     }
 }
 
+/// Which attention kernels the launchers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernels {
+    /// The WMMA kernels (scores through shared memory): the default.
+    Wmma,
+    /// Forward and dQ with the scores in registers through mma.sync's documented fragments
+    /// (`attention_forward_mma_c*`, `attention_backward_dq_mma_c*`; dK/dV stays WMMA). Opt-in
+    /// with `CHINGU_ATTN_MMA=1` until measured on a GPU.
+    Mma,
+}
+
+impl AttentionKernels {
+    /// What `CHINGU_ATTN_MMA` asks for (`1`: [`AttentionKernels::Mma`]), read once.
+    pub fn from_env() -> Self {
+        static KERNELS: std::sync::OnceLock<AttentionKernels> = std::sync::OnceLock::new();
+        *KERNELS.get_or_init(|| match std::env::var("CHINGU_ATTN_MMA") {
+            Ok(v) if v == "1" => AttentionKernels::Mma,
+            _ => AttentionKernels::Wmma,
+        })
+    }
+}
+
+/// A register-resident kernel's launch: name, keys per walked tile (the kernels' `tile`,
+/// fixed per instance), dynamic shared memory; 4 warps of 16 own rows each.
+struct MmaLaunch {
+    kernel: &'static str,
+    tile: usize,
+    shared: usize,
+}
+
+impl MmaLaunch {
+    const WARPS: usize = 4;
+
+    /// The forward's instance for `head_dim`: K and V tiles of `Dh + 8` halves a row (Q is
+    /// staged through them); `None` where the device cannot give that memory.
+    fn forward(dev: &Gpu, head_dim: usize) -> Option<Self> {
+        let (kernel, tile) = match head_dim.div_ceil(16) {
+            0..=4 => ("attention_forward_mma_c4_f16", 64),
+            5..=8 => ("attention_forward_mma_c8_f16", 64),
+            9..=12 => ("attention_forward_mma_c12_f16", 64),
+            _ => ("attention_forward_mma_c16_f16", 32),
+        };
+        Self::fitting(dev, kernel, tile, 2 * tile * (head_dim + 8))
+    }
+
+    /// dQ's: the block's Q and dO rows plus K and V tiles.
+    fn queries(dev: &Gpu, head_dim: usize) -> Option<Self> {
+        let (kernel, tile) = match head_dim.div_ceil(16) {
+            0..=4 => ("attention_backward_dq_mma_c4_f16", 64),
+            5..=8 => ("attention_backward_dq_mma_c8_f16", 64),
+            9..=12 => ("attention_backward_dq_mma_c12_f16", 32),
+            _ => ("attention_backward_dq_mma_c16_f16", 32),
+        };
+        Self::fitting(dev, kernel, tile, (32 * Self::WARPS + 2 * tile) * (head_dim + 8))
+    }
+
+    fn fitting(dev: &Gpu, kernel: &'static str, tile: usize, halves: usize) -> Option<Self> {
+        let shared = halves * size_of::<f16>();
+        (shared <= dev.max_dynamic_shared(kernel)).then_some(MmaLaunch { kernel, tile, shared })
+    }
+
+    fn rows(&self) -> usize {
+        16 * Self::WARPS
+    }
+
+    fn threads(&self) -> (u32, u32, u32) {
+        (32 * Self::WARPS as u32, 1, 1)
+    }
+
+    /// For [`AttentionKernels::Mma`]: the launch `pick` gives, or an error where it does not
+    /// fit the device; `None` for the WMMA kernels.
+    fn wanted(
+        kernels: AttentionKernels,
+        op: &'static str,
+        head_dim: usize,
+        pick: impl FnOnce() -> Option<Self>,
+    ) -> Result<Option<Self>, GpuError> {
+        match kernels {
+            AttentionKernels::Wmma => Ok(None),
+            AttentionKernels::Mma => pick().map(Some).ok_or_else(|| {
+                shape(
+                    op,
+                    format!(
+                        "the register-resident kernel for head_dim {head_dim} needs more shared \
+                         memory than the device gives it"
+                    ),
+                )
+            }),
+        }
+    }
+}
+
+/// The kernels to run by default: `CHINGU_ATTN_MMA`'s choice where the device gives the
+/// register-resident ones their memory (for this head width), else WMMA.
+fn default_kernels(dev: &Gpu, head_dim: usize) -> AttentionKernels {
+    match AttentionKernels::from_env() {
+        AttentionKernels::Mma
+            if MmaLaunch::forward(dev, head_dim).is_some()
+                && MmaLaunch::queries(dev, head_dim).is_some() =>
+        {
+            AttentionKernels::Mma
+        }
+        _ => AttentionKernels::Wmma,
+    }
+}
+
 /// Fused attention forward (see `kernels/cuda/attention.cu`): `out` `[B·Tq, D]` (fp16) and
 /// the log-sum-exp of each query row's scaled scores, `lse` `[B, H, Tq]` (fp32, −inf for a
-/// row with no visible key), which the backward needs. The WMMA kernels, or with
-/// `CHINGU_ATTN_MMA=1` the register-resident ones ([`attention_forward_mma`]) where they fit.
+/// row with no visible key), which the backward needs. The kernels `CHINGU_ATTN_MMA` picks
+/// (see [`AttentionKernels`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Gpu,
@@ -582,15 +688,14 @@ pub fn attention_forward(
     key_len: &[usize],
     s: AttentionShape,
 ) -> Result<(), GpuError> {
-    let mma = attention_mma_enabled() && MmaForward::new(dev, s.head_dim).is_some();
-    attention_forward_with(dev, out, lse, q, k, v, key_len, s, mma)
+    let kernels = default_kernels(dev, s.head_dim);
+    attention_forward_using(kernels, dev, out, lse, q, k, v, key_len, s)
 }
 
-/// [`attention_forward`] through the kernels that keep the scores in registers
-/// (`attention_forward_mma_c*`: documented mma.sync fragments, not WMMA's), whatever
-/// `CHINGU_ATTN_MMA` says; an error where the device cannot give them their shared memory.
+/// [`attention_forward`] through the given kernels.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward_mma(
+pub fn attention_forward_using(
+    kernels: AttentionKernels,
     dev: &Gpu,
     out: &mut DeviceBuffer<f16>,
     lse: &mut DeviceBuffer<f32>,
@@ -599,53 +704,6 @@ pub fn attention_forward_mma(
     v: &DeviceBuffer<f16>,
     key_len: &[usize],
     s: AttentionShape,
-) -> Result<(), GpuError> {
-    attention_forward_with(dev, out, lse, q, k, v, key_len, s, true)
-}
-
-/// Whether `CHINGU_ATTN_MMA=1` asks for the register-resident attention forward (off by
-/// default until it has been measured on a GPU).
-fn attention_mma_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("CHINGU_ATTN_MMA").is_ok_and(|v| v == "1"))
-}
-
-/// The register-resident forward's instance for a head width: kernel, keys per tile (the
-/// kernels' `tile`, fixed per instance) and dynamic shared memory (K and V tiles of
-/// `Dh + 8` halves a row); `None` where that memory is more than the device allows.
-struct MmaForward {
-    kernel: &'static str,
-    tile: usize,
-    shared: usize,
-}
-
-impl MmaForward {
-    /// Warps per block (16 query rows each).
-    const WARPS: usize = 4;
-
-    fn new(dev: &Gpu, head_dim: usize) -> Option<Self> {
-        let (kernel, tile) = match head_dim.div_ceil(16) {
-            0..=4 => ("attention_forward_mma_c4_f16", 64),
-            5..=8 => ("attention_forward_mma_c8_f16", 64),
-            9..=12 => ("attention_forward_mma_c12_f16", 64),
-            _ => ("attention_forward_mma_c16_f16", 32),
-        };
-        let shared = 2 * tile * (head_dim + 8) * size_of::<f16>();
-        (shared <= dev.max_dynamic_shared(kernel)).then_some(MmaForward { kernel, tile, shared })
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attention_forward_with(
-    dev: &Gpu,
-    out: &mut DeviceBuffer<f16>,
-    lse: &mut DeviceBuffer<f32>,
-    q: &DeviceBuffer<f16>,
-    k: &DeviceBuffer<f16>,
-    v: &DeviceBuffer<f16>,
-    key_len: &[usize],
-    s: AttentionShape,
-    mma: bool,
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_forward";
     let d = s.width();
@@ -658,19 +716,9 @@ fn attention_forward_with(
     if out.is_empty() {
         return Ok(());
     }
-    let (kernel, rows, threads, shared, tile) = if mma {
-        let f = MmaForward::new(dev, s.head_dim).ok_or_else(|| {
-            shape(
-                OP,
-                format!(
-                    "the register-resident kernel for head_dim {} needs more shared memory \
-                     than the device gives it",
-                    s.head_dim
-                ),
-            )
-        })?;
-        let warps = MmaForward::WARPS;
-        (f.kernel, 16 * warps, (32 * warps as u32, 1, 1), f.shared as u32, f.tile as i32)
+    let mma = MmaLaunch::wanted(kernels, OP, s.head_dim, || MmaLaunch::forward(dev, s.head_dim))?;
+    let (kernel, rows, threads, shared, tile) = if let Some(m) = mma {
+        (m.kernel, m.rows(), m.threads(), m.shared as u32, m.tile as i32)
     } else {
         let kernel = attention_kernel(AttnKernel::Forward, s.head_dim);
         let blk = AttnBlock::new(AttnKernel::Forward, s.head_dim, dev.max_dynamic_shared(kernel));
@@ -705,9 +753,31 @@ fn attention_forward_with(
 }
 
 /// Fused attention backward from the forward's `out` and `lse`: writes (overwrites) `dq`,
-/// `dk`, `dv`; keys past `key_len` get zero gradients. Deterministic (no atomics).
+/// `dk`, `dv`; keys past `key_len` get zero gradients. Deterministic (no atomics). The
+/// kernels `CHINGU_ATTN_MMA` picks (see [`AttentionKernels`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
+    dev: &Gpu,
+    dq: &mut DeviceBuffer<f16>,
+    dk: &mut DeviceBuffer<f16>,
+    dv: &mut DeviceBuffer<f16>,
+    d_out: &DeviceBuffer<f16>,
+    q: &DeviceBuffer<f16>,
+    k: &DeviceBuffer<f16>,
+    v: &DeviceBuffer<f16>,
+    out: &DeviceBuffer<f16>,
+    lse: &DeviceBuffer<f32>,
+    key_len: &[usize],
+    s: AttentionShape,
+) -> Result<(), GpuError> {
+    let kernels = default_kernels(dev, s.head_dim);
+    attention_backward_using(kernels, dev, dq, dk, dv, d_out, q, k, v, out, lse, key_len, s)
+}
+
+/// [`attention_backward`] through the given kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_using(
+    kernels: AttentionKernels,
     dev: &Gpu,
     dq: &mut DeviceBuffer<f16>,
     dk: &mut DeviceBuffer<f16>,
@@ -751,6 +821,11 @@ pub fn attention_backward(
     let kv_blk =
         AttnBlock::new(AttnKernel::KeysValues, s.head_dim, dev.max_dynamic_shared(dkdv_kernel));
     let q_blk = AttnBlock::new(AttnKernel::Queries, s.head_dim, dev.max_dynamic_shared(dq_kernel));
+    let q_mma = MmaLaunch::wanted(kernels, OP, s.head_dim, || MmaLaunch::queries(dev, s.head_dim))?;
+    let (dq_kernel, q_rows, q_threads, q_shared, q_tile) = match &q_mma {
+        Some(m) => (m.kernel, m.rows(), m.threads(), m.shared as u32, m.tile as i32),
+        None => (dq_kernel, q_blk.rows(), q_blk.threads(), q_blk.shared, q_blk.tile),
+    };
     if !dk.is_empty() {
         launch(
             dev,
@@ -783,9 +858,9 @@ pub fn attention_backward(
         launch(
             dev,
             dq_kernel,
-            (s.q_len.div_ceil(q_blk.rows()) as u32, s.heads as u32, s.batch as u32),
-            q_blk.threads(),
-            q_blk.shared,
+            (s.q_len.div_ceil(q_rows) as u32, s.heads as u32, s.batch as u32),
+            q_threads,
+            q_shared,
             args![
                 dq.ptr(),
                 d_out.ptr(),
@@ -802,7 +877,7 @@ pub fn attention_backward(
                 a[4],
                 a[5],
                 a[6],
-                q_blk.tile
+                q_tile
             ],
         )?;
     }
