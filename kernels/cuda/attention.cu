@@ -1,8 +1,9 @@
 // attention.cu — fused multi-head scaled-dot-product attention (flash style), fp16 in and out,
 // fp32 softmax statistics, tensor cores through WMMA (16×16×16 half fragments, float
-// accumulators); at the end of the file, a forward and a dQ kernel that keep the scores in
-// registers through mma.sync's documented fragments (opt-in, CHINGU_ATTN_MMA=1). No sequence×sequence matrix ever reaches device memory, and the masks are
-// computed from lengths, never materialised.
+// accumulators); at the end of the file, the same three kernels (forward, dQ, dK/dV) keeping
+// the scores in registers through mma.sync's documented fragments (opt-in, CHINGU_ATTN_MMA=1).
+// No sequence×sequence matrix ever reaches device memory, and the masks are computed from
+// lengths, never materialised.
 //
 // Shapes (B batch rows, H heads, Dh head width, D = H·Dh): q, out, d_out, dq [B·Tq, D];
 // k, v, dk, dv [B·Tk, D]; head h is columns h·Dh..(h+1)·Dh; lse, delta [B, H, Tq] fp32;
@@ -1092,4 +1093,203 @@ extern "C" __global__ void attention_backward_dq_mma_c12_f16(CHINGU_ATTN_DQ_PARA
 }
 extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq_mma<16, 32>(CHINGU_ATTN_DQ_ARGS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dK and dV with the scores in registers (opt-in with the two above: CHINGU_ATTN_MMA=1).
+//
+// The function of attention_backward_dkdv through mma_16816, transposed: warp w owns 16 keys
+// (rows g and g + 8 of every fragment are this lane's keys); the block's K and V rows stay in
+// shared memory (their A fragments are read per product). Per walked tile of BQ queries:
+//   Sᵀ = K·Qᵀ (and, for dK, dPᵀ = V·dOᵀ): BQ/8 accumulators each, B fragments straight from
+//     the Q (dO) rows;
+//   Pᵀ = exp2(s·Sᵀ − lse[query]) (0 where masked; lse and D of the tile's queries staged in
+//     shared memory), dSᵀ = Pᵀ∘(dPᵀ − D[query]), in registers;
+//   dV += Pᵀ·dO and dK += dSᵀ·Q: the accumulators are the A fragments (rounded to fp16),
+//     B = dO or Q (two 16-bit loads per register).
+// GRADS as the WMMA kernel: both gradients for Dh ≤ 64, else a dV body then a dK body.
+// dK = s·dK; keys past key_len get zeros. Block: 4 warps (64 keys); shared memory
+// (2·64 + 2·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64 queries for CT 4, 16 for CT 16 (so
+// Dh 256 fits 99 KiB), else 32.
+// ---------------------------------------------------------------------------------------------
+template <int CT, int BQ, int GRADS>
+__device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PARAMS) {
+    using namespace chingu::attn;
+    CHINGU_DYNAMIC_SMEM(float4, smem);
+    constexpr int NT = BQ / 8;
+    constexpr bool want_dv = (GRADS & GRAD_DV) != 0, want_dk = (GRADS & GRAD_DK) != 0;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int rows = 16 * warps;
+    const int ld = head_dim + 8;
+    __half* ks = reinterpret_cast<__half*>(smem);
+    __half* vs = ks + rows * ld;
+    __half* qs = vs + rows * ld;
+    __half* dos = qs + BQ * ld;
+    float* lse_s = reinterpret_cast<float*>(dos + BQ * ld);
+    float* delta_s = lse_s + BQ;
+
+    const int k0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
+    if (b >= batch) return;
+    const int width = heads * head_dim;
+    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
+    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
+    const long long stat_base = ((long long)b * heads + h) * q_len;
+    const int kl = key_len[b];
+    const float sc = LOG2E / sqrtf((float)head_dim);
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const int wk0 = k0 + 16 * warp;
+    const int j0 = wk0 + g, j1 = wk0 + g + 8;  // this lane's two keys
+    const int col_tiles = head_dim >> 4;
+
+    // As the WMMA kernel: the first query tile that can see a key of the block, and per warp
+    // the first query that sees one of its keys.
+    int q_begin = 0;
+    if (k0 >= kl) q_begin = q_len;
+    else if (causal && k0 > q_offset) q_begin = (k0 - q_offset) / BQ * BQ;
+    int warp_first = 0;
+    if (wk0 >= kl) warp_first = q_len;
+    else if (causal && wk0 > q_offset) warp_first = wk0 - q_offset;
+
+    load_rows(ks, k + k_base, k0, rows, kl, width, head_dim, ld);
+    load_rows(vs, v + k_base, k0, rows, kl, width, head_dim, ld);
+    const __half* kw = ks + (16 * warp + g) * ld + 2 * t;  // this lane's A-fragment corner
+    const __half* vw = vs + (16 * warp + g) * ld + 2 * t;
+
+    constexpr int ACCS = want_dv && want_dk ? 2 : 1;  // accumulator 0: dV when wanted
+    float acc[ACCS][2 * CT][4];
+    for (int a = 0; a < ACCS; ++a)
+        for (int n = 0; n < 2 * CT; ++n)
+            for (int e = 0; e < 4; ++e) acc[a][n][e] = 0.0f;
+
+    for (int q0 = q_begin; q0 < q_len; q0 += BQ) {
+        __syncthreads();  // every warp is done with the previous Q/dO tile (K, V loaded)
+        load_rows(qs, q + q_base, q0, BQ, q_len, width, head_dim, ld);
+        load_rows(dos, d_out + q_base, q0, BQ, q_len, width, head_dim, ld);
+        for (int c = threadIdx.x; c < BQ; c += blockDim.x) {
+            const int qi = q0 + c;
+            const float ls = qi < q_len ? lse[stat_base + qi] : chingu::neg_inf();
+            // +inf makes P = 0 for padding rows and rows without a visible key.
+            lse_s[c] = ls != chingu::neg_inf() ? ls * LOG2E : pos_inf();
+            delta_s[c] = qi < q_len ? delta[stat_base + qi] : 0.0f;
+        }
+        __syncthreads();
+        if (q0 + BQ <= warp_first) continue;  // warp-uniform: no query sees its keys
+
+        float s[NT][4], dp[NT][4];
+        for (int j = 0; j < NT; ++j)
+            for (int e = 0; e < 4; ++e) {
+                s[j][e] = 0.0f;
+                dp[j][e] = 0.0f;
+            }
+        for (int d = 0; d < CT; ++d) {
+            if (d >= col_tiles) break;
+            const unsigned ka[4] = {
+                chingu::load_pair(kw + 16 * d), chingu::load_pair(kw + 8 * ld + 16 * d),
+                chingu::load_pair(kw + 16 * d + 8), chingu::load_pair(kw + 8 * ld + 16 * d + 8)};
+            for (int j = 0; j < NT; ++j) {
+                const __half* qr = qs + (8 * j + g) * ld + 16 * d + 2 * t;
+                const unsigned bq[2] = {chingu::load_pair(qr), chingu::load_pair(qr + 8)};
+                chingu::mma_16816(s[j], ka, bq, s[j]);
+            }
+            if (want_dk) {
+                const unsigned va[4] = {chingu::load_pair(vw + 16 * d),
+                                        chingu::load_pair(vw + 8 * ld + 16 * d),
+                                        chingu::load_pair(vw + 16 * d + 8),
+                                        chingu::load_pair(vw + 8 * ld + 16 * d + 8)};
+                for (int j = 0; j < NT; ++j) {
+                    const __half* dr = dos + (8 * j + g) * ld + 16 * d + 2 * t;
+                    const unsigned bd[2] = {chingu::load_pair(dr), chingu::load_pair(dr + 8)};
+                    chingu::mma_16816(dp[j], va, bd, dp[j]);
+                }
+            }
+        }
+
+        // Pᵀ into s; dSᵀ = Pᵀ∘(dPᵀ − D) into dp (for dK).
+        const bool masked = wk0 + 16 > kl || (causal && wk0 + 15 > q_offset + q0);
+        for (int j = 0; j < NT; ++j)
+            for (int e = 0; e < 4; ++e) {
+                const int c = 8 * j + 2 * t + (e & 1);  // query q0 + c
+                float p = exp2f(fmaf(s[j][e], sc, -lse_s[c]));
+                if (masked && !sees(q0 + c, e < 2 ? j0 : j1, kl, causal, q_offset)) p = 0.0f;
+                s[j][e] = p;
+                if (want_dk) dp[j][e] = p * (dp[j][e] - delta_s[c]);
+            }
+
+        // dV += Pᵀ·dO, dK += dSᵀ·Q, 16 queries per product.
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            const __half* dor = dos + (16 * kk + 2 * t) * ld + g;
+            const __half* qr = qs + (16 * kk + 2 * t) * ld + g;
+            unsigned pa[4] = {0u, 0u, 0u, 0u}, dsa[4] = {0u, 0u, 0u, 0u};
+            if (want_dv) {
+                pa[0] = chingu::pack_half2(s[2 * kk][0], s[2 * kk][1]);
+                pa[1] = chingu::pack_half2(s[2 * kk][2], s[2 * kk][3]);
+                pa[2] = chingu::pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pa[3] = chingu::pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+            if (want_dk) {
+                dsa[0] = chingu::pack_half2(dp[2 * kk][0], dp[2 * kk][1]);
+                dsa[1] = chingu::pack_half2(dp[2 * kk][2], dp[2 * kk][3]);
+                dsa[2] = chingu::pack_half2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+                dsa[3] = chingu::pack_half2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+            }
+            for (int n = 0; n < 2 * CT; ++n) {
+                if (n >= 2 * col_tiles) break;
+                if (want_dv) {
+                    const __half* c = dor + 8 * n;
+                    const unsigned bd[2] = {chingu::pack_halves(c[0], c[ld]),
+                                            chingu::pack_halves(c[8 * ld], c[9 * ld])};
+                    chingu::mma_16816(acc[0][n], pa, bd, acc[0][n]);
+                }
+                if (want_dk) {
+                    const __half* c = qr + 8 * n;
+                    const unsigned bq[2] = {chingu::pack_halves(c[0], c[ld]),
+                                            chingu::pack_halves(c[8 * ld], c[9 * ld])};
+                    chingu::mma_16816(acc[ACCS - 1][n], dsa, bq, acc[ACCS - 1][n]);
+                }
+            }
+        }
+    }
+
+    // Keys j < k_len are written; those ≥ key_len get zeros.
+    for (int n = 0; n < 2 * CT; ++n) {
+        if (n >= 2 * col_tiles) break;
+        const int col = 8 * n + 2 * t;
+        for (int half_row = 0; half_row < 2; ++half_row) {
+            const int j = half_row ? j1 : j0;
+            if (j >= k_len) continue;
+            const bool live = j < kl;
+            const long long at = k_base + (long long)j * width + col;
+            if (want_dv) {
+                dv[at] = __float2half_rn(live ? acc[0][n][2 * half_row] : 0.0f);
+                dv[at + 1] = __float2half_rn(live ? acc[0][n][2 * half_row + 1] : 0.0f);
+            }
+            if (want_dk) {
+                const float* a = acc[ACCS - 1][n];
+                dk[at] = __float2half_rn(live ? a[2 * half_row] * scale : 0.0f);
+                dk[at + 1] = __float2half_rn(live ? a[2 * half_row + 1] * scale : 0.0f);
+            }
+        }
+    }
+}
+
+/// dV then dK (a barrier between: both bodies stage the block's K and V rows).
+template <int CT, int BQ>
+__device__ __forceinline__ void attention_backward_dkdv_mma_split(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma<CT, BQ, GRAD_DV>(CHINGU_ATTN_DKDV_ARGS);
+    __syncthreads();
+    attention_backward_dkdv_mma<CT, BQ, GRAD_DK>(CHINGU_ATTN_DKDV_ARGS);
+}
+
+extern "C" __global__ void attention_backward_dkdv_mma_c4_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma<4, 64, GRAD_DV | GRAD_DK>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_split_c8_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma_split<8, 32>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_split_c12_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma_split<12, 32>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_split_c16_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma_split<16, 16>(CHINGU_ATTN_DKDV_ARGS);
 }

@@ -438,7 +438,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                 )
             })?;
             push(bwd_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
-            // dQ register-resident (dK/dV stays WMMA), as CHINGU_ATTN_MMA=1 trains.
+            // The register-resident backward, as CHINGU_ATTN_MMA=1 trains.
             let t = time_op(dev, reps, |_| {
                 ops::attention_backward_using(
                     AttentionKernels::Mma,

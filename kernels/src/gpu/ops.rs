@@ -572,9 +572,10 @@ impl AttnBlock {
 pub enum AttentionKernels {
     /// The WMMA kernels (scores through shared memory): the default.
     Wmma,
-    /// Forward and dQ with the scores in registers through mma.sync's documented fragments
-    /// (`attention_forward_mma_c*`, `attention_backward_dq_mma_c*`; dK/dV stays WMMA). Opt-in
-    /// with `CHINGU_ATTN_MMA=1` until measured on a GPU.
+    /// Every attention kernel with the scores in registers through mma.sync's documented
+    /// fragments (`attention_forward_mma_c*`, `attention_backward_dq_mma_c*`,
+    /// `attention_backward_dkdv_mma_*`). Opt-in with `CHINGU_ATTN_MMA=1` until measured on a
+    /// GPU.
     Mma,
 }
 
@@ -623,6 +624,18 @@ impl MmaLaunch {
         Self::fitting(dev, kernel, tile, (32 * Self::WARPS + 2 * tile) * (head_dim + 8))
     }
 
+    /// dK/dV's: the block's K and V rows plus Q and dO tiles, and the tile's lse and D.
+    fn keys_values(dev: &Gpu, head_dim: usize) -> Option<Self> {
+        let (kernel, tile) = match head_dim.div_ceil(16) {
+            0..=4 => ("attention_backward_dkdv_mma_c4_f16", 64),
+            5..=8 => ("attention_backward_dkdv_mma_split_c8_f16", 32),
+            9..=12 => ("attention_backward_dkdv_mma_split_c12_f16", 32),
+            _ => ("attention_backward_dkdv_mma_split_c16_f16", 16),
+        };
+        let halves = (32 * Self::WARPS + 2 * tile) * (head_dim + 8) + 2 * tile * 2;
+        Self::fitting(dev, kernel, tile, halves)
+    }
+
     fn fitting(dev: &Gpu, kernel: &'static str, tile: usize, halves: usize) -> Option<Self> {
         let shared = halves * size_of::<f16>();
         (shared <= dev.max_dynamic_shared(kernel)).then_some(MmaLaunch { kernel, tile, shared })
@@ -665,7 +678,8 @@ fn default_kernels(dev: &Gpu, head_dim: usize) -> AttentionKernels {
     match AttentionKernels::from_env() {
         AttentionKernels::Mma
             if MmaLaunch::forward(dev, head_dim).is_some()
-                && MmaLaunch::queries(dev, head_dim).is_some() =>
+                && MmaLaunch::queries(dev, head_dim).is_some()
+                && MmaLaunch::keys_values(dev, head_dim).is_some() =>
         {
             AttentionKernels::Mma
         }
@@ -822,6 +836,12 @@ pub fn attention_backward_using(
         AttnBlock::new(AttnKernel::KeysValues, s.head_dim, dev.max_dynamic_shared(dkdv_kernel));
     let q_blk = AttnBlock::new(AttnKernel::Queries, s.head_dim, dev.max_dynamic_shared(dq_kernel));
     let q_mma = MmaLaunch::wanted(kernels, OP, s.head_dim, || MmaLaunch::queries(dev, s.head_dim))?;
+    let kv_mma =
+        MmaLaunch::wanted(kernels, OP, s.head_dim, || MmaLaunch::keys_values(dev, s.head_dim))?;
+    let (dkdv_kernel, kv_rows, kv_threads, kv_shared, kv_tile) = match &kv_mma {
+        Some(m) => (m.kernel, m.rows(), m.threads(), m.shared as u32, m.tile as i32),
+        None => (dkdv_kernel, kv_blk.rows(), kv_blk.threads(), kv_blk.shared, kv_blk.tile),
+    };
     let (dq_kernel, q_rows, q_threads, q_shared, q_tile) = match &q_mma {
         Some(m) => (m.kernel, m.rows(), m.threads(), m.shared as u32, m.tile as i32),
         None => (dq_kernel, q_blk.rows(), q_blk.threads(), q_blk.shared, q_blk.tile),
@@ -830,9 +850,9 @@ pub fn attention_backward_using(
         launch(
             dev,
             dkdv_kernel,
-            (s.k_len.div_ceil(kv_blk.rows()) as u32, s.heads as u32, s.batch as u32),
-            kv_blk.threads(),
-            kv_blk.shared,
+            (s.k_len.div_ceil(kv_rows) as u32, s.heads as u32, s.batch as u32),
+            kv_threads,
+            kv_shared,
             args![
                 dk.ptr(),
                 dv.ptr(),
@@ -850,7 +870,7 @@ pub fn attention_backward_using(
                 a[4],
                 a[5],
                 a[6],
-                kv_blk.tile
+                kv_tile
             ],
         )?;
     }
