@@ -771,6 +771,45 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 // staged through the same space once). CT = Dh/16 rounded up (4, 8, 12, 16) with BC = 64
 // keys per tile, BC = 32 for CT 16 (registers: Q 4·CT, S BC/2, O 8·CT floats per lane).
 // ---------------------------------------------------------------------------------------------
+namespace chingu {
+namespace attn {
+
+// Fragments for mma_16816 from shared-memory tiles and accumulators (g = lane/4, t = lane%4;
+// the layout is common.cuh's). `p` points at the step's element (g, 2t) or (2t, g) as named.
+
+/// A = rows of a row-major tile (16 rows × 16 columns): p = &tile[g][2t].
+__device__ __forceinline__ void a_from_rows(unsigned (&a)[4], const __half* p, int ld) {
+    a[0] = load_pair(p);
+    a[1] = load_pair(p + 8 * ld);
+    a[2] = load_pair(p + 8);
+    a[3] = load_pair(p + 8 * ld + 8);
+}
+
+/// A = two m16n8 accumulators side by side (columns 0–7, 8–15), rounded to fp16: an
+/// accumulator's elements sit where A's do, so scores feed the next product unmoved.
+__device__ __forceinline__ void a_from_accumulators(unsigned (&a)[4], const float (&lo)[4],
+                                                    const float (&hi)[4]) {
+    a[0] = pack_half2(lo[0], lo[1]);
+    a[1] = pack_half2(lo[2], lo[3]);
+    a[2] = pack_half2(hi[0], hi[1]);
+    a[3] = pack_half2(hi[2], hi[3]);
+}
+
+/// B[k][n] = tile[n][k] (k along the tile's rows, as Kᵀ from K): p = &tile[g][2t].
+__device__ __forceinline__ void b_from_transposed(unsigned (&b)[2], const __half* p) {
+    b[0] = load_pair(p);
+    b[1] = load_pair(p + 8);
+}
+
+/// B[k][n] = tile[k][n] (a row-major tile, as V): p = &tile[2t][g]; two 16-bit loads each.
+__device__ __forceinline__ void b_from_rows(unsigned (&b)[2], const __half* p, int ld) {
+    b[0] = pack_halves(p[0], p[ld]);
+    b[1] = pack_halves(p[8 * ld], p[9 * ld]);
+}
+
+}  // namespace attn
+}  // namespace chingu
+
 template <int CT, int BC>
 __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS) {
     using namespace chingu::attn;
@@ -806,11 +845,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     unsigned qf[CT][4];
     for (int d = 0; d < CT; ++d) {
         if (d >= col_tiles) break;
-        const __half* r0 = qs + (16 * warp + g) * ld + 16 * d + 2 * t;
-        qf[d][0] = chingu::load_pair(r0);
-        qf[d][1] = chingu::load_pair(r0 + 8 * ld);
-        qf[d][2] = chingu::load_pair(r0 + 8);
-        qf[d][3] = chingu::load_pair(r0 + 8 * ld + 8);
+        a_from_rows(qf[d], qs + (16 * warp + g) * ld + 16 * d + 2 * t, ld);
     }
 
     float o[2 * CT][4];
@@ -832,8 +867,8 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         for (int d = 0; d < CT; ++d) {
             if (d >= col_tiles) break;
             for (int j = 0; j < NT; ++j) {
-                const __half* kr = ks + (8 * j + g) * ld + 16 * d + 2 * t;
-                const unsigned bk[2] = {chingu::load_pair(kr), chingu::load_pair(kr + 8)};
+                unsigned bk[2];
+                b_from_transposed(bk, ks + (8 * j + g) * ld + 16 * d + 2 * t);
                 chingu::mma_16816(s[j], qf[d], bk, s[j]);
             }
         }
@@ -883,16 +918,13 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 
         // O += P·V, 16 keys per product.
         for (int kk = 0; kk < NT / 2; ++kk) {
-            const unsigned pa[4] = {chingu::pack_half2(s[2 * kk][0], s[2 * kk][1]),
-                                    chingu::pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                                    chingu::pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    chingu::pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned pa[4];
+            a_from_accumulators(pa, s[2 * kk], s[2 * kk + 1]);
             const __half* vr = vs + (16 * kk + 2 * t) * ld + g;
             for (int n = 0; n < 2 * CT; ++n) {
                 if (n >= 2 * col_tiles) break;
-                const __half* vc = vr + 8 * n;
-                const unsigned bv[2] = {chingu::pack_halves(vc[0], vc[ld]),
-                                        chingu::pack_halves(vc[8 * ld], vc[9 * ld])};
+                unsigned bv[2];
+                b_from_rows(bv, vr + 8 * n, ld);
                 chingu::mma_16816(o[n], pa, bv, o[n]);
             }
         }
@@ -1022,17 +1054,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
             }
         for (int d = 0; d < CT; ++d) {
             if (d >= col_tiles) break;
-            const unsigned qa[4] = {
-                chingu::load_pair(qw + 16 * d), chingu::load_pair(qw + 8 * ld + 16 * d),
-                chingu::load_pair(qw + 16 * d + 8), chingu::load_pair(qw + 8 * ld + 16 * d + 8)};
-            const unsigned da[4] = {
-                chingu::load_pair(dow + 16 * d), chingu::load_pair(dow + 8 * ld + 16 * d),
-                chingu::load_pair(dow + 16 * d + 8), chingu::load_pair(dow + 8 * ld + 16 * d + 8)};
+            unsigned qa[4], da[4];
+            a_from_rows(qa, qw + 16 * d, ld);
+            a_from_rows(da, dow + 16 * d, ld);
             for (int j = 0; j < NT; ++j) {
-                const __half* kr = ks + (8 * j + g) * ld + 16 * d + 2 * t;
-                const __half* vr = vs + (8 * j + g) * ld + 16 * d + 2 * t;
-                const unsigned bk[2] = {chingu::load_pair(kr), chingu::load_pair(kr + 8)};
-                const unsigned bv[2] = {chingu::load_pair(vr), chingu::load_pair(vr + 8)};
+                unsigned bk[2], bv[2];
+                b_from_transposed(bk, ks + (8 * j + g) * ld + 16 * d + 2 * t);
+                b_from_transposed(bv, vs + (8 * j + g) * ld + 16 * d + 2 * t);
                 chingu::mma_16816(s[j], qa, bk, s[j]);
                 chingu::mma_16816(dp[j], da, bv, dp[j]);
             }
@@ -1051,16 +1079,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
         // dQ += dS·K, 16 keys per product.
         for (int kk = 0; kk < NT / 2; ++kk) {
-            const unsigned dsa[4] = {chingu::pack_half2(s[2 * kk][0], s[2 * kk][1]),
-                                     chingu::pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                                     chingu::pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                     chingu::pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned dsa[4];
+            a_from_accumulators(dsa, s[2 * kk], s[2 * kk + 1]);
             const __half* kr = ks + (16 * kk + 2 * t) * ld + g;
             for (int n = 0; n < 2 * CT; ++n) {
                 if (n >= 2 * col_tiles) break;
-                const __half* kc = kr + 8 * n;
-                const unsigned bk[2] = {chingu::pack_halves(kc[0], kc[ld]),
-                                        chingu::pack_halves(kc[8 * ld], kc[9 * ld])};
+                unsigned bk[2];
+                b_from_rows(bk, kr + 8 * n, ld);
                 chingu::mma_16816(dq_acc[n], dsa, bk, dq_acc[n]);
             }
         }
@@ -1184,22 +1209,19 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
             }
         for (int d = 0; d < CT; ++d) {
             if (d >= col_tiles) break;
-            const unsigned ka[4] = {
-                chingu::load_pair(kw + 16 * d), chingu::load_pair(kw + 8 * ld + 16 * d),
-                chingu::load_pair(kw + 16 * d + 8), chingu::load_pair(kw + 8 * ld + 16 * d + 8)};
+            unsigned ka[4];
+            a_from_rows(ka, kw + 16 * d, ld);
             for (int j = 0; j < NT; ++j) {
-                const __half* qr = qs + (8 * j + g) * ld + 16 * d + 2 * t;
-                const unsigned bq[2] = {chingu::load_pair(qr), chingu::load_pair(qr + 8)};
+                unsigned bq[2];
+                b_from_transposed(bq, qs + (8 * j + g) * ld + 16 * d + 2 * t);
                 chingu::mma_16816(s[j], ka, bq, s[j]);
             }
             if (want_dk) {
-                const unsigned va[4] = {chingu::load_pair(vw + 16 * d),
-                                        chingu::load_pair(vw + 8 * ld + 16 * d),
-                                        chingu::load_pair(vw + 16 * d + 8),
-                                        chingu::load_pair(vw + 8 * ld + 16 * d + 8)};
+                unsigned va[4];
+                a_from_rows(va, vw + 16 * d, ld);
                 for (int j = 0; j < NT; ++j) {
-                    const __half* dr = dos + (8 * j + g) * ld + 16 * d + 2 * t;
-                    const unsigned bd[2] = {chingu::load_pair(dr), chingu::load_pair(dr + 8)};
+                    unsigned bd[2];
+                    b_from_transposed(bd, dos + (8 * j + g) * ld + 16 * d + 2 * t);
                     chingu::mma_16816(dp[j], va, bd, dp[j]);
                 }
             }
@@ -1221,30 +1243,18 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
             const __half* dor = dos + (16 * kk + 2 * t) * ld + g;
             const __half* qr = qs + (16 * kk + 2 * t) * ld + g;
             unsigned pa[4] = {0u, 0u, 0u, 0u}, dsa[4] = {0u, 0u, 0u, 0u};
-            if (want_dv) {
-                pa[0] = chingu::pack_half2(s[2 * kk][0], s[2 * kk][1]);
-                pa[1] = chingu::pack_half2(s[2 * kk][2], s[2 * kk][3]);
-                pa[2] = chingu::pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[3] = chingu::pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
-            if (want_dk) {
-                dsa[0] = chingu::pack_half2(dp[2 * kk][0], dp[2 * kk][1]);
-                dsa[1] = chingu::pack_half2(dp[2 * kk][2], dp[2 * kk][3]);
-                dsa[2] = chingu::pack_half2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-                dsa[3] = chingu::pack_half2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-            }
+            if (want_dv) a_from_accumulators(pa, s[2 * kk], s[2 * kk + 1]);
+            if (want_dk) a_from_accumulators(dsa, dp[2 * kk], dp[2 * kk + 1]);
             for (int n = 0; n < 2 * CT; ++n) {
                 if (n >= 2 * col_tiles) break;
                 if (want_dv) {
-                    const __half* c = dor + 8 * n;
-                    const unsigned bd[2] = {chingu::pack_halves(c[0], c[ld]),
-                                            chingu::pack_halves(c[8 * ld], c[9 * ld])};
+                    unsigned bd[2];
+                    b_from_rows(bd, dor + 8 * n, ld);
                     chingu::mma_16816(acc[0][n], pa, bd, acc[0][n]);
                 }
                 if (want_dk) {
-                    const __half* c = qr + 8 * n;
-                    const unsigned bq[2] = {chingu::pack_halves(c[0], c[ld]),
-                                            chingu::pack_halves(c[8 * ld], c[9 * ld])};
+                    unsigned bq[2];
+                    b_from_rows(bq, qr + 8 * n, ld);
                     chingu::mma_16816(acc[ACCS - 1][n], dsa, bq, acc[ACCS - 1][n]);
                 }
             }
