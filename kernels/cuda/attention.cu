@@ -807,6 +807,24 @@ __device__ __forceinline__ void b_from_rows(unsigned (&b)[2], const __half* p, i
     b[1] = pack_halves(p[8 * ld], p[9 * ld]);
 }
 
+/// Stores an m16n8 accumulator (this lane's rows r0 = g and r1 = g + 8 of the warp, columns
+/// col and col + 1) times a per-row factor into a row-major fp16 matrix (`base` = row 0,
+/// rows `width` apart); rows at or past `rows` are skipped.
+__device__ __forceinline__ void store_accumulator(__half* base, int width, int rows, int r0,
+                                                  int r1, int col, const float (&acc)[4],
+                                                  float f0, float f1) {
+    if (r0 < rows) {
+        __half* dst = base + (long long)r0 * width + col;
+        dst[0] = __float2half_rn(acc[0] * f0);
+        dst[1] = __float2half_rn(acc[1] * f0);
+    }
+    if (r1 < rows) {
+        __half* dst = base + (long long)r1 * width + col;
+        dst[0] = __float2half_rn(acc[2] * f1);
+        dst[1] = __float2half_rn(acc[3] * f1);
+    }
+}
+
 }  // namespace attn
 }  // namespace chingu
 
@@ -939,17 +957,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
     for (int n = 0; n < 2 * CT; ++n) {
         if (n >= 2 * col_tiles) break;
-        const int col = 8 * n + 2 * t;
-        if (i0 < q_len) {
-            __half* dst = out + q_base + (long long)i0 * width + col;
-            dst[0] = __float2half_rn(o[n][0] * inv0);
-            dst[1] = __float2half_rn(o[n][1] * inv0);
-        }
-        if (i1 < q_len) {
-            __half* dst = out + q_base + (long long)i1 * width + col;
-            dst[0] = __float2half_rn(o[n][2] * inv1);
-            dst[1] = __float2half_rn(o[n][3] * inv1);
-        }
+        store_accumulator(out + q_base, width, q_len, i0, i1, 8 * n + 2 * t, o[n], inv0, inv1);
     }
     if (t == 0) {
         const long long stat = ((long long)b * heads + h) * q_len;
@@ -1094,16 +1102,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     for (int n = 0; n < 2 * CT; ++n) {
         if (n >= 2 * col_tiles) break;
         const int col = 8 * n + 2 * t;
-        if (i0 < q_len) {
-            __half* dst = dq + q_base + (long long)i0 * width + col;
-            dst[0] = __float2half_rn(dq_acc[n][0] * scale);
-            dst[1] = __float2half_rn(dq_acc[n][1] * scale);
-        }
-        if (i1 < q_len) {
-            __half* dst = dq + q_base + (long long)i1 * width + col;
-            dst[0] = __float2half_rn(dq_acc[n][2] * scale);
-            dst[1] = __float2half_rn(dq_acc[n][3] * scale);
-        }
+        store_accumulator(dq + q_base, width, q_len, i0, i1, col, dq_acc[n], scale, scale);
     }
 }
 
@@ -1261,25 +1260,16 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         }
     }
 
-    // Keys j < k_len are written; those ≥ key_len get zeros.
+    // Keys j < k_len are written; those ≥ key_len get zeros (factor 0: the sums are finite).
+    const float live0 = j0 < kl ? 1.0f : 0.0f, live1 = j1 < kl ? 1.0f : 0.0f;
     for (int n = 0; n < 2 * CT; ++n) {
         if (n >= 2 * col_tiles) break;
         const int col = 8 * n + 2 * t;
-        for (int half_row = 0; half_row < 2; ++half_row) {
-            const int j = half_row ? j1 : j0;
-            if (j >= k_len) continue;
-            const bool live = j < kl;
-            const long long at = k_base + (long long)j * width + col;
-            if (want_dv) {
-                dv[at] = __float2half_rn(live ? acc[0][n][2 * half_row] : 0.0f);
-                dv[at + 1] = __float2half_rn(live ? acc[0][n][2 * half_row + 1] : 0.0f);
-            }
-            if (want_dk) {
-                const float* a = acc[ACCS - 1][n];
-                dk[at] = __float2half_rn(live ? a[2 * half_row] * scale : 0.0f);
-                dk[at + 1] = __float2half_rn(live ? a[2 * half_row + 1] * scale : 0.0f);
-            }
-        }
+        if (want_dv)
+            store_accumulator(dv + k_base, width, k_len, j0, j1, col, acc[0][n], live0, live1);
+        if (want_dk)
+            store_accumulator(dk + k_base, width, k_len, j0, j1, col, acc[ACCS - 1][n],
+                              live0 * scale, live1 * scale);
     }
 }
 
