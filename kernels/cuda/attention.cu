@@ -213,6 +213,60 @@ __device__ __forceinline__ bool sees(int i, int j, int kl, int causal, int q_off
     return j < kl && (!causal || j <= q_offset + i);
 }
 
+/// For kernels that own query rows and walk keys: keys [0, block) are visible to some query of
+/// the block's rows [q0, q0 + rows), keys [0, warp) to some of the warp's [wq0, wq0 + 16)
+/// (0 for a warp wholly past q_len).
+struct KeyLimits {
+    int block, warp;
+};
+
+__device__ __forceinline__ KeyLimits key_limits(int kl, int causal, int q_offset, int q_len,
+                                                int q0, int rows, int wq0) {
+    KeyLimits lim{kl, kl};
+    if (causal) {
+        lim.block = min(kl, q_offset + min(q0 + rows, q_len));
+        lim.warp = min(kl, q_offset + min(wq0 + 16, q_len));
+    }
+    if (wq0 >= q_len) lim.warp = 0;
+    return lim;
+}
+
+/// For kernels that own keys and walk queries in tiles of `tile`: the first tile (`block`)
+/// with a query that sees a key of the block's [k0, …) — none when the block is past
+/// key_len; with a causal mask, the tile of the first query i with k0 ≤ q_offset + i — and
+/// the first query (`warp`) that sees one of the warp's keys [wk0, wk0 + 16); q_len when
+/// none does.
+struct QueryStart {
+    int block, warp;
+};
+
+__device__ __forceinline__ QueryStart query_start(int kl, int causal, int q_offset, int q_len,
+                                                  int k0, int wk0, int tile) {
+    QueryStart start{0, 0};
+    if (k0 >= kl) start.block = q_len;
+    else if (causal && k0 > q_offset) start.block = (k0 - q_offset) / tile * tile;
+    if (wk0 >= kl) start.warp = q_len;
+    else if (causal && wk0 > q_offset) start.warp = wk0 - q_offset;
+    return start;
+}
+
+/// Query i's log-sum-exp in log2 units and its D (dO·O) for the backward: +inf and 0 for a
+/// padding row (i ≥ q_len) or a row without a visible key (lse −inf), so that P = 0 there.
+__device__ __forceinline__ void query_stats(const float* lse, const float* delta, long long base,
+                                            int i, int q_len, float& lse2, float& d) {
+    const float ls = i < q_len ? lse[base + i] : chingu::neg_inf();
+    lse2 = ls != chingu::neg_inf() ? ls * LOG2E : pos_inf();
+    d = i < q_len ? delta[base + i] : 0.0f;
+}
+
+/// query_stats of queries [q0, q0 + tile) into shared `lse_s` and `delta_s` (whole block).
+__device__ __forceinline__ void stage_query_stats(float* lse_s, float* delta_s, const float* lse,
+                                                  const float* delta, long long base, int q0,
+                                                  int tile, int q_len) {
+    for (int c = threadIdx.x; c < tile; c += blockDim.x)
+        query_stats(lse, delta, base, q0 + c, q_len, lse_s[c], delta_s[c]);
+}
+
 }  // namespace attn
 }  // namespace chingu
 
@@ -250,12 +304,7 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
     const int r = lane >> 1, hh = lane & 1, i = wq0 + r;
     const int half_cols = tile >> 1, cbeg = hh * half_cols;
     const int nsub = tile >> 4, col_tiles = head_dim >> 4;
-    int block_limit = kl, warp_limit = kl;
-    if (causal) {
-        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
-        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
-    }
-    if (wq0 >= q_len) warp_limit = 0;
+    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
     const float sc = LOG2E / sqrtf((float)head_dim);
     float* srow = sw + r * lds;
     __half* prow = pw + r * ldp;
@@ -269,12 +318,12 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
         for (int t = 0; t < CT; ++t) wmma::fill_fragment(o[t], 0.0f);
         float m = chingu::neg_inf(), l = 0.0f;  // log2 units
 
-        for (int k0 = 0; k0 < block_limit; k0 += tile) {
+        for (int k0 = 0; k0 < lim.block; k0 += tile) {
             __syncthreads();  // every warp is done with the previous K/V tile
             load_rows(ks, k + k_base, k0, tile, kl, width, head_dim, ld);
             load_rows(vs, v + k_base, k0, tile, kl, width, head_dim, ld);
             __syncthreads();
-            if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+            if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
             // S = Q·Kᵀ for the warp's 16 rows × T keys.
             FragC s[MAX_SUB];
@@ -437,15 +486,7 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
     const int half_cols = tile >> 1, cbeg = hh * half_cols;
     const int nsub = tile >> 4, col_tiles = head_dim >> 4;
 
-    // Query tiles that can see some key of this block: none when the whole block is past
-    // key_len; with a causal mask, from the first query i with k0 ≤ q_offset + i. Per warp,
-    // the first query that sees one of its keys.
-    int q_begin = 0;
-    if (k0 >= kl) q_begin = q_len;
-    else if (causal && k0 > q_offset) q_begin = (k0 - q_offset) / tile * tile;
-    int warp_first = 0;
-    if (wk0 >= kl) warp_first = q_len;
-    else if (causal && wk0 > q_offset) warp_first = wk0 - q_offset;
+    const QueryStart start = query_start(kl, causal, q_offset, q_len, k0, wk0, tile);
 
     load_rows(ks, k + k_base, k0, rows, kl, width, head_dim, ld);
     load_rows(vs, v + k_base, k0, rows, kl, width, head_dim, ld);
@@ -462,19 +503,13 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
         for (int a = 0; a < ACCS; ++a)
             for (int t = 0; t < CT; ++t) wmma::fill_fragment(acc[a][t], 0.0f);
 
-        for (int q0 = q_begin; q0 < q_len; q0 += tile) {
+        for (int q0 = start.block; q0 < q_len; q0 += tile) {
             __syncthreads();  // every warp is done with the previous Q/dO tile
             load_rows(qs, q + q_base, q0, tile, q_len, width, head_dim, ld);
             load_rows(dos, d_out + q_base, q0, tile, q_len, width, head_dim, ld);
-            for (int c = threadIdx.x; c < tile; c += blockDim.x) {
-                const int qi = q0 + c;
-                const float ls = qi < q_len ? lse[stat_base + qi] : chingu::neg_inf();
-                // +inf makes P = 0 for padding rows and rows without a visible key.
-                lse_s[c] = ls != chingu::neg_inf() ? ls * LOG2E : pos_inf();
-                delta_s[c] = qi < q_len ? delta[stat_base + qi] : 0.0f;
-            }
+            stage_query_stats(lse_s, delta_s, lse, delta, stat_base, q0, tile, q_len);
             __syncthreads();
-            if (q0 + tile <= warp_first) continue;  // warp-uniform: no query sees its keys
+            if (q0 + tile <= start.warp) continue;  // warp-uniform: no query sees its keys
 
             // Sᵀ = K·Qᵀ and (for dK) dPᵀ = V·dOᵀ for the warp's 16 keys × T queries.
             FragC s[MAX_SUB], dp[MAX_SUB];
@@ -606,16 +641,9 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
     const int r = lane >> 1, hh = lane & 1, i = wq0 + r;
     const int half_cols = tile >> 1, cbeg = hh * half_cols;
     const int nsub = tile >> 4, col_tiles = head_dim >> 4;
-    int block_limit = kl, warp_limit = kl;
-    if (causal) {
-        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
-        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
-    }
-    if (wq0 >= q_len) warp_limit = 0;
-    // Padding rows and rows without a visible key get P = 0 (lse = +inf).
-    const float ls = i < q_len ? lse[stat_base + i] : chingu::neg_inf();
-    const float lse_i = ls != chingu::neg_inf() ? ls * LOG2E : pos_inf();
-    const float delta_i = i < q_len ? delta[stat_base + i] : 0.0f;
+    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
+    float lse_i, delta_i;
+    query_stats(lse, delta, stat_base, i, q_len, lse_i, delta_i);
 
     load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
     load_rows(dos, d_out + q_base, q0, rows, q_len, width, head_dim, ld);
@@ -627,12 +655,12 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
         FragC dq_acc[CT];
         for (int t = 0; t < CT; ++t) wmma::fill_fragment(dq_acc[t], 0.0f);
 
-        for (int k0 = 0; k0 < block_limit; k0 += tile) {
+        for (int k0 = 0; k0 < lim.block; k0 += tile) {
             __syncthreads();  // every warp is done with the previous K/V tile
             load_rows(ks, k + k_base, k0, tile, kl, width, head_dim, ld);
             load_rows(vs, v + k_base, k0, tile, kl, width, head_dim, ld);
             __syncthreads();
-            if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+            if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
             // S = Q·Kᵀ and dP = dO·Vᵀ for the warp's 16 queries × T keys.
             FragC s[MAX_SUB], dp[MAX_SUB];
@@ -849,12 +877,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const int kl = key_len[b];
     const int wq0 = q0 + 16 * warp;
     const int col_tiles = head_dim >> 4;
-    int block_limit = kl, warp_limit = kl;
-    if (causal) {
-        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
-        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
-    }
-    if (wq0 >= q_len) warp_limit = 0;
+    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
     const float sc = LOG2E / sqrtf((float)head_dim);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;  // this lane's two query rows
 
@@ -872,12 +895,12 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     // Running max (log2 units, quad-uniform) and this lane's share of the running sum.
     float m0 = chingu::neg_inf(), m1 = chingu::neg_inf(), l0 = 0.0f, l1 = 0.0f;
 
-    for (int k0 = 0; k0 < block_limit; k0 += BC) {
+    for (int k0 = 0; k0 < lim.block; k0 += BC) {
         __syncthreads();  // every warp is done with Q (first tile) or the previous K/V tile
         load_rows(ks, k + k_base, k0, BC, kl, width, head_dim, ld);
         load_rows(vs, v + k_base, k0, BC, kl, width, head_dim, ld);
         __syncthreads();
-        if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+        if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
         float s[NT][4];
         for (int j = 0; j < NT; ++j)
@@ -1016,27 +1039,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     const int kl = key_len[b];
     const int wq0 = q0 + 16 * warp;
     const int col_tiles = head_dim >> 4;
-    int block_limit = kl, warp_limit = kl;
-    if (causal) {
-        block_limit = min(kl, q_offset + min(q0 + rows, q_len));
-        warp_limit = min(kl, q_offset + min(wq0 + 16, q_len));
-    }
-    if (wq0 >= q_len) warp_limit = 0;
+    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
     const float sc = LOG2E / sqrtf((float)head_dim);
     const float scale = 1.0f / sqrtf((float)head_dim);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;
-    // Padding rows and rows without a visible key get P = 0 (lse = +inf).
-    float lse0 = pos_inf(), lse1 = pos_inf(), delta0 = 0.0f, delta1 = 0.0f;
-    if (i0 < q_len) {
-        const float ls = lse[stat_base + i0];
-        if (ls != chingu::neg_inf()) lse0 = ls * LOG2E;
-        delta0 = delta[stat_base + i0];
-    }
-    if (i1 < q_len) {
-        const float ls = lse[stat_base + i1];
-        if (ls != chingu::neg_inf()) lse1 = ls * LOG2E;
-        delta1 = delta[stat_base + i1];
-    }
+    float lse0, lse1, delta0, delta1;
+    query_stats(lse, delta, stat_base, i0, q_len, lse0, delta0);
+    query_stats(lse, delta, stat_base, i1, q_len, lse1, delta1);
 
     load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
     load_rows(dos, d_out + q_base, q0, rows, q_len, width, head_dim, ld);
@@ -1047,12 +1056,12 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     for (int n = 0; n < 2 * CT; ++n)
         for (int e = 0; e < 4; ++e) dq_acc[n][e] = 0.0f;
 
-    for (int k0 = 0; k0 < block_limit; k0 += BC) {
+    for (int k0 = 0; k0 < lim.block; k0 += BC) {
         __syncthreads();  // every warp is done with the previous K/V tile (Q, dO loaded)
         load_rows(ks, k + k_base, k0, BC, kl, width, head_dim, ld);
         load_rows(vs, v + k_base, k0, BC, kl, width, head_dim, ld);
         __syncthreads();
-        if (k0 >= warp_limit) continue;  // warp-uniform: nothing visible to this warp
+        if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
         float s[NT][4], dp[NT][4];
         for (int j = 0; j < NT; ++j)
@@ -1166,14 +1175,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
     const int j0 = wk0 + g, j1 = wk0 + g + 8;  // this lane's two keys
     const int col_tiles = head_dim >> 4;
 
-    // As the WMMA kernel: the first query tile that can see a key of the block, and per warp
-    // the first query that sees one of its keys.
-    int q_begin = 0;
-    if (k0 >= kl) q_begin = q_len;
-    else if (causal && k0 > q_offset) q_begin = (k0 - q_offset) / BQ * BQ;
-    int warp_first = 0;
-    if (wk0 >= kl) warp_first = q_len;
-    else if (causal && wk0 > q_offset) warp_first = wk0 - q_offset;
+    const QueryStart start = query_start(kl, causal, q_offset, q_len, k0, wk0, BQ);
 
     load_rows(ks, k + k_base, k0, rows, kl, width, head_dim, ld);
     load_rows(vs, v + k_base, k0, rows, kl, width, head_dim, ld);
@@ -1186,19 +1188,13 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         for (int n = 0; n < 2 * CT; ++n)
             for (int e = 0; e < 4; ++e) acc[a][n][e] = 0.0f;
 
-    for (int q0 = q_begin; q0 < q_len; q0 += BQ) {
+    for (int q0 = start.block; q0 < q_len; q0 += BQ) {
         __syncthreads();  // every warp is done with the previous Q/dO tile (K, V loaded)
         load_rows(qs, q + q_base, q0, BQ, q_len, width, head_dim, ld);
         load_rows(dos, d_out + q_base, q0, BQ, q_len, width, head_dim, ld);
-        for (int c = threadIdx.x; c < BQ; c += blockDim.x) {
-            const int qi = q0 + c;
-            const float ls = qi < q_len ? lse[stat_base + qi] : chingu::neg_inf();
-            // +inf makes P = 0 for padding rows and rows without a visible key.
-            lse_s[c] = ls != chingu::neg_inf() ? ls * LOG2E : pos_inf();
-            delta_s[c] = qi < q_len ? delta[stat_base + qi] : 0.0f;
-        }
+        stage_query_stats(lse_s, delta_s, lse, delta, stat_base, q0, BQ, q_len);
         __syncthreads();
-        if (q0 + BQ <= warp_first) continue;  // warp-uniform: no query sees its keys
+        if (q0 + BQ <= start.warp) continue;  // warp-uniform: no query sees its keys
 
         float s[NT][4], dp[NT][4];
         for (int j = 0; j < NT; ++j)

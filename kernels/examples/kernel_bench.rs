@@ -492,24 +492,17 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         let bytes = H * 4.0 * x_len as f64 + S * (b * heads * t_len) as f64;
         let mut o = out::<f16>(dev, x_len)?;
         let mut lse = out::<f32>(dev, b * heads * t_len)?;
-        let t = time_op(dev, reps, |_| {
-            ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
-        })?;
-        push("attn_fwd_dh192", label.clone(), t, bytes, Some(flops));
-        let t = time_op(dev, reps, |_| {
-            ops::attention_forward_using(
-                AttentionKernels::Mma,
-                dev,
-                &mut o,
-                &mut lse,
-                &q,
-                &k,
-                &vv,
-                &key_len,
-                shape,
-            )
-        })?;
-        push("attn_fwd_mma_dh192", label.clone(), t, bytes, Some(flops));
+        for (op, kernels) in [
+            ("attn_fwd_dh192", AttentionKernels::Wmma),
+            ("attn_fwd_mma_dh192", AttentionKernels::Mma),
+        ] {
+            let t = time_op(dev, reps, |_| {
+                ops::attention_forward_using(
+                    kernels, dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape,
+                )
+            })?;
+            push(op, label.clone(), t, bytes, Some(flops));
+        }
         let d_out = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
         let (mut dq, mut dk, mut dv) =
             (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);

@@ -251,8 +251,7 @@ pub trait Backend: Send + Sync {
         in_dim: usize,
         out_dim: usize,
     ) {
-        self.linear_forward(pre, x, w, b, rows, in_dim, out_dim);
-        self.gelu_forward(act, pre);
+        linear_then_gelu(self, act, pre, x, w, b, rows, in_dim, out_dim);
     }
     /// The backward of `y = gelu(pre) · wᵀ + b` down to `pre`: `d_pre = (dy · w) ·
     /// gelu'(pre)` (overwritten), `dw += dyᵀ · gelu(pre)` (`act` = gelu(pre), as the forward
@@ -271,9 +270,7 @@ pub trait Backend: Send + Sync {
         in_dim: usize,
         out_dim: usize,
     ) {
-        let mut d_act = self.zeros(rows * in_dim);
-        self.linear_backward(Some(&mut d_act), false, dw, db, dy, act, w, rows, in_dim, out_dim);
-        self.gelu_backward(d_pre, &d_act, pre);
+        linear_backward_then_gelu(self, d_pre, dw, db, dy, act, pre, w, rows, in_dim, out_dim);
     }
 
     /// GELU, tanh approximation: `y = gelu(x)`.
@@ -373,4 +370,42 @@ pub trait Backend: Send + Sync {
             self.adamw(param, &grads[i], &mut m[i], &mut v[i], settings[i]);
         }
     }
+}
+
+/// [`Backend::linear_gelu_forward`] as two plain ops: its default, and the fallback of a
+/// backend that fuses where it can.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_then_gelu<B: Backend + ?Sized>(
+    backend: &B,
+    act: &mut B::Buf,
+    pre: &mut B::Buf,
+    x: &B::Buf,
+    w: &B::Buf,
+    b: Option<&B::Buf>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    backend.linear_forward(pre, x, w, b, rows, in_dim, out_dim);
+    backend.gelu_forward(act, pre);
+}
+
+/// [`Backend::linear_backward_through_gelu`] as plain ops (see [`linear_then_gelu`]).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_then_gelu<B: Backend + ?Sized>(
+    backend: &B,
+    d_pre: &mut B::Buf,
+    dw: &mut B::Buf,
+    db: Option<&mut B::Buf>,
+    dy: &B::Buf,
+    act: &B::Buf,
+    pre: &B::Buf,
+    w: &B::Buf,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    let mut d_act = backend.zeros(rows * in_dim);
+    backend.linear_backward(Some(&mut d_act), false, dw, db, dy, act, w, rows, in_dim, out_dim);
+    backend.gelu_backward(d_pre, &d_act, pre);
 }

@@ -77,9 +77,9 @@ fn diff(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
 }
 
-fn compare(config: Config, dev: &Gpu, loss_scale: f32) {
+fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused_gelu: bool) {
     let what = format!(
-        "{:?}/{:?}/tied {}/{:?} on {}",
+        "{:?}/{:?}/tied {}/{:?}/fused GELU {fused_gelu} on {}",
         config.norm,
         config.activation,
         config.tied_embeddings,
@@ -88,7 +88,8 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32) {
     );
     let batch = batch();
     let mut cpu = Model::new(Cpu::<f32>::new(), config.clone(), 9).unwrap();
-    let mut gpu = Model::new(GpuBackend::new(dev.clone()), config.clone(), 9).unwrap();
+    let backend = GpuBackend::new(dev.clone()).with_fused_gelu(fused_gelu);
+    let mut gpu = Model::new(backend, config.clone(), 9).unwrap();
     // A large Adam epsilon keeps the update linear in the gradient (√v̂ ≪ eps for most
     // weights): with the default 1e-8, step 1 moves every weight by ±lr, the sign of its
     // gradient, so a weight whose gradient is small next to fp16 rounding may go either way.
@@ -187,11 +188,15 @@ fn overflow_skips_the_update_and_halves_the_scale() {
 #[test]
 fn pre_norm_gelu_tied_matches_the_cpu() {
     for dev in devices() {
-        compare(
-            config(NormPlacement::Pre, Activation::Gelu, true, Positions::Sinusoidal),
-            &dev,
-            1024.0,
-        );
+        // GELU fused into the feed-forward products (the default), and the GELU kernels.
+        for fused_gelu in [true, false] {
+            compare(
+                config(NormPlacement::Pre, Activation::Gelu, true, Positions::Sinusoidal),
+                &dev,
+                1024.0,
+                fused_gelu,
+            );
+        }
     }
 }
 
@@ -202,6 +207,7 @@ fn post_norm_relu_untied_learned_positions_matches_the_cpu() {
             config(NormPlacement::Post, Activation::Relu, false, Positions::Learned),
             &dev,
             4096.0,
+            true, // no GELU here: the flag does not matter
         );
     }
 }

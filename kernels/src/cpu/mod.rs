@@ -146,6 +146,23 @@ fn gemm_strided<T: Scalar>(
 }
 
 /// Sums per-chunk partial vectors in chunk order (deterministic reduction).
+/// GELU, tanh approximation: 0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³) —
+/// one exp instead of a (much slower) tanh. The emulated device's GEMM epilogue uses it too.
+#[inline]
+pub(crate) fn gelu<T: Scalar>(x: T) -> T {
+    let (s2, c) = (T::of(2.0 * (2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715));
+    x / (T::one() + (-(s2 * (x + c * x * x * x))).exp())
+}
+
+/// d/dx [x·σ(2u)] = σ + x·σ·(1 − σ)·2u', with 2u' = s2·(1 + 3c·x²).
+#[inline]
+pub(crate) fn gelu_slope<T: Scalar>(x: T) -> T {
+    let (s2, c, three) =
+        (T::of(2.0 * (2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(3.0));
+    let sig = T::one() / (T::one() + (-(s2 * (x + c * x * x * x))).exp());
+    sig + x * sig * (T::one() - sig) * s2 * (T::one() + three * c * x * x)
+}
+
 fn reduce_rows<T: Scalar>(acc: &mut [T], partials: Vec<Vec<T>>) {
     for part in partials {
         for (a, p) in acc.iter_mut().zip(part) {
@@ -441,26 +458,18 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn gelu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
-        // 0.5·x·(1 + tanh(u)) = x·σ(2u): one exp instead of a (much slower) tanh.
-        let (s2, c) = (T::of(2.0 * (2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715));
         y.par_chunks_mut(1 << 12).zip(x.par_chunks(1 << 12)).for_each(|(y, x)| {
             for (y, &x) in y.iter_mut().zip(x) {
-                let two_u = s2 * (x + c * x * x * x);
-                *y = x / (T::one() + (-two_u).exp());
+                *y = gelu(x);
             }
         });
     }
 
     fn gelu_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>) {
-        // d/dx [x·σ(2u)] = σ + x·σ·(1 − σ)·2u', with 2u' = s2·(1 + 3c·x²).
-        let (s2, c, three) =
-            (T::of(2.0 * (2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(3.0));
         dx.par_chunks_mut(1 << 12).zip(dy.par_chunks(1 << 12)).zip(x.par_chunks(1 << 12)).for_each(
             |((dx, dy), x)| {
                 for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                    let sig = T::one() / (T::one() + (-(s2 * (x + c * x * x * x))).exp());
-                    let d = sig + x * sig * (T::one() - sig) * s2 * (T::one() + three * c * x * x);
-                    *dx = dy * d;
+                    *dx = dy * gelu_slope(x);
                 }
             },
         );

@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 
 use super::{gemm, ops, DeviceBuffer, Gemm, GemmEpilogue, Gpu, GpuError};
-use crate::backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};
+use crate::backend::{
+    linear_backward_then_gelu, linear_then_gelu, AdamW, AttentionShape, Backend, BufRole,
+    DropoutKey,
+};
 
 /// A buffer on the GPU backend.
 pub enum GpuBuf {
@@ -506,9 +509,7 @@ impl Backend for GpuBackend {
     ) {
         const OP: &str = "linear_gelu_forward";
         if !(self.fuse_gelu && gemm::gelu_fusable(out_dim)) {
-            self.linear_forward(pre, x, w, b, rows, in_dim, out_dim);
-            self.gelu_forward(act, pre);
-            return;
+            return linear_then_gelu(self, act, pre, x, w, b, rows, in_dim, out_dim);
         }
         let (act, pre) = (half_mut(OP, act), half_mut(OP, pre));
         let (x, w, bias) = (half(OP, x), half(OP, w), b.map(|b| half(OP, b)));
@@ -532,21 +533,9 @@ impl Backend for GpuBackend {
     ) {
         const OP: &str = "linear_backward_through_gelu";
         if !(self.fuse_gelu && gemm::gelu_fusable(in_dim)) {
-            let mut d_act = self.zeros(rows * in_dim);
-            self.linear_backward(
-                Some(&mut d_act),
-                false,
-                dw,
-                db,
-                dy,
-                act,
-                w,
-                rows,
-                in_dim,
-                out_dim,
+            return linear_backward_then_gelu(
+                self, d_pre, dw, db, dy, act, pre, w, rows, in_dim, out_dim,
             );
-            self.gelu_backward(d_pre, &d_act, pre);
-            return;
         }
         {
             let (d_pre, pre) = (half_mut(OP, d_pre), half(OP, pre));

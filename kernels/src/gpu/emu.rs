@@ -200,14 +200,14 @@ impl Device for EmuDevice {
                 let pre = unsafe { std::slice::from_raw_parts_mut(pre as *mut f16, m * n) };
                 for (p, v) in pre.iter_mut().zip(c.iter_mut()) {
                     *p = f16::from_f32(*v);
-                    *v = gelu(*v);
+                    *v = crate::cpu::gelu(*v);
                 }
             }
             GemmEpilogue::GeluGrad { pre } => {
                 // SAFETY: as above.
                 let pre = unsafe { std::slice::from_raw_parts(pre as *const f16, m * n) };
                 for (p, v) in pre.iter().zip(c.iter_mut()) {
-                    *v *= gelu_grad(p.to_f32());
+                    *v *= crate::cpu::gelu_slope(p.to_f32());
                 }
             }
         }
@@ -229,18 +229,3 @@ impl Device for EmuDevice {
         Ok(())
     }
 }
-
-/// GELU, tanh approximation, in f32 (as the CPU backend writes it: x·σ(2u)).
-fn gelu(x: f32) -> f32 {
-    let two_u = GELU_S2 * (x + 0.044715 * x * x * x);
-    x / (1.0 + (-two_u).exp())
-}
-
-/// The derivative of [`gelu`].
-fn gelu_grad(x: f32) -> f32 {
-    let sig = 1.0 / (1.0 + (-(GELU_S2 * (x + 0.044715 * x * x * x))).exp());
-    sig + x * sig * (1.0 - sig) * GELU_S2 * (1.0 + 3.0 * 0.044715 * x * x)
-}
-
-/// 2·sqrt(2/π).
-const GELU_S2: f32 = 1.595_769_2;

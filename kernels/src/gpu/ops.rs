@@ -490,81 +490,13 @@ fn attention_args(
     Ok((ints, lens))
 }
 
-/// The three attention kernels that come in one instance per accumulator width.
+/// The three attention kernels, each in WMMA and register-resident instances, one per
+/// accumulator width.
 #[derive(Clone, Copy)]
 enum AttnKernel {
     Forward,
     KeysValues,
     Queries,
-}
-
-/// The instance of `kind` for heads `head_dim` wide (see `kernels/cuda/attention.cu`): forward
-/// and dQ hold the whole head row (one pass over the walked dimension); dK/dV both gradients
-/// up to 64 columns, one gradient at a time (a dV pass, then a dK pass) for wider heads.
-fn attention_kernel(kind: AttnKernel, head_dim: usize) -> &'static str {
-    let col_tiles = head_dim.div_ceil(16);
-    match (kind, col_tiles) {
-        (AttnKernel::Forward, 0..=4) => "attention_forward_c4_f16",
-        (AttnKernel::Forward, 5..=8) => "attention_forward_c8_f16",
-        (AttnKernel::Forward, 9..=12) => "attention_forward_c12_f16",
-        (AttnKernel::Forward, _) => "attention_forward_c16_f16",
-        (AttnKernel::KeysValues, 0..=4) => "attention_backward_dkdv_c4_f16",
-        (AttnKernel::KeysValues, 9..=12) => "attention_backward_dkdv_split_c12_f16",
-        // CT 16 spills: Dh 80–128 in one pass per gradient, 208–256 in two.
-        (AttnKernel::KeysValues, _) => "attention_backward_dkdv_split_c8_f16",
-        (AttnKernel::Queries, 0..=4) => "attention_backward_dq_c4_f16",
-        (AttnKernel::Queries, 5..=8) => "attention_backward_dq_c8_f16",
-        (AttnKernel::Queries, 9..=12) => "attention_backward_dq_c12_f16",
-        (AttnKernel::Queries, _) => "attention_backward_dq_c16_f16",
-    }
-}
-
-/// Block shape of an attention kernel: warps W (each owns 16 rows of the block's own
-/// dimension), the walked tile T (16 or 32 rows), and the dynamic shared memory in bytes,
-/// as `kernels/cuda/attention.cu`'s header gives them: the first (W, T) whose memory fits
-/// what the device lets the kernels use (48 KiB, or more where it opted them in).
-#[derive(Clone, Copy)]
-struct AttnBlock {
-    warps: usize,
-    tile: i32,
-    shared: u32,
-}
-
-impl AttnBlock {
-    fn new(kind: AttnKernel, head_dim: usize, limit: usize) -> Self {
-        let ld = head_dim + 8;
-        // Measured on an H200 (bench/RESULTS.md, run 12): 8 warps (128 keys a block, each Q and
-        // dO tile read once for all of them) make dK/dV 6–18% faster; dQ gains with 8 at Dh 192
-        // and loses at Dh 64; the forward is best with 4.
-        let eight = match kind {
-            AttnKernel::Forward => false,
-            AttnKernel::Queries => head_dim > 64,
-            AttnKernel::KeysValues => true,
-        };
-        let shapes = [(8, 32), (4, 32), (4, 16), (2, 32), (2, 16), (1, 32), (1, 16)];
-        for (warps, tile) in shapes.into_iter().skip(usize::from(!eight)) {
-            let bytes = if matches!(kind, AttnKernel::Forward) {
-                2 * ld * (16 * warps + 2 * tile)
-                    + warps * 16 * (tile + 4) * 4
-                    + warps * 16 * (tile + 8) * 2
-            } else {
-                2 * ld * (32 * warps + 2 * tile) + warps * 32 * (tile + 4) * 4 + 2 * tile * 4
-            };
-            if bytes <= limit.max(ATTN_MAX_SHARED) {
-                return AttnBlock { warps, tile: tile as i32, shared: bytes as u32 };
-            }
-        }
-        unreachable!("W 1, T 16 fits 48 KiB for every head_dim up to {ATTN_MAX_HEAD_DIM}")
-    }
-
-    /// Rows of the block's own dimension.
-    fn rows(self) -> usize {
-        16 * self.warps
-    }
-
-    fn threads(self) -> (u32, u32, u32) {
-        (32 * self.warps as u32, 1, 1)
-    }
 }
 
 /// Which attention kernels the launchers run.
@@ -590,76 +522,30 @@ impl AttentionKernels {
     }
 }
 
-/// A register-resident kernel's launch: name, keys per walked tile (the kernels' `tile`,
-/// fixed per instance), dynamic shared memory; 4 warps of 16 own rows each.
-struct MmaLaunch {
+/// One attention launch: the kernel instance, warps W (each owns 16 rows of the block's own
+/// dimension), the walked tile T (the kernels' `tile` argument) and the dynamic shared memory
+/// in bytes, as `kernels/cuda/attention.cu` gives them.
+#[derive(Clone, Copy)]
+struct AttnLaunch {
     kernel: &'static str,
-    tile: usize,
-    shared: usize,
+    warps: usize,
+    tile: i32,
+    shared: u32,
 }
 
-impl MmaLaunch {
-    const WARPS: usize = 4;
-
-    /// The forward's instance for `head_dim`: K and V tiles of `Dh + 8` halves a row (Q is
-    /// staged through them); `None` where the device cannot give that memory.
-    fn forward(dev: &Gpu, head_dim: usize) -> Option<Self> {
-        let (kernel, tile) = match head_dim.div_ceil(16) {
-            0..=4 => ("attention_forward_mma_c4_f16", 64),
-            5..=8 => ("attention_forward_mma_c8_f16", 64),
-            9..=12 => ("attention_forward_mma_c12_f16", 64),
-            _ => ("attention_forward_mma_c16_f16", 32),
-        };
-        Self::fitting(dev, kernel, tile, 2 * tile * (head_dim + 8))
-    }
-
-    /// dQ's: the block's Q and dO rows plus K and V tiles.
-    fn queries(dev: &Gpu, head_dim: usize) -> Option<Self> {
-        let (kernel, tile) = match head_dim.div_ceil(16) {
-            0..=4 => ("attention_backward_dq_mma_c4_f16", 64),
-            5..=8 => ("attention_backward_dq_mma_c8_f16", 64),
-            9..=12 => ("attention_backward_dq_mma_c12_f16", 32),
-            _ => ("attention_backward_dq_mma_c16_f16", 32),
-        };
-        Self::fitting(dev, kernel, tile, (32 * Self::WARPS + 2 * tile) * (head_dim + 8))
-    }
-
-    /// dK/dV's: the block's K and V rows plus Q and dO tiles, and the tile's lse and D.
-    fn keys_values(dev: &Gpu, head_dim: usize) -> Option<Self> {
-        let (kernel, tile) = match head_dim.div_ceil(16) {
-            0..=4 => ("attention_backward_dkdv_mma_c4_f16", 64),
-            5..=8 => ("attention_backward_dkdv_mma_split_c8_f16", 32),
-            9..=12 => ("attention_backward_dkdv_mma_split_c12_f16", 32),
-            _ => ("attention_backward_dkdv_mma_split_c16_f16", 16),
-        };
-        let halves = (32 * Self::WARPS + 2 * tile) * (head_dim + 8) + 2 * tile * 2;
-        Self::fitting(dev, kernel, tile, halves)
-    }
-
-    fn fitting(dev: &Gpu, kernel: &'static str, tile: usize, halves: usize) -> Option<Self> {
-        let shared = halves * size_of::<f16>();
-        (shared <= dev.max_dynamic_shared(kernel)).then_some(MmaLaunch { kernel, tile, shared })
-    }
-
-    fn rows(&self) -> usize {
-        16 * Self::WARPS
-    }
-
-    fn threads(&self) -> (u32, u32, u32) {
-        (32 * Self::WARPS as u32, 1, 1)
-    }
-
-    /// For [`AttentionKernels::Mma`]: the launch `pick` gives, or an error where it does not
-    /// fit the device; `None` for the WMMA kernels.
-    fn wanted(
+impl AttnLaunch {
+    /// The launch of `kind` in the family `kernels` asks for; an error where the device cannot
+    /// give a register-resident kernel its shared memory.
+    fn new(
+        dev: &Gpu,
         kernels: AttentionKernels,
-        op: &'static str,
+        kind: AttnKernel,
         head_dim: usize,
-        pick: impl FnOnce() -> Option<Self>,
-    ) -> Result<Option<Self>, GpuError> {
+        op: &'static str,
+    ) -> Result<Self, GpuError> {
         match kernels {
-            AttentionKernels::Wmma => Ok(None),
-            AttentionKernels::Mma => pick().map(Some).ok_or_else(|| {
+            AttentionKernels::Wmma => Ok(Self::wmma(dev, kind, head_dim)),
+            AttentionKernels::Mma => Self::mma(dev, kind, head_dim).ok_or_else(|| {
                 shape(
                     op,
                     format!(
@@ -670,16 +556,104 @@ impl MmaLaunch {
             }),
         }
     }
+
+    /// The WMMA instance for heads `head_dim` wide (forward and dQ hold the whole head row;
+    /// dK/dV both gradients up to 64 columns, one at a time — a dV pass, then a dK pass — for
+    /// wider heads) and the first (W, T) whose memory fits what the device lets it use (48
+    /// KiB, or more where it opted the kernel in).
+    fn wmma(dev: &Gpu, kind: AttnKernel, head_dim: usize) -> Self {
+        let kernel = match (kind, head_dim.div_ceil(16)) {
+            (AttnKernel::Forward, 0..=4) => "attention_forward_c4_f16",
+            (AttnKernel::Forward, 5..=8) => "attention_forward_c8_f16",
+            (AttnKernel::Forward, 9..=12) => "attention_forward_c12_f16",
+            (AttnKernel::Forward, _) => "attention_forward_c16_f16",
+            (AttnKernel::KeysValues, 0..=4) => "attention_backward_dkdv_c4_f16",
+            (AttnKernel::KeysValues, 9..=12) => "attention_backward_dkdv_split_c12_f16",
+            // CT 16 spills: Dh 80–128 in one pass per gradient, 208–256 in two.
+            (AttnKernel::KeysValues, _) => "attention_backward_dkdv_split_c8_f16",
+            (AttnKernel::Queries, 0..=4) => "attention_backward_dq_c4_f16",
+            (AttnKernel::Queries, 5..=8) => "attention_backward_dq_c8_f16",
+            (AttnKernel::Queries, 9..=12) => "attention_backward_dq_c12_f16",
+            (AttnKernel::Queries, _) => "attention_backward_dq_c16_f16",
+        };
+        let limit = dev.max_dynamic_shared(kernel).max(ATTN_MAX_SHARED);
+        let ld = head_dim + 8;
+        // Measured on an H200 (bench/RESULTS.md, run 12): 8 warps (128 keys a block, each Q and
+        // dO tile read once for all of them) make dK/dV 6–18% faster; dQ gains with 8 at Dh 192
+        // and loses at Dh 64; the forward is best with 4.
+        let eight = match kind {
+            AttnKernel::Forward => false,
+            AttnKernel::Queries => head_dim > 64,
+            AttnKernel::KeysValues => true,
+        };
+        let shapes = [(8, 32), (4, 32), (4, 16), (2, 32), (2, 16), (1, 32), (1, 16)];
+        for (warps, tile) in shapes.into_iter().skip(usize::from(!eight)) {
+            let bytes = if matches!(kind, AttnKernel::Forward) {
+                2 * ld * (16 * warps + 2 * tile)
+                    + warps * 16 * (tile + 4) * 4
+                    + warps * 16 * (tile + 8) * 2
+            } else {
+                2 * ld * (32 * warps + 2 * tile) + warps * 32 * (tile + 4) * 4 + 2 * tile * 4
+            };
+            if bytes <= limit {
+                return AttnLaunch { kernel, warps, tile: tile as i32, shared: bytes as u32 };
+            }
+        }
+        unreachable!("W 1, T 16 fits 48 KiB for every head_dim up to {ATTN_MAX_HEAD_DIM}")
+    }
+
+    /// The register-resident instance: 4 warps, a walked tile fixed per instance, shared
+    /// memory for the walked tiles (K and V for the forward, which stages Q through them; Q
+    /// and dO, with their lse and D, for dK/dV) and the block's own rows (Q and dO for dQ, K
+    /// and V for dK/dV); `None` where the device cannot give that memory.
+    fn mma(dev: &Gpu, kind: AttnKernel, head_dim: usize) -> Option<Self> {
+        const WARPS: usize = 4;
+        let (kernel, tile) = match (kind, head_dim.div_ceil(16)) {
+            (AttnKernel::Forward, 0..=4) => ("attention_forward_mma_c4_f16", 64),
+            (AttnKernel::Forward, 5..=8) => ("attention_forward_mma_c8_f16", 64),
+            (AttnKernel::Forward, 9..=12) => ("attention_forward_mma_c12_f16", 64),
+            (AttnKernel::Forward, _) => ("attention_forward_mma_c16_f16", 32),
+            (AttnKernel::Queries, 0..=4) => ("attention_backward_dq_mma_c4_f16", 64),
+            (AttnKernel::Queries, 5..=8) => ("attention_backward_dq_mma_c8_f16", 64),
+            (AttnKernel::Queries, 9..=12) => ("attention_backward_dq_mma_c12_f16", 32),
+            (AttnKernel::Queries, _) => ("attention_backward_dq_mma_c16_f16", 32),
+            (AttnKernel::KeysValues, 0..=4) => ("attention_backward_dkdv_mma_c4_f16", 64),
+            (AttnKernel::KeysValues, 5..=8) => ("attention_backward_dkdv_mma_split_c8_f16", 32),
+            (AttnKernel::KeysValues, 9..=12) => ("attention_backward_dkdv_mma_split_c12_f16", 32),
+            (AttnKernel::KeysValues, _) => ("attention_backward_dkdv_mma_split_c16_f16", 16),
+        };
+        let (ld, own) = (head_dim + 8, 2 * 16 * WARPS);
+        let halves = match kind {
+            AttnKernel::Forward => 2 * tile * ld,
+            AttnKernel::Queries => (own + 2 * tile) * ld,
+            AttnKernel::KeysValues => (own + 2 * tile) * ld + 2 * tile * 2,
+        };
+        let shared = halves * size_of::<f16>();
+        (shared <= dev.max_dynamic_shared(kernel)).then_some(AttnLaunch {
+            kernel,
+            warps: WARPS,
+            tile: tile as i32,
+            shared: shared as u32,
+        })
+    }
+
+    /// Rows of the block's own dimension.
+    fn rows(self) -> usize {
+        16 * self.warps
+    }
+
+    fn threads(self) -> (u32, u32, u32) {
+        (32 * self.warps as u32, 1, 1)
+    }
 }
 
-/// The kernels to run by default: `CHINGU_ATTN_MMA`'s choice where the device gives the
-/// register-resident ones their memory (for this head width), else WMMA.
+/// The kernels to run by default: `CHINGU_ATTN_MMA`'s choice where the device gives all
+/// three register-resident ones their memory (for this head width), else WMMA.
 fn default_kernels(dev: &Gpu, head_dim: usize) -> AttentionKernels {
+    let kinds = [AttnKernel::Forward, AttnKernel::Queries, AttnKernel::KeysValues];
     match AttentionKernels::from_env() {
         AttentionKernels::Mma
-            if MmaLaunch::forward(dev, head_dim).is_some()
-                && MmaLaunch::queries(dev, head_dim).is_some()
-                && MmaLaunch::keys_values(dev, head_dim).is_some() =>
+            if kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, head_dim).is_some()) =>
         {
             AttentionKernels::Mma
         }
@@ -730,21 +704,14 @@ pub fn attention_forward_using(
     if out.is_empty() {
         return Ok(());
     }
-    let mma = MmaLaunch::wanted(kernels, OP, s.head_dim, || MmaLaunch::forward(dev, s.head_dim))?;
-    let (kernel, rows, threads, shared, tile) = if let Some(m) = mma {
-        (m.kernel, m.rows(), m.threads(), m.shared as u32, m.tile as i32)
-    } else {
-        let kernel = attention_kernel(AttnKernel::Forward, s.head_dim);
-        let blk = AttnBlock::new(AttnKernel::Forward, s.head_dim, dev.max_dynamic_shared(kernel));
-        (kernel, blk.rows(), blk.threads(), blk.shared, blk.tile)
-    };
-    let grid = (s.q_len.div_ceil(rows) as u32, s.heads as u32, s.batch as u32);
+    let l = AttnLaunch::new(dev, kernels, AttnKernel::Forward, s.head_dim, OP)?;
+    let grid = (s.q_len.div_ceil(l.rows()) as u32, s.heads as u32, s.batch as u32);
     launch(
         dev,
-        kernel,
+        l.kernel,
         grid,
-        threads,
-        shared,
+        l.threads(),
+        l.shared,
         args![
             out.ptr(),
             lse.ptr(),
@@ -759,7 +726,7 @@ pub fn attention_forward_using(
             a[4],
             a[5],
             a[6],
-            tile
+            l.tile
         ],
     )?;
     // `lens` is reused only by later work on the same stream (see `layernorm_backward`).
@@ -828,31 +795,15 @@ pub fn attention_backward_using(
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
         )?;
     }
-    let (dkdv_kernel, dq_kernel) = (
-        attention_kernel(AttnKernel::KeysValues, s.head_dim),
-        attention_kernel(AttnKernel::Queries, s.head_dim),
-    );
-    let kv_blk =
-        AttnBlock::new(AttnKernel::KeysValues, s.head_dim, dev.max_dynamic_shared(dkdv_kernel));
-    let q_blk = AttnBlock::new(AttnKernel::Queries, s.head_dim, dev.max_dynamic_shared(dq_kernel));
-    let q_mma = MmaLaunch::wanted(kernels, OP, s.head_dim, || MmaLaunch::queries(dev, s.head_dim))?;
-    let kv_mma =
-        MmaLaunch::wanted(kernels, OP, s.head_dim, || MmaLaunch::keys_values(dev, s.head_dim))?;
-    let (dkdv_kernel, kv_rows, kv_threads, kv_shared, kv_tile) = match &kv_mma {
-        Some(m) => (m.kernel, m.rows(), m.threads(), m.shared as u32, m.tile as i32),
-        None => (dkdv_kernel, kv_blk.rows(), kv_blk.threads(), kv_blk.shared, kv_blk.tile),
-    };
-    let (dq_kernel, q_rows, q_threads, q_shared, q_tile) = match &q_mma {
-        Some(m) => (m.kernel, m.rows(), m.threads(), m.shared as u32, m.tile as i32),
-        None => (dq_kernel, q_blk.rows(), q_blk.threads(), q_blk.shared, q_blk.tile),
-    };
+    let kv = AttnLaunch::new(dev, kernels, AttnKernel::KeysValues, s.head_dim, OP)?;
+    let ql = AttnLaunch::new(dev, kernels, AttnKernel::Queries, s.head_dim, OP)?;
     if !dk.is_empty() {
         launch(
             dev,
-            dkdv_kernel,
-            (s.k_len.div_ceil(kv_rows) as u32, s.heads as u32, s.batch as u32),
-            kv_threads,
-            kv_shared,
+            kv.kernel,
+            (s.k_len.div_ceil(kv.rows()) as u32, s.heads as u32, s.batch as u32),
+            kv.threads(),
+            kv.shared,
             args![
                 dk.ptr(),
                 dv.ptr(),
@@ -870,17 +821,17 @@ pub fn attention_backward_using(
                 a[4],
                 a[5],
                 a[6],
-                kv_tile
+                kv.tile
             ],
         )?;
     }
     if !dq.is_empty() {
         launch(
             dev,
-            dq_kernel,
-            (s.q_len.div_ceil(q_rows) as u32, s.heads as u32, s.batch as u32),
-            q_threads,
-            q_shared,
+            ql.kernel,
+            (s.q_len.div_ceil(ql.rows()) as u32, s.heads as u32, s.batch as u32),
+            ql.threads(),
+            ql.shared,
             args![
                 dq.ptr(),
                 d_out.ptr(),
@@ -897,7 +848,7 @@ pub fn attention_backward_using(
                 a[4],
                 a[5],
                 a[6],
-                q_tile
+                ql.tile
             ],
         )?;
     }
