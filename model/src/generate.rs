@@ -6,7 +6,7 @@
 use chingu_kernels::rng::SplitMix64;
 use chingu_kernels::{AttentionShape, Backend, BufRole};
 
-use crate::config::{Activation, NormPlacement};
+use crate::config::NormPlacement;
 use crate::params::{AttnIdx, FfnIdx, NormIdx};
 use crate::transformer::{DropoutCtx, Model, Side};
 use crate::{ModelError, Result};
@@ -173,19 +173,7 @@ impl<B: Backend> Model<B> {
 
     fn ffn_step(&self, y: &B::Buf, idx: FfnIdx, rows: usize) -> B::Buf {
         let (d, f) = (self.config.d_model, self.config.d_ff);
-        let mut act = self.backend.zeros(rows * f);
-        match self.config.activation {
-            // The same op as training's forward, so cached decoding matches it on every backend.
-            Activation::Gelu => {
-                let mut pre = self.backend.zeros(rows * f);
-                let (w, b) = (&self.params[idx.fc1.w], &self.params[idx.fc1.b]);
-                self.backend.linear_gelu_forward(&mut act, &mut pre, y, w, Some(b), rows, d, f);
-            }
-            Activation::Relu => {
-                let pre = self.linear(y, idx.fc1, rows, d, f);
-                self.backend.relu_forward(&mut act, &pre);
-            }
-        }
+        let (_, act) = self.ffn_activation(y, idx, rows);
         self.linear(&act, idx.fc2, rows, f, d)
     }
 

@@ -379,16 +379,32 @@ impl<B: Backend> Model<B> {
 
     fn ffn(&self, input: &B::Buf, idx: FfnIdx, rows: usize) -> (B::Buf, FfnActs<B>) {
         let (d, f) = (self.config.d_model, self.config.d_ff);
+        let (pre_act, act) = self.ffn_activation(input, idx, rows);
+        let s = self.linear(&act, idx.fc2, rows, f, d);
+        (s, FfnActs { input: self.backend_clone(input), pre_act, act })
+    }
+
+    /// The feed-forward block's first linear and its activation: (pre-activation,
+    /// activation), `[rows, d_ff]` each. Training and cached decoding both go through here,
+    /// so they compute the same (a GPU fuses GELU into the product).
+    pub(crate) fn ffn_activation(
+        &self,
+        input: &B::Buf,
+        idx: FfnIdx,
+        rows: usize,
+    ) -> (B::Buf, B::Buf) {
+        let (d, f) = (self.config.d_model, self.config.d_ff);
         let mut act = self.backend.zeros(rows * f);
         let pre_act = match self.config.activation {
             Activation::Gelu => {
                 let mut pre_act = self.backend.zeros(rows * f);
+                let (w, b) = (&self.params[idx.fc1.w], &self.params[idx.fc1.b]);
                 self.backend.linear_gelu_forward(
                     &mut act,
                     &mut pre_act,
                     input,
-                    &self.params[idx.fc1.w],
-                    Some(&self.params[idx.fc1.b]),
+                    w,
+                    Some(b),
                     rows,
                     d,
                     f,
@@ -401,8 +417,7 @@ impl<B: Backend> Model<B> {
                 pre_act
             }
         };
-        let s = self.linear(&act, idx.fc2, rows, f, d);
-        (s, FfnActs { input: self.backend_clone(input), pre_act, act })
+        (pre_act, act)
     }
 
     pub(crate) fn backend_clone(&self, x: &B::Buf) -> B::Buf {
