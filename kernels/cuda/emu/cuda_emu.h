@@ -1802,17 +1802,16 @@ inline void release_mma_m16n8k16(Warp& w, uint32_t part) {
 }  // namespace detail
 
 // d = a·b + c for one m16n8k16 tile (see release_mma_m16n8k16 for the layout); a warp
-// collective over all 32 lanes. d may alias c.
+// collective over all 32 lanes. d may alias c: the release reads every lane's inputs before
+// it writes any result.
 inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c,
                          const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
   using namespace detail;
   wmma_require_full_warp("mma_m16n8k16", file, line);
-  // Copies, so an aliased d is written only after every lane's c has been read.
-  float c_copy[4] = {c[0], c[1], c[2], c[3]};
   LaneSlot& s = my_slot("mma_m16n8k16");
   s.p[0] = a;
   s.p[1] = b;
-  s.p[2] = c_copy;
+  s.p[2] = c;
   s.p[3] = d;
   warp_collective(0xffffffffu, &release_mma_m16n8k16, "mma_m16n8k16", file, line);
 }
