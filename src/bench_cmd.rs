@@ -98,22 +98,23 @@ fn train_on<B: chingu_kernels::Backend>(
             timed += started.elapsed().as_secs_f64();
         }
     }
-    #[cfg(feature = "cuda")]
-    if chingu_kernels::gpu::profile::enabled() && name == "chingu-cuda" {
-        // A few more steps with every launch timed on its own (see gpu::profile).
+    if chingu_kernels::profile::enabled() {
+        // A few more steps with every op timed on its own (see chingu_kernels::profile).
         const PROFILED: usize = 3;
-        chingu_kernels::gpu::profile::reset();
+        chingu_kernels::profile::reset();
+        let started = Instant::now();
         for step in 0..PROFILED {
             train_step(args.warmup + args.steps + step)?;
         }
         sync();
+        let wall_ms = 1e3 * started.elapsed().as_secs_f64() / PROFILED as f64;
         eprintln!(
-            "{} {} x ({}+{}), {PROFILED} steps, every launch timed alone:\n{}",
+            "{name} {} {} x ({}+{}), {PROFILED} steps ({wall_ms:.1} ms per step wall), every op timed alone:\n{}",
             args.preset,
             args.batch,
             args.src_len,
             args.tgt_len,
-            chingu_kernels::gpu::profile::report(PROFILED)
+            chingu_kernels::profile::report(PROFILED)
         );
     }
     let tokens = args.batch * (args.src_len + args.tgt_len);

@@ -99,6 +99,18 @@ enum Command {
     BenchDecode(bench_cmd::BenchArgs),
 }
 
+/// Runs a command's compute on a worker of its own rayon pool (sized like the global one):
+/// every parallel op then starts from a pool thread, which works on it too, instead of
+/// handing it over from the main thread and sleeping until it is done — a thread wake-up
+/// each way for each of the ~1,700 ops of a training step (measured 5% of a seed-256 step).
+fn on_compute_pool<R: Send>(work: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("chingu-compute-{i}"))
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the compute threads: {e}"))?;
+    pool.install(work)
+}
+
 fn main() -> ExitCode {
     allocator::keep_freed_memory();
     let cli = Cli::parse();
@@ -128,12 +140,14 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Some(Command::Prepare(args)) => prepare_cmd::run(args),
-        Some(Command::Train(args)) => train_cmd::run(args),
+        Some(Command::Train(args)) => on_compute_pool(|| train_cmd::run(args)),
         Some(Command::Ask { run, question, generation }) => {
-            eval_cmd::ask(&run, &question, &generation)
+            on_compute_pool(|| eval_cmd::ask(&run, &question, &generation))
         }
-        Some(Command::Chat { run, generation }) => eval_cmd::chat(&run, &generation),
-        Some(Command::Eval(args)) => eval_cmd::evaluate(&args),
+        Some(Command::Chat { run, generation }) => {
+            on_compute_pool(|| eval_cmd::chat(&run, &generation))
+        }
+        Some(Command::Eval(args)) => on_compute_pool(|| eval_cmd::evaluate(&args)),
         Some(Command::Launch(args)) => {
             launch_cmd::run(manifest.expect("loaded above"), &args, true)
         }
@@ -143,11 +157,11 @@ fn main() -> ExitCode {
         Some(Command::Worker(args)) => launch_cmd::worker(&args, &worker_log),
         Some(Command::Status(args)) => launch_cmd::status(&args),
         Some(Command::Gpu) => gpu_cmd::run(),
-        Some(Command::BenchTrain(args)) => bench_cmd::train(&args),
-        Some(Command::BenchDecode(args)) => bench_cmd::decode(&args),
+        Some(Command::BenchTrain(args)) => on_compute_pool(|| bench_cmd::train(&args)),
+        Some(Command::BenchDecode(args)) => on_compute_pool(|| bench_cmd::decode(&args)),
         None => {
             eprintln!("chingu: no subcommand given; running the quick job (chingu train with its defaults). See chingu --help.");
-            train_cmd::run(train_cmd::TrainArgs::quickstart())
+            on_compute_pool(|| train_cmd::run(train_cmd::TrainArgs::quickstart()))
         }
     };
     match result {

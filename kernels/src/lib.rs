@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod gpu;
+pub mod profile;
 pub mod rng;
 
 pub use backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};

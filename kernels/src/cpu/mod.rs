@@ -8,19 +8,24 @@
 //! are partitioned.
 
 mod scalar;
+mod simd;
 
 pub use scalar::Scalar;
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use crate::backend::{AdamW, AttentionShape, Backend, DropoutKey};
 use crate::rng::{mix, GAMMA};
+use simd::vectorized;
 
 /// Rows per parallel task: fixed, so results never depend on the number of threads.
 const ROW_CHUNK: usize = 128;
 const LN_EPS: f64 = 1e-5;
+/// Elements from which [`Cpu::zeros`] fills a buffer in parallel chunks of this size.
+const PARALLEL_ZERO_MIN: usize = 1 << 16;
 
 /// The CPU backend computing in `T` (f32 to train, f64 for gradient checks).
 #[derive(Debug, Default, Clone, Copy)]
@@ -148,20 +153,66 @@ fn gemm_strided<T: Scalar>(
 /// Sums per-chunk partial vectors in chunk order (deterministic reduction).
 /// GELU, tanh approximation: 0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³) —
 /// one exp instead of a (much slower) tanh. The emulated device's GEMM epilogue uses it too.
-#[inline]
+#[inline(always)]
 pub(crate) fn gelu<T: Scalar>(x: T) -> T {
     let (s2, c) = (T::of(2.0 * (2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715));
-    x / (T::one() + (-(s2 * (x + c * x * x * x))).exp())
+    x / (T::one() + (-(s2 * (x + c * x * x * x))).exp_vectorizable())
 }
 
 /// d/dx [x·σ(2u)] = σ + x·σ·(1 − σ)·2u', with 2u' = s2·(1 + 3c·x²).
-#[inline]
+#[inline(always)]
 pub(crate) fn gelu_slope<T: Scalar>(x: T) -> T {
     let (s2, c, three) =
         (T::of(2.0 * (2.0 / std::f64::consts::PI).sqrt()), T::of(0.044715), T::of(3.0));
-    let sig = T::one() / (T::one() + (-(s2 * (x + c * x * x * x))).exp());
+    let sig = T::one() / (T::one() + (-(s2 * (x + c * x * x * x))).exp_vectorizable());
     sig + x * sig * (T::one() - sig) * s2 * (T::one() + three * c * x * x)
 }
+
+/// Lanes of the vectorisable row reductions: a fixed count, so sums never depend on the
+/// machine's vector width.
+const LANES: usize = 16;
+
+/// The largest element of `row` (−∞ when empty).
+fn lane_max<T: Scalar>(row: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+    lanes.iter().fold(tail, |m, &x| m.max(x))
+}
+
+/// The sum of `row` in f64: `LANES` running sums over the element index mod `LANES`, then
+/// the lanes and the tail in order.
+fn lane_sum<T: Scalar>(row: &[T]) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x.f64();
+        }
+    }
+    lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|x| x.f64()).sum::<f64>()
+}
+
+/// The sum of squares of `row` in f64, over lanes as [`lane_sum`].
+fn lane_sum_squares<T: Scalar>(row: &[T]) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x.f64() * x.f64();
+        }
+    }
+    lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|x| x.f64() * x.f64()).sum::<f64>()
+}
+
+/// Elements per parallel task of a whole-buffer reduction (fixed: sums never depend on the
+/// thread count).
+const REDUCE_CHUNK: usize = 1 << 16;
 
 fn reduce_rows<T: Scalar>(acc: &mut [T], partials: Vec<Vec<T>>) {
     for part in partials {
@@ -185,6 +236,7 @@ pub(crate) fn dropout_base(key: DropoutKey) -> u64 {
     mix(mix(key.seed ^ GAMMA) ^ key.step) ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
+#[inline(always)]
 fn dropout_hash(base: u64, index: u64) -> u64 {
     mix(base.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
 }
@@ -202,7 +254,19 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn zeros(&self, len: usize) -> Vec<T> {
-        vec![T::zero(); len]
+        let _timed = crate::profile::scope(|| "zeros".into());
+        if len < PARALLEL_ZERO_MIN {
+            return vec![T::zero(); len];
+        }
+        // The allocator hands back reused memory, so zeroing is a memset of the whole buffer:
+        // split across the pool instead of on the calling thread alone.
+        let mut buf = Vec::with_capacity(len);
+        buf.spare_capacity_mut()[..len]
+            .par_chunks_mut(PARALLEL_ZERO_MIN)
+            .for_each(|chunk| chunk.iter_mut().for_each(|x| *x = MaybeUninit::new(T::zero())));
+        // SAFETY: the first `len` elements were all initialised just above.
+        unsafe { buf.set_len(len) };
+        buf
     }
     fn upload_f32(&self, data: &[f32]) -> Vec<T> {
         data.iter().map(|&x| T::of(f64::from(x))).collect()
@@ -220,9 +284,11 @@ impl<T: Scalar> Backend for Cpu<T> {
         buf.len()
     }
     fn fill_zero(&self, buf: &mut Vec<T>) {
+        let _timed = crate::profile::scope(|| "fill_zero".into());
         buf.iter_mut().for_each(|x| *x = T::zero());
     }
     fn copy(&self, dst: &mut Vec<T>, src: &Vec<T>) {
+        let _timed = crate::profile::scope(|| "copy".into());
         dst.copy_from_slice(src);
     }
     fn copy_rows(
@@ -239,21 +305,28 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn add_assign(&self, acc: &mut Vec<T>, x: &Vec<T>) {
+        let _timed = crate::profile::scope(|| "add_assign".into());
         assert_eq!(acc.len(), x.len());
         acc.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(a, x)| {
             a.iter_mut().zip(x).for_each(|(a, &x)| *a = *a + x);
         });
     }
     fn scale(&self, buf: &mut Vec<T>, factor: f32) {
+        let _timed = crate::profile::scope(|| "scale".into());
         let f = T::of(f64::from(factor));
         buf.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|x| *x = *x * f));
     }
     fn sum_squares(&self, buf: &Vec<T>) -> f64 {
+        let _timed = crate::profile::scope(|| "sum_squares".into());
+        if buf.len() <= REDUCE_CHUNK {
+            return vectorized(|| lane_sum_squares(buf));
+        }
         let partials: Vec<f64> =
-            buf.par_chunks(1 << 14).map(|c| c.iter().map(|x| x.f64() * x.f64()).sum()).collect();
+            buf.par_chunks(REDUCE_CHUNK).map(|c| vectorized(|| lane_sum_squares(c))).collect();
         partials.into_iter().sum()
     }
     fn all_finite(&self, buf: &Vec<T>) -> bool {
+        let _timed = crate::profile::scope(|| "all_finite".into());
         buf.par_iter().all(|x| x.is_finite())
     }
 
@@ -267,6 +340,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         width: usize,
         scale: f32,
     ) {
+        let _timed = crate::profile::scope(|| "embedding_forward".into());
         assert_eq!(ids.len(), pos.len());
         assert_eq!(out.len(), ids.len() * width);
         let scale = T::of(f64::from(scale));
@@ -287,6 +361,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         width: usize,
         scale: f32,
     ) {
+        let _timed = crate::profile::scope(|| "embedding_backward".into());
         // Sequential over rows: several rows may share an id, and the order of their sums
         // must not depend on scheduling. It is O(N·D), negligible next to the GEMMs.
         let scale = T::of(f64::from(scale));
@@ -308,6 +383,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         in_dim: usize,
         out_dim: usize,
     ) {
+        let _timed = crate::profile::scope(|| format!("linear_forward {rows}x{in_dim}->{out_dim}"));
         // y[N,O] = x[N,I] · wᵀ: B(p, j) = w[j, p] → row stride 1, column stride I.
         gemm(y, x, in_dim, 1, w, 1, in_dim, rows, in_dim, out_dim, false);
         if let Some(b) = b {
@@ -330,6 +406,8 @@ impl<T: Scalar> Backend for Cpu<T> {
         in_dim: usize,
         out_dim: usize,
     ) {
+        let _timed =
+            crate::profile::scope(|| format!("linear_backward {rows}x{in_dim}->{out_dim}"));
         // dw[O,I] += dyᵀ[O,N] · x[N,I]: A(o, n) = dy[n, o] → row stride 1, column stride O.
         let mut weight_grad = |threads: usize| {
             gemm_on(threads, dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true)
@@ -389,6 +467,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         rows: usize,
         width: usize,
     ) {
+        let _timed = crate::profile::scope(|| "layernorm_forward".into());
         y[..rows * width]
             .par_chunks_mut(width)
             .zip(mean[..rows].par_iter_mut())
@@ -421,6 +500,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         rows: usize,
         width: usize,
     ) {
+        let _timed = crate::profile::scope(|| "layernorm_backward".into());
         let partials: Vec<(Vec<T>, Vec<T>)> = dx[..rows * width]
             .par_chunks_mut(ROW_CHUNK * width)
             .enumerate()
@@ -458,30 +538,38 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn gelu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
+        let _timed = crate::profile::scope(|| "gelu_forward".into());
         y.par_chunks_mut(1 << 12).zip(x.par_chunks(1 << 12)).for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = gelu(x);
-            }
+            vectorized(|| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = gelu(x);
+                }
+            })
         });
     }
 
     fn gelu_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>) {
+        let _timed = crate::profile::scope(|| "gelu_backward".into());
         dx.par_chunks_mut(1 << 12).zip(dy.par_chunks(1 << 12)).zip(x.par_chunks(1 << 12)).for_each(
             |((dx, dy), x)| {
-                for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                    *dx = dy * gelu_slope(x);
-                }
+                vectorized(|| {
+                    for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
+                        *dx = dy * gelu_slope(x);
+                    }
+                })
             },
         );
     }
 
     fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
+        let _timed = crate::profile::scope(|| "relu_forward".into());
         y.par_iter_mut()
             .zip(x.par_iter())
             .for_each(|(y, &x)| *y = if x > T::zero() { x } else { T::zero() });
     }
 
     fn relu_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>) {
+        let _timed = crate::profile::scope(|| "relu_backward".into());
         dx.par_iter_mut()
             .zip(dy.par_iter())
             .zip(x.par_iter())
@@ -489,20 +577,23 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn dropout(&self, buf: &mut Vec<T>, p: f32, key: DropoutKey) {
+        let _timed = crate::profile::scope(|| "dropout".into());
         if p <= 0.0 {
             return;
         }
         let keep_scale = T::of(1.0 / (1.0 - f64::from(p)));
         let (base, threshold) = (dropout_base(key), dropout_threshold(p));
         buf.par_chunks_mut(1 << 12).enumerate().for_each(|(chunk, values)| {
-            for (i, v) in values.iter_mut().enumerate() {
-                let index = (chunk << 12 | i) as u64;
-                *v = if dropout_hash(base, index) >= threshold {
-                    *v * keep_scale
-                } else {
-                    T::zero()
-                };
-            }
+            vectorized(|| {
+                for (i, v) in values.iter_mut().enumerate() {
+                    let index = (chunk << 12 | i) as u64;
+                    *v = if dropout_hash(base, index) >= threshold {
+                        *v * keep_scale
+                    } else {
+                        T::zero()
+                    };
+                }
+            })
         });
     }
 
@@ -516,6 +607,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         key_len: &[usize],
         shape: AttentionShape,
     ) {
+        let _timed = crate::profile::scope(|| "attention_forward".into());
         let AttentionShape { batch, q_len, k_len, heads, head_dim, causal, q_offset } = shape;
         let d = shape.width();
         assert_eq!(key_len.len(), batch);
@@ -538,16 +630,15 @@ impl<T: Scalar> Backend for Cpu<T> {
                         let row = &mut p[i * k_len..][..k_len];
                         let limit =
                             if causal { visible_keys.min(q_offset + i + 1) } else { visible_keys };
-                        let max =
-                            row[..limit].iter().fold(T::neg_infinity(), |m, &s| m.max(s * scale));
-                        let mut sum = T::zero();
-                        for s in &mut row[..limit] {
-                            *s = (*s * scale - max).exp();
-                            sum = sum + *s;
-                        }
-                        let inv = T::one() / sum;
-                        row[..limit].iter_mut().for_each(|s| *s = *s * inv);
-                        row[limit..].iter_mut().for_each(|s| *s = T::zero());
+                        vectorized(|| {
+                            let max = lane_max(&row[..limit]) * scale;
+                            for s in &mut row[..limit] {
+                                *s = (*s * scale - max).exp_vectorizable();
+                            }
+                            let inv = T::of(1.0 / lane_sum(&row[..limit]));
+                            row[..limit].iter_mut().for_each(|s| *s = *s * inv);
+                            row[limit..].iter_mut().for_each(|s| *s = T::zero());
+                        })
                     }
                     // out_bh[Tq, Dh] = P · v_bh
                     gemm_strided(
@@ -582,6 +673,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         _key_len: &[usize],
         shape: AttentionShape,
     ) {
+        let _timed = crate::profile::scope(|| "attention_backward".into());
         let AttentionShape { batch, q_len, k_len, heads, head_dim, .. } = shape;
         let d = shape.width();
         let scale = T::of(1.0 / (head_dim as f64).sqrt());
@@ -669,6 +761,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         ignore: u32,
         smoothing: f64,
     ) -> (f64, usize) {
+        let _timed = crate::profile::scope(|| "cross_entropy".into());
         let counted = targets.iter().filter(|&&t| t != ignore).count();
         let inv_count = if counted == 0 { 0.0 } else { 1.0 / counted as f64 };
         let eps = smoothing;
@@ -676,41 +769,42 @@ impl<T: Scalar> Backend for Cpu<T> {
             .par_chunks_mut(vocab)
             .enumerate()
             .map(|(n, grad)| {
-                let target = targets[n];
-                if target == ignore {
-                    grad.iter_mut().for_each(|g| *g = T::zero());
-                    return 0.0;
-                }
-                let row = &logits[n * vocab..][..vocab];
-                let max_t = row.iter().fold(T::of(f64::NEG_INFINITY), |m, &x| m.max(x));
-                let max = max_t.f64();
-                // One exp per logit, in T (f32's exp is a fraction of f64's cost; each term is
-                // in (0, 1] so its relative error stays at T's epsilon); sums in f64. Keep
-                // exp(x − max) in the gradient row, normalise after.
-                let mut sum_exp = 0.0f64;
-                let mut sum_logits = 0.0f64;
-                for (g, &x) in grad.iter_mut().zip(row) {
-                    let e = (x - max_t).exp();
-                    sum_exp += e.f64();
-                    sum_logits += x.f64();
-                    *g = e;
-                }
-                let lse = max + sum_exp.ln();
-                let mean_logit = sum_logits / vocab as f64;
-                let loss = lse - (1.0 - eps) * row[target as usize].f64() - eps * mean_logit;
-                let (inv_sum, off) = (1.0 / sum_exp, eps / vocab as f64);
-                for g in grad.iter_mut() {
-                    *g = T::of((g.f64() * inv_sum - off) * inv_count);
-                }
-                let t = &mut grad[target as usize];
-                *t = T::of(t.f64() - (1.0 - eps) * inv_count);
-                loss
+                vectorized(|| {
+                    let target = targets[n];
+                    if target == ignore {
+                        grad.iter_mut().for_each(|g| *g = T::zero());
+                        return 0.0;
+                    }
+                    let row = &logits[n * vocab..][..vocab];
+                    let max_t = lane_max(row);
+                    let max = max_t.f64();
+                    // One exp per logit, in T (each term is in (0, 1], so its relative error stays
+                    // at T's epsilon); sums in f64, over fixed lanes so the loop vectorises and the
+                    // order never depends on threads. Keep exp(x − max) in the gradient row,
+                    // normalise after.
+                    for (g, &x) in grad.iter_mut().zip(row) {
+                        *g = (x - max_t).exp_vectorizable();
+                    }
+                    let sum_exp = lane_sum(grad);
+                    let sum_logits = lane_sum(row);
+                    let lse = max + sum_exp.ln();
+                    let mean_logit = sum_logits / vocab as f64;
+                    let loss = lse - (1.0 - eps) * row[target as usize].f64() - eps * mean_logit;
+                    let (inv_sum, off) = (1.0 / sum_exp, eps / vocab as f64);
+                    for g in grad.iter_mut() {
+                        *g = T::of((g.f64() * inv_sum - off) * inv_count);
+                    }
+                    let t = &mut grad[target as usize];
+                    *t = T::of(t.f64() - (1.0 - eps) * inv_count);
+                    loss
+                })
             })
             .collect();
         (losses.into_iter().sum::<f64>() * inv_count, counted)
     }
 
     fn adamw(&self, param: &mut Vec<T>, grad: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, s: AdamW) {
+        let _timed = crate::profile::scope(|| "adamw".into());
         let (b1, b2) = (f64::from(s.beta1), f64::from(s.beta2));
         let c1 = T::of(1.0 - b1.powi(s.step as i32));
         let c2 = T::of(1.0 - b2.powi(s.step as i32));
@@ -724,15 +818,17 @@ impl<T: Scalar> Backend for Cpu<T> {
             .zip(m.par_chunks_mut(1 << 12))
             .zip(v.par_chunks_mut(1 << 12))
             .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    let g = g[i] * grad_scale;
-                    m[i] = b1 * m[i] + (T::one() - b1) * g;
-                    v[i] = b2 * v[i] + (T::one() - b2) * g * g;
-                    let m_hat = m[i] / c1;
-                    let v_hat = v[i] / c2;
-                    // Decoupled decay first, then the Adam step (PyTorch's order).
-                    p[i] = p[i] * decay - lr * m_hat / (v_hat.sqrt() + eps);
-                }
+                vectorized(|| {
+                    for i in 0..p.len() {
+                        let g = g[i] * grad_scale;
+                        m[i] = b1 * m[i] + (T::one() - b1) * g;
+                        v[i] = b2 * v[i] + (T::one() - b2) * g * g;
+                        let m_hat = m[i] / c1;
+                        let v_hat = v[i] / c2;
+                        // Decoupled decay first, then the Adam step (PyTorch's order).
+                        p[i] = p[i] * decay - lr * m_hat / (v_hat.sqrt() + eps);
+                    }
+                })
             });
     }
 }
