@@ -7,6 +7,7 @@
 //! by rows across rayon), whose per-element accumulation order does not depend on how the rows
 //! are partitioned.
 
+mod rows;
 mod scalar;
 mod simd;
 
@@ -19,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::backend::{AdamW, AttentionShape, Backend, DropoutKey};
 use crate::rng::{mix, GAMMA};
+use rows::{lane_sum_squares, AdamWStep, LayerNormRows};
 use simd::vectorized;
 
 /// Rows per parallel task: fixed, so results never depend on the number of threads.
@@ -150,7 +152,6 @@ fn gemm_strided<T: Scalar>(
     }
 }
 
-/// Sums per-chunk partial vectors in chunk order (deterministic reduction).
 /// GELU, tanh approximation: 0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³) —
 /// one exp instead of a (much slower) tanh. The emulated device's GEMM epilogue uses it too.
 #[inline(always)]
@@ -168,52 +169,11 @@ pub(crate) fn gelu_slope<T: Scalar>(x: T) -> T {
     sig + x * sig * (T::one() - sig) * s2 * (T::one() + three * c * x * x)
 }
 
-/// Lanes of the vectorisable row reductions: a fixed count, so sums never depend on the
-/// machine's vector width.
-const LANES: usize = 16;
-
-/// The largest element of `row` (−∞ when empty).
-fn lane_max<T: Scalar>(row: &[T]) -> T {
-    let mut lanes = [T::neg_infinity(); LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(x);
-        }
-    }
-    let tail = chunks.remainder().iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-    lanes.iter().fold(tail, |m, &x| m.max(x))
-}
-
-/// The sum of `row` in f64: `LANES` running sums over the element index mod `LANES`, then
-/// the lanes and the tail in order.
-fn lane_sum<T: Scalar>(row: &[T]) -> f64 {
-    let mut lanes = [0.0f64; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane += x.f64();
-        }
-    }
-    lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|x| x.f64()).sum::<f64>()
-}
-
-/// The sum of squares of `row` in f64, over lanes as [`lane_sum`].
-fn lane_sum_squares<T: Scalar>(row: &[T]) -> f64 {
-    let mut lanes = [0.0f64; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane += x.f64() * x.f64();
-        }
-    }
-    lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|x| x.f64() * x.f64()).sum::<f64>()
-}
-
 /// Elements per parallel task of a whole-buffer reduction (fixed: sums never depend on the
 /// thread count).
 const REDUCE_CHUNK: usize = 1 << 16;
 
+/// Sums per-chunk partial vectors in chunk order (deterministic reduction).
 fn reduce_rows<T: Scalar>(acc: &mut [T], partials: Vec<Vec<T>>) {
     for part in partials {
         for (a, p) in acc.iter_mut().zip(part) {
@@ -237,7 +197,7 @@ pub(crate) fn dropout_base(key: DropoutKey) -> u64 {
 }
 
 #[inline(always)]
-fn dropout_hash(base: u64, index: u64) -> u64 {
+pub(super) fn dropout_hash(base: u64, index: u64) -> u64 {
     mix(base.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
 }
 
@@ -285,11 +245,15 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
     fn fill_zero(&self, buf: &mut Vec<T>) {
         let _timed = crate::profile::scope(|| "fill_zero".into());
-        buf.iter_mut().for_each(|x| *x = T::zero());
+        buf.par_chunks_mut(PARALLEL_ZERO_MIN)
+            .for_each(|c| c.iter_mut().for_each(|x| *x = T::zero()));
     }
     fn copy(&self, dst: &mut Vec<T>, src: &Vec<T>) {
         let _timed = crate::profile::scope(|| "copy".into());
-        dst.copy_from_slice(src);
+        assert_eq!(dst.len(), src.len(), "copy: lengths differ");
+        dst.par_chunks_mut(PARALLEL_ZERO_MIN)
+            .zip(src.par_chunks(PARALLEL_ZERO_MIN))
+            .for_each(|(d, s)| d.copy_from_slice(s));
     }
     fn copy_rows(
         &self,
@@ -319,10 +283,20 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn sum_squares(&self, buf: &Vec<T>) -> f64 {
         let _timed = crate::profile::scope(|| "sum_squares".into());
         if buf.len() <= REDUCE_CHUNK {
-            return vectorized(|| lane_sum_squares(buf));
+            return vectorized(
+                #[inline(always)]
+                || lane_sum_squares(buf),
+            );
         }
-        let partials: Vec<f64> =
-            buf.par_chunks(REDUCE_CHUNK).map(|c| vectorized(|| lane_sum_squares(c))).collect();
+        let partials: Vec<f64> = buf
+            .par_chunks(REDUCE_CHUNK)
+            .map(|c| {
+                vectorized(
+                    #[inline(always)]
+                    || lane_sum_squares(c),
+                )
+            })
+            .collect();
         partials.into_iter().sum()
     }
     fn all_finite(&self, buf: &Vec<T>) -> bool {
@@ -475,15 +449,10 @@ impl<T: Scalar> Backend for Cpu<T> {
             .enumerate()
             .for_each(|(n, ((y, mean), rstd))| {
                 let x = &x[n * width..][..width];
-                let m = x.iter().map(|v| v.f64()).sum::<f64>() / width as f64;
-                let var = x.iter().map(|v| (v.f64() - m).powi(2)).sum::<f64>() / width as f64;
-                let r = 1.0 / (var + LN_EPS).sqrt();
-                *mean = T::of(m);
-                *rstd = T::of(r);
-                let (m, r) = (T::of(m), T::of(r));
-                for i in 0..width {
-                    y[i] = (x[i] - m) * r * gamma[i] + beta[i];
-                }
+                (*mean, *rstd) = vectorized(
+                    #[inline(always)]
+                    || rows::layernorm_row(y, x, gamma, beta, LN_EPS),
+                );
             });
     }
 
@@ -501,34 +470,18 @@ impl<T: Scalar> Backend for Cpu<T> {
         width: usize,
     ) {
         let _timed = crate::profile::scope(|| "layernorm_backward".into());
+        let input = LayerNormRows { x, dy, mean, rstd, gamma };
         let partials: Vec<(Vec<T>, Vec<T>)> = dx[..rows * width]
             .par_chunks_mut(ROW_CHUNK * width)
             .enumerate()
             .map(|(block, dx_block)| {
                 let mut dg = vec![T::zero(); width];
                 let mut db = vec![T::zero(); width];
-                for (r, dx) in dx_block.chunks_mut(width).enumerate() {
-                    let n = block * ROW_CHUNK + r;
-                    let (x, dy) = (&x[n * width..][..width], &dy[n * width..][..width]);
-                    let (m, rs) = (mean[n], rstd[n]);
-                    let mut sum_dxhat = T::zero();
-                    let mut sum_dxhat_xhat = T::zero();
-                    for i in 0..width {
-                        let xhat = (x[i] - m) * rs;
-                        let dxhat = dy[i] * gamma[i];
-                        sum_dxhat = sum_dxhat + dxhat;
-                        sum_dxhat_xhat = sum_dxhat_xhat + dxhat * xhat;
-                        dg[i] = dg[i] + dy[i] * xhat;
-                        db[i] = db[i] + dy[i];
-                    }
-                    let inv = T::one() / T::of(width as f64);
-                    let (mean_dxhat, mean_dxhat_xhat) = (sum_dxhat * inv, sum_dxhat_xhat * inv);
-                    for i in 0..width {
-                        let xhat = (x[i] - m) * rs;
-                        let dxhat = dy[i] * gamma[i];
-                        dx[i] = dx[i] + rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
-                    }
-                }
+                let first = block * ROW_CHUNK;
+                vectorized(
+                    #[inline(always)]
+                    || rows::layernorm_backward_rows(dx_block, first, &input, &mut dg, &mut db),
+                );
                 (dg, db)
             })
             .collect();
@@ -540,11 +493,10 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn gelu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
         let _timed = crate::profile::scope(|| "gelu_forward".into());
         y.par_chunks_mut(1 << 12).zip(x.par_chunks(1 << 12)).for_each(|(y, x)| {
-            vectorized(|| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = gelu(x);
-                }
-            })
+            vectorized(
+                #[inline(always)]
+                || rows::gelu_forward(y, x),
+            )
         });
     }
 
@@ -552,11 +504,10 @@ impl<T: Scalar> Backend for Cpu<T> {
         let _timed = crate::profile::scope(|| "gelu_backward".into());
         dx.par_chunks_mut(1 << 12).zip(dy.par_chunks(1 << 12)).zip(x.par_chunks(1 << 12)).for_each(
             |((dx, dy), x)| {
-                vectorized(|| {
-                    for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                        *dx = dy * gelu_slope(x);
-                    }
-                })
+                vectorized(
+                    #[inline(always)]
+                    || rows::gelu_backward(dx, dy, x),
+                )
             },
         );
     }
@@ -584,16 +535,10 @@ impl<T: Scalar> Backend for Cpu<T> {
         let keep_scale = T::of(1.0 / (1.0 - f64::from(p)));
         let (base, threshold) = (dropout_base(key), dropout_threshold(p));
         buf.par_chunks_mut(1 << 12).enumerate().for_each(|(chunk, values)| {
-            vectorized(|| {
-                for (i, v) in values.iter_mut().enumerate() {
-                    let index = (chunk << 12 | i) as u64;
-                    *v = if dropout_hash(base, index) >= threshold {
-                        *v * keep_scale
-                    } else {
-                        T::zero()
-                    };
-                }
-            })
+            vectorized(
+                #[inline(always)]
+                || rows::dropout(values, chunk << 12, base, threshold, keep_scale),
+            )
         });
     }
 
@@ -630,15 +575,10 @@ impl<T: Scalar> Backend for Cpu<T> {
                         let row = &mut p[i * k_len..][..k_len];
                         let limit =
                             if causal { visible_keys.min(q_offset + i + 1) } else { visible_keys };
-                        vectorized(|| {
-                            let max = lane_max(&row[..limit]) * scale;
-                            for s in &mut row[..limit] {
-                                *s = (*s * scale - max).exp_vectorizable();
-                            }
-                            let inv = T::of(1.0 / lane_sum(&row[..limit]));
-                            row[..limit].iter_mut().for_each(|s| *s = *s * inv);
-                            row[limit..].iter_mut().for_each(|s| *s = T::zero());
-                        })
+                        vectorized(
+                            #[inline(always)]
+                            || rows::scaled_softmax_row(row, limit, scale),
+                        );
                     }
                     // out_bh[Tq, Dh] = P · v_bh
                     gemm_strided(
@@ -711,14 +651,10 @@ impl<T: Scalar> Backend for Cpu<T> {
                         &mut ds, k_len, do_bh, d, 1, v_bh, 1, d, q_len, head_dim, k_len, false,
                     );
                     // dS = P ⊙ (dP − Σ_j P·dP) · scale  (masked entries have P = 0)
-                    for i in 0..q_len {
-                        let (pr, dr) = (&p[i * k_len..][..k_len], &mut ds[i * k_len..][..k_len]);
-                        let dot =
-                            pr.iter().zip(dr.iter()).fold(T::zero(), |acc, (&p, &g)| acc + p * g);
-                        for (g, &p) in dr.iter_mut().zip(pr) {
-                            *g = p * (*g - dot) * scale;
-                        }
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || rows::softmax_backward_rows(&mut ds, p, k_len, scale),
+                    );
                     // dq_bh[Tq, Dh] = dS · k_bh ; dk_bh[Tk, Dh] = dSᵀ · q_bh
                     gemm_strided(
                         &mut dq_b[off..],
@@ -769,35 +705,16 @@ impl<T: Scalar> Backend for Cpu<T> {
             .par_chunks_mut(vocab)
             .enumerate()
             .map(|(n, grad)| {
-                vectorized(|| {
-                    let target = targets[n];
-                    if target == ignore {
-                        grad.iter_mut().for_each(|g| *g = T::zero());
-                        return 0.0;
-                    }
-                    let row = &logits[n * vocab..][..vocab];
-                    let max_t = lane_max(row);
-                    let max = max_t.f64();
-                    // One exp per logit, in T (each term is in (0, 1], so its relative error stays
-                    // at T's epsilon); sums in f64, over fixed lanes so the loop vectorises and the
-                    // order never depends on threads. Keep exp(x − max) in the gradient row,
-                    // normalise after.
-                    for (g, &x) in grad.iter_mut().zip(row) {
-                        *g = (x - max_t).exp_vectorizable();
-                    }
-                    let sum_exp = lane_sum(grad);
-                    let sum_logits = lane_sum(row);
-                    let lse = max + sum_exp.ln();
-                    let mean_logit = sum_logits / vocab as f64;
-                    let loss = lse - (1.0 - eps) * row[target as usize].f64() - eps * mean_logit;
-                    let (inv_sum, off) = (1.0 / sum_exp, eps / vocab as f64);
-                    for g in grad.iter_mut() {
-                        *g = T::of((g.f64() * inv_sum - off) * inv_count);
-                    }
-                    let t = &mut grad[target as usize];
-                    *t = T::of(t.f64() - (1.0 - eps) * inv_count);
-                    loss
-                })
+                let target = targets[n];
+                if target == ignore {
+                    grad.iter_mut().for_each(|g| *g = T::zero());
+                    return 0.0;
+                }
+                let row = &logits[n * vocab..][..vocab];
+                vectorized(
+                    #[inline(always)]
+                    || rows::cross_entropy_row(grad, row, target as usize, eps, inv_count),
+                )
             })
             .collect();
         (losses.into_iter().sum::<f64>() * inv_count, counted)
@@ -806,29 +723,27 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn adamw(&self, param: &mut Vec<T>, grad: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, s: AdamW) {
         let _timed = crate::profile::scope(|| "adamw".into());
         let (b1, b2) = (f64::from(s.beta1), f64::from(s.beta2));
-        let c1 = T::of(1.0 - b1.powi(s.step as i32));
-        let c2 = T::of(1.0 - b2.powi(s.step as i32));
-        let (b1, b2, lr, eps) =
-            (T::of(b1), T::of(b2), T::of(f64::from(s.lr)), T::of(f64::from(s.eps)));
-        let decay = T::one() - lr * T::of(f64::from(s.weight_decay));
-        let grad_scale = T::of(f64::from(s.grad_scale));
+        let lr = T::of(f64::from(s.lr));
+        let step = AdamWStep {
+            beta1: T::of(b1),
+            beta2: T::of(b2),
+            lr,
+            eps: T::of(f64::from(s.eps)),
+            decay: T::one() - lr * T::of(f64::from(s.weight_decay)),
+            grad_scale: T::of(f64::from(s.grad_scale)),
+            c1: T::of(1.0 - b1.powi(s.step as i32)),
+            c2: T::of(1.0 - b2.powi(s.step as i32)),
+        };
         param
             .par_chunks_mut(1 << 12)
             .zip(grad.par_chunks(1 << 12))
             .zip(m.par_chunks_mut(1 << 12))
             .zip(v.par_chunks_mut(1 << 12))
             .for_each(|(((p, g), m), v)| {
-                vectorized(|| {
-                    for i in 0..p.len() {
-                        let g = g[i] * grad_scale;
-                        m[i] = b1 * m[i] + (T::one() - b1) * g;
-                        v[i] = b2 * v[i] + (T::one() - b2) * g * g;
-                        let m_hat = m[i] / c1;
-                        let v_hat = v[i] / c2;
-                        // Decoupled decay first, then the Adam step (PyTorch's order).
-                        p[i] = p[i] * decay - lr * m_hat / (v_hat.sqrt() + eps);
-                    }
-                })
+                vectorized(
+                    #[inline(always)]
+                    || rows::adamw(p, g, m, v, step),
+                )
             });
     }
 }

@@ -9,6 +9,9 @@
 //! width. The 64-bit multiplies of dropout's hash gain the most (AVX-512DQ has them).
 
 /// Runs `work` compiled for AVX-512 or AVX2 when the CPU has them, else as built.
+///
+/// Pass the closure as `#[inline(always)] || rows::kernel(...)`: a closure is otherwise
+/// inlined only while it is small, and one that is not runs as baseline code.
 #[inline(always)]
 pub(crate) fn vectorized<R>(work: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
