@@ -242,3 +242,156 @@ pub(super) fn adamw<T: Scalar>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], s
         p[i] = p[i] * s.decay - s.lr * m_hat / (v_hat.sqrt() + s.eps);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every row kernel gives the same bits through the wide-vector dispatch as compiled for
+    //! the baseline target (SSE2 vectors or scalar code): what makes CPU training bitwise
+    //! reproducible across machines with and without AVX-512.
+
+    use super::super::simd::vectorized;
+    use super::*;
+
+    /// Deterministic values in about [-4, 4), with a length that leaves a tail after the lanes.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = crate::rng::SplitMix64(seed);
+        (0..len)
+            .map(|_| (state.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0)
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn dispatched_row_kernels_match_the_baseline_build_bit_for_bit() {
+        let n = 16 * 61 + 7;
+        let (x, dy, gamma, beta) = (values(n, 1), values(n, 2), values(n, 3), values(n, 4));
+
+        let (mut plain, mut wide) = (vec![0.0; n], vec![0.0; n]);
+        gelu_forward(&mut plain, &x);
+        vectorized(
+            #[inline(always)]
+            || gelu_forward(&mut wide, &x),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "gelu_forward");
+
+        gelu_backward(&mut plain, &dy, &x);
+        vectorized(
+            #[inline(always)]
+            || gelu_backward(&mut wide, &dy, &x),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "gelu_backward");
+
+        let (mut plain, mut wide) = (x.clone(), x.clone());
+        dropout(&mut plain, 4096, 0x1234_5678, u64::MAX / 10, 1.0 / 0.9);
+        vectorized(
+            #[inline(always)]
+            || dropout(&mut wide, 4096, 0x1234_5678, u64::MAX / 10, 1.0 / 0.9),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "dropout");
+
+        let (mut plain, mut wide) = (vec![0.0; n], vec![0.0; n]);
+        let stats = layernorm_row(&mut plain, &x, &gamma, &beta, 1e-5);
+        let wide_stats = vectorized(
+            #[inline(always)]
+            || layernorm_row(&mut wide, &x, &gamma, &beta, 1e-5),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "layernorm_row");
+        assert_eq!(bits(&[stats.0, stats.1]), bits(&[wide_stats.0, wide_stats.1]));
+
+        let (mean, rstd) = (vec![stats.0; 2], vec![stats.1; 2]);
+        let rows_in = LayerNormRows {
+            x: &x[..2 * 64],
+            dy: &dy[..2 * 64],
+            mean: &mean,
+            rstd: &rstd,
+            gamma: &gamma[..64],
+        };
+        let (mut plain, mut wide) = (dy[..2 * 64].to_vec(), dy[..2 * 64].to_vec());
+        let (mut dg, mut db, mut dg_wide, mut db_wide) =
+            (vec![0.0; 64], vec![0.0; 64], vec![0.0; 64], vec![0.0; 64]);
+        layernorm_backward_rows(&mut plain, 0, &rows_in, &mut dg, &mut db);
+        vectorized(
+            #[inline(always)]
+            || layernorm_backward_rows(&mut wide, 0, &rows_in, &mut dg_wide, &mut db_wide),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "layernorm_backward_rows");
+        assert_eq!((bits(&dg), bits(&db)), (bits(&dg_wide), bits(&db_wide)));
+
+        let (mut plain, mut wide) = (x.clone(), x.clone());
+        scaled_softmax_row(&mut plain, n - 40, 0.125);
+        vectorized(
+            #[inline(always)]
+            || scaled_softmax_row(&mut wide, n - 40, 0.125),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "scaled_softmax_row");
+
+        let probs = plain.clone();
+        let k_len = n / 7;
+        let (mut plain, mut wide) = (dy.clone(), dy.clone());
+        softmax_backward_rows(&mut plain[..7 * k_len], &probs[..7 * k_len], k_len, 0.125);
+        vectorized(
+            #[inline(always)]
+            || softmax_backward_rows(&mut wide[..7 * k_len], &probs[..7 * k_len], k_len, 0.125),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "softmax_backward_rows");
+
+        let (mut plain, mut wide) = (vec![0.0; n], vec![0.0; n]);
+        let loss = cross_entropy_row(&mut plain, &x, 17, 0.1, 1.0 / 3.0);
+        let wide_loss = vectorized(
+            #[inline(always)]
+            || cross_entropy_row(&mut wide, &x, 17, 0.1, 1.0 / 3.0),
+        );
+        assert_eq!(bits(&plain), bits(&wide), "cross_entropy_row");
+        assert_eq!(loss.to_bits(), wide_loss.to_bits());
+
+        let step = AdamWStep {
+            beta1: 0.9,
+            beta2: 0.98,
+            lr: 1e-3,
+            eps: 1e-9,
+            decay: 1.0 - 1e-5,
+            grad_scale: 0.5,
+            c1: 0.19,
+            c2: 0.0396,
+        };
+        let (mut p, mut m, mut v) =
+            (x.clone(), gamma.clone(), beta.iter().map(|b| b * b).collect::<Vec<_>>());
+        let (mut p_wide, mut m_wide, mut v_wide) = (p.clone(), m.clone(), v.clone());
+        adamw(&mut p, &dy, &mut m, &mut v, step);
+        vectorized(
+            #[inline(always)]
+            || adamw(&mut p_wide, &dy, &mut m_wide, &mut v_wide, step),
+        );
+        assert_eq!(
+            (bits(&p), bits(&m), bits(&v)),
+            (bits(&p_wide), bits(&m_wide), bits(&v_wide)),
+            "adamw"
+        );
+
+        let plain = lane_sum_squares(&x);
+        let wide = vectorized(
+            #[inline(always)]
+            || lane_sum_squares(&x),
+        );
+        assert_eq!(plain.to_bits(), wide.to_bits(), "lane_sum_squares");
+    }
+
+    #[test]
+    fn lane_reductions_agree_with_f64_sums() {
+        let x = values(16 * 9 + 5, 9);
+        let exact: f64 = x.iter().map(|&v| f64::from(v)).sum();
+        assert!((lane_sum(&x) - exact).abs() < 1e-9);
+        let squares: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!((lane_sum_squares(&x) - squares).abs() < 1e-9);
+        let dot: f64 =
+            x.iter().zip(x.iter().rev()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+        let reversed: Vec<f32> = x.iter().rev().copied().collect();
+        assert!((lane_dot(&x, &reversed) - dot).abs() < 1e-9);
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        assert_eq!(lane_max(&x), max);
+        assert_eq!(lane_max::<f32>(&[]), f32::NEG_INFINITY);
+    }
+}
