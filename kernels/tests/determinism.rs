@@ -91,3 +91,60 @@ fn gemm_row_split_does_not_change_any_bit() {
         }
     }
 }
+
+/// The backward products run as halves side by side: k halves (a layer with more batch rows
+/// than outputs, the vocabulary projection's input gradient) and row halves. Both kinds give
+/// the same bits with one thread as with two and three, and match an f64 reference.
+#[test]
+fn backward_product_halves_do_not_change_any_bit_and_stay_exact() {
+    // (rows, in, out): dw halved along k, dx by rows; then dx along k, dw by rows.
+    let shapes = [(1200, 96, 80), (96, 64, 2000)];
+    let backward = move || {
+        let cpu = Cpu::<f32>::new();
+        let mut outputs = Vec::new();
+        for (s, &(n, i, o)) in shapes.iter().enumerate() {
+            let s = s as u32 * 10;
+            let (x, w, dy) = (data(n * i, 21 + s), data(o * i, 22 + s), data(n * o, 23 + s));
+            // Accumulating into non-zero gradients, as the model's residual paths do.
+            let (mut dx, mut dw) = (data(n * i, 24 + s), data(o * i, 25 + s));
+            cpu.linear_backward(Some(&mut dx), true, &mut dw, None, &dy, &x, &w, n, i, o);
+            outputs.push(dx);
+            outputs.push(dw);
+        }
+        outputs
+    };
+    let with = |threads| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(backward)
+    };
+    let one = with(1);
+    for threads in [2, 3] {
+        for (k, (a, b)) in one.iter().zip(&with(threads)).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "backward output {k} differs between 1 and {threads} threads");
+        }
+    }
+    for (idx, &(n, i, o)) in shapes.iter().enumerate() {
+        let s = idx as u32 * 10;
+        let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+        let (x, w, dy) =
+            (f64s(data(n * i, 21 + s)), f64s(data(o * i, 22 + s)), f64s(data(n * o, 23 + s)));
+        let (dx0, dw0) = (f64s(data(n * i, 24 + s)), f64s(data(o * i, 25 + s)));
+        let (dx, dw) = (&one[2 * idx], &one[2 * idx + 1]);
+        for r in 0..n {
+            for c in 0..i {
+                let want =
+                    dx0[r * i + c] + (0..o).map(|j| dy[r * o + j] * w[j * i + c]).sum::<f64>();
+                // f32 sums of up to 2,000 products of magnitude ≤ 1: 1e-3 absolute is ~10x the
+                // worst rounding seen, and far below any indexing error (order 1).
+                assert!((f64::from(dx[r * i + c]) - want).abs() < 1e-3, "dx[{r},{c}] shape {s}");
+            }
+        }
+        for j in 0..o {
+            for c in 0..i {
+                let want =
+                    dw0[j * i + c] + (0..n).map(|r| dy[r * o + j] * x[r * i + c]).sum::<f64>();
+                assert!((f64::from(dw[j * i + c]) - want).abs() < 1e-3, "dw[{j},{c}] shape {s}");
+            }
+        }
+    }
+}

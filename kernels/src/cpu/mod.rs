@@ -7,6 +7,7 @@
 //! by rows across rayon), whose per-element accumulation order does not depend on how the rows
 //! are partitioned.
 
+mod gemm;
 mod rows;
 mod scalar;
 mod simd;
@@ -20,6 +21,7 @@ use rayon::prelude::*;
 
 use crate::backend::{AdamW, AttentionShape, Backend, DropoutKey};
 use crate::rng::{mix, GAMMA};
+use gemm::{gemm, gemm_strided, Product};
 use rows::{lane_sum_squares, AdamWStep, LayerNormRows};
 use simd::vectorized;
 
@@ -39,116 +41,6 @@ impl<T: Scalar> Cpu<T> {
     /// A CPU backend.
     pub fn new() -> Self {
         Self { _elem: PhantomData }
-    }
-}
-
-/// `C[m×n] = A·B (+ C if accumulate)` with dense row-major C.
-///
-/// `a` is addressed as `a[i·rsa + p·csa]`, `b` as `b[p·rsb + j·csb]`.
-fn gemm<T: Scalar>(
-    c: &mut [T],
-    a: &[T],
-    rsa: usize,
-    csa: usize,
-    b: &[T],
-    rsb: usize,
-    csb: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) {
-    gemm_on(rayon::current_num_threads(), c, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
-}
-
-/// [`gemm`] split into at most `threads` row blocks.
-#[allow(clippy::too_many_arguments)]
-fn gemm_on<T: Scalar>(
-    threads: usize,
-    c: &mut [T],
-    a: &[T],
-    rsa: usize,
-    csa: usize,
-    b: &[T],
-    rsb: usize,
-    csb: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) {
-    if threads <= 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
-        gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
-        return;
-    }
-    // Split C's rows across rayon's threads: one pool for GEMMs and elementwise ops alike, so
-    // no pool spins while the other computes. Every element's accumulation order is
-    // matrixmultiply's k loop whatever the split (which depends on the thread count), so no bit
-    // can change. (Each task packs its own copy of B; splitting columns instead when n > m,
-    // to share the smaller operand, measured no faster on seed-256.)
-    let rows_per_task = m.div_ceil(threads).max(GEMM_MIN_ROWS);
-    c[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, c_rows)| {
-        let first = task * rows_per_task;
-        let rows = c_rows.len() / n;
-        gemm_strided(c_rows, n, &a[first * rsa..], rsa, csa, b, rsb, csb, rows, k, n, accumulate);
-    });
-}
-
-/// Smallest row block a GEMM is split into.
-const GEMM_MIN_ROWS: usize = 64;
-/// Smallest `m·k·n` worth splitting a GEMM for.
-const GEMM_MIN_SPLIT_FLOPS: usize = 1 << 20;
-
-/// `C[m×n] = A·B (+ C if accumulate)` with C addressed as `c[i·rsc + j]` (strided rows let
-/// attention write one head's columns in place).
-///
-/// One single-threaded matrixmultiply call; its k loop is sequential and outermost, so every
-/// element is accumulated in the same order however C's rows are partitioned.
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided<T: Scalar>(
-    c: &mut [T],
-    rsc: usize,
-    a: &[T],
-    rsa: usize,
-    csa: usize,
-    b: &[T],
-    rsb: usize,
-    csb: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * rsc..i * rsc + n].iter_mut().for_each(|x| *x = T::zero());
-            }
-        }
-        return;
-    }
-    assert!((m - 1) * rsc + n <= c.len(), "gemm: C out of bounds");
-    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
-    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
-    let beta = if accumulate { T::one() } else { T::zero() };
-    // SAFETY: bounds asserted above; `c` is a distinct mutable slice.
-    unsafe {
-        T::gemm(
-            m,
-            k,
-            n,
-            T::one(),
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            1,
-        )
     }
 }
 
@@ -383,37 +275,38 @@ impl<T: Scalar> Backend for Cpu<T> {
         let _timed =
             crate::profile::scope(|| format!("linear_backward {rows}x{in_dim}->{out_dim}"));
         // dw[O,I] += dyᵀ[O,N] · x[N,I]: A(o, n) = dy[n, o] → row stride 1, column stride O.
-        let mut weight_grad = |threads: usize| {
-            gemm_on(threads, dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true)
+        let weight_grad = Product {
+            c: dw,
+            a: dy,
+            rsa: 1,
+            csa: out_dim,
+            b: x,
+            rsb: in_dim,
+            csb: 1,
+            m: out_dim,
+            k: rows,
+            n: in_dim,
+            accumulate: true,
         };
         match dx {
-            // The two products are independent and equally large: side by side, each on half
-            // the threads, rather than each split by rows (which packs B once per block).
-            Some(dx) => {
-                let threads = rayon::current_num_threads();
-                let half = threads / 2;
-                rayon::join(
-                    // dx[N,I] = dy[N,O] · w[O,I]
-                    || {
-                        gemm_on(
-                            half,
-                            dx,
-                            dy,
-                            out_dim,
-                            1,
-                            w,
-                            in_dim,
-                            1,
-                            rows,
-                            out_dim,
-                            in_dim,
-                            accumulate_dx,
-                        )
-                    },
-                    move || weight_grad(threads - half),
-                );
-            }
-            None => weight_grad(rayon::current_num_threads()),
+            // dx[N,I] (+)= dy[N,O] · w[O,I]
+            Some(dx) => gemm::side_by_side(
+                Product {
+                    c: dx,
+                    a: dy,
+                    rsa: out_dim,
+                    csa: 1,
+                    b: w,
+                    rsb: in_dim,
+                    csb: 1,
+                    m: rows,
+                    k: out_dim,
+                    n: in_dim,
+                    accumulate: accumulate_dx,
+                },
+                weight_grad,
+            ),
+            None => gemm(dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true),
         }
         if let Some(db) = db {
             let partials: Vec<Vec<T>> = dy[..rows * out_dim]

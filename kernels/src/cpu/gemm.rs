@@ -1,0 +1,239 @@
+//! The CPU backend's matrix products: single-threaded matrixmultiply calls, split across
+//! rayon's pool in ways that never change a result with the thread count.
+//!
+//! matrixmultiply's k loop is sequential and outermost, so every element of C is accumulated
+//! in the same order however C's rows are partitioned; a split along k (two partial products
+//! then added) changes the order, so its split point depends only on the shape.
+
+use rayon::prelude::*;
+
+use super::Scalar;
+
+/// `C[m×n] = A·B (+ C if accumulate)` with dense row-major C.
+///
+/// `a` is addressed as `a[i·rsa + p·csa]`, `b` as `b[p·rsb + j·csb]`.
+pub(super) fn gemm<T: Scalar>(
+    c: &mut [T],
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    gemm_on(rayon::current_num_threads(), c, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
+}
+
+/// [`gemm`] split into at most `threads` row blocks.
+#[allow(clippy::too_many_arguments)]
+fn gemm_on<T: Scalar>(
+    threads: usize,
+    c: &mut [T],
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    if threads <= 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
+        gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
+        return;
+    }
+    // Split C's rows across rayon's threads: one pool for GEMMs and elementwise ops alike, so
+    // no pool spins while the other computes. Every element's accumulation order is
+    // matrixmultiply's k loop whatever the split (which depends on the thread count), so no bit
+    // can change. (Each task packs its own copy of B; splitting columns instead when n > m,
+    // to share the smaller operand, measured no faster on seed-256.)
+    let rows_per_task = m.div_ceil(threads).max(GEMM_MIN_ROWS);
+    c[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, c_rows)| {
+        let first = task * rows_per_task;
+        let rows = c_rows.len() / n;
+        gemm_strided(c_rows, n, &a[first * rsa..], rsa, csa, b, rsb, csb, rows, k, n, accumulate);
+    });
+}
+
+/// Smallest row block a GEMM is split into.
+const GEMM_MIN_ROWS: usize = 64;
+/// Smallest `m·k·n` worth splitting a GEMM for.
+const GEMM_MIN_SPLIT_FLOPS: usize = 1 << 20;
+
+/// `C[m×n] = A·B (+ C if accumulate)` with C addressed as `c[i·rsc + j]` (strided rows let
+/// attention write one head's columns in place).
+///
+/// One single-threaded matrixmultiply call; its k loop is sequential and outermost, so every
+/// element is accumulated in the same order however C's rows are partitioned.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_strided<T: Scalar>(
+    c: &mut [T],
+    rsc: usize,
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * rsc..i * rsc + n].iter_mut().for_each(|x| *x = T::zero());
+            }
+        }
+        return;
+    }
+    assert!((m - 1) * rsc + n <= c.len(), "gemm: C out of bounds");
+    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
+    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
+    let beta = if accumulate { T::one() } else { T::zero() };
+    // SAFETY: bounds asserted above; `c` is a distinct mutable slice.
+    unsafe {
+        T::gemm(
+            m,
+            k,
+            n,
+            T::one(),
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            1,
+        )
+    }
+}
+
+/// One product `C (+)= A·B` to compute: C dense row-major `m×n`, A and B strided as in
+/// [`gemm`].
+pub(super) struct Product<'a, T> {
+    pub c: &'a mut [T],
+    pub a: &'a [T],
+    pub rsa: usize,
+    pub csa: usize,
+    pub b: &'a [T],
+    pub rsb: usize,
+    pub csb: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub accumulate: bool,
+}
+
+impl<T: Scalar> Product<'_, T> {
+    fn run(self) {
+        let Product { c, a, rsa, csa, b, rsb, csb, m, k, n, accumulate } = self;
+        gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
+    }
+
+    /// Whether to halve along k rather than C's rows. Halving the rows makes each half pack
+    /// all of B (`k·n` elements); halving k packs nothing twice but costs a temporary `m×n`
+    /// result that is zeroed, written and added (about three passes over `m·n`).
+    fn halve_depth(&self) -> bool {
+        3 * self.m < self.k
+    }
+
+    /// The two halves; a k split leaves its second half's result in `second`, for
+    /// [`Product::add_second`].
+    fn halves<'h>(&'h mut self, second: &'h mut Vec<T>) -> [Product<'h, T>; 2] {
+        let (rsa, csa, rsb, csb, n) = (self.rsa, self.csa, self.rsb, self.csb, self.n);
+        if self.halve_depth() {
+            let split = self.k / 2;
+            *second = vec![T::zero(); self.m * n];
+            [
+                Product {
+                    c: &mut self.c[..self.m * n],
+                    a: self.a,
+                    b: self.b,
+                    k: split,
+                    rsa,
+                    csa,
+                    rsb,
+                    csb,
+                    m: self.m,
+                    n,
+                    accumulate: self.accumulate,
+                },
+                Product {
+                    c: second,
+                    a: &self.a[split * csa..],
+                    b: &self.b[split * rsb..],
+                    k: self.k - split,
+                    rsa,
+                    csa,
+                    rsb,
+                    csb,
+                    m: self.m,
+                    n,
+                    accumulate: false,
+                },
+            ]
+        } else {
+            let top = self.m / 2;
+            let (c_top, c_bottom) = self.c[..self.m * n].split_at_mut(top * n);
+            let half = |c, a, m| Product {
+                c,
+                a,
+                b: self.b,
+                rsa,
+                csa,
+                rsb,
+                csb,
+                m,
+                k: self.k,
+                n,
+                accumulate: self.accumulate,
+            };
+            [half(c_top, self.a, top), half(c_bottom, &self.a[top * rsa..], self.m - top)]
+        }
+    }
+
+    /// After a k split: C += the second half's result.
+    fn add_second(&mut self, second: &[T]) {
+        if second.is_empty() {
+            return;
+        }
+        let c = &mut self.c[..second.len()];
+        c.par_chunks_mut(1 << 14).zip(second.par_chunks(1 << 14)).for_each(|(c, s)| {
+            c.iter_mut().zip(s).for_each(|(c, &s)| *c = *c + s);
+        });
+    }
+}
+
+/// Two independent products (a layer's input and weight gradients) side by side, each
+/// halved (see [`Product::halves`]), one half of each per task: the two tasks are equally
+/// large even when the products are not, and no operand is packed twice where a k split
+/// avoids it. The halving depends only on the shapes, never on the thread count.
+pub(super) fn side_by_side<T: Scalar>(mut p: Product<'_, T>, mut q: Product<'_, T>) {
+    if p.m * p.k * p.n + q.m * q.k * q.n < 2 * GEMM_MIN_SPLIT_FLOPS {
+        p.run();
+        q.run();
+        return;
+    }
+    let (mut p_second, mut q_second) = (Vec::new(), Vec::new());
+    {
+        let [p1, p2] = p.halves(&mut p_second);
+        let [q1, q2] = q.halves(&mut q_second);
+        rayon::join(
+            || rayon::join(|| p1.run(), || q1.run()),
+            || rayon::join(|| p2.run(), || q2.run()),
+        );
+    }
+    p.add_second(&p_second);
+    q.add_second(&q_second);
+}
