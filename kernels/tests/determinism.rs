@@ -148,3 +148,62 @@ fn backward_product_halves_do_not_change_any_bit_and_stay_exact() {
         }
     }
 }
+
+/// The CPU's feed-forward backward applies GELU's slope to each block of the input gradient
+/// right after its product: the same bits as the plain composition (product into a separate
+/// buffer, then `gelu_backward`), for row halves and for k halves, whatever the thread count.
+#[test]
+fn fused_gelu_backward_equals_the_plain_composition() {
+    use chingu_kernels::backend::linear_backward_then_gelu;
+    // (rows, in = d_ff, out = d_model): the input gradient halved by rows, then along k.
+    for (s, &(n, i, o)) in [(640, 128, 96), (64, 96, 1000)].iter().enumerate() {
+        let s = s as u32 * 10;
+        let (dy, w, pre) = (data(n * o, 31 + s), data(o * i, 32 + s), data(n * i, 33 + s));
+        let run = |fused: bool| {
+            let cpu = Cpu::<f32>::new();
+            let mut act = vec![0.0; n * i];
+            cpu.gelu_forward(&mut act, &pre);
+            let (mut d_pre, mut dw, mut db) = (vec![0.0; n * i], data(o * i, 34 + s), vec![0.0; o]);
+            if fused {
+                cpu.linear_backward_through_gelu(
+                    &mut d_pre,
+                    &mut dw,
+                    Some(&mut db),
+                    &dy,
+                    &act,
+                    &pre,
+                    &w,
+                    n,
+                    i,
+                    o,
+                );
+            } else {
+                linear_backward_then_gelu(
+                    &cpu,
+                    &mut d_pre,
+                    &mut dw,
+                    Some(&mut db),
+                    &dy,
+                    &act,
+                    &pre,
+                    &w,
+                    n,
+                    i,
+                    o,
+                );
+            }
+            vec![d_pre, dw, db]
+        };
+        let pool =
+            |threads: usize| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let plain = pool(1).install(|| run(false));
+        for threads in [1, 2, 3] {
+            let fused = pool(threads).install(|| run(true));
+            for (k, (a, b)) in plain.iter().zip(&fused).enumerate() {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "shape {s}: output {k} differs (fused, {threads} threads)");
+            }
+        }
+        assert!(plain[0].iter().any(|&g| g != 0.0), "the input gradient is not trivially zero");
+    }
+}

@@ -61,6 +61,9 @@ fn gemm_on<T: Scalar>(
     });
 }
 
+/// Rows per parallel block of the pass that adds a k split's halves (and runs the epilogue).
+const EPILOGUE_ROWS: usize = 64;
+
 /// Smallest row block a GEMM is split into.
 const GEMM_MIN_ROWS: usize = 64;
 /// Smallest `m·k·n` worth splitting a GEMM for.
@@ -119,8 +122,11 @@ pub(super) fn gemm_strided<T: Scalar>(
     }
 }
 
+/// What runs on rows of C once they hold the product's result: `(first row, those rows)`.
+pub(super) type Epilogue<'a, T> = &'a (dyn Fn(usize, &mut [T]) + Sync);
+
 /// One product `C (+)= A·B` to compute: C dense row-major `m×n`, A and B strided as in
-/// [`gemm`].
+/// [`gemm`], and what to do to C's rows after.
 pub(super) struct Product<'a, T> {
     pub c: &'a mut [T],
     pub a: &'a [T],
@@ -133,12 +139,19 @@ pub(super) struct Product<'a, T> {
     pub k: usize,
     pub n: usize,
     pub accumulate: bool,
+    /// Applied to every row of C exactly once, after its final value is there.
+    pub then: Option<Epilogue<'a, T>>,
 }
 
 impl<T: Scalar> Product<'_, T> {
-    fn run(self) {
-        let Product { c, a, rsa, csa, b, rsb, csb, m, k, n, accumulate } = self;
+    /// Computes the product; `first_row` is C's first row within the whole product, for
+    /// the epilogue.
+    fn run(self, first_row: usize) {
+        let Product { c, a, rsa, csa, b, rsb, csb, m, k, n, accumulate, then } = self;
         gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
+        if let Some(then) = then {
+            then(first_row, &mut c[..m * n]);
+        }
     }
 
     /// Whether to halve along k rather than C's rows. Halving the rows makes each half pack
@@ -168,6 +181,7 @@ impl<T: Scalar> Product<'_, T> {
                     m: self.m,
                     n,
                     accumulate: self.accumulate,
+                    then: None,
                 },
                 Product {
                     c: second,
@@ -181,6 +195,7 @@ impl<T: Scalar> Product<'_, T> {
                     m: self.m,
                     n,
                     accumulate: false,
+                    then: None,
                 },
             ]
         } else {
@@ -198,20 +213,30 @@ impl<T: Scalar> Product<'_, T> {
                 k: self.k,
                 n,
                 accumulate: self.accumulate,
+                then: self.then,
             };
             [half(c_top, self.a, top), half(c_bottom, &self.a[top * rsa..], self.m - top)]
         }
     }
 
-    /// After a k split: C += the second half's result.
+    /// After a k split: C += the second half's result, then the epilogue (row halves ran it
+    /// themselves).
     fn add_second(&mut self, second: &[T]) {
         if second.is_empty() {
             return;
         }
+        let n = self.n;
+        let then = self.then;
         let c = &mut self.c[..second.len()];
-        c.par_chunks_mut(1 << 14).zip(second.par_chunks(1 << 14)).for_each(|(c, s)| {
-            c.iter_mut().zip(s).for_each(|(c, &s)| *c = *c + s);
-        });
+        let block = EPILOGUE_ROWS * n;
+        c.par_chunks_mut(block).zip(second.par_chunks(block)).enumerate().for_each(
+            |(i, (c, s))| {
+                c.iter_mut().zip(s).for_each(|(c, &s)| *c = *c + s);
+                if let Some(then) = then {
+                    then(i * EPILOGUE_ROWS, c);
+                }
+            },
+        );
     }
 }
 
@@ -221,17 +246,18 @@ impl<T: Scalar> Product<'_, T> {
 /// avoids it. The halving depends only on the shapes, never on the thread count.
 pub(super) fn side_by_side<T: Scalar>(mut p: Product<'_, T>, mut q: Product<'_, T>) {
     if p.m * p.k * p.n + q.m * q.k * q.n < 2 * GEMM_MIN_SPLIT_FLOPS {
-        p.run();
-        q.run();
+        p.run(0);
+        q.run(0);
         return;
     }
     let (mut p_second, mut q_second) = (Vec::new(), Vec::new());
     {
         let [p1, p2] = p.halves(&mut p_second);
         let [q1, q2] = q.halves(&mut q_second);
+        let (p_top, q_top) = (p1.m, q1.m);
         rayon::join(
-            || rayon::join(|| p1.run(), || q1.run()),
-            || rayon::join(|| p2.run(), || q2.run()),
+            || rayon::join(|| p1.run(0), || q1.run(0)),
+            || rayon::join(|| p2.run(p_top), || q2.run(q_top)),
         );
     }
     p.add_second(&p_second);

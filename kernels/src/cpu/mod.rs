@@ -274,53 +274,37 @@ impl<T: Scalar> Backend for Cpu<T> {
     ) {
         let _timed =
             crate::profile::scope(|| format!("linear_backward {rows}x{in_dim}->{out_dim}"));
-        // dw[O,I] += dyᵀ[O,N] · x[N,I]: A(o, n) = dy[n, o] → row stride 1, column stride O.
-        let weight_grad = Product {
-            c: dw,
-            a: dy,
-            rsa: 1,
-            csa: out_dim,
-            b: x,
-            rsb: in_dim,
-            csb: 1,
-            m: out_dim,
-            k: rows,
-            n: in_dim,
-            accumulate: true,
+        let shape = LinearShape { rows, in_dim, out_dim };
+        linear_backward_then(dx, accumulate_dx, dw, db, dy, x, w, shape, None);
+    }
+
+    fn linear_backward_through_gelu(
+        &self,
+        d_pre: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        db: Option<&mut Vec<T>>,
+        dy: &Vec<T>,
+        act: &Vec<T>,
+        pre: &Vec<T>,
+        w: &Vec<T>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        let _timed = crate::profile::scope(|| {
+            format!("linear_backward_through_gelu {rows}x{in_dim}->{out_dim}")
+        });
+        // d_pre = (dy · w) ⊙ gelu′(pre): the slope is applied to each block of rows right
+        // after its product, while the block is still in cache, and no d(act) buffer exists.
+        let slope = |first_row: usize, block: &mut [T]| {
+            let pre = &pre[first_row * in_dim..][..block.len()];
+            vectorized(
+                #[inline(always)]
+                || rows::times_gelu_slope(block, pre),
+            )
         };
-        match dx {
-            // dx[N,I] (+)= dy[N,O] · w[O,I]
-            Some(dx) => gemm::side_by_side(
-                Product {
-                    c: dx,
-                    a: dy,
-                    rsa: out_dim,
-                    csa: 1,
-                    b: w,
-                    rsb: in_dim,
-                    csb: 1,
-                    m: rows,
-                    k: out_dim,
-                    n: in_dim,
-                    accumulate: accumulate_dx,
-                },
-                weight_grad,
-            ),
-            None => gemm(dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true),
-        }
-        if let Some(db) = db {
-            let partials: Vec<Vec<T>> = dy[..rows * out_dim]
-                .par_chunks(ROW_CHUNK * out_dim)
-                .map(|chunk| {
-                    let mut acc = vec![T::zero(); out_dim];
-                    for row in chunk.chunks(out_dim) {
-                        acc.iter_mut().zip(row).for_each(|(a, &g)| *a = *a + g);
-                    }
-                    acc
-                })
-                .collect();
-            reduce_rows(db, partials);
-        }
+        let shape = LinearShape { rows, in_dim, out_dim };
+        linear_backward_then(Some(d_pre), false, dw, db, dy, act, w, shape, Some(&slope));
     }
 
     fn layernorm_forward(
@@ -638,5 +622,79 @@ impl<T: Scalar> Backend for Cpu<T> {
                     || rows::adamw(p, g, m, v, step),
                 )
             });
+    }
+}
+
+/// A linear layer's sizes: `y[rows, out_dim] = x[rows, in_dim] · wᵀ`.
+#[derive(Clone, Copy)]
+struct LinearShape {
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+/// [`Backend::linear_backward`], with `then` applied to the input gradient's rows once each
+/// holds its final value.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward_then<T: Scalar>(
+    dx: Option<&mut Vec<T>>,
+    accumulate_dx: bool,
+    dw: &mut Vec<T>,
+    db: Option<&mut Vec<T>>,
+    dy: &Vec<T>,
+    x: &Vec<T>,
+    w: &Vec<T>,
+    shape: LinearShape,
+    then: Option<gemm::Epilogue<'_, T>>,
+) {
+    let LinearShape { rows, in_dim, out_dim } = shape;
+    // dw[O,I] += dyᵀ[O,N] · x[N,I]: A(o, n) = dy[n, o] → row stride 1, column stride O.
+    let weight_grad = Product {
+        c: dw,
+        a: dy,
+        rsa: 1,
+        csa: out_dim,
+        b: x,
+        rsb: in_dim,
+        csb: 1,
+        m: out_dim,
+        k: rows,
+        n: in_dim,
+        accumulate: true,
+        then: None,
+    };
+    match dx {
+        // dx[N,I] (+)= dy[N,O] · w[O,I]
+        Some(dx) => gemm::side_by_side(
+            Product {
+                c: dx,
+                a: dy,
+                rsa: out_dim,
+                csa: 1,
+                b: w,
+                rsb: in_dim,
+                csb: 1,
+                m: rows,
+                k: out_dim,
+                n: in_dim,
+                accumulate: accumulate_dx,
+                then,
+            },
+            weight_grad,
+        ),
+        None => gemm(dw, dy, 1, out_dim, x, in_dim, 1, out_dim, rows, in_dim, true),
+    }
+    if let Some(db) = db {
+        let partials: Vec<Vec<T>> = dy[..rows * out_dim]
+            .par_chunks(ROW_CHUNK * out_dim)
+            .map(|chunk| {
+                let mut acc = vec![T::zero(); out_dim];
+                for row in chunk.chunks(out_dim) {
+                    acc.iter_mut().zip(row).for_each(|(a, &g)| *a = *a + g);
+                }
+                acc
+            })
+            .collect();
+        reduce_rows(db, partials);
     }
 }

@@ -83,6 +83,14 @@ pub(super) fn gelu_backward<T: Scalar>(dx: &mut [T], dy: &[T], x: &[T]) {
     }
 }
 
+/// `d *= gelu′(pre)` elementwise: an input gradient of GELU's output made one of its input.
+#[inline(always)]
+pub(super) fn times_gelu_slope<T: Scalar>(d: &mut [T], pre: &[T]) {
+    for (d, &x) in d.iter_mut().zip(pre) {
+        *d = *d * gelu_slope(x);
+    }
+}
+
 /// Dropout on `values`, the elements from `first` on of one call's buffer.
 #[inline(always)]
 pub(super) fn dropout<T: Scalar>(
