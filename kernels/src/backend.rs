@@ -98,6 +98,12 @@ pub trait Backend: Send + Sync {
 
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize) -> Self::Buf;
+    /// A copy of `x` in a new buffer (default: [`Backend::zeros`], then [`Backend::copy`]).
+    fn duplicate(&self, x: &Self::Buf) -> Self::Buf {
+        let mut y = self.zeros(self.len(x));
+        self.copy(&mut y, x);
+        y
+    }
     /// Uploads host values.
     fn upload_f32(&self, data: &[f32]) -> Self::Buf;
     /// Uploads host values at full precision (for gradient checks).
@@ -192,6 +198,21 @@ pub trait Backend: Send + Sync {
         in_dim: usize,
         out_dim: usize,
     );
+    /// [`Backend::linear_forward`] into a new buffer `[rows, out_dim]`. The default zero-fills
+    /// one first; a backend may skip that, since every element is written.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Self::Buf {
+        let mut y = self.zeros(rows * out_dim);
+        self.linear_forward(&mut y, x, w, b, rows, in_dim, out_dim);
+        y
+    }
     /// `dx (= or +=) dy · w`, `dw += dyᵀ · x`, `db += Σ_rows dy`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(

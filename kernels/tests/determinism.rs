@@ -207,3 +207,40 @@ fn fused_gelu_backward_equals_the_plain_composition() {
         assert!(plain[0].iter().any(|&g| g != 0.0), "the input gradient is not trivially zero");
     }
 }
+
+/// The CPU's `linear` (output written into a fresh, never zero-filled buffer: the bias rows
+/// then the product onto them, or the product alone) gives the bits of `zeros` +
+/// `linear_forward`, split across threads or not; `duplicate` copies exactly.
+#[test]
+fn fresh_outputs_equal_zero_filled_ones() {
+    let cpu = Cpu::<f32>::new();
+    // Small (one product) and large (split by rows); with k > 256, the bias-first sum order.
+    for &(n, i, o) in &[(7, 5, 3), (700, 300, 130)] {
+        let (x, w, b) = (data(n * i, 41), data(o * i, 42), data(o, 43));
+        for bias in [None, Some(&b)] {
+            let fresh = |threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| cpu.linear(&x, &w, bias, n, i, o))
+            };
+            let mut zeroed = cpu.zeros(n * o);
+            cpu.linear_forward(&mut zeroed, &x, &w, bias, n, i, o);
+            for threads in [1, 3] {
+                let y = fresh(threads);
+                assert_eq!(y.len(), n * o);
+                let same = y.iter().zip(&zeroed).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "linear {n}x{i}->{o} bias {} threads {threads}", bias.is_some());
+            }
+            // And both are the product: spot-check against f64.
+            let want = |r: usize, c: usize| {
+                (0..i).map(|p| f64::from(x[r * i + p]) * f64::from(w[c * i + p])).sum::<f64>()
+                    + bias.map_or(0.0, |b| f64::from(b[c]))
+            };
+            for (r, c) in [(0, 0), (n - 1, o - 1), (n / 2, o / 3)] {
+                assert!((f64::from(zeroed[r * o + c]) - want(r, c)).abs() < 1e-3);
+            }
+        }
+    }
+    let x = data(100_003, 44);
+    let copy = cpu.duplicate(&x);
+    assert!(copy.len() == x.len() && copy.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+}

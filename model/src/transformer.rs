@@ -313,17 +313,8 @@ impl<B: Backend> Model<B> {
         in_dim: usize,
         out_dim: usize,
     ) -> B::Buf {
-        let mut y = self.backend.zeros(rows * out_dim);
-        self.backend.linear_forward(
-            &mut y,
-            x,
-            &self.params[idx.w],
-            Some(&self.params[idx.b]),
-            rows,
-            in_dim,
-            out_dim,
-        );
-        y
+        let (w, b) = (&self.params[idx.w], &self.params[idx.b]);
+        self.backend.linear(x, w, Some(b), rows, in_dim, out_dim)
     }
 
     pub(crate) fn norm(&self, x: B::Buf, idx: NormIdx, rows: usize) -> NormActs<B> {
@@ -421,9 +412,7 @@ impl<B: Backend> Model<B> {
     }
 
     pub(crate) fn backend_clone(&self, x: &B::Buf) -> B::Buf {
-        let mut y = self.backend.zeros(self.backend.len(x));
-        self.backend.copy(&mut y, x);
-        y
+        self.backend.duplicate(x)
     }
 
     /// One residual block: pre-norm `x + F(LN(x))` or post-norm `LN(x + F(x))`.
@@ -574,9 +563,7 @@ impl<B: Backend> Model<B> {
             }
             None => (x, None),
         };
-        let mut logits = self.backend.zeros(nt * c.vocab);
-        self.backend.linear_forward(
-            &mut logits,
+        let logits = self.backend.linear(
             &y,
             &self.params[self.output_weight()],
             None,

@@ -5,6 +5,8 @@
 //! in the same order however C's rows are partitioned; a split along k (two partial products
 //! then added) changes the order, so its split point depends only on the shape.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::Scalar;
@@ -63,6 +65,65 @@ fn gemm_on<T: Scalar>(
 
 /// Rows per parallel block of the pass that adds a k split's halves (and runs the epilogue).
 const EPILOGUE_ROWS: usize = 64;
+
+/// `C = A·B` into uninitialised memory (`c` holds at least `m·n` elements), split by rows as
+/// [`gemm`] splits them.
+///
+/// Sound because matrixmultiply never reads C when β = 0 ("If β is zero, then C does not
+/// need to be initialized", its `sgemm`/`dgemm` contract): every element is written once.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_into_uninit<T: Scalar>(
+    c: &mut [MaybeUninit<T>],
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert!(c.len() >= m * n, "gemm: C out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].iter_mut().for_each(|x| *x = MaybeUninit::new(T::zero()));
+        return;
+    }
+    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
+    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
+    let threads = rayon::current_num_threads();
+    let rows_per_task = if threads <= 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
+        m
+    } else {
+        m.div_ceil(threads).max(GEMM_MIN_ROWS)
+    };
+    c[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, c_rows)| {
+        let (first, rows) = (task * rows_per_task, c_rows.len() / n);
+        // SAFETY: bounds asserted above; `c_rows` is a distinct block of `rows × n` elements,
+        // written (never read) by the product with β = 0.
+        unsafe {
+            T::gemm(
+                rows,
+                k,
+                n,
+                T::one(),
+                a[first * rsa..].as_ptr(),
+                rsa as isize,
+                csa as isize,
+                b.as_ptr(),
+                rsb as isize,
+                csb as isize,
+                T::zero(),
+                c_rows.as_mut_ptr().cast::<T>(),
+                n as isize,
+                1,
+            )
+        }
+    });
+}
 
 /// Smallest row block a GEMM is split into.
 const GEMM_MIN_ROWS: usize = 64;

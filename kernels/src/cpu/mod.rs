@@ -250,13 +250,63 @@ impl<T: Scalar> Backend for Cpu<T> {
         out_dim: usize,
     ) {
         let _timed = crate::profile::scope(|| format!("linear_forward {rows}x{in_dim}->{out_dim}"));
-        // y[N,O] = x[N,I] · wᵀ: B(p, j) = w[j, p] → row stride 1, column stride I.
-        gemm(y, x, in_dim, 1, w, 1, in_dim, rows, in_dim, out_dim, false);
+        let y = &mut y[..rows * out_dim];
         if let Some(b) = b {
-            y[..rows * out_dim].par_chunks_mut(out_dim).for_each(|row| {
-                row.iter_mut().zip(b).for_each(|(y, &b)| *y = *y + b);
+            y.par_chunks_mut(ROW_CHUNK * out_dim).for_each(|block| {
+                block.chunks_mut(out_dim).for_each(|row| row.copy_from_slice(b));
             });
         }
+        // y[N,O] (+)= x[N,I] · wᵀ: B(p, j) = w[j, p] → row stride 1, column stride I. Onto the
+        // bias rows (one pass fewer than adding the bias after).
+        gemm(y, x, in_dim, 1, w, 1, in_dim, rows, in_dim, out_dim, b.is_some());
+    }
+
+    fn linear(
+        &self,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: Option<&Vec<T>>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Vec<T> {
+        let _timed = crate::profile::scope(|| format!("linear_forward {rows}x{in_dim}->{out_dim}"));
+        let len = rows * out_dim;
+        let mut y = Vec::with_capacity(len);
+        let spare = &mut y.spare_capacity_mut()[..len];
+        match b {
+            // Every row starts as the bias; the product is added onto it.
+            Some(b) => {
+                spare.par_chunks_mut(ROW_CHUNK * out_dim).for_each(|block| {
+                    for row in block.chunks_mut(out_dim) {
+                        row.iter_mut().zip(b).for_each(|(y, &b)| *y = MaybeUninit::new(b));
+                    }
+                });
+                // SAFETY: all `len` elements were written just above.
+                unsafe { y.set_len(len) };
+                gemm(&mut y, x, in_dim, 1, w, 1, in_dim, rows, in_dim, out_dim, true);
+            }
+            None => {
+                gemm::gemm_into_uninit(spare, x, in_dim, 1, w, 1, in_dim, rows, in_dim, out_dim);
+                // SAFETY: the product wrote every element of its `rows × out_dim` output.
+                unsafe { y.set_len(len) };
+            }
+        }
+        y
+    }
+
+    fn duplicate(&self, x: &Vec<T>) -> Vec<T> {
+        let _timed = crate::profile::scope(|| "duplicate".into());
+        let mut y = Vec::with_capacity(x.len());
+        y.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(PARALLEL_ZERO_MIN)
+            .zip(x.par_chunks(PARALLEL_ZERO_MIN))
+            .for_each(|(dst, src)| {
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = MaybeUninit::new(s))
+            });
+        // SAFETY: every element was written just above.
+        unsafe { y.set_len(x.len()) };
+        y
     }
 
     fn linear_backward(
