@@ -8,6 +8,33 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// Runs `work` on a pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, work: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(work)
+}
+
+/// Asserts that every output of `work` has the same bits on each of `threads` as on one
+/// thread; returns the one-thread outputs.
+fn assert_thread_count_independent(
+    what: &str,
+    threads: &[usize],
+    work: impl Fn() -> Vec<Vec<f32>> + Send + Sync,
+) -> Vec<Vec<f32>> {
+    let one = on_threads(1, &work);
+    for &count in threads {
+        let many = on_threads(count, &work);
+        for (k, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert!(same_bits(a, b), "{what} output {k} differs between 1 and {count} threads");
+        }
+    }
+    one
+}
+
+/// True when `a` and `b` hold the same values to the bit.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 fn run_all() -> Vec<Vec<f32>> {
     let cpu = Cpu::<f32>::new();
     let (n, i, o) = (200, 48, 40);
@@ -53,17 +80,7 @@ fn run_all() -> Vec<Vec<f32>> {
 
 #[test]
 fn thread_count_does_not_change_any_bit() {
-    let with = |threads| {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(run_all)
-    };
-    let one = with(1);
-    for threads in [2, 3, 8] {
-        let many = with(threads);
-        for (k, (a, b)) in one.iter().zip(&many).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "output {k} differs between 1 and {threads} threads");
-        }
-    }
+    assert_thread_count_independent("op", &[2, 3, 8], run_all);
 }
 
 /// GEMMs large enough to be split by rows across the pool's threads give the same bits with one
@@ -80,16 +97,7 @@ fn gemm_row_split_does_not_change_any_bit() {
         cpu.linear_backward(Some(&mut dx), false, &mut dw, None, &y, &x, &w, n, i, o);
         vec![y, dx, dw]
     };
-    let with = |threads| {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(large_linear)
-    };
-    let one = with(1);
-    for threads in [3, 4] {
-        for (k, (a, b)) in one.iter().zip(&with(threads)).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "GEMM output {k} differs between 1 and {threads} threads");
-        }
-    }
+    assert_thread_count_independent("GEMM", &[3, 4], large_linear);
 }
 
 /// The backward products run as halves side by side: k halves (a layer with more batch rows
@@ -113,16 +121,7 @@ fn backward_product_halves_do_not_change_any_bit_and_stay_exact() {
         }
         outputs
     };
-    let with = |threads| {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(backward)
-    };
-    let one = with(1);
-    for threads in [2, 3] {
-        for (k, (a, b)) in one.iter().zip(&with(threads)).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "backward output {k} differs between 1 and {threads} threads");
-        }
-    }
+    let one = assert_thread_count_independent("backward", &[2, 3], backward);
     for (idx, &(n, i, o)) in shapes.iter().enumerate() {
         let s = idx as u32 * 10;
         let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
@@ -194,14 +193,14 @@ fn fused_gelu_backward_equals_the_plain_composition() {
             }
             vec![d_pre, dw, db]
         };
-        let pool =
-            |threads: usize| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let plain = pool(1).install(|| run(false));
+        let plain = on_threads(1, || run(false));
         for threads in [1, 2, 3] {
-            let fused = pool(threads).install(|| run(true));
+            let fused = on_threads(threads, || run(true));
             for (k, (a, b)) in plain.iter().zip(&fused).enumerate() {
-                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "shape {s}: output {k} differs (fused, {threads} threads)");
+                assert!(
+                    same_bits(a, b),
+                    "shape {s}: output {k} differs (fused, {threads} threads)"
+                );
             }
         }
         assert!(plain[0].iter().any(|&g| g != 0.0), "the input gradient is not trivially zero");
@@ -218,17 +217,15 @@ fn fresh_outputs_equal_zero_filled_ones() {
     for &(n, i, o) in &[(7, 5, 3), (700, 300, 130)] {
         let (x, w, b) = (data(n * i, 41), data(o * i, 42), data(o, 43));
         for bias in [None, Some(&b)] {
-            let fresh = |threads| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| cpu.linear(&x, &w, bias, n, i, o))
-            };
             let mut zeroed = cpu.zeros(n * o);
             cpu.linear_forward(&mut zeroed, &x, &w, bias, n, i, o);
             for threads in [1, 3] {
-                let y = fresh(threads);
-                assert_eq!(y.len(), n * o);
-                let same = y.iter().zip(&zeroed).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "linear {n}x{i}->{o} bias {} threads {threads}", bias.is_some());
+                let fresh = on_threads(threads, || cpu.linear(&x, &w, bias, n, i, o));
+                let with_bias = bias.is_some();
+                assert!(
+                    same_bits(&fresh, &zeroed),
+                    "linear {n}x{i}->{o} bias {with_bias} threads {threads}"
+                );
             }
             // And both are the product: spot-check against f64.
             let want = |r: usize, c: usize| {
@@ -242,5 +239,5 @@ fn fresh_outputs_equal_zero_filled_ones() {
     }
     let x = data(100_003, 44);
     let copy = cpu.duplicate(&x);
-    assert!(copy.len() == x.len() && copy.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(same_bits(&copy, &x));
 }
