@@ -11,9 +11,11 @@ use rayon::prelude::*;
 
 use super::Scalar;
 
-/// `C[m×n] = A·B (+ C if accumulate)` with dense row-major C.
+/// `C[m×n] = A·B (+ C if accumulate)` with dense row-major C, split by rows over the pool
+/// (see [`split_rows`]).
 ///
 /// `a` is addressed as `a[i·rsa + p·csa]`, `b` as `b[p·rsb + j·csb]`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn gemm<T: Scalar>(
     c: &mut [T],
     a: &[T],
@@ -27,40 +29,37 @@ pub(super) fn gemm<T: Scalar>(
     n: usize,
     accumulate: bool,
 ) {
-    gemm_on(rayon::current_num_threads(), c, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
-}
-
-/// [`gemm`] split into at most `threads` row blocks.
-#[allow(clippy::too_many_arguments)]
-fn gemm_on<T: Scalar>(
-    threads: usize,
-    c: &mut [T],
-    a: &[T],
-    rsa: usize,
-    csa: usize,
-    b: &[T],
-    rsb: usize,
-    csb: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) {
-    if threads <= 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
-        gemm_strided(c, n, a, rsa, csa, b, rsb, csb, m, k, n, accumulate);
-        return;
-    }
-    // Split C's rows across rayon's threads: one pool for GEMMs and elementwise ops alike, so
-    // no pool spins while the other computes. Every element's accumulation order is
-    // matrixmultiply's k loop whatever the split (which depends on the thread count), so no bit
-    // can change. (Each task packs its own copy of B; splitting columns instead when n > m,
-    // to share the smaller operand, measured no faster on seed-256.)
-    let rows_per_task = m.div_ceil(threads).max(GEMM_MIN_ROWS);
-    c[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, c_rows)| {
-        let first = task * rows_per_task;
+    split_rows(&mut c[..m * n], m, k, n, |first, c_rows| {
         let rows = c_rows.len() / n;
         gemm_strided(c_rows, n, &a[first * rsa..], rsa, csa, b, rsb, csb, rows, k, n, accumulate);
     });
+}
+
+/// Runs `block(first row, rows of C)` over blocks of C's `m` rows (`n` wide) in parallel.
+///
+/// One pool for products and elementwise ops alike, so no pool spins while the other
+/// computes. Every element's accumulation order is matrixmultiply's k loop whatever the split
+/// (which depends on the thread count), so no bit can change. (Each block packs its own copy
+/// of B; splitting columns instead when n > m, to share the smaller operand, measured no
+/// faster on seed-256.)
+fn split_rows<E: Send>(
+    c: &mut [E],
+    m: usize,
+    k: usize,
+    n: usize,
+    block: impl Fn(usize, &mut [E]) + Sync,
+) {
+    if n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
+        return block(0, c);
+    }
+    let rows_per_task = m.div_ceil(threads).max(GEMM_MIN_ROWS);
+    c.par_chunks_mut(rows_per_task * n)
+        .enumerate()
+        .for_each(|(task, c_rows)| block(task * rows_per_task, c_rows));
 }
 
 /// Rows per parallel block of the pass that adds a k split's halves (and runs the epilogue).
@@ -92,37 +91,71 @@ pub(super) fn gemm_into_uninit<T: Scalar>(
         c[..m * n].iter_mut().for_each(|x| *x = MaybeUninit::new(T::zero()));
         return;
     }
-    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
-    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
-    let threads = rayon::current_num_threads();
-    let rows_per_task = if threads <= 1 || m * k * n < GEMM_MIN_SPLIT_FLOPS {
-        m
-    } else {
-        m.div_ceil(threads).max(GEMM_MIN_ROWS)
-    };
-    c[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, c_rows)| {
-        let (first, rows) = (task * rows_per_task, c_rows.len() / n);
-        // SAFETY: bounds asserted above; `c_rows` is a distinct block of `rows × n` elements,
-        // written (never read) by the product with β = 0.
+    split_rows(&mut c[..m * n], m, k, n, |first, c_rows| {
+        let rows = c_rows.len() / n;
+        // SAFETY: `c_rows` is a distinct block of `rows × n` elements, written (never read)
+        // by the product with β = 0.
         unsafe {
-            T::gemm(
+            product(
+                c_rows.as_mut_ptr().cast(),
+                n,
+                &a[first * rsa..],
+                rsa,
+                csa,
+                b,
+                rsb,
+                csb,
                 rows,
                 k,
                 n,
-                T::one(),
-                a[first * rsa..].as_ptr(),
-                rsa as isize,
-                csa as isize,
-                b.as_ptr(),
-                rsb as isize,
-                csb as isize,
-                T::zero(),
-                c_rows.as_mut_ptr().cast::<T>(),
-                n as isize,
-                1,
+                false,
             )
         }
     });
+}
+
+/// One single-threaded matrixmultiply call, `m, k, n ≥ 1`, A's and B's bounds checked here.
+///
+/// # Safety
+/// `c` must address `m` rows of `n` elements, `rsc` apart, that nothing else uses meanwhile;
+/// without `accumulate` they may be uninitialised (β = 0: matrixmultiply never reads C).
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<T: Scalar>(
+    c: *mut T,
+    rsc: usize,
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    rsb: usize,
+    csb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
+    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
+    let beta = if accumulate { T::one() } else { T::zero() };
+    // SAFETY: A and B in bounds (above), C by the caller's contract.
+    unsafe {
+        T::gemm(
+            m,
+            k,
+            n,
+            T::one(),
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c,
+            rsc as isize,
+            1,
+        )
+    }
 }
 
 /// Smallest row block a GEMM is split into.
@@ -159,28 +192,8 @@ pub(super) fn gemm_strided<T: Scalar>(
         return;
     }
     assert!((m - 1) * rsc + n <= c.len(), "gemm: C out of bounds");
-    assert!((m - 1) * rsa + (k - 1) * csa < a.len(), "gemm: A out of bounds");
-    assert!((k - 1) * rsb + (n - 1) * csb < b.len(), "gemm: B out of bounds");
-    let beta = if accumulate { T::one() } else { T::zero() };
-    // SAFETY: bounds asserted above; `c` is a distinct mutable slice.
-    unsafe {
-        T::gemm(
-            m,
-            k,
-            n,
-            T::one(),
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            1,
-        )
-    }
+    // SAFETY: C's bounds asserted above; `c` is a distinct mutable slice.
+    unsafe { product(c.as_mut_ptr(), rsc, a, rsa, csa, b, rsb, csb, m, k, n, accumulate) }
 }
 
 /// What runs on rows of C once they hold the product's result: `(first row, those rows)`.
