@@ -267,6 +267,29 @@ __device__ __forceinline__ void stage_query_stats(float* lse_s, float* delta_s, 
         query_stats(lse, delta, base, q0 + c, q_len, lse_s[c], delta_s[c]);
 }
 
+/// Where one (batch b, head h) block's data lives: the element offsets of its first query row
+/// and first key row in the `[batch·len, heads·head_dim]` tensors (rows `width` apart), of its
+/// per-query statistics (lse, D), its number of visible keys, and the softmax scale in log2
+/// units (for exp2) and plain.
+struct Head {
+    long long q_base, k_base, stat_base;
+    int width, kl;
+    float sc, scale;
+};
+
+__device__ __forceinline__ Head head_of(const int* key_len, int b, int h, int heads, int head_dim,
+                                        int q_len, int k_len) {
+    Head hd;
+    hd.width = heads * head_dim;
+    hd.q_base = (long long)b * q_len * hd.width + (long long)h * head_dim;
+    hd.k_base = (long long)b * k_len * hd.width + (long long)h * head_dim;
+    hd.stat_base = ((long long)b * heads + h) * q_len;
+    hd.kl = key_len[b];
+    hd.sc = LOG2E / sqrtf((float)head_dim);
+    hd.scale = 1.0f / sqrtf((float)head_dim);
+    return hd;
+}
+
 }  // namespace attn
 }  // namespace chingu
 
@@ -295,21 +318,17 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
-    const int width = heads * head_dim;
-    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
-    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
-    const int kl = key_len[b];
+    const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wq0 = q0 + 16 * warp;
     // Lanes 2r and 2r+1 own query row r of the warp: columns [hh·T/2, (hh+1)·T/2) of a tile.
     const int r = lane >> 1, hh = lane & 1, i = wq0 + r;
     const int half_cols = tile >> 1, cbeg = hh * half_cols;
     const int nsub = tile >> 4, col_tiles = head_dim >> 4;
-    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
-    const float sc = LOG2E / sqrtf((float)head_dim);
+    const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     float* srow = sw + r * lds;
     __half* prow = pw + r * ldp;
 
-    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
+    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     FragC rowf;
     row_index_fragment(rowf, sw, lds);
 
@@ -320,8 +339,8 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
 
         for (int k0 = 0; k0 < lim.block; k0 += tile) {
             __syncthreads();  // every warp is done with the previous K/V tile
-            load_rows(ks, k + k_base, k0, tile, kl, width, head_dim, ld);
-            load_rows(vs, v + k_base, k0, tile, kl, width, head_dim, ld);
+            load_rows(ks, k + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
+            load_rows(vs, v + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
             __syncthreads();
             if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -345,18 +364,18 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
             __syncwarp();
 
             // Online softmax of row r (two lanes, fixed pair order).
-            const bool masked = k0 + tile > kl || (causal && k0 + tile - 1 > q_offset + wq0);
+            const bool masked = k0 + tile > hd.kl || (causal && k0 + tile - 1 > q_offset + wq0);
             float mx = chingu::neg_inf();
             for (int c8 = 0; c8 < MAX_LANE_COLS; c8 += 8) {
                 if (c8 >= half_cols) break;
                 float x[8];
                 read_floats(x, srow + cbeg + c8, 8);
                 for (int e = 0; e < 8; ++e)
-                    if (!masked || sees(i, k0 + cbeg + c8 + e, kl, causal, q_offset))
+                    if (!masked || sees(i, k0 + cbeg + c8 + e, hd.kl, causal, q_offset))
                         mx = fmaxf(mx, x[e]);
             }
             mx = fmaxf(mx, __shfl_xor_sync(chingu::FULL_MASK, mx, 1));
-            const float m_new = fmaxf(m, mx * sc);
+            const float m_new = fmaxf(m, mx * hd.sc);
             float alpha = 1.0f, sum = 0.0f;
             if (m_new != chingu::neg_inf()) alpha = exp2f(m - m_new);  // 0 while m is −inf
             for (int c8 = 0; c8 < MAX_LANE_COLS; c8 += 8) {
@@ -366,8 +385,8 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
                 for (int e = 0; e < 8; ++e) {
                     float p = 0.0f;
                     if (m_new != chingu::neg_inf() &&
-                        (!masked || sees(i, k0 + cbeg + c8 + e, kl, causal, q_offset)))
-                        p = exp2f(fmaf(x[e], sc, -m_new));
+                        (!masked || sees(i, k0 + cbeg + c8 + e, hd.kl, causal, q_offset)))
+                        p = exp2f(fmaf(x[e], hd.sc, -m_new));
                     x[e] = p;
                     sum += p;
                 }
@@ -409,7 +428,7 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
         for (int t = 0; t < CT; ++t) {
             const int n = c0 + t;
             if (n >= col_tiles) break;
-            write_tile(out + q_base + 16 * n, o[t], sw, lds, wq0, q_len, q_len, width);
+            write_tile(out + hd.q_base + 16 * n, o[t], sw, lds, wq0, q_len, q_len, hd.width);
         }
         if (c0 == 0 && hh == 0 && i < q_len)
             lse[((long long)b * heads + h) * q_len + i] =
@@ -473,23 +492,17 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
 
     const int k0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
-    const int width = heads * head_dim;
-    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
-    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
-    const long long stat_base = ((long long)b * heads + h) * q_len;
-    const int kl = key_len[b];
-    const float sc = LOG2E / sqrtf((float)head_dim);
-    const float scale = 1.0f / sqrtf((float)head_dim);
+    const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wk0 = k0 + 16 * warp;
     // Lanes 2r and 2r+1 own key row r of the warp: columns [hh·T/2, (hh+1)·T/2) of a tile.
     const int r = lane >> 1, hh = lane & 1, j = wk0 + r;
     const int half_cols = tile >> 1, cbeg = hh * half_cols;
     const int nsub = tile >> 4, col_tiles = head_dim >> 4;
 
-    const QueryStart start = query_start(kl, causal, q_offset, q_len, k0, wk0, tile);
+    const QueryStart start = query_start(hd.kl, causal, q_offset, q_len, k0, wk0, tile);
 
-    load_rows(ks, k + k_base, k0, rows, kl, width, head_dim, ld);
-    load_rows(vs, v + k_base, k0, rows, kl, width, head_dim, ld);
+    load_rows(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
+    load_rows(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     float* srow = sw + r * lds;
     float* dprow = dpw + r * lds;
     __half* prow = reinterpret_cast<__half*>(sw) + r * ldh;
@@ -505,9 +518,9 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
 
         for (int q0 = start.block; q0 < q_len; q0 += tile) {
             __syncthreads();  // every warp is done with the previous Q/dO tile
-            load_rows(qs, q + q_base, q0, tile, q_len, width, head_dim, ld);
-            load_rows(dos, d_out + q_base, q0, tile, q_len, width, head_dim, ld);
-            stage_query_stats(lse_s, delta_s, lse, delta, stat_base, q0, tile, q_len);
+            load_rows(qs, q + hd.q_base, q0, tile, q_len, hd.width, head_dim, ld);
+            load_rows(dos, d_out + hd.q_base, q0, tile, q_len, hd.width, head_dim, ld);
+            stage_query_stats(lse_s, delta_s, lse, delta, hd.stat_base, q0, tile, q_len);
             __syncthreads();
             if (q0 + tile <= start.warp) continue;  // warp-uniform: no query sees its keys
 
@@ -541,14 +554,14 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
 
             // Pᵀ = exp(s·S − lse) (0 where masked), dSᵀ = Pᵀ∘(dPᵀ − D) (for dK), written in
             // fp16 over the float rows once both lanes of the row have read them.
-            const bool masked = wk0 + 16 > kl || (causal && wk0 + 15 > q_offset + q0);
+            const bool masked = wk0 + 16 > hd.kl || (causal && wk0 + 15 > q_offset + q0);
             float p[MAX_LANE_COLS], ds[MAX_LANE_COLS], st[MAX_LANE_COLS];
             read_floats(p, srow + cbeg, half_cols);
             read_floats(st, lse_s + cbeg, half_cols);
             for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
                 if (jj >= half_cols) break;
-                p[jj] = exp2f(fmaf(p[jj], sc, -st[jj]));
-                if (masked && !sees(q0 + cbeg + jj, j, kl, causal, q_offset)) p[jj] = 0.0f;
+                p[jj] = exp2f(fmaf(p[jj], hd.sc, -st[jj]));
+                if (masked && !sees(q0 + cbeg + jj, j, hd.kl, causal, q_offset)) p[jj] = 0.0f;
             }
             if (want_dk) {
                 read_floats(ds, dprow + cbeg, half_cols);
@@ -594,10 +607,12 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
             if (n >= col_tiles) break;
             if (want_dk) {
                 for (int e = 0; e < acc[ACCS - 1][t].num_elements; ++e)
-                    acc[ACCS - 1][t].x[e] *= scale;
-                write_tile(dk + k_base + 16 * n, acc[ACCS - 1][t], sw, lds, wk0, k_len, kl, width);
+                    acc[ACCS - 1][t].x[e] *= hd.scale;
+                write_tile(dk + hd.k_base + 16 * n, acc[ACCS - 1][t], sw, lds, wk0, k_len, hd.kl,
+                           hd.width);
             }
-            if (want_dv) write_tile(dv + k_base + 16 * n, acc[0][t], sw, lds, wk0, k_len, kl, width);
+            if (want_dv)
+                write_tile(dv + hd.k_base + 16 * n, acc[0][t], sw, lds, wk0, k_len, hd.kl, hd.width);
         }
     }
 }
@@ -629,24 +644,18 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
-    const int width = heads * head_dim;
-    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
-    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
-    const long long stat_base = ((long long)b * heads + h) * q_len;
-    const int kl = key_len[b];
-    const float sc = LOG2E / sqrtf((float)head_dim);
-    const float scale = 1.0f / sqrtf((float)head_dim);
+    const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wq0 = q0 + 16 * warp;
     // Lanes 2r and 2r+1 own query row r of the warp: columns [hh·T/2, (hh+1)·T/2) of a tile.
     const int r = lane >> 1, hh = lane & 1, i = wq0 + r;
     const int half_cols = tile >> 1, cbeg = hh * half_cols;
     const int nsub = tile >> 4, col_tiles = head_dim >> 4;
-    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
+    const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     float lse_i, delta_i;
-    query_stats(lse, delta, stat_base, i, q_len, lse_i, delta_i);
+    query_stats(lse, delta, hd.stat_base, i, q_len, lse_i, delta_i);
 
-    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
-    load_rows(dos, d_out + q_base, q0, rows, q_len, width, head_dim, ld);
+    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    load_rows(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     const float* srow = sw + r * lds;
     const float* dprow = dpw + r * lds;
     __half* dsrow = reinterpret_cast<__half*>(sw) + r * ldh;
@@ -657,8 +666,8 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
 
         for (int k0 = 0; k0 < lim.block; k0 += tile) {
             __syncthreads();  // every warp is done with the previous K/V tile
-            load_rows(ks, k + k_base, k0, tile, kl, width, head_dim, ld);
-            load_rows(vs, v + k_base, k0, tile, kl, width, head_dim, ld);
+            load_rows(ks, k + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
+            load_rows(vs, v + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
             __syncthreads();
             if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -689,14 +698,14 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
             __syncwarp();
 
             // dS = P∘(dP − D) with P = exp(s·S − lse) (0 where masked), in fp16 over S.
-            const bool masked = k0 + tile > kl || (causal && k0 + tile - 1 > q_offset + wq0);
+            const bool masked = k0 + tile > hd.kl || (causal && k0 + tile - 1 > q_offset + wq0);
             float p[MAX_LANE_COLS], dpv[MAX_LANE_COLS];
             read_floats(p, srow + cbeg, half_cols);
             read_floats(dpv, dprow + cbeg, half_cols);
             for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
                 if (jj >= half_cols) break;
-                p[jj] = exp2f(fmaf(p[jj], sc, -lse_i));
-                if (masked && !sees(i, k0 + cbeg + jj, kl, causal, q_offset)) p[jj] = 0.0f;
+                p[jj] = exp2f(fmaf(p[jj], hd.sc, -lse_i));
+                if (masked && !sees(i, k0 + cbeg + jj, hd.kl, causal, q_offset)) p[jj] = 0.0f;
                 p[jj] *= dpv[jj] - delta_i;
             }
             __syncwarp();
@@ -722,8 +731,8 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
         for (int t = 0; t < CT; ++t) {
             const int n = c0 + t;
             if (n >= col_tiles) break;
-            for (int e = 0; e < dq_acc[t].num_elements; ++e) dq_acc[t].x[e] *= scale;
-            write_tile(dq + q_base + 16 * n, dq_acc[t], sw, lds, wq0, q_len, q_len, width);
+            for (int e = 0; e < dq_acc[t].num_elements; ++e) dq_acc[t].x[e] *= hd.scale;
+            write_tile(dq + hd.q_base + 16 * n, dq_acc[t], sw, lds, wq0, q_len, q_len, hd.width);
         }
     }
 }
@@ -871,17 +880,13 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
-    const int width = heads * head_dim;
-    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
-    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
-    const int kl = key_len[b];
+    const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wq0 = q0 + 16 * warp;
     const int col_tiles = head_dim >> 4;
-    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
-    const float sc = LOG2E / sqrtf((float)head_dim);
+    const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;  // this lane's two query rows
 
-    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
+    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     __syncthreads();
     unsigned qf[CT][4];
     for (int d = 0; d < CT; ++d) {
@@ -897,8 +902,8 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 
     for (int k0 = 0; k0 < lim.block; k0 += BC) {
         __syncthreads();  // every warp is done with Q (first tile) or the previous K/V tile
-        load_rows(ks, k + k_base, k0, BC, kl, width, head_dim, ld);
-        load_rows(vs, v + k_base, k0, BC, kl, width, head_dim, ld);
+        load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -915,12 +920,12 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         }
 
         // Masks, then the rows' maxima: the lane's, then the quad's.
-        const bool masked = k0 + BC > kl || (causal && k0 + BC - 1 > q_offset + wq0);
+        const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
         float mx0 = chingu::neg_inf(), mx1 = chingu::neg_inf();
         for (int j = 0; j < NT; ++j) {
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + 8 * j + 2 * t + (e & 1);
-                if (masked && !sees(e < 2 ? i0 : i1, key, kl, causal, q_offset))
+                if (masked && !sees(e < 2 ? i0 : i1, key, hd.kl, causal, q_offset))
                     s[j][e] = chingu::neg_inf();
             }
             mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
@@ -930,7 +935,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         mx0 = fmaxf(mx0, __shfl_xor_sync(chingu::FULL_MASK, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 2));
-        const float n0 = fmaxf(m0, mx0 * sc), n1 = fmaxf(m1, mx1 * sc);
+        const float n0 = fmaxf(m0, mx0 * hd.sc), n1 = fmaxf(m1, mx1 * hd.sc);
         // exp2(m_old − m_new): 0 while m_old is −inf; 1 while the row has seen no key.
         const float a0 = n0 != chingu::neg_inf() ? exp2f(m0 - n0) : 1.0f;
         const float a1 = n1 != chingu::neg_inf() ? exp2f(m1 - n1) : 1.0f;
@@ -939,7 +944,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
             for (int e = 0; e < 4; ++e) {
                 const float mn = e < 2 ? n0 : n1;
                 const float p = (mn != chingu::neg_inf() && s[j][e] != chingu::neg_inf())
-                                    ? exp2f(fmaf(s[j][e], sc, -mn))
+                                    ? exp2f(fmaf(s[j][e], hd.sc, -mn))
                                     : 0.0f;
                 s[j][e] = p;
             }
@@ -980,7 +985,8 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
     for (int n = 0; n < 2 * CT; ++n) {
         if (n >= 2 * col_tiles) break;
-        store_accumulator(out + q_base, width, q_len, i0, i1, 8 * n + 2 * t, o[n], inv0, inv1);
+        store_accumulator(out + hd.q_base, hd.width, q_len, i0, i1, 8 * n + 2 * t, o[n], inv0,
+                          inv1);
     }
     if (t == 0) {
         const long long stat = ((long long)b * heads + h) * q_len;
@@ -1032,23 +1038,17 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
-    const int width = heads * head_dim;
-    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
-    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
-    const long long stat_base = ((long long)b * heads + h) * q_len;
-    const int kl = key_len[b];
+    const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wq0 = q0 + 16 * warp;
     const int col_tiles = head_dim >> 4;
-    const KeyLimits lim = key_limits(kl, causal, q_offset, q_len, q0, rows, wq0);
-    const float sc = LOG2E / sqrtf((float)head_dim);
-    const float scale = 1.0f / sqrtf((float)head_dim);
+    const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;
     float lse0, lse1, delta0, delta1;
-    query_stats(lse, delta, stat_base, i0, q_len, lse0, delta0);
-    query_stats(lse, delta, stat_base, i1, q_len, lse1, delta1);
+    query_stats(lse, delta, hd.stat_base, i0, q_len, lse0, delta0);
+    query_stats(lse, delta, hd.stat_base, i1, q_len, lse1, delta1);
 
-    load_rows(qs, q + q_base, q0, rows, q_len, width, head_dim, ld);
-    load_rows(dos, d_out + q_base, q0, rows, q_len, width, head_dim, ld);
+    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    load_rows(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     const __half* qw = qs + (16 * warp + g) * ld + 2 * t;  // this lane's A-fragment corner
     const __half* dow = dos + (16 * warp + g) * ld + 2 * t;
 
@@ -1058,8 +1058,8 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
     for (int k0 = 0; k0 < lim.block; k0 += BC) {
         __syncthreads();  // every warp is done with the previous K/V tile (Q, dO loaded)
-        load_rows(ks, k + k_base, k0, BC, kl, width, head_dim, ld);
-        load_rows(vs, v + k_base, k0, BC, kl, width, head_dim, ld);
+        load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -1084,13 +1084,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
         }
 
         // dS = P∘(dP − D) with P = exp2(s·S − lse), 0 where masked; into s.
-        const bool masked = k0 + BC > kl || (causal && k0 + BC - 1 > q_offset + wq0);
+        const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
         for (int j = 0; j < NT; ++j)
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + 8 * j + 2 * t + (e & 1);
                 const bool upper = e >= 2;
-                float p = exp2f(fmaf(s[j][e], sc, -(upper ? lse1 : lse0)));
-                if (masked && !sees(upper ? i1 : i0, key, kl, causal, q_offset)) p = 0.0f;
+                float p = exp2f(fmaf(s[j][e], hd.sc, -(upper ? lse1 : lse0)));
+                if (masked && !sees(upper ? i1 : i0, key, hd.kl, causal, q_offset)) p = 0.0f;
                 s[j][e] = p * (dp[j][e] - (upper ? delta1 : delta0));
             }
 
@@ -1111,7 +1111,8 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     for (int n = 0; n < 2 * CT; ++n) {
         if (n >= 2 * col_tiles) break;
         const int col = 8 * n + 2 * t;
-        store_accumulator(dq + q_base, width, q_len, i0, i1, col, dq_acc[n], scale, scale);
+        store_accumulator(dq + hd.q_base, hd.width, q_len, i0, i1, col, dq_acc[n], hd.scale,
+                          hd.scale);
     }
 }
 
@@ -1164,21 +1165,15 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     const int k0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
-    const int width = heads * head_dim;
-    const long long q_base = (long long)b * q_len * width + (long long)h * head_dim;
-    const long long k_base = (long long)b * k_len * width + (long long)h * head_dim;
-    const long long stat_base = ((long long)b * heads + h) * q_len;
-    const int kl = key_len[b];
-    const float sc = LOG2E / sqrtf((float)head_dim);
-    const float scale = 1.0f / sqrtf((float)head_dim);
+    const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wk0 = k0 + 16 * warp;
     const int j0 = wk0 + g, j1 = wk0 + g + 8;  // this lane's two keys
     const int col_tiles = head_dim >> 4;
 
-    const QueryStart start = query_start(kl, causal, q_offset, q_len, k0, wk0, BQ);
+    const QueryStart start = query_start(hd.kl, causal, q_offset, q_len, k0, wk0, BQ);
 
-    load_rows(ks, k + k_base, k0, rows, kl, width, head_dim, ld);
-    load_rows(vs, v + k_base, k0, rows, kl, width, head_dim, ld);
+    load_rows(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
+    load_rows(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     const __half* kw = ks + (16 * warp + g) * ld + 2 * t;  // this lane's A-fragment corner
     const __half* vw = vs + (16 * warp + g) * ld + 2 * t;
 
@@ -1190,9 +1185,9 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     for (int q0 = start.block; q0 < q_len; q0 += BQ) {
         __syncthreads();  // every warp is done with the previous Q/dO tile (K, V loaded)
-        load_rows(qs, q + q_base, q0, BQ, q_len, width, head_dim, ld);
-        load_rows(dos, d_out + q_base, q0, BQ, q_len, width, head_dim, ld);
-        stage_query_stats(lse_s, delta_s, lse, delta, stat_base, q0, BQ, q_len);
+        load_rows(qs, q + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
+        load_rows(dos, d_out + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
+        stage_query_stats(lse_s, delta_s, lse, delta, hd.stat_base, q0, BQ, q_len);
         __syncthreads();
         if (q0 + BQ <= start.warp) continue;  // warp-uniform: no query sees its keys
 
@@ -1223,12 +1218,12 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         }
 
         // Pᵀ into s; dSᵀ = Pᵀ∘(dPᵀ − D) into dp (for dK).
-        const bool masked = wk0 + 16 > kl || (causal && wk0 + 15 > q_offset + q0);
+        const bool masked = wk0 + 16 > hd.kl || (causal && wk0 + 15 > q_offset + q0);
         for (int j = 0; j < NT; ++j)
             for (int e = 0; e < 4; ++e) {
                 const int c = 8 * j + 2 * t + (e & 1);  // query q0 + c
-                float p = exp2f(fmaf(s[j][e], sc, -lse_s[c]));
-                if (masked && !sees(q0 + c, e < 2 ? j0 : j1, kl, causal, q_offset)) p = 0.0f;
+                float p = exp2f(fmaf(s[j][e], hd.sc, -lse_s[c]));
+                if (masked && !sees(q0 + c, e < 2 ? j0 : j1, hd.kl, causal, q_offset)) p = 0.0f;
                 s[j][e] = p;
                 if (want_dk) dp[j][e] = p * (dp[j][e] - delta_s[c]);
             }
@@ -1257,15 +1252,16 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
     }
 
     // Keys j < k_len are written; those ≥ key_len get zeros (factor 0: the sums are finite).
-    const float live0 = j0 < kl ? 1.0f : 0.0f, live1 = j1 < kl ? 1.0f : 0.0f;
+    const float live0 = j0 < hd.kl ? 1.0f : 0.0f, live1 = j1 < hd.kl ? 1.0f : 0.0f;
     for (int n = 0; n < 2 * CT; ++n) {
         if (n >= 2 * col_tiles) break;
         const int col = 8 * n + 2 * t;
         if (want_dv)
-            store_accumulator(dv + k_base, width, k_len, j0, j1, col, acc[0][n], live0, live1);
+            store_accumulator(dv + hd.k_base, hd.width, k_len, j0, j1, col, acc[0][n], live0,
+                              live1);
         if (want_dk)
-            store_accumulator(dk + k_base, width, k_len, j0, j1, col, acc[ACCS - 1][n],
-                              live0 * scale, live1 * scale);
+            store_accumulator(dk + hd.k_base, hd.width, k_len, j0, j1, col, acc[ACCS - 1][n],
+                              live0 * hd.scale, live1 * hd.scale);
     }
 }
 
