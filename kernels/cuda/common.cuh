@@ -70,6 +70,37 @@ __device__ __forceinline__ unsigned load_pair(const __half* p) {
 #endif
 }
 
+/// Eight adjacent halves at `p` (16-byte aligned) as floats: one 128-bit load.
+__device__ __forceinline__ void load_half8(float (&v)[8], const __half* p) {
+#ifdef CHINGU_EMU
+    if (reinterpret_cast<unsigned long long>(p) & 15ull) __trap();  // a GPU would fault
+    for (int i = 0; i < 8; ++i) v[i] = __half2float(p[i]);
+#else
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __half2float(__ushort_as_half((unsigned short)(words[i] & 0xffffu)));
+        v[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(words[i] >> 16)));
+    }
+#endif
+}
+
+/// Eight floats rounded to fp16 (nearest even) at `p` (16-byte aligned): one 128-bit store.
+__device__ __forceinline__ void store_half8(__half* p, const float (&v)[8]) {
+#ifdef CHINGU_EMU
+    if (reinterpret_cast<unsigned long long>(p) & 15ull) __trap();  // a GPU would fault
+    for (int i = 0; i < 8; ++i) p[i] = __float2half_rn(v[i]);
+#else
+    uint4 raw;
+    raw.x = pack_half2(v[0], v[1]);
+    raw.y = pack_half2(v[2], v[3]);
+    raw.z = pack_half2(v[4], v[5]);
+    raw.w = pack_half2(v[6], v[7]);
+    *reinterpret_cast<uint4*>(p) = raw;
+#endif
+}
+
 /// -inf without <math.h> (NVRTC has no INFINITY macro).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

@@ -7,12 +7,20 @@
 //           accumulated, as the CPU backend's); dγ += Σ dy·x̂ and dβ += Σ dy (fp32).
 //           Deterministic without atomics: each worker (a warp, or a block for the widest
 //           rows) handles rows [w·R, (w+1)·R) in order and writes its partial dγ, dβ to
-//           `partials` [workers, 2, D]; `column_sum_f32` (reduce.cu) then adds the partials
-//           over workers in a fixed order into dγ, dβ.
+//           `partials` [workers, 2, D].
 //           Rows up to 1,024 wide: one warp per row, lane l owns columns l, l + 32, … with its
 //           dγ, dβ partials in registers (`layernorm_backward_w{256,512,1024}_f16`), so a row
 //           costs two warp reductions and no barrier. Wider rows: one block per R rows
 //           (`layernorm_backward_f16`, partials in shared memory).
+//           `column_sum_f32` (reduce.cu) then adds the partials over workers in a fixed order
+//           into dγ and dβ (one launch for both).
+// Vector kernels (`_vec{1,2,3,4}`): rows whose width is a multiple of 8, at most 256·VECS,
+//           with every row 16-byte aligned, are one warp each, forward and backward: lane l
+//           owns the 8-column vectors at 256·k + 8·l, every access is one 128-bit load or
+//           store, and the row stays in registers between its sweeps (forward: x for the
+//           mean, the variance and y; backward: dy and x̂ for the sums and dx), so each
+//           element is read from memory once. The launcher picks them when they apply; the
+//           scalar kernels above them take every other shape.
 // Shapes: x, y, dy, dx [N, D]; γ, β [D] fp16; dγ, dβ [D] fp32; block size a multiple of 32.
 #include "common.cuh"
 
@@ -177,4 +185,190 @@ extern "C" __global__ void layernorm_backward_f16(__half* dx, float* partials, c
         out[i] = dgamma[i];
         out[width + i] = dbeta[i];
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector kernels: one warp per row, 8 columns per access (see the file comment).
+// ---------------------------------------------------------------------------------------------
+
+/// Forward for one row per warp, width ≤ 256·VECS and a multiple of 8.
+template <int VECS>
+__device__ __forceinline__ void layernorm_forward_vec_row(__half* y, float* mean_out,
+                                                          float* rstd_out, const __half* x,
+                                                          const __half* gamma,
+                                                          const __half* beta, int rows,
+                                                          int width) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // warp-uniform
+    const long long off = (long long)row * width;
+    float v[VECS][8];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+        const int i = 256 * k + 8 * lane;
+        if (i < width) {
+            chingu::load_half8(v[k], x + off + i);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s += v[k][e];
+        }
+    }
+    const float mean = chingu::warp_sum(s) / width;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+        if (256 * k + 8 * lane < width) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float d = v[k][e] - mean;
+                q += d * d;
+            }
+        }
+    }
+    const float rstd = rsqrtf(chingu::warp_sum(q) / width + 1e-5f);
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+        const int i = 256 * k + 8 * lane;
+        if (i < width) {
+            float g[8], b[8], out[8];
+            chingu::load_half8(g, gamma + i);
+            chingu::load_half8(b, beta + i);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) out[e] = (v[k][e] - mean) * rstd * g[e] + b[e];
+            chingu::store_half8(y + off + i, out);
+        }
+    }
+    if (lane == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+/// Backward for rows [w·R, (w+1)·R) of warp w, width ≤ 256·VECS and a multiple of 8; the
+/// partials as `layernorm_backward_warp_rows`'s.
+template <int VECS>
+__device__ __forceinline__ void layernorm_backward_vec_rows(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    const int lane = threadIdx.x & 31;
+    const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int first = warp * rows_per_warp;
+    if (first >= rows) return;  // warp-uniform
+    const int last = min(first + rows_per_warp, rows);
+    float dgamma[VECS][8], dbeta[VECS][8];
+#pragma unroll
+    for (int k = 0; k < VECS; ++k)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            dgamma[k][e] = 0.0f;
+            dbeta[k][e] = 0.0f;
+        }
+    for (int row = first; row < last; ++row) {
+        const long long off = (long long)row * width;
+        const float m = mean[row], rs = rstd[row];
+        // The row's dy and x̂ stay in registers for the second sweep; γ is re-read (L1).
+        float g[VECS][8], xhat[VECS][8];
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < VECS; ++k) {
+            const int i = 256 * k + 8 * lane;
+            if (i < width) {
+                float gm[8];
+                chingu::load_half8(g[k], dy + off + i);
+                chingu::load_half8(xhat[k], x + off + i);
+                chingu::load_half8(gm, gamma + i);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    xhat[k][e] = (xhat[k][e] - m) * rs;
+                    const float dxhat = g[k][e] * gm[e];
+                    s1 += dxhat;
+                    s2 += dxhat * xhat[k][e];
+                    dgamma[k][e] += g[k][e] * xhat[k][e];
+                    dbeta[k][e] += g[k][e];
+                }
+            }
+        }
+        const float mean_dxhat = chingu::warp_sum(s1) / width;
+        const float mean_dxhat_xhat = chingu::warp_sum(s2) / width;
+#pragma unroll
+        for (int k = 0; k < VECS; ++k) {
+            const int i = 256 * k + 8 * lane;
+            if (i < width) {
+                float gm[8], d[8];
+                chingu::load_half8(gm, gamma + i);
+                chingu::load_half8(d, dx + off + i);
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    d[e] += rs * (g[k][e] * gm[e] - mean_dxhat - xhat[k][e] * mean_dxhat_xhat);
+                chingu::store_half8(dx + off + i, d);
+            }
+        }
+    }
+    float* out = partials + (long long)warp * 2 * width;
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+        const int i = 256 * k + 8 * lane;
+        if (i < width)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                out[i + e] = dgamma[k][e];
+                out[width + i + e] = dbeta[k][e];
+            }
+    }
+}
+
+extern "C" __global__ void layernorm_forward_vec1_f16(__half* y, float* mean_out,
+                                                    float* rstd_out, const __half* x,
+                                                    const __half* gamma, const __half* beta,
+                                                    int rows, int width) {
+    layernorm_forward_vec_row<1>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+}
+
+extern "C" __global__ void layernorm_backward_vec1_f16(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    layernorm_backward_vec_rows<1>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+                                   rows_per_warp);
+}
+
+extern "C" __global__ void layernorm_forward_vec2_f16(__half* y, float* mean_out,
+                                                    float* rstd_out, const __half* x,
+                                                    const __half* gamma, const __half* beta,
+                                                    int rows, int width) {
+    layernorm_forward_vec_row<2>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+}
+
+extern "C" __global__ void layernorm_backward_vec2_f16(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    layernorm_backward_vec_rows<2>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+                                   rows_per_warp);
+}
+
+extern "C" __global__ void layernorm_forward_vec3_f16(__half* y, float* mean_out,
+                                                    float* rstd_out, const __half* x,
+                                                    const __half* gamma, const __half* beta,
+                                                    int rows, int width) {
+    layernorm_forward_vec_row<3>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+}
+
+extern "C" __global__ void layernorm_backward_vec3_f16(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    layernorm_backward_vec_rows<3>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+                                   rows_per_warp);
+}
+
+extern "C" __global__ void layernorm_forward_vec4_f16(__half* y, float* mean_out,
+                                                    float* rstd_out, const __half* x,
+                                                    const __half* gamma, const __half* beta,
+                                                    int rows, int width) {
+    layernorm_forward_vec_row<4>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+}
+
+extern "C" __global__ void layernorm_backward_vec4_f16(
+    __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    layernorm_backward_vec_rows<4>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+                                   rows_per_warp);
 }

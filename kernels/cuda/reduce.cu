@@ -6,8 +6,8 @@
 // count fixed by its length; `sum_final_f64` sums the partials in order in one block. So the
 // norm depends on nothing but the data.
 // `column_sum_f32` adds the column sums of a [count, width] fp32 matrix (row stride `stride`)
-// into out[width], in a fixed order: the second pass of the bias and LayerNorm parameter
-// gradients, whose first passes write per-chunk partial sums.
+// into one or two outputs, in a fixed order: the second pass of the bias and LayerNorm
+// parameter gradients, whose first passes write per-chunk partial sums.
 // `unscale_f32` multiplies fp32 gradients by 1/scale and raises `*overflow` (an int, only
 // ever set to 1, so concurrent writers agree) when any result is inf or NaN;
 // `check_finite_f16` only checks.
@@ -45,10 +45,12 @@ extern "C" __global__ void sum_final_f64(double* out, const double* partials, in
     if (threadIdx.x == 0) out[0] = s;
 }
 
-/// out[c] += Σ_k in[k·stride + c], k < count. Block (32 columns, 32 groups): group g sums
-/// k = g, g + 32, … in order, then the 32 group sums are added in group order.
-extern "C" __global__ void column_sum_f32(float* out, const float* in, int count, int width,
-                                          int stride) {
+/// Σ_k in[k·stride + c] over k < count, for c < width, added to out_lo[c] for c < split and
+/// to out_hi[c − split] beyond (so the LayerNorm partials' dγ and dβ halves take one launch).
+/// Block (32 columns, 32 groups): group g sums k = g, g + 32, … in order, then the 32 group
+/// sums are added in group order.
+extern "C" __global__ void column_sum_f32(float* out_lo, float* out_hi, const float* in,
+                                          int count, int width, int split, int stride) {
     __shared__ float part[32][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     const int g = threadIdx.y;
@@ -60,7 +62,10 @@ extern "C" __global__ void column_sum_f32(float* out, const float* in, int count
     if (g == 0 && c < width) {
         float total = 0.0f;
         for (int j = 0; j < 32; ++j) total += part[j][threadIdx.x];
-        out[c] += total;
+        if (c < split)
+            out_lo[c] += total;
+        else
+            out_hi[c - split] += total;
     }
 }
 

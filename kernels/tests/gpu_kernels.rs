@@ -280,7 +280,22 @@ fn dropout_drops_exactly_what_the_cpu_backend_drops() {
 fn layernorm_matches_the_cpu_backend() {
     let mut rng = SplitMix64(5);
     for dev in devices() {
-        for &(rows, width) in &[(1, 16), (37, 200), (70, 256), (300, 384), (5, 768), (33, 1030)] {
+        // Widths for every kernel family: the vector kernels (multiples of 8 up to 1,024:
+        // 16–256 vec1, 384 vec2, 520 and 768 vec3 with a partial last vector in 520, 1,000
+        // vec4; 300 rows give many warps of several rows), the scalar warp kernels (100,
+        // 777: not multiples of 8) and the block kernel (1,030).
+        for &(rows, width) in &[
+            (1, 16),
+            (37, 200),
+            (70, 256),
+            (300, 384),
+            (40, 520),
+            (5, 768),
+            (20, 1000),
+            (9, 100),
+            (11, 777),
+            (33, 1030),
+        ] {
             let n = rows * width;
             // A row mean far from zero checks the two-pass variance.
             let (xh, x) = random_half(&mut rng, n, 2.0, 6.0);

@@ -25,6 +25,22 @@ const LN_ROWS_PER_BLOCK: usize = 32;
 const LN_MIN_ROWS_PER_WARP: usize = 4;
 /// …and more when needed to keep the partial sums to add up at most this many.
 const LN_MAX_PARTIALS: usize = 4096;
+/// Rows per warp of the vector LayerNorm backward, at least (its rows cost fewer
+/// instructions, so a warp takes more of them and leaves fewer partials).
+const LN_VEC_MIN_ROWS_PER_WARP: usize = 8;
+/// The vector LayerNorm kernels by size class (rows up to 256, 512, 768, 1,024 wide).
+const LN_VEC_FORWARD: [&str; 4] = [
+    "layernorm_forward_vec1_f16",
+    "layernorm_forward_vec2_f16",
+    "layernorm_forward_vec3_f16",
+    "layernorm_forward_vec4_f16",
+];
+const LN_VEC_BACKWARD: [&str; 4] = [
+    "layernorm_backward_vec1_f16",
+    "layernorm_backward_vec2_f16",
+    "layernorm_backward_vec3_f16",
+    "layernorm_backward_vec4_f16",
+];
 /// Threads per block of the attention delta kernel (one warp per row and head).
 const ATTN_THREADS: u32 = 128;
 /// Largest head width the attention kernels take (their shared tiles fit 48 KiB up to it).
@@ -261,44 +277,47 @@ pub fn bias_backward(
         0,
         args![partials.ptr(), dy.ptr(), r, c, chunk_arg],
     )?;
-    column_sums(dev, db, &partials, 0, chunks, cols, cols)
+    column_sums(dev, db, None, &partials, chunks, cols)
 }
 
-/// `out[c] += Σ_k partials[offset + k·stride + c]` for `k < count`, `c < width`, in a fixed
-/// order (`column_sum_f32`): the second pass of the bias and LayerNorm parameter gradients.
+/// `out[c] += Σ_k partials[k·total + c]` for `k < count`, `c < total`, in a fixed order
+/// (`column_sum_f32`), where `out` is `lo` followed by `hi` when given (each `width` long,
+/// `total` their joint width): the second pass of the bias (`lo` alone) and LayerNorm (dγ
+/// then dβ, one launch) parameter gradients.
 fn column_sums(
     dev: &Gpu,
-    out: &mut DeviceBuffer<f32>,
+    lo: &mut DeviceBuffer<f32>,
+    mut hi: Option<&mut DeviceBuffer<f32>>,
     partials: &DeviceBuffer<f32>,
-    offset: usize,
     count: usize,
     width: usize,
-    stride: usize,
 ) -> Result<(), GpuError> {
     const OP: &str = "column_sum_f32";
-    expect_len(OP, "out", out, width)?;
+    expect_len(OP, "out", lo, width)?;
+    if let Some(hi) = hi.as_deref() {
+        expect_len(OP, "second out", hi, width)?;
+    }
+    let total = if hi.is_some() { 2 * width } else { width };
     if width == 0 {
         return Ok(());
     }
-    if count > 0 && offset + (count - 1) * stride + width > partials.len() {
+    if count * total > partials.len() {
         return Err(shape(
             OP,
-            format!(
-                "{count} rows of stride {stride} from {offset} overflow {} partials",
-                partials.len()
-            ),
+            format!("{count} rows of {total} overflow {} partials", partials.len()),
         ));
     }
-    let (n, w, st) =
-        (int(OP, "count", count)?, int(OP, "width", width)?, int(OP, "stride", stride)?);
-    let base = partials.ptr() + (offset * size_of::<f32>()) as u64;
+    let (n, t, w) = (int(OP, "count", count)?, int(OP, "width", total)?, int(OP, "split", width)?);
+    let lo_ptr = lo.ptr();
+    // Without a second output every column is below the split, so `hi` is never written.
+    let hi_ptr = hi.as_deref_mut().map_or(lo_ptr, |hi| hi.ptr());
     launch(
         dev,
         OP,
-        (width.div_ceil(32) as u32, 1, 1),
+        (total.div_ceil(32) as u32, 1, 1),
         (32, 32, 1),
         0,
-        args![out.ptr(), base, n, w, st],
+        args![lo_ptr, hi_ptr, partials.ptr(), n, t, w, t],
     )
 }
 
@@ -352,14 +371,27 @@ pub fn layernorm_forward(
     if rows == 0 {
         return Ok(());
     }
-    launch(
-        dev,
-        OP,
-        (rows as u32, 1, 1),
-        (row_threads(width), 1, 1),
-        0,
-        args![y.ptr(), mean.ptr(), rstd.ptr(), x.ptr(), gamma.ptr(), beta.ptr(), r, w],
-    )
+    let args = args![y.ptr(), mean.ptr(), rstd.ptr(), x.ptr(), gamma.ptr(), beta.ptr(), r, w];
+    match layernorm_vectors(width, &[y.ptr(), x.ptr(), gamma.ptr(), beta.ptr()]) {
+        // One warp per row.
+        Some(vecs) => launch(
+            dev,
+            LN_VEC_FORWARD[vecs - 1],
+            (rows.div_ceil((THREADS / 32) as usize) as u32, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            args,
+        ),
+        None => launch(dev, OP, (rows as u32, 1, 1), (row_threads(width), 1, 1), 0, args),
+    }
+}
+
+/// The vector LayerNorm kernels' size class (`_vec{1,2,3,4}`: rows up to 256 × it wide) when
+/// they apply: a width that is a multiple of 8 and at most 1,024, and every buffer 16-byte
+/// aligned (then so is every row, 8 halves being 16 bytes).
+fn layernorm_vectors(width: usize, buffers: &[super::DevicePtr]) -> Option<usize> {
+    let aligned = buffers.iter().all(|&p| p % 16 == 0);
+    (aligned && width % 8 == 0 && (1..=1024).contains(&width)).then(|| width.div_ceil(256))
 }
 
 /// LayerNorm backward: `dx += …` (fp16), `dgamma += …`, `dbeta += …` (fp32).
@@ -398,7 +430,15 @@ pub fn layernorm_backward(
     // (kernel, blocks, threads, dynamic shared bytes, rows per worker, workers): one warp per
     // row up to 1,024 wide (its parameter-gradient partials in registers, see layernorm.cu),
     // else one block per row chunk.
-    let (kernel, blocks, threads, shared, per_worker, workers) = if width <= 1024 {
+    let vectors = layernorm_vectors(width, &[dx.ptr(), dy.ptr(), x.ptr(), gamma.ptr()]);
+    let (kernel, blocks, threads, shared, per_worker, workers) = if let Some(vecs) = vectors {
+        // One warp per row, its row sweeps in registers: more rows per warp than the scalar
+        // kernels' (fewer partials to write and add up), a function of `rows` alone.
+        let per_warp = LN_VEC_MIN_ROWS_PER_WARP.max(rows.div_ceil(LN_MAX_PARTIALS));
+        let warps = rows.div_ceil(per_warp);
+        let blocks = warps.div_ceil((THREADS / 32) as usize);
+        (LN_VEC_BACKWARD[vecs - 1], blocks, THREADS, 0, per_warp, warps)
+    } else if width <= 1024 {
         let kernel = match width {
             0..=256 => "layernorm_backward_w256_f16",
             257..=512 => "layernorm_backward_w512_f16",
@@ -441,8 +481,7 @@ pub fn layernorm_backward(
             per_worker_arg
         ],
     )?;
-    column_sums(dev, dgamma, &partials, 0, workers, width, 2 * width)?;
-    column_sums(dev, dbeta, &partials, width, workers, width, 2 * width)?;
+    column_sums(dev, dgamma, Some(dbeta), &partials, workers, width)?;
     // The scratch buffer goes back to the device's allocator, which only hands it to later
     // work on the same stream: no need to wait for the kernels here.
     Ok(())
