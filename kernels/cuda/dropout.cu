@@ -6,14 +6,41 @@
 // and the GPU drop the same elements, forward and backward (the same call on the gradient)
 // agree, and nothing depends on the launch configuration. (SplitMix64 rather than Philox:
 // one 64-bit mix per element, and bit-identical to the CPU reference.)
+// `add_dropped_f16` and `dropped_copy_f16` fuse the mask with the op around it in the model
+// (the residual add forward, the copy of the gradient backward): one pass instead of two.
 #include "common.cuh"
+
+/// Element i of x after dropout: kept and scaled, or zero (rounded to fp16 as dropout_f16
+/// stores it, so the fused kernels below equal dropout_f16 followed by their other op).
+__device__ __forceinline__ __half dropped(const __half* x, int i, unsigned long long base,
+                                          unsigned long long threshold, float keep_scale) {
+    const unsigned long long h =
+        chingu::splitmix_mix(base + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ull);
+    return h >= threshold ? __float2half_rn(__half2float(x[i]) * keep_scale)
+                          : __float2half_rn(0.0f);
+}
 
 extern "C" __global__ void dropout_f16(__half* buf, unsigned long long base,
                                        unsigned long long threshold, float keep_scale, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const unsigned long long h =
-            chingu::splitmix_mix(base + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ull);
-        buf[i] = h >= threshold ? __float2half_rn(__half2float(buf[i]) * keep_scale)
-                                : __float2half_rn(0.0f);
-    }
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        buf[i] = dropped(buf, i, base, threshold, keep_scale);
+}
+
+/// acc += dropout(x), x unchanged: the residual add after a sublayer in one pass (bit for
+/// bit dropout_f16 on x, then add_assign_f16).
+extern "C" __global__ void add_dropped_f16(__half* acc, const __half* x, unsigned long long base,
+                                           unsigned long long threshold, float keep_scale,
+                                           int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        acc[i] = __float2half_rn(__half2float(acc[i]) +
+                                 __half2float(dropped(x, i, base, threshold, keep_scale)));
+}
+
+/// out = dropout(x): a sublayer's output gradient in one pass (instead of a copy, then
+/// dropout_f16 in place).
+extern "C" __global__ void dropped_copy_f16(__half* out, const __half* x, unsigned long long base,
+                                            unsigned long long threshold, float keep_scale,
+                                            int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = dropped(x, i, base, threshold, keep_scale);
 }

@@ -306,6 +306,20 @@ pub trait Backend: Send + Sync {
     /// Inverted dropout in place: zero with probability `p`, scale survivors by `1 / (1 − p)`.
     /// Applying it to the gradient with the same key is the backward pass.
     fn dropout(&self, buf: &mut Self::Buf, p: f32, key: DropoutKey);
+    /// `acc += dropout(x)`, the residual add after a sublayer; `x` may be left dropped or
+    /// untouched. Default: [`Backend::dropout`] on `x`, then [`Backend::add_assign`]; a GPU
+    /// does both in one pass, with the same result.
+    fn add_dropped(&self, acc: &mut Self::Buf, x: &mut Self::Buf, p: f32, key: DropoutKey) {
+        self.dropout(x, p, key);
+        self.add_assign(acc, x);
+    }
+    /// `dropout(x)` in a new buffer (a sublayer's output gradient). Default:
+    /// [`Backend::duplicate`], then [`Backend::dropout`]; a GPU writes it in one pass.
+    fn dropped_copy(&self, x: &Self::Buf, p: f32, key: DropoutKey) -> Self::Buf {
+        let mut y = self.duplicate(x);
+        self.dropout(&mut y, p, key);
+        y
+    }
 
     /// Multi-head scaled-dot-product attention with masks from lengths: q `[B·Tq, D]`,
     /// k and v `[B·Tk, D]`, out `[B·Tq, D]`; saves softmax probabilities `probs`

@@ -276,6 +276,53 @@ fn dropout_drops_exactly_what_the_cpu_backend_drops() {
     }
 }
 
+/// The fused dropout kernels (`add_dropped`, `dropped_copy`) against the ops they replace,
+/// bit for bit, and against the CPU backend's dropout then add/copy.
+#[test]
+fn fused_dropout_equals_dropout_then_its_op() {
+    let mut rng = SplitMix64(44);
+    for dev in devices() {
+        for &n in SIZES {
+            for &p in &[0.1f32, 0.5] {
+                let (xh, x) = random_half(&mut rng, n, -3.0, 3.0);
+                let (acch, acc) = random_half(&mut rng, n, -2.0, 2.0);
+                let key = DropoutKey { seed: 3 + n as u64, step: 9, site: 5 };
+                let xd = up(&dev, &xh);
+
+                // The unfused sequences on the device: dropout on a copy, then add / nothing.
+                let mut dropped = up(&dev, &xh);
+                ops::dropout(&dev, &mut dropped, p, key).unwrap();
+                let mut want_acc = up(&dev, &acch);
+                ops::add_assign(&dev, &mut want_acc, &dropped).unwrap();
+
+                let mut got_acc = up(&dev, &acch);
+                ops::add_dropped(&dev, &mut got_acc, &xd, p, key).unwrap();
+                let mut got_copy = poisoned_half(&dev, n);
+                ops::dropped_copy(&dev, &mut got_copy, &xd, p, key).unwrap();
+                let bits = |b: &DeviceBuffer<f16>| -> Vec<u16> {
+                    b.to_host().unwrap().iter().map(|h| h.to_bits()).collect()
+                };
+                assert_eq!(bits(&got_acc), bits(&want_acc), "add_dropped, n {n}, p {p}");
+                assert_eq!(bits(&got_copy), bits(&dropped), "dropped_copy, n {n}, p {p}");
+                assert_eq!(bits(&xd), xh.iter().map(|h| h.to_bits()).collect::<Vec<_>>());
+
+                // And the CPU backend's dropout, then its add.
+                let mut cpu_dropped = x.clone();
+                cpu().dropout(&mut cpu_dropped, p, key);
+                let mut cpu_acc = acc.clone();
+                cpu().add_assign(&mut cpu_acc, &cpu_dropped);
+                // The device rounds the dropped value to fp16 before adding (2⁻¹¹ of it), and
+                // the sum once more (2⁻¹¹ of the result).
+                let what = format!("add_dropped p {p}");
+                let atol = max_abs(&cpu_dropped) / 2048.0;
+                assert_close(&what, &dev, &down_half(&got_acc), &cpu_acc, atol, 1.0 / 2048.0);
+                let what = format!("dropped_copy p {p}");
+                assert_close(&what, &dev, &down_half(&got_copy), &cpu_dropped, 1e-3, 1.0 / 2048.0);
+            }
+        }
+    }
+}
+
 #[test]
 fn layernorm_matches_the_cpu_backend() {
     let mut rng = SplitMix64(5);

@@ -125,9 +125,31 @@ pub(crate) struct DropoutCtx {
 }
 
 impl DropoutCtx {
+    fn key(&self, site: u64) -> DropoutKey {
+        DropoutKey { seed: self.seed, step: self.step, site }
+    }
+
     fn apply<B: Backend>(&self, backend: &B, buf: &mut B::Buf, site: u64) {
         if self.p > 0.0 {
-            backend.dropout(buf, self.p, DropoutKey { seed: self.seed, step: self.step, site });
+            backend.dropout(buf, self.p, self.key(site));
+        }
+    }
+
+    /// `acc += dropout(x)` (`x` may be left dropped).
+    fn add_dropped<B: Backend>(&self, backend: &B, acc: &mut B::Buf, x: &mut B::Buf, site: u64) {
+        if self.p > 0.0 {
+            backend.add_dropped(acc, x, self.p, self.key(site));
+        } else {
+            backend.add_assign(acc, x);
+        }
+    }
+
+    /// `dropout(x)` in a new buffer.
+    fn dropped_copy<B: Backend>(&self, backend: &B, x: &B::Buf, site: u64) -> B::Buf {
+        if self.p > 0.0 {
+            backend.dropped_copy(x, self.p, self.key(site))
+        } else {
+            backend.duplicate(x)
         }
     }
 }
@@ -449,16 +471,14 @@ impl<B: Backend> Model<B> {
             NormPlacement::Pre => {
                 let norm_acts = self.norm(self.backend_clone(&x), norm, rows);
                 let (mut s, sub_acts) = run(&norm_acts.y);
-                drop.apply(&self.backend, &mut s, site);
                 let mut out = x;
-                self.backend.add_assign(&mut out, &s);
+                drop.add_dropped(&self.backend, &mut out, &mut s, site);
                 (out, BlockActs { norm: norm_acts, sub: sub_acts, site })
             }
             NormPlacement::Post => {
                 let (mut s, sub_acts) = run(&x);
-                drop.apply(&self.backend, &mut s, site);
                 let mut z = x;
-                self.backend.add_assign(&mut z, &s);
+                drop.add_dropped(&self.backend, &mut z, &mut s, site);
                 let norm_acts = self.norm(z, norm, rows);
                 let out = self.backend_clone(&norm_acts.y);
                 (out, BlockActs { norm: norm_acts, sub: sub_acts, site })
@@ -798,8 +818,7 @@ impl<B: Backend> Model<B> {
         let rows = self.backend.len(&d_out) / self.config.d_model;
         match self.config.norm {
             NormPlacement::Pre => {
-                let mut d_s = self.backend_clone(&d_out);
-                dropout.apply(&self.backend, &mut d_s, acts.site);
+                let d_s = dropout.dropped_copy(&self.backend, &d_out, acts.site);
                 let d_y = self.sub_back(sub, &acts.sub, &d_s, cross);
                 let mut d_x = d_out;
                 self.norm_back(&mut d_x, norm, &d_y, &acts.norm, rows);
@@ -808,8 +827,7 @@ impl<B: Backend> Model<B> {
             NormPlacement::Post => {
                 let mut d_z = self.backend.zeros(self.backend.len(&d_out));
                 self.norm_back(&mut d_z, norm, &d_out, &acts.norm, rows);
-                let mut d_s = self.backend_clone(&d_z);
-                dropout.apply(&self.backend, &mut d_s, acts.site);
+                let d_s = dropout.dropped_copy(&self.backend, &d_z, acts.site);
                 let d_in = self.sub_back(sub, &acts.sub, &d_s, cross);
                 self.backend.add_assign(&mut d_z, &d_in);
                 d_z

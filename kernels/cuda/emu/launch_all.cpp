@@ -81,6 +81,8 @@ const Entry KERNELS[] = {
     KERNEL(column_sum_f32),
     KERNEL(cross_entropy_f16),
     KERNEL(dropout_f16),
+    KERNEL(add_dropped_f16),
+    KERNEL(dropped_copy_f16),
     KERNEL(cast_f32_to_f16),
     KERNEL(cast_f16_to_f32),
     KERNEL(gelu_forward_f16),

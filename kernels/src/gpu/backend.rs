@@ -572,6 +572,20 @@ impl Backend for GpuBackend {
         check("dropout", ops::dropout(&self.dev, half_mut("dropout", buf), p, key));
     }
 
+    fn add_dropped(&self, acc: &mut GpuBuf, x: &mut GpuBuf, p: f32, key: DropoutKey) {
+        const OP: &str = "add_dropped";
+        check(OP, ops::add_dropped(&self.dev, half_mut(OP, acc), half(OP, x), p, key));
+    }
+
+    fn dropped_copy(&self, x: &GpuBuf, p: f32, key: DropoutKey) -> GpuBuf {
+        const OP: &str = "dropped_copy";
+        let x = half(OP, x);
+        // Every element is written: no zero-fill.
+        let mut out = check(OP, DeviceBuffer::uninit(&self.dev, x.len()));
+        check(OP, ops::dropped_copy(&self.dev, &mut out, x, p, key));
+        GpuBuf::Half(out)
+    }
+
     fn attention_stats_len(&self, shape: AttentionShape) -> usize {
         // One log-sum-exp per (batch row, head, query).
         shape.batch * shape.heads * shape.q_len

@@ -336,9 +336,55 @@ pub fn dropout(
         return Ok(());
     }
     let n = int(OP, "n", buf.len())?;
-    let (base, threshold) = (dropout_base(key), dropout_threshold(p));
-    let keep_scale = (1.0 / (1.0 - f64::from(p))) as f32;
+    let (base, threshold, keep_scale) = dropout_args(p, key);
     elementwise(dev, OP, buf.len(), args![buf.ptr(), base, threshold, keep_scale, n])
+}
+
+/// The dropout kernels' key arguments: the mask's base, the drop threshold, the survivors'
+/// scale (the CPU backend's, so both drop the same elements by the same factor).
+fn dropout_args(p: f32, key: DropoutKey) -> (u64, u64, f32) {
+    (dropout_base(key), dropout_threshold(p), (1.0 / (1.0 - f64::from(p))) as f32)
+}
+
+/// `acc += dropout(x)` in one pass, `x` unchanged (bit for bit [`dropout`] on `x`, then
+/// [`add_assign`]).
+pub fn add_dropped(
+    dev: &Gpu,
+    acc: &mut DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+    p: f32,
+    key: DropoutKey,
+) -> Result<(), GpuError> {
+    dropout_into("add_dropped_f16", dev, acc, x, p, key)
+}
+
+/// `out = dropout(x)` in one pass (bit for bit a copy, then [`dropout`]).
+pub fn dropped_copy(
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+    p: f32,
+    key: DropoutKey,
+) -> Result<(), GpuError> {
+    dropout_into("dropped_copy_f16", dev, out, x, p, key)
+}
+
+/// A fused dropout kernel `op(out, x, key…)` over equal-length buffers.
+fn dropout_into(
+    op: &'static str,
+    dev: &Gpu,
+    out: &mut DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+    p: f32,
+    key: DropoutKey,
+) -> Result<(), GpuError> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(shape(op, format!("p = {p} must be in [0, 1)")));
+    }
+    expect_len(op, "x", x, out.len())?;
+    let n = int(op, "n", out.len())?;
+    let (base, threshold, keep_scale) = dropout_args(p, key);
+    elementwise(dev, op, out.len(), args![out.ptr(), x.ptr(), base, threshold, keep_scale, n])
 }
 
 /// Threads per row for row-wise kernels: a multiple of 32, at most 1024, about one per
