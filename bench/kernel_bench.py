@@ -128,6 +128,9 @@ def run(bench, s):
     bench.add("dropout", nd, lambda: F.dropout(x, p=DROPOUT, training=True), H * 2 * n * d)
     acc = bench.uniform((n, d), -1, 1)
     bench.add("add_assign", nd, lambda: acc.add_(x), H * 3 * n * d)
+    bench.add(
+        "add_dropped", nd, lambda: acc.add_(F.dropout(x, p=DROPOUT, training=True)), H * 3 * n * d
+    )
     del x, acc
 
     # Embedding: table[ids] * sqrt(D) + positions[pos]; backward into the table.
