@@ -91,3 +91,24 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
     for (int r = first; r < last; ++r) sum += __half2float(dy[(long long)r * cols + c]);
     partials[(long long)blockIdx.y * cols + c] = sum;
 }
+
+/// The same pass 1 over 8 adjacent columns per thread (cols a multiple of 8, dy 16-byte
+/// aligned): one 128-bit load per row instead of eight 16-bit ones; each column's sum is
+/// still its rows in order.
+extern "C" __global__ void bias_backward_partial_vec_f16(float* partials, const __half* dy,
+                                                         int rows, int cols, int chunk) {
+    const int c = 8 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (c >= cols) return;
+    const int first = blockIdx.y * chunk;
+    const int last = min(first + chunk, rows);
+    float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = first; r < last; ++r) {
+        float v[8];
+        chingu::load_half8(v, dy + (long long)r * cols + c);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum[e] += v[e];
+    }
+    float* out = partials + (long long)blockIdx.y * cols + c;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = sum[e];
+}

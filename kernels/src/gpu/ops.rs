@@ -19,6 +19,8 @@ const MAX_BLOCKS: u32 = 65_535;
 const REDUCE_BLOCKS: usize = 256;
 /// Rows each partial sum of the bias gradient covers (its first pass).
 const BIAS_GRAD_ROWS: usize = 64;
+/// …and of the vector kernel's (8 columns per thread), at least.
+const BIAS_GRAD_VEC_ROWS: usize = 32;
 /// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
 const LN_ROWS_PER_BLOCK: usize = 32;
 /// Rows per warp of the warp-per-row LayerNorm backward, at least…
@@ -262,18 +264,28 @@ pub fn bias_backward(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    // Rows per partial sum: a function of `rows` alone (the summation order is the shape's),
-    // enough chunks to fill the GPU, at most 65,535 (grid.y's limit).
-    let chunk = BIAS_GRAD_ROWS.max(rows.div_ceil(65_535));
+    // 8 columns per thread where the shape and alignment allow.
+    let vector = cols % 8 == 0 && dy.ptr() % 16 == 0;
+    let (kernel, threads_per_chunk, chunk) = if vector {
+        // Shorter chunks than the scalar kernel's (a thread has 8 columns' work per row),
+        // but at most ~2^20 partials, and at most 65,535 chunks (grid.y's limit).
+        let chunk = BIAS_GRAD_VEC_ROWS.max(rows.div_ceil((1 << 20) / cols).max(1));
+        ("bias_backward_partial_vec_f16", cols / 8, chunk.max(rows.div_ceil(65_535)))
+    } else {
+        // Rows per partial sum: enough chunks to fill the GPU, at most 65,535.
+        (OP, cols, BIAS_GRAD_ROWS.max(rows.div_ceil(65_535)))
+    };
+    // `chunk` is a function of the shape alone, so is the summation order.
     let chunks = rows.div_ceil(chunk);
     let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
     let chunk_arg = int(OP, "chunk", chunk)?;
-    let col_blocks = cols.div_ceil(THREADS as usize) as u32;
+    let threads = THREADS.min(threads_per_chunk.next_multiple_of(32) as u32);
+    let col_blocks = threads_per_chunk.div_ceil(threads as usize) as u32;
     launch(
         dev,
-        OP,
+        kernel,
         (col_blocks, chunks as u32, 1),
-        (THREADS, 1, 1),
+        (threads, 1, 1),
         0,
         args![partials.ptr(), dy.ptr(), r, c, chunk_arg],
     )?;
