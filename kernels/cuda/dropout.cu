@@ -26,14 +26,14 @@ extern "C" __global__ void dropout_f16(__half* buf, unsigned long long base,
         buf[i] = dropped(buf, i, base, threshold, keep_scale);
 }
 
-/// acc += dropout(x), x unchanged: the residual add after a sublayer in one pass (bit for
-/// bit dropout_f16 on x, then add_assign_f16).
-extern "C" __global__ void add_dropped_f16(__half* acc, const __half* x, unsigned long long base,
-                                           unsigned long long threshold, float keep_scale,
-                                           int n) {
+/// x = residual + dropout(x) in place: the residual add after a sublayer in one pass (bit
+/// for bit dropout_f16 on x, then add_assign_f16 of residual: fp32 addition commutes).
+extern "C" __global__ void add_dropped_f16(__half* x, const __half* residual,
+                                           unsigned long long base, unsigned long long threshold,
+                                           float keep_scale, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        acc[i] = __float2half_rn(__half2float(acc[i]) +
-                                 __half2float(dropped(x, i, base, threshold, keep_scale)));
+        x[i] = __float2half_rn(__half2float(residual[i]) +
+                               __half2float(dropped(x, i, base, threshold, keep_scale)));
 }
 
 /// out = dropout(x): a sublayer's output gradient in one pass (instead of a copy, then

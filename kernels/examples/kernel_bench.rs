@@ -298,7 +298,8 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         let t = time_op(dev, reps, |_| ops::add_assign(dev, &mut acc, &x))?;
         push("add_assign", nd.clone(), t, H * 3.0 * nf * df, None);
 
-        // The two fused into one pass (the model's residual add): the same 3·N·D fp16.
+        // The two fused into one pass (the model's residual add, acc = x + dropout(acc)):
+        // the same 3·N·D fp16.
         let t = time_op(dev, reps, |i| {
             let key = DropoutKey { seed: 7, step: i as u64, site: 3 };
             ops::add_dropped(dev, &mut acc, &x, DROPOUT, key)

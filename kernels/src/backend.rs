@@ -98,9 +98,17 @@ pub trait Backend: Send + Sync {
 
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize) -> Self::Buf;
-    /// A copy of `x` in a new buffer (default: [`Backend::zeros`], then [`Backend::copy`]).
+    /// A buffer of `len` elements for an op that writes every one of them before anything
+    /// reads it (an output, never an accumulator). Default: [`Backend::zeros`]; a GPU skips
+    /// the fill (its emulated device poisons fresh memory with NaN, so a read before the
+    /// write fails the tests).
+    fn for_overwrite(&self, len: usize) -> Self::Buf {
+        self.zeros(len)
+    }
+    /// A copy of `x` in a new buffer (default: [`Backend::for_overwrite`], then
+    /// [`Backend::copy`]).
     fn duplicate(&self, x: &Self::Buf) -> Self::Buf {
-        let mut y = self.zeros(self.len(x));
+        let mut y = self.for_overwrite(self.len(x));
         self.copy(&mut y, x);
         y
     }
@@ -198,8 +206,8 @@ pub trait Backend: Send + Sync {
         in_dim: usize,
         out_dim: usize,
     );
-    /// [`Backend::linear_forward`] into a new buffer `[rows, out_dim]`. The default zero-fills
-    /// one first; a backend may skip that, since every element is written.
+    /// [`Backend::linear_forward`] into a new buffer `[rows, out_dim]` (default: from
+    /// [`Backend::for_overwrite`]).
     fn linear(
         &self,
         x: &Self::Buf,
@@ -209,7 +217,7 @@ pub trait Backend: Send + Sync {
         in_dim: usize,
         out_dim: usize,
     ) -> Self::Buf {
-        let mut y = self.zeros(rows * out_dim);
+        let mut y = self.for_overwrite(rows * out_dim);
         self.linear_forward(&mut y, x, w, b, rows, in_dim, out_dim);
         y
     }
@@ -306,12 +314,13 @@ pub trait Backend: Send + Sync {
     /// Inverted dropout in place: zero with probability `p`, scale survivors by `1 / (1 − p)`.
     /// Applying it to the gradient with the same key is the backward pass.
     fn dropout(&self, buf: &mut Self::Buf, p: f32, key: DropoutKey);
-    /// `acc += dropout(x)`, the residual add after a sublayer; `x` may be left dropped or
-    /// untouched. Default: [`Backend::dropout`] on `x`, then [`Backend::add_assign`]; a GPU
-    /// does both in one pass, with the same result.
-    fn add_dropped(&self, acc: &mut Self::Buf, x: &mut Self::Buf, p: f32, key: DropoutKey) {
+    /// `x = residual + dropout(x)` in place: the residual add after a sublayer, written over
+    /// the sublayer's output so the block input stays as it was (backward needs it).
+    /// Default: [`Backend::dropout`], then [`Backend::add_assign`]; a GPU does both in one
+    /// pass, with the same result.
+    fn add_dropped(&self, x: &mut Self::Buf, residual: &Self::Buf, p: f32, key: DropoutKey) {
         self.dropout(x, p, key);
-        self.add_assign(acc, x);
+        self.add_assign(x, residual);
     }
     /// `dropout(x)` in a new buffer (a sublayer's output gradient). Default:
     /// [`Backend::duplicate`], then [`Backend::dropout`]; a GPU writes it in one pass.

@@ -291,14 +291,15 @@ fn fused_dropout_equals_dropout_then_its_op() {
                 let key = DropoutKey { seed: 3 + n as u64, step: 9, site: 5 };
                 let xd = up(&dev, &xh);
 
-                // The unfused sequences on the device: dropout on a copy, then add / nothing.
+                // The unfused sequences on the device: dropout, then add / nothing.
                 let mut dropped = up(&dev, &xh);
                 ops::dropout(&dev, &mut dropped, p, key).unwrap();
                 let mut want_acc = up(&dev, &acch);
                 ops::add_assign(&dev, &mut want_acc, &dropped).unwrap();
 
-                let mut got_acc = up(&dev, &acch);
-                ops::add_dropped(&dev, &mut got_acc, &xd, p, key).unwrap();
+                // x = acc + dropout(x), in place over x.
+                let mut got_acc = up(&dev, &xh);
+                ops::add_dropped(&dev, &mut got_acc, &up(&dev, &acch), p, key).unwrap();
                 let mut got_copy = poisoned_half(&dev, n);
                 ops::dropped_copy(&dev, &mut got_copy, &xd, p, key).unwrap();
                 let bits = |b: &DeviceBuffer<f16>| -> Vec<u16> {

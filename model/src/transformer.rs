@@ -135,12 +135,12 @@ impl DropoutCtx {
         }
     }
 
-    /// `acc += dropout(x)` (`x` may be left dropped).
-    fn add_dropped<B: Backend>(&self, backend: &B, acc: &mut B::Buf, x: &mut B::Buf, site: u64) {
+    /// `x = residual + dropout(x)`.
+    fn add_dropped<B: Backend>(&self, backend: &B, x: &mut B::Buf, residual: &B::Buf, site: u64) {
         if self.p > 0.0 {
-            backend.add_dropped(acc, x, self.p, self.key(site));
+            backend.add_dropped(x, residual, self.p, self.key(site));
         } else {
-            backend.add_assign(acc, x);
+            backend.add_assign(x, residual);
         }
     }
 
@@ -162,8 +162,8 @@ pub(crate) struct NormActs<B: Backend> {
     rstd: B::Buf,
 }
 
+/// A sublayer's saved activations; its input is the block's (see [`BlockActs::sub_input`]).
 struct AttnActs<B: Backend> {
-    input: B::Buf,
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
@@ -175,7 +175,6 @@ struct AttnActs<B: Backend> {
 }
 
 struct FfnActs<B: Backend> {
-    input: B::Buf,
     pre_act: B::Buf,
     act: B::Buf,
 }
@@ -189,6 +188,15 @@ pub(crate) struct BlockActs<B: Backend> {
     norm: NormActs<B>,
     sub: SubActs<B>,
     site: u64,
+    /// Post-norm: the block input, which the sublayer read (pre-norm's read `norm.y`).
+    post_norm_input: Option<B::Buf>,
+}
+
+impl<B: Backend> BlockActs<B> {
+    /// What the sublayer read: saved once, not copied into the sublayer's activations.
+    fn sub_input(&self) -> &B::Buf {
+        self.post_norm_input.as_ref().unwrap_or(&self.norm.y)
+    }
 }
 
 /// What a residual block computes.
@@ -313,7 +321,7 @@ impl<B: Backend> Model<B> {
     pub(crate) fn embed(&self, ids: &[u32], seq_len: usize, drop: DropoutCtx, site: u64) -> B::Buf {
         let d = self.config.d_model;
         let pos: Vec<usize> = (0..ids.len()).map(|n| n % seq_len).collect();
-        let mut x = self.backend.zeros(ids.len() * d);
+        let mut x = self.backend.for_overwrite(ids.len() * d);
         self.backend.embedding_forward(
             &mut x,
             &self.params[self.layout.embed],
@@ -342,7 +350,7 @@ impl<B: Backend> Model<B> {
     pub(crate) fn norm(&self, x: B::Buf, idx: NormIdx, rows: usize) -> NormActs<B> {
         let d = self.config.d_model;
         let stats = || self.backend.zeros_as(rows, BufRole::Statistics);
-        let (mut y, mut mean, mut rstd) = (self.backend.zeros(rows * d), stats(), stats());
+        let (mut y, mut mean, mut rstd) = (self.backend.for_overwrite(rows * d), stats(), stats());
         self.backend.layernorm_forward(
             &mut y,
             &mut mean,
@@ -380,21 +388,20 @@ impl<B: Backend> Model<B> {
             causal,
             q_offset: 0,
         };
-        let mut ctx = self.backend.zeros(nq * d);
+        let mut ctx = self.backend.for_overwrite(nq * d);
         let mut probs =
             self.backend.zeros_as(self.backend.attention_stats_len(shape), BufRole::Statistics);
         self.backend.attention_forward(&mut ctx, &mut probs, &q, &k, &v, keys.lengths, shape);
         let s = self.linear(&ctx, idx.o, nq, d, d);
-        let input = self.backend_clone(input);
         let key_len = keys.lengths.to_vec();
-        (s, AttnActs { input, q, k, v, probs, ctx, shape, key_len })
+        (s, AttnActs { q, k, v, probs, ctx, shape, key_len })
     }
 
     fn ffn(&self, input: &B::Buf, idx: FfnIdx, rows: usize) -> (B::Buf, FfnActs<B>) {
         let (d, f) = (self.config.d_model, self.config.d_ff);
         let (pre_act, act) = self.ffn_activation(input, idx, rows);
         let s = self.linear(&act, idx.fc2, rows, f, d);
-        (s, FfnActs { input: self.backend_clone(input), pre_act, act })
+        (s, FfnActs { pre_act, act })
     }
 
     /// The feed-forward block's first linear and its activation: (pre-activation,
@@ -407,10 +414,10 @@ impl<B: Backend> Model<B> {
         rows: usize,
     ) -> (B::Buf, B::Buf) {
         let (d, f) = (self.config.d_model, self.config.d_ff);
-        let mut act = self.backend.zeros(rows * f);
+        let mut act = self.backend.for_overwrite(rows * f);
         let pre_act = match self.config.activation {
             Activation::Gelu => {
-                let mut pre_act = self.backend.zeros(rows * f);
+                let mut pre_act = self.backend.for_overwrite(rows * f);
                 let (w, b) = (&self.params[idx.fc1.w], &self.params[idx.fc1.b]);
                 self.backend.linear_gelu_forward(
                     &mut act,
@@ -468,20 +475,25 @@ impl<B: Backend> Model<B> {
             }
         };
         match self.config.norm {
+            // The residual sum is written over the sublayer's output `s`, so the block input
+            // is saved as it is (the LayerNorm's input, or post-norm's sublayer input), never
+            // copied.
             NormPlacement::Pre => {
-                let norm_acts = self.norm(self.backend_clone(&x), norm, rows);
-                let (mut s, sub_acts) = run(&norm_acts.y);
-                let mut out = x;
-                drop.add_dropped(&self.backend, &mut out, &mut s, site);
-                (out, BlockActs { norm: norm_acts, sub: sub_acts, site })
+                let norm_acts = self.norm(x, norm, rows);
+                let (mut out, sub_acts) = run(&norm_acts.y);
+                drop.add_dropped(&self.backend, &mut out, &norm_acts.input, site);
+                let acts =
+                    BlockActs { norm: norm_acts, sub: sub_acts, site, post_norm_input: None };
+                (out, acts)
             }
             NormPlacement::Post => {
-                let (mut s, sub_acts) = run(&x);
-                let mut z = x;
-                drop.add_dropped(&self.backend, &mut z, &mut s, site);
+                let (mut z, sub_acts) = run(&x);
+                drop.add_dropped(&self.backend, &mut z, &x, site);
                 let norm_acts = self.norm(z, norm, rows);
                 let out = self.backend_clone(&norm_acts.y);
-                (out, BlockActs { norm: norm_acts, sub: sub_acts, site })
+                let acts =
+                    BlockActs { norm: norm_acts, sub: sub_acts, site, post_norm_input: Some(x) };
+                (out, acts)
             }
         }
     }
@@ -591,7 +603,7 @@ impl<B: Backend> Model<B> {
             c.d_model,
             c.vocab,
         );
-        let mut d_logits = self.backend.zeros(nt * c.vocab);
+        let mut d_logits = self.backend.for_overwrite(nt * c.vocab);
         let (loss, tokens) = self.backend.cross_entropy(
             &mut d_logits,
             &logits,
@@ -732,12 +744,13 @@ impl<B: Backend> Model<B> {
         );
     }
 
-    /// Backward through a sublayer: returns d(input); cross-attention adds its key/value
-    /// gradient into `d_memory`.
+    /// Backward through a sublayer that read `input`: returns d(input); cross-attention adds
+    /// its key/value gradient into `d_memory`.
     fn sub_back(
         &mut self,
         sub: Sublayer,
         acts: &SubActs<B>,
+        input: &B::Buf,
         d_s: &B::Buf,
         cross: Option<(&mut B::Buf, &B::Buf)>,
     ) -> B::Buf {
@@ -746,19 +759,19 @@ impl<B: Backend> Model<B> {
             (Sublayer::SelfAttn { idx, .. } | Sublayer::CrossAttn { idx }, SubActs::Attn(a)) => {
                 let shape = a.shape;
                 let (nq, nk) = (shape.batch * shape.q_len, shape.batch * shape.k_len);
-                let mut d_ctx = self.backend.zeros(nq * d);
+                let mut d_ctx = self.backend.for_overwrite(nq * d);
                 self.linear_back(Some(&mut d_ctx), false, idx.o, d_s, &a.ctx, nq, d, d);
                 let (mut dq, mut dk, mut dv) = (
-                    self.backend.zeros(nq * d),
-                    self.backend.zeros(nk * d),
-                    self.backend.zeros(nk * d),
+                    self.backend.for_overwrite(nq * d),
+                    self.backend.for_overwrite(nk * d),
+                    self.backend.for_overwrite(nk * d),
                 );
                 self.backend.attention_backward(
                     &mut dq, &mut dk, &mut dv, &d_ctx, &a.q, &a.k, &a.v, &a.ctx, &a.probs,
                     &a.key_len, shape,
                 );
-                let mut d_input = self.backend.zeros(nq * d);
-                self.linear_back(Some(&mut d_input), false, idx.q, &dq, &a.input, nq, d, d);
+                let mut d_input = self.backend.for_overwrite(nq * d);
+                self.linear_back(Some(&mut d_input), false, idx.q, &dq, input, nq, d, d);
                 match (sub, cross) {
                     // Keys and values came from the encoder output: their gradient goes there.
                     (Sublayer::CrossAttn { .. }, Some((d_mem, memory))) => {
@@ -766,8 +779,8 @@ impl<B: Backend> Model<B> {
                         self.linear_back(Some(d_mem), true, idx.v, &dv, memory, nk, d, d);
                     }
                     _ => {
-                        self.linear_back(Some(&mut d_input), true, idx.k, &dk, &a.input, nk, d, d);
-                        self.linear_back(Some(&mut d_input), true, idx.v, &dv, &a.input, nk, d, d);
+                        self.linear_back(Some(&mut d_input), true, idx.k, &dk, input, nk, d, d);
+                        self.linear_back(Some(&mut d_input), true, idx.v, &dv, input, nk, d, d);
                     }
                 }
                 d_input
@@ -775,7 +788,7 @@ impl<B: Backend> Model<B> {
             (Sublayer::Ffn { idx }, SubActs::Ffn(a)) => {
                 let f = self.config.d_ff;
                 let rows = self.backend.len(&a.pre_act) / f;
-                let mut d_pre = self.backend.zeros(rows * f);
+                let mut d_pre = self.backend.for_overwrite(rows * f);
                 match self.config.activation {
                     Activation::Gelu => {
                         let (dw, db) = pair_mut(&mut self.grads, idx.fc2.w, idx.fc2.b);
@@ -793,13 +806,13 @@ impl<B: Backend> Model<B> {
                         );
                     }
                     Activation::Relu => {
-                        let mut d_act = self.backend.zeros(rows * f);
+                        let mut d_act = self.backend.for_overwrite(rows * f);
                         self.linear_back(Some(&mut d_act), false, idx.fc2, d_s, &a.act, rows, f, d);
                         self.backend.relu_backward(&mut d_pre, &d_act, &a.pre_act);
                     }
                 }
-                let mut d_input = self.backend.zeros(rows * d);
-                self.linear_back(Some(&mut d_input), false, idx.fc1, &d_pre, &a.input, rows, d, f);
+                let mut d_input = self.backend.for_overwrite(rows * d);
+                self.linear_back(Some(&mut d_input), false, idx.fc1, &d_pre, input, rows, d, f);
                 d_input
             }
             _ => unreachable!("sublayer and activations always match"),
@@ -819,7 +832,7 @@ impl<B: Backend> Model<B> {
         match self.config.norm {
             NormPlacement::Pre => {
                 let d_s = dropout.dropped_copy(&self.backend, &d_out, acts.site);
-                let d_y = self.sub_back(sub, &acts.sub, &d_s, cross);
+                let d_y = self.sub_back(sub, &acts.sub, acts.sub_input(), &d_s, cross);
                 let mut d_x = d_out;
                 self.norm_back(&mut d_x, norm, &d_y, &acts.norm, rows);
                 d_x
@@ -828,7 +841,7 @@ impl<B: Backend> Model<B> {
                 let mut d_z = self.backend.zeros(self.backend.len(&d_out));
                 self.norm_back(&mut d_z, norm, &d_out, &acts.norm, rows);
                 let d_s = dropout.dropped_copy(&self.backend, &d_z, acts.site);
-                let d_in = self.sub_back(sub, &acts.sub, &d_s, cross);
+                let d_in = self.sub_back(sub, &acts.sub, acts.sub_input(), &d_s, cross);
                 self.backend.add_assign(&mut d_z, &d_in);
                 d_z
             }
@@ -863,7 +876,7 @@ impl<B: Backend> Model<B> {
         drop(logits);
 
         // Output projection: logits = y · Wᵀ.
-        let mut d_y = self.backend.zeros(nt * d);
+        let mut d_y = self.backend.for_overwrite(nt * d);
         let w = self.output_weight();
         self.backend.linear_backward(
             Some(&mut d_y),

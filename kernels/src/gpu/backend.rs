@@ -188,6 +188,12 @@ impl Backend for GpuBackend {
         GpuBuf::Half(self.zeroed(len))
     }
 
+    /// No memset: the op it is for writes every element (on the emulated device, fresh
+    /// memory is NaN, so the whole-model tests catch an op that does not).
+    fn for_overwrite(&self, len: usize) -> GpuBuf {
+        GpuBuf::Half(check("for_overwrite", DeviceBuffer::uninit(&self.dev, len)))
+    }
+
     fn uses_loss_scaling(&self) -> bool {
         true
     }
@@ -572,15 +578,14 @@ impl Backend for GpuBackend {
         check("dropout", ops::dropout(&self.dev, half_mut("dropout", buf), p, key));
     }
 
-    fn add_dropped(&self, acc: &mut GpuBuf, x: &mut GpuBuf, p: f32, key: DropoutKey) {
+    fn add_dropped(&self, x: &mut GpuBuf, residual: &GpuBuf, p: f32, key: DropoutKey) {
         const OP: &str = "add_dropped";
-        check(OP, ops::add_dropped(&self.dev, half_mut(OP, acc), half(OP, x), p, key));
+        check(OP, ops::add_dropped(&self.dev, half_mut(OP, x), half(OP, residual), p, key));
     }
 
     fn dropped_copy(&self, x: &GpuBuf, p: f32, key: DropoutKey) -> GpuBuf {
         const OP: &str = "dropped_copy";
         let x = half(OP, x);
-        // Every element is written: no zero-fill.
         let mut out = check(OP, DeviceBuffer::uninit(&self.dev, x.len()));
         check(OP, ops::dropped_copy(&self.dev, &mut out, x, p, key));
         GpuBuf::Half(out)

@@ -358,16 +358,16 @@ fn dropout_args(p: f32, key: DropoutKey) -> (u64, u64, f32) {
     (dropout_base(key), dropout_threshold(p), (1.0 / (1.0 - f64::from(p))) as f32)
 }
 
-/// `acc += dropout(x)` in one pass, `x` unchanged (bit for bit [`dropout`] on `x`, then
-/// [`add_assign`]).
+/// `x = residual + dropout(x)` in one pass (bit for bit [`dropout`] on `x`, then
+/// [`add_assign`] of `residual`).
 pub fn add_dropped(
     dev: &Gpu,
-    acc: &mut DeviceBuffer<f16>,
-    x: &DeviceBuffer<f16>,
+    x: &mut DeviceBuffer<f16>,
+    residual: &DeviceBuffer<f16>,
     p: f32,
     key: DropoutKey,
 ) -> Result<(), GpuError> {
-    dropout_into("add_dropped_f16", dev, acc, x, p, key)
+    dropout_into("add_dropped_f16", dev, x, residual, p, key)
 }
 
 /// `out = dropout(x)` in one pass (bit for bit a copy, then [`dropout`]).
@@ -381,7 +381,7 @@ pub fn dropped_copy(
     dropout_into("dropped_copy_f16", dev, out, x, p, key)
 }
 
-/// A fused dropout kernel `op(out, x, key…)` over equal-length buffers.
+/// A fused dropout kernel `op(out, other, key…)` over equal-length buffers.
 fn dropout_into(
     op: &'static str,
     dev: &Gpu,
