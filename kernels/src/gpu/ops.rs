@@ -299,7 +299,7 @@ pub fn bias_backward(
 fn column_sums(
     dev: &Gpu,
     lo: &mut DeviceBuffer<f32>,
-    mut hi: Option<&mut DeviceBuffer<f32>>,
+    hi: Option<&mut DeviceBuffer<f32>>,
     partials: &DeviceBuffer<f32>,
     count: usize,
     width: usize,
@@ -322,7 +322,7 @@ fn column_sums(
     let (n, t, w) = (int(OP, "count", count)?, int(OP, "width", total)?, int(OP, "split", width)?);
     let lo_ptr = lo.ptr();
     // Without a second output every column is below the split, so `hi` is never written.
-    let hi_ptr = hi.as_deref_mut().map_or(lo_ptr, |hi| hi.ptr());
+    let hi_ptr = hi.map_or(lo_ptr, |hi| hi.ptr());
     launch(
         dev,
         OP,
