@@ -35,6 +35,8 @@ pub struct CudaDevice {
 /// Allocation sizes are rounded up to this granule; buckets are exact sizes otherwise, since
 /// training reuses the same shapes every step.
 const ALLOC_GRANULE: usize = 512;
+/// Oldest compute capability (major) the kernels are written for: sm_80.
+const MIN_MAJOR: i32 = 8;
 
 // SAFETY: the context is made current on whichever thread calls in; driver handles are
 // thread-safe.
@@ -85,20 +87,31 @@ impl CudaDevice {
             )));
         }
         let dev = result::device::get(ordinal as i32).map_err(driver("cuDeviceGet"))?;
-        // SAFETY: `dev` is a valid device handle.
-        let (context, major, minor) = unsafe {
-            let context =
-                result::primary_ctx::retain(dev).map_err(driver("cuDevicePrimaryCtxRetain"))?;
-            result::ctx::set_current(context).map_err(driver("cuCtxSetCurrent"))?;
+        let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
+        // SAFETY: `dev` is a valid device handle (attributes need no context).
+        let (major, minor) = unsafe {
             let attr =
                 |a| result::device::get_attribute(dev, a).map_err(driver("cuDeviceGetAttribute"));
             (
-                context,
                 attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
                 attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             )
         };
-        let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
+        // The attention kernels use mma.sync.m16n8k16 and the WMMA shapes of sm_80: an older
+        // GPU would fail later, inside NVRTC or the module load, with a less useful message.
+        if major < MIN_MAJOR {
+            return Err(GpuError::Missing(format!(
+                "CUDA device {ordinal} ({name}) is sm_{major}{minor}; chingu's kernels need \
+                 compute capability {MIN_MAJOR}.0 or newer (Ampere, Ada or Hopper)"
+            )));
+        }
+        // SAFETY: `dev` is a valid device handle.
+        let context = unsafe {
+            let context =
+                result::primary_ctx::retain(dev).map_err(driver("cuDevicePrimaryCtxRetain"))?;
+            result::ctx::set_current(context).map_err(driver("cuCtxSetCurrent"))?;
+            context
+        };
         let arch = format!("compute_{major}{minor}");
         let mut functions = HashMap::new();
         for (file, source) in sources::FILES {
