@@ -478,7 +478,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             push(both_op, label, t, fwd_bytes + bwd_bytes, Some(3.5 * fwd_flops));
         }
     }
-    // --- seed-768's head width (4 heads of 192): both forwards ---------------------------
+    // --- seed-768's head width (4 heads of 192): every kernel family ----------------------
     {
         let (b, t_len, heads, head_dim) = (s.b, s.t, 4, 192);
         let key_len = vec![t_len; b];
@@ -503,6 +503,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         for (op, kernels) in [
             ("attn_fwd_dh192", AttentionKernels::Wmma),
             ("attn_fwd_mma_dh192", AttentionKernels::Mma),
+            ("attn_fwd_gemm_dh192", AttentionKernels::GEMM),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_forward_using(
@@ -518,6 +519,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         for (op, kernels) in [
             ("attn_bwd_dh192", AttentionKernels::Wmma),
             ("attn_bwd_mma_dh192", AttentionKernels::Mma),
+            ("attn_bwd_gemm_dh192", AttentionKernels::GEMM),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_backward_using(

@@ -789,8 +789,16 @@ fn attention_matches_the_cpu_backend() {
                 key_len,
                 s,
             );
-            // Both kernel families against the same references.
-            for kernels in [AttentionKernels::Wmma, AttentionKernels::Mma] {
+            // Every kernel family against the same references.
+            // (The GEMM path twice: in one chunk, and one (batch row, head) block a chunk.)
+            let one_block_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 1 };
+            let families = [
+                AttentionKernels::Wmma,
+                AttentionKernels::Mma,
+                AttentionKernels::GEMM,
+                one_block_a_chunk,
+            ];
+            for kernels in families {
                 let what = format!("{kernels:?} kernels, {what}");
                 let mut out = poisoned_half(&dev, nq);
                 let mut lse = poisoned_f32(&dev, batch * heads * q_len);

@@ -10,6 +10,7 @@
 
 #include "../adamw.cu"
 #include "../attention.cu"
+#include "../attention_gemm.cu"
 #include "../cross_entropy.cu"
 #include "../dropout.cu"
 #include "../elementwise.cu"
@@ -63,6 +64,10 @@ const Entry KERNELS[] = {
     KERNEL(attention_forward_mma_c12_f16),
     KERNEL(attention_forward_mma_c16_f16),
     KERNEL(attention_backward_delta_f16),
+    KERNEL(heads_split_f16),
+    KERNEL(heads_merge_f16),
+    KERNEL(attention_softmax_f16),
+    KERNEL(attention_scores_backward_f16),
     KERNEL(attention_backward_dkdv_mma_c4_f16),
     KERNEL(attention_backward_dkdv_mma_split_c8_f16),
     KERNEL(attention_backward_dkdv_mma_split_c12_f16),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use half::f16;
 
-use super::{gemm, ops, DeviceBuffer, Gemm, GemmEpilogue, Gpu, GpuError};
+use super::{gemm, ops, DeviceBuffer, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 use crate::backend::{
     linear_backward_then_gelu, linear_then_gelu, AdamW, AttentionShape, Backend, BufRole,
     DropoutKey,
@@ -171,6 +171,7 @@ impl GpuBackend {
             beta,
             bias: bias.map(|b| b.ptr()),
             epilogue: GemmEpilogue::None,
+            batch: GemmBatch::ONE,
         };
         // SAFETY: extents checked above.
         check(op, unsafe { super::gemm::run(&self.dev, op, &g) });

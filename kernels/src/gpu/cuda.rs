@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{result, sys};
 
-use super::{nvrtc, sources, Device, DevicePtr, Gemm, GemmEpilogue, GpuError};
+use super::{nvrtc, sources, Device, DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
 
 /// One CUDA device with every kernel loaded.
 pub struct CudaDevice {
@@ -364,6 +364,7 @@ struct PlanKey {
     epilogue: u8,
     /// Alignments (bytes, ≤ 256) of cuBLASLt's A (our B), B (our A) and C = D.
     align: [u32; 3],
+    batch: GemmBatch,
 }
 
 /// cuBLASLt state of one device.
@@ -415,7 +416,8 @@ impl Blas {
     unsafe fn matmul(&self, g: &Gemm, bias: Option<DevicePtr>) -> Result<(), GpuError> {
         let Gemm { m, n, k, .. } = *g;
         let what = format!(
-            "{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{})",
+            "{}{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{})",
+            if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() },
             if g.trans_a { "ᵀ" } else { "" },
             if g.trans_b { "ᵀ" } else { "" },
             if g.c_f32 { "f32" } else { "f16" },
@@ -449,6 +451,43 @@ impl Blas {
         let lt_a = layout(f16, b_rows, b_cols, "layout of B")?;
         let lt_b = layout(f16, a_rows, a_cols, "layout of A")?;
         let lt_c = layout(c_type, m, n, "layout of C")?;
+        if g.batch.count > 1 {
+            if bias.is_some() || g.epilogue != GemmEpilogue::None {
+                return Err(GpuError::Shape {
+                    op: "gemm",
+                    message: format!("{what}: a batch of products takes no bias and no epilogue"),
+                });
+            }
+            let count = i32::try_from(g.batch.count).map_err(|_| GpuError::Shape {
+                op: "gemm",
+                message: format!("{what}: batch over i32"),
+            })?;
+            use lt_sys::cublasLtMatrixLayoutAttribute_t as L;
+            for (layout, stride, step) in [
+                (&lt_a, g.batch.stride_b, "batch of B"),
+                (&lt_b, g.batch.stride_a, "batch of A"),
+                (&lt_c, g.batch.stride_c, "batch of C"),
+            ] {
+                let stride = stride as i64;
+                // SAFETY: live layouts; int32 count and int64 stride, as the attributes take.
+                unsafe {
+                    lt::set_matrix_layout_attribute(
+                        layout.0,
+                        L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&count as *const i32).cast(),
+                        4,
+                    )
+                    .map_err(fail(step))?;
+                    lt::set_matrix_layout_attribute(
+                        layout.0,
+                        L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        (&stride as *const i64).cast(),
+                        8,
+                    )
+                    .map_err(fail(step))?;
+                }
+            }
+        }
 
         let desc = lt::create_matmul_desc(
             lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -508,6 +547,7 @@ impl Blas {
                 GemmEpilogue::GeluGrad { .. } => 2,
             },
             align,
+            batch: g.batch,
         };
         let algo = {
             let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());

@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 
 use half::f16;
 
-use super::{Device, DevicePtr, Gemm, GemmEpilogue, GpuError};
+use super::{Device, DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
 
 extern "C" {
     fn chingu_emu_launch(
@@ -151,81 +151,110 @@ impl Device for EmuDevice {
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
-        let Gemm { m, n, k, .. } = *g;
-        // SAFETY: the caller guarantees the extents (device memory is host memory here).
-        let (a, b) = unsafe {
-            (
-                std::slice::from_raw_parts(g.a as *const f16, m * k),
-                std::slice::from_raw_parts(g.b as *const f16, k * n),
-            )
-        };
-        let a: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
-        let b: Vec<f32> = b.iter().map(|x| x.to_f32()).collect();
-        // Row/column strides of op(A) [m×k] and op(B) [k×n] in their stored layouts.
-        let (rsa, csa) = if g.trans_a { (1, m) } else { (k, 1) };
-        let (rsb, csb) = if g.trans_b { (1, k) } else { (n, 1) };
-        let mut c = vec![0f32; m * n];
-        if m > 0 && n > 0 && k > 0 {
-            // SAFETY: the strides above address inside `a` and `b`; `c` is dense m×n.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    n,
-                    1.0,
-                    a.as_ptr(),
-                    rsa as isize,
-                    csa as isize,
-                    b.as_ptr(),
-                    rsb as isize,
-                    csb as isize,
-                    0.0,
-                    c.as_mut_ptr(),
-                    n as isize,
-                    1,
-                )
+        let batch = g.batch;
+        if batch.count > 1 && (g.bias.is_some() || g.epilogue != GemmEpilogue::None) {
+            return Err(GpuError::Shape {
+                op: "gemm",
+                message: "a batch of products takes no bias and no epilogue".into(),
+            });
+        }
+        for i in 0..batch.count.max(1) {
+            let offset = |ptr: DevicePtr, stride: usize, bytes: usize| {
+                ptr + (i * stride * bytes) as DevicePtr
             };
-        }
-        if let Some(bias) = g.bias {
-            // SAFETY: bias holds n halves.
-            let bias = unsafe { std::slice::from_raw_parts(bias as *const f16, n) };
-            for row in c.chunks_mut(n.max(1)) {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b.to_f32());
-            }
-        }
-        match g.epilogue {
-            GemmEpilogue::None => {}
-            GemmEpilogue::Gelu { pre } => {
-                // SAFETY: `pre` holds m×n halves (the caller's contract).
-                let pre = unsafe { std::slice::from_raw_parts_mut(pre as *mut f16, m * n) };
-                for (p, v) in pre.iter_mut().zip(c.iter_mut()) {
-                    *p = f16::from_f32(*v);
-                    *v = crate::cpu::gelu(*v);
-                }
-            }
-            GemmEpilogue::GeluGrad { pre } => {
-                // SAFETY: as above.
-                let pre = unsafe { std::slice::from_raw_parts(pre as *const f16, m * n) };
-                for (p, v) in pre.iter().zip(c.iter_mut()) {
-                    *v *= crate::cpu::gelu_slope(p.to_f32());
-                }
-            }
-        }
-        // SAFETY: C holds m×n elements of its type.
-        unsafe {
-            if g.c_f32 {
-                let out = std::slice::from_raw_parts_mut(g.c as *mut f32, m * n);
-                for (o, v) in out.iter_mut().zip(&c) {
-                    *o = if g.beta == 0.0 { *v } else { *o * g.beta + *v };
-                }
-            } else {
-                let out = std::slice::from_raw_parts_mut(g.c as *mut f16, m * n);
-                for (o, v) in out.iter_mut().zip(&c) {
-                    let prior = if g.beta == 0.0 { 0.0 } else { o.to_f32() * g.beta };
-                    *o = f16::from_f32(prior + *v);
-                }
-            }
+            let one = Gemm {
+                a: offset(g.a, batch.stride_a, 2),
+                b: offset(g.b, batch.stride_b, 2),
+                c: offset(g.c, batch.stride_c, if g.c_f32 { 4 } else { 2 }),
+                batch: GemmBatch::ONE,
+                ..*g
+            };
+            // SAFETY: the caller guarantees every product's extents.
+            unsafe { single_gemm(&one) }?;
         }
         Ok(())
     }
+}
+
+/// One product of [`EmuDevice`]'s `gemm` (f32 sums on the CPU).
+///
+/// # Safety
+/// As [`Device::gemm`].
+unsafe fn single_gemm(g: &Gemm) -> Result<(), GpuError> {
+    let Gemm { m, n, k, .. } = *g;
+    // SAFETY: the caller guarantees the extents (device memory is host memory here).
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts(g.a as *const f16, m * k),
+            std::slice::from_raw_parts(g.b as *const f16, k * n),
+        )
+    };
+    let a: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
+    let b: Vec<f32> = b.iter().map(|x| x.to_f32()).collect();
+    // Row/column strides of op(A) [m×k] and op(B) [k×n] in their stored layouts.
+    let (rsa, csa) = if g.trans_a { (1, m) } else { (k, 1) };
+    let (rsb, csb) = if g.trans_b { (1, k) } else { (n, 1) };
+    let mut c = vec![0f32; m * n];
+    if m > 0 && n > 0 && k > 0 {
+        // SAFETY: the strides above address inside `a` and `b`; `c` is dense m×n.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                rsa as isize,
+                csa as isize,
+                b.as_ptr(),
+                rsb as isize,
+                csb as isize,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        };
+    }
+    if let Some(bias) = g.bias {
+        // SAFETY: bias holds n halves.
+        let bias = unsafe { std::slice::from_raw_parts(bias as *const f16, n) };
+        for row in c.chunks_mut(n.max(1)) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b.to_f32());
+        }
+    }
+    match g.epilogue {
+        GemmEpilogue::None => {}
+        GemmEpilogue::Gelu { pre } => {
+            // SAFETY: `pre` holds m×n halves (the caller's contract).
+            let pre = unsafe { std::slice::from_raw_parts_mut(pre as *mut f16, m * n) };
+            for (p, v) in pre.iter_mut().zip(c.iter_mut()) {
+                *p = f16::from_f32(*v);
+                *v = crate::cpu::gelu(*v);
+            }
+        }
+        GemmEpilogue::GeluGrad { pre } => {
+            // SAFETY: as above.
+            let pre = unsafe { std::slice::from_raw_parts(pre as *const f16, m * n) };
+            for (p, v) in pre.iter().zip(c.iter_mut()) {
+                *v *= crate::cpu::gelu_slope(p.to_f32());
+            }
+        }
+    }
+    // SAFETY: C holds m×n elements of its type.
+    unsafe {
+        if g.c_f32 {
+            let out = std::slice::from_raw_parts_mut(g.c as *mut f32, m * n);
+            for (o, v) in out.iter_mut().zip(&c) {
+                *o = if g.beta == 0.0 { *v } else { *o * g.beta + *v };
+            }
+        } else {
+            let out = std::slice::from_raw_parts_mut(g.c as *mut f16, m * n);
+            for (o, v) in out.iter_mut().zip(&c) {
+                let prior = if g.beta == 0.0 { 0.0 } else { o.to_f32() * g.beta };
+                *o = f16::from_f32(prior + *v);
+            }
+        }
+    }
+    Ok(())
 }

@@ -3,7 +3,7 @@
 
 use half::f16;
 
-use super::{DeviceBuffer, Element, Gemm, GemmEpilogue, Gpu, GpuError};
+use super::{DeviceBuffer, Element, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 
 /// The output of a product, and so its type.
 pub enum GemmOut<'a> {
@@ -141,6 +141,7 @@ fn checked(
         beta: if accumulate { 1.0 } else { 0.0 },
         bias: bias.map(DeviceBuffer::ptr),
         epilogue,
+        batch: GemmBatch::ONE,
     };
     // SAFETY: every buffer's length matches the shape, and `c` is borrowed mutably, so it
     // overlaps no input.
@@ -163,7 +164,9 @@ pub unsafe fn run(dev: &Gpu, op: &str, g: &Gemm) -> Result<(), GpuError> {
             GemmEpilogue::GeluGrad { .. } => " · GELU'",
         };
         let (m, n, k, ta, tb) = (g.m, g.n, g.k, t(g.trans_a), t(g.trans_b));
-        format!("gemm{op} {m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}")
+        let batch =
+            if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() };
+        format!("gemm{op} {batch}{m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}")
     };
     // SAFETY: the caller's contract.
     super::profile::time(dev, name, || unsafe { dev.gemm(g) })

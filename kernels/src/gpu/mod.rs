@@ -110,6 +110,27 @@ pub struct Gemm {
     pub bias: Option<DevicePtr>,
     /// What happens to the (biased) product before it is stored.
     pub epilogue: GemmEpilogue,
+    /// Several products of one shape at once (cuBLASLt's strided batch).
+    pub batch: GemmBatch,
+}
+
+/// Products `i < count` of a batch use A at `a + i·stride_a` elements, B and C likewise
+/// (`count` 1: one product, strides unused). Only without bias and epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemmBatch {
+    /// Products in the batch (at least 1).
+    pub count: usize,
+    /// Elements from one A to the next.
+    pub stride_a: usize,
+    /// Elements from one B to the next.
+    pub stride_b: usize,
+    /// Elements from one C to the next.
+    pub stride_c: usize,
+}
+
+impl GemmBatch {
+    /// One product.
+    pub const ONE: Self = Self { count: 1, stride_a: 0, stride_b: 0, stride_c: 0 };
 }
 
 /// A pointwise step fused into a product's store (cuBLASLt's epilogues), so the activation

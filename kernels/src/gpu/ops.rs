@@ -83,6 +83,8 @@ macro_rules! args {
     };
 }
 
+mod attention_gemm;
+
 /// Launches and, on the emulator, has already finished; on a GPU the launch is queued.
 fn launch(
     dev: &Gpu,
@@ -606,15 +608,33 @@ pub enum AttentionKernels {
     /// `attention_backward_dkdv_mma_*`). Opt-in with `CHINGU_ATTN_MMA=1` until measured on a
     /// GPU.
     Mma,
+    /// The scores materialised, the products through cuBLASLt's batched GEMMs and only the
+    /// softmax and its gradient in our kernels (`attention_gemm.rs`): more memory traffic,
+    /// tensor-core products at cuBLASLt's speed. Opt-in with `CHINGU_ATTN_GEMM=1` until
+    /// measured on a GPU.
+    Gemm {
+        /// Scores (Tq·Tk per batch row and head) each chunk of the scratch holds, at least
+        /// one block's: the scratch's bound (12 bytes a score).
+        scores_per_chunk: usize,
+    },
 }
 
 impl AttentionKernels {
-    /// What `CHINGU_ATTN_MMA` asks for (`1`: [`AttentionKernels::Mma`]), read once.
+    /// The GEMM path with 2^25 scores a chunk (at most 384 MiB of scratch).
+    pub const GEMM: Self = Self::Gemm { scores_per_chunk: 1 << 25 };
+
+    /// What `CHINGU_ATTN_GEMM` or `CHINGU_ATTN_MMA` asks for (`1`; GEMM first), read once.
     pub fn from_env() -> Self {
         static KERNELS: std::sync::OnceLock<AttentionKernels> = std::sync::OnceLock::new();
-        *KERNELS.get_or_init(|| match std::env::var("CHINGU_ATTN_MMA") {
-            Ok(v) if v == "1" => AttentionKernels::Mma,
-            _ => AttentionKernels::Wmma,
+        *KERNELS.get_or_init(|| {
+            let on = |name| std::env::var(name).is_ok_and(|v| v == "1");
+            if on("CHINGU_ATTN_GEMM") {
+                AttentionKernels::GEMM
+            } else if on("CHINGU_ATTN_MMA") {
+                AttentionKernels::Mma
+            } else {
+                AttentionKernels::Wmma
+            }
         })
     }
 }
@@ -642,6 +662,9 @@ impl AttnLaunch {
     ) -> Result<Self, GpuError> {
         match kernels {
             AttentionKernels::Wmma => Ok(Self::wmma(dev, kind, head_dim)),
+            AttentionKernels::Gemm { .. } => {
+                Err(shape(op, "the GEMM path launches no fused attention kernel".into()))
+            }
             AttentionKernels::Mma => Self::mma(dev, kind, head_dim).ok_or_else(|| {
                 shape(
                     op,
@@ -754,6 +777,7 @@ fn default_kernels(dev: &Gpu, head_dim: usize) -> AttentionKernels {
         {
             AttentionKernels::Mma
         }
+        gemm @ AttentionKernels::Gemm { .. } => gemm,
         _ => AttentionKernels::Wmma,
     }
 }
@@ -800,6 +824,9 @@ pub fn attention_forward_using(
     let (a, lens) = attention_args(dev, OP, key_len, s)?;
     if out.is_empty() {
         return Ok(());
+    }
+    if let AttentionKernels::Gemm { scores_per_chunk } = kernels {
+        return attention_gemm::forward(dev, out, lse, q, k, v, &lens, s, scores_per_chunk);
     }
     let l = AttnLaunch::new(dev, kernels, AttnKernel::Forward, s.head_dim, OP)?;
     let grid = (s.q_len.div_ceil(l.rows()) as u32, s.heads as u32, s.batch as u32);
@@ -891,6 +918,12 @@ pub fn attention_backward_using(
             0,
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
         )?;
+    }
+    if let AttentionKernels::Gemm { scores_per_chunk } = kernels {
+        let chunk = scores_per_chunk;
+        return attention_gemm::backward(
+            dev, dq, dk, dv, d_out, q, k, v, lse, &delta, &lens, s, chunk,
+        );
     }
     let kv = AttnLaunch::new(dev, kernels, AttnKernel::KeysValues, s.head_dim, OP)?;
     let ql = AttnLaunch::new(dev, kernels, AttnKernel::Queries, s.head_dim, OP)?;

@@ -8,6 +8,7 @@ pub const COMMON: &str = include_str!("../../cuda/common.cuh");
 pub const FILES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../../cuda/adamw.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
+    ("attention_gemm.cu", include_str!("../../cuda/attention_gemm.cu")),
     ("cross_entropy.cu", include_str!("../../cuda/cross_entropy.cu")),
     ("dropout.cu", include_str!("../../cuda/dropout.cu")),
     ("elementwise.cu", include_str!("../../cuda/elementwise.cu")),

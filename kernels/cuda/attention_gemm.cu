@@ -1,0 +1,109 @@
+// attention_gemm.cu — the pointwise parts of attention through cuBLASLt products (opt-in:
+// CHINGU_ATTN_GEMM=1; `kernels/src/gpu/attention_gemm.rs` runs the products).
+//
+// The same function as attention.cu's fused kernels (masks from key lengths, causal with a
+// query offset, out, lse), with the scores materialised: S = Q·Kᵀ (fp32) and O = P·V are
+// batched cuBLASLt products over (batch row, head), which need each head's rows contiguous:
+//   heads_split_f16: x [B·T, H·Dh] → [B, H, T, Dh];  heads_merge_f16: back.
+//   attention_softmax_f16: one warp per score row (b, h, i): visible keys j < key_len[b]
+//     (and j ≤ q_offset + i when causal); P = exp(scale·s − lse) rounded to fp16, 0 where
+//     invisible; lse = the row's log-sum-exp of scale·s (natural log; −inf and P = 0 for a
+//     row that sees no key), written at lse[(b·H + h)·Tq + i] as the fused kernels do.
+//   attention_scores_backward_f16: from S and dP = dO·Vᵀ (fp32), P again from lse, then
+//     dS = P·(dP − delta)·scale (delta[b, h, i] = Σ dO·O, attention_backward_delta_f16),
+//     both rounded to fp16 for the products dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
+// P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
+// fp32. Score rows are processed in chunks of whole (batch row, head) blocks (`first_bh`:
+// the chunk's first), so the scratch stays bounded; nothing depends on the chunking.
+// Shapes: S, dP, P, dS [chunk·Tq, Tk] (row r = (bh − first_bh)·Tq + i); lse, delta [B·H·Tq].
+#include "common.cuh"
+
+/// out[b, h, t, :] = x[b·T + t, h·Dh : (h+1)·Dh], 8 halves per thread (Dh a multiple of 8).
+extern "C" __global__ void heads_split_f16(__half* out, const __half* x, int batch, int len,
+                                           int heads, int head_dim) {
+    const long long vectors = (long long)batch * heads * len * (head_dim / 8);
+    for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
+         v += (long long)gridDim.x * blockDim.x) {
+        const long long e = v * 8;  // element of out
+        const int c = (int)(e % head_dim);
+        const long long bht = e / head_dim;  // (b·H + h)·T + t
+        const int t = (int)(bht % len);
+        const long long bh = bht / len;
+        const int h = (int)(bh % heads);
+        const long long b = bh / heads;
+        float f[8];
+        chingu::load_half8(f, x + (b * len + t) * heads * head_dim + (long long)h * head_dim + c);
+        chingu::store_half8(out + e, f);
+    }
+}
+
+/// x[b·T + t, h·Dh : (h+1)·Dh] = y[b, h, t, :] (the inverse of heads_split_f16).
+extern "C" __global__ void heads_merge_f16(__half* x, const __half* y, int batch, int len,
+                                           int heads, int head_dim) {
+    const long long vectors = (long long)batch * heads * len * (head_dim / 8);
+    for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
+         v += (long long)gridDim.x * blockDim.x) {
+        const long long e = v * 8;
+        const int c = (int)(e % head_dim);
+        const long long bht = e / head_dim;
+        const int t = (int)(bht % len);
+        const long long bh = bht / len;
+        const int h = (int)(bh % heads);
+        const long long b = bh / heads;
+        float f[8];
+        chingu::load_half8(f, y + e);
+        chingu::store_half8(x + (b * len + t) * heads * head_dim + (long long)h * head_dim + c, f);
+    }
+}
+
+/// Keys row (bh, i) sees: j < this count.
+__device__ __forceinline__ int visible_keys(const int* key_len, int bh, int i, int heads,
+                                            int k_len, int causal, int q_offset) {
+    int visible = min(key_len[bh / heads], k_len);
+    if (causal) visible = min(visible, q_offset + i + 1);
+    return visible;
+}
+
+/// One warp per score row of the chunk: P and lse from S (see the file comment).
+extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const float* s,
+                                                 const int* key_len, int rows, int q_len,
+                                                 int k_len, int heads, int causal, int q_offset,
+                                                 float scale, int first_bh) {
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // warp-uniform
+    const int bh = first_bh + (int)(r / q_len), i = (int)(r % q_len);
+    const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
+    const float* sr = s + r * k_len;
+    __half* pr = p + r * k_len;
+    float m = chingu::neg_inf();
+    for (int j = lane; j < visible; j += 32) m = fmaxf(m, sr[j] * scale);
+    m = chingu::warp_max(m);
+    float l = 0.0f;
+    for (int j = lane; j < visible; j += 32) l += expf(sr[j] * scale - m);
+    l = chingu::warp_sum(l);
+    // A row that sees no key: P = 0, lse = −inf (as the fused kernels).
+    const float row_lse = visible > 0 ? m + logf(l) : chingu::neg_inf();
+    for (int j = lane; j < k_len; j += 32)
+        pr[j] = __float2half_rn(j < visible ? expf(sr[j] * scale - row_lse) : 0.0f);
+    if (lane == 0) lse[(long long)bh * q_len + i] = row_lse;
+}
+
+/// P and dS for the backward products, elementwise over the chunk's [rows, Tk] scores.
+extern "C" __global__ void attention_scores_backward_f16(
+    __half* p, __half* ds, const float* s, const float* dp, const float* lse, const float* delta,
+    const int* key_len, int rows, int q_len, int k_len, int heads, int causal, int q_offset,
+    float scale, int first_bh) {
+    const long long n = (long long)rows * k_len;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (long long)gridDim.x * blockDim.x) {
+        const long long r = e / k_len;
+        const int j = (int)(e - r * k_len);
+        const int bh = first_bh + (int)(r / q_len), i = (int)(r % q_len);
+        const long long stat = (long long)bh * q_len + i;
+        const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
+        const float pj = j < visible ? expf(s[e] * scale - lse[stat]) : 0.0f;
+        p[e] = __float2half_rn(pj);
+        ds[e] = __float2half_rn(pj * (dp[e] - delta[stat]) * scale);
+    }
+}
