@@ -22,8 +22,8 @@
 //! 2⁻²⁴ for values in the subnormal range. A transposition,
 //! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
 
-use chingu_kernels::gpu::gemm::{gemm, gemm_gelu, gemm_gelu_grad, GemmOut};
-use chingu_kernels::gpu::{DeviceBuffer, Gpu, GpuError};
+use chingu_kernels::gpu::gemm::{gemm, gemm_gelu, gemm_gelu_grad, run, GemmOut};
+use chingu_kernels::gpu::{DeviceBuffer, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
 use half::f16;
 
@@ -97,7 +97,6 @@ enum Mode {
 }
 
 /// Runs one case and checks every element; returns the worst |error| / tolerance.
-#[allow(clippy::needless_range_loop)] // (i, j) index five arrays at once
 fn run_case(
     dev: &Gpu,
     rng: &mut SplitMix64,
@@ -142,6 +141,14 @@ fn run_case(
         run(GemmOut::F16(&mut c));
         c.to_host().unwrap().iter().map(|x| x.to_f64()).collect()
     };
+    check(&case, &got, p, &c0, &bias, c_f32)
+}
+
+/// Checks `got` = op(A)·op(B) + c0 + bias (per column) element by element at the tolerance of
+/// the file comment; returns the worst |error| / tolerance.
+#[allow(clippy::needless_range_loop)] // (i, j) index five arrays at once
+fn check(case: &str, got: &[f64], p: &Problem, c0: &[f64], bias: &[f64], c_f32: bool) -> f64 {
+    let (m, n, k) = (p.m, p.n, p.k);
     let accumulation = 4.0 * (k + 2) as f64 * 2f64.powi(-24);
     let mut worst: f64 = 0.0;
     for i in 0..m {
@@ -164,6 +171,79 @@ fn run_case(
         }
     }
     worst
+}
+
+/// Several products of one shape in one call (the strided batch of the GEMM attention path),
+/// each block against its own reference, for every transpose pair and both output types; C
+/// poisoned, so a block left unwritten fails.
+#[test]
+fn batched_products_match_their_references() {
+    let (m, n, k, count) = (33, 20, 24, 5);
+    let mut rng = SplitMix64(0xba7c);
+    let problems: Vec<Problem> = (0..count).map(|_| Problem::new(&mut rng, m, n, k)).collect();
+    let (zeros, no_bias) = (vec![0.0; m * n], vec![0.0; n]);
+    for dev in devices() {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a_host: Vec<f16> = problems
+                .iter()
+                .flat_map(|p| if trans_a { transpose(&p.a, m, k) } else { p.a.clone() })
+                .collect();
+            let b_host: Vec<f16> = problems
+                .iter()
+                .flat_map(|p| if trans_b { transpose(&p.b, k, n) } else { p.b.clone() })
+                .collect();
+            let a = DeviceBuffer::from_host(&dev, &a_host).unwrap();
+            let b = DeviceBuffer::from_host(&dev, &b_host).unwrap();
+            for c_f32 in [false, true] {
+                let case = format!(
+                    "{} batch of {count} {m}×{n}×{k} trans_a {trans_a} trans_b {trans_b} C f32 {c_f32}",
+                    dev.name()
+                );
+                let (c16, c32) = if c_f32 {
+                    (
+                        None,
+                        Some(
+                            DeviceBuffer::from_host(&dev, &vec![f32::NAN; count * m * n]).unwrap(),
+                        ),
+                    )
+                } else {
+                    (
+                        Some(
+                            DeviceBuffer::from_host(&dev, &vec![f16::NAN; count * m * n]).unwrap(),
+                        ),
+                        None,
+                    )
+                };
+                let c = c16.as_ref().map_or_else(|| c32.as_ref().unwrap().ptr(), |c| c.ptr());
+                let g = Gemm {
+                    m,
+                    n,
+                    k,
+                    a: a.ptr(),
+                    trans_a,
+                    b: b.ptr(),
+                    trans_b,
+                    c,
+                    c_f32,
+                    beta: 0.0,
+                    bias: None,
+                    epilogue: GemmEpilogue::None,
+                    batch: GemmBatch { count, stride_a: m * k, stride_b: k * n, stride_c: m * n },
+                };
+                // SAFETY: A, B and C hold `count` blocks of their shapes, at those strides.
+                unsafe { run(&dev, "", &g) }.unwrap_or_else(|e| panic!("{case}: {e}"));
+                let got: Vec<f64> = match (&c16, &c32) {
+                    (Some(c), _) => c.to_host().unwrap().iter().map(|x| x.to_f64()).collect(),
+                    (_, Some(c)) => c.to_host().unwrap().iter().map(|&x| f64::from(x)).collect(),
+                    _ => unreachable!(),
+                };
+                for (i, p) in problems.iter().enumerate() {
+                    let block = &got[i * m * n..(i + 1) * m * n];
+                    check(&format!("{case}, block {i}"), block, p, &zeros, &no_bias, c_f32);
+                }
+            }
+        }
+    }
 }
 
 #[test]
