@@ -5,7 +5,8 @@
 // query offset, out, lse), with the scores materialised: S = Q·Kᵀ (fp32) and O = P·V are
 // batched cuBLASLt products over (batch row, head), which need each head's rows contiguous:
 //   heads_split_f16: x [B·T, H·Dh] → [B, H, T, Dh];  heads_merge_f16: back.
-//   attention_softmax_f16: one warp per score row (b, h, i): visible keys j < key_len[b]
+//   attention_softmax_f16: one warp per score row (b, h, i), lanes along the keys (the row
+//     read three times: max, sum, P — the later reads from cache): visible keys j < key_len[b]
 //     (and j ≤ q_offset + i when causal); P = exp(scale·s − lse) rounded to fp16, 0 where
 //     invisible; lse = the row's log-sum-exp of scale·s (natural log; −inf and P = 0 for a
 //     row that sees no key), written at lse[(b·H + h)·Tq + i] as the fused kernels do.
@@ -18,41 +19,37 @@
 // Shapes: S, dP, P, dS [chunk·Tq, Tk] (row r = (bh − first_bh)·Tq + i); lse, delta [B·H·Tq].
 #include "common.cuh"
 
+/// The element of x [B·T, H·Dh] that element e of [B, H, T, Dh] is (32-bit: the launcher
+/// checks B·T·H·Dh fits an int, and 32-bit division is far cheaper than 64-bit).
+__device__ __forceinline__ unsigned head_major_to_row_major(unsigned e, unsigned len,
+                                                            unsigned heads, unsigned head_dim) {
+    const unsigned c = e % head_dim, bht = e / head_dim;  // bht = (b·H + h)·T + t
+    const unsigned t = bht % len, bh = bht / len;
+    const unsigned h = bh % heads, b = bh / heads;
+    return (b * len + t) * heads * head_dim + h * head_dim + c;
+}
+
 /// out[b, h, t, :] = x[b·T + t, h·Dh : (h+1)·Dh], 8 halves per thread (Dh a multiple of 8).
 extern "C" __global__ void heads_split_f16(__half* out, const __half* x, int batch, int len,
                                            int heads, int head_dim) {
-    const long long vectors = (long long)batch * heads * len * (head_dim / 8);
-    for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
-         v += (long long)gridDim.x * blockDim.x) {
-        const long long e = v * 8;  // element of out
-        const int c = (int)(e % head_dim);
-        const long long bht = e / head_dim;  // (b·H + h)·T + t
-        const int t = (int)(bht % len);
-        const long long bh = bht / len;
-        const int h = (int)(bh % heads);
-        const long long b = bh / heads;
+    const unsigned vectors = (unsigned)batch * heads * len * (head_dim / 8);
+    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
+         v += gridDim.x * blockDim.x) {
         float f[8];
-        chingu::load_half8(f, x + (b * len + t) * heads * head_dim + (long long)h * head_dim + c);
-        chingu::store_half8(out + e, f);
+        chingu::load_half8(f, x + head_major_to_row_major(8 * v, len, heads, head_dim));
+        chingu::store_half8(out + 8 * v, f);
     }
 }
 
 /// x[b·T + t, h·Dh : (h+1)·Dh] = y[b, h, t, :] (the inverse of heads_split_f16).
 extern "C" __global__ void heads_merge_f16(__half* x, const __half* y, int batch, int len,
                                            int heads, int head_dim) {
-    const long long vectors = (long long)batch * heads * len * (head_dim / 8);
-    for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
-         v += (long long)gridDim.x * blockDim.x) {
-        const long long e = v * 8;
-        const int c = (int)(e % head_dim);
-        const long long bht = e / head_dim;
-        const int t = (int)(bht % len);
-        const long long bh = bht / len;
-        const int h = (int)(bh % heads);
-        const long long b = bh / heads;
+    const unsigned vectors = (unsigned)batch * heads * len * (head_dim / 8);
+    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
+         v += gridDim.x * blockDim.x) {
         float f[8];
-        chingu::load_half8(f, y + e);
-        chingu::store_half8(x + (b * len + t) * heads * head_dim + (long long)h * head_dim + c, f);
+        chingu::load_half8(f, y + 8 * v);
+        chingu::store_half8(x + head_major_to_row_major(8 * v, len, heads, head_dim), f);
     }
 }
 
@@ -89,21 +86,23 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
     if (lane == 0) lse[(long long)bh * q_len + i] = row_lse;
 }
 
-/// P and dS for the backward products, elementwise over the chunk's [rows, Tk] scores.
+/// P and dS for the backward products: one warp per score row of the chunk (its statistics
+/// read once), lanes along the keys.
 extern "C" __global__ void attention_scores_backward_f16(
     __half* p, __half* ds, const float* s, const float* dp, const float* lse, const float* delta,
     const int* key_len, int rows, int q_len, int k_len, int heads, int causal, int q_offset,
     float scale, int first_bh) {
-    const long long n = (long long)rows * k_len;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += (long long)gridDim.x * blockDim.x) {
-        const long long r = e / k_len;
-        const int j = (int)(e - r * k_len);
-        const int bh = first_bh + (int)(r / q_len), i = (int)(r % q_len);
-        const long long stat = (long long)bh * q_len + i;
-        const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
-        const float pj = j < visible ? expf(s[e] * scale - lse[stat]) : 0.0f;
-        p[e] = __float2half_rn(pj);
-        ds[e] = __float2half_rn(pj * (dp[e] - delta[stat]) * scale);
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // warp-uniform
+    const int bh = first_bh + (int)(r / q_len), i = (int)(r % q_len);
+    const long long stat = (long long)bh * q_len + i;
+    const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
+    const float row_lse = lse[stat], row_delta = delta[stat];
+    const long long base = r * k_len;
+    for (int j = lane; j < k_len; j += 32) {
+        const float pj = j < visible ? expf(s[base + j] * scale - row_lse) : 0.0f;
+        p[base + j] = __float2half_rn(pj);
+        ds[base + j] = __float2half_rn(pj * (dp[base + j] - row_delta) * scale);
     }
 }

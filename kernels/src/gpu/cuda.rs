@@ -532,7 +532,18 @@ impl Blas {
             }
         }
 
-        let align = [alignment(g.b), alignment(g.a), alignment(g.c)];
+        // Every matrix of a batch must have the alignment the algorithm is chosen for: the
+        // first one's address and the stride between them (in bytes) both count.
+        let c_bytes = if g.c_f32 { 4 } else { 2 };
+        let batched = |ptr: DevicePtr, stride: usize, bytes: usize| {
+            let step = if g.batch.count > 1 { (stride * bytes) as DevicePtr } else { 0 };
+            alignment(ptr | step)
+        };
+        let align = [
+            batched(g.b, g.batch.stride_b, 2),
+            batched(g.a, g.batch.stride_a, 2),
+            batched(g.c, g.batch.stride_c, c_bytes),
+        ];
         let key = PlanKey {
             m,
             n,

@@ -135,7 +135,7 @@ fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
 
 /// Sets `bufs` to zero (the outputs of a shape without queries or keys).
 fn zero(dev: &Gpu, bufs: &mut [&mut DeviceBuffer<f16>]) -> Result<(), GpuError> {
-    for buf in bufs.iter_mut() {
+    for buf in bufs.iter_mut().filter(|b| !b.is_empty()) {
         // SAFETY: the buffer holds `len` halves.
         unsafe { dev.memset_zero(buf.ptr(), buf.len() * 2) }?;
     }
@@ -310,14 +310,9 @@ pub(super) fn backward(
             int(OP, "first block", first)?
         ];
         int(OP, "scores in a chunk", n)?;
-        launch(
-            dev,
-            "attention_scores_backward_f16",
-            (blocks_for(n), 1, 1),
-            (THREADS, 1, 1),
-            0,
-            args,
-        )?;
+        // One warp per score row.
+        let grid = ((count * tq).div_ceil((THREADS / 32) as usize) as u32, 1, 1);
+        launch(dev, "attention_scores_backward_f16", grid, (THREADS, 1, 1), 0, args)?;
         unsafe {
             // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
             batched(
