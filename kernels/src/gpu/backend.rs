@@ -587,9 +587,9 @@ impl Backend for GpuBackend {
     fn dropped_copy(&self, x: &GpuBuf, p: f32, key: DropoutKey) -> GpuBuf {
         const OP: &str = "dropped_copy";
         let x = half(OP, x);
-        let mut out = check(OP, DeviceBuffer::uninit(&self.dev, x.len()));
-        check(OP, ops::dropped_copy(&self.dev, &mut out, x, p, key));
-        GpuBuf::Half(out)
+        let mut out = self.for_overwrite(x.len());
+        check(OP, ops::dropped_copy(&self.dev, half_mut(OP, &mut out), x, p, key));
+        out
     }
 
     fn attention_stats_len(&self, shape: AttentionShape) -> usize {

@@ -267,7 +267,7 @@ pub fn bias_backward(
         return Ok(());
     }
     // 8 columns per thread where the shape and alignment allow.
-    let vector = cols % 8 == 0 && dy.ptr() % 16 == 0;
+    let vector = cols % 8 == 0 && aligned_for_vectors(&[dy.ptr()]);
     let (kernel, threads_per_chunk, chunk) = if vector {
         // Shorter chunks than the scalar kernel's (a thread has 8 columns' work per row),
         // but at most ~2^20 partials, and at most 65,535 chunks (grid.y's limit).
@@ -343,21 +343,22 @@ pub fn dropout(
     key: DropoutKey,
 ) -> Result<(), GpuError> {
     const OP: &str = "dropout_f16";
-    if !(0.0..1.0).contains(&p) {
-        return Err(shape(OP, format!("p = {p} must be in [0, 1)")));
-    }
+    let (base, threshold, keep_scale) = dropout_args(OP, p, key)?;
     if p == 0.0 {
         return Ok(());
     }
     let n = int(OP, "n", buf.len())?;
-    let (base, threshold, keep_scale) = dropout_args(p, key);
     elementwise(dev, OP, buf.len(), args![buf.ptr(), base, threshold, keep_scale, n])
 }
 
-/// The dropout kernels' key arguments: the mask's base, the drop threshold, the survivors'
-/// scale (the CPU backend's, so both drop the same elements by the same factor).
-fn dropout_args(p: f32, key: DropoutKey) -> (u64, u64, f32) {
-    (dropout_base(key), dropout_threshold(p), (1.0 / (1.0 - f64::from(p))) as f32)
+/// The dropout kernels' key arguments for `p` in [0, 1): the mask's base, the drop threshold,
+/// the survivors' scale (the CPU backend's, so both drop the same elements by the same
+/// factor).
+fn dropout_args(op: &'static str, p: f32, key: DropoutKey) -> Result<(u64, u64, f32), GpuError> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(shape(op, format!("p = {p} must be in [0, 1)")));
+    }
+    Ok((dropout_base(key), dropout_threshold(p), (1.0 / (1.0 - f64::from(p))) as f32))
 }
 
 /// `x = residual + dropout(x)` in one pass (bit for bit [`dropout`] on `x`, then
@@ -392,12 +393,9 @@ fn dropout_into(
     p: f32,
     key: DropoutKey,
 ) -> Result<(), GpuError> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(shape(op, format!("p = {p} must be in [0, 1)")));
-    }
+    let (base, threshold, keep_scale) = dropout_args(op, p, key)?;
     expect_len(op, "x", x, out.len())?;
     let n = int(op, "n", out.len())?;
-    let (base, threshold, keep_scale) = dropout_args(p, key);
     elementwise(dev, op, out.len(), args![out.ptr(), x.ptr(), base, threshold, keep_scale, n])
 }
 
@@ -446,12 +444,18 @@ pub fn layernorm_forward(
     }
 }
 
+/// Whether every buffer is 16-byte aligned, as the 8-half (128-bit) loads and stores of the
+/// vector kernels need (`chingu::load_half8`).
+fn aligned_for_vectors(buffers: &[super::DevicePtr]) -> bool {
+    buffers.iter().all(|&p| p % 16 == 0)
+}
+
 /// The vector LayerNorm kernels' size class (`_vec{1,2,3,4}`: rows up to 256 × it wide) when
 /// they apply: a width that is a multiple of 8 and at most 1,024, and every buffer 16-byte
 /// aligned (then so is every row, 8 halves being 16 bytes).
 fn layernorm_vectors(width: usize, buffers: &[super::DevicePtr]) -> Option<usize> {
-    let aligned = buffers.iter().all(|&p| p % 16 == 0);
-    (aligned && width % 8 == 0 && (1..=1024).contains(&width)).then(|| width.div_ceil(256))
+    (aligned_for_vectors(buffers) && width % 8 == 0 && (1..=1024).contains(&width))
+        .then(|| width.div_ceil(256))
 }
 
 /// LayerNorm backward: `dx += …` (fp16), `dgamma += …`, `dbeta += …` (fp32).

@@ -43,7 +43,9 @@ impl Dims {
     }
 }
 
-/// `x` `[B·len, H·Dh]` with each head's rows made contiguous: `[B, H, len, Dh]`.
+/// `x` `[B·len, H·Dh]` with each head's rows made contiguous: `[B, H, len, Dh]`. (The kernels
+/// move 8 halves at a time: buffers are whole allocations, 256-byte aligned, and Dh a multiple
+/// of 16, so every vector is 16-byte aligned.)
 fn split(
     dev: &Gpu,
     x: &DeviceBuffer<f16>,
