@@ -74,7 +74,9 @@ pub fn select(device: &str) -> anyhow::Result<Selected> {
     #[cfg(feature = "emu")]
     if std::env::var("CHINGU_EMULATED_GPU").as_deref() == Ok("1") {
         eprintln!("chingu: CHINGU_EMULATED_GPU=1: the CUDA kernels run emulated on the CPU");
-        return Ok(Selected::Cuda(std::sync::Arc::new(chingu_kernels::gpu::emu::EmuDevice::new())));
+        // CHINGU_EMU_SCHEDULE picks the launch schedule (in order unless set).
+        let dev = chingu_kernels::gpu::emu::EmuDevice::from_env()?;
+        return Ok(Selected::Cuda(std::sync::Arc::new(dev)));
     }
     #[cfg(feature = "cuda")]
     {

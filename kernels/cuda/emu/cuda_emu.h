@@ -20,6 +20,10 @@
 //     bare SIGSEGV). A fiber runs until it blocks in a barrier / warp collective or
 //     returns; the next runnable fiber is then resumed (FIFO). The schedule depends only on
 //     the kernel and its inputs, so results are deterministic run to run.
+//   * Shuffled schedules (SCHEDULES below): with a nonzero chingu_emu::schedule_seed() the
+//     blocks run in a seeded random order and, whenever a thread blocks, a seeded random
+//     runnable thread runs next, so a data race shows up as a result that changes with the
+//     seed.
 //   * All launches in the process are serialized by one global mutex (callers may be on
 //     many OS threads, e.g. Rust's test harness); a launch runs on the calling OS thread.
 //   * __syncthreads() is a real barrier over the block's threads. Strict mode (default,
@@ -62,7 +66,21 @@
 //     the size given at launch, 128-byte aligned, refilled with 0xFF bytes at the start of
 //     every block (reads of never-written shared memory give NaN / -1).
 //   * Atomics are plain read-modify-writes (all fibers run on one OS thread and switch
-//     only at barriers); __threadfence*() are no-ops. Data races are not detected.
+//     only at barriers); __threadfence*() are no-ops. Data races are not detected by
+//     watching accesses; a shuffled schedule exposes them (SCHEDULES).
+//
+// SCHEDULES
+//   chingu_emu::schedule_seed() is a per-OS-thread setting read at the start of each launch
+//   made from that thread. 0 (the default) is the in-order schedule above. Any other value
+//   is a seed: the grid's blocks run in a random permutation, and each time a thread blocks
+//   (barrier, warp collective, return) the next thread is drawn at random from the runnable
+//   ones. A thread still runs without interruption from one barrier or collective to the
+//   next, so what a schedule changes is which thread's stretch comes first: a read of
+//   another thread's write with no barrier (or __syncwarp) between them, a block that reads
+//   what another block of the same launch writes, or static __shared__ memory read before
+//   it is written in a block. A correct kernel gives the same bits under every seed; the
+//   same seed gives the same schedule. Callers compare an in-order run with a shuffled one
+//   (the Rust emulated device does this on every launch of the GPU tests).
 //
 // SUPPORTED
 //   __global__ __device__ __host__ __forceinline__ __constant__ __launch_bounds__ __align__,
@@ -568,6 +586,14 @@ inline Config& config() {
   return c;
 }
 
+// The thread schedule of the launches made from the calling OS thread: 0 = in order, any
+// other value = the seed of a shuffled schedule (see SCHEDULES). Per OS thread, so test
+// threads that launch concurrently cannot change each other's schedule.
+inline uint64_t& schedule_seed() {
+  static thread_local uint64_t seed = 0;
+  return seed;
+}
+
 constexpr size_t kFiberStackBytes = CHINGU_EMU_STACK_BYTES;
 constexpr size_t kGuardBytes = 64 * 1024;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
@@ -667,13 +693,31 @@ struct BlockBarrier {
   unsigned min_exit_linear;
 };
 
+// SplitMix64: the shuffled schedule's generator (the same one the Rust side uses).
+struct ScheduleRng {
+  uint64_t state = 0;
+  uint64_t next() {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [0, n) for n > 0 (the modulo bias is irrelevant for a schedule).
+  unsigned below(unsigned n) { return static_cast<unsigned>(next() % n); }
+};
+
 struct RunQueue {
   std::vector<unsigned> buf;
   unsigned head = 0, count = 0;
+  ScheduleRng* shuffle = nullptr;  // set: pop() takes a random queued thread, not the oldest
   void reset(unsigned cap) { buf.assign(cap, 0u); head = count = 0; }
   void push(unsigned v) { buf[(head + count) % buf.size()] = v; ++count; }
   int pop() {
     if (!count) return -1;
+    if (shuffle && count > 1) {
+      const size_t pick = (head + shuffle->below(count)) % buf.size();
+      std::swap(buf[pick], buf[head]);
+    }
     unsigned v = buf[head];
     head = static_cast<unsigned>((head + 1) % buf.size());
     --count;
@@ -692,6 +736,7 @@ struct Launch {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   RunQueue queue;
+  ScheduleRng rng;  // drives the shuffled schedule (unused in order)
   unsigned char* smem;
   uint3 block_idx;
   unsigned live;  // threads of the current block that have not returned
@@ -1365,6 +1410,9 @@ inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, voi
   L.invoke = invoke;
   L.invoke_ctx = ctx;
   L.cfg = config();
+  const uint64_t seed = schedule_seed();
+  L.rng.state = seed;
+  L.queue.shuffle = seed ? &L.rng : nullptr;
   L.nthreads = static_cast<unsigned>(nthreads);
   L.aborted = false;
   L.sched_fake = nullptr;
@@ -1404,13 +1452,23 @@ inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, voi
   g_launch = &L;
   g_blockDim = block;
   g_gridDim = grid;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        L.block_idx = uint3{bx, by, bz};
-        run_block(L);
-        if (L.aborted) throw launch_error(L.error);
-      }
+  const unsigned long long nblocks = 1ull * grid.x * grid.y * grid.z;
+  if (seed && nblocks > (1ull << 26))
+    throw bad("a shuffled schedule takes at most 2^26 blocks (its permutation is held in memory)");
+  std::vector<uint32_t> order;
+  if (seed) {
+    // Fisher-Yates over the linear block indices (x fastest).
+    order.resize(static_cast<size_t>(nblocks));
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<uint32_t>(i);
+    for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[L.rng.below(static_cast<unsigned>(i))]);
+  }
+  for (unsigned long long b = 0; b < nblocks; ++b) {
+    const unsigned long long linear = seed ? order[static_cast<size_t>(b)] : b;
+    L.block_idx = uint3{static_cast<unsigned>(linear % grid.x), static_cast<unsigned>((linear / grid.x) % grid.y),
+                        static_cast<unsigned>(linear / (1ull * grid.x * grid.y))};
+    run_block(L);
+    if (L.aborted) throw launch_error(L.error);
+  }
 }
 
 template <class Fn, class Tup, size_t... I>

@@ -18,6 +18,7 @@
 #include "../layernorm.cu"
 #include "../reduce.cu"
 
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -39,17 +40,44 @@ void dispatch(const char* name, void (*kernel)(A...), dim3 grid, dim3 block, siz
     unpack(name, kernel, grid, block, shared_bytes, args, std::index_sequence_for<A...>{});
 }
 
+// The values of the pointer-typed parameters in `args`, in parameter order (at most `cap`
+// written; the count is returned): which device memory a launch can touch.
+template <typename... A, std::size_t... I>
+size_t pointer_values(void (*)(A...), void** args, unsigned long long* out, size_t cap,
+                      std::index_sequence<I...>) {
+    size_t n = 0;
+    auto take = [&](auto* value) {
+        using T = std::remove_pointer_t<decltype(value)>;
+        if constexpr (std::is_pointer_v<T>) {
+            if (n < cap) out[n] = reinterpret_cast<std::uintptr_t>(*value);
+            ++n;
+        }
+    };
+    (take(static_cast<std::decay_t<A>*>(args[I])), ...);
+    return n;
+}
+
+template <typename... A>
+constexpr std::size_t arity(void (*)(A...)) {
+    return sizeof...(A);
+}
+
 using Thunk = void (*)(const char*, dim3, dim3, size_t, void**);
+using Pointers = size_t (*)(void**, unsigned long long*, size_t);
 struct Entry {
     const char* name;
     Thunk thunk;
+    Pointers pointers;
 };
 
-#define KERNEL(k)                                                             \
-    Entry {                                                                   \
-        #k, [](const char* n, dim3 g, dim3 b, size_t s, void** a) {           \
-            dispatch(n, &k, g, b, s, a);                                      \
-        }                                                                     \
+#define KERNEL(k)                                                                      \
+    Entry {                                                                            \
+        #k, [](const char* n, dim3 g, dim3 b, size_t s, void** a) {                    \
+            dispatch(n, &k, g, b, s, a);                                               \
+        },                                                                             \
+            [](void** a, unsigned long long* out, size_t cap) {                        \
+                return pointer_values(&k, a, out, cap, std::make_index_sequence<arity(&k)>{}); \
+            }                                                                          \
     }
 
 const Entry KERNELS[] = {
@@ -131,12 +159,15 @@ void write_error(char* err, size_t err_len, const char* message) {
 
 }  // namespace
 
-/// Runs kernel `name` to completion. Returns 0 on success; 1 for an unknown kernel, 2 for a
-/// launch the emulator refused or a kernel that threw (message in `err`).
+/// Runs kernel `name` to completion, in order (`schedule_seed` 0) or under the shuffled
+/// schedule that seed picks (cuda_emu.h, SCHEDULES). Returns 0 on success; 1 for an unknown
+/// kernel, 2 for a launch the emulator refused or a kernel that threw (message in `err`).
 extern "C" int chingu_emu_launch(const char* name, const unsigned* grid, const unsigned* block,
-                                 unsigned shared_bytes, void** args, char* err, size_t err_len) {
+                                 unsigned shared_bytes, void** args, unsigned long long schedule_seed,
+                                 char* err, size_t err_len) {
     for (const Entry& e : KERNELS) {
         if (std::strcmp(e.name, name) != 0) continue;
+        chingu_emu::schedule_seed() = schedule_seed;
         try {
             e.thunk(e.name, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]),
                     shared_bytes, args);
@@ -150,6 +181,16 @@ extern "C" int chingu_emu_launch(const char* name, const unsigned* grid, const u
     std::snprintf(message, sizeof message, "no kernel named %s in the emulated build", name);
     write_error(err, err_len, message);
     return 1;
+}
+
+/// Writes the values of kernel `name`'s pointer parameters in `args` (cuLaunchKernel's
+/// convention) to `out` (at most `cap`) and returns how many it has, or -1 for an unknown
+/// kernel. The emulated device uses it to find the memory a launch may write.
+extern "C" long long chingu_emu_pointer_args(const char* name, void** args, unsigned long long* out,
+                                             size_t cap) {
+    for (const Entry& e : KERNELS)
+        if (std::strcmp(e.name, name) == 0) return static_cast<long long>(e.pointers(args, out, cap));
+    return -1;
 }
 
 /// The kernel names, for the test that every .cu kernel is reachable.

@@ -12,6 +12,7 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cinttypes>
 #include <functional>
@@ -21,9 +22,11 @@
 namespace {
 
 int g_pass = 0, g_fail = 0;
+const char* g_schedule_note = "";  // appended to every check's name (the schedule it ran under)
 
 void check(bool ok, const char* name, const std::string& detail = std::string()) {
-  std::printf("[%s] %s%s%s\n", ok ? "PASS" : "FAIL", name, detail.empty() ? "" : ": ", detail.c_str());
+  std::printf("[%s] %s%s%s%s\n", ok ? "PASS" : "FAIL", name, g_schedule_note, detail.empty() ? "" : ": ",
+              detail.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail) += 1;
 }
@@ -450,6 +453,30 @@ __global__ void nested_launch(int* out) {
 
 __global__ void say_hello() {
   if (threadIdx.x == 0 && blockIdx.x == 1) std::printf("    (kernel printf: hello from block %u thread %u)\n", blockIdx.x, threadIdx.x);
+}
+
+// Each thread publishes its id + 1, then reads its right neighbour's: with the barrier the
+// result is the same under every schedule; without it, it depends on who ran first.
+__global__ void neighbour_read(int* out, bool barrier) {
+  CHINGU_DYNAMIC_SMEM(int, slots);
+  const unsigned t = threadIdx.x;
+  slots[t] = static_cast<int>(t) + 1;
+  if (barrier) __syncthreads();
+  out[blockIdx.x * blockDim.x + t] = slots[(t + 1) % blockDim.x];
+}
+
+// The same inside one warp, with or without __syncwarp.
+__global__ void lane_neighbour_read(int* out, bool barrier) {
+  CHINGU_DYNAMIC_SMEM(int, slots);
+  const unsigned t = threadIdx.x;
+  slots[t] = static_cast<int>(t) + 1;
+  if (barrier) __syncwarp();
+  out[t] = slots[t ^ 1u];
+}
+
+// The order in which blocks ran: each takes the next ticket.
+__global__ void block_tickets(unsigned* counter, unsigned* ticket) {
+  if (threadIdx.x == 0) ticket[blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)] = atomicAdd(counter, 1u);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -923,6 +950,101 @@ void test_timing() {
               std::chrono::duration<double>(t1 - t0).count() * 1e3);
 }
 
+// Runs `launch` with the calling thread's schedule set to `seed`, then back in order.
+template <class F>
+void with_seed(uint64_t seed, F&& launch) {
+  chingu_emu::schedule_seed() = seed;
+  launch();
+  chingu_emu::schedule_seed() = 0;
+}
+
+void test_schedules() {
+  const unsigned n = 256;
+  auto neighbours = [&](uint64_t seed, bool barrier) {
+    std::vector<int> out(2 * n);
+    with_seed(seed, [&] {
+      chingu_emu::launch("neighbour_read", neighbour_read, dim3(2), dim3(n), n * sizeof(int), out.data(), barrier);
+    });
+    return out;
+  };
+  // In order, thread t reads slot t+1 before thread t+1 wrote it (poison, -1); the last
+  // thread reads slot 0, written long before.
+  std::vector<int> in_order = neighbours(0, false);
+  bool ok = true;
+  for (unsigned b = 0; b < 2; ++b)
+    for (unsigned t = 0; t < n; ++t) ok = ok && in_order[b * n + t] == (t + 1 < n ? -1 : 1);
+  check(ok, "in order, a read of a neighbour's write with no barrier sees the unwritten slot");
+  int seeds_differing = 0;
+  bool same_seed_same = true, barrier_stable = true;
+  std::vector<int> want(2 * n);
+  for (unsigned i = 0; i < 2 * n; ++i) want[i] = static_cast<int>((i % n + 1) % n) + 1;
+  barrier_stable = neighbours(0, true) == want;
+  for (uint64_t seed = 1; seed <= 8; ++seed) {
+    std::vector<int> racy = neighbours(seed, false);
+    seeds_differing += racy != in_order;
+    same_seed_same = same_seed_same && racy == neighbours(seed, false);
+    barrier_stable = barrier_stable && neighbours(seed, true) == want;
+  }
+  check(seeds_differing == 8, "every shuffled schedule changes the racy result",
+        std::to_string(seeds_differing) + " of 8 seeds");
+  check(same_seed_same, "a seed gives the same schedule every time");
+  check(barrier_stable, "with the __syncthreads, in order and 8 shuffled schedules agree");
+
+  auto lanes = [&](uint64_t seed, bool barrier) {
+    std::vector<int> out(64);
+    with_seed(seed, [&] {
+      chingu_emu::launch("lane_neighbour_read", lane_neighbour_read, dim3(1), dim3(64), 64 * sizeof(int), out.data(),
+                         barrier);
+    });
+    return out;
+  };
+  std::vector<int> lanes_in_order = lanes(0, false);
+  int lane_seeds_differing = 0;
+  bool lanes_stable = true;
+  for (uint64_t seed = 1; seed <= 8; ++seed) {
+    lane_seeds_differing += lanes(seed, false) != lanes_in_order;
+    lanes_stable = lanes_stable && lanes(seed, true) == lanes(0, true);
+  }
+  check(lane_seeds_differing > 0 && lanes_stable,
+        "within a warp: no __syncwarp differs under shuffled schedules, with it none does",
+        std::to_string(lane_seeds_differing) + " of 8 seeds differ without it");
+
+  auto tickets = [&](uint64_t seed) {
+    unsigned counter = 0;
+    std::vector<unsigned> ticket(5 * 3 * 2);
+    with_seed(seed, [&] {
+      chingu_emu::launch("block_tickets", block_tickets, dim3(5, 3, 2), dim3(32), 0, &counter, ticket.data());
+    });
+    return ticket;
+  };
+  std::vector<unsigned> identity(30);
+  for (unsigned i = 0; i < 30; ++i) identity[i] = i;
+  std::vector<unsigned> shuffled = tickets(0x5eed), sorted = shuffled;
+  std::sort(sorted.begin(), sorted.end());
+  check(tickets(0) == identity && sorted == identity && shuffled != identity && tickets(0x5eed) == shuffled &&
+            tickets(0x5eee) != shuffled,
+        "blocks run x-fastest in order, in a seeded permutation (every block once) when shuffled");
+}
+
+// The correctness checks that do not depend on which thread runs first, again under a
+// shuffled schedule: a correct kernel's result must not change. (Not test_atomics: it checks
+// that thread 0 took the first ticket, which only the in-order schedule promises.)
+void test_under_shuffled_schedule() {
+  chingu_emu::schedule_seed() = 0x9e3779b9;
+  g_schedule_note = " [shuffled schedule]";
+  test_block_reduce();
+  test_warp_ops(96);
+  test_shfl_semantics();
+  test_partial_warp();
+  test_dyn_smem();
+  test_indices();
+  test_wmma();
+  test_mma_16816();
+  test_sync_count();
+  g_schedule_note = "";
+  chingu_emu::schedule_seed() = 0;
+}
+
 }  // namespace
 
 int main() {
@@ -943,6 +1065,8 @@ int main() {
   test_math();
   test_errors();
   test_concurrency();
+  test_schedules();
+  test_under_shuffled_schedule();
   test_timing();
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;

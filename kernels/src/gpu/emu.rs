@@ -1,9 +1,16 @@
 //! The emulated device: the same kernel sources compiled by g++ against our CUDA emulation
 //! layer (`kernels/cuda/emu/`, built by `kernels/build.rs`) and run on the CPU. Device memory
 //! is host memory; launches are synchronous and serialised by the emulator.
+//!
+//! A launch runs in order or under a shuffled thread and block schedule ([`Schedule`]); the
+//! GPU tests run every launch both ways over the same memory and fail on any byte that
+//! differs, which is how a data race (a missing barrier, blocks sharing an output) shows
+//! up on a CPU whose fibers never truly run at once.
 
 use std::alloc::{alloc, dealloc, Layout};
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use half::f16;
 
@@ -16,23 +23,134 @@ extern "C" {
         block: *const u32,
         shared_bytes: u32,
         args: *mut *mut c_void,
+        schedule_seed: u64,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+    fn chingu_emu_pointer_args(
+        name: *const c_char,
+        args: *mut *mut c_void,
+        out: *mut u64,
+        cap: usize,
+    ) -> i64;
     fn chingu_emu_kernel_name(index: usize) -> *const c_char;
 }
 
 /// Alignment of emulated allocations (cudaMalloc gives at least 256).
 const ALIGN: usize = 256;
 
+/// The environment variable that picks the emulated device's [`Schedule`].
+pub const SCHEDULE_VAR: &str = "CHINGU_EMU_SCHEDULE";
+
+/// The order in which the emulator runs a launch's blocks and threads (`cuda_emu.h`,
+/// SCHEDULES). A correct kernel gives the same bits under every schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// Blocks in x-fastest order, a block's threads first come, first served: the fastest.
+    InOrder,
+    /// Every launch under a shuffled schedule drawn from this seed and the launch's kernel
+    /// and shape (so a failure reproduces).
+    Shuffled {
+        /// Mixed with each launch's kernel and shape into that launch's seed.
+        seed: u64,
+    },
+    /// Every launch twice, in order and then shuffled (as `Shuffled`) from the same device
+    /// memory; a byte of device memory that differs between the two runs is an error naming
+    /// the kernel, the allocation (and the pointer argument into it) and the offset. Every
+    /// live allocation is compared, so memory reached through a table of pointers counts;
+    /// the device's other operations wait while a compared launch runs.
+    Compared {
+        /// As for `Shuffled`.
+        seed: u64,
+    },
+}
+
+impl Schedule {
+    /// The schedule the GPU tests run under unless [`SCHEDULE_VAR`] says otherwise.
+    pub const TESTS: Schedule = Schedule::Compared { seed: 0x5eed };
+
+    /// Parses `in-order`, `shuffled[:SEED]` or `compared[:SEED]` (SEED decimal or 0x-hex).
+    pub fn parse(text: &str) -> Result<Schedule, String> {
+        let (kind, seed) = match text.split_once(':') {
+            Some((kind, seed)) => {
+                let seed = seed.trim();
+                let parsed = match seed.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => seed.parse(),
+                };
+                (kind.trim(), Some(parsed.map_err(|_| format!("{seed:?} is not a seed (a u64)"))?))
+            }
+            None => (text.trim(), None),
+        };
+        let seed = seed.unwrap_or(0x5eed);
+        match kind {
+            "in-order" if text.trim() == "in-order" => Ok(Schedule::InOrder),
+            "shuffled" => Ok(Schedule::Shuffled { seed }),
+            "compared" => Ok(Schedule::Compared { seed }),
+            _ => Err(format!(
+                "{text:?} is not a schedule: expected in-order, shuffled[:SEED] or compared[:SEED]"
+            )),
+        }
+    }
+
+    /// [`SCHEDULE_VAR`]'s schedule, or `default` when it is unset.
+    pub fn from_env(default: Schedule) -> Result<Schedule, GpuError> {
+        match std::env::var(SCHEDULE_VAR) {
+            Ok(text) => Schedule::parse(&text)
+                .map_err(|message| GpuError::Driver { call: SCHEDULE_VAR.into(), message }),
+            Err(_) => Ok(default),
+        }
+    }
+
+    /// The shuffled schedule's seed for one launch: the schedule's seed mixed with the
+    /// kernel and its shape, never 0 (0 means in order to the emulator).
+    fn launch_seed(seed: u64, kernel: &str, grid: [u32; 3], block: [u32; 3], shared: u32) -> u64 {
+        // FNV-1a over everything that identifies the launch, then one SplitMix64 step.
+        let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+        let words = grid.iter().chain(&block).chain(std::iter::once(&shared));
+        for byte in kernel.bytes().chain(words.flat_map(|w| w.to_le_bytes())) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        crate::rng::SplitMix64(hash).next_u64().max(1)
+    }
+}
+
 /// The CPU-emulated CUDA device.
-#[derive(Debug, Default)]
-pub struct EmuDevice;
+#[derive(Debug)]
+pub struct EmuDevice {
+    schedule: Schedule,
+    /// Live allocations (address → bytes): the memory a compared launch checks.
+    live: Mutex<BTreeMap<usize, usize>>,
+    /// Held exclusively by a compared launch, shared by every other operation that touches
+    /// device memory, so no other thread changes or frees memory between its two runs.
+    gate: RwLock<()>,
+}
+
+impl Default for EmuDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl EmuDevice {
-    /// The emulated device.
+    /// The emulated device, launching in order.
     pub fn new() -> Self {
-        Self
+        Self::with_schedule(Schedule::InOrder)
+    }
+
+    /// The emulated device with the given launch schedule.
+    pub fn with_schedule(schedule: Schedule) -> Self {
+        Self { schedule, live: Mutex::new(BTreeMap::new()), gate: RwLock::new(()) }
+    }
+
+    /// The emulated device with [`SCHEDULE_VAR`]'s schedule, in order when it is unset.
+    pub fn from_env() -> Result<Self, GpuError> {
+        Ok(Self::with_schedule(Schedule::from_env(Schedule::InOrder)?))
+    }
+
+    /// The schedule this device launches under.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
     }
 
     /// Every kernel the emulated build knows.
@@ -50,6 +168,151 @@ impl EmuDevice {
         }
         names
     }
+
+    /// One run of a launch under `seed` (0: in order).
+    ///
+    /// # Safety
+    /// As [`Device::launch`].
+    unsafe fn run(
+        &self,
+        kernel: &CStr,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+        seed: u64,
+    ) -> Result<(), String> {
+        let mut err = vec![0 as c_char; 1024];
+        // SAFETY: the caller guarantees the arguments match the kernel.
+        let rc = unsafe {
+            chingu_emu_launch(
+                kernel.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                shared_bytes,
+                args.as_mut_ptr(),
+                seed,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: the emulator wrote a NUL-terminated message.
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
+    }
+
+    /// Shared access to device memory for an operation other than a compared launch: held
+    /// only when this device compares launches (see `gate`).
+    fn shared(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        matches!(self.schedule, Schedule::Compared { .. })
+            .then(|| self.gate.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Every live allocation as (address, bytes).
+    fn live_allocations(&self) -> Vec<(usize, usize)> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.iter().map(|(&start, &bytes)| (start, bytes)).collect()
+    }
+
+    /// The number (among the pointer parameters) of the first of `kernel`'s pointer
+    /// arguments that points into the allocation at `start` of `bytes`, if any does.
+    ///
+    /// # Safety
+    /// `args` must match the kernel (as for [`Device::launch`]).
+    unsafe fn argument_into(
+        kernel: &CStr,
+        args: &mut [*mut c_void],
+        start: usize,
+        bytes: usize,
+    ) -> Option<usize> {
+        let mut pointers = [0u64; 32];
+        // SAFETY: the caller guarantees the arguments match the kernel; `pointers` holds 32.
+        let count = unsafe {
+            chingu_emu_pointer_args(kernel.as_ptr(), args.as_mut_ptr(), pointers.as_mut_ptr(), 32)
+        };
+        let count = usize::try_from(count).unwrap_or(0).min(pointers.len());
+        pointers[..count]
+            .iter()
+            .position(|&p| (start..start + bytes.max(1)).contains(&(p as usize)))
+    }
+
+    /// A compared launch (see [`Schedule::Compared`]).
+    ///
+    /// # Safety
+    /// As [`Device::launch`].
+    unsafe fn run_compared(
+        &self,
+        kernel: &CStr,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+        seed: u64,
+    ) -> Result<(), String> {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let regions = self.live_allocations();
+        // SAFETY: the regions are live and stay so (every free waits for the gate); the
+        // caller guarantees the arguments.
+        unsafe {
+            let before = snapshot(&regions);
+            self.run(kernel, grid, block, shared_bytes, args, 0)?;
+            let in_order = snapshot(&regions);
+            restore(&regions, &before);
+            drop(before);
+            self.run(kernel, grid, block, shared_bytes, args, seed).map_err(|e| {
+                format!(
+                    "fails only under a shuffled schedule (seed {seed:#x}; in order it ran), so \
+                     it depends on the order of threads or blocks: {e}"
+                )
+            })?;
+            for (&(start, bytes), in_order) in regions.iter().zip(&in_order) {
+                let shuffled = std::slice::from_raw_parts(start as *const u8, bytes);
+                let Some(offset) = in_order.iter().zip(shuffled).position(|(x, y)| x != y) else {
+                    continue;
+                };
+                let reached = match Self::argument_into(kernel, args, start, bytes) {
+                    Some(n) => format!("pointer argument #{n} points into it"),
+                    None => "no pointer argument points into it".to_string(),
+                };
+                return Err(format!(
+                    "its result depends on the order of threads or blocks (a data race: a \
+                     read of another thread's write with no barrier between them, or blocks \
+                     that share an output): the allocation of {bytes} bytes at {start:#x} \
+                     ({reached}) differs first at byte {offset}: {:#04x} in order, {:#04x} \
+                     under the shuffled schedule (seed {seed:#x})",
+                    in_order[offset], shuffled[offset]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A copy of each allocation's bytes.
+///
+/// # Safety
+/// Every (address, bytes) must be a live allocation.
+unsafe fn snapshot(regions: &[(usize, usize)]) -> Vec<Vec<u8>> {
+    regions
+        .iter()
+        // SAFETY: the caller guarantees each region is live.
+        .map(|&(start, bytes)| {
+            unsafe { std::slice::from_raw_parts(start as *const u8, bytes) }.to_vec()
+        })
+        .collect()
+}
+
+/// Writes each snapshot back over its allocation.
+///
+/// # Safety
+/// As [`snapshot`], with `copies` taken from the same regions.
+unsafe fn restore(regions: &[(usize, usize)], copies: &[Vec<u8>]) {
+    for (&(start, _), copy) in regions.iter().zip(copies) {
+        // SAFETY: the caller guarantees the region is live and as large as its copy.
+        unsafe { std::ptr::copy_nonoverlapping(copy.as_ptr(), start as *mut u8, copy.len()) };
+    }
 }
 
 impl Device for EmuDevice {
@@ -64,6 +327,7 @@ impl Device for EmuDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
+        let _shared = self.shared();
         let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
         // SAFETY: non-zero size.
         let ptr = unsafe { alloc(layout) };
@@ -77,22 +341,27 @@ impl Device for EmuDevice {
         // output unwritten fails its test.
         // SAFETY: `ptr` holds `bytes` bytes.
         unsafe { std::ptr::write_bytes(ptr, 0xFF, bytes.max(1)) };
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(ptr as usize, bytes);
         Ok(ptr as DevicePtr)
     }
 
     unsafe fn free(&self, ptr: DevicePtr, bytes: usize) {
+        let _shared = self.shared();
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&(ptr as usize));
         let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
         // SAFETY: allocated by `alloc` with this layout.
         unsafe { dealloc(ptr as *mut u8, layout) };
     }
 
     unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
+        let _shared = self.shared();
         // SAFETY: `dst` is an allocation at least as large (DeviceBuffer checks).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }
 
     unsafe fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {
+        let _shared = self.shared();
         // SAFETY: `dst` is an allocation of at least `bytes` (the callers check).
         unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
         Ok(())
@@ -104,12 +373,14 @@ impl Device for EmuDevice {
         src: DevicePtr,
         bytes: usize,
     ) -> Result<(), GpuError> {
+        let _shared = self.shared();
         // SAFETY: as above; `copy` allows overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
     }
 
     unsafe fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), GpuError> {
+        let _shared = self.shared();
         // SAFETY: as for upload.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -125,25 +396,23 @@ impl Device for EmuDevice {
     ) -> Result<(), GpuError> {
         let name = CString::new(kernel).expect("kernel name");
         let (grid, block) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
-        let mut err = vec![0 as c_char; 1024];
-        // SAFETY: the caller guarantees the arguments match the kernel.
-        let rc = unsafe {
-            chingu_emu_launch(
-                name.as_ptr(),
-                grid.as_ptr(),
-                block.as_ptr(),
-                shared_bytes,
-                args.as_mut_ptr(),
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        };
-        if rc == 0 {
-            return Ok(());
+        let failed = |message: String| GpuError::Emulation { kernel: kernel.to_string(), message };
+        let shuffled = |seed| Schedule::launch_seed(seed, kernel, grid, block, shared_bytes);
+        match self.schedule {
+            // SAFETY (all three): the caller guarantees the arguments match the kernel.
+            Schedule::InOrder => {
+                unsafe { self.run(&name, grid, block, shared_bytes, args, 0) }.map_err(failed)
+            }
+            Schedule::Shuffled { seed } => {
+                let seed = shuffled(seed);
+                unsafe { self.run(&name, grid, block, shared_bytes, args, seed) }.map_err(failed)
+            }
+            Schedule::Compared { seed } => {
+                let seed = shuffled(seed);
+                unsafe { self.run_compared(&name, grid, block, shared_bytes, args, seed) }
+                    .map_err(failed)
+            }
         }
-        // SAFETY: the emulator wrote a NUL-terminated message.
-        let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        Err(GpuError::Emulation { kernel: kernel.to_string(), message })
     }
 
     fn synchronize(&self) -> Result<(), GpuError> {
@@ -151,6 +420,7 @@ impl Device for EmuDevice {
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
+        let _shared = self.shared();
         let batch = g.batch;
         if batch.count > 1 && (g.bias.is_some() || g.epilogue != GemmEpilogue::None) {
             return Err(GpuError::Shape {

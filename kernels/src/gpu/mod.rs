@@ -322,15 +322,23 @@ impl<T: Element> Drop for DeviceBuffer<T> {
     }
 }
 
-/// The devices GPU test bodies run on: the emulated device; with `CHINGU_GPU_TESTS=1` also
-/// CUDA device 0, with `CHINGU_GPU_TESTS=only` that device alone (for a GPU machine, where the
-/// emulated runs add nothing CI has not shown). When asked for, a GPU that cannot be opened is
-/// a panic, never a skip. Devices are opened once per process.
+/// The devices GPU test bodies run on: the emulated device, every launch run in order and
+/// under a shuffled schedule and compared ([`emu::Schedule::TESTS`]; `CHINGU_EMU_SCHEDULE`
+/// overrides); with `CHINGU_GPU_TESTS=1` also CUDA device 0, with `CHINGU_GPU_TESTS=only` that
+/// device alone (for a GPU machine, where the emulated runs add nothing CI has not shown).
+/// When asked for, a GPU that cannot be opened is a panic, never a skip. Devices are opened
+/// once per process.
 #[cfg(feature = "emu")]
 pub fn test_devices() -> Vec<Gpu> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Gpu> = OnceLock::new();
-    let emu = || EMU.get_or_init(|| Arc::new(emu::EmuDevice::new())).clone();
+    let emu = || {
+        EMU.get_or_init(|| match emu::Schedule::from_env(emu::Schedule::TESTS) {
+            Ok(schedule) => Arc::new(emu::EmuDevice::with_schedule(schedule)),
+            Err(e) => panic!("{e}"),
+        })
+        .clone()
+    };
     let wanted = std::env::var("CHINGU_GPU_TESTS").unwrap_or_default();
     let gpu = || -> Gpu {
         #[cfg(feature = "cuda")]

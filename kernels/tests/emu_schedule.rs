@@ -1,0 +1,119 @@
+//! The emulated device's schedules (`chingu_kernels::gpu::emu::Schedule`): a compared launch
+//! finds a data race that the in-order schedule hides, names the allocation and argument,
+//! and passes a race-free launch of the same kernel; settings parse as documented.
+//!
+//! The race is a real kernel given overlapping arguments: `add_assign_f32(acc, x, n)` with
+//! `x` one element behind `acc`, so thread i reads what thread i − 1 writes. In order,
+//! thread i − 1 always runs first (and block b − 1 before block b), so the result is the
+//! prefix sum; under a shuffled schedule some reads come first and see the old values.
+
+use std::ffi::c_void;
+
+use chingu_kernels::gpu::emu::{EmuDevice, Schedule};
+use chingu_kernels::gpu::{DeviceBuffer, Gpu, GpuError};
+use std::sync::Arc;
+
+const N: usize = 2048;
+const THREADS: u32 = 256;
+
+/// `add_assign_f32(buf + 1, buf, N)` over ones: element i + 1 gets element i's new or old
+/// value, whichever the schedule lets it see.
+fn overlapping_add(dev: &Gpu) -> (Result<(), GpuError>, Vec<f32>) {
+    let buf = DeviceBuffer::from_host(dev, &vec![1.0f32; N + 1]).unwrap();
+    let (acc, x, n) = (buf.ptr() + 4, buf.ptr(), N as i32);
+    let mut args = [
+        &acc as *const _ as *mut c_void,
+        &x as *const _ as *mut c_void,
+        &n as *const _ as *mut c_void,
+    ];
+    let grid = (N as u32).div_ceil(THREADS);
+    // SAFETY: the arguments match add_assign_f32(float*, const float*, int) and the buffer
+    // holds N + 1 floats.
+    let result =
+        unsafe { dev.launch("add_assign_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) };
+    (result, buf.to_host().unwrap())
+}
+
+fn device(schedule: Schedule) -> Gpu {
+    Arc::new(EmuDevice::with_schedule(schedule))
+}
+
+#[test]
+fn in_order_the_race_gives_the_prefix_sum() {
+    let (result, values) = overlapping_add(&device(Schedule::InOrder));
+    result.unwrap();
+    let want: Vec<f32> = (1..=N + 1).map(|i| i as f32).collect();
+    assert_eq!(values, want);
+}
+
+#[test]
+fn a_shuffled_schedule_changes_the_racy_result() {
+    let (result, values) = overlapping_add(&device(Schedule::Shuffled { seed: 3 }));
+    result.unwrap();
+    let prefix_sum = values.iter().enumerate().filter(|&(i, &v)| v == (i + 1) as f32).count();
+    assert!(
+        prefix_sum < N / 2,
+        "only {} of {} elements differ from the in-order result",
+        N + 1 - prefix_sum,
+        N + 1
+    );
+    // The same seed replays the same schedule.
+    let (_, again) = overlapping_add(&device(Schedule::Shuffled { seed: 3 }));
+    assert_eq!(values, again);
+}
+
+#[test]
+fn a_compared_launch_reports_the_race_by_kernel_allocation_and_argument() {
+    let (result, _) = overlapping_add(&device(Schedule::Compared { seed: 3 }));
+    let message = match result {
+        Err(GpuError::Emulation { kernel, message }) => {
+            assert_eq!(kernel, "add_assign_f32");
+            message
+        }
+        other => panic!("expected an emulation error, got {other:?}"),
+    };
+    for needle in [
+        "depends on the order of threads or blocks",
+        &format!("the allocation of {} bytes", (N + 1) * 4),
+        "pointer argument #0 points into it",
+        "in order",
+    ] {
+        assert!(message.contains(needle), "{needle:?} is not in: {message}");
+    }
+}
+
+#[test]
+fn a_compared_launch_without_a_race_passes_and_leaves_the_in_order_result() {
+    let dev = device(Schedule::Compared { seed: 3 });
+    let acc = DeviceBuffer::from_host(&dev, &vec![1.0f32; N]).unwrap();
+    let x: Vec<f32> = (0..N).map(|i| i as f32).collect();
+    let x = DeviceBuffer::from_host(&dev, &x).unwrap();
+    let (acc_ptr, x_ptr, n) = (acc.ptr(), x.ptr(), N as i32);
+    let mut args = [
+        &acc_ptr as *const _ as *mut c_void,
+        &x_ptr as *const _ as *mut c_void,
+        &n as *const _ as *mut c_void,
+    ];
+    let grid = (N as u32).div_ceil(THREADS);
+    // SAFETY: as above, with separate buffers of N floats.
+    unsafe { dev.launch("add_assign_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) }.unwrap();
+    // Run once, not twice: each element got x added exactly once.
+    let want: Vec<f32> = (0..N).map(|i| 1.0 + i as f32).collect();
+    assert_eq!(acc.to_host().unwrap(), want);
+}
+
+#[test]
+fn schedules_parse_as_documented() {
+    assert_eq!(Schedule::parse("in-order"), Ok(Schedule::InOrder));
+    assert_eq!(Schedule::parse("shuffled:42"), Ok(Schedule::Shuffled { seed: 42 }));
+    assert_eq!(Schedule::parse("compared:0x10"), Ok(Schedule::Compared { seed: 16 }));
+    assert_eq!(Schedule::parse("compared"), Ok(Schedule::TESTS));
+    for bad in ["", "random", "in-order:3", "shuffled:x", "compared:-1"] {
+        let err = Schedule::parse(bad).unwrap_err();
+        assert!(
+            err.contains("in-order, shuffled[:SEED] or compared[:SEED]")
+                || err.contains("is not a seed"),
+            "{bad:?}: {err}"
+        );
+    }
+}
