@@ -5,7 +5,8 @@
 //! A launch runs in order or under a shuffled thread and block schedule ([`Schedule`]); the
 //! GPU tests run every launch both ways over the same memory and fail on any byte that
 //! differs, which is how a data race (a missing barrier, blocks sharing an output) shows
-//! up on a CPU whose fibers never truly run at once.
+//! up on a CPU whose fibers never truly run at once. Every allocation sits between guard
+//! bytes; a launch that changes them wrote out of bounds and fails.
 
 use std::alloc::{alloc, dealloc, Layout};
 use std::collections::BTreeMap;
@@ -38,6 +39,18 @@ extern "C" {
 
 /// Alignment of emulated allocations (cudaMalloc gives at least 256).
 const ALIGN: usize = 256;
+
+/// Bytes of guard before and after every emulated allocation (a multiple of [`ALIGN`], so
+/// the allocation keeps its alignment), filled with [`GUARD_BYTE`]; a launch that changes
+/// one wrote outside its buffer, which on a GPU corrupts a neighbour or faults.
+const GUARD: usize = 256;
+/// The guards' fill.
+const GUARD_BYTE: u8 = 0xA5;
+
+/// The layout of an allocation of `bytes` with its guards.
+fn guarded_layout(bytes: usize) -> Layout {
+    Layout::from_size_align(bytes.max(1) + 2 * GUARD, ALIGN).expect("allocation size")
+}
 
 /// The environment variable that picks the emulated device's [`Schedule`].
 pub const SCHEDULE_VAR: &str = "CHINGU_EMU_SCHEDULE";
@@ -216,6 +229,21 @@ impl EmuDevice {
         live.iter().map(|(&start, &bytes)| (start, bytes)).collect()
     }
 
+    /// The values of `kernel`'s pointer arguments, in parameter order.
+    ///
+    /// # Safety
+    /// `args` must match the kernel (as for [`Device::launch`]).
+    unsafe fn pointer_arguments(kernel: &CStr, args: &mut [*mut c_void]) -> Vec<usize> {
+        let mut pointers = [0u64; 32];
+        // SAFETY: the caller guarantees the arguments match the kernel; `pointers` holds 32.
+        let count = unsafe {
+            chingu_emu_pointer_args(kernel.as_ptr(), args.as_mut_ptr(), pointers.as_mut_ptr(), 32)
+        };
+        let count = usize::try_from(count).unwrap_or(0);
+        assert!(count <= pointers.len(), "a kernel with more than 32 pointer parameters");
+        pointers[..count].iter().map(|&p| p as usize).collect()
+    }
+
     /// The number (among the pointer parameters) of the first of `kernel`'s pointer
     /// arguments that points into the allocation at `start` of `bytes`, if any does.
     ///
@@ -227,15 +255,74 @@ impl EmuDevice {
         start: usize,
         bytes: usize,
     ) -> Option<usize> {
-        let mut pointers = [0u64; 32];
-        // SAFETY: the caller guarantees the arguments match the kernel; `pointers` holds 32.
-        let count = unsafe {
-            chingu_emu_pointer_args(kernel.as_ptr(), args.as_mut_ptr(), pointers.as_mut_ptr(), 32)
-        };
-        let count = usize::try_from(count).unwrap_or(0).min(pointers.len());
-        pointers[..count]
-            .iter()
-            .position(|&p| (start..start + bytes.max(1)).contains(&(p as usize)))
+        // SAFETY: as the caller guarantees.
+        let pointers = unsafe { Self::pointer_arguments(kernel, args) };
+        pointers.iter().position(|&p| (start..start + bytes.max(1)).contains(&p))
+    }
+
+    /// The live allocations `kernel`'s pointer arguments point into, each once.
+    ///
+    /// # Safety
+    /// `args` must match the kernel (as for [`Device::launch`]).
+    unsafe fn reached_allocations(
+        &self,
+        kernel: &CStr,
+        args: &mut [*mut c_void],
+    ) -> Vec<(usize, usize)> {
+        // SAFETY: as the caller guarantees.
+        let pointers = unsafe { Self::pointer_arguments(kernel, args) };
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reached: Vec<(usize, usize)> = Vec::new();
+        for address in pointers {
+            let Some((&start, &bytes)) = live.range(..=address).next_back() else { continue };
+            if address < start + bytes.max(1) && !reached.iter().any(|r| r.0 == start) {
+                reached.push((start, bytes));
+            }
+        }
+        reached
+    }
+
+    /// An error for the first allocation among `regions` whose guard a launch changed.
+    ///
+    /// # Safety
+    /// The regions must be live allocations of this device; `args` must match the kernel.
+    unsafe fn check_guards(
+        kernel: &CStr,
+        args: &mut [*mut c_void],
+        regions: &[(usize, usize)],
+    ) -> Result<(), String> {
+        for &(start, bytes) in regions {
+            // SAFETY: every allocation has its guards on either side.
+            let (before, after) = unsafe {
+                (
+                    std::slice::from_raw_parts((start - GUARD) as *const u8, GUARD),
+                    std::slice::from_raw_parts((start + bytes.max(1)) as *const u8, GUARD),
+                )
+            };
+            let first_before = before.iter().position(|&b| b != GUARD_BYTE);
+            let last_after = after.iter().rposition(|&b| b != GUARD_BYTE);
+            if first_before.is_none() && last_after.is_none() {
+                continue;
+            }
+            let mut outside = Vec::new();
+            if let Some(i) = first_before {
+                outside.push(format!("up to {} bytes before its start", GUARD - i));
+            }
+            if let Some(i) = last_after {
+                outside.push(format!("up to {} bytes past its end", i + 1));
+            }
+            // SAFETY: as the caller guarantees.
+            let reached = match unsafe { Self::argument_into(kernel, args, start, bytes) } {
+                Some(n) => format!("pointer argument #{n} points into it"),
+                None => "no pointer argument points into it".to_string(),
+            };
+            return Err(format!(
+                "it wrote outside the allocation of {bytes} bytes at {start:#x} ({reached}): {} \
+                 (a GPU would corrupt a neighbouring buffer or fault)",
+                outside.join(" and ")
+            ));
+        }
+        Ok(())
     }
 
     /// A compared launch (see [`Schedule::Compared`]).
@@ -258,6 +345,7 @@ impl EmuDevice {
         unsafe {
             let before = snapshot(&regions);
             self.run(kernel, grid, block, shared_bytes, args, 0)?;
+            Self::check_guards(kernel, args, &regions)?;
             let in_order = snapshot(&regions);
             restore(&regions, &before);
             drop(before);
@@ -267,6 +355,7 @@ impl EmuDevice {
                      it depends on the order of threads or blocks: {e}"
                 )
             })?;
+            Self::check_guards(kernel, args, &regions)?;
             for (&(start, bytes), in_order) in regions.iter().zip(&in_order) {
                 let shuffled = std::slice::from_raw_parts(start as *const u8, bytes);
                 let Some(offset) = in_order.iter().zip(shuffled).position(|(x, y)| x != y) else {
@@ -328,19 +417,25 @@ impl Device for EmuDevice {
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
         let _shared = self.shared();
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
+        let layout = guarded_layout(bytes);
         // SAFETY: non-zero size.
-        let ptr = unsafe { alloc(layout) };
-        if ptr.is_null() {
+        let base = unsafe { alloc(layout) };
+        if base.is_null() {
             return Err(GpuError::Driver {
                 call: "emu alloc".into(),
                 message: format!("out of memory for {bytes} bytes"),
             });
         }
         // Poison fresh memory (0xFF bytes are NaN in f16/f32/f64) so a kernel that leaves an
-        // output unwritten fails its test.
-        // SAFETY: `ptr` holds `bytes` bytes.
-        unsafe { std::ptr::write_bytes(ptr, 0xFF, bytes.max(1)) };
+        // output unwritten fails its test; the guards on either side get their own pattern.
+        // SAFETY: `base` holds the guards and `bytes.max(1)` bytes between them.
+        let ptr = unsafe {
+            std::ptr::write_bytes(base, GUARD_BYTE, GUARD);
+            let ptr = base.add(GUARD);
+            std::ptr::write_bytes(ptr, 0xFF, bytes.max(1));
+            std::ptr::write_bytes(ptr.add(bytes.max(1)), GUARD_BYTE, GUARD);
+            ptr
+        };
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(ptr as usize, bytes);
         Ok(ptr as DevicePtr)
     }
@@ -348,9 +443,8 @@ impl Device for EmuDevice {
     unsafe fn free(&self, ptr: DevicePtr, bytes: usize) {
         let _shared = self.shared();
         self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&(ptr as usize));
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("allocation size");
-        // SAFETY: allocated by `alloc` with this layout.
-        unsafe { dealloc(ptr as *mut u8, layout) };
+        // SAFETY: allocated by `alloc` with this layout, `GUARD` bytes after its start.
+        unsafe { dealloc((ptr as *mut u8).sub(GUARD), guarded_layout(bytes)) };
     }
 
     unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
@@ -400,12 +494,16 @@ impl Device for EmuDevice {
         let shuffled = |seed| Schedule::launch_seed(seed, kernel, grid, block, shared_bytes);
         match self.schedule {
             // SAFETY (all three): the caller guarantees the arguments match the kernel.
-            Schedule::InOrder => {
-                unsafe { self.run(&name, grid, block, shared_bytes, args, 0) }.map_err(failed)
-            }
-            Schedule::Shuffled { seed } => {
-                let seed = shuffled(seed);
-                unsafe { self.run(&name, grid, block, shared_bytes, args, seed) }.map_err(failed)
+            Schedule::InOrder | Schedule::Shuffled { .. } => {
+                let seed = match self.schedule {
+                    Schedule::Shuffled { seed } => shuffled(seed),
+                    _ => 0,
+                };
+                // The caller keeps the buffers it passes alive until the launch returns.
+                let regions = unsafe { self.reached_allocations(&name, args) };
+                unsafe { self.run(&name, grid, block, shared_bytes, args, seed) }
+                    .map_err(failed)?;
+                unsafe { Self::check_guards(&name, args, &regions) }.map_err(failed)
             }
             Schedule::Compared { seed } => {
                 let seed = shuffled(seed);

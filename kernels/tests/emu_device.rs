@@ -1,6 +1,7 @@
-//! The emulated device's schedules (`chingu_kernels::gpu::emu::Schedule`): a compared launch
-//! finds a data race that the in-order schedule hides, names the allocation and argument,
-//! and passes a race-free launch of the same kernel; settings parse as documented.
+//! The emulated device's own checks (`chingu_kernels::gpu::emu`): its schedules — a compared
+//! launch finds a data race that the in-order schedule hides, names the allocation and
+//! argument, and passes a race-free launch of the same kernel; settings parse as documented —
+//! and the guards around every allocation, which catch a write past a buffer's end.
 //!
 //! The race is a real kernel given overlapping arguments: `add_assign_f32(acc, x, n)` with
 //! `x` one element behind `acc`, so thread i reads what thread i − 1 writes. In order,
@@ -115,5 +116,40 @@ fn schedules_parse_as_documented() {
                 || err.contains("is not a seed"),
             "{bad:?}: {err}"
         );
+    }
+}
+
+/// `scale_f32(buf, 2, n)` told about `extra` more floats than the buffer holds.
+fn scale_past_the_end(dev: &Gpu, extra: usize) -> Result<Vec<f32>, GpuError> {
+    let buf = DeviceBuffer::from_host(dev, &vec![1.0f32; N]).unwrap();
+    let (ptr, factor, n) = (buf.ptr(), 2.0f32, (N + extra) as i32);
+    let mut args = [
+        &ptr as *const _ as *mut c_void,
+        &factor as *const _ as *mut c_void,
+        &n as *const _ as *mut c_void,
+    ];
+    let grid = (N as u32 + extra as u32).div_ceil(THREADS);
+    // SAFETY: the arguments match scale_f32(float*, float, int); the writes past the buffer
+    // land in the emulated allocation's guard, which is there to take them.
+    unsafe { dev.launch("scale_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) }?;
+    buf.to_host()
+}
+
+#[test]
+fn a_write_past_the_end_of_a_buffer_is_reported_under_every_schedule() {
+    for schedule in [Schedule::InOrder, Schedule::Shuffled { seed: 1 }, Schedule::TESTS] {
+        let dev = device(schedule);
+        assert_eq!(scale_past_the_end(&dev, 0).unwrap(), vec![2.0f32; N], "{schedule:?}");
+        let message = match scale_past_the_end(&dev, 3) {
+            Err(GpuError::Emulation { kernel, message }) if kernel == "scale_f32" => message,
+            other => panic!("{schedule:?}: expected an emulation error, got {other:?}"),
+        };
+        for needle in [
+            &format!("wrote outside the allocation of {} bytes", N * 4),
+            "pointer argument #0 points into it",
+            "up to 12 bytes past its end",
+        ] {
+            assert!(message.contains(needle), "{schedule:?}: {needle:?} is not in: {message}");
+        }
     }
 }
