@@ -43,7 +43,7 @@ enum Command {
     /// only when everything is written; the same inputs and options give byte-identical output.
     #[command(verbatim_doc_comment)]
     Prepare(prepare_cmd::PrepareArgs),
-    /// Train the chatbot on prepared data (CPU today; the GPU backend is on its way).
+    /// Train the chatbot on prepared data, in one process, on a CUDA GPU or the CPU.
     ///
     /// With no options this is the quick job: it prepares the embedded corpus if `prepared/` is
     /// missing, trains the tiny preset into runs/quickstart, and prints a few answers.

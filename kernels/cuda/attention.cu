@@ -103,6 +103,7 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 /// 8 halves (16 bytes), both pointers 16-byte aligned.
 __device__ __forceinline__ void copy8(__half* dst, const __half* src) {
 #ifdef CHINGU_EMU
+    if (!aligned16(dst) || !aligned16(src)) __trap();  // a GPU would fault
     memcpy(dst, src, 16);
 #else
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -111,6 +112,7 @@ __device__ __forceinline__ void copy8(__half* dst, const __half* src) {
 
 __device__ __forceinline__ void zero8(__half* dst) {
 #ifdef CHINGU_EMU
+    if (!aligned16(dst)) __trap();  // a GPU would fault
     for (int c = 0; c < 8; ++c) dst[c] = __float2half_rn(0.0f);
 #else
     *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
@@ -120,6 +122,7 @@ __device__ __forceinline__ void zero8(__half* dst) {
 /// 8 floats to 8 halves at 16-byte aligned dst.
 __device__ __forceinline__ void store8_aligned(__half* dst, const float* src) {
 #ifdef CHINGU_EMU
+    if (!aligned16(dst)) __trap();  // a GPU would fault
     for (int c = 0; c < 8; ++c) dst[c] = __float2half_rn(src[c]);
 #else
     uint4 u;
@@ -193,6 +196,9 @@ __device__ __forceinline__ void write_tile(__half* dst, const FragC& acc, float*
 __device__ __forceinline__ void read_floats(float* dst, const float* src, int n) {
     for (int c = 0; c < MAX_LANE_COLS; c += 4) {
         if (c >= n) break;
+#ifdef CHINGU_EMU
+        if (!aligned16(src + c)) __trap();  // a GPU would fault
+#endif
         const float4 f = *reinterpret_cast<const float4*>(src + c);
         dst[c] = f.x;
         dst[c + 1] = f.y;
