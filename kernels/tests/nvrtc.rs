@@ -5,6 +5,9 @@
 //! Needs libnvrtc on the library path and the CUDA headers (`CHINGU_CUDA_INCLUDE`): `.ci/run`
 //! installs both from PyPI and sets `CHINGU_REQUIRE_NVRTC=1`, which turns a missing NVRTC
 //! into a failure. Without that variable and without NVRTC the test says so and does nothing.
+//! CI runs it twice: with CUDA 13.0's NVRTC (the H100/H200 machines) and with CUDA 12.0's,
+//! the oldest 12.x, which RTX 4090 setups often have (`CHINGU_EXPECT_NVRTC_MAJOR` makes sure
+//! the intended library was the one loaded).
 
 use chingu_kernels::gpu::{nvrtc, sources};
 
@@ -28,6 +31,15 @@ fn every_kernel_file_compiles_without_warnings_for_every_architecture() {
     }
     let (major, minor) = nvrtc::version().unwrap();
     eprintln!("NVRTC {major}.{minor}, headers from {:?}", nvrtc::include_dirs());
+    // CI runs this file once per CUDA major version; a library found elsewhere on the path
+    // must not stand in for the one the run is about.
+    if let Ok(expected) = std::env::var("CHINGU_EXPECT_NVRTC_MAJOR") {
+        assert_eq!(
+            major.to_string(),
+            expected,
+            "CHINGU_EXPECT_NVRTC_MAJOR={expected} but NVRTC {major}.{minor} was loaded"
+        );
+    }
     assert!(
         !nvrtc::include_dirs().is_empty(),
         "no CUDA include directory with cuda_fp16.h: set CHINGU_CUDA_INCLUDE"
