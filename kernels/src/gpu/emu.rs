@@ -110,7 +110,7 @@ impl Schedule {
     pub fn from_env(default: Schedule) -> Result<Schedule, GpuError> {
         match std::env::var(SCHEDULE_VAR) {
             Ok(text) => Schedule::parse(&text)
-                .map_err(|message| GpuError::Driver { call: SCHEDULE_VAR.into(), message }),
+                .map_err(|message| GpuError::Setting(format!("{SCHEDULE_VAR}: {message}"))),
             Err(_) => Ok(default),
         }
     }

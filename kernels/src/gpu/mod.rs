@@ -62,6 +62,9 @@ pub enum GpuError {
     /// A collective operation across ranks failed (NCCL, or the emulated group).
     #[error("{0}")]
     Collective(String),
+    /// A setting (an environment variable) has a value the device cannot use.
+    #[error("{0}")]
+    Setting(String),
     /// The emulated device refused a launch or a kernel failed on it.
     #[error("emulated launch of {kernel} failed: {message}")]
     Emulation {
