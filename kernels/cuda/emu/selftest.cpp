@@ -1026,12 +1026,10 @@ void test_schedules() {
         "blocks run x-fastest in order, in a seeded permutation (every block once) when shuffled");
 }
 
-// The correctness checks that do not depend on which thread runs first, again under a
-// shuffled schedule: a correct kernel's result must not change. (Not test_atomics: it checks
-// that thread 0 took the first ticket, which only the in-order schedule promises.)
-void test_under_shuffled_schedule() {
-  chingu_emu::schedule_seed() = 0x9e3779b9;
-  g_schedule_note = " [shuffled schedule]";
+// The kernel checks whose results do not depend on which thread runs first. (Not
+// test_atomics: it checks that thread 0 took the first ticket, which only the in-order
+// schedule promises.)
+void test_schedule_independent_kernels() {
   test_block_reduce();
   test_warp_ops(96);
   test_shfl_semantics();
@@ -1041,6 +1039,13 @@ void test_under_shuffled_schedule() {
   test_wmma();
   test_mma_16816();
   test_sync_count();
+}
+
+// The same checks under a shuffled schedule: a correct kernel's result must not change.
+void test_under_shuffled_schedule() {
+  chingu_emu::schedule_seed() = 0x9e3779b9;
+  g_schedule_note = " [shuffled schedule]";
+  test_schedule_independent_kernels();
   g_schedule_note = "";
   chingu_emu::schedule_seed() = 0;
 }
@@ -1051,17 +1056,9 @@ int main() {
   std::printf("chingu CUDA emulator self-test (fiber stack %zu B)\n", chingu_emu::kFiberStackBytes);
   test_half_conversions();
   test_half_arith();
-  test_block_reduce();
-  test_warp_ops(96);
+  test_schedule_independent_kernels();
   test_warp_ops(32);
-  test_shfl_semantics();
-  test_partial_warp();
-  test_dyn_smem();
-  test_indices();
-  test_wmma();
-  test_mma_16816();
   test_atomics();
-  test_sync_count();
   test_math();
   test_errors();
   test_concurrency();

@@ -188,13 +188,11 @@ impl EmuDevice {
     /// As [`Device::launch`].
     unsafe fn run(
         &self,
-        kernel: &CStr,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        shape: &LaunchShape<'_>,
         args: &mut [*mut c_void],
         seed: u64,
     ) -> Result<(), String> {
+        let LaunchShape { kernel, grid, block, shared_bytes } = *shape;
         let mut err = vec![0 as c_char; 1024];
         // SAFETY: the caller guarantees the arguments match the kernel.
         let rc = unsafe {
@@ -331,25 +329,23 @@ impl EmuDevice {
     /// As [`Device::launch`].
     unsafe fn run_compared(
         &self,
-        kernel: &CStr,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        shape: &LaunchShape<'_>,
         args: &mut [*mut c_void],
         seed: u64,
     ) -> Result<(), String> {
+        let kernel = shape.kernel;
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let regions = self.live_allocations();
         // SAFETY: the regions are live and stay so (every free waits for the gate); the
         // caller guarantees the arguments.
         unsafe {
             let before = snapshot(&regions);
-            self.run(kernel, grid, block, shared_bytes, args, 0)?;
+            self.run(shape, args, 0)?;
             Self::check_guards(kernel, args, &regions)?;
             let in_order = snapshot(&regions);
             restore(&regions, &before);
             drop(before);
-            self.run(kernel, grid, block, shared_bytes, args, seed).map_err(|e| {
+            self.run(shape, args, seed).map_err(|e| {
                 format!(
                     "fails only under a shuffled schedule (seed {seed:#x}; in order it ran), so \
                      it depends on the order of threads or blocks: {e}"
@@ -377,6 +373,14 @@ impl EmuDevice {
         }
         Ok(())
     }
+}
+
+/// What identifies one launch to the emulator, besides its arguments.
+struct LaunchShape<'a> {
+    kernel: &'a CStr,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
 }
 
 /// A copy of each allocation's bytes.
@@ -492,6 +496,7 @@ impl Device for EmuDevice {
         let (grid, block) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
         let failed = |message: String| GpuError::Emulation { kernel: kernel.to_string(), message };
         let shuffled = |seed| Schedule::launch_seed(seed, kernel, grid, block, shared_bytes);
+        let shape = LaunchShape { kernel: &name, grid, block, shared_bytes };
         match self.schedule {
             // SAFETY (all three): the caller guarantees the arguments match the kernel.
             Schedule::InOrder | Schedule::Shuffled { .. } => {
@@ -501,14 +506,12 @@ impl Device for EmuDevice {
                 };
                 // The caller keeps the buffers it passes alive until the launch returns.
                 let regions = unsafe { self.reached_allocations(&name, args) };
-                unsafe { self.run(&name, grid, block, shared_bytes, args, seed) }
-                    .map_err(failed)?;
+                unsafe { self.run(&shape, args, seed) }.map_err(failed)?;
                 unsafe { Self::check_guards(&name, args, &regions) }.map_err(failed)
             }
             Schedule::Compared { seed } => {
                 let seed = shuffled(seed);
-                unsafe { self.run_compared(&name, grid, block, shared_bytes, args, seed) }
-                    .map_err(failed)
+                unsafe { self.run_compared(&shape, args, seed) }.map_err(failed)
             }
         }
     }
