@@ -113,6 +113,7 @@ const Entry KERNELS[] = {
     KERNEL(attention_backward_dq_c16_f16),
     KERNEL(column_sum_f32),
     KERNEL(cross_entropy_f16),
+    KERNEL(cross_entropy_vec_f16),
     KERNEL(dropout_f16),
     KERNEL(add_dropped_f16),
     KERNEL(dropped_copy_f16),

@@ -1098,6 +1098,11 @@ pub fn embedding_backward(
     Ok(())
 }
 
+/// `cross_entropy_vec_f16`'s limits (`kernels/cuda/cross_entropy.cu`): vectors of 8 halves a
+/// thread holds, and threads a block.
+const CE_MAX_VECTORS: usize = 8;
+const CE_VEC_THREADS: usize = 512;
+
 /// Softmax cross-entropy with label smoothing over logits `[N, V]`, rows with target
 /// `ignore` skipped. Writes `d_logits` scaled by `loss_scale / counted` and returns the mean
 /// loss over counted rows (unscaled) and the count.
@@ -1127,11 +1132,24 @@ pub fn cross_entropy(
     let row_loss = DeviceBuffer::<f32>::uninit(dev, targets.len())?;
     let (rows, v) = (int(OP, "rows", targets.len())?, int(OP, "vocab", vocab)?);
     let ignore = ignore as i32;
+    // Rows that fit in registers (vocab a multiple of 8 up to 8 vectors of 8 per thread of
+    // 512) take the one-read vector kernel, ~4 vectors a thread.
+    let vectors = vocab / 8;
+    let (kernel, threads) = if vocab % 8 == 0
+        && vectors <= CE_MAX_VECTORS * CE_VEC_THREADS
+        && aligned_for_vectors(&[logits.ptr(), d_logits.ptr()])
+    {
+        // At most 512 threads, so at most CE_MAX_VECTORS vectors a thread.
+        let threads = (vectors.div_ceil(4).div_ceil(32) * 32).clamp(32, CE_VEC_THREADS);
+        ("cross_entropy_vec_f16", threads as u32)
+    } else {
+        (OP, row_threads(vocab).min(512))
+    };
     launch(
         dev,
-        OP,
+        kernel,
         (targets.len() as u32, 1, 1),
-        (row_threads(vocab).min(512), 1, 1),
+        (threads, 1, 1),
         0,
         args![
             d_logits.ptr(),

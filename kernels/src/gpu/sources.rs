@@ -23,14 +23,31 @@ pub fn with_common_inlined(source: &str) -> String {
     source.replace("#include \"common.cuh\"", COMMON)
 }
 
-/// The `extern "C"` kernel names defined in a source, in order.
+/// The `extern "C"` kernel names defined in a source, in order (a `__launch_bounds__(…)`
+/// between `void` and the name is passed over).
 pub fn kernel_names(source: &str) -> Vec<String> {
+    const BOUNDS: &str = "__launch_bounds__";
     let mut names = Vec::new();
     let mut rest = source;
     while let Some(at) = rest.find("__global__ void ") {
-        rest = &rest[at + "__global__ void ".len()..];
+        rest = rest[at + "__global__ void ".len()..].trim_start();
+        if let Some(after) = rest.strip_prefix(BOUNDS) {
+            rest = after.find(')').map_or(after, |close| &after[close + 1..]).trim_start();
+        }
         let end = rest.find('(').unwrap_or(0);
         names.push(rest[..end].trim().to_string());
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_names;
+
+    #[test]
+    fn kernel_names_skip_launch_bounds() {
+        let source = "extern \"C\" __global__ void plain(int n) {}\n\
+                      extern \"C\" __global__ void __launch_bounds__(512)\n    bounded(int n) {}";
+        assert_eq!(kernel_names(source), ["plain", "bounded"]);
+    }
 }
