@@ -1,7 +1,8 @@
 //! The emulated device's own checks (`chingu_kernels::gpu::emu`): its schedules — a compared
 //! launch finds a data race that the in-order schedule hides, names the allocation and
-//! argument, and passes a race-free launch of the same kernel; settings parse as documented —
-//! and the guards around every allocation, which catch a write past a buffer's end.
+//! argument, passes a race-free launch of the same kernel, and refuses memory it could not
+//! restore; settings parse as documented — and the guards around every allocation, which
+//! catch a write past a buffer's end or before its start.
 //!
 //! The race is a real kernel given overlapping arguments: `add_assign_f32(acc, x, n)` with
 //! `x` one element behind `acc`, so thread i reads what thread i − 1 writes. In order,
@@ -119,10 +120,12 @@ fn schedules_parse_as_documented() {
     }
 }
 
-/// `scale_f32(buf, 2, n)` told about `extra` more floats than the buffer holds.
-fn scale_past_the_end(dev: &Gpu, extra: usize) -> Result<Vec<f32>, GpuError> {
+/// `scale_f32(buf + shift floats, 2, N + extra)`: `extra` floats more than the buffer holds
+/// past `shift`, or from `shift` floats before its start when `shift` is negative.
+fn scale_outside(dev: &Gpu, shift: i64, extra: usize) -> Result<Vec<f32>, GpuError> {
     let buf = DeviceBuffer::from_host(dev, &vec![1.0f32; N]).unwrap();
-    let (ptr, factor, n) = (buf.ptr(), 2.0f32, (N + extra) as i32);
+    let ptr = (buf.ptr() as i64 + 4 * shift) as u64;
+    let (factor, n) = (2.0f32, (N + extra) as i32);
     let mut args = [
         &ptr as *const _ as *mut c_void,
         &factor as *const _ as *mut c_void,
@@ -139,17 +142,78 @@ fn scale_past_the_end(dev: &Gpu, extra: usize) -> Result<Vec<f32>, GpuError> {
 fn a_write_past_the_end_of_a_buffer_is_reported_under_every_schedule() {
     for schedule in [Schedule::InOrder, Schedule::Shuffled { seed: 1 }, Schedule::TESTS] {
         let dev = device(schedule);
-        assert_eq!(scale_past_the_end(&dev, 0).unwrap(), vec![2.0f32; N], "{schedule:?}");
-        let message = match scale_past_the_end(&dev, 3) {
+        assert_eq!(scale_outside(&dev, 0, 0).unwrap(), vec![2.0f32; N], "{schedule:?}");
+        let message = match scale_outside(&dev, 0, 3) {
             Err(GpuError::Emulation { kernel, message }) if kernel == "scale_f32" => message,
             other => panic!("{schedule:?}: expected an emulation error, got {other:?}"),
         };
         for needle in [
             &format!("wrote outside the allocation of {} bytes", N * 4),
             "pointer argument #0 points into it",
-            "up to 12 bytes past its end",
+            "guard bytes changed up to 12 bytes past its end",
         ] {
             assert!(message.contains(needle), "{schedule:?}: {needle:?} is not in: {message}");
         }
     }
+}
+
+#[test]
+fn a_write_before_the_start_of_a_buffer_is_reported_under_every_schedule() {
+    for schedule in [Schedule::InOrder, Schedule::Shuffled { seed: 1 }, Schedule::TESTS] {
+        let dev = device(schedule);
+        // Two floats before the buffer, then all but its last two.
+        let message = match scale_outside(&dev, -2, 0) {
+            Err(GpuError::Emulation { kernel, message }) if kernel == "scale_f32" => message,
+            other => panic!("{schedule:?}: expected an emulation error, got {other:?}"),
+        };
+        for needle in [
+            &format!("wrote outside the allocation of {} bytes", N * 4),
+            "pointer argument #0 points into it",
+            // Doubling a guard word changes its high bytes only: 6 of the 8 bytes written.
+            "guard bytes changed from 6 bytes before its start",
+        ] {
+            assert!(message.contains(needle), "{schedule:?}: {needle:?} is not in: {message}");
+        }
+        // The guard was refilled: the next launch on a fresh buffer is not blamed.
+        assert_eq!(scale_outside(&dev, 0, 0).unwrap(), vec![2.0f32; N], "{schedule:?}");
+    }
+}
+
+#[test]
+fn empty_buffers_allocate_and_free_under_the_compared_schedule() {
+    let dev = device(Schedule::TESTS);
+    for _ in 0..3 {
+        let empty = DeviceBuffer::<f32>::from_host(&dev, &[]).unwrap();
+        assert!(empty.is_empty());
+        assert!(empty.to_host().unwrap().is_empty());
+    }
+    // The device still compares launches afterwards.
+    assert_eq!(scale_outside(&dev, 0, 0).unwrap(), vec![2.0f32; N]);
+}
+
+#[test]
+fn a_compared_launch_refuses_memory_it_cannot_restore() {
+    let dev = device(Schedule::TESTS);
+    let mut host = vec![1.0f32; N];
+    let x = DeviceBuffer::from_host(&dev, &vec![1.0f32; N]).unwrap();
+    // An in-place update of memory the device does not own would be applied twice.
+    let (acc, x_ptr, n) = (host.as_mut_ptr() as u64, x.ptr(), N as i32);
+    let mut args = [
+        &acc as *const _ as *mut c_void,
+        &x_ptr as *const _ as *mut c_void,
+        &n as *const _ as *mut c_void,
+    ];
+    let grid = (N as u32).div_ceil(THREADS);
+    // SAFETY: the arguments match add_assign_f32; `host` holds N floats (the emulated device
+    // runs on host memory), though the compared launch must refuse it before running.
+    let result =
+        unsafe { dev.launch("add_assign_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) };
+    match result {
+        Err(GpuError::Emulation { message, .. }) => {
+            assert!(message.contains("pointer argument #0"), "{message}");
+            assert!(message.contains("not in this emulated device's memory"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(host, vec![1.0f32; N], "the refused launch must not have run");
 }

@@ -6,7 +6,8 @@
 //! Inputs are fresh random values rounded to fp16; the CPU reference (f32) gets the same
 //! rounded values. Outputs are poisoned (NaN) before every launch, so an element a kernel
 //! never writes fails. The emulated device runs every launch in order and under a shuffled
-//! schedule and fails on any difference (`gpu::test_devices`), so a data race fails too. Tolerances, per op, are |got − want| ≤ atol + rtol·|want|:
+//! schedule and fails on any difference (`gpu::test_devices`), so a data race that the
+//! shuffled order exposes fails too, and so does a write outside a buffer (guard bytes). Tolerances, per op, are |got − want| ≤ atol + rtol·|want|:
 //! - elementwise fp16 outputs: rtol 2·2⁻¹¹ (one fp16 rounding of the result, plus the
 //!   rounding of `expf` differences), atol 1e-3 for values near zero;
 //! - reductions into fp16 (LayerNorm, cross-entropy gradients): fp32 sums in another order

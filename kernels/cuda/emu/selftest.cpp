@@ -950,12 +950,15 @@ void test_timing() {
               std::chrono::duration<double>(t1 - t0).count() * 1e3);
 }
 
-// Runs `launch` with the calling thread's schedule set to `seed`, then back in order.
+// Runs `launch` with the calling thread's schedule set to `seed`, then back in order (also
+// when the launch throws).
 template <class F>
 void with_seed(uint64_t seed, F&& launch) {
+  struct Restore {
+    ~Restore() { chingu_emu::schedule_seed() = 0; }
+  } restore;
   chingu_emu::schedule_seed() = seed;
   launch();
-  chingu_emu::schedule_seed() = 0;
 }
 
 void test_schedules() {

@@ -48,9 +48,13 @@ const GUARD: usize = 256;
 const GUARD_BYTE: u8 = 0xA5;
 
 /// The layout of an allocation of `bytes` with its guards.
-fn guarded_layout(bytes: usize) -> Layout {
-    Layout::from_size_align(bytes.max(1) + 2 * GUARD, ALIGN).expect("allocation size")
+fn guarded_layout(bytes: usize) -> Option<Layout> {
+    let size = bytes.max(1).checked_add(2 * GUARD)?;
+    Layout::from_size_align(size, ALIGN).ok()
 }
+
+/// Most blocks a shuffled schedule takes (`cuda_emu.h` holds their permutation in memory).
+const MAX_SHUFFLED_BLOCKS: u64 = 1 << 26;
 
 /// The environment variable that picks the emulated device's [`Schedule`].
 pub const SCHEDULE_VAR: &str = "CHINGU_EMU_SCHEDULE";
@@ -71,7 +75,10 @@ pub enum Schedule {
     /// memory; a byte of device memory that differs between the two runs is an error naming
     /// the kernel, the allocation (and the pointer argument into it) and the offset. Every
     /// live allocation is compared, so memory reached through a table of pointers counts;
-    /// the device's other operations wait while a compared launch runs.
+    /// the device's other operations wait while a compared launch runs (not the emulated
+    /// collective, which reads and writes device memory directly: keep compared devices out
+    /// of multi-threaded collective tests). One shuffled schedule a launch, so a race that
+    /// few schedules expose may pass.
     Compared {
         /// As for `Shuffled`.
         seed: u64,
@@ -237,13 +244,13 @@ impl EmuDevice {
         let count = unsafe {
             chingu_emu_pointer_args(kernel.as_ptr(), args.as_mut_ptr(), pointers.as_mut_ptr(), 32)
         };
-        let count = usize::try_from(count).unwrap_or(0);
-        assert!(count <= pointers.len(), "a kernel with more than 32 pointer parameters");
+        // A kernel with more than 32 pointer parameters has its first 32 checked.
+        let count = usize::try_from(count).unwrap_or(0).min(pointers.len());
         pointers[..count].iter().map(|&p| p as usize).collect()
     }
 
     /// The number (among the pointer parameters) of the first of `kernel`'s pointer
-    /// arguments that points into the allocation at `start` of `bytes`, if any does.
+    /// arguments that points into the allocation at `start` of `bytes` or its guards.
     ///
     /// # Safety
     /// `args` must match the kernel (as for [`Device::launch`]).
@@ -255,7 +262,8 @@ impl EmuDevice {
     ) -> Option<usize> {
         // SAFETY: as the caller guarantees.
         let pointers = unsafe { Self::pointer_arguments(kernel, args) };
-        pointers.iter().position(|&p| (start..start + bytes.max(1)).contains(&p))
+        // A pointer into one of its guards counts (its writes land there).
+        pointers.iter().position(|&p| (start - GUARD..start + bytes.max(1) + GUARD).contains(&p))
     }
 
     /// The live allocations `kernel`'s pointer arguments point into, each once.
@@ -272,15 +280,20 @@ impl EmuDevice {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut reached: Vec<(usize, usize)> = Vec::new();
         for address in pointers {
-            let Some((&start, &bytes)) = live.range(..=address).next_back() else { continue };
-            if address < start + bytes.max(1) && !reached.iter().any(|r| r.0 == start) {
+            // A pointer into a guard reaches that allocation too (its writes land in the guard).
+            let Some((&start, &bytes)) = live.range(..=address + GUARD).next_back() else {
+                continue;
+            };
+            let with_guards = start - GUARD..start + bytes.max(1) + GUARD;
+            if with_guards.contains(&address) && !reached.iter().any(|r| r.0 == start) {
                 reached.push((start, bytes));
             }
         }
         reached
     }
 
-    /// An error for the first allocation among `regions` whose guard a launch changed.
+    /// An error for the first allocation among `regions` whose guard a launch changed; the
+    /// guard is refilled, so later launches are not blamed for it.
     ///
     /// # Safety
     /// The regions must be live allocations of this device; `args` must match the kernel.
@@ -293,8 +306,8 @@ impl EmuDevice {
             // SAFETY: every allocation has its guards on either side.
             let (before, after) = unsafe {
                 (
-                    std::slice::from_raw_parts((start - GUARD) as *const u8, GUARD),
-                    std::slice::from_raw_parts((start + bytes.max(1)) as *const u8, GUARD),
+                    std::slice::from_raw_parts_mut((start - GUARD) as *mut u8, GUARD),
+                    std::slice::from_raw_parts_mut((start + bytes.max(1)) as *mut u8, GUARD),
                 )
             };
             let first_before = before.iter().position(|&b| b != GUARD_BYTE);
@@ -304,11 +317,14 @@ impl EmuDevice {
             }
             let mut outside = Vec::new();
             if let Some(i) = first_before {
-                outside.push(format!("up to {} bytes before its start", GUARD - i));
+                outside
+                    .push(format!("guard bytes changed from {} bytes before its start", GUARD - i));
             }
             if let Some(i) = last_after {
-                outside.push(format!("up to {} bytes past its end", i + 1));
+                outside.push(format!("guard bytes changed up to {} bytes past its end", i + 1));
             }
+            before.fill(GUARD_BYTE);
+            after.fill(GUARD_BYTE);
             // SAFETY: as the caller guarantees.
             let reached = match unsafe { Self::argument_into(kernel, args, start, bytes) } {
                 Some(n) => format!("pointer argument #{n} points into it"),
@@ -334,11 +350,39 @@ impl EmuDevice {
         seed: u64,
     ) -> Result<(), String> {
         let kernel = shape.kernel;
+        let blocks: u64 = shape.grid.iter().map(|&g| u64::from(g)).product();
+        if blocks > MAX_SHUFFLED_BLOCKS {
+            return Err(format!(
+                "{blocks} blocks: a compared launch takes at most {MAX_SHUFFLED_BLOCKS} (use \
+                 CHINGU_EMU_SCHEDULE=in-order for this one)"
+            ));
+        }
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let regions = self.live_allocations();
+        // Memory the launch can reach but this device cannot restore would take the kernel
+        // twice (an in-place update applied two times): refuse it. Null and one-past-the-end
+        // pointers are fine.
+        // SAFETY: the caller guarantees the arguments.
+        let pointers = unsafe { Self::pointer_arguments(kernel, args) };
+        for (number, &pointer) in pointers.iter().enumerate() {
+            // (A pointer into a guard counts: the guard check reports what it wrote.)
+            let tracked = regions
+                .iter()
+                .any(|&(start, bytes)| (start - GUARD..=start + bytes + GUARD).contains(&pointer));
+            if pointer != 0 && !tracked {
+                return Err(format!(
+                    "pointer argument #{number} ({pointer:#x}) is not in this emulated device's \
+                     memory, which a compared launch must restore between its two runs"
+                ));
+            }
+        }
         // SAFETY: the regions are live and stay so (every free waits for the gate); the
         // caller guarantees the arguments.
         unsafe {
+            // A guard changed before this launch (by a product, a copy, or an earlier launch
+            // through a pointer table, which no check saw) is not this kernel's doing.
+            Self::check_guards(kernel, args, &regions)
+                .map_err(|e| format!("before this launch ran: {e}"))?;
             let before = snapshot(&regions);
             self.run(shape, args, 0)?;
             Self::check_guards(kernel, args, &regions)?;
@@ -421,7 +465,11 @@ impl Device for EmuDevice {
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
         let _shared = self.shared();
-        let layout = guarded_layout(bytes);
+        let too_big = || GpuError::Driver {
+            call: "emu alloc".into(),
+            message: format!("{bytes} bytes is more than an allocation can hold"),
+        };
+        let layout = guarded_layout(bytes).ok_or_else(too_big)?;
         // SAFETY: non-zero size.
         let base = unsafe { alloc(layout) };
         if base.is_null() {
@@ -446,9 +494,18 @@ impl Device for EmuDevice {
 
     unsafe fn free(&self, ptr: DevicePtr, bytes: usize) {
         let _shared = self.shared();
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&(ptr as usize));
+        let recorded = self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&(ptr as usize));
+        // The size `alloc` recorded decides the layout; the caller's must agree.
+        let bytes = match recorded {
+            Some(recorded) => {
+                debug_assert_eq!(recorded, bytes, "freed with another size than allocated");
+                recorded
+            }
+            None => panic!("free of {ptr:#x}, which this emulated device did not allocate"),
+        };
+        let layout = guarded_layout(bytes).expect("the layout alloc made");
         // SAFETY: allocated by `alloc` with this layout, `GUARD` bytes after its start.
-        unsafe { dealloc((ptr as *mut u8).sub(GUARD), guarded_layout(bytes)) };
+        unsafe { dealloc((ptr as *mut u8).sub(GUARD), layout) };
     }
 
     unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {
