@@ -90,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(CE_VEC_THREADS)
     float se = 0.0f, sx = 0.0f;
 #pragma unroll
     for (int k = 0; k < CE_MAX_VECTORS; ++k) {
-        if (threadIdx.x + k * blockDim.x < vectors) {
+        if ((int)(threadIdx.x + k * blockDim.x) < vectors) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 sx += v[k][i];

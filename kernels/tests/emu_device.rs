@@ -78,7 +78,8 @@ fn a_compared_launch_reports_the_race_by_kernel_allocation_and_argument() {
         "depends on the order of threads or blocks",
         &format!("the allocation of {} bytes", (N + 1) * 4),
         "pointer argument #0 points into it",
-        "in order",
+        "in order, ",
+        "under the shuffled schedule (seed 0x",
     ] {
         assert!(message.contains(needle), "{needle:?} is not in: {message}");
     }
