@@ -11,6 +11,14 @@
 // 128-bit read of the row instead of three scalar ones, and one exp per element.
 #include "common.cuh"
 
+/// A counted row's loss from its max, Σexp(x − max), target logit and Σx (PyTorch's label
+/// smoothing; both kernels end with it).
+__device__ __forceinline__ float smoothed_row_loss(float max, float sum_exp, float target_logit,
+                                                   float sum_x, float smoothing, int vocab) {
+    const float lse = max + logf(sum_exp);
+    return lse - (1.0f - smoothing) * target_logit - smoothing * (sum_x / vocab);
+}
+
 extern "C" __global__ void cross_entropy_f16(__half* d_logits, float* row_loss,
                                              const __half* logits, const int* targets,
                                              int rows, int vocab, int ignore, float smoothing,
@@ -43,10 +51,8 @@ extern "C" __global__ void cross_entropy_f16(__half* d_logits, float* row_loss,
         if (c == t) p -= 1.0f - smoothing;
         g[c] = __float2half_rn(p * grad_scale);
     }
-    if (threadIdx.x == 0) {
-        const float lse = max + logf(sum_exp);
-        row_loss[n] = lse - (1.0f - smoothing) * __half2float(x[t]) - smoothing * (sum_x / vocab);
-    }
+    if (threadIdx.x == 0)
+        row_loss[n] = smoothed_row_loss(max, sum_exp, __half2float(x[t]), sum_x, smoothing, vocab);
 }
 
 /// Vectors of 8 halves a thread of `cross_entropy_vec_f16` holds at most.
@@ -116,8 +122,6 @@ extern "C" __global__ void __launch_bounds__(CE_VEC_THREADS)
             chingu::store_half8(g + 8 * j, out);
         }
     }
-    if (threadIdx.x == 0) {
-        const float lse = max + logf(sum_exp);
-        row_loss[n] = lse - (1.0f - smoothing) * __half2float(x[t]) - smoothing * (sum_x / vocab);
-    }
+    if (threadIdx.x == 0)
+        row_loss[n] = smoothed_row_loss(max, sum_exp, __half2float(x[t]), sum_x, smoothing, vocab);
 }

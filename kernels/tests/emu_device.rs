@@ -18,21 +18,29 @@ use std::sync::Arc;
 const N: usize = 2048;
 const THREADS: u32 = 256;
 
-/// `add_assign_f32(buf + 1, buf, N)` over ones: element i + 1 gets element i's new or old
-/// value, whichever the schedule lets it see.
-fn overlapping_add(dev: &Gpu) -> (Result<(), GpuError>, Vec<f32>) {
-    let buf = DeviceBuffer::from_host(dev, &vec![1.0f32; N + 1]).unwrap();
-    let (acc, x, n) = (buf.ptr() + 4, buf.ptr(), N as i32);
+/// Launches `add_assign_f32(acc, x, N)`: `acc[i] += x[i]` for i < N, one thread each.
+///
+/// # Safety
+/// `acc` and `x` must address N floats of host memory (the emulated device's memory is).
+unsafe fn add_assign(dev: &Gpu, acc: u64, x: u64) -> Result<(), GpuError> {
+    let n = N as i32;
     let mut args = [
         &acc as *const _ as *mut c_void,
         &x as *const _ as *mut c_void,
         &n as *const _ as *mut c_void,
     ];
     let grid = (N as u32).div_ceil(THREADS);
-    // SAFETY: the arguments match add_assign_f32(float*, const float*, int) and the buffer
-    // holds N + 1 floats.
-    let result =
-        unsafe { dev.launch("add_assign_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) };
+    // SAFETY: the arguments match add_assign_f32(float*, const float*, int); the caller
+    // guarantees the extents.
+    unsafe { dev.launch("add_assign_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) }
+}
+
+/// `add_assign_f32(buf + 1, buf, N)` over ones: element i + 1 gets element i's new or old
+/// value, whichever the schedule lets it see.
+fn overlapping_add(dev: &Gpu) -> (Result<(), GpuError>, Vec<f32>) {
+    let buf = DeviceBuffer::from_host(dev, &vec![1.0f32; N + 1]).unwrap();
+    // SAFETY: the buffer holds N + 1 floats.
+    let result = unsafe { add_assign(dev, buf.ptr() + 4, buf.ptr()) };
     (result, buf.to_host().unwrap())
 }
 
@@ -91,15 +99,8 @@ fn a_compared_launch_without_a_race_passes_and_leaves_the_in_order_result() {
     let acc = DeviceBuffer::from_host(&dev, &vec![1.0f32; N]).unwrap();
     let x: Vec<f32> = (0..N).map(|i| i as f32).collect();
     let x = DeviceBuffer::from_host(&dev, &x).unwrap();
-    let (acc_ptr, x_ptr, n) = (acc.ptr(), x.ptr(), N as i32);
-    let mut args = [
-        &acc_ptr as *const _ as *mut c_void,
-        &x_ptr as *const _ as *mut c_void,
-        &n as *const _ as *mut c_void,
-    ];
-    let grid = (N as u32).div_ceil(THREADS);
-    // SAFETY: as above, with separate buffers of N floats.
-    unsafe { dev.launch("add_assign_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) }.unwrap();
+    // SAFETY: separate buffers of N floats.
+    unsafe { add_assign(&dev, acc.ptr(), x.ptr()) }.unwrap();
     // Run once, not twice: each element got x added exactly once.
     let want: Vec<f32> = (0..N).map(|i| 1.0 + i as f32).collect();
     assert_eq!(acc.to_host().unwrap(), want);
@@ -198,17 +199,9 @@ fn a_compared_launch_refuses_memory_it_cannot_restore() {
     let mut host = vec![1.0f32; N];
     let x = DeviceBuffer::from_host(&dev, &vec![1.0f32; N]).unwrap();
     // An in-place update of memory the device does not own would be applied twice.
-    let (acc, x_ptr, n) = (host.as_mut_ptr() as u64, x.ptr(), N as i32);
-    let mut args = [
-        &acc as *const _ as *mut c_void,
-        &x_ptr as *const _ as *mut c_void,
-        &n as *const _ as *mut c_void,
-    ];
-    let grid = (N as u32).div_ceil(THREADS);
-    // SAFETY: the arguments match add_assign_f32; `host` holds N floats (the emulated device
-    // runs on host memory), though the compared launch must refuse it before running.
-    let result =
-        unsafe { dev.launch("add_assign_f32", (grid, 1, 1), (THREADS, 1, 1), 0, &mut args) };
+    // SAFETY: `host` holds N floats (the emulated device runs on host memory), though the
+    // compared launch must refuse it before running.
+    let result = unsafe { add_assign(&dev, host.as_mut_ptr() as u64, x.ptr()) };
     match result {
         Err(GpuError::Emulation { message, .. }) => {
             assert!(message.contains("pointer argument #0"), "{message}");

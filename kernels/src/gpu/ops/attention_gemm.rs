@@ -135,6 +135,12 @@ fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
     (scores / (s.q_len * s.k_len).max(1)).clamp(1, (s.batch * s.heads).max(1))
 }
 
+/// The grid of the pointwise score kernels: one warp per score row, `THREADS / 32` rows a
+/// block (the kernels index scores in 64 bits; `rows` itself is checked to fit an int).
+fn warp_per_row(rows: usize) -> (u32, u32, u32) {
+    (rows.div_ceil((THREADS / 32) as usize) as u32, 1, 1)
+}
+
 /// Sets `bufs` to zero (the outputs of a shape without queries or keys).
 fn zero(dev: &Gpu, bufs: &mut [&mut DeviceBuffer<f16>]) -> Result<(), GpuError> {
     for buf in bufs.iter_mut().filter(|b| !b.is_empty()) {
@@ -201,9 +207,7 @@ pub(super) fn forward(
             d.scale,
             int(OP, "first block", first)?
         ];
-        let warps_per_block = (THREADS / 32) as usize;
-        let grid = (rows.div_ceil(warps_per_block) as u32, 1, 1);
-        launch(dev, "attention_softmax_f16", grid, (THREADS, 1, 1), 0, args)?;
+        launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
         if tk > 0 {
             // SAFETY: as above, [Tq×Tk]·[Tk×Dh] → [Tq×Dh].
             unsafe {
@@ -293,7 +297,6 @@ pub(super) fn backward(
                 count,
             )?;
         }
-        let n = count * s_block;
         let args = args![
             p.ptr(),
             ds.ptr(),
@@ -311,9 +314,7 @@ pub(super) fn backward(
             d.scale,
             int(OP, "first block", first)?
         ];
-        int(OP, "scores in a chunk", n)?;
-        // One warp per score row.
-        let grid = ((count * tq).div_ceil((THREADS / 32) as usize) as u32, 1, 1);
+        let grid = warp_per_row(count * tq);
         launch(dev, "attention_scores_backward_f16", grid, (THREADS, 1, 1), 0, args)?;
         unsafe {
             // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
