@@ -62,7 +62,9 @@ pub fn train(args: &BenchArgs) -> anyhow::Result<()> {
             let (sync, mem) = (dev.clone(), dev.clone());
             let backend = chingu_kernels::gpu::backend::GpuBackend::new(dev);
             let sync = move || sync.synchronize().expect("synchronize");
-            train_on(backend, "chingu-cuda", &sync, &move || mem.memory_in_use(), args)
+            let run =
+                || train_on(backend, "chingu-cuda", &sync, &move || mem.memory_in_use(), args);
+            chingu_kernels::catch_device_failure(run)?
         }
     }
 }

@@ -5,9 +5,11 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod device_failure;
 pub mod gpu;
 pub mod profile;
 pub mod rng;
 
 pub use backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};
 pub use cpu::Cpu;
+pub use device_failure::{catch_device_failure, DeviceFailure};

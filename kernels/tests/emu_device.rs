@@ -2,7 +2,8 @@
 //! launch finds a data race that the in-order schedule hides, names the allocation and
 //! argument, passes a race-free launch of the same kernel, and refuses memory it could not
 //! restore; settings parse as documented — and the guards around every allocation, which
-//! catch a write past a buffer's end or before its start.
+//! catch a write past a buffer's end or before its start; and its memory limit, which
+//! refuses an allocation that does not fit as a full GPU does.
 //!
 //! The race is a real kernel given overlapping arguments: `add_assign_f32(acc, x, n)` with
 //! `x` one element behind `acc`, so thread i reads what thread i − 1 writes. In order,
@@ -210,4 +211,23 @@ fn a_compared_launch_refuses_memory_it_cannot_restore() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert_eq!(host, vec![1.0f32; N], "the refused launch must not have run");
+}
+
+#[test]
+fn a_memory_limit_refuses_what_does_not_fit_and_frees_give_it_back() {
+    let emu = Arc::new(EmuDevice::new().with_memory_limit(3000));
+    let dev: Gpu = emu.clone();
+    let first = DeviceBuffer::<f32>::uninit(&dev, 500).expect("2000 bytes fit in 3000");
+    match DeviceBuffer::<f32>::uninit(&dev, 300) {
+        Err(e @ GpuError::OutOfMemory { bytes: 1200, in_use: Some((2000, 3000)) }) => {
+            let text = e.to_string();
+            assert!(text.starts_with("out of device memory: 0.0 MiB more did not fit"), "{text}");
+        }
+        Err(other) => panic!("expected out of memory, got {other}"),
+        Ok(_) => panic!("3200 bytes must not fit in 3000"),
+    }
+    drop(first);
+    let second = DeviceBuffer::<f32>::uninit(&dev, 750).expect("the freed 2000 bytes came back");
+    assert_eq!(second.len(), 750);
+    assert_eq!(emu.peak_allocated(), 3000);
 }

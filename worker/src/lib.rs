@@ -40,13 +40,26 @@ pub enum WorkerError {
     /// The all-reduce failed (a peer died or hung): a restart may succeed.
     #[error("{0}")]
     Collective(String),
+    /// The GPU failed inside a step: out of memory (a restart would only repeat it; the
+    /// message says what to lower) or a driver error (a restart may succeed).
+    #[error("{failure}{advice}")]
+    Device {
+        /// The op and the device's error.
+        failure: chingu_kernels::DeviceFailure,
+        /// What to change, where the failure says (after a separator), or empty.
+        advice: String,
+    },
 }
 
 impl WorkerError {
-    /// True when running the same job again cannot help (bad data, bad settings, NaN) — as
-    /// opposed to a lost peer or coordinator.
+    /// True when running the same job again cannot help (bad data, bad settings, NaN, a GPU
+    /// out of memory) — as opposed to a lost peer or coordinator, or a device fault.
     pub fn is_deterministic(&self) -> bool {
-        !matches!(self, WorkerError::Collective(_) | WorkerError::Io { .. })
+        match self {
+            WorkerError::Collective(_) | WorkerError::Io { .. } => false,
+            WorkerError::Device { failure, .. } => failure.out_of_memory,
+            _ => true,
+        }
     }
 
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {

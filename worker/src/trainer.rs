@@ -209,8 +209,32 @@ pub fn train<B: Backend + Clone>(
     train_parallel(backend, opts, parallel, observer)
 }
 
-/// Trains on `backend` as one rank of `parallel`, reporting to `observer`.
+/// Trains on `backend` as one rank of `parallel`, reporting to `observer`. A device that
+/// fails inside a step (a GPU out of memory) ends the run with [`WorkerError::Device`] instead
+/// of a panic; checkpoints already written stay good.
 pub fn train_parallel<B: Backend + Clone>(
+    backend: B,
+    opts: &TrainOptions,
+    parallel: Parallel<'_, B>,
+    observer: &mut dyn FnMut(&TrainEvent),
+) -> Result<TrainOutcome<B>> {
+    chingu_kernels::catch_device_failure(|| train_unguarded(backend, opts, parallel, observer))
+        .unwrap_or_else(|failure| {
+            let advice = if failure.out_of_memory {
+                format!(
+                    " — this batch does not fit on the GPU: lower the batch ({} tokens now: \
+                     --batch-tokens, or train.batch_tokens in a launch manifest); raising \
+                     train.accumulate keeps the tokens per optimizer step",
+                    opts.batch_tokens
+                )
+            } else {
+                String::new()
+            };
+            Err(WorkerError::Device { failure, advice })
+        })
+}
+
+fn train_unguarded<B: Backend + Clone>(
     backend: B,
     opts: &TrainOptions,
     parallel: Parallel<'_, B>,

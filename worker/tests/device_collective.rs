@@ -6,60 +6,20 @@
 //! runs on the GPU through NCCL with world size 1: the communicator, its stream and the events
 //! that order it against the compute stream, inside training.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 
-use chingu_corpus::prepare::{prepare, PrepareOptions};
-use chingu_corpus::progress::ProgressMode;
+use common::{options, prepared};
+
 use chingu_kernels::gpu::backend::GpuBackend;
 use chingu_kernels::gpu::collective::{DeviceCollective, EmuCollective};
 use chingu_kernels::gpu::emu::EmuDevice;
 use chingu_kernels::Backend;
-use chingu_model::{Model, Optimizer, OptimizerSettings};
+use chingu_model::{Model, Optimizer};
 use chingu_worker::checkpoint::TrainState;
 use chingu_worker::collective::Solo;
 use chingu_worker::trainer::{train_parallel, Comm, Parallel, Requests, TrainEvent, TrainOptions};
-
-/// A small Q/A corpus with enough variety for a few batches per step.
-fn prepared(dir: &Path) -> PathBuf {
-    let csv = dir.join("qa.csv");
-    let mut text = String::from("Q,A,label\n");
-    for i in 0..60 {
-        text.push_str(&format!("{i} 더하기 {} 은?,{} 입니다,0\n", i % 7, i + i % 7));
-        text.push_str(&format!("오늘 기분이 {i}점이야,그렇구나 {}점이구나,0\n", i * 3 % 11));
-    }
-    std::fs::write(&csv, text).unwrap();
-    let out = dir.join("prepared");
-    prepare(&PrepareOptions {
-        inputs: vec![csv],
-        out: out.clone(),
-        vocab_size: 512,
-        progress: ProgressMode::Quiet,
-        ..PrepareOptions::default()
-    })
-    .unwrap();
-    out
-}
-
-fn options(data: &Path, run: &Path, steps: u64) -> TrainOptions {
-    TrainOptions {
-        data: data.to_path_buf(),
-        run: run.to_path_buf(),
-        preset: "micro".into(),
-        dropout: Some(0.1),
-        positions: None,
-        steps,
-        batch_tokens: 160,
-        optimizer: OptimizerSettings::default(),
-        seed: 7,
-        checkpoint_every: 0,
-        eval_every: 0,
-        eval_batches: 1,
-        keep: 1,
-        resume: false,
-        resume_step: None,
-    }
-}
 
 /// Per-step losses and the final parameters of one rank.
 type Trained = (Vec<u64>, Vec<Vec<u32>>);

@@ -5,8 +5,8 @@
 //! (cuBLASLt on a GPU).
 //!
 //! Buffers carry their storage ([`GpuBuf`]); each op checks it gets the kinds it computes on.
-//! The `Backend` trait is infallible (the CPU cannot fail), so a device error here panics with
-//! the op and the device's message. The loss scale ([`GpuBackend::set_loss_scale`]) multiplies
+//! The `Backend` trait is infallible (the CPU cannot fail), so a device error here unwinds
+//! with a [`DeviceFailure`] naming the op, which the trainer catches and reports. The loss scale ([`GpuBackend::set_loss_scale`]) multiplies
 //! the cross-entropy gradient, hence every gradient; the trainer unscales before the update.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,6 +19,7 @@ use crate::backend::{
     linear_backward_then_gelu, linear_then_gelu, AdamW, AttentionShape, Backend, BufRole,
     DropoutKey,
 };
+use crate::device_failure::DeviceFailure;
 
 /// A buffer on the GPU backend.
 pub enum GpuBuf {
@@ -63,8 +64,19 @@ pub struct GpuBackend {
 /// A multi-tensor AdamW table and its copy on the device.
 type UploadedTable = (ops::AdamwTable, DeviceBuffer<u64>);
 
+/// A device error ends the op with a [`DeviceFailure`] (the trait is infallible; see
+/// [`crate::device_failure`]); the trainer turns it into an error that says what to do.
+#[track_caller]
 fn check<T>(op: &str, r: Result<T, GpuError>) -> T {
-    r.unwrap_or_else(|e| panic!("GPU backend, {op}: {e}"))
+    match r {
+        Ok(value) => value,
+        Err(e) => DeviceFailure {
+            op: format!("GPU backend, {op}"),
+            out_of_memory: matches!(e, GpuError::OutOfMemory { .. }),
+            message: e.to_string(),
+        }
+        .raise(),
+    }
 }
 
 /// The fp16 view an op reads: activations, or a parameter's fp16 copy.

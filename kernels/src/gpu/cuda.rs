@@ -233,7 +233,15 @@ impl Device for CudaDevice {
                 // Out of memory with buffers parked in the cache: give them back, try again.
                 self.release_cached();
                 // SAFETY: as above.
-                unsafe { result::malloc_sync(size) }.map_err(driver("cuMemAlloc"))
+                unsafe { result::malloc_sync(size) }.map_err(|e| {
+                    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                        let in_use =
+                            result::mem_get_info().ok().map(|(free, total)| (total - free, total));
+                        GpuError::OutOfMemory { bytes: size, in_use }
+                    } else {
+                        driver("cuMemAlloc")(e)
+                    }
+                })
             }
         }
     }

@@ -11,6 +11,7 @@
 use std::alloc::{alloc, dealloc, Layout};
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use half::f16;
@@ -144,7 +145,17 @@ pub struct EmuDevice {
     /// Held exclusively by a compared launch, shared by every other operation that touches
     /// device memory, so no other thread changes or frees memory between its two runs.
     gate: RwLock<()>,
+    /// Bytes the device holds at most (live allocations, guards not counted); unlimited when
+    /// `None`. How the tests run out of memory.
+    capacity: Option<usize>,
+    /// Bytes live now, and the most live at once so far.
+    used: AtomicUsize,
+    peak: AtomicUsize,
 }
+
+/// The environment variable that limits the emulated device's memory, in MiB
+/// ([`EmuDevice::from_env`]).
+pub const MEMORY_VAR: &str = "CHINGU_EMU_MEMORY_MIB";
 
 impl Default for EmuDevice {
     fn default() -> Self {
@@ -160,12 +171,44 @@ impl EmuDevice {
 
     /// The emulated device with the given launch schedule.
     pub fn with_schedule(schedule: Schedule) -> Self {
-        Self { schedule, live: Mutex::new(BTreeMap::new()), gate: RwLock::new(()) }
+        Self {
+            schedule,
+            live: Mutex::new(BTreeMap::new()),
+            gate: RwLock::new(()),
+            capacity: None,
+            used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        }
     }
 
-    /// The emulated device with [`SCHEDULE_VAR`]'s schedule, in order when it is unset.
+    /// This device holding at most `bytes` of allocations: one that would go past fails with
+    /// [`GpuError::OutOfMemory`], as a full GPU's does.
+    pub fn with_memory_limit(mut self, bytes: usize) -> Self {
+        self.capacity = Some(bytes);
+        self
+    }
+
+    /// The most bytes that were allocated at once (guards not counted): what a run needs
+    /// under [`EmuDevice::with_memory_limit`].
+    pub fn peak_allocated(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// The emulated device with [`SCHEDULE_VAR`]'s schedule (in order when it is unset) and
+    /// [`MEMORY_VAR`]'s memory limit (none when it is unset).
     pub fn from_env() -> Result<Self, GpuError> {
-        Ok(Self::with_schedule(Schedule::from_env(Schedule::InOrder)?))
+        let dev = Self::with_schedule(Schedule::from_env(Schedule::InOrder)?);
+        match std::env::var(MEMORY_VAR) {
+            Ok(text) => {
+                let mib: usize = text.trim().parse().map_err(|_| {
+                    GpuError::Setting(format!(
+                        "{MEMORY_VAR}: {text:?} is not a whole number of MiB"
+                    ))
+                })?;
+                Ok(dev.with_memory_limit(mib << 20))
+            }
+            Err(_) => Ok(dev),
+        }
     }
 
     /// The schedule this device launches under.
@@ -470,13 +513,18 @@ impl Device for EmuDevice {
             message: format!("{bytes} bytes is more than an allocation can hold"),
         };
         let layout = guarded_layout(bytes).ok_or_else(too_big)?;
+        // Reserve first, so threads allocating at once cannot both pass the limit.
+        let used = self.used.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(capacity) = self.capacity.filter(|&c| used.saturating_add(bytes) > c) {
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(GpuError::OutOfMemory { bytes, in_use: Some((used, capacity)) });
+        }
+        self.peak.fetch_max(used + bytes, Ordering::Relaxed);
         // SAFETY: non-zero size.
         let base = unsafe { alloc(layout) };
         if base.is_null() {
-            return Err(GpuError::Driver {
-                call: "emu alloc".into(),
-                message: format!("out of memory for {bytes} bytes"),
-            });
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(GpuError::OutOfMemory { bytes, in_use: None });
         }
         // Poison fresh memory (0xFF bytes are NaN in f16/f32/f64) so a kernel that leaves an
         // output unwritten fails its test; the guards on either side get their own pattern.
@@ -503,6 +551,7 @@ impl Device for EmuDevice {
             }
             None => panic!("free of {ptr:#x}, which this emulated device did not allocate"),
         };
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
         let layout = guarded_layout(bytes).expect("the layout alloc made");
         // SAFETY: allocated by `alloc` with this layout, `GUARD` bytes after its start.
         unsafe { dealloc((ptr as *mut u8).sub(GUARD), layout) };

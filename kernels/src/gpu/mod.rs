@@ -33,6 +33,15 @@ pub enum GpuError {
     /// A CUDA library could not be loaded (no driver, no NVRTC).
     #[error("{0}")]
     Missing(String),
+    /// The device had no memory left for an allocation (after giving back what the device
+    /// kept cached for reuse).
+    #[error("{}", out_of_memory_text(*bytes, *in_use))]
+    OutOfMemory {
+        /// The allocation's size.
+        bytes: usize,
+        /// (in use, total) device memory when it failed, where the device can tell.
+        in_use: Option<(usize, usize)>,
+    },
     /// A driver call failed.
     #[error("CUDA {call} failed: {message}")]
     Driver {
@@ -73,6 +82,17 @@ pub enum GpuError {
         /// The emulator's message.
         message: String,
     },
+}
+
+fn out_of_memory_text(bytes: usize, in_use: Option<(usize, usize)>) -> String {
+    let size = |b: usize| match b as f64 / (1u64 << 30) as f64 {
+        gib if gib >= 1.0 => format!("{gib:.2} GiB"),
+        _ => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+    };
+    let state = in_use.map_or_else(String::new, |(used, total)| {
+        format!(" ({} of {} in use)", size(used), size(total))
+    });
+    format!("out of device memory: {} more did not fit{state}", size(bytes))
 }
 
 /// A shared handle to a device, as launchers and buffers take it.

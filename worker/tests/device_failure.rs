@@ -1,0 +1,69 @@
+//! A GPU that runs out of memory in the middle of training (the emulated device with a memory
+//! limit) ends the run with an error that says so and what to lower — not a panic — and the
+//! error is one a launched job does not restart for (a restart would fail the same way).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{options, prepared};
+
+use chingu_kernels::gpu::backend::GpuBackend;
+use chingu_kernels::gpu::emu::EmuDevice;
+use chingu_worker::trainer::{train, TrainEvent};
+use chingu_worker::WorkerError;
+
+/// Trains two steps on `dev`; returns the outcome and whether training had started.
+fn two_steps(
+    dev: Arc<EmuDevice>,
+    dir: &std::path::Path,
+    run: &str,
+) -> (Result<u64, WorkerError>, bool) {
+    let data = prepared(dir);
+    let opts = options(&data, &dir.join(run), 2);
+    let mut started = false;
+    let mut observe = |e: &TrainEvent| started |= matches!(e, TrainEvent::Started { .. });
+    let outcome = train(GpuBackend::new(dev), &opts, &mut observe).map(|o| o.step);
+    (outcome, started)
+}
+
+#[test]
+fn out_of_device_memory_mid_step_is_a_fatal_error_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let roomy = Arc::new(EmuDevice::new());
+    let (outcome, _) = two_steps(roomy.clone(), dir.path(), "roomy");
+    assert_eq!(outcome.unwrap(), 2);
+    let peak = roomy.peak_allocated();
+    assert!(peak > 0);
+
+    // One byte short of what the run needed at its peak: the model and optimizer fit (the
+    // run starts), a step's activations do not.
+    let tight = Arc::new(EmuDevice::new().with_memory_limit(peak - 1));
+    let (outcome, started) = two_steps(tight, dir.path(), "tight");
+    assert!(started, "the model and optimizer must fit; the step must not");
+    let err = outcome.expect_err("training past the device's memory must fail");
+    let WorkerError::Device { failure, .. } = &err else {
+        panic!("expected a device failure, got {err:?}");
+    };
+    assert!(failure.out_of_memory, "{failure:?}");
+    assert!(err.is_deterministic(), "out of memory repeats after a restart: {err}");
+    let text = err.to_string();
+    for expected in
+        ["GPU backend, ", "out of device memory", "did not fit", "160 tokens now", "--batch-tokens"]
+    {
+        assert!(text.contains(expected), "{expected:?} missing from: {text}");
+    }
+    let limit = format!("of {:.1} MiB in use)", (peak - 1) as f64 / (1u64 << 20) as f64);
+    assert!(text.contains(&limit), "{limit:?} missing from: {text}");
+}
+
+#[test]
+fn a_memory_limit_the_run_fits_in_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let roomy = Arc::new(EmuDevice::new());
+    let (free, _) = two_steps(roomy.clone(), dir.path(), "free");
+    let exact = Arc::new(EmuDevice::new().with_memory_limit(roomy.peak_allocated()));
+    let (limited, _) = two_steps(exact.clone(), dir.path(), "limited");
+    assert_eq!(free.unwrap(), limited.unwrap());
+    assert_eq!(exact.peak_allocated(), roomy.peak_allocated());
+}
