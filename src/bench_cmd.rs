@@ -62,8 +62,15 @@ pub fn train(args: &BenchArgs) -> anyhow::Result<()> {
             let (sync, mem) = (dev.clone(), dev.clone());
             let backend = chingu_kernels::gpu::backend::GpuBackend::new(dev);
             let sync = move || sync.synchronize().expect("synchronize");
-            let run =
-                || train_on(backend, "chingu-cuda", &sync, &move || mem.memory_in_use(), args);
+            let run = || {
+                train_on(
+                    backend,
+                    "chingu-cuda",
+                    &sync,
+                    &move || mem.memory().map(|(in_use, _)| in_use),
+                    args,
+                )
+            };
             chingu_kernels::catch_device_failure(run)?
         }
     }

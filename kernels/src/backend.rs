@@ -345,6 +345,11 @@ pub trait Backend: Send + Sync {
         key_len: &[usize],
         shape: AttentionShape,
     );
+    /// (bytes in use, bytes in all) of the device's memory, where the backend has a device
+    /// that can tell (a GPU: after a step, that step's peak is still held by its allocator).
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// True for a backend whose gradients need dynamic loss scaling (fp16 activations).
     fn uses_loss_scaling(&self) -> bool {
         false

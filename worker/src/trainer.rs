@@ -234,6 +234,28 @@ pub fn train_parallel<B: Backend + Clone>(
         })
 }
 
+/// Logs the device's memory use after the first step and whenever it has grown by a
+/// twentieth since (a longer batch): how much room the batch leaves. Returns what was last
+/// logged.
+fn log_device_memory<B: Backend>(backend: &B, step: u64, last: usize) -> usize {
+    let Some((in_use, total)) = backend.device_memory() else { return last };
+    if last > 0 && in_use <= last + last / 20 {
+        return last;
+    }
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    tracing::info!(
+        target: "chingu::train::memory",
+        step,
+        in_use,
+        total,
+        "device memory: {:.2} of {:.2} GiB in use after step {step} ({:.0}%)",
+        gib(in_use),
+        gib(total),
+        100.0 * in_use as f64 / total.max(1) as f64
+    );
+    in_use
+}
+
 fn train_unguarded<B: Backend + Clone>(
     backend: B,
     opts: &TrainOptions,
@@ -316,6 +338,8 @@ fn train_unguarded<B: Backend + Clone>(
     let mut stopped = false;
     // Requests that arrived on a step an fp16 overflow skipped, honoured at the next update.
     let mut carried = Requests::default();
+    // Device memory last logged (a GPU's allocator keeps each step's peak, so this only grows).
+    let mut memory_logged = 0usize;
     while optimizer.step < opts.steps {
         if cursor.batch as usize >= plan.1.len() {
             cursor = Cursor { epoch: cursor.epoch + 1, batch: 0 };
@@ -459,6 +483,7 @@ fn train_unguarded<B: Backend + Clone>(
         };
         tracing::info!(target: "chingu::train::step", step, epoch = cursor.epoch, loss, tokens = group_targets, tokens_per_s = report.tokens_per_s, grad_norm = info.grad_norm, lr = info.lr, allreduce_s = comm.reduce_s, allreduce_exposed_s = comm.exposed_s, step_s = seconds);
         observer(&TrainEvent::Step(report));
+        memory_logged = log_device_memory(&model.backend, step, memory_logged);
 
         if rank == 0
             && opts.eval_every > 0

@@ -1,6 +1,7 @@
 //! A GPU that runs out of memory in the middle of training (the emulated device with a memory
 //! limit) ends the run with an error that says so and what to lower — not a panic — and the
-//! error is one a launched job does not restart for (a restart would fail the same way).
+//! error is one a launched job does not restart for (a restart would fail the same way). The
+//! device memory the trainer logs is the run's peak.
 
 mod common;
 
@@ -10,6 +11,7 @@ use common::{options, prepared};
 
 use chingu_kernels::gpu::backend::GpuBackend;
 use chingu_kernels::gpu::emu::EmuDevice;
+use chingu_kernels::Backend;
 use chingu_worker::trainer::{train, TrainEvent};
 use chingu_worker::WorkerError;
 
@@ -66,4 +68,8 @@ fn a_memory_limit_the_run_fits_in_changes_nothing() {
     let (limited, _) = two_steps(exact.clone(), dir.path(), "limited");
     assert_eq!(free.unwrap(), limited.unwrap());
     assert_eq!(exact.peak_allocated(), roomy.peak_allocated());
+    // What the trainer logs as the device's memory: the peak, of the limit.
+    let backend = GpuBackend::new(exact.clone());
+    assert_eq!(backend.device_memory(), Some((exact.peak_allocated(), exact.peak_allocated())));
+    assert_eq!(GpuBackend::new(roomy).device_memory(), None, "no limit, no total to tell");
 }

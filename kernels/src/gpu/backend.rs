@@ -211,6 +211,10 @@ impl Backend for GpuBackend {
         true
     }
 
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        self.dev.memory()
+    }
+
     /// Multiplies the cross-entropy gradient (hence every gradient) by `scale`.
     fn set_loss_scale(&self, scale: f32) {
         self.loss_scale.store(scale.to_bits(), Ordering::Relaxed);

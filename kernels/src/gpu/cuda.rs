@@ -257,9 +257,9 @@ impl Device for CudaDevice {
         unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("cuMemcpyHtoD"))
     }
 
-    fn memory_in_use(&self) -> Option<usize> {
+    fn memory(&self) -> Option<(usize, usize)> {
         self.bind().ok()?;
-        result::mem_get_info().ok().map(|(free, total)| total - free)
+        result::mem_get_info().ok().map(|(free, total)| (total - free, total))
     }
 
     unsafe fn memset_zero(&self, dst: DevicePtr, bytes: usize) -> Result<(), GpuError> {

@@ -506,6 +506,12 @@ impl Device for EmuDevice {
         99 * 1024
     }
 
+    /// With a memory limit: (the peak allocation, the limit) — the peak, because a GPU's
+    /// caching allocator keeps a step's peak in use and this device frees at once.
+    fn memory(&self) -> Option<(usize, usize)> {
+        self.capacity.map(|capacity| (self.peak_allocated(), capacity))
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
         let _shared = self.shared();
         let too_big = || GpuError::Driver {

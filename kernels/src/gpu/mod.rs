@@ -230,10 +230,10 @@ pub trait Device: Send + Sync {
     ) -> Result<(), GpuError>;
     /// Waits for every launch so far and reports any asynchronous error.
     fn synchronize(&self) -> Result<(), GpuError>;
-    /// Bytes of device memory in use by the whole device (driver's view: total − free), where
-    /// the device can tell; the caching allocator keeps a step's peak, so after training this
-    /// is the peak plus the context's own overhead.
-    fn memory_in_use(&self) -> Option<usize> {
+    /// (bytes in use, bytes in all) of device memory, where the device can tell. In use is
+    /// the driver's view (total − free): the caching allocator keeps a step's peak, so after a
+    /// step this is the peak plus the context's own overhead.
+    fn memory(&self) -> Option<(usize, usize)> {
         None
     }
     /// The most dynamic shared memory `kernel` may be launched with, in bytes: 48 KiB unless
