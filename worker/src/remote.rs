@@ -275,11 +275,16 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
         // One arm per backend type: the checkpoint writer is typed by the model it writes.
         match gpu {
             #[cfg(feature = "cuda")]
-            Some(dev) => {
+            Some(gpu) => {
                 type B = chingu_kernels::gpu::backend::GpuBackend;
                 use chingu_kernels::gpu::collective::DeviceCollective as _;
                 let mut nccl = if use_nccl {
-                    let comm = join_nccl(&dev, &nccl_id, rank as usize, world as usize)?;
+                    let dev = gpu.cuda().ok_or_else(|| {
+                        WorkerError::Training(
+                            "NCCL needs CUDA devices: emulated GPU ranks sum with workers.collective = \"ring\"".into(),
+                        )
+                    })?;
+                    let comm = join_nccl(dev, &nccl_id, rank as usize, world as usize)?;
                     *flags.abort.lock().expect("abort handle") = Some(comm.abort_handle());
                     Some(comm)
                 } else {
@@ -297,7 +302,7 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
                     requests: &mut requests,
                     checkpoint: &mut write,
                 };
-                train_parallel(B::new(std::sync::Arc::new(dev)), &options, parallel, &mut observer)
+                train_parallel(B::new(gpu.shared()), &options, parallel, &mut observer)
                     .map(|o| o.step)
             }
             _ if use_nccl => Err(WorkerError::Training(format!(
@@ -405,21 +410,26 @@ fn hostname() -> String {
 /// build has CUDA support and it opens, else — for a single worker only — the CPU, with one log
 /// line saying why. Several ranks never mix devices: GPU ranks scale their gradients by the
 /// loss scale and skip overflowed steps, CPU ranks do not, so a mixed job would diverge.
+/// With feature "emu", `CHINGU_EMULATED_GPU=1` puts a GPU rank on the CPU emulation of CUDA
+/// (slow; how the tests run a launched GPU job without a GPU).
 #[cfg(feature = "cuda")]
-fn open_gpu(
-    backend: &str,
-    rank: usize,
-    world: usize,
-) -> Result<Option<chingu_kernels::gpu::cuda::CudaDevice>> {
+fn open_gpu(backend: &str, rank: usize, world: usize) -> Result<Option<RankGpu>> {
     use chingu_kernels::gpu::cuda::CudaDevice;
     use chingu_kernels::gpu::Device;
     if backend == "cpu" {
         return Ok(None);
     }
+    #[cfg(feature = "emu")]
+    if std::env::var("CHINGU_EMULATED_GPU").as_deref() == Ok("1") {
+        let dev = chingu_kernels::gpu::emu::EmuDevice::from_env()
+            .map_err(|e| WorkerError::Training(format!("CHINGU_EMULATED_GPU=1: {e}")))?;
+        tracing::info!("CHINGU_EMULATED_GPU=1: training on the CUDA kernels emulated on the CPU");
+        return Ok(Some(RankGpu::Emulated(Arc::new(dev))));
+    }
     match CudaDevice::open_for(rank) {
         Ok(dev) => {
             tracing::info!(device = %dev.name(), "training on the GPU (fp16 mixed precision)");
-            Ok(Some(dev))
+            Ok(Some(RankGpu::Cuda(Arc::new(dev))))
         }
         Err(why) if backend == "auto" && world == 1 => {
             tracing::info!("{why}: training on the CPU");
@@ -464,11 +474,47 @@ fn capabilities() -> Vec<String> {
     can
 }
 
+/// The GPU a rank trains on: a CUDA device, or its CPU emulation (feature "emu").
+#[cfg(feature = "cuda")]
+enum RankGpu {
+    Cuda(Arc<chingu_kernels::gpu::cuda::CudaDevice>),
+    #[cfg(feature = "emu")]
+    Emulated(Arc<chingu_kernels::gpu::emu::EmuDevice>),
+}
+
+#[cfg(feature = "cuda")]
+impl RankGpu {
+    fn name(&self) -> String {
+        use chingu_kernels::gpu::Device as _;
+        match self {
+            RankGpu::Cuda(dev) => dev.name(),
+            #[cfg(feature = "emu")]
+            RankGpu::Emulated(dev) => dev.name(),
+        }
+    }
+
+    /// The CUDA device NCCL needs; the emulated one has no NCCL.
+    fn cuda(&self) -> Option<&chingu_kernels::gpu::cuda::CudaDevice> {
+        match self {
+            RankGpu::Cuda(dev) => Some(dev),
+            #[cfg(feature = "emu")]
+            RankGpu::Emulated(_) => None,
+        }
+    }
+
+    fn shared(self) -> chingu_kernels::gpu::Gpu {
+        match self {
+            RankGpu::Cuda(dev) => dev,
+            #[cfg(feature = "emu")]
+            RankGpu::Emulated(dev) => dev,
+        }
+    }
+}
+
 /// What `chingu status` shows for the device a rank trains on.
 #[cfg(feature = "cuda")]
-fn device_name(gpu: &Option<chingu_kernels::gpu::cuda::CudaDevice>) -> String {
-    use chingu_kernels::gpu::Device as _;
-    gpu.as_ref().map_or_else(|| "cpu".to_string(), |dev| dev.name())
+fn device_name(gpu: &Option<RankGpu>) -> String {
+    gpu.as_ref().map_or_else(|| "cpu".to_string(), RankGpu::name)
 }
 
 #[cfg(not(feature = "cuda"))]
