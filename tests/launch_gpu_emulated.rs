@@ -1,16 +1,18 @@
 //! A launched job on GPU workers (`workers.backend = "cuda"`), run without a GPU: the worker
 //! process trains on the CUDA kernels emulated on the CPU (`CHINGU_EMULATED_GPU=1`). The job
-//! trains in fp16 with loss scaling and commits its checkpoints through the coordinator; a GPU
-//! that runs out of memory (`CHINGU_EMU_MEMORY_MIB`) fails the job at once — no restart —
-//! with the worker's message saying what to lower.
+//! trains in fp16 with loss scaling and commits its checkpoints through the coordinator; a
+//! SIGKILLed GPU worker is restarted from LATEST and the job ends with the bytes of an
+//! unbroken run; a GPU that runs out of memory (`CHINGU_EMU_MEMORY_MIB`) fails the job at once
+//! — no restart — with the worker's message saying what to lower.
 //!
 //! Needs the `emu` feature (`cargo test --features emu --test launch_gpu_emulated`, as
 //! `.ci/run` does): without it this build has no GPU workers at all.
 #![cfg(feature = "emu")]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 fn chingu() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_chingu"));
@@ -64,14 +66,36 @@ fn launch(manifest: &Path, memory_mib: Option<u32>) -> (Output, String) {
     (out, text)
 }
 
+fn tensors(run: &Path, step: u64) -> Vec<Vec<u8>> {
+    let dir = run.join(format!("checkpoints/step-{step:08}"));
+    ["model.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|f| {
+            std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}/{f}: {e}", dir.display()))
+        })
+        .collect()
+}
+
+/// The unbroken job (4 steps), run once for the tests that compare with it: its directory
+/// and its launch's output.
+fn unbroken() -> &'static (PathBuf, String) {
+    static RUN: OnceLock<(PathBuf, String)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("launch-gpu-unbroken-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (out, text) = launch(&manifest(&dir), None);
+        assert!(out.status.success(), "{text}");
+        (dir, text)
+    })
+}
+
 #[test]
 fn a_launched_gpu_job_trains_in_mixed_precision_and_commits_its_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, text) = launch(&manifest(dir.path()), None);
-    assert!(out.status.success(), "{text}");
+    let (dir, text) = unbroken();
     assert!(text.contains("device=emu (CUDA emulated on the CPU)"), "{text}");
     assert!(text.contains("finished at step 4 (0 restart(s))"), "{text}");
-    let checkpoints = dir.path().join("run/checkpoints");
+    let checkpoints = dir.join("run/checkpoints");
     assert_eq!(
         std::fs::read_to_string(checkpoints.join("LATEST")).unwrap().trim(),
         "step-00000004"
@@ -102,4 +126,43 @@ fn a_gpu_out_of_memory_fails_the_job_at_once_with_what_to_lower() {
     }
     assert!(!text.contains("generation=2"), "the job restarted:\n{text}");
     assert!(!dir.path().join("run/checkpoints/LATEST").exists(), "{text}");
+}
+
+#[test]
+fn a_killed_gpu_worker_restarts_from_latest_and_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut job = chingu()
+        .args(["launch", "--samples", "0"])
+        .arg(manifest(dir.path()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the worker once the step-2 checkpoint is committed (steps take seconds emulated).
+    let start = Instant::now();
+    while std::fs::read_to_string(run.join("checkpoints/LATEST"))
+        .map_or(true, |l| l.trim() != "step-00000002")
+    {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before its step-2 checkpoint");
+        assert!(start.elapsed() < Duration::from_secs(300), "no step-2 checkpoint in 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(run.join("logs/coordinator.jsonl")).unwrap();
+    let pid = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["fields"]["message"] == "worker joined")
+        .and_then(|v| v["fields"]["pid"].as_u64())
+        .expect("the coordinator logged the worker's pid");
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let out = job.wait_with_output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the job did not recover from the killed worker:\n{text}");
+    assert!(text.contains("finished at step 4 (1 restart(s))"), "{text}");
+    let reference = tensors(&unbroken().0.join("run"), 4);
+    let resumed = tensors(&run, 4);
+    assert!(resumed[0] == reference[0], "model differs from the unbroken GPU run");
+    assert!(resumed[1] == reference[1], "optimizer state differs from the unbroken GPU run");
 }
