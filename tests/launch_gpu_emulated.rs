@@ -3,7 +3,8 @@
 //! trains in fp16 with loss scaling and commits its checkpoints through the coordinator; a
 //! SIGKILLed GPU worker is restarted from LATEST and the job ends with the bytes of an
 //! unbroken run; a GPU that runs out of memory (`CHINGU_EMU_MEMORY_MIB`) fails the job at once
-//! — no restart — with the worker's message saying what to lower.
+//! — no restart — with the worker's message saying what to lower. Two GPU workers summing
+//! through the TCP ring equal one accumulating their two micro-batches, bit for bit.
 //!
 //! Needs the `emu` feature (`cargo test --features emu --test launch_gpu_emulated`, as
 //! `.ci/run` does): without it this build has no GPU workers at all.
@@ -38,13 +39,19 @@ fn data() -> &'static Path {
 
 /// A 4-step `tiny` job on one GPU worker, checkpoints every 2 steps, 2 restarts allowed.
 fn manifest(dir: &Path) -> PathBuf {
+    manifest_with(dir, 1, 1)
+}
+
+/// The same job on `workers` GPU workers summing through the TCP ring, each accumulating
+/// `accumulate` micro-batches a step.
+fn manifest_with(dir: &Path, workers: usize, accumulate: usize) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("job.toml");
     let text = format!(
         "[job]\nname = \"gpu\"\nrun = \"{run}\"\nseed = 7\n\n[data]\npath = \"{data}\"\n\n\
          [model]\npreset = \"tiny\"\n\n\
-         [train]\nsteps = 4\nbatch_tokens = 256\neval_every = 0\nthreads = 1\n\n\
-         [workers]\ncount = 1\nbackend = \"cuda\"\n\n\
+         [train]\nsteps = 4\nbatch_tokens = 256\naccumulate = {accumulate}\neval_every = 0\nthreads = 1\n\n\
+         [workers]\ncount = {workers}\nbackend = \"cuda\"\ncollective = \"ring\"\n\n\
          [checkpoint]\nevery_steps = 2\nkeep = 5\n\n\
          [restart]\nmax_restarts = 2\nheartbeat_timeout_s = 60\n",
         run = dir.join("run").display(),
@@ -165,4 +172,19 @@ fn a_killed_gpu_worker_restarts_from_latest_and_ends_bit_identical() {
     let resumed = tensors(&run, 4);
     assert!(resumed[0] == reference[0], "model differs from the unbroken GPU run");
     assert!(resumed[1] == reference[1], "optimizer state differs from the unbroken GPU run");
+}
+
+#[test]
+fn two_gpu_workers_on_the_ring_equal_one_accumulating_two_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (two, one) = (dir.path().join("two"), dir.path().join("one"));
+    for (dir, workers, accumulate) in [(&two, 2, 1), (&one, 1, 2)] {
+        let (out, text) = launch(&manifest_with(dir, workers, accumulate), None);
+        assert!(out.status.success(), "{workers} worker(s):\n{text}");
+    }
+    let (a, b) = (tensors(&two.join("run"), 4), tensors(&one.join("run"), 4));
+    assert!(a[0] == b[0], "model differs between 2 GPU workers x 1 batch and 1 x 2 batches");
+    assert!(a[1] == b[1], "optimizer state differs between 2 GPU workers and 1 accumulating 2");
+    // Not vacuous: one worker with one batch a step trains another model.
+    assert!(tensors(&unbroken().0.join("run"), 4)[0] != a[0]);
 }
