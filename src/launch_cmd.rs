@@ -69,6 +69,7 @@ pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow
         local_workers,
         exe: std::env::current_exe().context("cannot find the chingu executable")?,
         cuda_build: cfg!(feature = "cuda"),
+        local_gpus: local_gpu_count(),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let outcome = runtime.block_on(launcher::run(launch))?;
@@ -94,6 +95,19 @@ pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow
         }
     }
     Ok(())
+}
+
+/// CUDA GPUs on this machine, where a CUDA build can count them (not with the emulated GPU,
+/// which any number of workers share).
+fn local_gpu_count() -> Option<usize> {
+    #[cfg(feature = "emu")]
+    if std::env::var("CHINGU_EMULATED_GPU").as_deref() == Ok("1") {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    return Some(chingu_kernels::gpu::cuda::CudaDevice::count());
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// Runs one worker until the job ends for it.

@@ -51,6 +51,9 @@ pub struct Launch {
     /// Whether that executable was built with CUDA support (`workers.backend = "cuda"` is
     /// refused up front otherwise, before any worker starts).
     pub cuda_build: bool,
+    /// CUDA GPUs on this machine, where known (a CUDA build, not the emulated GPU): local GPU
+    /// workers are checked against it before any starts.
+    pub local_gpus: Option<usize>,
 }
 
 /// How a job ended.
@@ -124,6 +127,31 @@ fn write_atomic(path: &Path, text: &str) {
     }
 }
 
+/// Refuses a job whose local GPU workers would sum with NCCL while outnumbering this
+/// machine's GPUs: worker r takes GPU `r mod GPUs`, so two ranks would share one, which NCCL
+/// refuses (after every worker has started and compiled its kernels).
+fn check_local_gpus(m: &Manifest, gpus: Option<usize>) -> Result<(), LaunchError> {
+    let Some(gpus) = gpus.filter(|&g| g > 0) else { return Ok(()) };
+    let count = m.workers.count;
+    let on_gpus = matches!(m.workers.backend, Backend::Cuda | Backend::Auto);
+    let nccl = m.workers.collective == CollectiveKind::Nccl
+        || (m.workers.collective == CollectiveKind::Auto && count > 1);
+    if on_gpus && nccl && count > gpus {
+        return Err(m
+            .error_at(
+                "workers.count",
+                format!(
+                    "{count} GPU workers on a machine with {gpus} GPU(s): two ranks would share a \
+                     GPU, which NCCL refuses — set workers.count = {gpus} (raise \
+                     train.accumulate to keep the tokens per step), or workers.collective = \
+                     \"ring\" to let ranks share GPUs"
+                ),
+            )
+            .into());
+    }
+    Ok(())
+}
+
 /// Serves the job and drives it to the end.
 pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
     let m = &launch.manifest;
@@ -142,6 +170,9 @@ pub async fn run(launch: Launch) -> Result<Outcome, LaunchError> {
                 "NCCL sums GPU buffers: it needs workers.backend = \"cuda\" (or \"auto\" on GPUs); use \"ring\" or \"auto\" on the CPU",
             )
             .into());
+    }
+    if launch.local_workers {
+        check_local_gpus(m, launch.local_gpus)?;
     }
     let spec = job_spec(m)?;
     let has_checkpoints = checkpoint::has_checkpoints(&spec.run);
@@ -399,5 +430,44 @@ fn forward_stderr(child: &mut Child, rank: u32) {
                 eprintln!("[rank {rank}] {line}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(workers: &str) -> Manifest {
+        let text = format!(
+            "[job]\nname = \"t\"\nrun = \"runs/t\"\n\n[data]\npath = \"prepared\"\n\n\
+             [model]\npreset = \"tiny\"\n\n[train]\nsteps = 10\n\n[workers]\n{workers}\n"
+        );
+        Manifest::parse(Path::new("job.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn more_nccl_workers_than_gpus_are_refused_at_the_count() {
+        let m = manifest("count = 4\nbackend = \"cuda\"");
+        let err = check_local_gpus(&m, Some(2)).unwrap_err().to_string();
+        assert!(err.starts_with("job.toml:15:1: "), "the count's line: {err}");
+        for expected in
+            ["workers.count", "4 GPU workers on a machine with 2 GPU(s)", "workers.count = 2"]
+        {
+            assert!(err.contains(expected), "{expected:?} missing from: {err}");
+        }
+        // `auto` sums with NCCL too when the ranks are on GPUs.
+        assert!(check_local_gpus(&manifest("count = 3"), Some(2)).is_err());
+    }
+
+    #[test]
+    fn jobs_that_fit_or_do_not_use_nccl_pass() {
+        assert!(check_local_gpus(&manifest("count = 2\nbackend = \"cuda\""), Some(2)).is_ok());
+        let ring = manifest("count = 4\nbackend = \"cuda\"\ncollective = \"ring\"");
+        assert!(check_local_gpus(&ring, Some(2)).is_ok());
+        assert!(check_local_gpus(&manifest("count = 4\nbackend = \"cpu\""), Some(2)).is_ok());
+        // No GPU, or a count nobody knows (the emulated GPU): the workers find out themselves.
+        let cuda = manifest("count = 4\nbackend = \"cuda\"");
+        assert!(check_local_gpus(&cuda, Some(0)).is_ok());
+        assert!(check_local_gpus(&cuda, None).is_ok());
     }
 }
