@@ -4,6 +4,9 @@
 //! coordinator is continued by `launch --resume` with the same result, a silent (stopped)
 //! worker is caught by the heartbeat timeout, and wrong tokens and bad manifests are refused.
 
+mod common;
+
+use common::tensors;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -90,16 +93,6 @@ fn spawn_launch(manifest: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn tensors(run: &Path, step: u64) -> Vec<Vec<u8>> {
-    let dir = run.join(format!("checkpoints/step-{step:08}"));
-    ["model.safetensors", "optimizer.safetensors"]
-        .iter()
-        .map(|f| {
-            std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}/{f}: {e}", dir.display()))
-        })
-        .collect()
 }
 
 fn latest(run: &Path) -> Option<u64> {

@@ -10,6 +10,9 @@
 //! `.ci/run` does): without it this build has no GPU workers at all.
 #![cfg(feature = "emu")]
 
+mod common;
+
+use common::tensors;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -71,16 +74,6 @@ fn launch(manifest: &Path, memory_mib: Option<u32>) -> (Output, String) {
     let text =
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out, text)
-}
-
-fn tensors(run: &Path, step: u64) -> Vec<Vec<u8>> {
-    let dir = run.join(format!("checkpoints/step-{step:08}"));
-    ["model.safetensors", "optimizer.safetensors"]
-        .iter()
-        .map(|f| {
-            std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}/{f}: {e}", dir.display()))
-        })
-        .collect()
 }
 
 /// The unbroken job (4 steps), run once for the tests that compare with it: its directory
