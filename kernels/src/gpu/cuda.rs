@@ -380,7 +380,9 @@ struct Blas {
     context: sys::CUcontext,
     handle: lt_sys::cublasLtHandle_t,
     workspace: DevicePtr,
-    plans: Mutex<HashMap<PlanKey, lt_sys::cublasLtMatmulAlgo_t>>,
+    /// The algorithm for each shape seen; `None` for a strided batch cuBLASLt has no kernel
+    /// for, whose products then run one at a time.
+    plans: Mutex<HashMap<PlanKey, Option<lt_sys::cublasLtMatmulAlgo_t>>>,
     /// fp32 copy of the current fp32 product's bias: (address, capacity in elements).
     bias_f32: Mutex<(DevicePtr, usize)>,
 }
@@ -574,12 +576,28 @@ impl Blas {
                 Some(algo) => *algo,
                 None => {
                     // SAFETY: live descriptors.
-                    let algo = unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align) }
-                        .map_err(fail("cublasLtMatmulAlgoGetHeuristic"))?;
+                    let algo = match unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align) } {
+                        Ok(algo) => Some(algo),
+                        // A batch must suit one kernel for every matrix in it (the stride
+                        // counts in the alignment: odd sequence lengths make it 2 or 4
+                        // bytes); where none does, its products go one at a time.
+                        Err(e) if g.batch.count > 1 => {
+                            tracing::warn!(
+                                "cuBLASLt has no batched kernel for {what} ({e:?}): its {} products run one at a time",
+                                g.batch.count
+                            );
+                            None
+                        }
+                        Err(e) => return Err(fail("cublasLtMatmulAlgoGetHeuristic")(e)),
+                    };
                     plans.insert(key, algo);
                     algo
                 }
             }
+        };
+        let Some(algo) = algo else {
+            // SAFETY: as this call's; each product is one block of the batch.
+            return unsafe { self.one_at_a_time(g) };
         };
         let (alpha, beta) = (1.0f32, g.beta);
         // SAFETY: live descriptors; the caller guarantees the matrices; C and D are the same
@@ -606,6 +624,30 @@ impl Blas {
             )
         }
         .map_err(fail("cublasLtMatmul"))
+    }
+
+    /// The products of the batch `g`, one `matmul` each.
+    ///
+    /// # Safety
+    /// As [`Device::gemm`] for the whole batch.
+    unsafe fn one_at_a_time(&self, g: &Gemm) -> Result<(), GpuError> {
+        let c_bytes = if g.c_f32 { 4 } else { 2 };
+        for i in 0..g.batch.count {
+            let at = |ptr: DevicePtr, stride: usize, bytes: usize| {
+                ptr + (i * stride * bytes) as DevicePtr
+            };
+            let one = Gemm {
+                a: at(g.a, g.batch.stride_a, 2),
+                b: at(g.b, g.batch.stride_b, 2),
+                c: at(g.c, g.batch.stride_c, c_bytes),
+                batch: GemmBatch::ONE,
+                ..*g
+            };
+            // SAFETY: block i of each operand lies inside it (the caller's contract); a batch
+            // takes no bias.
+            unsafe { self.matmul(&one, None) }?;
+        }
+        Ok(())
     }
 
     /// The fastest algorithm for these descriptors within our workspace and alignments.
