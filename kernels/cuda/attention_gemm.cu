@@ -16,7 +16,9 @@
 // P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
 // fp32. Score rows are processed in chunks of whole (batch row, head) blocks (`first_bh`:
 // the chunk's first), so the scratch stays bounded; nothing depends on the chunking.
-// Shapes: S, dP, P, dS [chunk·Tq, Tk] (row r = (bh − first_bh)·Tq + i); lse, delta [B·H·Tq].
+// Shapes: S, dP, P, dS [chunk·Tq, Tk] with rows `ld` elements apart (Tk rounded up to 8, so
+// every row starts 16-byte aligned for cuBLASLt; the gap is never read; row r =
+// (bh − first_bh)·Tq + i); lse, delta [B·H·Tq].
 #include "common.cuh"
 
 /// The element of x [B·T, H·Dh] that element e of [B, H, T, Dh] is (32-bit: the launcher
@@ -64,15 +66,15 @@ __device__ __forceinline__ int visible_keys(const int* key_len, int bh, int i, i
 /// One warp per score row of the chunk: P and lse from S (see the file comment).
 extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const float* s,
                                                  const int* key_len, int rows, int q_len,
-                                                 int k_len, int heads, int causal, int q_offset,
-                                                 float scale, int first_bh) {
+                                                 int k_len, int ld, int heads, int causal,
+                                                 int q_offset, float scale, int first_bh) {
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
     const int bh = first_bh + (int)(r / q_len), i = (int)(r % q_len);
     const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
-    const float* sr = s + r * k_len;
-    __half* pr = p + r * k_len;
+    const float* sr = s + r * ld;
+    __half* pr = p + r * ld;
     float m = chingu::neg_inf();
     for (int j = lane; j < visible; j += 32) m = fmaxf(m, sr[j] * scale);
     m = chingu::warp_max(m);
@@ -90,8 +92,8 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
 /// read once), lanes along the keys.
 extern "C" __global__ void attention_scores_backward_f16(
     __half* p, __half* ds, const float* s, const float* dp, const float* lse, const float* delta,
-    const int* key_len, int rows, int q_len, int k_len, int heads, int causal, int q_offset,
-    float scale, int first_bh) {
+    const int* key_len, int rows, int q_len, int k_len, int ld, int heads, int causal,
+    int q_offset, float scale, int first_bh) {
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
@@ -99,7 +101,7 @@ extern "C" __global__ void attention_scores_backward_f16(
     const long long stat = (long long)bh * q_len + i;
     const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
     const float row_lse = lse[stat], row_delta = delta[stat];
-    const long long base = r * k_len;
+    const long long base = r * ld;
     for (int j = lane; j < k_len; j += 32) {
         const float pj = j < visible ? expf(s[base + j] * scale - row_lse) : 0.0f;
         p[base + j] = __float2half_rn(pj);

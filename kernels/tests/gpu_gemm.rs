@@ -176,72 +176,145 @@ fn check(case: &str, got: &[f64], p: &Problem, c0: &[f64], bias: &[f64], c_f32: 
 /// Several products of one shape in one call (the strided batch of the GEMM attention path),
 /// each block against its own reference, for every transpose pair and both output types; C
 /// poisoned, so a block left unwritten fails.
+/// `x` `[rows×cols]` with its rows `ld` apart, NaN in the gaps (a product that reads them
+/// gives NaN).
+fn with_row_stride(x: &[f16], rows: usize, cols: usize, ld: usize) -> Vec<f16> {
+    let mut out = vec![f16::NAN; rows * ld];
+    for (r, row) in x.chunks(cols).enumerate() {
+        out[r * ld..r * ld + cols].copy_from_slice(row);
+    }
+    out
+}
+
 #[test]
 fn batched_products_match_their_references() {
     let (m, n, k, count) = (33, 20, 24, 5);
     let mut rng = SplitMix64(0xba7c);
     let problems: Vec<Problem> = (0..count).map(|_| Problem::new(&mut rng, m, n, k)).collect();
     let (zeros, no_bias) = (vec![0.0; m * n], vec![0.0; n]);
-    for dev in devices() {
-        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
-            let a_host: Vec<f16> = problems
-                .iter()
-                .flat_map(|p| if trans_a { transpose(&p.a, m, k) } else { p.a.clone() })
-                .collect();
-            let b_host: Vec<f16> = problems
-                .iter()
-                .flat_map(|p| if trans_b { transpose(&p.b, k, n) } else { p.b.clone() })
-                .collect();
-            let a = DeviceBuffer::from_host(&dev, &a_host).unwrap();
-            let b = DeviceBuffer::from_host(&dev, &b_host).unwrap();
-            for c_f32 in [false, true] {
-                let case = format!(
-                    "{} batch of {count} {m}×{n}×{k} trans_a {trans_a} trans_b {trans_b} C f32 {c_f32}",
-                    dev.name()
-                );
-                let (c16, c32) = if c_f32 {
-                    (
-                        None,
-                        Some(
-                            DeviceBuffer::from_host(&dev, &vec![f32::NAN; count * m * n]).unwrap(),
-                        ),
-                    )
-                } else {
-                    (
-                        Some(
-                            DeviceBuffer::from_host(&dev, &vec![f16::NAN; count * m * n]).unwrap(),
-                        ),
-                        None,
-                    )
-                };
-                let c = c16.as_ref().map_or_else(|| c32.as_ref().unwrap().ptr(), |c| c.ptr());
-                let g = Gemm {
-                    m,
-                    n,
-                    k,
-                    a: a.ptr(),
-                    trans_a,
-                    b: b.ptr(),
-                    trans_b,
-                    c,
-                    c_f32,
-                    beta: 0.0,
-                    bias: None,
-                    epilogue: GemmEpilogue::None,
-                    batch: GemmBatch { count, stride_a: m * k, stride_b: k * n, stride_c: m * n },
-                };
-                // SAFETY: A, B and C hold `count` blocks of their shapes, at those strides.
-                unsafe { run(&dev, "", &g) }.unwrap_or_else(|e| panic!("{case}: {e}"));
-                let got: Vec<f64> = match (&c16, &c32) {
-                    (Some(c), _) => c.to_host().unwrap().iter().map(|x| x.to_f64()).collect(),
-                    (_, Some(c)) => c.to_host().unwrap().iter().map(|&x| f64::from(x)).collect(),
-                    _ => unreachable!(),
-                };
-                for (i, p) in problems.iter().enumerate() {
-                    let block = &got[i * m * n..(i + 1) * m * n];
-                    check(&format!("{case}, block {i}"), block, p, &zeros, &no_bias, c_f32);
+    // Dense, then with rows padded (A by 5, B by 3, C by 4 elements: gaps the product must
+    // neither read nor write).
+    for pad in [[0, 0, 0], [5, 3, 4]] {
+        for dev in devices() {
+            for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
+                let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+                let ld = [a_cols + pad[0], b_cols + pad[1], n + pad[2]];
+                let a_host: Vec<f16> = problems
+                    .iter()
+                    .flat_map(|p| {
+                        let a = if trans_a { transpose(&p.a, m, k) } else { p.a.clone() };
+                        with_row_stride(&a, a_rows, a_cols, ld[0])
+                    })
+                    .collect();
+                let b_host: Vec<f16> = problems
+                    .iter()
+                    .flat_map(|p| {
+                        let b = if trans_b { transpose(&p.b, k, n) } else { p.b.clone() };
+                        with_row_stride(&b, b_rows, b_cols, ld[1])
+                    })
+                    .collect();
+                let a = DeviceBuffer::from_host(&dev, &a_host).unwrap();
+                let b = DeviceBuffer::from_host(&dev, &b_host).unwrap();
+                let c_block = m * ld[2];
+                for c_f32 in [false, true] {
+                    let case = format!(
+                        "{} batch of {count} {m}×{n}×{k} trans_a {trans_a} trans_b {trans_b} C f32 {c_f32} row padding {pad:?}",
+                        dev.name()
+                    );
+                    let (c16, c32) = if c_f32 {
+                        (
+                            None,
+                            Some(
+                                DeviceBuffer::from_host(&dev, &vec![f32::NAN; count * c_block])
+                                    .unwrap(),
+                            ),
+                        )
+                    } else {
+                        (
+                            Some(
+                                DeviceBuffer::from_host(&dev, &vec![f16::NAN; count * c_block])
+                                    .unwrap(),
+                            ),
+                            None,
+                        )
+                    };
+                    let c = c16.as_ref().map_or_else(|| c32.as_ref().unwrap().ptr(), |c| c.ptr());
+                    let g = Gemm {
+                        m,
+                        n,
+                        k,
+                        a: a.ptr(),
+                        trans_a,
+                        b: b.ptr(),
+                        trans_b,
+                        c,
+                        c_f32,
+                        beta: 0.0,
+                        bias: None,
+                        epilogue: GemmEpilogue::None,
+                        batch: GemmBatch {
+                            count,
+                            stride_a: a_rows * ld[0],
+                            stride_b: b_rows * ld[1],
+                            stride_c: c_block,
+                        },
+                        ld: if pad == [0, 0, 0] { Gemm::DENSE } else { ld },
+                    };
+                    // SAFETY: A, B and C hold `count` blocks of their shapes, at those strides.
+                    unsafe { run(&dev, "", &g) }.unwrap_or_else(|e| panic!("{case}: {e}"));
+                    let got: Vec<f64> = match (&c16, &c32) {
+                        (Some(c), _) => c.to_host().unwrap().iter().map(|x| x.to_f64()).collect(),
+                        (_, Some(c)) => {
+                            c.to_host().unwrap().iter().map(|&x| f64::from(x)).collect()
+                        }
+                        _ => unreachable!(),
+                    };
+                    for (i, p) in problems.iter().enumerate() {
+                        let rows = got[i * c_block..(i + 1) * c_block].chunks(ld[2]);
+                        let block: Vec<f64> = rows.clone().flat_map(|r| r[..n].to_vec()).collect();
+                        check(&format!("{case}, block {i}"), &block, p, &zeros, &no_bias, c_f32);
+                        assert!(
+                            rows.flat_map(|r| &r[n..]).all(|x| x.is_nan()),
+                            "{case}, block {i}: the product wrote into C's row gaps"
+                        );
+                    }
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn row_strides_shorter_than_their_rows_are_refused() {
+    for dev in devices() {
+        let a = DeviceBuffer::from_host(&dev, &[f16::ONE; 64]).unwrap();
+        let c = DeviceBuffer::from_host(&dev, &[0f32; 64]).unwrap();
+        let g = Gemm {
+            m: 4,
+            n: 4,
+            k: 4,
+            a: a.ptr(),
+            trans_a: false,
+            b: a.ptr(),
+            trans_b: false,
+            c: c.ptr(),
+            c_f32: true,
+            beta: 0.0,
+            bias: None,
+            epilogue: GemmEpilogue::None,
+            batch: GemmBatch::ONE,
+            ld: [3, 0, 0],
+        };
+        // SAFETY: refused before anything is read (and every buffer covers 4 rows of 16).
+        match unsafe { run(&dev, "", &g) } {
+            Err(GpuError::Shape { message, .. }) => {
+                assert!(
+                    message.contains("A's row stride 3 is shorter than its 4 columns"),
+                    "{message}"
+                )
+            }
+            other => panic!("{}: expected a refusal, got {other:?}", dev.name()),
         }
     }
 }

@@ -184,6 +184,7 @@ impl GpuBackend {
             bias: bias.map(|b| b.ptr()),
             epilogue: GemmEpilogue::None,
             batch: GemmBatch::ONE,
+            ld: Gemm::DENSE,
         };
         // SAFETY: extents checked above.
         check(op, unsafe { super::gemm::run(&self.dev, op, &g) });

@@ -373,6 +373,7 @@ struct PlanKey {
     /// Alignments (bytes, ≤ 256) of cuBLASLt's A (our B), B (our A) and C = D.
     align: [u32; 3],
     batch: GemmBatch,
+    ld: [usize; 3],
 }
 
 /// cuBLASLt state of one device.
@@ -449,18 +450,19 @@ impl Blas {
         } else {
             lt_sys::cudaDataType::CUDA_R_16F
         };
-        // Stored (rows, cols) of our row-major A and B.
-        let (a_rows, a_cols) = if g.trans_a { (k, m) } else { (m, k) };
-        let (b_rows, b_cols) = if g.trans_b { (n, k) } else { (k, n) };
-        let layout = |ty, rows: usize, cols: usize, step| {
-            lt::create_matrix_layout(ty, cols as u64, rows as u64, cols as i64)
+        g.check_strides()?;
+        // Stored (rows, cols) and row strides of our row-major A, B and C.
+        let [(a_rows, a_cols), (b_rows, b_cols), _] = g.stored();
+        let [lda, ldb, ldc] = g.row_strides();
+        let layout = |ty, rows: usize, cols: usize, ld: usize, step| {
+            lt::create_matrix_layout(ty, cols as u64, rows as u64, ld as i64)
                 .map(Layout)
                 .map_err(fail(step))
         };
         // cuBLASLt's A = our B (n×k after its op), its B = our A (k×m), C = D = Cᵀ (n×m).
-        let lt_a = layout(f16, b_rows, b_cols, "layout of B")?;
-        let lt_b = layout(f16, a_rows, a_cols, "layout of A")?;
-        let lt_c = layout(c_type, m, n, "layout of C")?;
+        let lt_a = layout(f16, b_rows, b_cols, ldb, "layout of B")?;
+        let lt_b = layout(f16, a_rows, a_cols, lda, "layout of A")?;
+        let lt_c = layout(c_type, m, n, ldc, "layout of C")?;
         if g.batch.count > 1 {
             if bias.is_some() || g.epilogue != GemmEpilogue::None {
                 return Err(GpuError::Shape {
@@ -569,6 +571,7 @@ impl Blas {
             },
             align,
             batch: g.batch,
+            ld: g.ld,
         };
         let algo = {
             let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());

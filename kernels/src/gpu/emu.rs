@@ -665,18 +665,20 @@ impl Device for EmuDevice {
 /// As [`Device::gemm`].
 unsafe fn single_gemm(g: &Gemm) -> Result<(), GpuError> {
     let Gemm { m, n, k, .. } = *g;
+    g.check_strides()?;
+    let ([lda, ldb, ldc], [span_a, span_b, span_c]) = (g.row_strides(), g.spans());
     // SAFETY: the caller guarantees the extents (device memory is host memory here).
     let (a, b) = unsafe {
         (
-            std::slice::from_raw_parts(g.a as *const f16, m * k),
-            std::slice::from_raw_parts(g.b as *const f16, k * n),
+            std::slice::from_raw_parts(g.a as *const f16, span_a),
+            std::slice::from_raw_parts(g.b as *const f16, span_b),
         )
     };
     let a: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
     let b: Vec<f32> = b.iter().map(|x| x.to_f32()).collect();
     // Row/column strides of op(A) [m×k] and op(B) [k×n] in their stored layouts.
-    let (rsa, csa) = if g.trans_a { (1, m) } else { (k, 1) };
-    let (rsb, csb) = if g.trans_b { (1, k) } else { (n, 1) };
+    let (rsa, csa) = if g.trans_a { (1, lda) } else { (lda, 1) };
+    let (rsb, csb) = if g.trans_b { (1, ldb) } else { (ldb, 1) };
     let mut c = vec![0f32; m * n];
     if m > 0 && n > 0 && k > 0 {
         // SAFETY: the strides above address inside `a` and `b`; `c` is dense m×n.
@@ -724,18 +726,24 @@ unsafe fn single_gemm(g: &Gemm) -> Result<(), GpuError> {
             }
         }
     }
-    // SAFETY: C holds m×n elements of its type.
+    // C's rows, `ldc` apart; what lies between them is left alone.
+    let rows = c.chunks(n.max(1)).enumerate();
+    // SAFETY: C spans `span_c` elements of its type (the caller's contract).
     unsafe {
         if g.c_f32 {
-            let out = std::slice::from_raw_parts_mut(g.c as *mut f32, m * n);
-            for (o, v) in out.iter_mut().zip(&c) {
-                *o = if g.beta == 0.0 { *v } else { *o * g.beta + *v };
+            let out = std::slice::from_raw_parts_mut(g.c as *mut f32, span_c);
+            for (i, row) in rows {
+                for (o, v) in out[i * ldc..].iter_mut().zip(row) {
+                    *o = if g.beta == 0.0 { *v } else { *o * g.beta + *v };
+                }
             }
         } else {
-            let out = std::slice::from_raw_parts_mut(g.c as *mut f16, m * n);
-            for (o, v) in out.iter_mut().zip(&c) {
-                let prior = if g.beta == 0.0 { 0.0 } else { o.to_f32() * g.beta };
-                *o = f16::from_f32(prior + *v);
+            let out = std::slice::from_raw_parts_mut(g.c as *mut f16, span_c);
+            for (i, row) in rows {
+                for (o, v) in out[i * ldc..].iter_mut().zip(row) {
+                    let prior = if g.beta == 0.0 { 0.0 } else { o.to_f32() * g.beta };
+                    *o = f16::from_f32(prior + *v);
+                }
             }
         }
     }

@@ -142,6 +142,7 @@ fn checked(
         bias: bias.map(DeviceBuffer::ptr),
         epilogue,
         batch: GemmBatch::ONE,
+        ld: Gemm::DENSE,
     };
     // SAFETY: every buffer's length matches the shape, and `c` is borrowed mutably, so it
     // overlaps no input.

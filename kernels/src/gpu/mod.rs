@@ -103,7 +103,8 @@ pub type DevicePtr = u64;
 
 /// One matrix product, row-major: `C[m×n] = op(A)·op(B) + beta·C (+ bias)`, fp16 inputs,
 /// fp32 compute. `A` is `[m×k]` (`[k×m]` when `trans_a`), `B` is `[k×n]` (`[n×k]` when
-/// `trans_b`), both fp16 and dense; `C` is dense `[m×n]`, fp32 when `c_f32` else fp16. `beta`
+/// `trans_b`), both fp16; `C` is `[m×n]`, fp32 when `c_f32` else fp16; each stored row-major
+/// with the row stride `ld` gives it (dense unless told otherwise). `beta`
 /// is 0 (overwrite) or 1 (accumulate). `bias` (fp16 `[n]`, added to every row) only with
 /// `beta = 0`; `epilogue` (fp16 `C`, `beta = 0`) fuses the GELU of the feed-forward block.
 /// The emulated device computes it on the CPU (f32 sums); a GPU through cuBLASLt.
@@ -135,6 +136,55 @@ pub struct Gemm {
     pub epilogue: GemmEpilogue,
     /// Several products of one shape at once (cuBLASLt's strided batch).
     pub batch: GemmBatch,
+    /// Row strides (elements) of A, B and C as stored, each at least its stored row length;
+    /// [`Gemm::DENSE`] for rows packed one after another. Bias and epilogues need a dense C.
+    pub ld: [usize; 3],
+}
+
+impl Gemm {
+    /// Every matrix dense: the row stride is the stored row length.
+    pub const DENSE: [usize; 3] = [0; 3];
+
+    /// (rows, columns) of A, B and C as stored.
+    pub fn stored(&self) -> [(usize, usize); 3] {
+        let a = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
+        let b = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
+        [a, b, (self.m, self.n)]
+    }
+
+    /// Row strides of A, B and C, dense ones spelled out.
+    pub fn row_strides(&self) -> [usize; 3] {
+        let stored = self.stored();
+        std::array::from_fn(|i| if self.ld[i] == 0 { stored[i].1 } else { self.ld[i] })
+    }
+
+    /// Elements each matrix spans from its first to past its last (0 for an empty one).
+    pub fn spans(&self) -> [usize; 3] {
+        let (stored, ld) = (self.stored(), self.row_strides());
+        std::array::from_fn(|i| match stored[i] {
+            (0, _) | (_, 0) => 0,
+            (rows, cols) => (rows - 1) * ld[i] + cols,
+        })
+    }
+
+    /// Refuses row strides shorter than their rows, and a C with gaps where a bias or an
+    /// epilogue writes it (both devices take them dense only).
+    pub fn check_strides(&self) -> Result<(), GpuError> {
+        let (stored, ld) = (self.stored(), self.row_strides());
+        let shape = |message: String| Err(GpuError::Shape { op: "gemm", message });
+        for (name, (&(_, cols), &stride)) in ["A", "B", "C"].iter().zip(stored.iter().zip(&ld)) {
+            if stride < cols {
+                return shape(format!(
+                    "{name}'s row stride {stride} is shorter than its {cols} columns"
+                ));
+            }
+        }
+        let dense_c = ld[2] == self.n;
+        if !dense_c && (self.bias.is_some() || self.epilogue != GemmEpilogue::None) {
+            return shape("a bias or an epilogue needs a dense C".into());
+        }
+        Ok(())
+    }
 }
 
 /// Products `i < count` of a batch use A at `a + i·stride_a` elements, B and C likewise

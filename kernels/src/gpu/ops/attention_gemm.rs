@@ -78,15 +78,16 @@ fn merge(
 }
 
 /// One operand of a batched product: the first block's address, blocks `stride` elements
-/// apart, and whether each is stored transposed.
+/// apart, whether each is stored transposed, and its row stride (0: dense).
 struct Operand {
     ptr: DevicePtr,
     stride: usize,
     transposed: bool,
+    ld: usize,
 }
 
 impl Operand {
-    /// Block `first` onwards of `buf`.
+    /// Block `first` onwards of `buf`, dense blocks.
     fn of<T: crate::gpu::Element>(
         buf: &DeviceBuffer<T>,
         first: usize,
@@ -94,8 +95,25 @@ impl Operand {
         transposed: bool,
     ) -> Self {
         let ptr = buf.ptr() + (first * stride * std::mem::size_of::<T>()) as DevicePtr;
-        Self { ptr, stride, transposed }
+        Self { ptr, stride, transposed, ld: 0 }
     }
+
+    /// The chunk's score blocks in `buf`: `[Tq×Tk]` with rows `ld` apart (see [`score_ld`]).
+    fn scores<T: crate::gpu::Element>(
+        buf: &DeviceBuffer<T>,
+        s: AttentionShape,
+        transposed: bool,
+    ) -> Self {
+        let ld = score_ld(s);
+        Self { ptr: buf.ptr(), stride: s.q_len * ld, transposed, ld }
+    }
+}
+
+/// The row stride of the score blocks: key count rounded up to 8 elements, so every row and
+/// block starts 16-byte aligned whatever the sequence lengths, and cuBLASLt keeps its
+/// vectorised kernels for the batched products that read or write scores.
+fn score_ld(s: AttentionShape) -> usize {
+    s.k_len.next_multiple_of(8)
 }
 
 /// `C = op(A)·op(B)` (overwritten) for `count` blocks at once; `C` fp32 when `c_f32`.
@@ -125,14 +143,16 @@ unsafe fn batched(
         bias: None,
         epilogue: GemmEpilogue::None,
         batch: GemmBatch { count, stride_a: a.stride, stride_b: b.stride, stride_c: c.stride },
+        ld: [a.ld, b.ld, c.ld],
     };
     // SAFETY: the caller's contract.
     unsafe { gemm::run(dev, "attention", &g) }
 }
 
-/// (Batch row, head) blocks per chunk of at most `scores` scores (one at least).
+/// (Batch row, head) blocks per chunk of at most `scores` scores, row padding included (one
+/// block at least).
 fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
-    (scores / (s.q_len * s.k_len).max(1)).clamp(1, (s.batch * s.heads).max(1))
+    (scores / (s.q_len * score_ld(s)).max(1)).clamp(1, (s.batch * s.heads).max(1))
 }
 
 /// The grid of the pointwise score kernels: one warp per score row, `THREADS / 32` rows a
@@ -172,22 +192,22 @@ pub(super) fn forward(
         zero(dev, &mut [out])?;
     }
     let chunk = blocks_per_chunk(s, scores_per_chunk);
-    let scores = DeviceBuffer::<f32>::uninit(dev, chunk * tq * tk)?;
-    let p = DeviceBuffer::<f16>::uninit(dev, chunk * tq * tk)?;
+    let scores = DeviceBuffer::<f32>::uninit(dev, chunk * tq * score_ld(s))?;
+    let p = DeviceBuffer::<f16>::uninit(dev, chunk * tq * score_ld(s))?;
     let oh = DeviceBuffer::<f16>::uninit(dev, out.len())?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         let rows = count * tq;
         if tk > 0 {
-            // SAFETY: `count` blocks from `first` of [Tq×Dh], [Tk×Dh] and [Tq×Tk] in buffers
-            // of `blocks` (or `chunk`) such blocks.
+            // SAFETY: `count` blocks from `first` of [Tq×Dh], [Tk×Dh] and [Tq×Tk] (rows
+            // `score_ld` apart) in buffers of `blocks` (or `chunk`) such blocks.
             unsafe {
                 batched(
                     dev,
                     (tq, tk, dh),
                     Operand::of(&qh, first, tq * dh, false),
                     Operand::of(&kh, first, tk * dh, true),
-                    Operand::of(&scores, 0, tq * tk, false),
+                    Operand::scores(&scores, s, false),
                     true,
                     count,
                 )?;
@@ -201,6 +221,7 @@ pub(super) fn forward(
             int(OP, "rows", rows)?,
             d.q_len,
             d.k_len,
+            int(OP, "score row stride", score_ld(s))?,
             d.heads,
             d.causal,
             d.q_offset,
@@ -214,7 +235,7 @@ pub(super) fn forward(
                 batched(
                     dev,
                     (tq, dh, tk),
-                    Operand::of(&p, 0, tq * tk, false),
+                    Operand::scores(&p, s, false),
                     Operand::of(&vh, first, tk * dh, false),
                     Operand::of(&oh, first, tq * dh, false),
                     false,
@@ -257,25 +278,22 @@ pub(super) fn backward(
     let (qh, kh) = (split(dev, q, d.q_len, &d)?, split(dev, k, d.k_len, &d)?);
     let (vh, doh) = (split(dev, v, d.k_len, &d)?, split(dev, d_out, d.q_len, &d)?);
     let chunk = blocks_per_chunk(s, scores_per_chunk);
-    let (scores, dp) = (
-        DeviceBuffer::<f32>::uninit(dev, chunk * tq * tk)?,
-        DeviceBuffer::<f32>::uninit(dev, chunk * tq * tk)?,
-    );
-    let (p, ds) = (
-        DeviceBuffer::<f16>::uninit(dev, chunk * tq * tk)?,
-        DeviceBuffer::<f16>::uninit(dev, chunk * tq * tk)?,
-    );
+    let scratch = chunk * tq * score_ld(s);
+    let (scores, dp) =
+        (DeviceBuffer::<f32>::uninit(dev, scratch)?, DeviceBuffer::<f32>::uninit(dev, scratch)?);
+    let (p, ds) =
+        (DeviceBuffer::<f16>::uninit(dev, scratch)?, DeviceBuffer::<f16>::uninit(dev, scratch)?);
     let (dqh, dkh, dvh) = (
         DeviceBuffer::<f16>::uninit(dev, dq.len())?,
         DeviceBuffer::<f16>::uninit(dev, dk.len())?,
         DeviceBuffer::<f16>::uninit(dev, dv.len())?,
     );
-    let (q_block, k_block, s_block) = (tq * dh, tk * dh, tq * tk);
+    let (q_block, k_block) = (tq * dh, tk * dh);
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         // SAFETY (every product below): `count` blocks from `first` of the split tensors
-        // ([Tq×Dh] or [Tk×Dh]) and from 0 of the chunk's scores ([Tq×Tk]), all inside their
-        // buffers, which hold `blocks` or `chunk` blocks.
+        // ([Tq×Dh] or [Tk×Dh]) and from 0 of the chunk's scores ([Tq×Tk], rows `score_ld`
+        // apart), all inside their buffers, which hold `blocks` or `chunk` blocks.
         unsafe {
             // S = Q·Kᵀ and dP = dO·Vᵀ, fp32.
             batched(
@@ -283,7 +301,7 @@ pub(super) fn backward(
                 (tq, tk, dh),
                 Operand::of(&qh, first, q_block, false),
                 Operand::of(&kh, first, k_block, true),
-                Operand::of(&scores, 0, s_block, false),
+                Operand::scores(&scores, s, false),
                 true,
                 count,
             )?;
@@ -292,7 +310,7 @@ pub(super) fn backward(
                 (tq, tk, dh),
                 Operand::of(&doh, first, q_block, false),
                 Operand::of(&vh, first, k_block, true),
-                Operand::of(&dp, 0, s_block, false),
+                Operand::scores(&dp, s, false),
                 true,
                 count,
             )?;
@@ -308,6 +326,7 @@ pub(super) fn backward(
             int(OP, "rows", count * tq)?,
             d.q_len,
             d.k_len,
+            int(OP, "score row stride", score_ld(s))?,
             d.heads,
             d.causal,
             d.q_offset,
@@ -321,7 +340,7 @@ pub(super) fn backward(
             batched(
                 dev,
                 (tk, dh, tq),
-                Operand::of(&p, 0, s_block, true),
+                Operand::scores(&p, s, true),
                 Operand::of(&doh, first, q_block, false),
                 Operand::of(&dvh, first, k_block, false),
                 false,
@@ -330,7 +349,7 @@ pub(super) fn backward(
             batched(
                 dev,
                 (tq, dh, tk),
-                Operand::of(&ds, 0, s_block, false),
+                Operand::scores(&ds, s, false),
                 Operand::of(&kh, first, k_block, false),
                 Operand::of(&dqh, first, q_block, false),
                 false,
@@ -339,7 +358,7 @@ pub(super) fn backward(
             batched(
                 dev,
                 (tk, dh, tq),
-                Operand::of(&ds, 0, s_block, true),
+                Operand::scores(&ds, s, true),
                 Operand::of(&qh, first, q_block, false),
                 Operand::of(&dkh, first, k_block, false),
                 false,
