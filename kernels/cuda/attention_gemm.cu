@@ -1,10 +1,10 @@
 // attention_gemm.cu — the pointwise parts of attention through cuBLASLt products (opt-in:
-// CHINGU_ATTN_GEMM=1; `kernels/src/gpu/attention_gemm.rs` runs the products).
+// CHINGU_ATTN_GEMM=1; `kernels/src/gpu/ops/attention_gemm.rs` runs the products).
 //
 // The same function as attention.cu's fused kernels (masks from key lengths, causal with a
 // query offset, out, lse), with the scores materialised: S = Q·Kᵀ (fp32) and O = P·V are
-// batched cuBLASLt products over (batch row, head), which need each head's rows contiguous:
-//   heads_split_f16: x [B·T, H·Dh] → [B, H, T, Dh];  heads_merge_f16: back.
+// cuBLASLt products, one per head batched over batch rows, reading and writing each head's
+// columns of the [B·T, H·Dh] tensors in place. The kernels here do the rest:
 //   attention_softmax_f16: one warp per score row (b, h, i), lanes along the keys (the row
 //     read three times: max, sum, P — the later reads from cache): visible keys j < key_len[b]
 //     (and j ≤ q_offset + i when causal); P = exp(scale·s − lse) rounded to fp16, 0 where
@@ -14,46 +14,13 @@
 //     dS = P·(dP − delta)·scale (delta[b, h, i] = Σ dO·O, attention_backward_delta_f16),
 //     both rounded to fp16 for the products dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
 // P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
-// fp32. Score rows are processed in chunks of whole (batch row, head) blocks (`first_bh`:
-// the chunk's first), so the scratch stays bounded; nothing depends on the chunking.
+// fp32. Score rows are processed in chunks of whole batch rows, every head (`first_bh`: the
+// chunk's first (batch row, head) block), so the scratch stays bounded; nothing depends on
+// the chunking.
 // Shapes: S, dP, P, dS [chunk·Tq, Tk] with rows `ld` elements apart (Tk rounded up to 8, so
 // every row starts 16-byte aligned for cuBLASLt; the gap is never read; row r =
 // (bh − first_bh)·Tq + i); lse, delta [B·H·Tq].
 #include "common.cuh"
-
-/// The element of x [B·T, H·Dh] that element e of [B, H, T, Dh] is (32-bit: the launcher
-/// checks B·T·H·Dh fits an int, and 32-bit division is far cheaper than 64-bit).
-__device__ __forceinline__ unsigned head_major_to_row_major(unsigned e, unsigned len,
-                                                            unsigned heads, unsigned head_dim) {
-    const unsigned c = e % head_dim, bht = e / head_dim;  // bht = (b·H + h)·T + t
-    const unsigned t = bht % len, bh = bht / len;
-    const unsigned h = bh % heads, b = bh / heads;
-    return (b * len + t) * heads * head_dim + h * head_dim + c;
-}
-
-/// out[b, h, t, :] = x[b·T + t, h·Dh : (h+1)·Dh], 8 halves per thread (Dh a multiple of 8).
-extern "C" __global__ void heads_split_f16(__half* out, const __half* x, int batch, int len,
-                                           int heads, int head_dim) {
-    const unsigned vectors = (unsigned)batch * heads * len * (head_dim / 8);
-    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
-         v += gridDim.x * blockDim.x) {
-        float f[8];
-        chingu::load_half8(f, x + head_major_to_row_major(8 * v, len, heads, head_dim));
-        chingu::store_half8(out + 8 * v, f);
-    }
-}
-
-/// x[b·T + t, h·Dh : (h+1)·Dh] = y[b, h, t, :] (the inverse of heads_split_f16).
-extern "C" __global__ void heads_merge_f16(__half* x, const __half* y, int batch, int len,
-                                           int heads, int head_dim) {
-    const unsigned vectors = (unsigned)batch * heads * len * (head_dim / 8);
-    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
-         v += gridDim.x * blockDim.x) {
-        float f[8];
-        chingu::load_half8(f, y + 8 * v);
-        chingu::store_half8(x + head_major_to_row_major(8 * v, len, heads, head_dim), f);
-    }
-}
 
 /// Keys row (bh, i) sees: j < this count.
 __device__ __forceinline__ int visible_keys(const int* key_len, int bh, int i, int heads,

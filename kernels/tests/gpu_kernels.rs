@@ -792,13 +792,13 @@ fn attention_matches_the_cpu_backend() {
                 s,
             );
             // Every kernel family against the same references.
-            // (The GEMM path twice: in one chunk, and one (batch row, head) block a chunk.)
-            let one_block_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 1 };
+            // (The GEMM path twice: in one chunk, and one batch row a chunk.)
+            let one_batch_row_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 1 };
             let families = [
                 AttentionKernels::Wmma,
                 AttentionKernels::Mma,
                 AttentionKernels::GEMM,
-                one_block_a_chunk,
+                one_batch_row_a_chunk,
             ];
             for kernels in families {
                 let what = format!("{kernels:?} kernels, {what}");

@@ -1,28 +1,27 @@
 //! Attention with the scores materialised, through cuBLASLt's batched products
 //! ([`AttentionKernels::Gemm`](super::AttentionKernels), opt-in with `CHINGU_ATTN_GEMM=1` until
-//! measured on a GPU). Forward: heads split to `[B, H, T, Dh]`, S = Q·Kᵀ (fp32), the softmax
-//! kernel (P in fp16, lse), O = P·V, heads merged. Backward: S and dP = dO·Vᵀ again, P and dS
-//! (`attention_scores_backward_f16`), then dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Kernels and
-//! conventions: `kernels/cuda/attention_gemm.cu`. Score rows go in chunks of whole (batch row,
-//! head) blocks of at most `scores_per_chunk` scores (one block at least), so the scratch stays
-//! bounded (12 bytes a score in backward) whatever the sequence length; the chunking changes
-//! no result.
+//! measured on a GPU). Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
+//! Backward: S and dP = dO·Vᵀ again, P and dS (`attention_scores_backward_f16`), then
+//! dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every product reads and writes one head's columns of
+//! the `[B·T, H·Dh]` tensors in place (row stride H·Dh), batched over batch rows, one product
+//! per head — no copy of any tensor into a head-major layout. Kernels and conventions:
+//! `kernels/cuda/attention_gemm.cu`. Score rows go in chunks of whole batch rows (every head)
+//! of at most `scores_per_chunk` scores (one batch row at least), so the scratch stays bounded
+//! (12 bytes a score in backward) whatever the sequence length; the chunking changes no result.
 
 use half::f16;
 
 use std::ffi::c_void;
 
-use super::{blocks_for, int, launch, THREADS};
+use super::{int, launch, THREADS};
 use crate::backend::AttentionShape;
 use crate::gpu::{gemm, DeviceBuffer, DevicePtr, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 
 /// The shape's numbers as the kernels take them.
 struct Dims {
-    batch: i32,
     q_len: i32,
     k_len: i32,
     heads: i32,
-    head_dim: i32,
     causal: i32,
     q_offset: i32,
     scale: f32,
@@ -31,11 +30,9 @@ struct Dims {
 impl Dims {
     fn new(s: AttentionShape, op: &'static str) -> Result<Self, GpuError> {
         Ok(Self {
-            batch: int(op, "batch", s.batch)?,
             q_len: int(op, "q_len", s.q_len)?,
             k_len: int(op, "k_len", s.k_len)?,
             heads: int(op, "heads", s.heads)?,
-            head_dim: int(op, "head_dim", s.head_dim)?,
             causal: i32::from(s.causal),
             q_offset: int(op, "q_offset", s.q_offset)?,
             scale: (1.0 / (s.head_dim as f64).sqrt()) as f32,
@@ -43,42 +40,8 @@ impl Dims {
     }
 }
 
-/// `x` `[B·len, H·Dh]` with each head's rows made contiguous: `[B, H, len, Dh]`. (The kernels
-/// move 8 halves at a time: buffers are whole allocations, 256-byte aligned, and Dh a multiple
-/// of 16, so every vector is 16-byte aligned.)
-fn split(
-    dev: &Gpu,
-    x: &DeviceBuffer<f16>,
-    len: i32,
-    d: &Dims,
-) -> Result<DeviceBuffer<f16>, GpuError> {
-    let out = DeviceBuffer::<f16>::uninit(dev, x.len())?;
-    if !x.is_empty() {
-        let grid = (blocks_for(x.len() / 8), 1, 1);
-        let args = args![out.ptr(), x.ptr(), d.batch, len, d.heads, d.head_dim];
-        launch(dev, "heads_split_f16", grid, (THREADS, 1, 1), 0, args)?;
-    }
-    Ok(out)
-}
-
-/// `x` `[B·len, H·Dh]` from `y` `[B, H, len, Dh]` (the inverse of [`split`]).
-fn merge(
-    dev: &Gpu,
-    x: &mut DeviceBuffer<f16>,
-    y: &DeviceBuffer<f16>,
-    len: i32,
-    d: &Dims,
-) -> Result<(), GpuError> {
-    if !x.is_empty() {
-        let grid = (blocks_for(x.len() / 8), 1, 1);
-        let args = args![x.ptr(), y.ptr(), d.batch, len, d.heads, d.head_dim];
-        launch(dev, "heads_merge_f16", grid, (THREADS, 1, 1), 0, args)?;
-    }
-    Ok(())
-}
-
-/// One operand of a batched product: the first block's address, blocks `stride` elements
-/// apart, whether each is stored transposed, and its row stride (0: dense).
+/// One operand of a batched product: the first matrix's address, matrices `stride` elements
+/// apart, whether each is stored transposed, and its row stride.
 struct Operand {
     ptr: DevicePtr,
     stride: usize,
@@ -87,25 +50,30 @@ struct Operand {
 }
 
 impl Operand {
-    /// Block `first` onwards of `buf`, dense blocks.
-    fn of<T: crate::gpu::Element>(
-        buf: &DeviceBuffer<T>,
-        first: usize,
-        stride: usize,
-        transposed: bool,
-    ) -> Self {
-        let ptr = buf.ptr() + (first * stride * std::mem::size_of::<T>()) as DevicePtr;
-        Self { ptr, stride, transposed, ld: 0 }
+    /// Head `h`'s columns of `x` `[B·len, H·Dh]` for batch rows `b0` onwards: `[len×Dh]`
+    /// matrices with rows H·Dh apart, one batch row to the next.
+    fn head(x: &DeviceBuffer<f16>, s: AttentionShape, len: usize, b0: usize, h: usize) -> Self {
+        let d = s.heads * s.head_dim;
+        let offset = b0 * len * d + h * s.head_dim;
+        Self { ptr: x.ptr() + (offset * 2) as DevicePtr, stride: len * d, transposed: false, ld: d }
     }
 
-    /// The chunk's score blocks in `buf`: `[Tq×Tk]` with rows `ld` apart (see [`score_ld`]).
+    /// The same, read transposed.
+    fn head_t(x: &DeviceBuffer<f16>, s: AttentionShape, len: usize, b0: usize, h: usize) -> Self {
+        Self { transposed: true, ..Self::head(x, s, len, b0, h) }
+    }
+
+    /// Head `h`'s score blocks in the chunk's `buf`: `[Tq×Tk]` with rows [`score_ld`] apart,
+    /// blocks in (batch row, head) order.
     fn scores<T: crate::gpu::Element>(
         buf: &DeviceBuffer<T>,
         s: AttentionShape,
+        h: usize,
         transposed: bool,
     ) -> Self {
-        let ld = score_ld(s);
-        Self { ptr: buf.ptr(), stride: s.q_len * ld, transposed, ld }
+        let (ld, block) = (score_ld(s), s.q_len * score_ld(s));
+        let ptr = buf.ptr() + (h * block * std::mem::size_of::<T>()) as DevicePtr;
+        Self { ptr, stride: s.heads * block, transposed, ld }
     }
 }
 
@@ -149,10 +117,9 @@ unsafe fn batched(
     unsafe { gemm::run(dev, "attention", &g) }
 }
 
-/// (Batch row, head) blocks per chunk of at most `scores` scores, row padding included (one
-/// block at least).
-fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
-    (scores / (s.q_len * score_ld(s)).max(1)).clamp(1, (s.batch * s.heads).max(1))
+/// Batch rows per chunk of at most `scores` scores, row padding included (one at least).
+fn batch_rows_per_chunk(s: AttentionShape, scores: usize) -> usize {
+    (scores / (s.heads * s.q_len * score_ld(s)).max(1)).clamp(1, s.batch.max(1))
 }
 
 /// The grid of the pointwise score kernels: one warp per score row, `THREADS / 32` rows a
@@ -185,29 +152,28 @@ pub(super) fn forward(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_forward";
     let d = Dims::new(s, OP)?;
-    let (tq, tk, dh, blocks) = (s.q_len, s.k_len, s.head_dim, s.batch * s.heads);
-    let (qh, kh, vh) =
-        (split(dev, q, d.q_len, &d)?, split(dev, k, d.k_len, &d)?, split(dev, v, d.k_len, &d)?);
+    let (tq, tk, dh) = (s.q_len, s.k_len, s.head_dim);
     if tk == 0 {
         zero(dev, &mut [out])?;
     }
-    let chunk = blocks_per_chunk(s, scores_per_chunk);
-    let scores = DeviceBuffer::<f32>::uninit(dev, chunk * tq * score_ld(s))?;
-    let p = DeviceBuffer::<f16>::uninit(dev, chunk * tq * score_ld(s))?;
-    let oh = DeviceBuffer::<f16>::uninit(dev, out.len())?;
-    for first in (0..blocks).step_by(chunk) {
-        let count = chunk.min(blocks - first);
-        let rows = count * tq;
-        if tk > 0 {
-            // SAFETY: `count` blocks from `first` of [Tq×Dh], [Tk×Dh] and [Tq×Tk] (rows
-            // `score_ld` apart) in buffers of `blocks` (or `chunk`) such blocks.
+    let chunk = batch_rows_per_chunk(s, scores_per_chunk);
+    let scratch = chunk * s.heads * tq * score_ld(s);
+    let scores = DeviceBuffer::<f32>::uninit(dev, scratch)?;
+    let p = DeviceBuffer::<f16>::uninit(dev, scratch)?;
+    for b0 in (0..s.batch).step_by(chunk) {
+        let count = chunk.min(s.batch - b0);
+        let rows = count * s.heads * tq;
+        // SAFETY (every product): `count` batch rows from `b0` of head `h`'s columns of Q, K,
+        // V and the output (inside the `[B·T, H·Dh]` buffers) and head `h`'s blocks of the
+        // chunk's scores (inside the scratch, which holds `chunk` batch rows of every head).
+        for h in (0..s.heads).filter(|_| tk > 0) {
             unsafe {
                 batched(
                     dev,
                     (tq, tk, dh),
-                    Operand::of(&qh, first, tq * dh, false),
-                    Operand::of(&kh, first, tk * dh, true),
-                    Operand::scores(&scores, s, false),
+                    Operand::head(q, s, tq, b0, h),
+                    Operand::head_t(k, s, tk, b0, h),
+                    Operand::scores(&scores, s, h, false),
                     true,
                     count,
                 )?;
@@ -226,26 +192,23 @@ pub(super) fn forward(
             d.causal,
             d.q_offset,
             d.scale,
-            int(OP, "first block", first)?
+            int(OP, "first block", b0 * s.heads)?
         ];
         launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
-        if tk > 0 {
+        for h in (0..s.heads).filter(|_| tk > 0) {
             // SAFETY: as above, [Tq×Tk]·[Tk×Dh] → [Tq×Dh].
             unsafe {
                 batched(
                     dev,
                     (tq, dh, tk),
-                    Operand::scores(&p, s, false),
-                    Operand::of(&vh, first, tk * dh, false),
-                    Operand::of(&oh, first, tq * dh, false),
+                    Operand::scores(&p, s, h, false),
+                    Operand::head(v, s, tk, b0, h),
+                    Operand::head(out, s, tq, b0, h),
                     false,
                     count,
                 )?;
             }
         }
-    }
-    if tk > 0 {
-        merge(dev, out, &oh, d.q_len, &d)?;
     }
     Ok(())
 }
@@ -270,51 +233,46 @@ pub(super) fn backward(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_backward";
     let d = Dims::new(s, OP)?;
-    let (tq, tk, dh, blocks) = (s.q_len, s.k_len, s.head_dim, s.batch * s.heads);
+    let (tq, tk, dh) = (s.q_len, s.k_len, s.head_dim);
     if tq == 0 || tk == 0 {
         // No query or no key: every gradient is zero.
         return zero(dev, &mut [dq, dk, dv]);
     }
-    let (qh, kh) = (split(dev, q, d.q_len, &d)?, split(dev, k, d.k_len, &d)?);
-    let (vh, doh) = (split(dev, v, d.k_len, &d)?, split(dev, d_out, d.q_len, &d)?);
-    let chunk = blocks_per_chunk(s, scores_per_chunk);
-    let scratch = chunk * tq * score_ld(s);
+    let chunk = batch_rows_per_chunk(s, scores_per_chunk);
+    let scratch = chunk * s.heads * tq * score_ld(s);
     let (scores, dp) =
         (DeviceBuffer::<f32>::uninit(dev, scratch)?, DeviceBuffer::<f32>::uninit(dev, scratch)?);
     let (p, ds) =
         (DeviceBuffer::<f16>::uninit(dev, scratch)?, DeviceBuffer::<f16>::uninit(dev, scratch)?);
-    let (dqh, dkh, dvh) = (
-        DeviceBuffer::<f16>::uninit(dev, dq.len())?,
-        DeviceBuffer::<f16>::uninit(dev, dk.len())?,
-        DeviceBuffer::<f16>::uninit(dev, dv.len())?,
-    );
-    let (q_block, k_block) = (tq * dh, tk * dh);
-    for first in (0..blocks).step_by(chunk) {
-        let count = chunk.min(blocks - first);
-        // SAFETY (every product below): `count` blocks from `first` of the split tensors
-        // ([Tq×Dh] or [Tk×Dh]) and from 0 of the chunk's scores ([Tq×Tk], rows `score_ld`
-        // apart), all inside their buffers, which hold `blocks` or `chunk` blocks.
-        unsafe {
-            // S = Q·Kᵀ and dP = dO·Vᵀ, fp32.
-            batched(
-                dev,
-                (tq, tk, dh),
-                Operand::of(&qh, first, q_block, false),
-                Operand::of(&kh, first, k_block, true),
-                Operand::scores(&scores, s, false),
-                true,
-                count,
-            )?;
-            batched(
-                dev,
-                (tq, tk, dh),
-                Operand::of(&doh, first, q_block, false),
-                Operand::of(&vh, first, k_block, true),
-                Operand::scores(&dp, s, false),
-                true,
-                count,
-            )?;
+    for b0 in (0..s.batch).step_by(chunk) {
+        let count = chunk.min(s.batch - b0);
+        // SAFETY (every product below): `count` batch rows from `b0` of head `h`'s columns of
+        // the `[B·T, H·Dh]` tensors and head `h`'s blocks of the chunk's scores, all inside
+        // their buffers.
+        for h in 0..s.heads {
+            unsafe {
+                // S = Q·Kᵀ and dP = dO·Vᵀ, fp32.
+                batched(
+                    dev,
+                    (tq, tk, dh),
+                    Operand::head(q, s, tq, b0, h),
+                    Operand::head_t(k, s, tk, b0, h),
+                    Operand::scores(&scores, s, h, false),
+                    true,
+                    count,
+                )?;
+                batched(
+                    dev,
+                    (tq, tk, dh),
+                    Operand::head(d_out, s, tq, b0, h),
+                    Operand::head_t(v, s, tk, b0, h),
+                    Operand::scores(&dp, s, h, false),
+                    true,
+                    count,
+                )?;
+            }
         }
+        let rows = count * s.heads * tq;
         let args = args![
             p.ptr(),
             ds.ptr(),
@@ -323,7 +281,7 @@ pub(super) fn backward(
             lse.ptr(),
             delta.ptr(),
             lens.ptr(),
-            int(OP, "rows", count * tq)?,
+            int(OP, "rows", rows)?,
             d.q_len,
             d.k_len,
             int(OP, "score row stride", score_ld(s))?,
@@ -331,44 +289,42 @@ pub(super) fn backward(
             d.causal,
             d.q_offset,
             d.scale,
-            int(OP, "first block", first)?
+            int(OP, "first block", b0 * s.heads)?
         ];
-        let grid = warp_per_row(count * tq);
-        launch(dev, "attention_scores_backward_f16", grid, (THREADS, 1, 1), 0, args)?;
-        unsafe {
-            // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
-            batched(
-                dev,
-                (tk, dh, tq),
-                Operand::scores(&p, s, true),
-                Operand::of(&doh, first, q_block, false),
-                Operand::of(&dvh, first, k_block, false),
-                false,
-                count,
-            )?;
-            batched(
-                dev,
-                (tq, dh, tk),
-                Operand::scores(&ds, s, false),
-                Operand::of(&kh, first, k_block, false),
-                Operand::of(&dqh, first, q_block, false),
-                false,
-                count,
-            )?;
-            batched(
-                dev,
-                (tk, dh, tq),
-                Operand::scores(&ds, s, true),
-                Operand::of(&qh, first, q_block, false),
-                Operand::of(&dkh, first, k_block, false),
-                false,
-                count,
-            )?;
+        launch(dev, "attention_scores_backward_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
+        for h in 0..s.heads {
+            unsafe {
+                // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q, each head's columns overwritten.
+                batched(
+                    dev,
+                    (tk, dh, tq),
+                    Operand::scores(&p, s, h, true),
+                    Operand::head(d_out, s, tq, b0, h),
+                    Operand::head(dv, s, tk, b0, h),
+                    false,
+                    count,
+                )?;
+                batched(
+                    dev,
+                    (tq, dh, tk),
+                    Operand::scores(&ds, s, h, false),
+                    Operand::head(k, s, tk, b0, h),
+                    Operand::head(dq, s, tq, b0, h),
+                    false,
+                    count,
+                )?;
+                batched(
+                    dev,
+                    (tk, dh, tq),
+                    Operand::scores(&ds, s, h, true),
+                    Operand::head(q, s, tq, b0, h),
+                    Operand::head(dk, s, tk, b0, h),
+                    false,
+                    count,
+                )?;
+            }
         }
     }
-    merge(dev, dq, &dqh, d.q_len, &d)?;
-    merge(dev, dk, &dkh, d.k_len, &d)?;
-    merge(dev, dv, &dvh, d.k_len, &d)?;
     // Scratch buffers go back to the allocator, reused only by later work on this stream.
     Ok(())
 }
