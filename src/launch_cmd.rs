@@ -69,7 +69,7 @@ pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow
         local_workers,
         exe: std::env::current_exe().context("cannot find the chingu executable")?,
         cuda_build: cfg!(feature = "cuda"),
-        local_gpus: local_gpu_count(),
+        local_gpus: if local_workers { local_gpu_count() } else { None },
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let outcome = runtime.block_on(launcher::run(launch))?;

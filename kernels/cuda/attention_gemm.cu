@@ -14,9 +14,9 @@
 //     dS = P·(dP − delta)·scale (delta[b, h, i] = Σ dO·O, attention_backward_delta_f16),
 //     both rounded to fp16 for the products dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
 // P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
-// fp32. Score rows are processed in chunks of whole batch rows, every head (`first_bh`: the
-// chunk's first (batch row, head) block), so the scratch stays bounded; nothing depends on
-// the chunking.
+// fp32. Score rows are processed in chunks of consecutive whole (batch row, head) blocks
+// (`first_bh`: the chunk's first), so the scratch stays bounded; nothing depends on the
+// chunking.
 // Shapes: S, dP, P, dS [chunk·Tq, Tk] with rows `ld` elements apart (Tk rounded up to 8, so
 // every row starts 16-byte aligned for cuBLASLt; the gap is never read; row r =
 // (bh − first_bh)·Tq + i); lse, delta [B·H·Tq].

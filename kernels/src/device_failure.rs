@@ -23,6 +23,10 @@ pub struct DeviceFailure {
     pub message: String,
     /// The device ran out of memory: the same work on the same device fails again.
     pub out_of_memory: bool,
+    /// A fault a fresh process may not meet again (a driver or collective error); everything
+    /// else — out of memory, a shape or setting refused, a kernel that does not compile —
+    /// would fail the same way after a restart.
+    pub transient: bool,
 }
 
 impl fmt::Display for DeviceFailure {
@@ -52,8 +56,9 @@ impl DeviceFailure {
 
 /// Chains a hook that prints a [`DeviceFailure`] nobody catches (or stays silent for one that
 /// a [`catch_device_failure`] on this thread will report) and leaves every other panic to the
-/// hook that was there before.
-fn install_hook() {
+/// hook that was there before. Called before any failure can be raised (a GPU backend's
+/// creation, a catch), since a hook cannot be set from a thread that is already panicking.
+pub(crate) fn install_hook() {
     HOOK.call_once(|| {
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
@@ -78,6 +83,7 @@ fn install_hook() {
 /// Runs `work`; a [`DeviceFailure`] raised on this thread inside it comes back as `Err`. Other
 /// panics unwind on.
 pub fn catch_device_failure<T>(work: impl FnOnce() -> T) -> Result<T, DeviceFailure> {
+    install_hook();
     struct Depth;
     impl Drop for Depth {
         fn drop(&mut self) {
@@ -101,7 +107,12 @@ mod tests {
     use super::*;
 
     fn failure(out_of_memory: bool) -> DeviceFailure {
-        DeviceFailure { op: "linear_forward".into(), message: "no memory".into(), out_of_memory }
+        DeviceFailure {
+            op: "linear_forward".into(),
+            message: "no memory".into(),
+            out_of_memory,
+            transient: false,
+        }
     }
 
     #[test]

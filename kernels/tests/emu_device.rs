@@ -221,7 +221,10 @@ fn a_memory_limit_refuses_what_does_not_fit_and_frees_give_it_back() {
     match DeviceBuffer::<f32>::uninit(&dev, 300) {
         Err(e @ GpuError::OutOfMemory { bytes: 1200, in_use: Some((2000, 3000)) }) => {
             let text = e.to_string();
-            assert!(text.starts_with("out of device memory: 0.0 MiB more did not fit"), "{text}");
+            assert_eq!(
+                text,
+                "out of device memory: 1.2 KiB more did not fit (2.0 KiB of 2.9 KiB in use)"
+            );
         }
         Err(other) => panic!("expected out of memory, got {other}"),
         Ok(_) => panic!("3200 bytes must not fit in 3000"),

@@ -173,9 +173,6 @@ fn check(case: &str, got: &[f64], p: &Problem, c0: &[f64], bias: &[f64], c_f32: 
     worst
 }
 
-/// Several products of one shape in one call (the strided batch of the GEMM attention path),
-/// each block against its own reference, for every transpose pair and both output types; C
-/// poisoned, so a block left unwritten fails.
 /// `x` `[rows×cols]` with its rows `ld` apart, NaN in the gaps (a product that reads them
 /// gives NaN).
 fn with_row_stride(x: &[f16], rows: usize, cols: usize, ld: usize) -> Vec<f16> {
@@ -186,6 +183,10 @@ fn with_row_stride(x: &[f16], rows: usize, cols: usize, ld: usize) -> Vec<f16> {
     out
 }
 
+/// Several products of one shape in one call (the strided batch of the GEMM attention path),
+/// each block against its own reference, for every transpose pair and both output types, with
+/// dense rows and with padded ones (the GEMM attention's score rows and head columns); C
+/// poisoned, so a block left unwritten fails, and its row gaps must stay poisoned.
 #[test]
 fn batched_products_match_their_references() {
     let (m, n, k, count) = (33, 20, 24, 5);

@@ -41,7 +41,8 @@ pub enum WorkerError {
     #[error("{0}")]
     Collective(String),
     /// The GPU failed inside a step: out of memory (a restart would only repeat it; the
-    /// message says what to lower) or a driver error (a restart may succeed).
+    /// message says what to lower), a driver fault (a restart may succeed), or a refusal
+    /// that would repeat (a shape or setting).
     #[error("{failure}{advice}")]
     Device {
         /// The op and the device's error.
@@ -53,11 +54,11 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// True when running the same job again cannot help (bad data, bad settings, NaN, a GPU
-    /// out of memory) — as opposed to a lost peer or coordinator, or a device fault.
+    /// out of memory) — as opposed to a lost peer or coordinator, or a driver fault.
     pub fn is_deterministic(&self) -> bool {
         match self {
             WorkerError::Collective(_) | WorkerError::Io { .. } => false,
-            WorkerError::Device { failure, .. } => failure.out_of_memory,
+            WorkerError::Device { failure, .. } => !failure.transient,
             _ => true,
         }
     }

@@ -1,7 +1,8 @@
 //! A GPU that runs out of memory in the middle of training (the emulated device with a memory
 //! limit) ends the run with an error that says so and what to lower — not a panic — and the
-//! error is one a launched job does not restart for (a restart would fail the same way). The
-//! device memory the trainer logs is the run's peak.
+//! error is one a launched job does not restart for (a restart would fail the same way). A
+//! limit the run fits in changes nothing, and the memory the backend reports (what the
+//! trainer logs) is the run's peak against the limit.
 
 mod common;
 
@@ -11,21 +12,29 @@ use common::{options, prepared};
 
 use chingu_kernels::gpu::backend::GpuBackend;
 use chingu_kernels::gpu::emu::EmuDevice;
+use chingu_kernels::gpu::GpuError;
 use chingu_kernels::Backend;
 use chingu_worker::trainer::{train, TrainEvent};
 use chingu_worker::WorkerError;
+
+/// The last step and every parameter's bits.
+type Trained = (u64, Vec<Vec<u32>>);
 
 /// Trains two steps on `dev`; returns the outcome and whether training had started.
 fn two_steps(
     dev: Arc<EmuDevice>,
     dir: &std::path::Path,
     run: &str,
-) -> (Result<u64, WorkerError>, bool) {
+) -> (Result<Trained, WorkerError>, bool) {
     let data = prepared(dir);
     let opts = options(&data, &dir.join(run), 2);
     let mut started = false;
     let mut observe = |e: &TrainEvent| started |= matches!(e, TrainEvent::Started { .. });
-    let outcome = train(GpuBackend::new(dev), &opts, &mut observe).map(|o| o.step);
+    let outcome = train(GpuBackend::new(dev), &opts, &mut observe).map(|o| {
+        let b = &o.model.backend;
+        let bits = |p| b.to_f32(p).iter().map(|x| x.to_bits()).collect();
+        (o.step, o.model.params.iter().map(bits).collect())
+    });
     (outcome, started)
 }
 
@@ -34,7 +43,7 @@ fn out_of_device_memory_mid_step_is_a_fatal_error_with_advice() {
     let dir = tempfile::tempdir().unwrap();
     let roomy = Arc::new(EmuDevice::new());
     let (outcome, _) = two_steps(roomy.clone(), dir.path(), "roomy");
-    assert_eq!(outcome.unwrap(), 2);
+    assert_eq!(outcome.unwrap().0, 2);
     let peak = roomy.peak_allocated();
     assert!(peak > 0);
 
@@ -55,7 +64,9 @@ fn out_of_device_memory_mid_step_is_a_fatal_error_with_advice() {
     {
         assert!(text.contains(expected), "{expected:?} missing from: {text}");
     }
-    let limit = format!("of {:.1} MiB in use)", (peak - 1) as f64 / (1u64 << 20) as f64);
+    // The device's size as the error prints it (the part after "… of ").
+    let sized = GpuError::OutOfMemory { bytes: 0, in_use: Some((0, peak - 1)) }.to_string();
+    let limit = format!(" of {}", sized.rsplit(" of ").next().unwrap());
     assert!(text.contains(&limit), "{limit:?} missing from: {text}");
 }
 
@@ -66,7 +77,9 @@ fn a_memory_limit_the_run_fits_in_changes_nothing() {
     let (free, _) = two_steps(roomy.clone(), dir.path(), "free");
     let exact = Arc::new(EmuDevice::new().with_memory_limit(roomy.peak_allocated()));
     let (limited, _) = two_steps(exact.clone(), dir.path(), "limited");
-    assert_eq!(free.unwrap(), limited.unwrap());
+    let (free, limited) = (free.unwrap(), limited.unwrap());
+    assert_eq!(limited.0, 2);
+    assert!(free == limited, "a limit the run fits in changed the trained weights");
     assert_eq!(exact.peak_allocated(), roomy.peak_allocated());
     // What the trainer logs as the device's memory: the peak, of the limit.
     let backend = GpuBackend::new(exact.clone());

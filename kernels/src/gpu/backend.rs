@@ -73,6 +73,7 @@ fn check<T>(op: &str, r: Result<T, GpuError>) -> T {
         Err(e) => DeviceFailure {
             op: format!("GPU backend, {op}"),
             out_of_memory: matches!(e, GpuError::OutOfMemory { .. }),
+            transient: matches!(e, GpuError::Driver { .. } | GpuError::Collective(_)),
             message: e.to_string(),
         }
         .raise(),
@@ -113,6 +114,7 @@ fn float_mut<'a>(op: &str, b: &'a mut GpuBuf) -> &'a mut DeviceBuffer<f32> {
 impl GpuBackend {
     /// The backend on `dev`, loss scale 1.
     pub fn new(dev: Gpu) -> Self {
+        crate::device_failure::install_hook();
         Self {
             dev,
             loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())),
@@ -724,7 +726,7 @@ impl Backend for GpuBackend {
             })
             .collect();
         let table = check(OP, ops::AdamwTable::new(&tensors));
-        let mut cached = self.adamw_tables.lock().expect("AdamW tables");
+        let mut cached = self.adamw_tables.lock().unwrap_or_else(|e| e.into_inner());
         match cached.iter().position(|(t, _)| *t == table) {
             Some(i) => cached.swap(0, i),
             None => {

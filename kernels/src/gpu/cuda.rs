@@ -352,6 +352,13 @@ impl Device for CudaDevice {
     }
 }
 
+/// `CHINGU_GEMM_UNBATCHED=1`: every strided batch takes the path for batches cuBLASLt has no
+/// kernel for (its products one at a time), so `scripts/gpu-check` can test that path.
+fn unbatched() -> bool {
+    static UNBATCHED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNBATCHED.get_or_init(|| std::env::var("CHINGU_GEMM_UNBATCHED").as_deref() == Ok("1"))
+}
+
 /// Workspace cuBLASLt may use per product (allocated once per device).
 const LT_WORKSPACE_BYTES: usize = 32 << 20;
 /// `cublasOperation_t` (cuBLAS's enum, not in cudarc's cublaslt bindings): N = 0, T = 1.
@@ -571,7 +578,7 @@ impl Blas {
             },
             align,
             batch: g.batch,
-            ld: g.ld,
+            ld: g.row_strides(),
         };
         let algo = {
             let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
@@ -579,7 +586,12 @@ impl Blas {
                 Some(algo) => *algo,
                 None => {
                     // SAFETY: live descriptors.
-                    let algo = match unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align) } {
+                    let found = if g.batch.count > 1 && unbatched() {
+                        Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
+                    } else {
+                        unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align) }
+                    };
+                    let algo = match found {
                         Ok(algo) => Some(algo),
                         // A batch must suit one kernel for every matrix in it (the stride
                         // counts in the alignment: odd sequence lengths make it 2 or 4

@@ -205,7 +205,12 @@ impl EmuDevice {
                         "{MEMORY_VAR}: {text:?} is not a whole number of MiB"
                     ))
                 })?;
-                Ok(dev.with_memory_limit(mib << 20))
+                let bytes = mib.checked_mul(1 << 20).ok_or_else(|| {
+                    GpuError::Setting(format!(
+                        "{MEMORY_VAR}: {mib} MiB is more than this machine can count"
+                    ))
+                })?;
+                Ok(dev.with_memory_limit(bytes))
             }
             Err(_) => Ok(dev),
         }
@@ -519,13 +524,23 @@ impl Device for EmuDevice {
             message: format!("{bytes} bytes is more than an allocation can hold"),
         };
         let layout = guarded_layout(bytes).ok_or_else(too_big)?;
-        // Reserve first, so threads allocating at once cannot both pass the limit.
-        let used = self.used.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(capacity) = self.capacity.filter(|&c| used.saturating_add(bytes) > c) {
-            self.used.fetch_sub(bytes, Ordering::Relaxed);
-            return Err(GpuError::OutOfMemory { bytes, in_use: Some((used, capacity)) });
+        // Reserve by compare-and-swap: threads allocating at once neither both pass the limit
+        // nor see each other's refused requests.
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let after = used.saturating_add(bytes);
+            if let Some(capacity) = self.capacity.filter(|&c| after > c) {
+                return Err(GpuError::OutOfMemory { bytes, in_use: Some((used, capacity)) });
+            }
+            match self.used.compare_exchange_weak(used, after, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.peak.fetch_max(after, Ordering::Relaxed);
+                    break;
+                }
+                Err(now) => used = now,
+            }
         }
-        self.peak.fetch_max(used + bytes, Ordering::Relaxed);
         // SAFETY: non-zero size.
         let base = unsafe { alloc(layout) };
         if base.is_null() {

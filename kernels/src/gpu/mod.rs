@@ -85,9 +85,10 @@ pub enum GpuError {
 }
 
 fn out_of_memory_text(bytes: usize, in_use: Option<(usize, usize)>) -> String {
-    let size = |b: usize| match b as f64 / (1u64 << 30) as f64 {
-        gib if gib >= 1.0 => format!("{gib:.2} GiB"),
-        _ => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+    let size = |b: usize| match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
     };
     let state = in_use.map_or_else(String::new, |(used, total)| {
         format!(" ({} of {} in use)", size(used), size(total))

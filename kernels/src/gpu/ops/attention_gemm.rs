@@ -5,9 +5,11 @@
 //! dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every product reads and writes one head's columns of
 //! the `[B·T, H·Dh]` tensors in place (row stride H·Dh), batched over batch rows, one product
 //! per head — no copy of any tensor into a head-major layout. Kernels and conventions:
-//! `kernels/cuda/attention_gemm.cu`. Score rows go in chunks of whole batch rows (every head)
-//! of at most `scores_per_chunk` scores (one batch row at least), so the scratch stays bounded
-//! (12 bytes a score in backward) whatever the sequence length; the chunking changes no result.
+//! `kernels/cuda/attention_gemm.cu`. Score rows go in chunks of whole (batch row, head) blocks,
+//! consecutive in that order, of at most `scores_per_chunk` scores (one block at least), so the
+//! scratch stays bounded (12 bytes a score in backward) whatever the sequence length; a chunk's
+//! blocks of one head are batch rows in a row, one batched product. The chunking changes no
+//! result.
 
 use half::f16;
 
@@ -63,16 +65,16 @@ impl Operand {
         Self { transposed: true, ..Self::head(x, s, len, b0, h) }
     }
 
-    /// Head `h`'s score blocks in the chunk's `buf`: `[Tq×Tk]` with rows [`score_ld`] apart,
-    /// blocks in (batch row, head) order.
+    /// One head's score blocks in the chunk's `buf`, from the chunk's block `first`: `[Tq×Tk]`
+    /// with rows [`score_ld`] apart, a head's blocks H apart ((batch row, head) order).
     fn scores<T: crate::gpu::Element>(
         buf: &DeviceBuffer<T>,
         s: AttentionShape,
-        h: usize,
+        first: usize,
         transposed: bool,
     ) -> Self {
         let (ld, block) = (score_ld(s), s.q_len * score_ld(s));
-        let ptr = buf.ptr() + (h * block * std::mem::size_of::<T>()) as DevicePtr;
+        let ptr = buf.ptr() + (first * block * std::mem::size_of::<T>()) as DevicePtr;
         Self { ptr, stride: s.heads * block, transposed, ld }
     }
 }
@@ -117,9 +119,31 @@ unsafe fn batched(
     unsafe { gemm::run(dev, "attention", &g) }
 }
 
-/// Batch rows per chunk of at most `scores` scores, row padding included (one at least).
-fn batch_rows_per_chunk(s: AttentionShape, scores: usize) -> usize {
-    (scores / (s.heads * s.q_len * score_ld(s)).max(1)).clamp(1, s.batch.max(1))
+/// (Batch row, head) blocks per chunk of at most `scores` scores, row padding included (one
+/// at least).
+fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
+    (scores / (s.q_len * score_ld(s)).max(1)).clamp(1, (s.batch * s.heads).max(1))
+}
+
+/// A chunk's blocks of one head: batch rows `b0..b0 + count`, the first of them the chunk's
+/// block `first_in_chunk`.
+struct HeadRun {
+    b0: usize,
+    count: usize,
+    first_in_chunk: usize,
+}
+
+impl HeadRun {
+    /// Head `h`'s blocks among the chunk's blocks `first..first + count` (none: `None`).
+    fn of(s: AttentionShape, first: usize, count: usize, h: usize) -> Option<Self> {
+        let heads = s.heads;
+        let bh0 = first + (h + heads - first % heads) % heads;
+        (bh0 < first + count).then(|| Self {
+            b0: bh0 / heads,
+            count: (first + count - 1 - bh0) / heads + 1,
+            first_in_chunk: bh0 - first,
+        })
+    }
 }
 
 /// The grid of the pointwise score kernels: one warp per score row, `THREADS / 32` rows a
@@ -156,26 +180,27 @@ pub(super) fn forward(
     if tk == 0 {
         zero(dev, &mut [out])?;
     }
-    let chunk = batch_rows_per_chunk(s, scores_per_chunk);
-    let scratch = chunk * s.heads * tq * score_ld(s);
+    let (blocks, chunk) = (s.batch * s.heads, blocks_per_chunk(s, scores_per_chunk));
+    let scratch = chunk * tq * score_ld(s);
     let scores = DeviceBuffer::<f32>::uninit(dev, scratch)?;
     let p = DeviceBuffer::<f16>::uninit(dev, scratch)?;
-    for b0 in (0..s.batch).step_by(chunk) {
-        let count = chunk.min(s.batch - b0);
-        let rows = count * s.heads * tq;
-        // SAFETY (every product): `count` batch rows from `b0` of head `h`'s columns of Q, K,
-        // V and the output (inside the `[B·T, H·Dh]` buffers) and head `h`'s blocks of the
-        // chunk's scores (inside the scratch, which holds `chunk` batch rows of every head).
-        for h in (0..s.heads).filter(|_| tk > 0) {
+    for first in (0..blocks).step_by(chunk) {
+        let count = chunk.min(blocks - first);
+        let rows = count * tq;
+        let runs = || (0..s.heads).filter_map(|h| Some((h, HeadRun::of(s, first, count, h)?)));
+        // SAFETY (every product): `run.count` batch rows from `run.b0` of head `h`'s columns of
+        // Q, K, V and the output (inside the `[B·T, H·Dh]` buffers), and the same blocks of the
+        // chunk's scores (inside the scratch, which holds `chunk` blocks).
+        for (h, run) in runs().filter(|_| tk > 0) {
             unsafe {
                 batched(
                     dev,
                     (tq, tk, dh),
-                    Operand::head(q, s, tq, b0, h),
-                    Operand::head_t(k, s, tk, b0, h),
-                    Operand::scores(&scores, s, h, false),
+                    Operand::head(q, s, tq, run.b0, h),
+                    Operand::head_t(k, s, tk, run.b0, h),
+                    Operand::scores(&scores, s, run.first_in_chunk, false),
                     true,
-                    count,
+                    run.count,
                 )?;
             }
         }
@@ -192,20 +217,20 @@ pub(super) fn forward(
             d.causal,
             d.q_offset,
             d.scale,
-            int(OP, "first block", b0 * s.heads)?
+            int(OP, "first block", first)?
         ];
         launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
-        for h in (0..s.heads).filter(|_| tk > 0) {
+        for (h, run) in runs().filter(|_| tk > 0) {
             // SAFETY: as above, [Tq×Tk]·[Tk×Dh] → [Tq×Dh].
             unsafe {
                 batched(
                     dev,
                     (tq, dh, tk),
-                    Operand::scores(&p, s, h, false),
-                    Operand::head(v, s, tk, b0, h),
-                    Operand::head(out, s, tq, b0, h),
+                    Operand::scores(&p, s, run.first_in_chunk, false),
+                    Operand::head(v, s, tk, run.b0, h),
+                    Operand::head(out, s, tq, run.b0, h),
                     false,
-                    count,
+                    run.count,
                 )?;
             }
         }
@@ -238,18 +263,20 @@ pub(super) fn backward(
         // No query or no key: every gradient is zero.
         return zero(dev, &mut [dq, dk, dv]);
     }
-    let chunk = batch_rows_per_chunk(s, scores_per_chunk);
-    let scratch = chunk * s.heads * tq * score_ld(s);
+    let (blocks, chunk) = (s.batch * s.heads, blocks_per_chunk(s, scores_per_chunk));
+    let scratch = chunk * tq * score_ld(s);
     let (scores, dp) =
         (DeviceBuffer::<f32>::uninit(dev, scratch)?, DeviceBuffer::<f32>::uninit(dev, scratch)?);
     let (p, ds) =
         (DeviceBuffer::<f16>::uninit(dev, scratch)?, DeviceBuffer::<f16>::uninit(dev, scratch)?);
-    for b0 in (0..s.batch).step_by(chunk) {
-        let count = chunk.min(s.batch - b0);
-        // SAFETY (every product below): `count` batch rows from `b0` of head `h`'s columns of
-        // the `[B·T, H·Dh]` tensors and head `h`'s blocks of the chunk's scores, all inside
-        // their buffers.
-        for h in 0..s.heads {
+    for first in (0..blocks).step_by(chunk) {
+        let count = chunk.min(blocks - first);
+        let runs = || (0..s.heads).filter_map(|h| Some((h, HeadRun::of(s, first, count, h)?)));
+        // SAFETY (every product below): `run.count` batch rows from `run.b0` of head `h`'s
+        // columns of the `[B·T, H·Dh]` tensors and the same blocks of the chunk's scores, all
+        // inside their buffers.
+        for (h, run) in runs() {
+            let (b0, n, at) = (run.b0, run.count, run.first_in_chunk);
             unsafe {
                 // S = Q·Kᵀ and dP = dO·Vᵀ, fp32.
                 batched(
@@ -257,22 +284,22 @@ pub(super) fn backward(
                     (tq, tk, dh),
                     Operand::head(q, s, tq, b0, h),
                     Operand::head_t(k, s, tk, b0, h),
-                    Operand::scores(&scores, s, h, false),
+                    Operand::scores(&scores, s, at, false),
                     true,
-                    count,
+                    n,
                 )?;
                 batched(
                     dev,
                     (tq, tk, dh),
                     Operand::head(d_out, s, tq, b0, h),
                     Operand::head_t(v, s, tk, b0, h),
-                    Operand::scores(&dp, s, h, false),
+                    Operand::scores(&dp, s, at, false),
                     true,
-                    count,
+                    n,
                 )?;
             }
         }
-        let rows = count * s.heads * tq;
+        let rows = count * tq;
         let args = args![
             p.ptr(),
             ds.ptr(),
@@ -289,38 +316,39 @@ pub(super) fn backward(
             d.causal,
             d.q_offset,
             d.scale,
-            int(OP, "first block", b0 * s.heads)?
+            int(OP, "first block", first)?
         ];
         launch(dev, "attention_scores_backward_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
-        for h in 0..s.heads {
+        for (h, run) in runs() {
+            let (b0, n, at) = (run.b0, run.count, run.first_in_chunk);
             unsafe {
                 // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q, each head's columns overwritten.
                 batched(
                     dev,
                     (tk, dh, tq),
-                    Operand::scores(&p, s, h, true),
+                    Operand::scores(&p, s, at, true),
                     Operand::head(d_out, s, tq, b0, h),
                     Operand::head(dv, s, tk, b0, h),
                     false,
-                    count,
+                    n,
                 )?;
                 batched(
                     dev,
                     (tq, dh, tk),
-                    Operand::scores(&ds, s, h, false),
+                    Operand::scores(&ds, s, at, false),
                     Operand::head(k, s, tk, b0, h),
                     Operand::head(dq, s, tq, b0, h),
                     false,
-                    count,
+                    n,
                 )?;
                 batched(
                     dev,
                     (tk, dh, tq),
-                    Operand::scores(&ds, s, h, true),
+                    Operand::scores(&ds, s, at, true),
                     Operand::head(q, s, tq, b0, h),
                     Operand::head(dk, s, tk, b0, h),
                     false,
-                    count,
+                    n,
                 )?;
             }
         }
