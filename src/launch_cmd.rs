@@ -192,11 +192,13 @@ fn status_from_coordinator(url: &str) -> anyhow::Result<serde_json::Value> {
         "ranks": reply.ranks.iter().map(|r| serde_json::json!({
             "rank": r.rank, "host": r.host, "device": r.device, "step": r.step,
             "loss": r.loss, "tokens_per_s": r.tokens_per_s, "last_seen_s": r.last_seen_s,
+            "device_memory_bytes": r.device_memory_bytes, "device_memory_total": r.device_memory_total,
         })).collect::<Vec<_>>(),
     }))
 }
 
-/// The status table.
+/// The status table. The device column is as wide as its longest name (GPU names are long);
+/// memory is the device's in use after the rank's last step, of its size, where known.
 pub fn format_status(s: &serde_json::Value, age_s: f64) -> String {
     let mut out = format!(
         "job {}  state {}  generation {}  restarts {}  latest checkpoint {}  (written {:.0} s ago)\n",
@@ -207,21 +209,62 @@ pub fn format_status(s: &serde_json::Value, age_s: f64) -> String {
         s["latest_checkpoint_step"].as_u64().map_or("none".to_string(), |v| format!("step {v}")),
         age_s
     );
+    let ranks: Vec<&serde_json::Value> = s["ranks"].as_array().into_iter().flatten().collect();
+    let device = |r: &serde_json::Value| r["device"].as_str().unwrap_or("?").to_string();
+    let width = ranks.iter().map(|r| device(r).chars().count()).max().unwrap_or(0).max(6);
+    let memory = |r: &serde_json::Value| {
+        let gib = |key: &str| r[key].as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+        match r["device_memory_total"].as_u64().unwrap_or(0) {
+            0 => "-".to_string(),
+            _ => format!("{:.1}/{:.1} GiB", gib("device_memory_bytes"), gib("device_memory_total")),
+        }
+    };
     out.push_str(&format!(
-        "{:>4}  {:<12} {:<6} {:>8} {:>8} {:>10} {:>10}\n",
-        "rank", "host", "device", "step", "loss", "tokens/s", "last seen"
+        "{:>4}  {:<12} {:<width$} {:>8} {:>8} {:>10} {:>15} {:>10}\n",
+        "rank", "host", "device", "step", "loss", "tokens/s", "memory", "last seen"
     ));
-    for r in s["ranks"].as_array().into_iter().flatten() {
+    for r in ranks {
         out.push_str(&format!(
-            "{:>4}  {:<12} {:<6} {:>8} {:>8.4} {:>10.0} {:>9.1}s\n",
-            r["rank"],
+            "{:>4}  {:<12} {:<width$} {:>8} {:>8.4} {:>10.0} {:>15} {:>9.1}s\n",
+            // (Numbers as numbers: a JSON value ignores the column width.)
+            r["rank"].as_u64().unwrap_or(0),
             r["host"].as_str().unwrap_or("?"),
-            r["device"].as_str().unwrap_or("?"),
-            r["step"],
+            device(r),
+            r["step"].as_u64().unwrap_or(0),
             r["loss"].as_f64().unwrap_or(f64::NAN),
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
+            memory(r),
             r["last_seen_s"].as_f64().unwrap_or(0.0)
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_fits_long_device_names_and_shows_memory_where_known() {
+        let status = serde_json::json!({
+            "job": "j", "state": "running", "generation": 1, "restarts": 0,
+            "latest_checkpoint_step": 200,
+            "ranks": [
+                { "rank": 0, "host": "a", "device": "cuda:0 (NVIDIA GeForce RTX 4090, sm_89)",
+                  "step": 10, "loss": 2.5, "tokens_per_s": 1000.0, "last_seen_s": 0.5,
+                  "device_memory_bytes": 5u64 << 30, "device_memory_total": 24u64 << 30 },
+                { "rank": 1, "host": "b", "device": "cpu", "step": 10, "loss": 2.5,
+                  "tokens_per_s": 900.0, "last_seen_s": 0.4 },
+            ],
+        });
+        let table = format_status(&status, 1.0);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[2].contains("5.0/24.0 GiB"), "{table}");
+        assert!(lines[3].contains(" - "), "unknown memory shows as -: {table}");
+        // Columns line up: the step column starts at the same place in every row.
+        let at = |line: &str, what: &str| line.find(what).unwrap() + what.len();
+        assert_eq!(at(lines[1], "step"), at(lines[2], "10"), "{table}");
+        assert_eq!(at(lines[2], "10"), at(lines[3], "10"), "{table}");
+    }
 }

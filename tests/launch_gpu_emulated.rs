@@ -1,6 +1,7 @@
 //! A launched job on GPU workers (`workers.backend = "cuda"`), run without a GPU: the worker
 //! process trains on the CUDA kernels emulated on the CPU (`CHINGU_EMULATED_GPU=1`). The job
-//! trains in fp16 with loss scaling and commits its checkpoints through the coordinator; a
+//! trains in fp16 with loss scaling, commits its checkpoints through the coordinator and
+//! reports its device memory (metrics, status); a
 //! SIGKILLed GPU worker is restarted from LATEST and the job ends with the bytes of an
 //! unbroken run; a GPU that runs out of memory (`CHINGU_EMU_MEMORY_MIB`) fails the job at once
 //! — no restart — with the worker's message saying what to lower. Two GPU workers summing
@@ -84,7 +85,8 @@ fn unbroken() -> &'static (PathBuf, String) {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("launch-gpu-unbroken-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (out, text) = launch(&manifest(&dir), None);
+        // A memory size, so the device reports its use (the limit changes no result).
+        let (out, text) = launch(&manifest(&dir), Some(4096));
         assert!(out.status.success(), "{text}");
         (dir, text)
     })
@@ -107,6 +109,19 @@ fn a_launched_gpu_job_trains_in_mixed_precision_and_commits_its_checkpoints() {
     .unwrap();
     let scale = state["loss_scaler"]["scale"].as_f64().expect("a loss scale in a GPU checkpoint");
     assert!(scale >= 1.0, "{state}");
+    // The rank's device memory reaches the metrics, the status file and `chingu status`.
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let used = first["device_memory_bytes_by_rank"][0].as_u64().unwrap();
+    assert!(used > 0 && used < 4096 << 20, "{first}");
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status["ranks"][0]["device_memory_total"].as_u64(), Some(4096 << 20), "{status}");
+    let table = chingu().arg("status").arg("--run").arg(dir.join("run")).output().unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("/4.0 GiB"), "{table}");
+    assert!(table.contains("emu (CUDA emulated on the CPU)"), "{table}");
 }
 
 #[test]

@@ -94,6 +94,8 @@ struct Rank {
     step: u64,
     loss: f64,
     tokens_per_s: f64,
+    /// Device memory (in use, in all) after the rank's last step; (0, 0) unknown.
+    device_memory: (u64, u64),
     last_seen: Instant,
     session: Option<mpsc::Sender<Result<pb::Command, Status>>>,
     finished: bool,
@@ -155,6 +157,10 @@ pub struct RankSnapshot {
     pub tokens_per_s: f64,
     /// Seconds since the rank was last heard from.
     pub last_seen_s: f64,
+    /// Device memory in use after its last step, in bytes (0: not known).
+    pub device_memory_bytes: u64,
+    /// The device's memory in all, in bytes (0: not known).
+    pub device_memory_total: u64,
 }
 
 /// The job at a glance (`RUN/status.json`, the Status RPC).
@@ -327,6 +333,8 @@ impl Job {
                         loss: r.loss,
                         tokens_per_s: r.tokens_per_s,
                         last_seen_s: r.last_seen.elapsed().as_secs_f64(),
+                        device_memory_bytes: r.device_memory.0,
+                        device_memory_total: r.device_memory.1,
                     })
                 })
                 .collect(),
@@ -389,6 +397,8 @@ impl Job {
                 "step_s": all.iter().map(|m| m.step_s).fold(0.0, f64::max),
                 "grad_norm": all[0].grad_norm,
                 "lr": all[0].lr,
+                // Per rank, where the device can tell (GPUs): in use after the step.
+                "device_memory_bytes_by_rank": all.iter().map(|m| m.device_memory_bytes).collect::<Vec<_>>(),
             });
             if let Some(file) = self.metrics.lock().expect("metrics").as_mut() {
                 let _ = writeln!(file, "{line}");
@@ -498,6 +508,7 @@ impl Job {
                         slot.step = m.step;
                         slot.loss = m.loss;
                         slot.tokens_per_s = m.tokens_per_s;
+                        slot.device_memory = (m.device_memory_bytes, m.device_memory_total);
                         self.record_metrics(&mut s, rank, m);
                     }
                     Some(pb::worker_event::Event::Log(l)) => {
@@ -568,6 +579,7 @@ impl pb::coordinator_server::Coordinator for Service {
             step: 0,
             loss: f64::NAN,
             tokens_per_s: 0.0,
+            device_memory: (0, 0),
             last_seen: Instant::now(),
             session: None,
             finished: false,
@@ -674,6 +686,8 @@ impl pb::coordinator_server::Coordinator for Service {
                     loss: r.loss,
                     tokens_per_s: r.tokens_per_s,
                     last_seen_s: r.last_seen_s,
+                    device_memory_bytes: r.device_memory_bytes,
+                    device_memory_total: r.device_memory_total,
                 })
                 .collect(),
         }))

@@ -267,6 +267,8 @@ pub fn run(args: &WorkerArgs, on_joined: &mut dyn FnMut(&Joined)) -> Result<u64>
                     step_s: r.step_s,
                     grad_norm: r.grad_norm,
                     lr: r.lr,
+                    device_memory_bytes: r.device_memory.map_or(0, |(used, _)| used as u64),
+                    device_memory_total: r.device_memory.map_or(0, |(_, total)| total as u64),
                 }));
             }
             TrainEvent::Validation { step, loss } => tracing::info!(step, valid_loss = loss, "validation"),

@@ -93,6 +93,9 @@ pub struct StepReport {
     pub allreduce_exposed_s: f64,
     /// Seconds of the whole step.
     pub step_s: f64,
+    /// (bytes in use, bytes in all) of the device's memory after the step, where the backend
+    /// can tell (a GPU).
+    pub device_memory: Option<(usize, usize)>,
 }
 
 /// What the ranks may ask for at a step boundary; summed across ranks, so all act together.
@@ -237,8 +240,8 @@ pub fn train_parallel<B: Backend + Clone>(
 /// Logs the device's memory use after the first step and whenever it has grown by a
 /// twentieth since (a longer batch): how much room the batch leaves. Returns what was last
 /// logged.
-fn log_device_memory<B: Backend>(backend: &B, step: u64, last: usize) -> usize {
-    let Some((in_use, total)) = backend.device_memory() else { return last };
+fn log_device_memory(memory: Option<(usize, usize)>, step: u64, last: usize) -> usize {
+    let Some((in_use, total)) = memory else { return last };
     if last > 0 && in_use <= last + last / 20 {
         return last;
     }
@@ -480,10 +483,12 @@ fn train_unguarded<B: Backend + Clone>(
             allreduce_s: comm.reduce_s,
             allreduce_exposed_s: comm.exposed_s,
             step_s: seconds,
+            device_memory: model.backend.device_memory(),
         };
         tracing::info!(target: "chingu::train::step", step, epoch = cursor.epoch, loss, tokens = group_targets, tokens_per_s = report.tokens_per_s, grad_norm = info.grad_norm, lr = info.lr, allreduce_s = comm.reduce_s, allreduce_exposed_s = comm.exposed_s, step_s = seconds);
+        let memory = report.device_memory;
         observer(&TrainEvent::Step(report));
-        memory_logged = log_device_memory(&model.backend, step, memory_logged);
+        memory_logged = log_device_memory(memory, step, memory_logged);
 
         if rank == 0
             && opts.eval_every > 0
