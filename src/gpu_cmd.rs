@@ -72,7 +72,7 @@ pub fn select(device: &str) -> anyhow::Result<Selected> {
         return Ok(Selected::Cpu);
     }
     #[cfg(feature = "emu")]
-    if std::env::var("CHINGU_EMULATED_GPU").as_deref() == Ok("1") {
+    if chingu_kernels::gpu::emu::emulation_requested() {
         eprintln!("chingu: CHINGU_EMULATED_GPU=1: the CUDA kernels run emulated on the CPU");
         // CHINGU_EMU_SCHEDULE picks the launch schedule (in order unless set).
         let dev = chingu_kernels::gpu::emu::EmuDevice::from_env()?;

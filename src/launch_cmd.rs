@@ -101,7 +101,7 @@ pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow
 /// which any number of workers share).
 fn local_gpu_count() -> Option<usize> {
     #[cfg(feature = "emu")]
-    if std::env::var("CHINGU_EMULATED_GPU").as_deref() == Ok("1") {
+    if chingu_kernels::gpu::emu::emulation_requested() {
         return None;
     }
     #[cfg(feature = "cuda")]

@@ -201,20 +201,16 @@ fn batched_products_match_their_references() {
                 let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
                 let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
                 let ld = [a_cols + pad[0], b_cols + pad[1], n + pad[2]];
-                let a_host: Vec<f16> = problems
-                    .iter()
-                    .flat_map(|p| {
-                        let a = if trans_a { transpose(&p.a, m, k) } else { p.a.clone() };
-                        with_row_stride(&a, a_rows, a_cols, ld[0])
-                    })
-                    .collect();
-                let b_host: Vec<f16> = problems
-                    .iter()
-                    .flat_map(|p| {
-                        let b = if trans_b { transpose(&p.b, k, n) } else { p.b.clone() };
-                        with_row_stride(&b, b_rows, b_cols, ld[1])
-                    })
-                    .collect();
+                // One operand of every problem as stored: `[rows×cols]`, or its transpose.
+                let stored = |x: &[f16], rows, cols, transposed, ld| {
+                    let x = if transposed { transpose(x, rows, cols) } else { x.to_vec() };
+                    let (rows, cols) = if transposed { (cols, rows) } else { (rows, cols) };
+                    with_row_stride(&x, rows, cols, ld)
+                };
+                let a_host: Vec<f16> =
+                    problems.iter().flat_map(|p| stored(&p.a, m, k, trans_a, ld[0])).collect();
+                let b_host: Vec<f16> =
+                    problems.iter().flat_map(|p| stored(&p.b, k, n, trans_b, ld[1])).collect();
                 let a = DeviceBuffer::from_host(&dev, &a_host).unwrap();
                 let b = DeviceBuffer::from_host(&dev, &b_host).unwrap();
                 let c_block = m * ld[2];

@@ -422,7 +422,7 @@ fn open_gpu(backend: &str, rank: usize, world: usize) -> Result<Option<RankGpu>>
         return Ok(None);
     }
     #[cfg(feature = "emu")]
-    if std::env::var("CHINGU_EMULATED_GPU").as_deref() == Ok("1") {
+    if chingu_kernels::gpu::emu::emulation_requested() {
         let dev = chingu_kernels::gpu::emu::EmuDevice::from_env()
             .map_err(|e| WorkerError::Training(format!("CHINGU_EMULATED_GPU=1: {e}")))?;
         tracing::info!("CHINGU_EMULATED_GPU=1: training on the CUDA kernels emulated on the CPU");

@@ -646,21 +646,10 @@ impl Blas {
     /// # Safety
     /// As [`Device::gemm`] for the whole batch.
     unsafe fn one_at_a_time(&self, g: &Gemm) -> Result<(), GpuError> {
-        let c_bytes = if g.c_f32 { 4 } else { 2 };
         for i in 0..g.batch.count {
-            let at = |ptr: DevicePtr, stride: usize, bytes: usize| {
-                ptr + (i * stride * bytes) as DevicePtr
-            };
-            let one = Gemm {
-                a: at(g.a, g.batch.stride_a, 2),
-                b: at(g.b, g.batch.stride_b, 2),
-                c: at(g.c, g.batch.stride_c, c_bytes),
-                batch: GemmBatch::ONE,
-                ..*g
-            };
             // SAFETY: block i of each operand lies inside it (the caller's contract); a batch
             // takes no bias.
-            unsafe { self.matmul(&one, None) }?;
+            unsafe { self.matmul(&g.nth(i), None) }?;
         }
         Ok(())
     }

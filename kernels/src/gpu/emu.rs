@@ -16,7 +16,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use half::f16;
 
-use super::{Device, DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
+use super::{Device, DevicePtr, Gemm, GemmEpilogue, GpuError};
 
 extern "C" {
     fn chingu_emu_launch(
@@ -151,6 +151,15 @@ pub struct EmuDevice {
     /// Bytes live now, and the most live at once so far.
     used: AtomicUsize,
     peak: AtomicUsize,
+}
+
+/// The environment variable that puts `--device cuda` training and GPU workers on this
+/// emulated device (builds with feature "emu"; slow, for checking the GPU path without a GPU).
+pub const EMULATED_GPU_VAR: &str = "CHINGU_EMULATED_GPU";
+
+/// True when [`EMULATED_GPU_VAR`] is `1`.
+pub fn emulation_requested() -> bool {
+    std::env::var(EMULATED_GPU_VAR).as_deref() == Ok("1")
 }
 
 /// The environment variable that limits the emulated device's memory, in MiB
@@ -657,18 +666,8 @@ impl Device for EmuDevice {
             });
         }
         for i in 0..batch.count.max(1) {
-            let offset = |ptr: DevicePtr, stride: usize, bytes: usize| {
-                ptr + (i * stride * bytes) as DevicePtr
-            };
-            let one = Gemm {
-                a: offset(g.a, batch.stride_a, 2),
-                b: offset(g.b, batch.stride_b, 2),
-                c: offset(g.c, batch.stride_c, if g.c_f32 { 4 } else { 2 }),
-                batch: GemmBatch::ONE,
-                ..*g
-            };
             // SAFETY: the caller guarantees every product's extents.
-            unsafe { single_gemm(&one) }?;
+            unsafe { single_gemm(&g.nth(i)) }?;
         }
         Ok(())
     }

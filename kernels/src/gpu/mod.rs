@@ -146,6 +146,20 @@ impl Gemm {
     /// Every matrix dense: the row stride is the stored row length.
     pub const DENSE: [usize; 3] = [0; 3];
 
+    /// Product `i` of this batch, as a product of its own.
+    pub fn nth(&self, i: usize) -> Gemm {
+        let c_bytes = if self.c_f32 { 4 } else { 2 };
+        let at =
+            |ptr: DevicePtr, stride: usize, bytes: usize| ptr + (i * stride * bytes) as DevicePtr;
+        Gemm {
+            a: at(self.a, self.batch.stride_a, 2),
+            b: at(self.b, self.batch.stride_b, 2),
+            c: at(self.c, self.batch.stride_c, c_bytes),
+            batch: GemmBatch::ONE,
+            ..*self
+        }
+    }
+
     /// (rows, columns) of A, B and C as stored.
     pub fn stored(&self) -> [(usize, usize); 3] {
         let a = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };

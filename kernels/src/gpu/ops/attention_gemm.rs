@@ -125,25 +125,73 @@ fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
     (scores / (s.q_len * score_ld(s)).max(1)).clamp(1, (s.batch * s.heads).max(1))
 }
 
-/// A chunk's blocks of one head: batch rows `b0..b0 + count`, the first of them the chunk's
+/// A chunk's blocks of head `h`: batch rows `b0..b0 + count`, the first of them the chunk's
 /// block `first_in_chunk`.
 struct HeadRun {
+    h: usize,
     b0: usize,
     count: usize,
     first_in_chunk: usize,
 }
 
-impl HeadRun {
-    /// Head `h`'s blocks among the chunk's blocks `first..first + count` (none: `None`).
-    fn of(s: AttentionShape, first: usize, count: usize, h: usize) -> Option<Self> {
-        let heads = s.heads;
+/// Each head's blocks among the chunk's blocks `first..first + count` (heads with none left
+/// out).
+fn head_runs(s: AttentionShape, first: usize, count: usize) -> impl Iterator<Item = HeadRun> {
+    let heads = s.heads;
+    (0..heads).filter_map(move |h| {
         let bh0 = first + (h + heads - first % heads) % heads;
-        (bh0 < first + count).then(|| Self {
+        (bh0 < first + count).then(|| HeadRun {
+            h,
             b0: bh0 / heads,
             count: (first + count - 1 - bh0) / heads + 1,
             first_in_chunk: bh0 - first,
         })
-    }
+    })
+}
+
+/// `run`'s score blocks in the chunk's `out` = x·yᵀ (fp32), x and y head `run.h`'s columns of
+/// `[B·Tq, H·Dh]` and `[B·Tk, H·Dh]` tensors (S = Q·Kᵀ, dP = dO·Vᵀ).
+///
+/// # Safety
+/// `out` holds the chunk `run` belongs to; x and y are of those shapes.
+unsafe fn scores_from(
+    dev: &Gpu,
+    s: AttentionShape,
+    run: &HeadRun,
+    x: &DeviceBuffer<f16>,
+    y: &DeviceBuffer<f16>,
+    out: &DeviceBuffer<f32>,
+) -> Result<(), GpuError> {
+    let (x, y) = (
+        Operand::head(x, s, s.q_len, run.b0, run.h),
+        Operand::head_t(y, s, s.k_len, run.b0, run.h),
+    );
+    let out = Operand::scores(out, s, run.first_in_chunk, false);
+    // SAFETY: the caller's contract.
+    unsafe { batched(dev, (s.q_len, s.k_len, s.head_dim), x, y, out, true, run.count) }
+}
+
+/// Head `run.h`'s columns of `out` = op(P)·x for `run`'s blocks, P the chunk's score blocks in
+/// `p`: as stored for query rows out (O = P·V, dQ = dS·K), transposed for key rows out
+/// (dV = Pᵀ·dO, dK = dSᵀ·Q); x and `out` `[B·T, H·Dh]` with the matching lengths.
+///
+/// # Safety
+/// `p` holds the chunk `run` belongs to; x and `out` are of those shapes.
+unsafe fn times_scores(
+    dev: &Gpu,
+    s: AttentionShape,
+    run: &HeadRun,
+    p: &DeviceBuffer<f16>,
+    transposed: bool,
+    x: &DeviceBuffer<f16>,
+    out: &DeviceBuffer<f16>,
+) -> Result<(), GpuError> {
+    let (out_len, x_len) = if transposed { (s.k_len, s.q_len) } else { (s.q_len, s.k_len) };
+    let p = Operand::scores(p, s, run.first_in_chunk, transposed);
+    let (x, out) =
+        (Operand::head(x, s, x_len, run.b0, run.h), Operand::head(out, s, out_len, run.b0, run.h));
+    // SAFETY: the caller's contract.
+    unsafe { batched(dev, (out_len, s.head_dim, x_len), p, x, out, false, run.count) }
 }
 
 /// The grid of the pointwise score kernels: one warp per score row, `THREADS / 32` rows a
@@ -176,7 +224,7 @@ pub(super) fn forward(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_forward";
     let d = Dims::new(s, OP)?;
-    let (tq, tk, dh) = (s.q_len, s.k_len, s.head_dim);
+    let (tq, tk) = (s.q_len, s.k_len);
     if tk == 0 {
         zero(dev, &mut [out])?;
     }
@@ -187,22 +235,10 @@ pub(super) fn forward(
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         let rows = count * tq;
-        let runs = || (0..s.heads).filter_map(|h| Some((h, HeadRun::of(s, first, count, h)?)));
-        // SAFETY (every product): `run.count` batch rows from `run.b0` of head `h`'s columns of
-        // Q, K, V and the output (inside the `[B·T, H·Dh]` buffers), and the same blocks of the
-        // chunk's scores (inside the scratch, which holds `chunk` blocks).
-        for (h, run) in runs().filter(|_| tk > 0) {
-            unsafe {
-                batched(
-                    dev,
-                    (tq, tk, dh),
-                    Operand::head(q, s, tq, run.b0, h),
-                    Operand::head_t(k, s, tk, run.b0, h),
-                    Operand::scores(&scores, s, run.first_in_chunk, false),
-                    true,
-                    run.count,
-                )?;
-            }
+        // SAFETY (every product): each run's blocks of Q, K, V, the output and the chunk's
+        // scores lie inside their buffers (the scratch holds `chunk` blocks).
+        for run in head_runs(s, first, count).filter(|_| tk > 0) {
+            unsafe { scores_from(dev, s, &run, q, k, &scores) }?;
         }
         let args = args![
             p.ptr(),
@@ -220,19 +256,8 @@ pub(super) fn forward(
             int(OP, "first block", first)?
         ];
         launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
-        for (h, run) in runs().filter(|_| tk > 0) {
-            // SAFETY: as above, [Tq×Tk]·[Tk×Dh] → [Tq×Dh].
-            unsafe {
-                batched(
-                    dev,
-                    (tq, dh, tk),
-                    Operand::scores(&p, s, run.first_in_chunk, false),
-                    Operand::head(v, s, tk, run.b0, h),
-                    Operand::head(out, s, tq, run.b0, h),
-                    false,
-                    run.count,
-                )?;
-            }
+        for run in head_runs(s, first, count).filter(|_| tk > 0) {
+            unsafe { times_scores(dev, s, &run, &p, false, v, out) }?;
         }
     }
     Ok(())
@@ -258,7 +283,7 @@ pub(super) fn backward(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_backward";
     let d = Dims::new(s, OP)?;
-    let (tq, tk, dh) = (s.q_len, s.k_len, s.head_dim);
+    let (tq, tk) = (s.q_len, s.k_len);
     if tq == 0 || tk == 0 {
         // No query or no key: every gradient is zero.
         return zero(dev, &mut [dq, dk, dv]);
@@ -271,33 +296,12 @@ pub(super) fn backward(
         (DeviceBuffer::<f16>::uninit(dev, scratch)?, DeviceBuffer::<f16>::uninit(dev, scratch)?);
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
-        let runs = || (0..s.heads).filter_map(|h| Some((h, HeadRun::of(s, first, count, h)?)));
-        // SAFETY (every product below): `run.count` batch rows from `run.b0` of head `h`'s
-        // columns of the `[B·T, H·Dh]` tensors and the same blocks of the chunk's scores, all
-        // inside their buffers.
-        for (h, run) in runs() {
-            let (b0, n, at) = (run.b0, run.count, run.first_in_chunk);
-            unsafe {
-                // S = Q·Kᵀ and dP = dO·Vᵀ, fp32.
-                batched(
-                    dev,
-                    (tq, tk, dh),
-                    Operand::head(q, s, tq, b0, h),
-                    Operand::head_t(k, s, tk, b0, h),
-                    Operand::scores(&scores, s, at, false),
-                    true,
-                    n,
-                )?;
-                batched(
-                    dev,
-                    (tq, tk, dh),
-                    Operand::head(d_out, s, tq, b0, h),
-                    Operand::head_t(v, s, tk, b0, h),
-                    Operand::scores(&dp, s, at, false),
-                    true,
-                    n,
-                )?;
-            }
+        // SAFETY (every product below): each run's blocks of the `[B·T, H·Dh]` tensors and
+        // of the chunk's scores lie inside their buffers.
+        for run in head_runs(s, first, count) {
+            // S = Q·Kᵀ and dP = dO·Vᵀ, fp32.
+            unsafe { scores_from(dev, s, &run, q, k, &scores) }?;
+            unsafe { scores_from(dev, s, &run, d_out, v, &dp) }?;
         }
         let rows = count * tq;
         let args = args![
@@ -319,38 +323,11 @@ pub(super) fn backward(
             int(OP, "first block", first)?
         ];
         launch(dev, "attention_scores_backward_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
-        for (h, run) in runs() {
-            let (b0, n, at) = (run.b0, run.count, run.first_in_chunk);
-            unsafe {
-                // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q, each head's columns overwritten.
-                batched(
-                    dev,
-                    (tk, dh, tq),
-                    Operand::scores(&p, s, at, true),
-                    Operand::head(d_out, s, tq, b0, h),
-                    Operand::head(dv, s, tk, b0, h),
-                    false,
-                    n,
-                )?;
-                batched(
-                    dev,
-                    (tq, dh, tk),
-                    Operand::scores(&ds, s, at, false),
-                    Operand::head(k, s, tk, b0, h),
-                    Operand::head(dq, s, tq, b0, h),
-                    false,
-                    n,
-                )?;
-                batched(
-                    dev,
-                    (tk, dh, tq),
-                    Operand::scores(&ds, s, at, true),
-                    Operand::head(q, s, tq, b0, h),
-                    Operand::head(dk, s, tk, b0, h),
-                    false,
-                    n,
-                )?;
-            }
+        for run in head_runs(s, first, count) {
+            // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q, each head's columns overwritten.
+            unsafe { times_scores(dev, s, &run, &p, true, d_out, dv) }?;
+            unsafe { times_scores(dev, s, &run, &ds, false, k, dq) }?;
+            unsafe { times_scores(dev, s, &run, &ds, true, q, dk) }?;
         }
     }
     // Scratch buffers go back to the allocator, reused only by later work on this stream.
