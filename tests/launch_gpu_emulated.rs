@@ -97,6 +97,8 @@ fn a_launched_gpu_job_trains_in_mixed_precision_and_commits_its_checkpoints() {
     let (dir, text) = unbroken();
     assert!(text.contains("device=emu (CUDA emulated on the CPU)"), "{text}");
     assert!(text.contains("finished at step 4 (0 restart(s))"), "{text}");
+    // The worker logged its device memory after the first step.
+    assert!(text.contains("device memory:") && text.contains("GiB in use after step 1"), "{text}");
     let checkpoints = dir.join("run/checkpoints");
     assert_eq!(
         std::fs::read_to_string(checkpoints.join("LATEST")).unwrap().trim(),
