@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{result, sys};
 
+use super::buffer_cache::{size_class, BufferCache};
 use super::{nvrtc, sources, Device, DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
 
 /// One CUDA device with every kernel loaded.
@@ -26,15 +27,11 @@ pub struct CudaDevice {
     shared_limits: HashMap<String, usize>,
     /// cuBLASLt, when libcublasLt could be loaded.
     blas: Option<Blas>,
-    /// Freed allocations by rounded size, handed out again: a training step frees and
-    /// allocates the same activation sizes every step, and cuMemAlloc/cuMemFree synchronise
-    /// the device. Reuse is safe because every launch and copy is ordered on one stream.
-    cache: std::sync::Mutex<HashMap<usize, Vec<DevicePtr>>>,
+    /// Freed allocations by size class, handed out again (see [`super::buffer_cache`]). Reuse is
+    /// safe because every launch and copy is ordered on one stream.
+    cache: std::sync::Mutex<BufferCache>,
 }
 
-/// Allocation sizes are rounded up to this granule; buckets are exact sizes otherwise, since
-/// training reuses the same shapes every step.
-const ALLOC_GRANULE: usize = 512;
 /// Oldest compute capability (major) the kernels are written for: sm_80.
 const MIN_MAJOR: i32 = 8;
 
@@ -164,7 +161,7 @@ impl CudaDevice {
             functions,
             shared_limits,
             blas,
-            cache: std::sync::Mutex::new(HashMap::new()),
+            cache: std::sync::Mutex::new(BufferCache::default()),
         })
     }
 
@@ -180,8 +177,7 @@ impl CudaDevice {
 
     /// Frees every cached allocation (after an out-of-memory, or to hand memory back).
     pub fn release_cached(&self) {
-        let parked: Vec<DevicePtr> =
-            self.cache.lock().expect("allocator").drain().flat_map(|(_, v)| v).collect();
+        let parked = self.cache.lock().expect("allocator").drain();
         if self.bind().is_ok() {
             for ptr in parked {
                 // SAFETY: allocated by `alloc` and no longer referenced by any buffer.
@@ -221,8 +217,8 @@ impl Device for CudaDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
-        let size = bytes.max(1).div_ceil(ALLOC_GRANULE) * ALLOC_GRANULE;
-        if let Some(ptr) = self.cache.lock().expect("allocator").get_mut(&size).and_then(Vec::pop) {
+        let size = size_class(bytes);
+        if let Some(ptr) = self.cache.lock().expect("allocator").take(size) {
             return Ok(ptr);
         }
         self.bind()?;
@@ -247,8 +243,7 @@ impl Device for CudaDevice {
     }
 
     unsafe fn free(&self, ptr: DevicePtr, bytes: usize) {
-        let size = bytes.max(1).div_ceil(ALLOC_GRANULE) * ALLOC_GRANULE;
-        self.cache.lock().expect("allocator").entry(size).or_default().push(ptr);
+        self.cache.lock().expect("allocator").park(size_class(bytes), ptr);
     }
 
     unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<(), GpuError> {

@@ -8,6 +8,7 @@
 //! is there.
 
 pub mod backend;
+pub mod buffer_cache;
 pub mod collective;
 pub mod gemm;
 pub mod ops;
