@@ -1,7 +1,8 @@
 // attention.cu — fused multi-head scaled-dot-product attention (flash style), fp16 in and out,
 // fp32 softmax statistics, tensor cores through WMMA (16×16×16 half fragments, float
 // accumulators); at the end of the file, the same three kernels (forward, dQ, dK/dV) keeping
-// the scores in registers through mma.sync's documented fragments (opt-in, CHINGU_ATTN_MMA=1).
+// the scores in registers through mma.sync's documented fragments (the default at heads up to
+// 64 wide).
 // No sequence×sequence matrix ever reaches device memory, and the masks are computed from
 // lengths, never materialised.
 //
@@ -794,7 +795,7 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward with the scores in registers (opt-in: CHINGU_ATTN_MMA=1, until measured on a GPU).
+// Forward with the scores in registers (the default for heads up to 64 wide; CHINGU_ATTN=mma).
 //
 // The same function as attention_forward (same masks, out, lse), but through mma_16816
 // (common.cuh), whose register layout is documented, so nothing goes through shared memory
@@ -1015,7 +1016,7 @@ extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PAR
 }
 
 // ---------------------------------------------------------------------------------------------
-// dQ with the scores in registers (opt-in with the forward above: CHINGU_ATTN_MMA=1).
+// dQ with the scores in registers (with the forward above).
 //
 // The function of attention_backward_dq through mma_16816. Warp w owns 16 query rows; the
 // block's Q and dO rows stay in shared memory (their A fragments are read per product, so a
@@ -1136,7 +1137,7 @@ extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARA
 }
 
 // ---------------------------------------------------------------------------------------------
-// dK and dV with the scores in registers (opt-in with the two above: CHINGU_ATTN_MMA=1).
+// dK and dV with the scores in registers (with the two above).
 //
 // The function of attention_backward_dkdv through mma_16816, transposed: warp w owns 16 keys
 // (rows g and g + 8 of every fragment are this lane's keys); the block's K and V rows stay in

@@ -478,9 +478,11 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             push(both_op, label, t, fwd_bytes + bwd_bytes, Some(3.5 * fwd_flops));
         }
     }
-    // --- seed-768's head width (4 heads of 192): every kernel family ----------------------
-    {
-        let (b, t_len, heads, head_dim) = (s.b, s.t, 4, 192);
+    // --- every kernel family at head widths 64, 128 and 192 (seed-768's: 4 heads of 192) --
+    // The automatic choice (`AttentionKernels::fastest_for`) follows these rows. (Row names
+    // are `&'static str`: the dozen made here are leaked.)
+    for head_dim in [64, 128, 192] {
+        let (b, t_len, heads) = (s.b, s.t, 4);
         let key_len = vec![t_len; b];
         let x_len = b * t_len * heads * head_dim;
         let q = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
@@ -501,9 +503,9 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         let mut o = out::<f16>(dev, x_len)?;
         let mut lse = out::<f32>(dev, b * heads * t_len)?;
         for (op, kernels) in [
-            ("attn_fwd_dh192", AttentionKernels::Wmma),
-            ("attn_fwd_mma_dh192", AttentionKernels::Mma),
-            ("attn_fwd_gemm_dh192", AttentionKernels::GEMM),
+            (&*format!("attn_fwd_dh{head_dim}").leak(), AttentionKernels::Wmma),
+            (&*format!("attn_fwd_mma_dh{head_dim}").leak(), AttentionKernels::Mma),
+            (&*format!("attn_fwd_gemm_dh{head_dim}").leak(), AttentionKernels::GEMM),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_forward_using(
@@ -517,9 +519,9 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);
         let bwd_bytes = H * 8.0 * x_len as f64 + S * (b * heads * t_len) as f64;
         for (op, kernels) in [
-            ("attn_bwd_dh192", AttentionKernels::Wmma),
-            ("attn_bwd_mma_dh192", AttentionKernels::Mma),
-            ("attn_bwd_gemm_dh192", AttentionKernels::GEMM),
+            (&*format!("attn_bwd_dh{head_dim}").leak(), AttentionKernels::Wmma),
+            (&*format!("attn_bwd_mma_dh{head_dim}").leak(), AttentionKernels::Mma),
+            (&*format!("attn_bwd_gemm_dh{head_dim}").leak(), AttentionKernels::GEMM),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_backward_using(

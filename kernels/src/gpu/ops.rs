@@ -602,20 +602,19 @@ enum AttnKernel {
     Queries,
 }
 
-/// Which attention kernels the launchers run.
+/// Which attention kernels the launchers run. Chosen per head width by default
+/// ([`AttentionKernels::fastest_for`]); `CHINGU_ATTN=wmma|mma|gemm` picks one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernels {
-    /// The WMMA kernels (scores through shared memory): the default.
+    /// The WMMA kernels (scores through shared memory): where the others cannot run.
     Wmma,
     /// Every attention kernel with the scores in registers through mma.sync's documented
     /// fragments (`attention_forward_mma_c*`, `attention_backward_dq_mma_c*`,
-    /// `attention_backward_dkdv_mma_*`). Opt-in with `CHINGU_ATTN_MMA=1` until measured on a
-    /// GPU.
+    /// `attention_backward_dkdv_mma_*`): the fastest at heads up to 64 wide (GPU run 16).
     Mma,
     /// The scores materialised, the products through cuBLASLt's batched GEMMs and only the
     /// softmax and its gradient in our kernels (`attention_gemm.rs`): more memory traffic,
-    /// tensor-core products at cuBLASLt's speed. Opt-in with `CHINGU_ATTN_GEMM=1` until
-    /// measured on a GPU.
+    /// tensor-core products at cuBLASLt's speed; the fastest for wider heads (run 16).
     Gemm {
         /// Scores (Tq·Tk per batch row and head) each chunk of the scratch holds, at least
         /// one block's: the scratch's bound (12 bytes a score).
@@ -623,23 +622,64 @@ pub enum AttentionKernels {
     },
 }
 
+/// The variable that picks one attention family for every head width.
+pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
+
 impl AttentionKernels {
     /// The GEMM path with 2^25 scores a chunk (at most 384 MiB of scratch).
     pub const GEMM: Self = Self::Gemm { scores_per_chunk: 1 << 25 };
 
-    /// What `CHINGU_ATTN_GEMM` or `CHINGU_ATTN_MMA` asks for (`1`; GEMM first), read once.
-    pub fn from_env() -> Self {
-        static KERNELS: std::sync::OnceLock<AttentionKernels> = std::sync::OnceLock::new();
+    /// The family `value` names (`wmma`, `mma`, `gemm`), `None` for `auto`; an error names
+    /// the accepted values.
+    pub fn parse(value: &str) -> Result<Option<Self>, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(None),
+            "wmma" => Ok(Some(Self::Wmma)),
+            "mma" => Ok(Some(Self::Mma)),
+            "gemm" => Ok(Some(Self::GEMM)),
+            other => Err(format!(
+                "{ATTENTION_VAR}={other:?}: expected auto, wmma, mma or gemm"
+            )),
+        }
+    }
+
+    /// The family `CHINGU_ATTN` asks for, `None` where it is unset or `auto`; read once (a
+    /// value it does not know is warned about and read as `auto`).
+    pub fn from_env() -> Option<Self> {
+        static KERNELS: std::sync::OnceLock<Option<AttentionKernels>> = std::sync::OnceLock::new();
         *KERNELS.get_or_init(|| {
-            let on = |name| std::env::var(name).is_ok_and(|v| v == "1");
-            if on("CHINGU_ATTN_GEMM") {
-                AttentionKernels::GEMM
-            } else if on("CHINGU_ATTN_MMA") {
-                AttentionKernels::Mma
-            } else {
-                AttentionKernels::Wmma
-            }
+            let value = std::env::var(ATTENTION_VAR).unwrap_or_default();
+            Self::parse(&value).unwrap_or_else(|e| {
+                tracing::warn!("{e}; choosing by head width");
+                None
+            })
         })
+    }
+
+    /// The fastest family for heads `head_dim` wide, as measured on an H100 (GPU run 16,
+    /// `bench/RESULTS.md`): at head width 64 the register-resident kernels (seed-256 at
+    /// 18 × (1024+1024): 32.3 ms a step against WMMA's 37.5 and the GEMM path's 44.0), at 192
+    /// the cuBLASLt products (seed-768: 69.1 ms against 108.5 and MMA's 123.1), whose
+    /// arithmetic per score grows with the head width while the traffic of the materialised
+    /// scores does not. WMMA where the device cannot give the register-resident kernels
+    /// their shared memory (`mma_fits`).
+    pub fn fastest_for(head_dim: usize, mma_fits: bool) -> Self {
+        if head_dim > 64 {
+            Self::GEMM
+        } else if mma_fits {
+            Self::Mma
+        } else {
+            Self::Wmma
+        }
+    }
+
+    /// A name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Wmma => "wmma",
+            Self::Mma => "mma",
+            Self::Gemm { .. } => "gemm",
+        }
     }
 }
 
@@ -771,25 +811,35 @@ impl AttnLaunch {
     }
 }
 
-/// The kernels to run by default: `CHINGU_ATTN_MMA`'s choice where the device gives all
-/// three register-resident ones their memory (for this head width), else WMMA.
+/// The kernels to run: `CHINGU_ATTN`'s family, else the fastest for this head width
+/// ([`AttentionKernels::fastest_for`]); WMMA where the register-resident kernels are asked for
+/// but the device cannot give all three their shared memory.
 fn default_kernels(dev: &Gpu, head_dim: usize) -> AttentionKernels {
     let kinds = [AttnKernel::Forward, AttnKernel::Queries, AttnKernel::KeysValues];
-    match AttentionKernels::from_env() {
-        AttentionKernels::Mma
-            if kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, head_dim).is_some()) =>
-        {
-            AttentionKernels::Mma
-        }
-        gemm @ AttentionKernels::Gemm { .. } => gemm,
-        _ => AttentionKernels::Wmma,
-    }
+    let mma_fits = kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, head_dim).is_some());
+    let asked = AttentionKernels::from_env();
+    let kernels = match asked {
+        Some(AttentionKernels::Mma) if !mma_fits => AttentionKernels::Wmma,
+        Some(kernels) => kernels,
+        None => AttentionKernels::fastest_for(head_dim, mma_fits),
+    };
+    // Said once a process (a model has one head width): which kernels its attention runs.
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        let how = if asked.is_some() { "as CHINGU_ATTN asks" } else { "the fastest measured" };
+        tracing::info!(
+            "attention kernels: {} for heads {head_dim} wide ({how}; CHINGU_ATTN=wmma, mma or \
+             gemm to choose)",
+            kernels.name()
+        );
+    });
+    kernels
 }
 
 /// Fused attention forward (see `kernels/cuda/attention.cu`): `out` `[B·Tq, D]` (fp16) and
 /// the log-sum-exp of each query row's scaled scores, `lse` `[B, H, Tq]` (fp32, −inf for a
-/// row with no visible key), which the backward needs. The kernels `CHINGU_ATTN_MMA` picks
-/// (see [`AttentionKernels`]).
+/// row with no visible key), which the backward needs. The kernels [`AttentionKernels`] picks
+/// for the head width.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Gpu,
@@ -863,7 +913,7 @@ pub fn attention_forward_using(
 
 /// Fused attention backward from the forward's `out` and `lse`: writes (overwrites) `dq`,
 /// `dk`, `dv`; keys past `key_len` get zero gradients. Deterministic (no atomics). The
-/// kernels `CHINGU_ATTN_MMA` picks (see [`AttentionKernels`]).
+/// kernels [`AttentionKernels`] picks for the head width.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dev: &Gpu,
@@ -1388,4 +1438,34 @@ fn upload_i32(
 ) -> Result<DeviceBuffer<i32>, GpuError> {
     let host = values.map(|v| int(op, "index", v)).collect::<Result<Vec<i32>, _>>()?;
     DeviceBuffer::from_host(dev, &host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttentionKernels;
+
+    #[test]
+    fn attention_families_are_named_by_chingu_attn() {
+        assert_eq!(AttentionKernels::parse("auto"), Ok(None));
+        assert_eq!(AttentionKernels::parse(""), Ok(None));
+        assert_eq!(AttentionKernels::parse("wmma"), Ok(Some(AttentionKernels::Wmma)));
+        assert_eq!(AttentionKernels::parse(" MMA "), Ok(Some(AttentionKernels::Mma)));
+        assert_eq!(AttentionKernels::parse("gemm"), Ok(Some(AttentionKernels::GEMM)));
+        let err = AttentionKernels::parse("1").unwrap_err();
+        assert!(err.contains("CHINGU_ATTN") && err.contains("wmma, mma or gemm"), "{err}");
+        for kernels in [AttentionKernels::Wmma, AttentionKernels::Mma, AttentionKernels::GEMM] {
+            assert_eq!(AttentionKernels::parse(kernels.name()), Ok(Some(kernels)));
+        }
+    }
+
+    /// The measured choice (GPU run 16): register-resident kernels up to head width 64, the
+    /// cuBLASLt products beyond; WMMA where the register-resident ones get no shared memory.
+    #[test]
+    fn the_fastest_family_follows_the_head_width() {
+        assert_eq!(AttentionKernels::fastest_for(32, true), AttentionKernels::Mma);
+        assert_eq!(AttentionKernels::fastest_for(64, true), AttentionKernels::Mma);
+        assert_eq!(AttentionKernels::fastest_for(64, false), AttentionKernels::Wmma);
+        assert_eq!(AttentionKernels::fastest_for(80, true), AttentionKernels::GEMM);
+        assert_eq!(AttentionKernels::fastest_for(192, false), AttentionKernels::GEMM);
+    }
 }

@@ -1,6 +1,6 @@
 //! Attention with the scores materialised, through cuBLASLt's batched products
-//! ([`AttentionKernels::Gemm`](super::AttentionKernels), opt-in with `CHINGU_ATTN_GEMM=1` until
-//! measured on a GPU). Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
+//! ([`AttentionKernels::Gemm`](super::AttentionKernels): the default for heads wider than 64,
+//! `CHINGU_ATTN=gemm` for every width). Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
 //! Backward: S and dP = dO·Vᵀ again, P and dS (`attention_scores_backward_f16`), then
 //! dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every product reads and writes one head's columns of
 //! the `[B·T, H·Dh]` tensors in place (row stride H·Dh), batched over batch rows, one product
