@@ -77,7 +77,10 @@ mod tests {
             assert!(class >= bytes, "{bytes} → {class}");
             assert!(class >= previous, "classes grow with the request ({bytes} → {class})");
             previous = class;
-            assert!(class <= bytes + (bytes / 4).max(SMALLEST), "{bytes} → {class}: too much waste");
+            assert!(
+                class <= bytes + (bytes / 4).max(SMALLEST),
+                "{bytes} → {class}: too much waste"
+            );
             assert_eq!(class % 256, 0, "cuMemAlloc's alignment");
             assert_eq!(size_class(class), class, "a class is its own class");
         }

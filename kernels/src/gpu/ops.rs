@@ -637,9 +637,7 @@ impl AttentionKernels {
             "wmma" => Ok(Some(Self::Wmma)),
             "mma" => Ok(Some(Self::Mma)),
             "gemm" => Ok(Some(Self::GEMM)),
-            other => Err(format!(
-                "{ATTENTION_VAR}={other:?}: expected auto, wmma, mma or gemm"
-            )),
+            other => Err(format!("{ATTENTION_VAR}={other:?}: expected auto, wmma, mma or gemm")),
         }
     }
 
