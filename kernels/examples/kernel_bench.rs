@@ -498,6 +498,9 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             q_offset: 0,
         };
         let label = format!("B{b} H{heads} T{t_len} Dh{head_dim}");
+        // The GEMM path with every score in one chunk (no bound on its scratch): what the
+        // chunking costs.
+        let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX };
         let flops = 4.0 * (b * heads) as f64 * (t_len * t_len * head_dim) as f64;
         let bytes = H * 4.0 * x_len as f64 + S * (b * heads * t_len) as f64;
         let mut o = out::<f16>(dev, x_len)?;
@@ -506,6 +509,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             (&*format!("attn_fwd_dh{head_dim}").leak(), AttentionKernels::Wmma),
             (&*format!("attn_fwd_mma_dh{head_dim}").leak(), AttentionKernels::Mma),
             (&*format!("attn_fwd_gemm_dh{head_dim}").leak(), AttentionKernels::GEMM),
+            (&*format!("attn_fwd_gemm1_dh{head_dim}").leak(), one_chunk),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_forward_using(
@@ -522,6 +526,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             (&*format!("attn_bwd_dh{head_dim}").leak(), AttentionKernels::Wmma),
             (&*format!("attn_bwd_mma_dh{head_dim}").leak(), AttentionKernels::Mma),
             (&*format!("attn_bwd_gemm_dh{head_dim}").leak(), AttentionKernels::GEMM),
+            (&*format!("attn_bwd_gemm1_dh{head_dim}").leak(), one_chunk),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_backward_using(
