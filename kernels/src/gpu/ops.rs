@@ -602,11 +602,12 @@ enum AttnKernel {
     Queries,
 }
 
-/// Which attention kernels the launchers run. Chosen per head width by default
+/// Which attention kernels the launchers run. Chosen by shape by default
 /// ([`AttentionKernels::fastest_for`]); `CHINGU_ATTN=wmma|mma|gemm` picks one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernels {
-    /// The WMMA kernels (scores through shared memory): where the others cannot run.
+    /// The WMMA kernels (scores through shared memory): the fastest for wide heads at short
+    /// lengths (GPU run 17), and where the register-resident ones get no shared memory.
     Wmma,
     /// Every attention kernel with the scores in registers through mma.sync's documented
     /// fragments (`attention_forward_mma_c*`, `attention_backward_dq_mma_c*`,
@@ -614,7 +615,8 @@ pub enum AttentionKernels {
     Mma,
     /// The scores materialised, the products through cuBLASLt's batched GEMMs and only the
     /// softmax and its gradient in our kernels (`attention_gemm.rs`): more memory traffic,
-    /// tensor-core products at cuBLASLt's speed; the fastest for wider heads (run 16).
+    /// tensor-core products at cuBLASLt's speed; the fastest for wider heads at long lengths
+    /// (runs 16 and 17).
     Gemm {
         /// Scores (Tq·Tk per batch row and head) each chunk of the scratch holds, at least
         /// one block's: the scratch's bound (12 bytes a score).
@@ -622,12 +624,14 @@ pub enum AttentionKernels {
     },
 }
 
-/// The variable that picks one attention family for every head width.
+/// The variable that picks one attention family for every shape.
 pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 
 impl AttentionKernels {
-    /// The GEMM path with 2^25 scores a chunk (at most 384 MiB of scratch).
-    pub const GEMM: Self = Self::Gemm { scores_per_chunk: 1 << 25 };
+    /// The GEMM path with 2^27 scores a chunk (at most 1.5 GiB of scratch; seed-768's 72
+    /// blocks of 1024 × 1024 at 18 × 1024 tokens in one chunk, 864 MiB): `kernel_bench` in
+    /// run 17 timed seed-768's backward at 1,024 µs in one chunk against 1,220 µs in three.
+    pub const GEMM: Self = Self::Gemm { scores_per_chunk: 1 << 27 };
 
     /// The family `value` names (`wmma`, `mma`, `gemm`), `None` for `auto`; an error names
     /// the accepted values.
@@ -654,17 +658,23 @@ impl AttentionKernels {
         })
     }
 
-    /// The fastest family for heads `head_dim` wide, as measured on an H100 (GPU run 16,
-    /// `bench/RESULTS.md`): at head width 64 the register-resident kernels (seed-256 at
-    /// 18 × (1024+1024): 32.3 ms a step against WMMA's 37.5 and the GEMM path's 44.0), at 192
-    /// the cuBLASLt products (seed-768: 69.1 ms against 108.5 and MMA's 123.1), whose
-    /// arithmetic per score grows with the head width while the traffic of the materialised
-    /// scores does not. WMMA where the device cannot give the register-resident kernels
-    /// their shared memory (`mma_fits`).
-    pub fn fastest_for(head_dim: usize, mma_fits: bool) -> Self {
-        if head_dim > 64 {
+    /// The fastest family for attention of shape `s`, as measured on an H100 (GPU runs 16 and
+    /// 17, `bench/RESULTS.md`). Heads up to 64 wide: the register-resident kernels (seed-256
+    /// at 18 × (1024+1024): 32.6 ms a step against WMMA's 38.1 and the GEMM path's 47.2).
+    /// Wider heads with large score blocks: the cuBLASLt products, whose arithmetic per score
+    /// grows with the head width while the traffic of the materialised scores does not
+    /// (seed-768 at 1024+1024: 68.4 ms against WMMA's 109.1 and MMA's 123.4; `kernel_bench`
+    /// at head width 128 too). Wider heads with small blocks: WMMA (seed-768 at 128+128: 13.9
+    /// ms against the GEMM path's 15.7 — its ~40 launches a call cost more than they save
+    /// there); the crossover between those two measurements is put at 256 × 256 scores a
+    /// block, where the fused kernels' work grows past the GEMM path's launch costs (an
+    /// estimate, not measured). WMMA wherever the device cannot give the register-resident
+    /// kernels their shared memory (`mma_fits`).
+    pub fn fastest_for(s: AttentionShape, mma_fits: bool) -> Self {
+        const GEMM_FROM_SCORES: usize = 256 * 256;
+        if s.head_dim > 64 && s.q_len * s.k_len > GEMM_FROM_SCORES {
             Self::GEMM
-        } else if mma_fits {
+        } else if s.head_dim <= 64 && mma_fits {
             Self::Mma
         } else {
             Self::Wmma
@@ -809,28 +819,37 @@ impl AttnLaunch {
     }
 }
 
-/// The kernels to run: `CHINGU_ATTN`'s family, else the fastest for this head width
+/// The kernels to run: `CHINGU_ATTN`'s family, else the fastest for this shape
 /// ([`AttentionKernels::fastest_for`]); WMMA where the register-resident kernels are asked for
-/// but the device cannot give all three their shared memory.
-fn default_kernels(dev: &Gpu, head_dim: usize) -> AttentionKernels {
+/// but the device cannot give all three their shared memory. The choice depends on the shape
+/// alone, so a forward and its backward take the same family, and a rerun the same bits.
+fn default_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
     let kinds = [AttnKernel::Forward, AttnKernel::Queries, AttnKernel::KeysValues];
-    let mma_fits = kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, head_dim).is_some());
+    let mma_fits = kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, s.head_dim).is_some());
     let asked = AttentionKernels::from_env();
     let kernels = match asked {
         Some(AttentionKernels::Mma) if !mma_fits => AttentionKernels::Wmma,
         Some(kernels) => kernels,
-        None => AttentionKernels::fastest_for(head_dim, mma_fits),
+        None => AttentionKernels::fastest_for(s, mma_fits),
     };
-    // Said once a process (a model has one head width): which kernels its attention runs.
-    static SAID: std::sync::Once = std::sync::Once::new();
-    SAID.call_once(|| {
+    // Said the first time each family runs in this process: which kernels attention takes.
+    static SAID: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let bit = match kernels {
+        AttentionKernels::Wmma => 1,
+        AttentionKernels::Mma => 2,
+        AttentionKernels::Gemm { .. } => 4,
+    };
+    if SAID.fetch_or(bit, std::sync::atomic::Ordering::Relaxed) & bit == 0 {
         let how = if asked.is_some() { "as CHINGU_ATTN asks" } else { "the fastest measured" };
         tracing::info!(
-            "attention kernels: {} for heads {head_dim} wide ({how}; CHINGU_ATTN=wmma, mma or \
-             gemm to choose)",
-            kernels.name()
+            "attention kernels: {} for heads {} wide, {} × {} scores a block ({how}; \
+             CHINGU_ATTN=wmma, mma or gemm to choose)",
+            kernels.name(),
+            s.head_dim,
+            s.q_len,
+            s.k_len
         );
-    });
+    }
     kernels
 }
 
@@ -849,7 +868,7 @@ pub fn attention_forward(
     key_len: &[usize],
     s: AttentionShape,
 ) -> Result<(), GpuError> {
-    let kernels = default_kernels(dev, s.head_dim);
+    let kernels = default_kernels(dev, s);
     attention_forward_using(kernels, dev, out, lse, q, k, v, key_len, s)
 }
 
@@ -927,7 +946,7 @@ pub fn attention_backward(
     key_len: &[usize],
     s: AttentionShape,
 ) -> Result<(), GpuError> {
-    let kernels = default_kernels(dev, s.head_dim);
+    let kernels = default_kernels(dev, s);
     attention_backward_using(kernels, dev, dq, dk, dv, d_out, q, k, v, out, lse, key_len, s)
 }
 
@@ -1441,6 +1460,7 @@ fn upload_i32(
 #[cfg(test)]
 mod tests {
     use super::AttentionKernels;
+    use super::AttentionShape;
 
     #[test]
     fn attention_families_are_named_by_chingu_attn() {
@@ -1456,14 +1476,31 @@ mod tests {
         }
     }
 
-    /// The measured choice (GPU run 16): register-resident kernels up to head width 64, the
-    /// cuBLASLt products beyond; WMMA where the register-resident ones get no shared memory.
+    /// The measured choice (GPU runs 16 and 17): register-resident kernels up to head width
+    /// 64, the cuBLASLt products beyond at large score blocks, WMMA at small ones and where
+    /// the register-resident kernels get no shared memory.
     #[test]
-    fn the_fastest_family_follows_the_head_width() {
-        assert_eq!(AttentionKernels::fastest_for(32, true), AttentionKernels::Mma);
-        assert_eq!(AttentionKernels::fastest_for(64, true), AttentionKernels::Mma);
-        assert_eq!(AttentionKernels::fastest_for(64, false), AttentionKernels::Wmma);
-        assert_eq!(AttentionKernels::fastest_for(80, true), AttentionKernels::GEMM);
-        assert_eq!(AttentionKernels::fastest_for(192, false), AttentionKernels::GEMM);
+    fn the_fastest_family_follows_the_head_width_and_the_lengths() {
+        let shape = |head_dim, q_len, k_len| AttentionShape {
+            batch: 18,
+            q_len,
+            k_len,
+            heads: 4,
+            head_dim,
+            causal: false,
+            q_offset: 0,
+        };
+        let fastest = AttentionKernels::fastest_for;
+        assert_eq!(fastest(shape(32, 1024, 1024), true), AttentionKernels::Mma);
+        assert_eq!(fastest(shape(64, 1024, 1024), true), AttentionKernels::Mma);
+        assert_eq!(fastest(shape(64, 64, 64), true), AttentionKernels::Mma);
+        assert_eq!(fastest(shape(64, 1024, 1024), false), AttentionKernels::Wmma);
+        assert_eq!(fastest(shape(80, 1024, 1024), true), AttentionKernels::GEMM);
+        assert_eq!(fastest(shape(192, 1024, 1024), false), AttentionKernels::GEMM);
+        assert_eq!(fastest(shape(192, 257, 256), true), AttentionKernels::GEMM);
+        assert_eq!(fastest(shape(192, 256, 256), true), AttentionKernels::Wmma);
+        assert_eq!(fastest(shape(192, 128, 128), true), AttentionKernels::Wmma);
+        // Decoding one token at a time against a long cache: the fused kernels.
+        assert_eq!(fastest(shape(192, 1, 4096), true), AttentionKernels::Wmma);
     }
 }
