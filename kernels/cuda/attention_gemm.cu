@@ -1,5 +1,6 @@
 // attention_gemm.cu — the pointwise parts of attention through cuBLASLt products (the default
-// for heads wider than 64; `kernels/src/gpu/ops/attention_gemm.rs` runs the products).
+// for heads wider than 64 over long sequences; `kernels/src/gpu/ops/attention_gemm.rs` runs
+// the products).
 //
 // The same function as attention.cu's fused kernels (masks from key lengths, causal with a
 // query offset, out, lse), with the scores materialised: S = Q·Kᵀ (fp32) and O = P·V are

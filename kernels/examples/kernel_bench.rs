@@ -409,6 +409,8 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             let mut lse = out::<f32>(dev, b * s.h * t_len)?;
             // q, k, v read, out written: 4·B·T·D fp16; lse written: B·H·T fp32.
             let fwd_bytes = H * 4.0 * xf + S * lse_f;
+            // The kernels training picks for this shape (`AttentionKernels::fastest_for`; the
+            // register-resident ones at head width 64 since run 17, WMMA before).
             let t = time_op(dev, reps, |_| {
                 ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
             })?;
@@ -418,10 +420,10 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                 ("attn_fwd", "attn_bwd", "attn_fwd_bwd")
             };
             push(fwd_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
-            // The register-resident forward (opt-in in training: CHINGU_ATTN_MMA=1).
+            // The WMMA forward beside it (CHINGU_ATTN=wmma).
             let t = time_op(dev, reps, |_| {
                 ops::attention_forward_using(
-                    AttentionKernels::Mma,
+                    AttentionKernels::Wmma,
                     dev,
                     &mut o,
                     &mut lse,
@@ -432,8 +434,8 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                     shape,
                 )
             })?;
-            let mma_op = if causal { "attn_fwd_mma_causal" } else { "attn_fwd_mma" };
-            push(mma_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
+            let wmma_op = if causal { "attn_fwd_wmma_causal" } else { "attn_fwd_wmma" };
+            push(wmma_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
 
             let (mut dq, mut dk, mut dv) =
                 (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);
@@ -446,10 +448,10 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                 )
             })?;
             push(bwd_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
-            // The register-resident backward, as CHINGU_ATTN_MMA=1 trains.
+            // The WMMA backward beside it (CHINGU_ATTN=wmma).
             let t = time_op(dev, reps, |_| {
                 ops::attention_backward_using(
-                    AttentionKernels::Mma,
+                    AttentionKernels::Wmma,
                     dev,
                     &mut dq,
                     &mut dk,
@@ -464,8 +466,8 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
                     shape,
                 )
             })?;
-            let mma_op = if causal { "attn_bwd_mma_causal" } else { "attn_bwd_mma" };
-            push(mma_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
+            let wmma_op = if causal { "attn_bwd_wmma_causal" } else { "attn_bwd_wmma" };
+            push(wmma_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
 
             // Forward then backward, as a training step runs them (what the PyTorch side can
             // time for scaled_dot_product_attention): the sum of the two minimum traffics.

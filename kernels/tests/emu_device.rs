@@ -3,7 +3,8 @@
 //! argument, passes a race-free launch of the same kernel, and refuses memory it could not
 //! restore; settings parse as documented — and the guards around every allocation, which
 //! catch a write past a buffer's end or before its start; and its memory limit, which
-//! refuses an allocation that does not fit as a full GPU does.
+//! refuses an allocation that does not fit as a full GPU does (and under which the GEMM
+//! attention path halves its chunk of scores until its scratch fits).
 //!
 //! The race is a real kernel given overlapping arguments: `add_assign_f32(acc, x, n)` with
 //! `x` one element behind `acc`, so thread i reads what thread i − 1 writes. In order,
@@ -233,4 +234,72 @@ fn a_memory_limit_refuses_what_does_not_fit_and_frees_give_it_back() {
     let second = DeviceBuffer::<f32>::uninit(&dev, 750).expect("the freed 2000 bytes came back");
     assert_eq!(second.len(), 750);
     assert_eq!(emu.peak_allocated(), 3000);
+}
+
+/// One GEMM-path attention forward and backward on a fresh emulated device with `limit`
+/// bytes, every score block in one chunk if it fits: (out, lse, dq, dk, dv) and the peak.
+fn gemm_attention_under(limit: usize) -> Result<(Vec<Vec<u32>>, usize), GpuError> {
+    use chingu_kernels::backend::AttentionShape;
+    use chingu_kernels::gpu::ops::{self, AttentionKernels};
+    use half::f16;
+    let emu = Arc::new(EmuDevice::new().with_memory_limit(limit));
+    let dev: Gpu = emu.clone();
+    let s = AttentionShape {
+        batch: 3,
+        q_len: 24,
+        k_len: 24,
+        heads: 2,
+        head_dim: 16,
+        causal: true,
+        q_offset: 0,
+    };
+    let n = s.batch * s.q_len * s.heads * s.head_dim;
+    let values = |seed: usize| -> Vec<f16> {
+        (0..n).map(|i| f16::from_f32((((i * 37 + seed * 11) % 23) as f32 - 11.0) / 8.0)).collect()
+    };
+    let (q, k, v, d_out) = (
+        DeviceBuffer::from_host(&dev, &values(1))?,
+        DeviceBuffer::from_host(&dev, &values(2))?,
+        DeviceBuffer::from_host(&dev, &values(3))?,
+        DeviceBuffer::from_host(&dev, &values(4))?,
+    );
+    let key_len = [24, 7, 16];
+    let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX };
+    let mut out = DeviceBuffer::<f16>::uninit(&dev, n)?;
+    let mut lse = DeviceBuffer::<f32>::uninit(&dev, s.batch * s.heads * s.q_len)?;
+    ops::attention_forward_using(one_chunk, &dev, &mut out, &mut lse, &q, &k, &v, &key_len, s)?;
+    let (mut dq, mut dk, mut dv) = (
+        DeviceBuffer::<f16>::uninit(&dev, n)?,
+        DeviceBuffer::<f16>::uninit(&dev, n)?,
+        DeviceBuffer::<f16>::uninit(&dev, n)?,
+    );
+    ops::attention_backward_using(
+        one_chunk, &dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &v, &out, &lse, &key_len, s,
+    )?;
+    let bits = |b: &DeviceBuffer<f16>| -> Result<Vec<u32>, GpuError> {
+        Ok(b.to_host()?.iter().map(|x| u32::from(x.to_bits())).collect())
+    };
+    let lse_bits = lse.to_host()?.iter().map(|x| x.to_bits()).collect();
+    let results = vec![bits(&out)?, lse_bits, bits(&dq)?, bits(&dk)?, bits(&dv)?];
+    Ok((results, emu.peak_allocated()))
+}
+
+/// The GEMM attention path's scratch grows with its chunk; where the device has no room for
+/// it, the chunk is halved until it fits, with the same result bit for bit.
+#[test]
+fn gemm_attention_halves_its_chunk_when_the_scratch_does_not_fit() {
+    let (full, peak) = gemm_attention_under(usize::MAX).expect("no limit");
+    // The whole chunk's backward scratch is 6 blocks × 24 × 24 scores × 12 bytes; a limit
+    // under the peak by a third of that leaves room for a smaller chunk only.
+    let scratch = 6 * 24 * 24 * 12;
+    let limit = peak - scratch / 3;
+    let (halved, halved_peak) = gemm_attention_under(limit).expect("a smaller chunk fits");
+    assert!(halved_peak <= limit && halved_peak < peak, "{halved_peak} of {limit}, {peak}");
+    assert_eq!(halved, full, "the chunking changes no result");
+    // With no room for even one block's scratch, the out-of-memory error stands.
+    match gemm_attention_under(peak - scratch + 100) {
+        Err(GpuError::OutOfMemory { .. }) => {}
+        Err(other) => panic!("expected out of memory, got {other}"),
+        Ok(_) => panic!("one block's scratch cannot fit in 100 bytes"),
+    }
 }

@@ -792,17 +792,20 @@ fn attention_matches_the_cpu_backend() {
                 s,
             );
             // Every kernel family against the same references.
-            // (The GEMM path three times: in one chunk, one (batch row, head) block a chunk,
-            // and three blocks a chunk, so chunks start and end inside batch rows.)
+            // (The GEMM path four times: in one chunk, one (batch row, head) block a chunk,
+            // three blocks a chunk, so chunks start and end inside batch rows, and four, so
+            // a last chunk is shorter than the others.)
             let one_block_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 1 };
             let block = q_len * k_len.next_multiple_of(8);
             let three_blocks_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 3 * block };
+            let four_blocks_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 4 * block };
             let families = [
                 AttentionKernels::Wmma,
                 AttentionKernels::Mma,
                 AttentionKernels::GEMM,
                 one_block_a_chunk,
                 three_blocks_a_chunk,
+                four_blocks_a_chunk,
             ];
             for kernels in families {
                 let what = format!("{kernels:?} kernels, {what}");

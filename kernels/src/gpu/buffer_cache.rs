@@ -29,7 +29,9 @@ pub fn size_class(bytes: usize) -> usize {
     // The power of two at or below `bytes` splits into CLASSES_PER_DOUBLING steps.
     let floor = 1usize << (usize::BITS - 1 - bytes.leading_zeros());
     let step = (floor / CLASSES_PER_DOUBLING).max(SMALLEST);
-    bytes.div_ceil(step) * step
+    // Past usize's range (no device has that much) the request stands as asked, to fail
+    // as out of memory.
+    bytes.div_ceil(step).checked_mul(step).unwrap_or(bytes)
 }
 
 /// Freed allocations parked by size class.
@@ -88,6 +90,7 @@ mod tests {
         assert_eq!(size_class(513), 1024);
         assert_eq!(size_class(4097), 5120);
         assert_eq!(size_class(100 << 20), 112 << 20);
+        assert_eq!(size_class(usize::MAX - 5), usize::MAX - 5, "no overflow: fails as asked");
     }
 
     /// A training run's pattern: each step allocates activations whose sizes follow the

@@ -650,6 +650,13 @@ impl AttentionKernels {
     pub fn from_env() -> Option<Self> {
         static KERNELS: std::sync::OnceLock<Option<AttentionKernels>> = std::sync::OnceLock::new();
         *KERNELS.get_or_init(|| {
+            for old in ["CHINGU_ATTN_MMA", "CHINGU_ATTN_GEMM"] {
+                if std::env::var_os(old).is_some() {
+                    tracing::warn!(
+                        "{old} is no longer read: {ATTENTION_VAR}=mma or gemm forces a family"
+                    );
+                }
+            }
             let value = std::env::var(ATTENTION_VAR).unwrap_or_default();
             Self::parse(&value).unwrap_or_else(|e| {
                 tracing::warn!("{e}; choosing by head width");
@@ -840,7 +847,13 @@ fn default_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
         AttentionKernels::Gemm { .. } => 4,
     };
     if SAID.fetch_or(bit, std::sync::atomic::Ordering::Relaxed) & bit == 0 {
-        let how = if asked.is_some() { "as CHINGU_ATTN asks" } else { "the fastest measured" };
+        let how = match asked {
+            Some(AttentionKernels::Mma) if !mma_fits => {
+                "CHINGU_ATTN asks for mma, but the device cannot give it its shared memory"
+            }
+            Some(_) => "as CHINGU_ATTN asks",
+            None => "the fastest measured",
+        };
         tracing::info!(
             "attention kernels: {} for heads {} wide, {} × {} scores a block ({how}; \
              CHINGU_ATTN=wmma, mma or gemm to choose)",

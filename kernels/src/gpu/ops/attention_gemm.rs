@@ -1,6 +1,6 @@
 //! Attention with the scores materialised, through cuBLASLt's batched products
-//! ([`AttentionKernels::Gemm`](super::AttentionKernels): the default for heads wider than 64,
-//! `CHINGU_ATTN=gemm` for every width). Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
+//! ([`AttentionKernels::Gemm`](super::AttentionKernels): the default for heads wider than 64
+//! over more than 256 × 256 scores a block, `CHINGU_ATTN=gemm` for every shape). Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
 //! Backward: S and dP = dO·Vᵀ again, P and dS (`attention_scores_backward_f16`), then
 //! dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every product reads and writes one head's columns of
 //! the `[B·T, H·Dh]` tensors in place (row stride H·Dh), batched over batch rows, one product
@@ -120,8 +120,8 @@ unsafe fn batched(
 }
 
 /// (Batch row, head) blocks per chunk of at most `scores` scores, row padding included (one
-/// at least): as few chunks as that bound allows, of equal size — whole batch rows where they
-/// fit — since a short last chunk runs its products at a fraction of the speed (GPU run 16:
+/// at least): as few chunks as that bound allows, as even as whole batch rows (where they fit)
+/// let them be, since a short last chunk runs its products at a fraction of the speed (GPU run 16:
 /// seed-768's 72 blocks went as 32 + 32 + 8, and the 8 took as long as 22 of the others).
 fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
     let blocks = (s.batch * s.heads).max(1);
@@ -132,6 +132,26 @@ fn blocks_per_chunk(s: AttentionShape, scores: usize) -> usize {
         whole_rows
     } else {
         even
+    }
+}
+
+/// The blocks per chunk and the chunk's scratch, made by `alloc` for a chunk's scores: as
+/// [`blocks_per_chunk`] gives them, or half as many blocks, again and again down to one,
+/// while the device has no room for that much scratch (the chunking changes no result, so a
+/// full GPU costs speed here, not the step).
+fn chunk_scratch<T>(
+    s: AttentionShape,
+    scores_per_chunk: usize,
+    alloc: impl Fn(usize) -> Result<T, GpuError>,
+) -> Result<(usize, T), GpuError> {
+    let block = s.q_len * score_ld(s);
+    let mut bound = scores_per_chunk;
+    loop {
+        let chunk = blocks_per_chunk(s, bound);
+        match alloc(chunk * block) {
+            Err(GpuError::OutOfMemory { .. }) if chunk > 1 => bound = chunk / 2 * block,
+            result => return result.map(|scratch| (chunk, scratch)),
+        }
     }
 }
 
@@ -238,10 +258,10 @@ pub(super) fn forward(
     if tk == 0 {
         zero(dev, &mut [out])?;
     }
-    let (blocks, chunk) = (s.batch * s.heads, blocks_per_chunk(s, scores_per_chunk));
-    let scratch = chunk * tq * score_ld(s);
-    let scores = DeviceBuffer::<f32>::uninit(dev, scratch)?;
-    let p = DeviceBuffer::<f16>::uninit(dev, scratch)?;
+    let blocks = s.batch * s.heads;
+    let (chunk, (scores, p)) = chunk_scratch(s, scores_per_chunk, |n| {
+        Ok((DeviceBuffer::<f32>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
+    })?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         let rows = count * tq;
@@ -298,12 +318,15 @@ pub(super) fn backward(
         // No query or no key: every gradient is zero.
         return zero(dev, &mut [dq, dk, dv]);
     }
-    let (blocks, chunk) = (s.batch * s.heads, blocks_per_chunk(s, scores_per_chunk));
-    let scratch = chunk * tq * score_ld(s);
-    let (scores, dp) =
-        (DeviceBuffer::<f32>::uninit(dev, scratch)?, DeviceBuffer::<f32>::uninit(dev, scratch)?);
-    let (p, ds) =
-        (DeviceBuffer::<f16>::uninit(dev, scratch)?, DeviceBuffer::<f16>::uninit(dev, scratch)?);
+    let blocks = s.batch * s.heads;
+    let (chunk, (scores, dp, p, ds)) = chunk_scratch(s, scores_per_chunk, |n| {
+        Ok((
+            DeviceBuffer::<f32>::uninit(dev, n)?,
+            DeviceBuffer::<f32>::uninit(dev, n)?,
+            DeviceBuffer::<f16>::uninit(dev, n)?,
+            DeviceBuffer::<f16>::uninit(dev, n)?,
+        ))
+    })?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         // SAFETY (every product below): each run's blocks of the `[B·T, H·Dh]` tensors and
