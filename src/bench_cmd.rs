@@ -53,7 +53,7 @@ fn synthetic_batch(args: &BenchArgs) -> Batch {
 
 /// Times full training steps (forward, backward, AdamW).
 pub fn train(args: &BenchArgs) -> anyhow::Result<()> {
-    match crate::gpu_cmd::select(&args.device)? {
+    match crate::gpu_cmd::select(&args.device, "training")? {
         crate::gpu_cmd::Selected::Cpu => {
             train_on(Cpu::<f32>::new(), "chingu-cpu", &|| {}, &|| None, args)
         }

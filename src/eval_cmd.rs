@@ -1,5 +1,5 @@
-//! `chingu ask`, `chingu chat` and `chingu eval`: load a run's latest checkpoint and answer or
-//! score.
+//! `chingu ask`, `chingu chat` and `chingu eval`: load a run's latest checkpoint onto the CPU
+//! or a GPU (`--device`) and answer or score.
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +41,11 @@ pub struct GenerationArgs {
     /// Beam search length-penalty exponent (0: none; larger favours longer answers).
     #[arg(long, default_value_t = 0.6)]
     pub length_penalty: f32,
+    /// Device: cpu (the default: one answer at a time needs no GPU, and starts at once),
+    /// cuda (fail if no GPU), or auto (a CUDA GPU when built with --features cuda and one is
+    /// found, else the CPU).
+    #[arg(long, default_value = "cpu", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
 }
 
 impl GenerationArgs {
@@ -65,9 +70,9 @@ impl GenerationArgs {
     }
 }
 
-/// A run's latest good checkpoint, ready to answer.
-pub struct Chatbot {
-    model: Model<Cpu<f32>>,
+/// A run's latest good checkpoint on a backend, ready to answer.
+pub struct Chatbot<B: Backend> {
+    model: Model<B>,
     tokenizer: Tokenizer,
     specials: SpecialIdsEntry,
     /// The checkpoint directory.
@@ -76,9 +81,9 @@ pub struct Chatbot {
     state: TrainState,
 }
 
-fn load(run: &Path) -> anyhow::Result<Chatbot> {
-    let Loaded { dir, state, model, .. } = checkpoint::load_latest(Cpu::<f32>::new(), run)?
-        .ok_or_else(|| {
+fn load<B: Backend + Clone>(backend: B, run: &Path) -> anyhow::Result<Chatbot<B>> {
+    let Loaded { dir, state, model, .. } =
+        checkpoint::load_latest(backend, run)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "{} has no checkpoint yet: train first with chingu train --run {}",
                 run.display(),
@@ -90,9 +95,34 @@ fn load(run: &Path) -> anyhow::Result<Chatbot> {
     Ok(Chatbot { model, tokenizer, specials, dir, state })
 }
 
+/// Loads `$run`'s latest checkpoint onto the backend `$device` (`--device`) selects, for
+/// `$work` ("answering", "evaluating"), and evaluates `$body` with it bound to `$bot`.
+macro_rules! with_chatbot {
+    ($device:expr, $work:expr, $run:expr, |$bot:ident| $body:expr) => {
+        match crate::gpu_cmd::select($device, $work)? {
+            crate::gpu_cmd::Selected::Cpu => {
+                let $bot = load(Cpu::<f32>::new(), $run)?;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            crate::gpu_cmd::Selected::Cuda(dev) => {
+                let $bot = load(chingu_kernels::gpu::backend::GpuBackend::new(dev), $run)?;
+                $body
+            }
+        }
+    };
+}
+
 /// `chingu ask`.
 pub fn ask(run: &Path, question: &str, gen: &GenerationArgs) -> anyhow::Result<()> {
-    let bot = load(run)?;
+    with_chatbot!(&gen.device, "answering", run, |bot| ask_with(&bot, question, gen))
+}
+
+fn ask_with<B: Backend>(
+    bot: &Chatbot<B>,
+    question: &str,
+    gen: &GenerationArgs,
+) -> anyhow::Result<()> {
     println!(
         "{}",
         eval::answer(&bot.model, &bot.tokenizer, bot.specials, question, gen.options())?
@@ -103,7 +133,10 @@ pub fn ask(run: &Path, question: &str, gen: &GenerationArgs) -> anyhow::Result<(
 /// `chingu chat`: a read-answer loop with line editing and history (kept in
 /// `RUN/chat_history.txt`); `/quit` leaves, `/settings` shows the generation settings.
 pub fn chat(run: &Path, gen: &GenerationArgs) -> anyhow::Result<()> {
-    let bot = load(run)?;
+    with_chatbot!(&gen.device, "answering", run, |bot| chat_with(&bot, run, gen))
+}
+
+fn chat_with<B: Backend>(bot: &Chatbot<B>, run: &Path, gen: &GenerationArgs) -> anyhow::Result<()> {
     eprintln!(
         "chingu chat — {} (step {}). Type a message; /settings shows settings, /quit leaves.",
         bot.dir.display(),
@@ -222,11 +255,18 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Device: auto (a CUDA GPU when built with --features cuda and one is found, else the
+    /// CPU), cpu, or cuda (fail if no GPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
 }
 
 /// `chingu eval`.
 pub fn evaluate(args: &EvalArgs) -> anyhow::Result<()> {
-    let bot = load(&args.run)?;
+    with_chatbot!(&args.device, "evaluating", &args.run, |bot| evaluate_with(&bot, args))
+}
+
+fn evaluate_with<B: Backend>(bot: &Chatbot<B>, args: &EvalArgs) -> anyhow::Result<()> {
     let prepared = Prepared::open(&args.data)?;
     if prepared.manifest.tokenizer.sha256 != bot.state.tokenizer_sha256 {
         anyhow::bail!(

@@ -67,7 +67,8 @@ pub enum Selected {
 
 /// Resolves `--device auto|cpu|cuda`: `auto` takes GPU 0 when this build has CUDA support and
 /// a device opens, else says in one line why not and takes the CPU; `cuda` fails instead.
-pub fn select(device: &str) -> anyhow::Result<Selected> {
+/// `work` names what the device is for in those lines ("training", "answering").
+pub fn select(device: &str, work: &str) -> anyhow::Result<Selected> {
     if device == "cpu" {
         return Ok(Selected::Cpu);
     }
@@ -84,11 +85,11 @@ pub fn select(device: &str) -> anyhow::Result<Selected> {
         use chingu_kernels::gpu::Device;
         match CudaDevice::open_for(0) {
             Ok(dev) => {
-                eprintln!("chingu: training on {} (fp16 mixed precision)", dev.name());
+                eprintln!("chingu: {work} on {} (fp16 mixed precision)", dev.name());
                 Ok(Selected::Cuda(std::sync::Arc::new(dev)))
             }
             Err(why) if device == "auto" => {
-                eprintln!("chingu: {why}; training on the CPU");
+                eprintln!("chingu: {why}; {work} on the CPU");
                 Ok(Selected::Cpu)
             }
             Err(why) => anyhow::bail!("--device cuda: {why}"),
@@ -101,7 +102,9 @@ pub fn select(device: &str) -> anyhow::Result<Selected> {
                 "--device cuda: this build has no CUDA support (rebuild with --features cuda)"
             );
         }
-        eprintln!("chingu: this build has no CUDA support (build with --features cuda); training on the CPU");
+        eprintln!(
+            "chingu: this build has no CUDA support (build with --features cuda); {work} on the CPU"
+        );
         Ok(Selected::Cpu)
     }
 }

@@ -127,7 +127,7 @@ pub(crate) fn prepare_embedded(data: &Path) -> anyhow::Result<()> {
 /// Runs `chingu train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     ensure_data(&args.data)?;
-    let device = crate::gpu_cmd::select(&args.device)?;
+    let device = crate::gpu_cmd::select(&args.device, "training")?;
     let schedule = match args.schedule.as_str() {
         "constant" => Schedule::Constant,
         _ => Schedule::WarmupCosine { warmup: args.warmup, total: args.steps, min_ratio: 0.1 },

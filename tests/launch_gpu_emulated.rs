@@ -5,7 +5,8 @@
 //! SIGKILLed GPU worker is restarted from LATEST and the job ends with the bytes of an
 //! unbroken run; a GPU that runs out of memory (`CHINGU_EMU_MEMORY_MIB`) fails the job at once
 //! — no restart — with the worker's message saying what to lower. Two GPU workers summing
-//! through the TCP ring equal one accumulating their two micro-batches, bit for bit.
+//! through the TCP ring equal one accumulating their two micro-batches, bit for bit. A
+//! checkpoint is evaluated and asked on the GPU backend as on the CPU (`--device cuda`).
 //!
 //! Needs the `emu` feature (`cargo test --features emu --test launch_gpu_emulated`, as
 //! `.ci/run` does): without it this build has no GPU workers at all.
@@ -197,4 +198,102 @@ fn two_gpu_workers_on_the_ring_equal_one_accumulating_two_batches() {
     assert!(a[1] == b[1], "optimizer state differs between 2 GPU workers and 1 accumulating 2");
     // Not vacuous: one worker with one batch a step trains another model.
     assert!(tensors(&unbroken().0.join("run"), 4)[0] != a[0]);
+}
+
+/// A run trained on the CPU on a small Q/A corpus (120 pairs, so its valid split is a handful
+/// and the emulated GPU scores it quickly), long enough to answer with confidence: its
+/// directory (the prepared data in `data/`, the run in `run/`).
+fn small_cpu_run() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("eval-gpu-small-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut csv = String::from("Q,A,label\n");
+        for i in 0..120 {
+            csv += &format!("{i} 더하기 {}는?,{}이에요.,0\n", i % 7, i + i % 7);
+        }
+        std::fs::write(dir.join("pairs.csv"), csv).unwrap();
+        let run = |args: &[&str]| {
+            let out = chingu().current_dir(&dir).args(args).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            "prepare",
+            "pairs.csv",
+            "--out",
+            "data",
+            "--vocab-size",
+            "512",
+            "--progress",
+            "quiet",
+        ]);
+        run(&[
+            "train",
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--steps",
+            "150",
+            "--data",
+            "data",
+            "--run",
+            "run",
+            "--samples",
+            "0",
+            "--progress",
+            "quiet",
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "20",
+        ]);
+        dir
+    })
+}
+
+/// `chingu eval --json` on `device` (the GPU one emulated): the parsed report and stderr.
+fn eval_on(device: &str) -> (serde_json::Value, String) {
+    let dir = small_cpu_run();
+    let out = chingu()
+        .current_dir(dir)
+        .args(["eval", "--run", "run", "--data", "data", "--json", "--limit", "4", "--device"])
+        .arg(device)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "eval --device {device}: {stderr}");
+    (serde_json::from_slice(&out.stdout).unwrap(), stderr)
+}
+
+/// A checkpoint is scored and answers on the GPU backend (here emulated) as on the CPU: the
+/// same valid loss to fp16's precision, the same answers.
+#[test]
+fn a_checkpoint_is_evaluated_and_asked_on_the_gpu_as_on_the_cpu() {
+    let (gpu, gpu_log) = eval_on("cuda");
+    let (cpu, cpu_log) = eval_on("cpu");
+    assert!(gpu_log.contains("run emulated on the CPU"), "{gpu_log}");
+    assert!(!cpu_log.contains("emulated"), "{cpu_log}");
+    let loss = |v: &serde_json::Value| v["valid"]["loss"].as_f64().unwrap();
+    let (g, c) = (loss(&gpu), loss(&cpu));
+    assert!(c > 0.0 && (g - c).abs() <= 1e-2 * c, "valid loss on the GPU {g}, on the CPU {c}");
+    let answers = &gpu["valid_generation"];
+    assert!(answers["questions"].as_u64().unwrap() > 0, "{gpu}");
+    assert_eq!(answers["exact"], cpu["valid_generation"]["exact"], "{gpu}\n{cpu}");
+    assert_eq!(answers["chrf"], cpu["valid_generation"]["chrf"], "{gpu}\n{cpu}");
+
+    let ask = |device: &str| {
+        let out = chingu()
+            .current_dir(small_cpu_run())
+            .args(["ask", "--run", "run", "--device", device, "5 더하기 5는?"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let answer = ask("cuda");
+    assert!(!answer.trim().is_empty());
+    assert_eq!(answer, ask("cpu"));
 }
