@@ -92,23 +92,37 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
     partials[(long long)blockIdx.y * cols + c] = sum;
 }
 
-/// The same pass 1 over 8 adjacent columns per thread (cols a multiple of 8, dy 16-byte
-/// aligned): one 128-bit load per row instead of eight 16-bit ones; each column's sum is
-/// still its rows in order.
-extern "C" __global__ void bias_backward_partial_vec_f16(float* partials, const __half* dy,
-                                                         int rows, int cols, int chunk) {
-    const int c = 8 * (blockIdx.x * blockDim.x + threadIdx.x);
-    if (c >= cols) return;
+/// The same pass 1 over tiles (cols a multiple of 8, dy 16-byte aligned; block (8, 32)):
+/// block (x, y) sums rows y·chunk .. min((y+1)·chunk, rows) of columns 64·x .. 64·x + 63.
+/// Thread (g, l) holds 8 adjacent columns (one 128-bit load a row) and sums rows l, l + 32,
+/// … of the chunk in order; the 32 row lanes' sums are then added in lane order through
+/// shared memory: one partial row per chunk, and chunks long enough (the launcher's choice,
+/// from `rows` alone) that pass 2 adds at most 64 of them. A warp reads 4 rows of 128
+/// contiguous bytes.
+extern "C" __global__ void bias_backward_tile_f16(float* partials, const __half* dy, int rows,
+                                                  int cols, int chunk) {
+    __shared__ float lanes[32][65];
+    const int group = threadIdx.x, lane = threadIdx.y;
+    const int c = 64 * blockIdx.x + 8 * group;
     const int first = blockIdx.y * chunk;
     const int last = min(first + chunk, rows);
     float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (int r = first; r < last; ++r) {
-        float v[8];
-        chingu::load_half8(v, dy + (long long)r * cols + c);
+    if (c < cols) {
+        for (int r = first + lane; r < last; r += 32) {
+            float v[8];
+            chingu::load_half8(v, dy + (long long)r * cols + c);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) sum[e] += v[e];
+            for (int e = 0; e < 8; ++e) sum[e] += v[e];
+        }
     }
-    float* out = partials + (long long)blockIdx.y * cols + c;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = sum[e];
+    for (int e = 0; e < 8; ++e) lanes[lane][8 * group + e] = sum[e];
+    __syncthreads();
+    const int t = lane * 8 + group;
+    const int column = 64 * blockIdx.x + t;
+    if (t < 64 && column < cols) {
+        float total = 0.0f;
+        for (int l = 0; l < 32; ++l) total += lanes[l][t];
+        partials[(long long)blockIdx.y * cols + column] = total;
+    }
 }

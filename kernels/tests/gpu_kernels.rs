@@ -200,9 +200,20 @@ fn activations_match_the_cpu_backend() {
 fn residual_scale_and_bias_match_the_cpu_backend() {
     let mut rng = SplitMix64(3);
     for dev in devices() {
-        // Bias gradient: the scalar kernel (1, 33 columns) and the vector one (multiples of
-        // 8: a partial last chunk, a 3-thread row, a many-block row).
-        for &(rows, cols) in &[(1, 1), (7, 33), (130, 256), (3, 1000), (2000, 24), (257, 2056)] {
+        // Bias gradient: the scalar kernel (1, 33 columns) and the tiled one (multiples of
+        // 8: a tile's columns partly past the end, a partial last chunk of rows, many column
+        // tiles, 3 chunks, chunks longer than 256 rows with 64 of them).
+        let shapes = [
+            (1, 1),
+            (7, 33),
+            (130, 256),
+            (3, 1000),
+            (2000, 24),
+            (257, 2056),
+            (700, 72),
+            (20000, 8),
+        ];
+        for &(rows, cols) in &shapes {
             let n = rows * cols;
             let (ah, a) = random_half(&mut rng, n, -4.0, 4.0);
             let (bh, b) = random_half(&mut rng, n, -4.0, 4.0);

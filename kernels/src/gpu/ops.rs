@@ -19,8 +19,11 @@ const MAX_BLOCKS: u32 = 65_535;
 const REDUCE_BLOCKS: usize = 256;
 /// Rows each partial sum of the bias gradient covers (its first pass).
 const BIAS_GRAD_ROWS: usize = 64;
-/// …and of the vector kernel's (8 columns per thread), at least.
-const BIAS_GRAD_VEC_ROWS: usize = 32;
+/// …and of the tiled kernel's, at least (8 rows for each of its 32 row lanes)…
+const BIAS_GRAD_TILE_ROWS: usize = 256;
+/// …whose chunks grow with the rows so that pass 2 adds at most this many partial rows (run
+/// 17: pass 2 over 576 rows of 256 columns took 12 µs, latency-bound on 8 blocks).
+const BIAS_GRAD_TILE_PARTIALS: usize = 64;
 /// Rows each block of the LayerNorm backward walks (its dγ/dβ partial covers these).
 const LN_ROWS_PER_BLOCK: usize = 32;
 /// Rows per warp of the warp-per-row LayerNorm backward, at least…
@@ -266,31 +269,28 @@ pub fn bias_backward(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    // 8 columns per thread where the shape and alignment allow.
-    let vector = cols % 8 == 0 && aligned_for_vectors(&[dy.ptr()]);
-    let (kernel, threads_per_chunk, chunk) = if vector {
-        // Shorter chunks than the scalar kernel's (a thread has 8 columns' work per row),
-        // but at most ~2^20 partials, and at most 65,535 chunks (grid.y's limit).
-        let chunk = BIAS_GRAD_VEC_ROWS.max(rows.div_ceil((1 << 20) / cols).max(1));
-        ("bias_backward_partial_vec_f16", cols / 8, chunk.max(rows.div_ceil(65_535)))
+    // Tiles of 64 columns, 8 a thread, where the shape and alignment allow.
+    let tiled = cols % 8 == 0 && aligned_for_vectors(&[dy.ptr()]);
+    // Rows per partial sum, from `rows` alone (so the summation order depends on the shape
+    // only): tiled, at most 64 partial rows for pass 2 (at least 256 rows, 8 a row lane);
+    // else enough chunks to fill the GPU, at most 65,535 (grid.y's limit).
+    let chunk = if tiled {
+        BIAS_GRAD_TILE_ROWS.max(rows.div_ceil(BIAS_GRAD_TILE_PARTIALS).next_multiple_of(32))
     } else {
-        // Rows per partial sum: enough chunks to fill the GPU, at most 65,535.
-        (OP, cols, BIAS_GRAD_ROWS.max(rows.div_ceil(65_535)))
+        BIAS_GRAD_ROWS.max(rows.div_ceil(65_535))
     };
-    // `chunk` is a function of the shape alone, so is the summation order.
     let chunks = rows.div_ceil(chunk);
     let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
     let chunk_arg = int(OP, "chunk", chunk)?;
-    let threads = THREADS.min(threads_per_chunk.next_multiple_of(32) as u32);
-    let col_blocks = threads_per_chunk.div_ceil(threads as usize) as u32;
-    launch(
-        dev,
-        kernel,
-        (col_blocks, chunks as u32, 1),
-        (threads, 1, 1),
-        0,
-        args![partials.ptr(), dy.ptr(), r, c, chunk_arg],
-    )?;
+    let args = args![partials.ptr(), dy.ptr(), r, c, chunk_arg];
+    if tiled {
+        let grid = (cols.div_ceil(64) as u32, chunks as u32, 1);
+        launch(dev, "bias_backward_tile_f16", grid, (8, 32, 1), 0, args)?;
+    } else {
+        let threads = THREADS.min(cols.next_multiple_of(32) as u32);
+        let grid = (cols.div_ceil(threads as usize) as u32, chunks as u32, 1);
+        launch(dev, OP, grid, (threads, 1, 1), 0, args)?;
+    }
     column_sums(dev, db, None, &partials, chunks, cols)
 }
 
