@@ -10,7 +10,7 @@ use chingu_corpus::Manifest;
 use chingu_kernels::{Backend, Cpu};
 use chingu_model::generate::{GenerateOptions, Strategy};
 use chingu_model::Model;
-use chingu_worker::checkpoint::{self, Loaded, TrainState};
+use chingu_worker::checkpoint::{self, LoadedModel, TrainState};
 use chingu_worker::data::Prepared;
 use chingu_worker::eval;
 
@@ -82,8 +82,8 @@ pub struct Chatbot<B: Backend> {
 }
 
 fn load<B: Backend + Clone>(backend: B, run: &Path) -> anyhow::Result<Chatbot<B>> {
-    let Loaded { dir, state, model, .. } =
-        checkpoint::load_latest(backend, run)?.ok_or_else(|| {
+    let LoadedModel { dir, state, model } = checkpoint::load_latest_model(backend, run)?
+        .ok_or_else(|| {
             anyhow::anyhow!(
                 "{} has no checkpoint yet: train first with chingu train --run {}",
                 run.display(),

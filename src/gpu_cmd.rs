@@ -56,7 +56,7 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where `--device` puts training.
+/// Where `--device` puts the work (training, answering, evaluating).
 pub enum Selected {
     /// The CPU backend.
     Cpu,
@@ -67,7 +67,8 @@ pub enum Selected {
 
 /// Resolves `--device auto|cpu|cuda`: `auto` takes GPU 0 when this build has CUDA support and
 /// a device opens, else says in one line why not and takes the CPU; `cuda` fails instead.
-/// `work` names what the device is for in those lines ("training", "answering").
+/// `work` names what the device is for in those lines ("training", "answering",
+/// "evaluating").
 pub fn select(device: &str, work: &str) -> anyhow::Result<Selected> {
     if device == "cpu" {
         return Ok(Selected::Cpu);

@@ -90,7 +90,7 @@ pub fn run(manifest: Manifest, args: &LaunchArgs, local_workers: bool) -> anyhow
         checkpoint::checkpoints_dir(run_dir).display()
     );
     if local_workers && args.samples > 0 {
-        if let Some(loaded) = checkpoint::load_latest(Cpu::<f32>::new(), run_dir)? {
+        if let Some(loaded) = checkpoint::load_latest_model(Cpu::<f32>::new(), run_dir)? {
             crate::eval_cmd::print_samples(&loaded.model, &manifest.data.path, args.samples)?;
         }
     }

@@ -269,7 +269,8 @@ fn eval_on(device: &str) -> (serde_json::Value, String) {
 }
 
 /// A checkpoint is scored and answers on the GPU backend (here emulated) as on the CPU: the
-/// same valid loss to fp16's precision, the same answers.
+/// same valid loss to fp16's precision (0.2%), the same generation scores (exact match and
+/// chrF over the valid questions) and the same answer to a question.
 #[test]
 fn a_checkpoint_is_evaluated_and_asked_on_the_gpu_as_on_the_cpu() {
     let (gpu, gpu_log) = eval_on("cuda");
@@ -278,7 +279,7 @@ fn a_checkpoint_is_evaluated_and_asked_on_the_gpu_as_on_the_cpu() {
     assert!(!cpu_log.contains("emulated"), "{cpu_log}");
     let loss = |v: &serde_json::Value| v["valid"]["loss"].as_f64().unwrap();
     let (g, c) = (loss(&gpu), loss(&cpu));
-    assert!(c > 0.0 && (g - c).abs() <= 1e-2 * c, "valid loss on the GPU {g}, on the CPU {c}");
+    assert!(c > 0.0 && (g - c).abs() <= 2e-3 * c, "valid loss on the GPU {g}, on the CPU {c}");
     let answers = &gpu["valid_generation"];
     assert!(answers["questions"].as_u64().unwrap() > 0, "{gpu}");
     assert_eq!(answers["exact"], cpu["valid_generation"]["exact"], "{gpu}\n{cpu}");

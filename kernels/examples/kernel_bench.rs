@@ -305,6 +305,12 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
             ops::add_dropped(dev, &mut acc, &x, DROPOUT, key)
         })?;
         push("add_dropped", nd.clone(), t, H * 3.0 * nf * df, None);
+
+        // Bias gradient, both passes (db += column sums of dy): N·D fp16 read, D fp32 read and
+        // written.
+        let mut db = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
+        let t = time_op(dev, reps, |_| ops::bias_backward(dev, &mut db, &x, n, d))?;
+        push("bias_bwd", nd.clone(), t, H * nf * df + 2.0 * S * df, None);
     }
 
     // --- Embedding: N rows gathered from a V × D table plus positions --------------------

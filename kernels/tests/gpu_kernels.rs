@@ -202,7 +202,7 @@ fn residual_scale_and_bias_match_the_cpu_backend() {
     for dev in devices() {
         // Bias gradient: the scalar kernel (1, 33 columns) and the tiled one (multiples of
         // 8: a tile's columns partly past the end, a partial last chunk of rows, many column
-        // tiles, 3 chunks, chunks longer than 256 rows with 64 of them).
+        // tiles, 3 chunks; 320-row chunks, 64 of them, over one and over three tiles).
         let shapes = [
             (1, 1),
             (7, 33),
@@ -211,7 +211,8 @@ fn residual_scale_and_bias_match_the_cpu_backend() {
             (2000, 24),
             (257, 2056),
             (700, 72),
-            (20000, 8),
+            (20480, 8),
+            (20480, 136),
         ];
         for &(rows, cols) in &shapes {
             let n = rows * cols;

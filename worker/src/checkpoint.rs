@@ -69,6 +69,16 @@ pub struct Loaded<B: Backend> {
     pub optimizer: Optimizer<B>,
 }
 
+/// A checkpoint's model alone (to answer or score: no optimizer moments read or uploaded).
+pub struct LoadedModel<B: Backend> {
+    /// Where it was.
+    pub dir: PathBuf,
+    /// Its state.
+    pub state: TrainState,
+    /// The model.
+    pub model: Model<B>,
+}
+
 /// The checkpoints directory of a run.
 pub fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
@@ -321,6 +331,31 @@ pub fn has_checkpoints(run: &Path) -> bool {
 
 /// Reads and verifies one checkpoint directory.
 pub fn load_dir<B: Backend>(backend: B, dir: &Path) -> Result<Loaded<B>> {
+    let LoadedModel { dir, state, model } = read_dir(backend, dir, true)?;
+    let layout = Layout::new(&state.config);
+    let opt_names: Vec<String> = layout
+        .specs
+        .iter()
+        .flat_map(|s| [format!("exp_avg.{}", s.name), format!("exp_avg_sq.{}", s.name)])
+        .collect();
+    let opt_shapes: Vec<Vec<usize>> =
+        layout.specs.iter().flat_map(|s| [s.shape.clone(), s.shape.clone()]).collect();
+    let moments = tensors_from_file(&dir.join(OPTIMIZER_FILE), &opt_names, &opt_shapes)?;
+    let mut optimizer = Optimizer::new(&model, state.optimizer);
+    for (i, pair) in moments.chunks(2).enumerate() {
+        optimizer.exp_avg[i] = model.backend.upload_f64_as(&pair[0], BufRole::OptimizerState);
+        optimizer.exp_avg_sq[i] = model.backend.upload_f64_as(&pair[1], BufRole::OptimizerState);
+    }
+    optimizer.step = state.step;
+    if let Some(scaler) = state.loss_scaler {
+        optimizer.set_scaler(&model, scaler);
+    }
+    Ok(Loaded { dir, state, model, optimizer })
+}
+
+/// Reads and verifies one checkpoint directory's state and model (the optimizer file's
+/// checksum too when `with_optimizer`: it is about to be read).
+fn read_dir<B: Backend>(backend: B, dir: &Path, with_optimizer: bool) -> Result<LoadedModel<B>> {
     let state_path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&state_path).map_err(|e| WorkerError::io(&state_path, e))?;
     let state: TrainState = serde_json::from_str(&text)
@@ -333,6 +368,9 @@ pub fn load_dir<B: Backend>(backend: B, dir: &Path) -> Result<Loaded<B>> {
         )));
     }
     for (file, expected) in &state.files {
+        if file == OPTIMIZER_FILE && !with_optimizer {
+            continue;
+        }
         let path = dir.join(file);
         let actual = sha256_file(&path).map_err(WorkerError::from)?;
         if &actual != expected {
@@ -349,25 +387,27 @@ pub fn load_dir<B: Backend>(backend: B, dir: &Path) -> Result<Loaded<B>> {
     let values = tensors_from_file(&dir.join(MODEL_FILE), &names, &shapes)?;
     let model =
         Model::from_values(backend, state.config.clone(), values).map_err(WorkerError::from)?;
-    let opt_names: Vec<String> =
-        names.iter().flat_map(|n| [format!("exp_avg.{n}"), format!("exp_avg_sq.{n}")]).collect();
-    let opt_shapes: Vec<Vec<usize>> = shapes.iter().flat_map(|s| [s.clone(), s.clone()]).collect();
-    let moments = tensors_from_file(&dir.join(OPTIMIZER_FILE), &opt_names, &opt_shapes)?;
-    let mut optimizer = Optimizer::new(&model, state.optimizer);
-    for (i, pair) in moments.chunks(2).enumerate() {
-        optimizer.exp_avg[i] = model.backend.upload_f64_as(&pair[0], BufRole::OptimizerState);
-        optimizer.exp_avg_sq[i] = model.backend.upload_f64_as(&pair[1], BufRole::OptimizerState);
-    }
-    optimizer.step = state.step;
-    if let Some(scaler) = state.loss_scaler {
-        optimizer.set_scaler(&model, scaler);
-    }
-    Ok(Loaded { dir: dir.to_path_buf(), state, model, optimizer })
+    Ok(LoadedModel { dir: dir.to_path_buf(), state, model })
 }
 
 /// Loads the checkpoint LATEST names; if it fails verification, falls back to the newest older
 /// one that passes, logging why. `Ok(None)` when the run has no checkpoint.
 pub fn load_latest<B: Backend + Clone>(backend: B, run: &Path) -> Result<Option<Loaded<B>>> {
+    first_usable(run, |dir| load_dir(backend.clone(), dir))
+}
+
+/// [`load_latest`]'s model alone, for answering and scoring: the optimizer moments are neither
+/// read nor put on the device.
+pub fn load_latest_model<B: Backend + Clone>(
+    backend: B,
+    run: &Path,
+) -> Result<Option<LoadedModel<B>>> {
+    first_usable(run, |dir| read_dir(backend.clone(), dir, false))
+}
+
+/// The first checkpoint of `run` that `load` accepts: LATEST's, then the others newest first,
+/// logging each one skipped and why.
+fn first_usable<T>(run: &Path, load: impl Fn(&Path) -> Result<T>) -> Result<Option<T>> {
     let root = checkpoints_dir(run);
     let mut steps = list_steps(&root)?;
     if steps.is_empty() {
@@ -380,15 +420,16 @@ pub fn load_latest<B: Backend + Clone>(backend: B, run: &Path) -> Result<Option<
     order.extend(steps.iter().map(|&s| step_name(s)).filter(|n| Some(n) != latest.as_ref()));
     let mut failures = Vec::new();
     for name in order {
-        match load_dir(backend.clone(), &root.join(&name)) {
+        let dir = root.join(&name);
+        match load(&dir) {
             Ok(loaded) => {
                 if !failures.is_empty() {
-                    tracing::warn!(checkpoint = %loaded.dir.display(), skipped = ?failures, "fell back to an older checkpoint");
+                    tracing::warn!(checkpoint = %dir.display(), skipped = ?failures, "fell back to an older checkpoint");
                 }
                 return Ok(Some(loaded));
             }
             Err(e) => {
-                tracing::warn!(checkpoint = %root.join(&name).display(), error = %e, "checkpoint unusable");
+                tracing::warn!(checkpoint = %dir.display(), error = %e, "checkpoint unusable");
                 failures.push(e.to_string());
             }
         }

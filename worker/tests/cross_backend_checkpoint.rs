@@ -110,3 +110,45 @@ fn gpu_checkpoints_load_on_the_cpu_and_back() {
     let lb = b.forward_backward(&batch(), 1, 3).unwrap().loss;
     assert_eq!(la.to_bits(), lb.to_bits());
 }
+
+/// Answering and scoring load the model alone: the optimizer file is neither verified nor
+/// read, and its moments never reach the device.
+#[test]
+fn the_model_alone_loads_without_the_optimizer_moments() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    std::fs::write(&tokenizer, "{}").unwrap();
+    let config = config();
+    let model = Model::new(Cpu::<f32>::new(), config.clone(), 5).unwrap();
+    let optimizer = Optimizer::new(&model, OptimizerSettings::default());
+    let run = dir.path().join("run");
+    checkpoint::save(&run, &model, &optimizer, state(1, &config, None), &tokenizer, 2).unwrap();
+    fn params<B: Backend>(m: &Model<B>) -> Vec<Vec<f32>> {
+        m.params.iter().map(|p| m.backend.to_f32(p)).collect()
+    }
+    let written = params(&model);
+
+    // On the (emulated) GPU: the model-only load holds less than the full one by the two
+    // moments, 8 bytes a parameter at least.
+    let peak = |model_only: bool| {
+        let emu = Arc::new(EmuDevice::new().with_memory_limit(usize::MAX));
+        let gpu = GpuBackend::new(emu.clone());
+        if model_only {
+            let loaded = checkpoint::load_latest_model(gpu, &run).unwrap().unwrap();
+            assert_eq!(params(&loaded.model), written);
+        } else {
+            checkpoint::load_latest(gpu, &run).unwrap().unwrap();
+        }
+        emu.peak_allocated()
+    };
+    let parameters: usize = written.iter().map(Vec::len).sum();
+    let (alone, full) = (peak(true), peak(false));
+    assert!(full - alone >= 8 * parameters, "model alone {alone} bytes, with moments {full}");
+
+    // A damaged optimizer file stops a resume, not an answer.
+    let step = checkpoint::step_dir(&run, 1);
+    std::fs::write(step.join("optimizer.safetensors"), b"damaged").unwrap();
+    assert!(checkpoint::load_latest(Cpu::<f32>::new(), &run).is_err());
+    let loaded = checkpoint::load_latest_model(Cpu::<f32>::new(), &run).unwrap().unwrap();
+    assert_eq!(params(&loaded.model), written);
+}

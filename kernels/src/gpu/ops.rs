@@ -261,7 +261,7 @@ pub fn bias_backward(
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
-    const OP: &str = "bias_backward_partial_f16";
+    const OP: &str = "bias_backward";
     expect_len(OP, "dy", dy, rows * cols)?;
     expect_len(OP, "db", db, cols)?;
     let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
@@ -289,7 +289,7 @@ pub fn bias_backward(
     } else {
         let threads = THREADS.min(cols.next_multiple_of(32) as u32);
         let grid = (cols.div_ceil(threads as usize) as u32, chunks as u32, 1);
-        launch(dev, OP, grid, (threads, 1, 1), 0, args)?;
+        launch(dev, "bias_backward_partial_f16", grid, (threads, 1, 1), 0, args)?;
     }
     column_sums(dev, db, None, &partials, chunks, cols)
 }
