@@ -14,6 +14,9 @@
 //   attention_scores_backward_f16: from S and dP = dO·Vᵀ (fp32), P again from lse, then
 //     dS = P·(dP − delta)·scale (delta[b, h, i] = Σ dO·O, attention_backward_delta_f16),
 //     both rounded to fp16 for the products dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
+//   attention_scores_backward_saved_f16: the same dS from the P the forward saved (fp16, 0
+//     where invisible) instead of S: no S = Q·Kᵀ product again, 8 bytes of traffic a score
+//     instead of 12.
 // P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
 // fp32. Score rows are processed in chunks of consecutive whole (batch row, head) blocks
 // (`first_bh`: the chunk's first), so the scratch stays bounded; nothing depends on the
@@ -75,4 +78,22 @@ extern "C" __global__ void attention_scores_backward_f16(
         p[base + j] = __float2half_rn(pj);
         ds[base + j] = __float2half_rn(pj * (dp[base + j] - row_delta) * scale);
     }
+}
+
+/// dS from the P the forward saved (see the file comment): one warp per score row of the
+/// chunk, lanes along the keys. `p` and `ds` start at the chunk's first row, as `dp` does.
+extern "C" __global__ void attention_scores_backward_saved_f16(__half* ds, const __half* p,
+                                                               const float* dp,
+                                                               const float* delta, int rows,
+                                                               int q_len, int k_len, int ld,
+                                                               float scale, int first_bh) {
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // warp-uniform
+    // Row r of the chunk is (first_bh + r / q_len, r % q_len): statistic first_bh·Tq + r.
+    const float row_delta = delta[(long long)first_bh * q_len + r];
+    const long long base = r * ld;
+    // P is 0 past the visible keys, so dS is too: no mask to rebuild.
+    for (int j = lane; j < k_len; j += 32)
+        ds[base + j] = __float2half_rn(__half2float(p[base + j]) * (dp[base + j] - row_delta) * scale);
 }

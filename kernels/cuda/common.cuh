@@ -86,6 +86,38 @@ __device__ __forceinline__ void load_half8(float (&v)[8], const __half* p) {
 #endif
 }
 
+/// Eight adjacent halves, still packed two a word: four registers instead of eight floats'.
+struct Half8 {
+    unsigned words[4];
+};
+
+/// Eight adjacent halves at `p` (16-byte aligned), packed: one 128-bit load.
+__device__ __forceinline__ Half8 load_half8_packed(const __half* p) {
+    Half8 h;
+#ifdef CHINGU_EMU
+    if (reinterpret_cast<unsigned long long>(p) & 15ull) __trap();  // a GPU would fault
+    for (int i = 0; i < 4; ++i)
+        h.words[i] = (unsigned)__half_as_ushort(p[2 * i]) |
+                     ((unsigned)__half_as_ushort(p[2 * i + 1]) << 16);
+#else
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    h.words[0] = raw.x;
+    h.words[1] = raw.y;
+    h.words[2] = raw.z;
+    h.words[3] = raw.w;
+#endif
+    return h;
+}
+
+/// The eight floats of a packed load.
+__device__ __forceinline__ void unpack_half8(float (&v)[8], const Half8& h) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __half2float(__ushort_as_half((unsigned short)(h.words[i] & 0xffffu)));
+        v[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(h.words[i] >> 16)));
+    }
+}
+
 /// Eight floats rounded to fp16 (nearest even) at `p` (16-byte aligned): one 128-bit store.
 __device__ __forceinline__ void store_half8(__half* p, const float (&v)[8]) {
 #ifdef CHINGU_EMU

@@ -120,6 +120,11 @@ pub trait Backend: Send + Sync {
     fn zeros_as(&self, len: usize, _role: BufRole) -> Self::Buf {
         self.zeros(len)
     }
+    /// [`Backend::for_overwrite`] for a buffer holding `role` (default: [`Backend::zeros_as`]):
+    /// attention's statistics, which its forward writes whole.
+    fn for_overwrite_as(&self, len: usize, role: BufRole) -> Self::Buf {
+        self.zeros_as(len, role)
+    }
     /// Uploads values holding `role` (default: [`Backend::upload_f32`]).
     fn upload_f32_as(&self, data: &[f32], _role: BufRole) -> Self::Buf {
         self.upload_f32(data)

@@ -4,7 +4,8 @@
 //! restore; settings parse as documented — and the guards around every allocation, which
 //! catch a write past a buffer's end or before its start; and its memory limit, which
 //! refuses an allocation that does not fit as a full GPU does (and under which the GEMM
-//! attention path halves its chunk of scores until its scratch fits).
+//! attention path halves its chunk of scores until its scratch fits, with P saved by its
+//! forward or not; its backward reads the P saved).
 //!
 //! The race is a real kernel given overlapping arguments: `add_assign_f32(acc, x, n)` with
 //! `x` one element behind `acc`, so thread i reads what thread i − 1 writes. In order,
@@ -15,6 +16,7 @@ use std::ffi::c_void;
 
 use chingu_kernels::gpu::emu::{EmuDevice, Schedule};
 use chingu_kernels::gpu::{DeviceBuffer, Gpu, GpuError};
+use half::f16;
 use std::sync::Arc;
 
 const N: usize = 2048;
@@ -237,11 +239,15 @@ fn a_memory_limit_refuses_what_does_not_fit_and_frees_give_it_back() {
 }
 
 /// One GEMM-path attention forward and backward on a fresh emulated device with `limit`
-/// bytes, every score block in one chunk if it fits: (out, lse, dq, dk, dv) and the peak.
-fn gemm_attention_under(limit: usize) -> Result<(Vec<Vec<u32>>, usize), GpuError> {
+/// bytes, every score block in one chunk if it fits, P saved by the forward when `save_probs`
+/// (then `edit_probs` may change it before the backward): (out, lse, dq, dk, dv) and the peak.
+fn gemm_attention_under(
+    limit: usize,
+    save_probs: bool,
+    edit_probs: impl FnOnce(&mut [f16]),
+) -> Result<(Vec<Vec<u32>>, usize), GpuError> {
     use chingu_kernels::backend::AttentionShape;
     use chingu_kernels::gpu::ops::{self, AttentionKernels};
-    use half::f16;
     let emu = Arc::new(EmuDevice::new().with_memory_limit(limit));
     let dev: Gpu = emu.clone();
     let s = AttentionShape {
@@ -265,9 +271,25 @@ fn gemm_attention_under(limit: usize) -> Result<(Vec<Vec<u32>>, usize), GpuError
     );
     let key_len = [24, 7, 16];
     let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX };
+    let lse_len = s.batch * s.heads * s.q_len;
+    let stats_len = if save_probs { one_chunk.stats_len(s) } else { lse_len };
     let mut out = DeviceBuffer::<f16>::uninit(&dev, n)?;
-    let mut lse = DeviceBuffer::<f32>::uninit(&dev, s.batch * s.heads * s.q_len)?;
+    let mut lse = DeviceBuffer::<f32>::uninit(&dev, stats_len)?;
     ops::attention_forward_using(one_chunk, &dev, &mut out, &mut lse, &q, &k, &v, &key_len, s)?;
+    if save_probs {
+        // P's halves, two an f32 slot from the first 16-byte boundary after lse.
+        let mut stats = lse.to_host()?;
+        let tail = &mut stats[lse_len.next_multiple_of(4)..];
+        let mut probs: Vec<f16> = tail.iter().flat_map(|x| halves(*x)).collect();
+        edit_probs(&mut probs);
+        for (slot, pair) in tail.iter_mut().zip(probs.chunks(2)) {
+            *slot = f32::from_bits(
+                u32::from(pair[0].to_bits())
+                    | u32::from(pair.get(1).map_or(0, |h| h.to_bits())) << 16,
+            );
+        }
+        lse = DeviceBuffer::from_host(&dev, &stats)?;
+    }
     let (mut dq, mut dk, mut dv) = (
         DeviceBuffer::<f16>::uninit(&dev, n)?,
         DeviceBuffer::<f16>::uninit(&dev, n)?,
@@ -279,27 +301,59 @@ fn gemm_attention_under(limit: usize) -> Result<(Vec<Vec<u32>>, usize), GpuError
     let bits = |b: &DeviceBuffer<f16>| -> Result<Vec<u32>, GpuError> {
         Ok(b.to_host()?.iter().map(|x| u32::from(x.to_bits())).collect())
     };
-    let lse_bits = lse.to_host()?.iter().map(|x| x.to_bits()).collect();
+    let lse_bits = lse.to_host()?[..lse_len].iter().map(|x| x.to_bits()).collect();
     let results = vec![bits(&out)?, lse_bits, bits(&dq)?, bits(&dk)?, bits(&dv)?];
     Ok((results, emu.peak_allocated()))
 }
 
+/// The two halves in an f32 slot's bits, low first (the device is little-endian).
+fn halves(x: f32) -> [f16; 2] {
+    let bits = x.to_bits();
+    [f16::from_bits(bits as u16), f16::from_bits((bits >> 16) as u16)]
+}
+
 /// The GEMM attention path's scratch grows with its chunk; where the device has no room for
-/// it, the chunk is halved until it fits, with the same result bit for bit.
+/// it, the chunk is halved until it fits, with the same result bit for bit — with P saved by
+/// the forward (the chunks then index into it) and without.
 #[test]
 fn gemm_attention_halves_its_chunk_when_the_scratch_does_not_fit() {
-    let (full, peak) = gemm_attention_under(usize::MAX).expect("no limit");
-    // The whole chunk's backward scratch is 6 blocks × 24 × 24 scores × 12 bytes; a limit
-    // under the peak by a third of that leaves room for a smaller chunk only.
-    let scratch = 6 * 24 * 24 * 12;
-    let limit = peak - scratch / 3;
-    let (halved, halved_peak) = gemm_attention_under(limit).expect("a smaller chunk fits");
-    assert!(halved_peak <= limit && halved_peak < peak, "{halved_peak} of {limit}, {peak}");
-    assert_eq!(halved, full, "the chunking changes no result");
-    // With no room for even one block's scratch, the out-of-memory error stands.
-    match gemm_attention_under(peak - scratch + 100) {
-        Err(GpuError::OutOfMemory { .. }) => {}
-        Err(other) => panic!("expected out of memory, got {other}"),
-        Ok(_) => panic!("one block's scratch cannot fit in 100 bytes"),
+    for save_probs in [false, true] {
+        let (full, peak) = gemm_attention_under(usize::MAX, save_probs, |_| {}).expect("no limit");
+        // The whole chunk's backward scratch is 6 blocks × 24 × 24 scores × 12 bytes (6 with P
+        // saved); a limit under the peak by a third of that leaves room for a smaller chunk only.
+        let scratch = 6 * 24 * 24 * if save_probs { 6 } else { 12 };
+        let limit = peak - scratch / 3;
+        let (halved, halved_peak) =
+            gemm_attention_under(limit, save_probs, |_| {}).expect("a smaller chunk fits");
+        assert!(halved_peak <= limit && halved_peak < peak, "{halved_peak} of {limit}, {peak}");
+        assert_eq!(halved, full, "the chunking changes no result (P saved: {save_probs})");
+        // With no room for even one block's scratch, the out-of-memory error stands.
+        match gemm_attention_under(peak - scratch + 100, save_probs, |_| {}) {
+            Err(GpuError::OutOfMemory { .. }) => {}
+            Err(other) => panic!("expected out of memory, got {other}"),
+            Ok(_) => panic!("one block's scratch cannot fit in 100 bytes"),
+        }
     }
+}
+
+/// Where the forward saved P, the backward takes it from there instead of recomputing it: the
+/// same out and lse either way, gradients equal to fp16's precision (dS from P rounded to fp16
+/// instead of fp32), and a P zeroed between forward and backward zeroes dV (dV = Pᵀ·dO).
+#[test]
+fn gemm_attention_backward_reads_the_probabilities_its_forward_saved() {
+    let (recomputed, _) = gemm_attention_under(usize::MAX, false, |_| {}).unwrap();
+    let (saved, _) = gemm_attention_under(usize::MAX, true, |_| {}).unwrap();
+    assert_eq!(saved[..2], recomputed[..2], "out and lse do not depend on saving P");
+    let value = |bits: u32| f16::from_bits(bits as u16).to_f32();
+    for (name, i) in [("dq", 2), ("dk", 3), ("dv", 4)] {
+        let scale = recomputed[i].iter().map(|&b| value(b).abs()).fold(0.0, f32::max);
+        assert!(scale > 0.1, "{name}: a gradient to compare ({scale})");
+        for (n, (&a, &b)) in saved[i].iter().zip(&recomputed[i]).enumerate() {
+            let (a, b) = (value(a), value(b));
+            assert!((a - b).abs() <= 2e-3 * scale, "{name}[{n}]: {a} with P saved, {b} without");
+        }
+    }
+    assert!(saved[4].iter().any(|&b| value(b) != 0.0), "dV is not zero to begin with");
+    let (zeroed, _) = gemm_attention_under(usize::MAX, true, |p| p.fill(f16::ZERO)).unwrap();
+    assert!(zeroed[4].iter().all(|&b| value(b) == 0.0), "dV = Pᵀ·dO with P zeroed");
 }

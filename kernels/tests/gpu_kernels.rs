@@ -803,26 +803,32 @@ fn attention_matches_the_cpu_backend() {
                 key_len,
                 s,
             );
-            // Every kernel family against the same references.
-            // (The GEMM path four times: in one chunk, one (batch row, head) block a chunk,
-            // three blocks a chunk, so chunks start and end inside batch rows, and four, so
-            // a last chunk is shorter than the others.)
+            // Every kernel family against the same references, each with the statistics
+            // buffer it asks for (`stats_len`: the GEMM path's P after lse where it saves P).
+            // The GEMM path also with lse alone (P recomputed in backward), in one chunk, one
+            // (batch row, head) block a chunk, three blocks a chunk, so chunks start and end
+            // inside batch rows, and four, so a last chunk is shorter than the others.
+            let lse_only = batch * heads * q_len;
             let one_block_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 1 };
             let block = q_len * k_len.next_multiple_of(8);
             let three_blocks_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 3 * block };
             let four_blocks_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 4 * block };
             let families = [
-                AttentionKernels::Wmma,
-                AttentionKernels::Mma,
-                AttentionKernels::GEMM,
-                one_block_a_chunk,
-                three_blocks_a_chunk,
-                four_blocks_a_chunk,
+                (AttentionKernels::Wmma, lse_only),
+                (AttentionKernels::Mma, lse_only),
+                (AttentionKernels::GEMM, AttentionKernels::GEMM.stats_len(s)),
+                (AttentionKernels::GEMM, lse_only),
+                (one_block_a_chunk, lse_only),
+                (three_blocks_a_chunk, lse_only),
+                (four_blocks_a_chunk, lse_only),
             ];
-            for kernels in families {
-                let what = format!("{kernels:?} kernels, {what}");
+            // The GEMM path's default saves P in every case here (a test of the test).
+            assert!(AttentionKernels::GEMM.stats_len(s) > lse_only + lse_only.max(1), "{what}");
+            for (kernels, stats_len) in families {
+                let saves = if stats_len > lse_only { "P saved" } else { "lse alone" };
+                let what = format!("{kernels:?} kernels ({saves}), {what}");
                 let mut out = poisoned_half(&dev, nq);
-                let mut lse = poisoned_f32(&dev, batch * heads * q_len);
+                let mut lse = poisoned_f32(&dev, stats_len);
                 ops::attention_forward_using(
                     kernels, &dev, &mut out, &mut lse, &qd, &kd, &vd, key_len, s,
                 )

@@ -165,8 +165,9 @@ impl<B: Backend> Model<B> {
             q_offset,
         };
         let mut ctx = self.backend.zeros(batch * d);
-        let mut probs =
-            self.backend.zeros_as(self.backend.attention_stats_len(shape), BufRole::Statistics);
+        let mut probs = self
+            .backend
+            .for_overwrite_as(self.backend.attention_stats_len(shape), BufRole::Statistics);
         self.backend.attention_forward(&mut ctx, &mut probs, &q, k, v, &lengths, shape);
         self.linear(&ctx, idx.o, batch, d, d)
     }

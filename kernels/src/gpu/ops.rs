@@ -4,6 +4,7 @@
 //! reduction has a grid fixed by the shapes alone.
 
 use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 
@@ -559,7 +560,7 @@ fn attention_args(
     op: &'static str,
     key_len: &[usize],
     s: AttentionShape,
-) -> Result<([i32; 7], DeviceBuffer<i32>), GpuError> {
+) -> Result<([i32; 7], Arc<DeviceBuffer<i32>>), GpuError> {
     if s.head_dim == 0 || s.head_dim % 16 != 0 || s.head_dim > ATTN_MAX_HEAD_DIM {
         return Err(shape(
             op,
@@ -589,8 +590,50 @@ fn attention_args(
         i32::from(s.causal),
         int(op, "q_offset", s.q_offset)?,
     ];
-    let lens = upload_i32(dev, op, key_len.iter().map(|&l| l.min(s.k_len)))?;
+    let lens = key_lengths(dev, op, key_len.iter().map(|&l| l.min(s.k_len)))?;
     Ok((ints, lens))
+}
+
+/// Key-length vectors kept on their devices, the most recent last.
+type LengthCache = Vec<(Gpu, Vec<i32>, Arc<DeviceBuffer<i32>>)>;
+
+/// How many key-length vectors [`key_lengths`] keeps a device: a training step has two or
+/// three (the source's, the target's) that every one of its attention calls reads…
+const KEY_LENGTHS_KEPT: usize = 8;
+/// …and for all devices together (a process with many, such as the tests).
+const KEY_LENGTHS_KEPT_IN_ALL: usize = 64;
+
+/// `values` on `dev`, uploaded once while they are among the last [`KEY_LENGTHS_KEPT`] asked
+/// for on that device: an upload from pageable memory waits for the device to finish its queue, and a step
+/// makes ~36 attention calls with the same two or three vectors (a host-bound step paid for
+/// each wait). The buffers are never written after their upload, so sharing them is safe.
+fn key_lengths(
+    dev: &Gpu,
+    op: &'static str,
+    values: impl Iterator<Item = usize>,
+) -> Result<Arc<DeviceBuffer<i32>>, GpuError> {
+    static KEPT: Mutex<LengthCache> = Mutex::new(Vec::new());
+    let host = values.map(|v| int(op, "index", v)).collect::<Result<Vec<i32>, _>>()?;
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    // The device is known by its address (a kept buffer holds it, so no other takes it).
+    let found = kept.iter().position(|(d, v, _)| Arc::ptr_eq(d, dev) && *v == host);
+    let entry = match found {
+        Some(i) => kept.remove(i),
+        None => {
+            let buf = Arc::new(DeviceBuffer::from_host(dev, &host)?);
+            (dev.clone(), host, buf)
+        }
+    };
+    let buf = entry.2.clone();
+    kept.push(entry);
+    if kept.iter().filter(|(d, _, _)| Arc::ptr_eq(d, dev)).count() > KEY_LENGTHS_KEPT {
+        let oldest = kept.iter().position(|(d, _, _)| Arc::ptr_eq(d, dev));
+        kept.remove(oldest.unwrap_or(0));
+    }
+    if kept.len() > KEY_LENGTHS_KEPT_IN_ALL {
+        kept.remove(0);
+    }
+    Ok(buf)
 }
 
 /// The three attention kernels, each in WMMA and register-resident instances, one per
@@ -685,6 +728,20 @@ impl AttentionKernels {
             Self::Mma
         } else {
             Self::Wmma
+        }
+    }
+
+    /// f32 elements of the statistics attention of shape `s` keeps from its forward for its
+    /// backward (the backend's `probs` buffer): one log-sum-exp per (batch row, head, query);
+    /// the GEMM path adds P itself (fp16, two a slot) where all of it fits one chunk's bound,
+    /// so its backward skips the product S = Q·Kᵀ and the softmax again. A buffer of lse
+    /// alone is accepted by every family (the GEMM path then recomputes P).
+    pub fn stats_len(self, s: AttentionShape) -> usize {
+        let lse = s.batch * s.heads * s.q_len;
+        match self {
+            Self::Gemm { scores_per_chunk } => attention_gemm::saved_probs_len(s, scores_per_chunk)
+                .map_or(lse, |probs| attention_gemm::stats_len_with_probs(s, probs)),
+            Self::Wmma | Self::Mma => lse,
         }
     }
 
@@ -830,7 +887,7 @@ impl AttnLaunch {
 /// ([`AttentionKernels::fastest_for`]); WMMA where the register-resident kernels are asked for
 /// but the device cannot give all three their shared memory. The choice depends on the shape
 /// alone, so a forward and its backward take the same family, and a rerun the same bits.
-fn default_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
+pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
     let kinds = [AttnKernel::Forward, AttnKernel::Queries, AttnKernel::KeysValues];
     let mma_fits = kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, s.head_dim).is_some());
     let asked = AttentionKernels::from_env();
@@ -866,6 +923,25 @@ fn default_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
     kernels
 }
 
+/// The attention statistics buffer holds lse alone (`[B, H, Tq]`) or, for the GEMM path,
+/// [`AttentionKernels::stats_len`] elements (lse, then the saved P).
+fn expect_stats(
+    op: &'static str,
+    kernels: AttentionKernels,
+    lse: &DeviceBuffer<f32>,
+    s: AttentionShape,
+) -> Result<(), GpuError> {
+    let (lse_only, with_probs) = (s.batch * s.heads * s.q_len, kernels.stats_len(s));
+    if lse.len() == lse_only || lse.len() == with_probs {
+        Ok(())
+    } else {
+        Err(shape(
+            op,
+            format!("lse holds {} f32 elements, expected {lse_only} or {with_probs}", lse.len()),
+        ))
+    }
+}
+
 /// Fused attention forward (see `kernels/cuda/attention.cu`): `out` `[B·Tq, D]` (fp16) and
 /// the log-sum-exp of each query row's scaled scores, `lse` `[B, H, Tq]` (fp32, −inf for a
 /// row with no visible key), which the backward needs. The kernels [`AttentionKernels`] picks
@@ -881,7 +957,7 @@ pub fn attention_forward(
     key_len: &[usize],
     s: AttentionShape,
 ) -> Result<(), GpuError> {
-    let kernels = default_kernels(dev, s);
+    let kernels = attention_kernels(dev, s);
     attention_forward_using(kernels, dev, out, lse, q, k, v, key_len, s)
 }
 
@@ -904,7 +980,7 @@ pub fn attention_forward_using(
     expect_len(OP, "k", k, s.batch * s.k_len * d)?;
     expect_len(OP, "v", v, s.batch * s.k_len * d)?;
     expect_len(OP, "out", out, s.batch * s.q_len * d)?;
-    expect_len(OP, "lse", lse, s.batch * s.heads * s.q_len)?;
+    expect_stats(OP, kernels, lse, s)?;
     let (a, lens) = attention_args(dev, OP, key_len, s)?;
     if out.is_empty() {
         return Ok(());
@@ -959,7 +1035,7 @@ pub fn attention_backward(
     key_len: &[usize],
     s: AttentionShape,
 ) -> Result<(), GpuError> {
-    let kernels = default_kernels(dev, s);
+    let kernels = attention_kernels(dev, s);
     attention_backward_using(kernels, dev, dq, dk, dv, d_out, q, k, v, out, lse, key_len, s)
 }
 
@@ -988,7 +1064,7 @@ pub fn attention_backward_using(
     for (name, buf) in [("dk", &*dk), ("dv", &*dv), ("k", k), ("v", v)] {
         expect_len(OP, name, buf, s.batch * s.k_len * d)?;
     }
-    expect_len(OP, "lse", lse, s.batch * s.heads * s.q_len)?;
+    expect_stats(OP, kernels, lse, s)?;
     let (a, lens) = attention_args(dev, OP, key_len, s)?;
     let rows_heads = s.batch * s.heads * s.q_len;
     let delta = DeviceBuffer::<f32>::uninit(dev, rows_heads.max(1))?;
@@ -1515,5 +1591,34 @@ mod tests {
         assert_eq!(fastest(shape(192, 128, 128), true), AttentionKernels::Wmma);
         // Decoding one token at a time against a long cache: the fused kernels.
         assert_eq!(fastest(shape(192, 1, 4096), true), AttentionKernels::Wmma);
+    }
+}
+
+#[cfg(all(test, feature = "emu"))]
+mod key_length_tests {
+    use std::sync::Arc;
+
+    use super::{key_lengths, KEY_LENGTHS_KEPT};
+    use crate::gpu::{emu::EmuDevice, Gpu};
+
+    /// A step's attention calls share one upload of each key-length vector; another device
+    /// or other values get their own, and the oldest of too many is uploaded again.
+    #[test]
+    fn key_lengths_are_uploaded_once_while_kept() {
+        let (a, b): (Gpu, Gpu) = (Arc::new(EmuDevice::new()), Arc::new(EmuDevice::new()));
+        let lens =
+            |dev: &Gpu, values: &[usize]| key_lengths(dev, "test", values.iter().copied()).unwrap();
+        let first = lens(&a, &[5, 3, 7]);
+        assert_eq!(first.to_host().unwrap(), [5, 3, 7]);
+        assert!(Arc::ptr_eq(&first, &lens(&a, &[5, 3, 7])), "the same vector is kept");
+        assert!(!Arc::ptr_eq(&first, &lens(&b, &[5, 3, 7])), "each device has its own");
+        assert!(!Arc::ptr_eq(&first, &lens(&a, &[5, 3, 8])), "other values, another buffer");
+        // Enough other vectors on `a` push [5, 3, 7] out.
+        for n in 0..KEY_LENGTHS_KEPT {
+            lens(&a, &[n, 100]);
+        }
+        let again = lens(&a, &[5, 3, 7]);
+        assert!(!Arc::ptr_eq(&first, &again), "pushed out after {KEY_LENGTHS_KEPT} others");
+        assert_eq!(again.to_host().unwrap(), [5, 3, 7]);
     }
 }

@@ -1,15 +1,16 @@
 //! Attention with the scores materialised, through cuBLASLt's batched products
 //! ([`AttentionKernels::Gemm`](super::AttentionKernels): the default for heads wider than 64
 //! over more than 256 × 256 scores a block, `CHINGU_ATTN=gemm` for every shape). Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
-//! Backward: S and dP = dO·Vᵀ again, P and dS (`attention_scores_backward_f16`), then
-//! dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every product reads and writes one head's columns of
-//! the `[B·T, H·Dh]` tensors in place (row stride H·Dh), batched over batch rows, one product
-//! per head — no copy of any tensor into a head-major layout. Kernels and conventions:
-//! `kernels/cuda/attention_gemm.cu`. Score rows go in chunks of whole (batch row, head) blocks,
-//! consecutive in that order, of at most `scores_per_chunk` scores (one block at least), so the
-//! scratch stays bounded (12 bytes a score in backward) whatever the sequence length; a chunk's
-//! blocks of one head are batch rows in a row, one batched product. The chunking changes no
-//! result.
+//! Backward: dP = dO·Vᵀ, dS (`attention_scores_backward_saved_f16`) from the P the forward
+//! saved where the statistics buffer holds it ([`saved_probs_len`]); else S again and P and dS
+//! from it (`attention_scores_backward_f16`). Then dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every
+//! product reads and writes one head's columns of the `[B·T, H·Dh]` tensors in place (row
+//! stride H·Dh), batched over batch rows, one product per head — no copy of any tensor into a
+//! head-major layout. Kernels and conventions: `kernels/cuda/attention_gemm.cu`. Score rows go
+//! in chunks of whole (batch row, head) blocks, consecutive in that order, of at most
+//! `scores_per_chunk` scores (one block at least), so the scratch stays bounded (12 bytes a
+//! score in backward, 6 with P saved) whatever the sequence length; a chunk's blocks of one
+//! head are batch rows in a row, one batched product. The chunking changes no result.
 
 use half::f16;
 
@@ -68,14 +69,47 @@ impl Operand {
     /// One head's score blocks in the chunk's `buf`, from the chunk's block `first`: `[Tq×Tk]`
     /// with rows [`score_ld`] apart, a head's blocks H apart ((batch row, head) order).
     fn scores<T: crate::gpu::Element>(
-        buf: &DeviceBuffer<T>,
+        buf: ScoresOf<T>,
         s: AttentionShape,
         first: usize,
         transposed: bool,
     ) -> Self {
         let (ld, block) = (score_ld(s), s.q_len * score_ld(s));
-        let ptr = buf.ptr() + (first * block * std::mem::size_of::<T>()) as DevicePtr;
+        let ptr = buf.at_block(s, first);
         Self { ptr, stride: s.heads * block, transposed, ld }
+    }
+}
+
+/// Score blocks of element type `T` from `ptr` on: a chunk's scratch, or the chunk's part of
+/// the P the forward saved.
+struct ScoresOf<T> {
+    ptr: DevicePtr,
+    element: std::marker::PhantomData<T>,
+}
+
+impl<T> Clone for ScoresOf<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for ScoresOf<T> {}
+
+impl<T> ScoresOf<T> {
+    fn at(ptr: DevicePtr) -> Self {
+        Self { ptr, element: std::marker::PhantomData }
+    }
+
+    fn of(buf: &DeviceBuffer<T>) -> Self
+    where
+        T: crate::gpu::Element,
+    {
+        Self::at(buf.ptr())
+    }
+
+    /// The address of block `first` (blocks `Tq` rows of [`score_ld`] apart).
+    fn at_block(self, s: AttentionShape, first: usize) -> DevicePtr {
+        let block = s.q_len * score_ld(s);
+        self.ptr + (first * block * std::mem::size_of::<T>()) as DevicePtr
     }
 }
 
@@ -84,6 +118,38 @@ impl Operand {
 /// vectorised kernels for the batched products that read or write scores.
 fn score_ld(s: AttentionShape) -> usize {
     s.k_len.next_multiple_of(8)
+}
+
+/// Halves of P the forward saves for the backward, `None` where it saves none: all of P,
+/// `[B·H·Tq, score_ld]`, where it fits one chunk's bound (`scores_per_chunk`: 2^27 scores, 256
+/// MiB a call, by default). The backward then skips S = Q·Kᵀ and the softmax again (GPU run
+/// 18's seed-768 profile: 72 of the step's 216 score products, 3.5 ms, and a third of the
+/// scores-backward kernel's traffic). Longer sequences keep memory bounded by recomputing.
+pub(super) fn saved_probs_len(s: AttentionShape, scores_per_chunk: usize) -> Option<usize> {
+    let scores = s.batch * s.heads * s.q_len * score_ld(s);
+    (scores > 0 && scores <= scores_per_chunk).then_some(scores)
+}
+
+/// f32 elements of the statistics buffer where it holds lse and then P (fp16, two a slot,
+/// from the first 16-byte boundary after lse, so cuBLASLt sees aligned score rows).
+pub(super) fn stats_len_with_probs(s: AttentionShape, probs: usize) -> usize {
+    lse_len(s).next_multiple_of(4) + probs.div_ceil(2)
+}
+
+fn lse_len(s: AttentionShape) -> usize {
+    s.batch * s.heads * s.q_len
+}
+
+/// Where the statistics buffer `stats` holds P after lse ([`stats_len_with_probs`]), its
+/// address; `None` where it holds lse alone.
+fn saved_probs(
+    stats: &DeviceBuffer<f32>,
+    s: AttentionShape,
+    scores_per_chunk: usize,
+) -> Option<ScoresOf<f16>> {
+    let probs = saved_probs_len(s, scores_per_chunk)?;
+    (stats.len() == stats_len_with_probs(s, probs))
+        .then(|| ScoresOf::at(stats.ptr() + (lse_len(s).next_multiple_of(4) * 4) as DevicePtr))
 }
 
 /// `C = op(A)·op(B)` (overwritten) for `count` blocks at once; `C` fp32 when `c_f32`.
@@ -196,13 +262,13 @@ unsafe fn scores_from(
         Operand::head(x, s, s.q_len, run.b0, run.h),
         Operand::head_t(y, s, s.k_len, run.b0, run.h),
     );
-    let out = Operand::scores(out, s, run.first_in_chunk, false);
+    let out = Operand::scores(ScoresOf::of(out), s, run.first_in_chunk, false);
     // SAFETY: the caller's contract.
     unsafe { batched(dev, (s.q_len, s.k_len, s.head_dim), x, y, out, true, run.count) }
 }
 
-/// Head `run.h`'s columns of `out` = op(P)·x for `run`'s blocks, P the chunk's score blocks in
-/// `p`: as stored for query rows out (O = P·V, dQ = dS·K), transposed for key rows out
+/// Head `run.h`'s columns of `out` = op(P)·x for `run`'s blocks, P the chunk's score blocks
+/// from `p`: as stored for query rows out (O = P·V, dQ = dS·K), transposed for key rows out
 /// (dV = Pᵀ·dO, dK = dSᵀ·Q); x and `out` `[B·T, H·Dh]` with the matching lengths.
 ///
 /// # Safety
@@ -211,7 +277,7 @@ unsafe fn times_scores(
     dev: &Gpu,
     s: AttentionShape,
     run: &HeadRun,
-    p: &DeviceBuffer<f16>,
+    p: ScoresOf<f16>,
     transposed: bool,
     x: &DeviceBuffer<f16>,
     out: &DeviceBuffer<f16>,
@@ -239,7 +305,8 @@ fn zero(dev: &Gpu, bufs: &mut [&mut DeviceBuffer<f16>]) -> Result<(), GpuError> 
     Ok(())
 }
 
-/// The forward (see the module comment); arguments as `ops::attention_forward_using`'s, checked.
+/// The forward (see the module comment); arguments as `ops::attention_forward_using`'s, checked
+/// (`lse` the statistics buffer: P saved after lse where it is long enough).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     dev: &Gpu,
@@ -259,19 +326,29 @@ pub(super) fn forward(
         zero(dev, &mut [out])?;
     }
     let blocks = s.batch * s.heads;
-    let (chunk, (scores, p)) = chunk_scratch(s, scores_per_chunk, |n| {
-        Ok((DeviceBuffer::<f32>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
+    let saved = saved_probs(lse, s, scores_per_chunk);
+    let (chunk, (scores, p_scratch)) = chunk_scratch(s, scores_per_chunk, |n| {
+        let p = match saved {
+            Some(_) => None,
+            None => Some(DeviceBuffer::<f16>::uninit(dev, n)?),
+        };
+        Ok((DeviceBuffer::<f32>::uninit(dev, n)?, p))
     })?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         let rows = count * tq;
+        let p = match (saved, &p_scratch) {
+            (Some(saved), _) => ScoresOf::at(saved.at_block(s, first)),
+            (None, Some(scratch)) => ScoresOf::of(scratch),
+            (None, None) => unreachable!("P has scratch where the forward saves none"),
+        };
         // SAFETY (every product): each run's blocks of Q, K, V, the output and the chunk's
-        // scores lie inside their buffers (the scratch holds `chunk` blocks).
+        // scores lie inside their buffers (the scratch holds `chunk` blocks, saved P all).
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
             unsafe { scores_from(dev, s, &run, q, k, &scores) }?;
         }
         let args = args![
-            p.ptr(),
+            p.ptr,
             lse.ptr(),
             scores.ptr(),
             lens.ptr(),
@@ -287,14 +364,15 @@ pub(super) fn forward(
         ];
         launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
-            unsafe { times_scores(dev, s, &run, &p, false, v, out) }?;
+            unsafe { times_scores(dev, s, &run, p, false, v, out) }?;
         }
     }
     Ok(())
 }
 
-/// The backward (see the module comment), from the forward's `lse` and `delta` = Σ dO·O per
-/// row and head; arguments as `ops::attention_backward_using`'s, checked.
+/// The backward (see the module comment), from the forward's `lse` (and P, where saved after
+/// it) and `delta` = Σ dO·O per row and head; arguments as `ops::attention_backward_using`'s,
+/// checked.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     dev: &Gpu,
@@ -319,48 +397,80 @@ pub(super) fn backward(
         return zero(dev, &mut [dq, dk, dv]);
     }
     let blocks = s.batch * s.heads;
-    let (chunk, (scores, dp, p, ds)) = chunk_scratch(s, scores_per_chunk, |n| {
-        Ok((
-            DeviceBuffer::<f32>::uninit(dev, n)?,
-            DeviceBuffer::<f32>::uninit(dev, n)?,
-            DeviceBuffer::<f16>::uninit(dev, n)?,
-            DeviceBuffer::<f16>::uninit(dev, n)?,
-        ))
+    let saved = saved_probs(lse, s, scores_per_chunk);
+    // Scratch: dP and dS; S and P as well where P was not saved.
+    let (chunk, (recompute, dp, ds)) = chunk_scratch(s, scores_per_chunk, |n| {
+        let recompute = match saved {
+            Some(_) => None,
+            None => {
+                Some((DeviceBuffer::<f32>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
+            }
+        };
+        Ok((recompute, DeviceBuffer::<f32>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
     })?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         // SAFETY (every product below): each run's blocks of the `[B·T, H·Dh]` tensors and
         // of the chunk's scores lie inside their buffers.
         for run in head_runs(s, first, count) {
-            // S = Q·Kᵀ and dP = dO·Vᵀ, fp32.
-            unsafe { scores_from(dev, s, &run, q, k, &scores) }?;
+            // S = Q·Kᵀ (unless P was saved) and dP = dO·Vᵀ, fp32.
+            if let Some((scores, _)) = &recompute {
+                unsafe { scores_from(dev, s, &run, q, k, scores) }?;
+            }
             unsafe { scores_from(dev, s, &run, d_out, v, &dp) }?;
         }
-        let rows = count * tq;
-        let args = args![
-            p.ptr(),
-            ds.ptr(),
-            scores.ptr(),
-            dp.ptr(),
-            lse.ptr(),
-            delta.ptr(),
-            lens.ptr(),
-            int(OP, "rows", rows)?,
-            d.q_len,
-            d.k_len,
-            int(OP, "score row stride", score_ld(s))?,
-            d.heads,
-            d.causal,
-            d.q_offset,
-            d.scale,
-            int(OP, "first block", first)?
-        ];
-        launch(dev, "attention_scores_backward_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
+        let rows = int(OP, "rows", count * tq)?;
+        let (ld, first_bh) =
+            (int(OP, "score row stride", score_ld(s))?, int(OP, "first block", first)?);
+        let grid = warp_per_row(count * tq);
+        let p = match (saved, &recompute) {
+            (Some(saved), _) => {
+                let p = ScoresOf::at(saved.at_block(s, first));
+                let args = args![
+                    ds.ptr(),
+                    p.ptr,
+                    dp.ptr(),
+                    delta.ptr(),
+                    rows,
+                    d.q_len,
+                    d.k_len,
+                    ld,
+                    d.scale,
+                    first_bh
+                ];
+                launch(dev, "attention_scores_backward_saved_f16", grid, (THREADS, 1, 1), 0, args)?;
+                p
+            }
+            (None, Some((scores, p))) => {
+                let args = args![
+                    p.ptr(),
+                    ds.ptr(),
+                    scores.ptr(),
+                    dp.ptr(),
+                    lse.ptr(),
+                    delta.ptr(),
+                    lens.ptr(),
+                    rows,
+                    d.q_len,
+                    d.k_len,
+                    ld,
+                    d.heads,
+                    d.causal,
+                    d.q_offset,
+                    d.scale,
+                    first_bh
+                ];
+                launch(dev, "attention_scores_backward_f16", grid, (THREADS, 1, 1), 0, args)?;
+                ScoresOf::of(p)
+            }
+            (None, None) => unreachable!("S and P have scratch where the forward saved no P"),
+        };
+        let ds = ScoresOf::of(&ds);
         for run in head_runs(s, first, count) {
             // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q, each head's columns overwritten.
-            unsafe { times_scores(dev, s, &run, &p, true, d_out, dv) }?;
-            unsafe { times_scores(dev, s, &run, &ds, false, k, dq) }?;
-            unsafe { times_scores(dev, s, &run, &ds, true, q, dk) }?;
+            unsafe { times_scores(dev, s, &run, p, true, d_out, dv) }?;
+            unsafe { times_scores(dev, s, &run, ds, false, k, dq) }?;
+            unsafe { times_scores(dev, s, &run, ds, true, q, dk) }?;
         }
     }
     // Scratch buffers go back to the allocator, reused only by later work on this stream.
