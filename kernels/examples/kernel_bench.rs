@@ -225,8 +225,9 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         rows.push(row);
     };
 
-    // --- LayerNorm over N × D -----------------------------------------------------------
-    {
+    // --- LayerNorm over N × D, and N × 768 (seed-768's rows: the 3-vector kernels) --------
+    for d in [d, 768].into_iter().take(if d == 768 { 1 } else { 2 }) {
+        let (df, nd) = (d as f64, format!("{n}x{d}"));
         let x = random_half(dev, next_seed(), n * d, -2.0, 2.0)?;
         let gamma = random_half(dev, next_seed(), d, 0.5, 1.5)?;
         let beta = random_half(dev, next_seed(), d, -0.5, 0.5)?;

@@ -629,8 +629,13 @@ impl Backend for GpuBackend {
     }
 
     fn attention_stats_len(&self, shape: AttentionShape) -> usize {
-        // One log-sum-exp per (batch row, head, query); the GEMM path's P too, where it keeps it.
-        ops::attention_kernels(&self.dev, shape).stats_len(shape)
+        // One log-sum-exp per (batch row, head, query); the GEMM path's P too, where it keeps
+        // it (unless CHINGU_ATTN_SAVE_PROBS=0: then that path recomputes P from lse).
+        if ops::save_probs_from_env() {
+            ops::attention_kernels(&self.dev, shape).stats_len(shape)
+        } else {
+            shape.batch * shape.heads * shape.q_len
+        }
     }
 
     fn attention_forward(

@@ -670,6 +670,17 @@ pub enum AttentionKernels {
 /// The variable that picks one attention family for every shape.
 pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 
+/// The variable that, set to `0`, has the GEMM attention path recompute P in its backward
+/// instead of keeping it from its forward (less memory: 2 bytes a score, ~150 MB a layer at
+/// seed-768's 18 × 1024 tokens; slower).
+pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
+
+/// False where [`SAVE_PROBS_VAR`] is `0` (read once; any other value, or none, keeps P).
+pub fn save_probs_from_env() -> bool {
+    static SAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SAVE.get_or_init(|| std::env::var(SAVE_PROBS_VAR).map_or(true, |v| v.trim() != "0"))
+}
+
 impl AttentionKernels {
     /// The GEMM path with 2^27 scores a chunk (at most 1.5 GiB of scratch; seed-768's 72
     /// blocks of 1024 × 1024 at 18 × 1024 tokens in one chunk, 864 MiB): `kernel_bench` in
