@@ -494,6 +494,25 @@ mod tests {
     }
 
     #[test]
+    fn p_is_kept_where_all_of_it_fits_one_chunk() {
+        // seed-768 at 18 × 1024, 4 heads: 72 blocks of 1024 × 1024 scores, under 2^27.
+        let s = shape(18, 4, 1024);
+        assert_eq!(saved_probs_len(s, 1 << 27), Some(72 << 20));
+        // lse (73,728 f32), then 72 Mi halves two a slot.
+        assert_eq!(stats_len_with_probs(s, 72 << 20), 73_728 + (36 << 20));
+        // Twice the tokens: 4× the scores, over the bound — recomputed in backward.
+        assert_eq!(saved_probs_len(shape(18, 4, 2048), 1 << 27), None);
+        // Rows padded to 8 keys count: 1001 keys take 1008 slots a row.
+        let odd = AttentionShape { k_len: 1001, ..shape(2, 1, 1000) };
+        assert_eq!(saved_probs_len(odd, 1 << 27), Some(2 * 1000 * 1008));
+        // lse rounded up to 16 bytes before P: 2 × 3 = 6 f32 take 8, then 15 halves 8 slots.
+        let three = AttentionShape { q_len: 3, ..odd };
+        assert_eq!(stats_len_with_probs(three, 15), 8 + 8);
+        // Nothing to keep for a shape without scores.
+        assert_eq!(saved_probs_len(AttentionShape { k_len: 0, ..odd }, 1 << 27), None);
+    }
+
+    #[test]
     fn chunks_are_few_even_and_whole_batch_rows_where_they_fit() {
         // seed-768 at 18 × 1024, 4 heads, 2^25 scores: 72 blocks in 3 chunks of 24 (6 batch
         // rows), not 32 + 32 + 8.
