@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use chingu_corpus::batching::{epoch_plan, index_records, Cursor, RecordRef};
+use chingu_kernels::gpu::ops::SAVE_PROBS_VAR;
 use chingu_kernels::{Backend, BufRole};
 use chingu_model::{Config, Model, ModelError, Optimizer, OptimizerSettings};
 
@@ -227,8 +228,10 @@ pub fn train_parallel<B: Backend + Clone>(
                 format!(
                     " — this batch does not fit on the GPU: lower the batch ({} tokens now: \
                      --batch-tokens, or train.batch_tokens in a launch manifest); raising \
-                     train.accumulate keeps the tokens per optimizer step",
-                    opts.batch_tokens
+                     train.accumulate keeps the tokens per optimizer step. With heads wider \
+                     than 64 over long sequences, {}=0 also frees the softmax attention keeps \
+                     for backward (2 bytes a score, recomputed instead)",
+                    opts.batch_tokens, SAVE_PROBS_VAR
                 )
             } else {
                 String::new()
