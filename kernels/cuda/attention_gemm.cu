@@ -14,9 +14,10 @@
 //   attention_scores_backward_f16: from S and dP = dO·Vᵀ (fp32), P again from lse, then
 //     dS = P·(dP − delta)·scale (delta[b, h, i] = Σ dO·O, attention_backward_delta_f16),
 //     both rounded to fp16 for the products dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
-//   attention_scores_backward_saved_f16: the same dS from the P the forward saved (fp16, 0
-//     where invisible) instead of S: no S = Q·Kᵀ product again, 8 bytes of traffic a score
-//     instead of 12.
+//   attention_scores_backward_saved_f16: dS from the P the forward saved (fp16, 0 where
+//     invisible) instead of S: no S = Q·Kᵀ product again, 8 bytes of traffic a score instead
+//     of 12. P enters dS rounded to fp16 here, at fp32 in the kernel above, so the two paths'
+//     gradients differ in their last bits (both as close to the CPU backend's).
 // P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
 // fp32. Score rows are processed in chunks of consecutive whole (batch row, head) blocks
 // (`first_bh`: the chunk's first), so the scratch stays bounded; nothing depends on the

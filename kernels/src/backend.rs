@@ -121,7 +121,8 @@ pub trait Backend: Send + Sync {
         self.zeros(len)
     }
     /// [`Backend::for_overwrite`] for a buffer holding `role` (default: [`Backend::zeros_as`]):
-    /// attention's statistics, which its forward writes whole.
+    /// attention's statistics, whose forward writes every element its backward reads (a GPU
+    /// leaves padding between rows unwritten and unread).
     fn for_overwrite_as(&self, len: usize, role: BufRole) -> Self::Buf {
         self.zeros_as(len, role)
     }

@@ -238,14 +238,15 @@ fn a_memory_limit_refuses_what_does_not_fit_and_frees_give_it_back() {
     assert_eq!(emu.peak_allocated(), 3000);
 }
 
-/// One GEMM-path attention forward and backward on a fresh emulated device with `limit`
+/// The GEMM attention path's forward and backward on an emulated device with `limit`
 /// bytes, every score block in one chunk if it fits, P saved by the forward when `save_probs`
-/// (then `edit_probs` may change it before the backward): (out, lse, dq, dk, dv) and the peak.
+/// (then `edit_probs`, if given, changes it before the backward): (out, lse, dq, dk, dv), the
+/// peak of memory in use, and that peak as the forward left it.
 fn gemm_attention_under(
     limit: usize,
     save_probs: bool,
-    edit_probs: impl FnOnce(&mut [f16]),
-) -> Result<(Vec<Vec<u32>>, usize), GpuError> {
+    edit_probs: Option<fn(&mut [f16])>,
+) -> Result<(Vec<Vec<u32>>, usize, usize), GpuError> {
     use chingu_kernels::backend::AttentionShape;
     use chingu_kernels::gpu::ops::{self, AttentionKernels};
     let emu = Arc::new(EmuDevice::new().with_memory_limit(limit));
@@ -269,6 +270,13 @@ fn gemm_attention_under(
         DeviceBuffer::from_host(&dev, &values(3))?,
         DeviceBuffer::from_host(&dev, &values(4))?,
     );
+    // Every output before the forward, so the backward needs little more than its scratch
+    // beyond what the forward had (a limit that halves the forward's chunk leaves it room).
+    let (mut dq, mut dk, mut dv) = (
+        DeviceBuffer::<f16>::uninit(&dev, n)?,
+        DeviceBuffer::<f16>::uninit(&dev, n)?,
+        DeviceBuffer::<f16>::uninit(&dev, n)?,
+    );
     let key_len = [24, 7, 16];
     let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX };
     let lse_len = s.batch * s.heads * s.q_len;
@@ -276,12 +284,13 @@ fn gemm_attention_under(
     let mut out = DeviceBuffer::<f16>::uninit(&dev, n)?;
     let mut lse = DeviceBuffer::<f32>::uninit(&dev, stats_len)?;
     ops::attention_forward_using(one_chunk, &dev, &mut out, &mut lse, &q, &k, &v, &key_len, s)?;
-    if save_probs {
+    let forward_peak = emu.peak_allocated();
+    if let (true, Some(edit)) = (save_probs, edit_probs) {
         // P's halves, two an f32 slot from the first 16-byte boundary after lse.
         let mut stats = lse.to_host()?;
         let tail = &mut stats[lse_len.next_multiple_of(4)..];
         let mut probs: Vec<f16> = tail.iter().flat_map(|x| halves(*x)).collect();
-        edit_probs(&mut probs);
+        edit(&mut probs);
         for (slot, pair) in tail.iter_mut().zip(probs.chunks(2)) {
             *slot = f32::from_bits(
                 u32::from(pair[0].to_bits())
@@ -290,11 +299,6 @@ fn gemm_attention_under(
         }
         lse = DeviceBuffer::from_host(&dev, &stats)?;
     }
-    let (mut dq, mut dk, mut dv) = (
-        DeviceBuffer::<f16>::uninit(&dev, n)?,
-        DeviceBuffer::<f16>::uninit(&dev, n)?,
-        DeviceBuffer::<f16>::uninit(&dev, n)?,
-    );
     ops::attention_backward_using(
         one_chunk, &dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &v, &out, &lse, &key_len, s,
     )?;
@@ -303,7 +307,7 @@ fn gemm_attention_under(
     };
     let lse_bits = lse.to_host()?[..lse_len].iter().map(|x| x.to_bits()).collect();
     let results = vec![bits(&out)?, lse_bits, bits(&dq)?, bits(&dk)?, bits(&dv)?];
-    Ok((results, emu.peak_allocated()))
+    Ok((results, emu.peak_allocated(), forward_peak))
 }
 
 /// The two halves in an f32 slot's bits, low first (the device is little-endian).
@@ -314,21 +318,34 @@ fn halves(x: f32) -> [f16; 2] {
 
 /// The GEMM attention path's scratch grows with its chunk; where the device has no room for
 /// it, the chunk is halved until it fits, with the same result bit for bit — with P saved by
-/// the forward (the chunks then index into it) and without.
+/// the forward and without, and in the forward too (which then writes P chunk by chunk at
+/// each chunk's place).
 #[test]
 fn gemm_attention_halves_its_chunk_when_the_scratch_does_not_fit() {
+    // 6 blocks of 24 × 24 scores; the scratch's bytes a score: forward 4 (S; P goes to the
+    // statistics) or 6 (S and P), backward 6 (dP, dS) or 12 (S, P, dP, dS).
+    let scores = 6 * 24 * 24;
     for save_probs in [false, true] {
-        let (full, peak) = gemm_attention_under(usize::MAX, save_probs, |_| {}).expect("no limit");
-        // The whole chunk's backward scratch is 6 blocks × 24 × 24 scores × 12 bytes (6 with P
-        // saved); a limit under the peak by a third of that leaves room for a smaller chunk only.
-        let scratch = 6 * 24 * 24 * if save_probs { 6 } else { 12 };
-        let limit = peak - scratch / 3;
-        let (halved, halved_peak) =
-            gemm_attention_under(limit, save_probs, |_| {}).expect("a smaller chunk fits");
-        assert!(halved_peak <= limit && halved_peak < peak, "{halved_peak} of {limit}, {peak}");
-        assert_eq!(halved, full, "the chunking changes no result (P saved: {save_probs})");
-        // With no room for even one block's scratch, the out-of-memory error stands.
-        match gemm_attention_under(peak - scratch + 100, save_probs, |_| {}) {
+        let (full, peak, forward_peak) =
+            gemm_attention_under(usize::MAX, save_probs, None).expect("no limit");
+        let (forward_scratch, backward_scratch) =
+            if save_probs { (4 * scores, 6 * scores) } else { (6 * scores, 12 * scores) };
+        // Under the peak by a third of a pass's scratch: room for a smaller chunk only, in the
+        // backward alone, then in the forward as well.
+        for (limit, forward_halves) in
+            [(peak - backward_scratch / 3, false), (forward_peak - forward_scratch / 3, true)]
+        {
+            let (halved, halved_peak, halved_forward_peak) =
+                gemm_attention_under(limit, save_probs, None).expect("a smaller chunk fits");
+            let what = format!("P saved: {save_probs}, limit {limit} of {peak}");
+            assert!(halved_peak <= limit && halved_peak < peak, "{what}: peak {halved_peak}");
+            if forward_halves {
+                assert!(halved_forward_peak < forward_peak, "{what}: the forward's chunk halves");
+            }
+            assert_eq!(halved, full, "the chunking changes no result ({what})");
+        }
+        // With no room for even one block's backward scratch, the out-of-memory error stands.
+        match gemm_attention_under(peak - backward_scratch + 100, save_probs, None) {
             Err(GpuError::OutOfMemory { .. }) => {}
             Err(other) => panic!("expected out of memory, got {other}"),
             Ok(_) => panic!("one block's scratch cannot fit in 100 bytes"),
@@ -341,8 +358,8 @@ fn gemm_attention_halves_its_chunk_when_the_scratch_does_not_fit() {
 /// instead of fp32), and a P zeroed between forward and backward zeroes dV (dV = Pᵀ·dO).
 #[test]
 fn gemm_attention_backward_reads_the_probabilities_its_forward_saved() {
-    let (recomputed, _) = gemm_attention_under(usize::MAX, false, |_| {}).unwrap();
-    let (saved, _) = gemm_attention_under(usize::MAX, true, |_| {}).unwrap();
+    let (recomputed, ..) = gemm_attention_under(usize::MAX, false, None).unwrap();
+    let (saved, ..) = gemm_attention_under(usize::MAX, true, None).unwrap();
     assert_eq!(saved[..2], recomputed[..2], "out and lse do not depend on saving P");
     let value = |bits: u32| f16::from_bits(bits as u16).to_f32();
     for (name, i) in [("dq", 2), ("dk", 3), ("dv", 4)] {
@@ -354,6 +371,6 @@ fn gemm_attention_backward_reads_the_probabilities_its_forward_saved() {
         }
     }
     assert!(saved[4].iter().any(|&b| value(b) != 0.0), "dV is not zero to begin with");
-    let (zeroed, _) = gemm_attention_under(usize::MAX, true, |p| p.fill(f16::ZERO)).unwrap();
+    let (zeroed, ..) = gemm_attention_under(usize::MAX, true, Some(|p| p.fill(f16::ZERO))).unwrap();
     assert!(zeroed[4].iter().all(|&b| value(b) == 0.0), "dV = Pᵀ·dO with P zeroed");
 }

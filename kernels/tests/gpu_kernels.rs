@@ -54,7 +54,9 @@ fn poisoned_half(dev: &Gpu, n: usize) -> DeviceBuffer<f16> {
 }
 
 fn poisoned_f32(dev: &Gpu, n: usize) -> DeviceBuffer<f32> {
-    DeviceBuffer::from_host(dev, &vec![f32::NAN; n]).unwrap()
+    // NaN as an f32 and as both halves of one (where a buffer holds fp16 pairs, as the GEMM
+    // attention path's P after lse).
+    DeviceBuffer::from_host(dev, &vec![f32::from_bits(0x7FC0_7FC0); n]).unwrap()
 }
 
 fn up<T: chingu_kernels::gpu::Element>(dev: &Gpu, data: &[T]) -> DeviceBuffer<T> {

@@ -228,9 +228,10 @@ pub fn train_parallel<B: Backend + Clone>(
                 format!(
                     " — this batch does not fit on the GPU: lower the batch ({} tokens now: \
                      --batch-tokens, or train.batch_tokens in a launch manifest); raising \
-                     train.accumulate keeps the tokens per optimizer step. With heads wider \
-                     than 64 over long sequences, {}=0 also frees the softmax attention keeps \
-                     for backward (2 bytes a score, recomputed instead)",
+                     train.accumulate keeps the tokens per optimizer step. Where attention \
+                     runs through cuBLASLt products (heads wider than 64 over long sequences, \
+                     or CHINGU_ATTN=gemm), {}=0 also frees the softmax it keeps for backward \
+                     (2 bytes a score, recomputed instead)",
                     opts.batch_tokens, SAVE_PROBS_VAR
                 )
             } else {

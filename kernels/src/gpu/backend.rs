@@ -236,7 +236,7 @@ impl Backend for GpuBackend {
     }
 
     /// No memset, as [`Backend::for_overwrite`] (the GEMM attention path's statistics hold P:
-    /// ~150 MB a layer at seed-768's batch).
+    /// ~150 MB an attention call at seed-768's batch).
     fn for_overwrite_as(&self, len: usize, role: BufRole) -> GpuBuf {
         const OP: &str = "for_overwrite";
         let uninit = || check(OP, DeviceBuffer::<f32>::uninit(&self.dev, len));

@@ -614,25 +614,37 @@ fn key_lengths(
 ) -> Result<Arc<DeviceBuffer<i32>>, GpuError> {
     static KEPT: Mutex<LengthCache> = Mutex::new(Vec::new());
     let host = values.map(|v| int(op, "index", v)).collect::<Result<Vec<i32>, _>>()?;
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = || KEPT.lock().unwrap_or_else(|e| e.into_inner());
     // The device is known by its address (a kept buffer holds it, so no other takes it).
-    let found = kept.iter().position(|(d, v, _)| Arc::ptr_eq(d, dev) && *v == host);
+    let same = |d: &Gpu| Arc::ptr_eq(d, dev);
+    let found = {
+        let mut kept = lock();
+        let i = kept.iter().position(|(d, v, _)| same(d) && *v == host);
+        i.map(|i| kept.remove(i))
+    };
+    // A new vector is uploaded outside the lock: the upload waits for this device's queue,
+    // which must not hold up another device's attention calls.
     let entry = match found {
-        Some(i) => kept.remove(i),
+        Some(entry) => entry,
         None => {
             let buf = Arc::new(DeviceBuffer::from_host(dev, &host)?);
             (dev.clone(), host, buf)
         }
     };
     let buf = entry.2.clone();
+    let mut evicted = Vec::new();
+    let mut kept = lock();
     kept.push(entry);
-    if kept.iter().filter(|(d, _, _)| Arc::ptr_eq(d, dev)).count() > KEY_LENGTHS_KEPT {
-        let oldest = kept.iter().position(|(d, _, _)| Arc::ptr_eq(d, dev));
-        kept.remove(oldest.unwrap_or(0));
+    if kept.iter().filter(|(d, _, _)| same(d)).count() > KEY_LENGTHS_KEPT {
+        let oldest = kept.iter().position(|(d, _, _)| same(d));
+        evicted.push(kept.remove(oldest.unwrap_or(0)));
     }
     if kept.len() > KEY_LENGTHS_KEPT_IN_ALL {
-        kept.remove(0);
+        evicted.push(kept.remove(0));
     }
+    drop(kept);
+    // Freed (and a device perhaps closed) with the lock released.
+    drop(evicted);
     Ok(buf)
 }
 
@@ -671,8 +683,9 @@ pub enum AttentionKernels {
 pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 
 /// The variable that, set to `0`, has the GEMM attention path recompute P in its backward
-/// instead of keeping it from its forward (less memory: 2 bytes a score, ~150 MB a layer at
-/// seed-768's 18 × 1024 tokens; slower).
+/// instead of keeping it from its forward (less memory: 2 bytes a score, ~150 MB an attention
+/// call at seed-768's 18 × 1024 tokens; slower; dS from P at fp32 rather than fp16, so the
+/// gradients' last bits differ).
 pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
 
 /// False where [`SAVE_PROBS_VAR`] is `0` (read once; any other value, or none, keeps P).
@@ -1028,7 +1041,8 @@ pub fn attention_forward_using(
             l.tile
         ],
     )?;
-    // `lens` is reused only by later work on the same stream (see `layernorm_backward`).
+    // `lens` stays kept for later calls with the same lengths (`key_lengths`): never written
+    // again, so no call waits for another.
     Ok(())
 }
 
