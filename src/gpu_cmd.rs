@@ -1,11 +1,49 @@
 //! `chingu gpu`: what this build and this machine offer for GPU training — whether the build
 //! has CUDA support, the driver and devices found, NVRTC's version, NCCL's (several GPU
 //! workers need it), and whether every kernel compiles and loads for each device's
-//! architecture. Says plainly what is missing.
+//! architecture. Says plainly what is missing, then lists the environment variables that tune
+//! GPU work, with their values.
 
-/// Runs `chingu gpu`.
+/// Runs `chingu gpu`: the checks, then the settings that tune GPU work.
 #[cfg(feature = "cuda")]
 pub fn run() -> anyhow::Result<()> {
+    let checked = check();
+    print_settings();
+    checked
+}
+
+/// The environment variables the GPU backend reads, each with what it does.
+#[cfg(feature = "cuda")]
+const SETTINGS: [(&str, &str); 5] = [
+    (
+        chingu_kernels::gpu::ops::ATTENTION_VAR,
+        "attention kernels: auto (by shape), wmma, mma or gemm",
+    ),
+    (
+        chingu_kernels::gpu::ops::SAVE_PROBS_VAR,
+        "0 = the cuBLASLt attention path recomputes the softmax in backward (less memory)",
+    ),
+    (
+        "CHINGU_GELU_EPILOGUE",
+        "0 = the feed-forward GELU in its own kernel, not in cuBLASLt's product",
+    ),
+    ("CHINGU_PROFILE", "1 = time every launch alone and print where a step's time goes"),
+    ("CHINGU_KERNEL_CACHE", "where compiled kernels are kept (default ~/.cache/chingu/kernels)"),
+];
+
+/// Prints [`SETTINGS`] with their values here.
+#[cfg(feature = "cuda")]
+fn print_settings() {
+    println!("settings (environment variables; unset takes the default):");
+    for (name, what) in SETTINGS {
+        let value = std::env::var(name).unwrap_or_else(|_| "unset".into());
+        println!("  {name:<23} {value:<6} {what}");
+    }
+}
+
+/// `chingu gpu`'s checks.
+#[cfg(feature = "cuda")]
+fn check() -> anyhow::Result<()> {
     use chingu_kernels::gpu::cuda::CudaDevice;
     use chingu_kernels::gpu::{nvrtc, Device};
 

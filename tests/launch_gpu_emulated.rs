@@ -7,6 +7,7 @@
 //! — no restart — with the worker's message saying what to lower. Two GPU workers summing
 //! through the TCP ring equal one accumulating their two micro-batches, bit for bit. A
 //! checkpoint is evaluated and asked on the GPU backend as on the CPU (`--device cuda`).
+//! `chingu gpu` lists the settings that tune GPU work.
 //!
 //! Needs the `emu` feature (`cargo test --features emu --test launch_gpu_emulated`, as
 //! `.ci/run` does): without it this build has no GPU workers at all.
@@ -297,4 +298,28 @@ fn a_checkpoint_is_evaluated_and_asked_on_the_gpu_as_on_the_cpu() {
     let answer = ask("cuda");
     assert!(!answer.trim().is_empty());
     assert_eq!(answer, ask("cpu"));
+}
+
+/// `chingu gpu` ends with the environment variables that tune GPU work and their values here,
+/// whatever it found of a driver (this machine may have none).
+#[test]
+fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
+    let out = chingu()
+        .env("CHINGU_ATTN", "gemm")
+        .env("CHINGU_ATTN_SAVE_PROBS", "0")
+        .env_remove("CHINGU_PROFILE")
+        .arg("gpu")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = |name: &str| {
+        let found = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        found.unwrap_or_else(|| panic!("no {name} line in:\n{text}")).to_string()
+    };
+    assert!(line("CHINGU_ATTN").contains(" gemm "), "{text}");
+    assert!(line("CHINGU_ATTN_SAVE_PROBS").contains(" 0 "), "{text}");
+    assert!(line("CHINGU_PROFILE").contains(" unset "), "{text}");
+    for name in ["CHINGU_GELU_EPILOGUE", "CHINGU_KERNEL_CACHE"] {
+        line(name);
+    }
 }
