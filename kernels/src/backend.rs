@@ -120,12 +120,6 @@ pub trait Backend: Send + Sync {
     fn zeros_as(&self, len: usize, _role: BufRole) -> Self::Buf {
         self.zeros(len)
     }
-    /// [`Backend::for_overwrite`] for a buffer holding `role` (default: [`Backend::zeros_as`]):
-    /// attention's statistics, whose forward writes every element its backward reads (a GPU
-    /// leaves padding between rows unwritten and unread).
-    fn for_overwrite_as(&self, len: usize, role: BufRole) -> Self::Buf {
-        self.zeros_as(len, role)
-    }
     /// Uploads values holding `role` (default: [`Backend::upload_f32`]).
     fn upload_f32_as(&self, data: &[f32], _role: BufRole) -> Self::Buf {
         self.upload_f32(data)
@@ -363,10 +357,13 @@ pub trait Backend: Send + Sync {
     /// Sets the factor the loss gradient is multiplied by (a no-op where there is none).
     fn set_loss_scale(&self, _scale: f32) {}
 
-    /// Elements of the `probs` buffer attention saves for backward (default: the whole softmax,
-    /// `[B, H, Tq, Tk]`; a fused backend saves less, e.g. one log-sum-exp per query row).
-    fn attention_stats_len(&self, shape: AttentionShape) -> usize {
-        shape.batch * shape.heads * shape.q_len * shape.k_len
+    /// The `probs` buffer attention's forward fills for its backward (default: the whole
+    /// softmax, `[B, H, Tq, Tk]`, zero-filled; a GPU keeps one log-sum-exp per query row, and
+    /// on its cuBLASLt path P too, unfilled: the forward writes every element the backward
+    /// reads).
+    fn attention_stats(&self, shape: AttentionShape) -> Self::Buf {
+        let len = shape.batch * shape.heads * shape.q_len * shape.k_len;
+        self.zeros_as(len, BufRole::Statistics)
     }
 
     /// Writes `dq`, `dk`, `dv` (overwritten). `out` (the forward's output) and `key_len` are

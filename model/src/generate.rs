@@ -4,7 +4,7 @@
 //! function, [`Model::decode_step`], which a test checks against full recomputation.
 
 use chingu_kernels::rng::SplitMix64;
-use chingu_kernels::{AttentionShape, Backend, BufRole};
+use chingu_kernels::{AttentionShape, Backend};
 
 use crate::config::NormPlacement;
 use crate::params::{AttnIdx, FfnIdx, NormIdx};
@@ -165,9 +165,7 @@ impl<B: Backend> Model<B> {
             q_offset,
         };
         let mut ctx = self.backend.zeros(batch * d);
-        let mut probs = self
-            .backend
-            .for_overwrite_as(self.backend.attention_stats_len(shape), BufRole::Statistics);
+        let mut probs = self.backend.attention_stats(shape);
         self.backend.attention_forward(&mut ctx, &mut probs, &q, k, v, &lengths, shape);
         self.linear(&ctx, idx.o, batch, d, d)
     }

@@ -389,9 +389,7 @@ impl<B: Backend> Model<B> {
             q_offset: 0,
         };
         let mut ctx = self.backend.for_overwrite(nq * d);
-        let mut probs = self
-            .backend
-            .for_overwrite_as(self.backend.attention_stats_len(shape), BufRole::Statistics);
+        let mut probs = self.backend.attention_stats(shape);
         self.backend.attention_forward(&mut ctx, &mut probs, &q, &k, &v, keys.lengths, shape);
         let s = self.linear(&ctx, idx.o, nq, d, d);
         let key_len = keys.lengths.to_vec();

@@ -235,23 +235,6 @@ impl Backend for GpuBackend {
         }
     }
 
-    /// No memset, as [`Backend::for_overwrite`] (the GEMM attention path's statistics hold P:
-    /// ~150 MB an attention call at seed-768's batch).
-    fn for_overwrite_as(&self, len: usize, role: BufRole) -> GpuBuf {
-        const OP: &str = "for_overwrite";
-        let uninit = || check(OP, DeviceBuffer::<f32>::uninit(&self.dev, len));
-        match role {
-            BufRole::Activation => self.for_overwrite(len),
-            BufRole::Gradient | BufRole::OptimizerState | BufRole::Statistics => {
-                GpuBuf::Float(uninit())
-            }
-            BufRole::Parameter => GpuBuf::Param {
-                master: uninit(),
-                half: check(OP, DeviceBuffer::uninit(&self.dev, len)),
-            },
-        }
-    }
-
     fn upload_f32_as(&self, data: &[f32], role: BufRole) -> GpuBuf {
         let float = || check("upload", DeviceBuffer::from_host(&self.dev, data));
         match role {
@@ -628,14 +611,11 @@ impl Backend for GpuBackend {
         out
     }
 
-    fn attention_stats_len(&self, shape: AttentionShape) -> usize {
-        // One log-sum-exp per (batch row, head, query); the GEMM path's P too, where it keeps
-        // it (unless CHINGU_ATTN_SAVE_PROBS=0: then that path recomputes P from lse).
-        if ops::save_probs_from_env() {
-            ops::attention_kernels(&self.dev, shape).stats_len(shape)
-        } else {
-            shape.batch * shape.heads * shape.q_len
-        }
+    /// No memset (the GEMM attention path's statistics hold P: ~150 MB an attention call at
+    /// seed-768's batch).
+    fn attention_stats(&self, shape: AttentionShape) -> GpuBuf {
+        let len = ops::attention_stats_len(&self.dev, shape);
+        GpuBuf::Float(check("attention_stats", DeviceBuffer::uninit(&self.dev, len)))
     }
 
     fn attention_forward(

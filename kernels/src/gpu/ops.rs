@@ -674,7 +674,8 @@ pub enum AttentionKernels {
     /// (runs 16 and 17).
     Gemm {
         /// Scores (Tq·Tk per batch row and head) each chunk of the scratch holds, at least
-        /// one block's: the scratch's bound (12 bytes a score).
+        /// one block's: the scratch's bound (12 bytes a score, 6 with P kept), and P's: kept
+        /// where all of it fits this bound.
         scores_per_chunk: usize,
     },
 }
@@ -689,9 +690,20 @@ pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
 
 /// False where [`SAVE_PROBS_VAR`] is `0` (read once; any other value, or none, keeps P).
-pub fn save_probs_from_env() -> bool {
+fn save_probs_from_env() -> bool {
     static SAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SAVE.get_or_init(|| std::env::var(SAVE_PROBS_VAR).map_or(true, |v| v.trim() != "0"))
+}
+
+/// f32 elements of the statistics buffer attention of shape `s` takes on `dev`: those of the
+/// family [`attention_kernels`] picks ([`AttentionKernels::stats_len`]), lse alone where
+/// [`SAVE_PROBS_VAR`] is `0`.
+pub fn attention_stats_len(dev: &Gpu, s: AttentionShape) -> usize {
+    if save_probs_from_env() {
+        attention_kernels(dev, s).stats_len(s)
+    } else {
+        s.batch * s.heads * s.q_len
+    }
 }
 
 impl AttentionKernels {
@@ -972,8 +984,8 @@ fn expect_stats(
 
 /// Fused attention forward (see `kernels/cuda/attention.cu`): `out` `[B·Tq, D]` (fp16) and
 /// the log-sum-exp of each query row's scaled scores, `lse` `[B, H, Tq]` (fp32, −inf for a
-/// row with no visible key), which the backward needs. The kernels [`AttentionKernels`] picks
-/// for the head width.
+/// row with no visible key), which the backward needs (the GEMM path's P after it, where
+/// `lse` is [`AttentionKernels::stats_len`] long). The kernels [`attention_kernels`] picks.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Gpu,
@@ -1048,7 +1060,7 @@ pub fn attention_forward_using(
 
 /// Fused attention backward from the forward's `out` and `lse`: writes (overwrites) `dq`,
 /// `dk`, `dv`; keys past `key_len` get zero gradients. Deterministic (no atomics). The
-/// kernels [`AttentionKernels`] picks for the head width.
+/// kernels [`attention_kernels`] picks.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dev: &Gpu,
@@ -1621,19 +1633,15 @@ mod tests {
         // Decoding one token at a time against a long cache: the fused kernels.
         assert_eq!(fastest(shape(192, 1, 4096), true), AttentionKernels::Wmma);
     }
-}
-
-#[cfg(all(test, feature = "emu"))]
-mod key_length_tests {
-    use std::sync::Arc;
-
-    use super::{key_lengths, KEY_LENGTHS_KEPT};
-    use crate::gpu::{emu::EmuDevice, Gpu};
 
     /// A step's attention calls share one upload of each key-length vector; another device
     /// or other values get their own, and the oldest of too many is uploaded again.
+    #[cfg(feature = "emu")]
     #[test]
     fn key_lengths_are_uploaded_once_while_kept() {
+        use super::{key_lengths, KEY_LENGTHS_KEPT};
+        use crate::gpu::{emu::EmuDevice, Gpu};
+        use std::sync::Arc;
         let (a, b): (Gpu, Gpu) = (Arc::new(EmuDevice::new()), Arc::new(EmuDevice::new()));
         let lens =
             |dev: &Gpu, values: &[usize]| key_lengths(dev, "test", values.iter().copied()).unwrap();

@@ -1,6 +1,7 @@
 //! Attention with the scores materialised, through cuBLASLt's batched products
 //! ([`AttentionKernels::Gemm`](super::AttentionKernels): the default for heads wider than 64
-//! over more than 256 × 256 scores a block, `CHINGU_ATTN=gemm` for every shape). Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
+//! over more than 256 × 256 scores a block, `CHINGU_ATTN=gemm` for every shape).
+//! Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
 //! Backward: dP = dO·Vᵀ, dS (`attention_scores_backward_saved_f16`) from the P the forward
 //! saved where the statistics buffer holds it ([`saved_probs_len`]); else S again and P and dS
 //! from it (`attention_scores_backward_f16`). Then dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every
@@ -82,17 +83,11 @@ impl Operand {
 
 /// Score blocks of element type `T` from `ptr` on: a chunk's scratch, or the chunk's part of
 /// the P the forward saved.
+#[derive(Clone, Copy)]
 struct ScoresOf<T> {
     ptr: DevicePtr,
     element: std::marker::PhantomData<T>,
 }
-
-impl<T> Clone for ScoresOf<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for ScoresOf<T> {}
 
 impl<T> ScoresOf<T> {
     fn at(ptr: DevicePtr) -> Self {
@@ -122,9 +117,10 @@ fn score_ld(s: AttentionShape) -> usize {
 
 /// Halves of P the forward saves for the backward, `None` where it saves none: all of P,
 /// `[B·H·Tq, score_ld]`, where it fits one chunk's bound (`scores_per_chunk`: 2^27 scores, 256
-/// MiB a call, by default). The backward then skips S = Q·Kᵀ and the softmax again (GPU run
-/// 18's seed-768 profile: 72 of the step's 216 score products, 3.5 ms, and a third of the
-/// scores-backward kernel's traffic). Longer sequences keep memory bounded by recomputing.
+/// MiB a call, by default). The backward then skips S = Q·Kᵀ and the softmax again: GPU run
+/// 19 timed seed-768 at 53.2 ms a step against 57.1 recomputing (72 of the step's 216 score
+/// products, and a third of the scores-backward kernel's traffic). Longer sequences keep
+/// memory bounded by recomputing.
 pub(super) fn saved_probs_len(s: AttentionShape, scores_per_chunk: usize) -> Option<usize> {
     let scores = s.batch * s.heads * s.q_len * score_ld(s);
     (scores > 0 && scores <= scores_per_chunk).then_some(scores)
