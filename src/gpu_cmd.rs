@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The environment variables the GPU backend reads, each with what it does.
 #[cfg(feature = "cuda")]
-const SETTINGS: [(&str, &str); 5] = [
+const SETTINGS: [(&str, &str); 6] = [
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
         "attention kernels: auto (by shape), wmma, mma or gemm",
@@ -27,6 +27,10 @@ const SETTINGS: [(&str, &str); 5] = [
         "CHINGU_GELU_EPILOGUE",
         "0 = the feed-forward GELU in its own kernel, not in cuBLASLt's product",
     ),
+    (
+        chingu_kernels::gpu::backend::BIAS_GRAD_EPILOGUE_VAR,
+        "0 = linear layers' bias gradients in kernels of their own, not in cuBLASLt's product",
+    ),
     ("CHINGU_PROFILE", "1 = time every launch alone and print where a step's time goes"),
     ("CHINGU_KERNEL_CACHE", "where compiled kernels are kept (default ~/.cache/chingu/kernels)"),
 ];
@@ -37,7 +41,7 @@ fn print_settings() {
     println!("settings (environment variables; unset takes the default):");
     for (name, what) in SETTINGS {
         let value = std::env::var(name).unwrap_or_else(|_| "unset".into());
-        println!("  {name:<23} {value:<6} {what}");
+        println!("  {name:<26} {value:<6} {what}");
     }
 }
 

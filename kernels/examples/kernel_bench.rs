@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use chingu_kernels::gpu::gemm::{self, GemmOut};
 use chingu_kernels::gpu::ops::AttentionKernels;
 use chingu_kernels::gpu::{ops, DeviceBuffer, Element, Gpu, GpuError};
 use chingu_kernels::rng::{mix, SplitMix64};
@@ -312,6 +313,34 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         let mut db = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
         let t = time_op(dev, reps, |_| ops::bias_backward(dev, &mut db, &x, n, d))?;
         push("bias_bwd", nd.clone(), t, H * nf * df + 2.0 * S * df, None);
+
+        // A linear layer's weight and bias gradients, dW += dyᵀ·x (D × D, fp32) and db +=
+        // Σ_rows dy: the product then the bias kernels, against the bias summed in the
+        // product (cuBLASLt's BGRADB) and added. dy and x read, dW and db read and written;
+        // 2·N·D·D FLOPs.
+        let mut dw = random_f32(dev, next_seed(), d * d, -1.0, 1.0)?;
+        let bytes = 2.0 * H * nf * df + 2.0 * S * df * df + 2.0 * S * df;
+        let flops = Some(2.0 * nf * df * df);
+        let t = time_op(dev, reps, |_| {
+            gemm::gemm(dev, GemmOut::F32(&mut dw), &acc, true, &x, false, d, d, n, true, None)?;
+            ops::bias_backward(dev, &mut db, &acc, n, d)
+        })?;
+        push("weight_bias_grad_kernels", format!("{n}x{d}x{d}"), t, bytes, flops);
+        let mut fresh = out::<f32>(dev, d)?;
+        let mut fused = |_| -> Result<(), GpuError> {
+            gemm::gemm_bias_grad(dev, &mut dw, &mut fresh, &acc, true, &x, false, (d, d, n), true)?;
+            ops::add_assign_f32(dev, &mut db, &fresh)
+        };
+        match fused(0) {
+            Err(GpuError::Unsupported(why)) => {
+                eprintln!("weight_bias_grad_fused: not timed, {why}")
+            }
+            first => {
+                first?;
+                let t = time_op(dev, reps, fused)?;
+                push("weight_bias_grad_fused", format!("{n}x{d}x{d}"), t, bytes, flops);
+            }
+        }
     }
 
     // --- Embedding: N rows gathered from a V × D table plus positions --------------------

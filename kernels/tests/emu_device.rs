@@ -374,3 +374,58 @@ fn gemm_attention_backward_reads_the_probabilities_its_forward_saved() {
     let (zeroed, ..) = gemm_attention_under(usize::MAX, true, Some(|p| p.fill(f16::ZERO))).unwrap();
     assert!(zeroed[4].iter().all(|&b| value(b) == 0.0), "dV = Pᵀ·dO with P zeroed");
 }
+
+/// `linear_backward`'s bias gradient three ways: summed in the weight gradient's product (the
+/// default), by the column-sum kernels (`with_fused_bias_grad(false)`), and on a device whose
+/// products refuse the fused sum (as a cuBLASLt without the kernel), where the backend must
+/// fall back to those kernels: bit for bit the kernels' result, dx and dW too. Every way adds
+/// onto the gradients already there (db starts nonzero), and the fused sum agrees with the
+/// kernels' to fp32 rounding (the order of additions differs).
+#[test]
+fn a_device_without_the_fused_bias_gradient_falls_back_to_the_kernels() {
+    use chingu_kernels::gpu::backend::GpuBackend;
+    use chingu_kernels::{Backend, BufRole};
+    let (rows, in_dim, out_dim) = (70, 24, 40);
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n).map(|i| (((i * 29 + seed * 13) % 31) as f32 - 15.0) / 16.0).collect()
+    };
+    let run = |backend: GpuBackend| -> Vec<Vec<f32>> {
+        let dy = backend.upload_f32_as(&values(rows * out_dim, 1), BufRole::Activation);
+        let x = backend.upload_f32_as(&values(rows * in_dim, 2), BufRole::Activation);
+        let w = backend.upload_f32_as(&values(out_dim * in_dim, 3), BufRole::Parameter);
+        let mut dx = backend.zeros_as(rows * in_dim, BufRole::Activation);
+        let mut dw = backend.upload_f32_as(&values(out_dim * in_dim, 4), BufRole::Gradient);
+        let mut db = backend.upload_f32_as(&values(out_dim, 5), BufRole::Gradient);
+        backend.linear_backward(
+            Some(&mut dx),
+            false,
+            &mut dw,
+            Some(&mut db),
+            &dy,
+            &x,
+            &w,
+            rows,
+            in_dim,
+            out_dim,
+        );
+        vec![backend.to_f32(&dx), backend.to_f32(&dw), backend.to_f32(&db)]
+    };
+    let fused = run(GpuBackend::new(Arc::new(EmuDevice::new())).with_fused_bias_grad(true));
+    let kernels = run(GpuBackend::new(Arc::new(EmuDevice::new())).with_fused_bias_grad(false));
+    let refused = run(GpuBackend::new(Arc::new(EmuDevice::new().without_bias_grad_epilogue()))
+        .with_fused_bias_grad(true));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (name, (a, b)) in ["dx", "dW", "db"].iter().zip(refused.iter().zip(&kernels)) {
+        assert_eq!(bits(a), bits(b), "{name}: the fallback must be the kernels' path");
+    }
+    // The inputs are multiples of 1/16 and the sums stay far below 2^20, so every fp32
+    // addition is exact: both orders give the same bits, and the sum is the host's.
+    let dy = values(rows * out_dim, 1);
+    let prior = values(out_dim, 5);
+    let want: Vec<f32> = (0..out_dim)
+        .map(|c| prior[c] + (0..rows).map(|r| dy[r * out_dim + c]).sum::<f32>())
+        .collect();
+    assert_eq!(bits(&fused[2]), bits(&want), "fused db = prior + Σ_rows dy");
+    assert_eq!(bits(&kernels[2]), bits(&want), "kernels' db = prior + Σ_rows dy");
+    assert_eq!(bits(&fused[1]), bits(&kernels[1]), "dW does not depend on where db is summed");
+}

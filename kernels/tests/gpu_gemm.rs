@@ -22,7 +22,7 @@
 //! 2⁻²⁴ for values in the subnormal range. A transposition,
 //! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
 
-use chingu_kernels::gpu::gemm::{gemm, gemm_gelu, gemm_gelu_grad, run, GemmOut};
+use chingu_kernels::gpu::gemm::{gemm, gemm_bias_grad, gemm_gelu, gemm_gelu_grad, run, GemmOut};
 use chingu_kernels::gpu::{DeviceBuffer, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
 use half::f16;
@@ -523,6 +523,104 @@ fn fused_gelu_epilogues_match_an_f64_reference() {
             }
         }
         eprintln!("{}: fused GELU, worst |error| / tolerance {worst:.3}", dev.name());
+    }
+}
+
+/// The bias gradient summed in the weight gradient's product (`gemm_bias_grad`, cuBLASLt's
+/// BGRADB), as linear layers call it: `op(A) = dyᵀ` stored `[k×m]`, B = x not transposed, C
+/// fp32. The product is checked as `run_case` checks a plain one, overwritten (C poisoned) and
+/// accumulated; the gradient, poisoned first, against Σ_k op(A)[i][k] in f64 with the same
+/// kind of bound: 4·(k + 2)·2⁻²⁴·Σ_k |op(A)[i][k]| (any order of fp32 additions). A sum over
+/// the wrong axis (B's, or C's columns), a gradient accumulated instead of overwritten, or one
+/// left unwritten fails. Shapes include k = 517, past a product's usual split-K blocks, and a
+/// sequence of several calls with one gradient buffer each.
+#[test]
+fn fused_bias_gradient_matches_an_f64_reference() {
+    let shapes = [(7, 16, 5), (64, 64, 64), (24, 40, 517), (96, 32, 300)];
+    let mut rng = SplitMix64(0xb9ad);
+    for dev in devices() {
+        let mut worst: f64 = 0.0;
+        for &(m, n, k) in &shapes {
+            let p = Problem::new(&mut rng, m, n, k);
+            let a = DeviceBuffer::from_host(&dev, &transpose(&p.a, m, k)).unwrap();
+            let b = DeviceBuffer::from_host(&dev, &p.b).unwrap();
+            let a_f64: Vec<f64> = p.a.iter().map(|x| x.to_f64()).collect();
+            for accumulate in [false, true] {
+                let case = format!("{} {m}×{n}×{k} accumulate {accumulate}", dev.name());
+                let (c0_half, c0) = if accumulate {
+                    random_half(&mut rng, m * n, -4.0, 4.0)
+                } else {
+                    (vec![f16::NAN; m * n], vec![0.0; m * n])
+                };
+                let init: Vec<f32> = c0_half.iter().map(|x| x.to_f32()).collect();
+                let mut c = DeviceBuffer::from_host(&dev, &init).unwrap();
+                let mut grad = DeviceBuffer::from_host(&dev, &vec![f32::NAN; m]).unwrap();
+                gemm_bias_grad(&dev, &mut c, &mut grad, &a, true, &b, false, (m, n, k), accumulate)
+                    .unwrap_or_else(|e| panic!("{case}: {e}"));
+                let got: Vec<f64> = c.to_host().unwrap().iter().map(|&x| f64::from(x)).collect();
+                worst = worst.max(check(&case, &got, &p, &c0, &vec![0.0; n], true));
+                let grad = grad.to_host().unwrap();
+                for i in 0..m {
+                    let row = &a_f64[i * k..(i + 1) * k];
+                    let want: f64 = row.iter().sum();
+                    let tol = 4.0
+                        * (k + 2) as f64
+                        * 2f64.powi(-24)
+                        * row.iter().map(|x| x.abs()).sum::<f64>();
+                    let err = (f64::from(grad[i]) - want).abs();
+                    assert!(
+                        err <= tol,
+                        "{case}: bias gradient [{i}] = {} but Σ_k op(A)[{i}][k] = {want} (|error| {err:e} > {tol:e})",
+                        grad[i]
+                    );
+                    worst = worst.max(err / tol);
+                }
+            }
+        }
+        eprintln!("{}: fused bias gradient, worst |error| / tolerance {worst:.3}", dev.name());
+    }
+}
+
+/// A fused bias gradient needs an fp32 C (the device refuses it beside an fp16 one) and a
+/// gradient vector of op(A)'s m rows.
+#[test]
+fn fused_bias_gradient_refuses_what_it_cannot_hold() {
+    for dev in devices() {
+        let h = |n: usize| DeviceBuffer::<f16>::from_host(&dev, &vec![f16::ONE; n]).unwrap();
+        let f = |n: usize| DeviceBuffer::<f32>::from_host(&dev, &vec![0.0; n]).unwrap();
+        let (m, n, k) = (8, 16, 32);
+        let (a, b) = (h(k * m), h(k * n));
+        let (mut c, mut short) = (f(m * n), f(m - 1));
+        match gemm_bias_grad(&dev, &mut c, &mut short, &a, true, &b, false, (m, n, k), false) {
+            Err(GpuError::Shape { op: "gemm", message }) => {
+                assert!(message.contains("bias gradient"), "{message}")
+            }
+            other => panic!("{}: expected a shape error, got {other:?}", dev.name()),
+        }
+        let (c16, grad) = (h(m * n), f(m));
+        let g = Gemm {
+            m,
+            n,
+            k,
+            a: a.ptr(),
+            trans_a: true,
+            b: b.ptr(),
+            trans_b: false,
+            c: c16.ptr(),
+            c_f32: false,
+            beta: 0.0,
+            bias: None,
+            epilogue: GemmEpilogue::BiasGrad { grad: grad.ptr() },
+            batch: GemmBatch::ONE,
+            ld: Gemm::DENSE,
+        };
+        // SAFETY: every buffer covers its matrix.
+        match unsafe { run(&dev, "", &g) } {
+            Err(GpuError::Shape { op: "gemm", message }) => {
+                assert!(message.contains("fp32 C"), "{message}")
+            }
+            other => panic!("{}: expected a shape error, got {other:?}", dev.name()),
+        }
     }
 }
 

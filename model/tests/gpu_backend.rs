@@ -2,7 +2,8 @@
 //! weights, gradients and moments) against the CPU backend (f32): loss, every parameter
 //! gradient, and the weights after two AdamW steps, for pre- and post-norm, GELU and ReLU,
 //! tied and untied embeddings, sinusoidal and learned positions, with dropout (the GPU drops
-//! exactly the CPU's elements). Runs on the emulated device always (CI) and also on a real
+//! exactly the CPU's elements), with the GELU and the linear layers' bias gradients fused into
+//! cuBLASLt's products and in kernels of their own. Runs on the emulated device always (CI) and also on a real
 //! GPU with `CHINGU_GPU_TESTS=1`.
 //!
 //! Loss scaling is on (as in training): without it, activation gradients of ~1e-7 are fp16
@@ -77,9 +78,17 @@ fn diff(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
 }
 
-fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused_gelu: bool) {
+/// Which ops the GPU backend fuses into cuBLASLt's products (both on by default).
+#[derive(Clone, Copy)]
+struct Fused {
+    gelu: bool,
+    bias_grad: bool,
+}
+
+fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused: Fused) {
+    let Fused { gelu: fused_gelu, bias_grad: fused_bias_grad } = fused;
     let what = format!(
-        "{:?}/{:?}/tied {}/{:?}/fused GELU {fused_gelu} on {}",
+        "{:?}/{:?}/tied {}/{:?}/fused GELU {fused_gelu}, bias gradient {fused_bias_grad} on {}",
         config.norm,
         config.activation,
         config.tied_embeddings,
@@ -88,7 +97,9 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused_gelu: bool) {
     );
     let batch = batch();
     let mut cpu = Model::new(Cpu::<f32>::new(), config.clone(), 9).unwrap();
-    let backend = GpuBackend::new(dev.clone()).with_fused_gelu(fused_gelu);
+    let backend = GpuBackend::new(dev.clone())
+        .with_fused_gelu(fused_gelu)
+        .with_fused_bias_grad(fused_bias_grad);
     let mut gpu = Model::new(backend, config.clone(), 9).unwrap();
     // A large Adam epsilon keeps the update linear in the gradient (√v̂ ≪ eps for most
     // weights): with the default 1e-8, step 1 moves every weight by ±lr, the sign of its
@@ -188,13 +199,14 @@ fn overflow_skips_the_update_and_halves_the_scale() {
 #[test]
 fn pre_norm_gelu_tied_matches_the_cpu() {
     for dev in devices() {
-        // GELU fused into the feed-forward products (the default), and the GELU kernels.
-        for fused_gelu in [true, false] {
+        // GELU fused into the feed-forward products (the default), and the GELU kernels;
+        // bias gradients in the weight gradients' products (the default).
+        for gelu in [true, false] {
             compare(
                 config(NormPlacement::Pre, Activation::Gelu, true, Positions::Sinusoidal),
                 &dev,
                 1024.0,
-                fused_gelu,
+                Fused { gelu, bias_grad: true },
             );
         }
     }
@@ -207,7 +219,8 @@ fn post_norm_relu_untied_learned_positions_matches_the_cpu() {
             config(NormPlacement::Post, Activation::Relu, false, Positions::Learned),
             &dev,
             4096.0,
-            true, // no GELU here: the flag does not matter
+            // No GELU here; bias gradients by the column-sum kernels (their path).
+            Fused { gelu: true, bias_grad: false },
         );
     }
 }

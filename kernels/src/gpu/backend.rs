@@ -59,7 +59,15 @@ pub struct GpuBackend {
     /// GELU fused into the feed-forward products (cuBLASLt epilogues) where the shapes allow;
     /// else the GELU kernels. `CHINGU_GELU_EPILOGUE=0` turns it off (to compare).
     fuse_gelu: bool,
+    /// Linear layers' bias gradients summed in their weight gradient's product (cuBLASLt's
+    /// `BGRADB` epilogue) where cuBLASLt has a kernel for it; else the column-sum kernels.
+    /// [`BIAS_GRAD_EPILOGUE_VAR`]`=0` turns it off (to compare).
+    fuse_bias_grad: bool,
 }
+
+/// `0` keeps linear layers' bias gradients out of cuBLASLt's weight-gradient products (see
+/// [`GpuBackend::with_fused_bias_grad`]).
+pub const BIAS_GRAD_EPILOGUE_VAR: &str = "CHINGU_BIAS_GRAD_EPILOGUE";
 
 /// A multi-tensor AdamW table and its copy on the device.
 type UploadedTable = (ops::AdamwTable, DeviceBuffer<u64>);
@@ -120,7 +128,15 @@ impl GpuBackend {
             loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())),
             adamw_tables: Arc::new(Mutex::new(Vec::new())),
             fuse_gelu: std::env::var("CHINGU_GELU_EPILOGUE").map_or(true, |v| v != "0"),
+            fuse_bias_grad: std::env::var(BIAS_GRAD_EPILOGUE_VAR).map_or(true, |v| v != "0"),
         }
+    }
+
+    /// The same backend with linear layers' bias gradients in their weight gradient's
+    /// product or in kernels of their own (see [`GpuBackend::new`]).
+    pub fn with_fused_bias_grad(mut self, fuse: bool) -> Self {
+        self.fuse_bias_grad = fuse;
+        self
     }
 
     /// The same backend with the GELU epilogues on or off (see [`GpuBackend::new`]).
@@ -423,7 +439,7 @@ impl Backend for GpuBackend {
         dx: Option<&mut GpuBuf>,
         accumulate_dx: bool,
         dw: &mut GpuBuf,
-        db: Option<&mut GpuBuf>,
+        mut db: Option<&mut GpuBuf>,
         dy: &GpuBuf,
         x: &GpuBuf,
         w: &GpuBuf,
@@ -451,6 +467,21 @@ impl Backend for GpuBackend {
         }
         // dw[out×in] += dyᵀ · x, dy stored [rows×out].
         let dw = float_mut(OP, dw);
+        if let (Some(db), true) = (db.as_deref_mut(), self.fuse_bias_grad) {
+            // db += Σ_rows dy, summed by the product while it reads dy: into a fresh vector
+            // (the epilogue overwrites), then added.
+            let db = float_mut(OP, db);
+            let mut fresh = check(OP, DeviceBuffer::<f32>::uninit(&self.dev, out_dim));
+            let shape = (out_dim, in_dim, rows);
+            match gemm::gemm_bias_grad(
+                &self.dev, dw, &mut fresh, dy_h, true, x_h, false, shape, true,
+            ) {
+                Ok(()) => return check(OP, ops::add_assign_f32(&self.dev, db, &fresh)),
+                // No such kernel here (nothing was queued): the plain product and the kernels.
+                Err(GpuError::Unsupported(_)) => {}
+                Err(e) => check(OP, Err(e)),
+            }
+        }
         self.gemm(
             OP,
             (dw.ptr(), dw.len(), true),

@@ -440,6 +440,7 @@ impl Blas {
                 GemmEpilogue::None => "",
                 GemmEpilogue::Gelu { .. } => ", GELU",
                 GemmEpilogue::GeluGrad { .. } => ", GELU gradient",
+                GemmEpilogue::BiasGrad { .. } => ", bias gradient",
             },
         );
         let fail = |step: &str| {
@@ -527,6 +528,9 @@ impl Blas {
                     (E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(pre))
                 }
                 (GemmEpilogue::GeluGrad { pre }, _) => (E::CUBLASLT_EPILOGUE_DGELU, Some(pre)),
+                // Our A is cuBLASLt's B, and op(A)'s rows are D's columns: BGRADB sums B
+                // over k into one value per column of D (`check_strides` refused a bias).
+                (GemmEpilogue::BiasGrad { .. }, _) => (E::CUBLASLT_EPILOGUE_BGRADB, None),
             };
             set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))
                 .map_err(fail("EPILOGUE"))?;
@@ -534,6 +538,16 @@ impl Blas {
                 let pointer = bias as usize as *const c_void;
                 set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer)
                     .map_err(fail("BIAS_POINTER"))?;
+            }
+            if let GemmEpilogue::BiasGrad { grad } = g.epilogue {
+                // The gradient goes where a bias would be read from, in fp32 (D's type,
+                // cuBLASLt's default, said outright).
+                let pointer = grad as usize as *const c_void;
+                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer)
+                    .map_err(fail("BIAS_POINTER (bias gradient)"))?;
+                let f32_type = lt_sys::cudaDataType::CUDA_R_32F as i32;
+                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32_type)
+                    .map_err(fail("BIAS_DATA_TYPE"))?;
             }
             if let Some(pre) = aux {
                 // The pre-activation has D's type and shape: cuBLASLt's n (our m) columns of
@@ -570,6 +584,7 @@ impl Blas {
                 GemmEpilogue::None => 0,
                 GemmEpilogue::Gelu { .. } => 1,
                 GemmEpilogue::GeluGrad { .. } => 2,
+                GemmEpilogue::BiasGrad { .. } => 3,
             },
             align,
             batch: g.batch,
@@ -598,6 +613,14 @@ impl Blas {
                             );
                             None
                         }
+                        // No kernel for the fused bias gradient: remembered, and the caller
+                        // takes the unfused ops.
+                        Err(e) if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) => {
+                            tracing::info!(
+                                "cuBLASLt has no kernel for {what} ({e:?}): bias gradients take their own kernels"
+                            );
+                            None
+                        }
                         Err(e) => return Err(fail("cublasLtMatmulAlgoGetHeuristic")(e)),
                     };
                     plans.insert(key, algo);
@@ -606,6 +629,9 @@ impl Blas {
             }
         };
         let Some(algo) = algo else {
+            if let GemmEpilogue::BiasGrad { .. } = g.epilogue {
+                return Err(GpuError::Unsupported(format!("cuBLASLt has no kernel for {what}")));
+            }
             // SAFETY: as this call's; each product is one block of the batch.
             return unsafe { self.one_at_a_time(g) };
         };

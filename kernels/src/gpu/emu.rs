@@ -151,6 +151,9 @@ pub struct EmuDevice {
     /// Bytes live now, and the most live at once so far.
     used: AtomicUsize,
     peak: AtomicUsize,
+    /// Whether products take [`GemmEpilogue::BiasGrad`]; off, they fail as a cuBLASLt
+    /// without such a kernel would.
+    bias_grad_epilogue: bool,
 }
 
 /// The environment variable that puts `--device cuda` training and GPU workers on this
@@ -187,7 +190,16 @@ impl EmuDevice {
             capacity: None,
             used: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            bias_grad_epilogue: true,
         }
+    }
+
+    /// This device refusing [`GemmEpilogue::BiasGrad`] with [`GpuError::Unsupported`] (and
+    /// writing nothing), as a cuBLASLt with no kernel for it: how the tests reach the
+    /// backend's fallback.
+    pub fn without_bias_grad_epilogue(mut self) -> Self {
+        self.bias_grad_epilogue = false;
+        self
     }
 
     /// This device holding at most `bytes` of allocations: one that would go past fails with
@@ -665,6 +677,11 @@ impl Device for EmuDevice {
                 message: "a batch of products takes no bias and no epilogue".into(),
             });
         }
+        if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) && !self.bias_grad_epilogue {
+            return Err(GpuError::Unsupported(
+                "emulated device: no product with a fused bias gradient (as told)".into(),
+            ));
+        }
         for i in 0..batch.count.max(1) {
             // SAFETY: the caller guarantees every product's extents.
             unsafe { single_gemm(&g.nth(i)) }?;
@@ -724,6 +741,13 @@ unsafe fn single_gemm(g: &Gemm) -> Result<(), GpuError> {
     }
     match g.epilogue {
         GemmEpilogue::None => {}
+        GemmEpilogue::BiasGrad { grad } => {
+            // Σ_k op(A)[i][k], f32 sums in k order.
+            let sums: Vec<f32> =
+                (0..m).map(|i| (0..k).map(|kk| a[i * rsa + kk * csa]).sum()).collect();
+            // SAFETY: `grad` holds m floats (the caller's contract).
+            unsafe { std::slice::from_raw_parts_mut(grad as *mut f32, m) }.copy_from_slice(&sums);
+        }
         GemmEpilogue::Gelu { pre } => {
             // SAFETY: `pre` holds m×n halves (the caller's contract).
             let pre = unsafe { std::slice::from_raw_parts_mut(pre as *mut f16, m * n) };

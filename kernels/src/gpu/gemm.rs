@@ -90,6 +90,27 @@ pub fn gemm_gelu_grad(
     checked(dev, GemmOut::F16(d_pre), a, trans_a, b, trans_b, (m, n, k), false, None, epilogue)
 }
 
+/// The weight gradient of a linear layer with its bias gradient summed in the same product:
+/// `dw (+)= op(A)·op(B)` (fp32) and `db_fresh[i] = Σ_k op(A)[i][k]` (fp32 `[m]`, overwritten),
+/// where `op(A) = dyᵀ`. [`GpuError::Unsupported`] where cuBLASLt has no kernel for it (nothing
+/// queued then).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bias_grad(
+    dev: &Gpu,
+    dw: &mut DeviceBuffer<f32>,
+    db_fresh: &mut DeviceBuffer<f32>,
+    a: &DeviceBuffer<f16>,
+    trans_a: bool,
+    b: &DeviceBuffer<f16>,
+    trans_b: bool,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    check("bias gradient", db_fresh, 1, m)?;
+    let epilogue = GemmEpilogue::BiasGrad { grad: db_fresh.ptr() };
+    checked(dev, GemmOut::F32(dw), a, trans_a, b, trans_b, (m, n, k), accumulate, None, epilogue)
+}
+
 /// Whether cuBLASLt takes a fused GELU for `C` with `n` columns: its pre-activation's
 /// leading dimension must be a multiple of 8 elements.
 pub fn gelu_fusable(n: usize) -> bool {
@@ -110,7 +131,7 @@ fn checked(
     epilogue: GemmEpilogue,
 ) -> Result<(), GpuError> {
     let shape = |message: String| GpuError::Shape { op: "gemm", message };
-    if epilogue != GemmEpilogue::None && !gelu_fusable(n) {
+    if epilogue.has_aux_matrix() && !gelu_fusable(n) {
         return Err(shape(format!("a fused GELU needs n a multiple of 8, not {n}")));
     }
     if k == 0 {
@@ -163,6 +184,7 @@ pub unsafe fn run(dev: &Gpu, op: &str, g: &Gemm) -> Result<(), GpuError> {
             GemmEpilogue::None => "",
             GemmEpilogue::Gelu { .. } => " + GELU",
             GemmEpilogue::GeluGrad { .. } => " · GELU'",
+            GemmEpilogue::BiasGrad { .. } => " + Σ rows of op(A)",
         };
         let (m, n, k, ta, tb) = (g.m, g.n, g.k, t(g.trans_a), t(g.trans_b));
         let batch =

@@ -75,6 +75,10 @@ pub enum GpuError {
     /// A setting (an environment variable) has a value the device cannot use.
     #[error("{0}")]
     Setting(String),
+    /// cuBLASLt (or the emulated device, told to act so) has no kernel for a fused product;
+    /// nothing was queued, and the caller takes the unfused ops instead.
+    #[error("{0}")]
+    Unsupported(String),
     /// The emulated device refused a launch or a kernel failed on it.
     #[error("emulated launch of {kernel} failed: {message}")]
     Emulation {
@@ -108,7 +112,8 @@ pub type DevicePtr = u64;
 /// `trans_b`), both fp16; `C` is `[m×n]`, fp32 when `c_f32` else fp16; each stored row-major
 /// with the row stride `ld` gives it (dense unless told otherwise). `beta`
 /// is 0 (overwrite) or 1 (accumulate). `bias` (fp16 `[n]`, added to every row) only with
-/// `beta = 0`; `epilogue` (fp16 `C`, `beta = 0`) fuses the GELU of the feed-forward block.
+/// `beta = 0`; `epilogue` fuses the GELU of the feed-forward block (fp16 `C`, `beta = 0`) or
+/// a linear's bias gradient into its weight gradient's product (fp32 `C`, any `beta`).
 /// The emulated device computes it on the CPU (f32 sums); a GPU through cuBLASLt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gemm {
@@ -183,8 +188,9 @@ impl Gemm {
         })
     }
 
-    /// Refuses row strides shorter than their rows, and a C with gaps where a bias or an
-    /// epilogue writes it (both devices take them dense only).
+    /// Refuses row strides shorter than their rows, a C with gaps where a bias or an
+    /// epilogue writes it (both devices take them dense only), and a fused bias gradient
+    /// beside an fp16 C or a bias.
     pub fn check_strides(&self) -> Result<(), GpuError> {
         let (stored, ld) = (self.stored(), self.row_strides());
         let shape = |message: String| Err(GpuError::Shape { op: "gemm", message });
@@ -198,6 +204,11 @@ impl Gemm {
         let dense_c = ld[2] == self.n;
         if !dense_c && (self.bias.is_some() || self.epilogue != GemmEpilogue::None) {
             return shape("a bias or an epilogue needs a dense C".into());
+        }
+        if let GemmEpilogue::BiasGrad { .. } = self.epilogue {
+            if !self.c_f32 || self.bias.is_some() {
+                return shape("a fused bias gradient needs an fp32 C and no bias".into());
+            }
         }
         Ok(())
     }
@@ -241,6 +252,22 @@ pub enum GemmEpilogue {
         /// The forward's pre-activation.
         pre: DevicePtr,
     },
+    /// `C = A·B` as without an epilogue, and `grad[i] = Σ_k op(A)[i][k]` for `i < m` (fp32,
+    /// overwritten; `C` fp32): the bias gradient of the linear whose weight gradient
+    /// `dW = dyᵀ·x` this product is, summed while `dy` passes through the product anyway
+    /// (cuBLASLt's `BGRADB`: its B is our A).
+    BiasGrad {
+        /// `[m]` fp32.
+        grad: DevicePtr,
+    },
+}
+
+impl GemmEpilogue {
+    /// Whether the epilogue reads or writes an `[m×n]` fp16 matrix beside `C` (the GELU
+    /// ones), which needs `n` a multiple of 8.
+    pub fn has_aux_matrix(self) -> bool {
+        matches!(self, GemmEpilogue::Gelu { .. } | GemmEpilogue::GeluGrad { .. })
+    }
 }
 
 /// A device that runs the kernels.
