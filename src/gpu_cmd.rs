@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The environment variables the GPU backend reads, each with what it does.
 #[cfg(feature = "cuda")]
-const SETTINGS: [(&str, &str); 6] = [
+const SETTINGS: [(&str, &str); 7] = [
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
         "attention kernels: auto (by shape), wmma, mma or gemm",
@@ -30,6 +30,10 @@ const SETTINGS: [(&str, &str); 6] = [
     (
         chingu_kernels::gpu::backend::BIAS_GRAD_EPILOGUE_VAR,
         "0 = linear layers' bias gradients in kernels of their own, not in cuBLASLt's product",
+    ),
+    (
+        chingu_kernels::gpu::cuda::TUNE_VAR,
+        "1 = time cuBLASLt's first 8 algorithms per product shape, keep the fastest",
     ),
     ("CHINGU_PROFILE", "1 = time every launch alone and print where a step's time goes"),
     ("CHINGU_KERNEL_CACHE", "where compiled kernels are kept (default ~/.cache/chingu/kernels)"),

@@ -354,6 +354,29 @@ fn unbatched() -> bool {
     *UNBATCHED.get_or_init(|| std::env::var("CHINGU_GEMM_UNBATCHED").as_deref() == Ok("1"))
 }
 
+/// `1` times cuBLASLt's first [`TUNE_CANDIDATES`] heuristic answers for each product shape
+/// at its first use and keeps the fastest, instead of the first answer (PyTorch's TunableOp
+/// does the same for its products). The choice can differ between runs, and with it the last
+/// bits of results; off by default.
+pub const TUNE_VAR: &str = "CHINGU_GEMM_TUNE";
+
+/// Whether [`TUNE_VAR`] is `1`.
+fn tuning() -> bool {
+    static TUNING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TUNING.get_or_init(|| std::env::var(TUNE_VAR).as_deref() == Ok("1"))
+}
+
+/// Heuristic answers timed per shape when tuning.
+const TUNE_CANDIDATES: usize = 8;
+/// Timed runs of each candidate, after one untimed.
+const TUNE_REPS: usize = 3;
+
+/// The candidate with the least time (the first of equals); failed ones (`None`) never win.
+fn fastest(times: &[Option<f32>]) -> Option<usize> {
+    let timed = times.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t)));
+    timed.min_by(|a, b| a.1.total_cmp(&b.1)).map(|(i, _)| i)
+}
+
 /// Workspace cuBLASLt may use per product (allocated once per device).
 const LT_WORKSPACE_BYTES: usize = 32 << 20;
 /// `cublasOperation_t` (cuBLAS's enum, not in cudarc's cublaslt bindings): N = 0, T = 1.
@@ -596,13 +619,31 @@ impl Blas {
                 Some(algo) => *algo,
                 None => {
                     // SAFETY: live descriptors.
+                    let wanted = if tuning() { TUNE_CANDIDATES } else { 1 };
                     let found = if g.batch.count > 1 && unbatched() {
                         Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
                     } else {
-                        unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align) }
+                        unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align, wanted) }
                     };
                     let algo = match found {
-                        Ok(algo) => Some(algo),
+                        Ok(candidates) if candidates.len() > 1 => {
+                            let layouts = [&lt_a, &lt_b, &lt_c];
+                            // SAFETY: as this call's; the candidates write scratch only.
+                            let (best, times) =
+                                unsafe { self.time_candidates(g, &desc, layouts, &candidates) }?;
+                            let us = |t: Option<f32>| {
+                                t.map_or("failed".into(), |ms| format!("{:.1}", ms * 1e3))
+                            };
+                            let all: Vec<String> = times.iter().map(|&t| us(t)).collect();
+                            tracing::info!(
+                                "cuBLASLt tuning {what}: answer {} of {} (µs a product: {})",
+                                best + 1,
+                                candidates.len(),
+                                all.join(", ")
+                            );
+                            Some(candidates[best])
+                        }
+                        Ok(candidates) => Some(candidates[0]),
                         // A batch must suit one kernel for every matrix in it (the stride
                         // counts in the alignment: odd sequence lengths make it 2 or 4
                         // bytes); where none does, its products go one at a time.
@@ -635,10 +676,26 @@ impl Blas {
             // SAFETY: as this call's; each product is one block of the batch.
             return unsafe { self.one_at_a_time(g) };
         };
+        // SAFETY: the caller's contract; the descriptors are this product's.
+        unsafe { self.queue(g, &desc, [&lt_a, &lt_b, &lt_c], &algo, g.c) }
+            .map_err(fail("cublasLtMatmul"))
+    }
+
+    /// Queues `g` with `algo` on the null stream, D (and C, in place) at `d`.
+    ///
+    /// # Safety
+    /// Live descriptors made for `g`; `d` covers C's extent; the rest as [`Device::gemm`].
+    unsafe fn queue(
+        &self,
+        g: &Gemm,
+        desc: &MatmulDesc,
+        [lt_a, lt_b, lt_c]: [&Layout; 3],
+        algo: &lt_sys::cublasLtMatmulAlgo_t,
+        d: DevicePtr,
+    ) -> Result<(), lt::CublasError> {
         let (alpha, beta) = (1.0f32, g.beta);
-        // SAFETY: live descriptors; the caller guarantees the matrices; C and D are the same
-        // buffer with the same layout (in place); the workspace is ours and as large as the
-        // heuristic was told.
+        // SAFETY: the caller's contract; C and D are the same buffer with the same layout (in
+        // place); the workspace is ours and as large as the heuristic was told.
         unsafe {
             lt::matmul(
                 self.handle,
@@ -649,17 +706,87 @@ impl Blas {
                 lt_a.0,
                 g.a as usize as *const c_void,
                 lt_b.0,
-                g.c as usize as *const c_void,
+                d as usize as *const c_void,
                 lt_c.0,
-                g.c as usize as *mut c_void,
+                d as usize as *mut c_void,
                 lt_c.0,
-                &algo,
+                algo,
                 self.workspace as usize as *mut c_void,
                 LT_WORKSPACE_BYTES,
                 std::ptr::null_mut(),
             )
         }
-        .map_err(fail("cublasLtMatmul"))
+    }
+
+    /// Times each candidate algorithm for `g` (one untimed run, then [`TUNE_REPS`] between
+    /// two events) with everything the product writes — D, a GELU's pre-activation, a bias
+    /// gradient — sent to scratch memory, so `g`'s own buffers are untouched (C is read from
+    /// the scratch too: its values do not change the time). Returns the fastest candidate and
+    /// each one's milliseconds a product (`None` where it failed or could not be timed: then
+    /// the first candidate). An error only where `desc` could not be given back its own
+    /// epilogue pointer (the product must then not run).
+    ///
+    /// # Safety
+    /// As [`Blas::matmul`], with `desc` and the layouts made for `g`.
+    unsafe fn time_candidates(
+        &self,
+        g: &Gemm,
+        desc: &MatmulDesc,
+        layouts: [&Layout; 3],
+        candidates: &[lt_sys::cublasLtMatmulAlgo_t],
+    ) -> Result<(usize, Vec<Option<f32>>), GpuError> {
+        use lt_sys::cublasLtMatmulDescAttributes_t as Attr;
+        let c_bytes = if g.c_f32 { 4 } else { 2 };
+        let extent = (g.batch.count.max(1) - 1) * g.batch.stride_c + g.spans()[2];
+        // The epilogue's own output, redirected: (attribute, bytes, the real pointer).
+        let side_output = match g.epilogue {
+            GemmEpilogue::Gelu { pre } => {
+                Some((Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.m * g.n * 2, pre))
+            }
+            GemmEpilogue::BiasGrad { grad } => {
+                Some((Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.m * 4, grad))
+            }
+            GemmEpilogue::None | GemmEpilogue::GeluGrad { .. } => None,
+        };
+        let point_side_at = |to: DevicePtr| -> Result<(), GpuError> {
+            let Some((attr, _, _)) = side_output else { return Ok(()) };
+            let pointer = to as usize as *const c_void;
+            // SAFETY: a device pointer, as the attribute takes.
+            unsafe { set_desc(desc, attr, &pointer) }.map_err(|e| GpuError::Driver {
+                call: "cuBLASLt tuning: the epilogue's pointer".into(),
+                message: format!("{e:?}"),
+            })
+        };
+        let mut times = vec![None; candidates.len()];
+        let timed = (|| -> Result<(), GpuError> {
+            let scratch = Scratch::new(extent * c_bytes + 256)?;
+            let side = side_output.map(|(_, bytes, _)| Scratch::new(bytes.max(1))).transpose()?;
+            if let Some(side) = &side {
+                point_side_at(side.0)?;
+            }
+            let events = Events::new()?;
+            for (algo, time) in candidates.iter().zip(times.iter_mut()) {
+                // SAFETY: every output goes to scratch of the right extent; inputs are g's.
+                let run = || unsafe { self.queue(g, desc, layouts, algo, scratch.0) };
+                // A candidate that fails to run is skipped (its time stays None).
+                if run().is_err() {
+                    continue;
+                }
+                events.record_start()?;
+                if (0..TUNE_REPS).all(|_| run().is_ok()) {
+                    *time = Some(events.record_end_and_wait()? / TUNE_REPS as f32);
+                }
+            }
+            // The scratch is freed synchronously (`Scratch`'s drop), after the timed work.
+            Ok(())
+        })();
+        if let Err(e) = timed {
+            tracing::warn!("cuBLASLt tuning could not time every candidate ({e})");
+        }
+        if let Some((_, _, real)) = side_output {
+            point_side_at(real)?;
+        }
+        Ok((fastest(&times).unwrap_or(0), times))
     }
 
     /// The products of the batch `g`, one `matmul` each.
@@ -675,7 +802,8 @@ impl Blas {
         Ok(())
     }
 
-    /// The fastest algorithm for these descriptors within our workspace and alignments.
+    /// cuBLASLt's best `wanted` algorithms for these descriptors within our workspace and
+    /// alignments, best first (at least one, else the error).
     ///
     /// # Safety
     /// Live descriptors.
@@ -686,7 +814,8 @@ impl Blas {
         b: &Layout,
         c: &Layout,
         align: [u32; 3],
-    ) -> Result<lt_sys::cublasLtMatmulAlgo_t, lt::CublasError> {
+        wanted: usize,
+    ) -> Result<Vec<lt_sys::cublasLtMatmulAlgo_t>, lt::CublasError> {
         use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
         let pref = Preference(lt::create_matmul_pref()?);
         let set = |attr, value: *const c_void, size| {
@@ -704,11 +833,37 @@ impl Blas {
         ] {
             set(attr, (value as *const u32).cast(), 4)?;
         }
-        // SAFETY: live descriptors (C and D share one layout).
-        let found = unsafe {
-            lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.0, c.0, pref.0)
-        }?;
-        Ok(found.algo)
+        // SAFETY: a zeroed result is a valid value of this plain C struct (filled below).
+        let mut results: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; wanted.max(1)];
+        let mut returned: std::ffi::c_int = 0;
+        // SAFETY: live descriptors (C and D share one layout); `results` holds `wanted`.
+        unsafe {
+            lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc.0,
+                a.0,
+                b.0,
+                c.0,
+                c.0,
+                pref.0,
+                results.len() as std::ffi::c_int,
+                results.as_mut_ptr(),
+                &mut returned,
+            )
+        }
+        .result()?;
+        let ok = lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        let found: Vec<_> = results
+            .iter()
+            .take(returned.max(0) as usize)
+            .filter(|r| r.state == ok)
+            .map(|r| r.algo)
+            .collect();
+        if found.is_empty() {
+            return Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+        }
+        Ok(found)
     }
 }
 
@@ -792,6 +947,73 @@ unsafe fn set_desc<T>(
 }
 
 /// Descriptors destroyed on drop (destroying cannot fail for a live descriptor).
+/// Device memory for tuning's outputs, freed (synchronously) on drop.
+struct Scratch(DevicePtr);
+
+impl Scratch {
+    fn new(bytes: usize) -> Result<Self, GpuError> {
+        // SAFETY: plain allocation in the current context.
+        match unsafe { result::malloc_sync(bytes) } {
+            Ok(ptr) => Ok(Self(ptr)),
+            Err(_) => Err(GpuError::OutOfMemory { bytes, in_use: None }),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `new`; cuMemFree waits for work using it.
+        let _ = unsafe { result::free_sync(self.0) };
+    }
+}
+
+/// Two timing events on the null stream, destroyed on drop.
+struct Events(sys::CUevent, sys::CUevent);
+
+impl Events {
+    fn new() -> Result<Self, GpuError> {
+        let event = || {
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(driver("cuEventCreate"))
+        };
+        let start = event()?;
+        match event() {
+            Ok(end) => Ok(Self(start, end)),
+            Err(e) => {
+                // SAFETY: created above, used by nothing.
+                let _ = unsafe { result::event::destroy(start) };
+                Err(e)
+            }
+        }
+    }
+
+    fn record_start(&self) -> Result<(), GpuError> {
+        // SAFETY: a live event; the null stream.
+        unsafe { result::event::record(self.0, std::ptr::null_mut()) }
+            .map_err(driver("cuEventRecord"))
+    }
+
+    /// Records the end, waits for it, and returns the milliseconds since the start.
+    fn record_end_and_wait(&self) -> Result<f32, GpuError> {
+        // SAFETY: live events, both recorded on the null stream.
+        unsafe {
+            result::event::record(self.1, std::ptr::null_mut()).map_err(driver("cuEventRecord"))?;
+            result::event::synchronize(self.1).map_err(driver("cuEventSynchronize"))?;
+            result::event::elapsed(self.0, self.1).map_err(driver("cuEventElapsedTime"))
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        // SAFETY: created by `new`; nothing waits on them once dropped.
+        unsafe {
+            let _ = result::event::destroy(self.0);
+            let _ = result::event::destroy(self.1);
+        }
+    }
+}
+
 struct MatmulDesc(lt_sys::cublasLtMatmulDesc_t);
 struct Layout(lt_sys::cublasLtMatrixLayout_t);
 struct Preference(lt_sys::cublasLtMatmulPreference_t);
@@ -812,5 +1034,21 @@ impl Drop for Preference {
     fn drop(&mut self) {
         // SAFETY: as above.
         let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fastest;
+
+    #[test]
+    fn tuning_keeps_the_fastest_candidate_that_ran() {
+        assert_eq!(fastest(&[Some(3.0), Some(1.5), None, Some(2.0)]), Some(1));
+        // A failed candidate never wins, even first.
+        assert_eq!(fastest(&[None, Some(9.0), Some(4.0)]), Some(2));
+        // Of equal times, the heuristic's earlier answer.
+        assert_eq!(fastest(&[Some(2.0), Some(1.0), Some(1.0)]), Some(1));
+        assert_eq!(fastest(&[None, None]), None);
+        assert_eq!(fastest(&[]), None);
     }
 }
