@@ -117,8 +117,12 @@ fn train_on<B: chingu_kernels::Backend>(
         }
         sync();
         let wall_ms = 1e3 * started.elapsed().as_secs_f64() / PROFILED as f64;
+        let how = match chingu_kernels::profile::mode() {
+            chingu_kernels::profile::Mode::Events => "GPU launches timed by device events",
+            _ => "every op timed alone",
+        };
         eprintln!(
-            "{name} {} {} x ({}+{}), {PROFILED} steps ({wall_ms:.1} ms per step wall), every op timed alone:\n{}",
+            "{name} {} {} x ({}+{}), {PROFILED} steps ({wall_ms:.1} ms per step wall), {how}:\n{}",
             args.preset,
             args.batch,
             args.src_len,

@@ -35,7 +35,11 @@ const SETTINGS: [(&str, &str); 7] = [
         chingu_kernels::gpu::cuda::TUNE_VAR,
         "1 = time cuBLASLt's first 8 algorithms per product shape, keep the fastest",
     ),
-    ("CHINGU_PROFILE", "1 = time every launch alone and print where a step's time goes"),
+    (
+        "CHINGU_PROFILE",
+        "bench-train prints where a step's time goes: 1 = each launch timed alone, events = \
+         each launch's device time at the step's pace",
+    ),
     ("CHINGU_KERNEL_CACHE", "where compiled kernels are kept (default ~/.cache/chingu/kernels)"),
 ];
 

@@ -325,3 +325,40 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
         line(name);
     }
 }
+
+/// `CHINGU_PROFILE=events chingu bench-train --device cuda` prints where a step's time goes,
+/// GPU kernel by kernel (the emulated device has no events, so its launches are timed by the
+/// host's clock, as with `1`): the table names kernels, products and the fused bias gradient,
+/// and its calls a step are the step's own (every launch once per profiled step).
+#[test]
+fn bench_train_profiles_a_gpu_step_kernel_by_kernel() {
+    let out = chingu()
+        .env("CHINGU_PROFILE", "events")
+        .args(["bench-train", "--device", "cuda", "--preset", "tiny", "--vocab", "300"])
+        .args(["--batch", "2", "--src-len", "8", "--tgt-len", "8", "--steps", "1", "--warmup", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench-train failed: {err}");
+    assert!(
+        err.contains("3 steps") && err.contains("GPU launches timed by device events"),
+        "{err}"
+    );
+    let row = |name: &str| {
+        err.lines()
+            .find(|l| l.starts_with(&format!("| {name}")))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{err}"))
+            .to_string()
+    };
+    for kernel in ["adamw_multi_f32", "cross_entropy", "layernorm_forward", "embedding_forward_f16"]
+    {
+        row(kernel);
+    }
+    // One optimizer launch a step: the table is per step, over the 3 profiled steps.
+    let adamw = row("adamw_multi_f32");
+    let calls: Vec<&str> = adamw.split('|').map(str::trim).collect();
+    assert_eq!(calls[2], "1", "{err}");
+    // The linear layers' weight gradients with their bias gradients summed in the product.
+    row("gemm (linear_backward)");
+    assert!(err.contains("+ Σ rows of op(A)"), "{err}");
+}

@@ -3,8 +3,11 @@
 //! `chingu bench-train` prints the table for a few extra steps after its timed ones.
 //!
 //! CPU ops are synchronous, so their times are exact and add up to the step minus the model's
-//! own host work. On a GPU each launch waits for the device before and after itself (see
-//! [`crate::gpu::profile`]), so a profiled step is slower than a real one. Off by default: then
+//! own host work. On a GPU, `CHINGU_PROFILE=1` makes each launch wait for the device before and
+//! after itself (see [`crate::gpu::profile`]), so a profiled step is slower than a real one and
+//! each time includes a launch's latency; `CHINGU_PROFILE=events` instead brackets each launch
+//! with two CUDA events and waits for nothing, so the step keeps its pace and each time is the
+//! device's own (on the emulator, and for CPU ops, it is `1`'s wall time). Off by default: then
 //! the only cost is one flag test per op.
 
 use std::collections::BTreeMap;
@@ -14,10 +17,30 @@ use std::time::Instant;
 /// Calls and seconds per name.
 static TOTALS: Mutex<BTreeMap<String, (u64, f64)>> = Mutex::new(BTreeMap::new());
 
-/// True when `CHINGU_PROFILE=1` was set at the first op.
+/// How ops are timed, from `CHINGU_PROFILE` at the first op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Unset (or any other value): nothing is timed.
+    Off,
+    /// `1`: every op timed alone by the host's clock (a GPU launch waits before and after).
+    Alone,
+    /// `events`: GPU launches timed by the device's events, without waiting; CPU ops as `1`.
+    Events,
+}
+
+/// The profiling mode (see [`Mode`]).
+pub fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("CHINGU_PROFILE").as_deref() {
+        Ok("1") => Mode::Alone,
+        Ok("events") => Mode::Events,
+        _ => Mode::Off,
+    })
+}
+
+/// True when ops are timed (`CHINGU_PROFILE=1` or `events`).
 pub fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("CHINGU_PROFILE").as_deref() == Ok("1"))
+    mode() != Mode::Off
 }
 
 /// Adds one call of `seconds` under `name`.

@@ -30,6 +30,39 @@ pub struct CudaDevice {
     /// Freed allocations by size class, handed out again (see [`super::buffer_cache`]). Reuse is
     /// safe because every launch and copy is ordered on one stream.
     cache: std::sync::Mutex<BufferCache>,
+    /// `CHINGU_PROFILE=events`' events (see [`Device::span_start`]).
+    spans: Mutex<Spans>,
+}
+
+/// Timing events for `CHINGU_PROFILE=events`: ended spans not yet read, and events to reuse.
+#[derive(Default)]
+struct Spans {
+    ended: Vec<(String, sys::CUevent, sys::CUevent)>,
+    free: Vec<sys::CUevent>,
+}
+
+impl Spans {
+    /// A free event, or a new one (context current).
+    fn event(&mut self) -> Result<sys::CUevent, GpuError> {
+        match self.free.pop() {
+            Some(event) => Ok(event),
+            None => result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(driver("cuEventCreate")),
+        }
+    }
+
+    /// An event recorded now on the null stream.
+    fn record(&mut self) -> Result<sys::CUevent, GpuError> {
+        let event = self.event()?;
+        // SAFETY: a live event of the current context; the null stream.
+        match unsafe { result::event::record(event, std::ptr::null_mut()) } {
+            Ok(()) => Ok(event),
+            Err(e) => {
+                self.free.push(event);
+                Err(driver("cuEventRecord")(e))
+            }
+        }
+    }
 }
 
 /// Oldest compute capability (major) the kernels are written for: sm_80.
@@ -162,6 +195,7 @@ impl CudaDevice {
             shared_limits,
             blas,
             cache: std::sync::Mutex::new(BufferCache::default()),
+            spans: Mutex::new(Spans::default()),
         })
     }
 
@@ -306,7 +340,40 @@ impl Device for CudaDevice {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.bind()?;
-        result::ctx::synchronize().map_err(driver("cuCtxSynchronize"))
+        result::ctx::synchronize().map_err(driver("cuCtxSynchronize"))?;
+        // Every ended span is complete now: its time joins the profile.
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let ended = std::mem::take(&mut spans.ended);
+        for (name, start, end) in ended {
+            // SAFETY: live events of this context, both recorded and complete.
+            let ms = unsafe { result::event::elapsed(start, end) }
+                .map_err(driver("cuEventElapsedTime"))?;
+            crate::profile::record(name, f64::from(ms) / 1e3);
+            spans.free.extend([start, end]);
+        }
+        Ok(())
+    }
+
+    fn span_start(&self) -> Result<Option<super::SpanStart>, GpuError> {
+        self.bind()?;
+        let event = self.spans.lock().unwrap_or_else(|e| e.into_inner()).record()?;
+        Ok(Some(super::SpanStart(event as usize as u64)))
+    }
+
+    fn span_end(&self, start: super::SpanStart, name: String) -> Result<(), GpuError> {
+        self.bind()?;
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let start = start.0 as usize as sys::CUevent;
+        match spans.record() {
+            Ok(end) => {
+                spans.ended.push((name, start, end));
+                Ok(())
+            }
+            Err(e) => {
+                spans.free.push(start);
+                Err(e)
+            }
+        }
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
@@ -344,6 +411,22 @@ impl Device for CudaDevice {
         let queued = unsafe { blas.matmul(g, bias) };
         drop(scratch);
         queued
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        let spans = std::mem::take(self.spans.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if spans.ended.is_empty() && spans.free.is_empty() {
+            return;
+        }
+        if self.bind().is_ok() {
+            let ended = spans.ended.into_iter().flat_map(|(_, start, end)| [start, end]);
+            for event in ended.chain(spans.free) {
+                // SAFETY: created by `Spans::event` in this context; no longer used.
+                let _ = unsafe { result::event::destroy(event) };
+            }
+        }
     }
 }
 

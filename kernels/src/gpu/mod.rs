@@ -340,7 +340,22 @@ pub trait Device: Send + Sync {
     /// # Safety
     /// Every pointer in `g` must cover the matrix the shape says it holds.
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
+    /// For `CHINGU_PROFILE=events` (see [`profile`]): marks, in the device's queue, the start
+    /// of the work queued next. `Ok(None)` where the device cannot time its own work (the
+    /// emulator, whose launches are synchronous: the host's clock times them).
+    fn span_start(&self) -> Result<Option<SpanStart>, GpuError> {
+        Ok(None)
+    }
+    /// Ends the span `start` began, under `name`. Its time is read, without waiting, at the
+    /// device's next [`Device::synchronize`], which adds every ended span to the profile.
+    fn span_end(&self, _start: SpanStart, _name: String) -> Result<(), GpuError> {
+        Ok(())
+    }
 }
+
+/// The start of a span of device work being timed (a device's own handle, e.g. a CUDA event).
+#[derive(Debug)]
+pub struct SpanStart(pub u64);
 
 /// Element types a device buffer can hold.
 ///
