@@ -321,7 +321,12 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
     assert!(line("CHINGU_ATTN_SAVE_PROBS").contains(" 0 "), "{text}");
     assert!(line("CHINGU_BIAS_GRAD_EPILOGUE").contains(" 0 "), "{text}");
     assert!(line("CHINGU_PROFILE").contains(" unset "), "{text}");
-    for name in ["CHINGU_GELU_EPILOGUE", "CHINGU_GEMM_TUNE", "CHINGU_KERNEL_CACHE"] {
+    for name in [
+        "CHINGU_ATTN_CAUSAL_BAND",
+        "CHINGU_GELU_EPILOGUE",
+        "CHINGU_GEMM_TUNE",
+        "CHINGU_KERNEL_CACHE",
+    ] {
         line(name);
     }
 }

@@ -25,7 +25,17 @@
 // Shapes: S, dP, P, dS [chunk·Tq, Tk] with rows `ld` elements apart (Tk rounded up to 8, so
 // every row starts 16-byte aligned for cuBLASLt; the gap is never read; row r =
 // (bh − first_bh)·Tq + i); lse, delta [B·H·Tq].
+// Causal bands (`band` > 0; causal self-attention, Tq = Tk, no query offset): the products
+// cover query rows in bands of `band`, band k's rows only the keys j < (k + 1)·band, the only
+// ones they can see; the rest of the block's scores is never computed. These kernels then read
+// and write row i only up to that bound (`band_keys`), so P and dS are defined, zero where
+// masked, wherever a product reads them, and nothing reads past. `band` 0: every key.
 #include "common.cuh"
+
+/// Keys of row i the band products compute (see the file comment).
+__device__ __forceinline__ int band_keys(int i, int k_len, int band) {
+    return band > 0 ? min(k_len, (i / band + 1) * band) : k_len;
+}
 
 /// Keys row (bh, i) sees: j < this count.
 __device__ __forceinline__ int visible_keys(const int* key_len, int bh, int i, int heads,
@@ -39,7 +49,8 @@ __device__ __forceinline__ int visible_keys(const int* key_len, int bh, int i, i
 extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const float* s,
                                                  const int* key_len, int rows, int q_len,
                                                  int k_len, int ld, int heads, int causal,
-                                                 int q_offset, float scale, int first_bh) {
+                                                 int q_offset, float scale, int first_bh,
+                                                 int band) {
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
@@ -55,7 +66,8 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
     l = chingu::warp_sum(l);
     // A row that sees no key: P = 0, lse = −inf (as the fused kernels).
     const float row_lse = visible > 0 ? m + logf(l) : chingu::neg_inf();
-    for (int j = lane; j < k_len; j += 32)
+    const int cols = band_keys(i, k_len, band);
+    for (int j = lane; j < cols; j += 32)
         pr[j] = __float2half_rn(j < visible ? expf(sr[j] * scale - row_lse) : 0.0f);
     if (lane == 0) lse[(long long)bh * q_len + i] = row_lse;
 }
@@ -65,7 +77,7 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
 extern "C" __global__ void attention_scores_backward_f16(
     __half* p, __half* ds, const float* s, const float* dp, const float* lse, const float* delta,
     const int* key_len, int rows, int q_len, int k_len, int ld, int heads, int causal,
-    int q_offset, float scale, int first_bh) {
+    int q_offset, float scale, int first_bh, int band) {
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
@@ -74,7 +86,8 @@ extern "C" __global__ void attention_scores_backward_f16(
     const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
     const float row_lse = lse[stat], row_delta = delta[stat];
     const long long base = r * ld;
-    for (int j = lane; j < k_len; j += 32) {
+    const int cols = band_keys(i, k_len, band);
+    for (int j = lane; j < cols; j += 32) {
         const float pj = j < visible ? expf(s[base + j] * scale - row_lse) : 0.0f;
         p[base + j] = __float2half_rn(pj);
         ds[base + j] = __float2half_rn(pj * (dp[base + j] - row_delta) * scale);
@@ -87,7 +100,8 @@ extern "C" __global__ void attention_scores_backward_saved_f16(__half* ds, const
                                                                const float* dp,
                                                                const float* delta, int rows,
                                                                int q_len, int k_len, int ld,
-                                                               float scale, int first_bh) {
+                                                               float scale, int first_bh,
+                                                               int band) {
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
@@ -95,6 +109,7 @@ extern "C" __global__ void attention_scores_backward_saved_f16(__half* ds, const
     const float row_delta = delta[(long long)first_bh * q_len + r];
     const long long base = r * ld;
     // P is 0 past the visible keys, so dS is too: no mask to rebuild.
-    for (int j = lane; j < k_len; j += 32)
+    const int cols = band_keys((int)(r % q_len), k_len, band);
+    for (int j = lane; j < cols; j += 32)
         ds[base + j] = __float2half_rn(__half2float(p[base + j]) * (dp[base + j] - row_delta) * scale);
 }

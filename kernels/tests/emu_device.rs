@@ -278,7 +278,7 @@ fn gemm_attention_under(
         DeviceBuffer::<f16>::uninit(&dev, n)?,
     );
     let key_len = [24, 7, 16];
-    let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX };
+    let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX, causal_band: 8 };
     let lse_len = s.batch * s.heads * s.q_len;
     let stats_len = if save_probs { one_chunk.stats_len(s) } else { lse_len };
     let mut out = DeviceBuffer::<f16>::uninit(&dev, n)?;
@@ -428,4 +428,56 @@ fn a_device_without_the_fused_bias_gradient_falls_back_to_the_kernels() {
     assert_eq!(bits(&fused[2]), bits(&want), "fused db = prior + Σ_rows dy");
     assert_eq!(bits(&kernels[2]), bits(&want), "kernels' db = prior + Σ_rows dy");
     assert_eq!(bits(&fused[1]), bits(&kernels[1]), "dW does not depend on where db is summed");
+}
+
+/// Causal self-attention on the GEMM path in bands of 8 query rows: the forward computes and
+/// stores P only where a band's rows can see keys, row i up to the end of its band (zeros
+/// past the diagonal inside it), and never touches the scores above the bands' diagonal:
+/// there the statistics buffer keeps its fresh device memory's fill (all bits 1). With bands
+/// off, every key of every row is written. (That the results are right, banded or not, is
+/// `gpu_kernels.rs`' attention test.)
+#[test]
+fn causal_bands_leave_the_scores_above_their_diagonal_untouched() {
+    use chingu_kernels::backend::AttentionShape;
+    use chingu_kernels::gpu::ops::{self, AttentionKernels};
+    let dev: Gpu = Arc::new(EmuDevice::new());
+    let (tq, band) = (20usize, 8usize);
+    let s = AttentionShape {
+        batch: 1,
+        q_len: tq,
+        k_len: tq,
+        heads: 1,
+        head_dim: 16,
+        causal: true,
+        q_offset: 0,
+    };
+    let n = tq * 16;
+    let values: Vec<f16> = (0..n).map(|i| f16::from_f32(((i % 13) as f32 - 6.0) / 8.0)).collect();
+    let x = DeviceBuffer::from_host(&dev, &values).unwrap();
+    for causal_band in [band, 0] {
+        let kernels = AttentionKernels::Gemm { scores_per_chunk: usize::MAX, causal_band };
+        let mut out = DeviceBuffer::<f16>::uninit(&dev, n).unwrap();
+        let mut stats = DeviceBuffer::<f32>::uninit(&dev, kernels.stats_len(s)).unwrap();
+        ops::attention_forward_using(kernels, &dev, &mut out, &mut stats, &x, &x, &x, &[tq], s)
+            .unwrap();
+        let stats = stats.to_host().unwrap();
+        // P after lse from the first 16-byte boundary, rows of 24 keys (20 rounded up to 8).
+        let probs: Vec<f16> =
+            stats[tq.next_multiple_of(4)..].iter().flat_map(|x| halves(*x)).collect();
+        let ld = tq.next_multiple_of(8);
+        for i in 0..tq {
+            let computed = if causal_band > 0 { ((i / band + 1) * band).min(tq) } else { tq };
+            for j in 0..tq {
+                let p = probs[i * ld + j];
+                let what = format!("band {causal_band}: P[{i}][{j}] = {p}");
+                if j >= computed {
+                    assert_eq!(p.to_bits(), 0xFFFF, "{what}: above the bands, must be untouched");
+                } else if j > i {
+                    assert_eq!(p.to_bits(), 0, "{what}: masked inside the band, must be 0");
+                } else {
+                    assert!(p.to_f32() > 0.0 && p.to_f32() <= 1.0, "{what}: a probability");
+                }
+            }
+        }
+    }
 }

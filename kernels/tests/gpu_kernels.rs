@@ -811,18 +811,26 @@ fn attention_matches_the_cpu_backend() {
             // (batch row, head) block a chunk, three blocks a chunk, so chunks start and end
             // inside batch rows, and four, so a last chunk is shorter than the others.
             let lse_only = batch * heads * q_len;
-            let one_block_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 1 };
+            // And in causal bands (the causal self-attention cases, longer than a band) of 8
+            // and 16 query rows, so the last band is short (33, 70, 130 rows), with P saved
+            // and recomputed, in one chunk and in chunks of three blocks.
+            let gemm = |scores_per_chunk, causal_band| AttentionKernels::Gemm {
+                scores_per_chunk,
+                causal_band,
+            };
             let block = q_len * k_len.next_multiple_of(8);
-            let three_blocks_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 3 * block };
-            let four_blocks_a_chunk = AttentionKernels::Gemm { scores_per_chunk: 4 * block };
+            let banded = gemm(1 << 27, 8);
             let families = [
                 (AttentionKernels::Wmma, lse_only),
                 (AttentionKernels::Mma, lse_only),
                 (AttentionKernels::GEMM, AttentionKernels::GEMM.stats_len(s)),
                 (AttentionKernels::GEMM, lse_only),
-                (one_block_a_chunk, lse_only),
-                (three_blocks_a_chunk, lse_only),
-                (four_blocks_a_chunk, lse_only),
+                (gemm(1, 0), lse_only),
+                (gemm(3 * block, 0), lse_only),
+                (gemm(4 * block, 0), lse_only),
+                (banded, banded.stats_len(s)),
+                (banded, lse_only),
+                (gemm(3 * block, 16), lse_only),
             ];
             // The GEMM path's default saves P in every case here (a test of the test).
             assert!(AttentionKernels::GEMM.stats_len(s) > lse_only + lse_only.max(1), "{what}");

@@ -451,13 +451,28 @@ fn tuning() -> bool {
 
 /// Heuristic answers timed per shape when tuning.
 const TUNE_CANDIDATES: usize = 8;
-/// Timed runs of each candidate, after one untimed.
-const TUNE_REPS: usize = 3;
+/// Timed runs of each candidate, after one untimed: enough that a small product's time is
+/// more than the events' own resolution (~0.5 µs) and launch jitter.
+const TUNE_REPS: usize = 10;
+/// How much faster than the heuristic's first answer another must be to be taken (timing
+/// noise should not change the choice).
+const TUNE_MARGIN: f32 = 0.97;
 
-/// The candidate with the least time (the first of equals); failed ones (`None`) never win.
+/// Whether cuBLASLt refused a product as unsupported (nothing queued), not failed running it.
+fn refused(e: lt::CublasError) -> bool {
+    use lt_sys::cublasStatus_t as S;
+    matches!(e.0, S::CUBLAS_STATUS_NOT_SUPPORTED | S::CUBLAS_STATUS_INVALID_VALUE)
+}
+
+/// The candidate with the least time (the first of equals), the heuristic's first answer
+/// (index 0) unless another beats it by [`TUNE_MARGIN`]; failed ones (`None`) never win.
 fn fastest(times: &[Option<f32>]) -> Option<usize> {
     let timed = times.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t)));
-    timed.min_by(|a, b| a.1.total_cmp(&b.1)).map(|(i, _)| i)
+    let (best, time) = timed.min_by(|a, b| a.1.total_cmp(&b.1))?;
+    match times.first() {
+        Some(Some(first)) if time > first * TUNE_MARGIN => Some(0),
+        _ => Some(best),
+    }
 }
 
 /// Workspace cuBLASLt may use per product (allocated once per device).
@@ -646,14 +661,12 @@ impl Blas {
                     .map_err(fail("BIAS_POINTER"))?;
             }
             if let GemmEpilogue::BiasGrad { grad } = g.epilogue {
-                // The gradient goes where a bias would be read from, in fp32 (D's type,
-                // cuBLASLt's default, said outright).
+                // The gradient goes where a bias would be read from, in D's type (fp32: C is
+                // fp32 for this epilogue, `check_strides`), cuBLASLt's default, left unset so
+                // an older library that does not know the type attribute takes it too.
                 let pointer = grad as usize as *const c_void;
                 set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer)
                     .map_err(fail("BIAS_POINTER (bias gradient)"))?;
-                let f32_type = lt_sys::cudaDataType::CUDA_R_32F as i32;
-                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32_type)
-                    .map_err(fail("BIAS_DATA_TYPE"))?;
             }
             if let Some(pre) = aux {
                 // The pre-activation has D's type and shape: cuBLASLt's n (our m) columns of
@@ -760,8 +773,19 @@ impl Blas {
             return unsafe { self.one_at_a_time(g) };
         };
         // SAFETY: the caller's contract; the descriptors are this product's.
-        unsafe { self.queue(g, &desc, [&lt_a, &lt_b, &lt_c], &algo, g.c) }
-            .map_err(fail("cublasLtMatmul"))
+        match unsafe { self.queue(g, &desc, [&lt_a, &lt_b, &lt_c], &algo, g.c) } {
+            Ok(()) => Ok(()),
+            // A fused bias gradient the heuristic offered but the product refuses (nothing
+            // queued): remembered, and the caller takes the unfused ops, as for no kernel.
+            Err(e) if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) && refused(e) => {
+                self.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(key, None);
+                tracing::info!(
+                    "cuBLASLt refused {what} ({e:?}): bias gradients take their own kernels"
+                );
+                Err(GpuError::Unsupported(format!("cuBLASLt refused {what} ({e:?})")))
+            }
+            Err(e) => Err(fail("cublasLtMatmul")(e)),
+        }
     }
 
     /// Queues `g` with `algo` on the null stream, D (and C, in place) at `d`.
@@ -860,7 +884,6 @@ impl Blas {
                     *time = Some(events.record_end_and_wait()? / TUNE_REPS as f32);
                 }
             }
-            // The scratch is freed synchronously (`Scratch`'s drop), after the timed work.
             Ok(())
         })();
         if let Err(e) = timed {
@@ -1029,8 +1052,8 @@ unsafe fn set_desc<T>(
     }
 }
 
-/// Descriptors destroyed on drop (destroying cannot fail for a live descriptor).
-/// Device memory for tuning's outputs, freed (synchronously) on drop.
+/// Device memory for tuning's outputs, freed on drop once the device is idle (whichever way
+/// the timing loop ended, nothing queued may still use it).
 struct Scratch(DevicePtr);
 
 impl Scratch {
@@ -1045,7 +1068,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        // SAFETY: allocated by `new`; cuMemFree waits for work using it.
+        let _ = result::ctx::synchronize();
+        // SAFETY: allocated by `new`; the device has finished every use of it.
         let _ = unsafe { result::free_sync(self.0) };
     }
 }
@@ -1097,6 +1121,7 @@ impl Drop for Events {
     }
 }
 
+/// Descriptors destroyed on drop (destroying cannot fail for a live descriptor).
 struct MatmulDesc(lt_sys::cublasLtMatmulDesc_t);
 struct Layout(lt_sys::cublasLtMatrixLayout_t);
 struct Preference(lt_sys::cublasLtMatmulPreference_t);
@@ -1131,6 +1156,9 @@ mod tests {
         assert_eq!(fastest(&[None, Some(9.0), Some(4.0)]), Some(2));
         // Of equal times, the heuristic's earlier answer.
         assert_eq!(fastest(&[Some(2.0), Some(1.0), Some(1.0)]), Some(1));
+        // The first answer stays unless another is at least 3% faster.
+        assert_eq!(fastest(&[Some(1.0), Some(0.98)]), Some(0));
+        assert_eq!(fastest(&[Some(1.0), Some(0.98), Some(0.96)]), Some(2));
         assert_eq!(fastest(&[None, None]), None);
         assert_eq!(fastest(&[]), None);
     }

@@ -677,6 +677,10 @@ pub enum AttentionKernels {
         /// one block's: the scratch's bound (12 bytes a score, 6 with P kept), and P's: kept
         /// where all of it fits this bound.
         scores_per_chunk: usize,
+        /// Query rows a band of causal self-attention's scores (0: no bands): each band's
+        /// products cover only the keys it can see, so the scores above the bands' diagonal
+        /// are never computed (`attention_gemm::band_rows`).
+        causal_band: usize,
     },
 }
 
@@ -688,6 +692,26 @@ pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 /// call at seed-768's 18 × 1024 tokens; slower; dS from P at fp32 rather than fp16, so the
 /// gradients' last bits differ).
 pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
+
+/// The variable that sets the GEMM attention path's causal band in query rows (`0`: no bands;
+/// rounded up to 8; default 512, [`AttentionKernels::GEMM`]).
+pub const CAUSAL_BAND_VAR: &str = "CHINGU_ATTN_CAUSAL_BAND";
+
+/// [`CAUSAL_BAND_VAR`]'s rows, `None` where it is unset (read once; a value that is not a
+/// whole number is warned about and ignored).
+fn causal_band_from_env() -> Option<usize> {
+    static BAND: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *BAND.get_or_init(|| {
+        let text = std::env::var(CAUSAL_BAND_VAR).ok()?;
+        match text.trim().parse() {
+            Ok(rows) => Some(rows),
+            Err(_) => {
+                tracing::warn!("{CAUSAL_BAND_VAR}={text:?} is not a number of rows: ignored");
+                None
+            }
+        }
+    })
+}
 
 /// False where [`SAVE_PROBS_VAR`] is `0` (read once; any other value, or none, keeps P).
 fn save_probs_from_env() -> bool {
@@ -710,7 +734,11 @@ impl AttentionKernels {
     /// The GEMM path with 2^27 scores a chunk (at most 1.5 GiB of scratch; seed-768's 72
     /// blocks of 1024 × 1024 at 18 × 1024 tokens in one chunk, 864 MiB): `kernel_bench` in
     /// run 17 timed seed-768's backward at 1,024 µs in one chunk against 1,220 µs in three.
-    pub const GEMM: Self = Self::Gemm { scores_per_chunk: 1 << 27 };
+    ///
+    /// Causal self-attention goes in bands of 512 query rows: at seed-768's 1024 tokens, two
+    /// bands, a quarter of the decoder's self-attention scores skipped (not yet timed on a
+    /// GPU; [`CAUSAL_BAND_VAR`] changes the band, `0` turns bands off).
+    pub const GEMM: Self = Self::Gemm { scores_per_chunk: 1 << 27, causal_band: 512 };
 
     /// The family `value` names (`wmma`, `mma`, `gemm`), `None` for `auto`; an error names
     /// the accepted values.
@@ -779,8 +807,10 @@ impl AttentionKernels {
     pub fn stats_len(self, s: AttentionShape) -> usize {
         let lse = s.batch * s.heads * s.q_len;
         match self {
-            Self::Gemm { scores_per_chunk } => attention_gemm::saved_probs_len(s, scores_per_chunk)
-                .map_or(lse, |probs| attention_gemm::stats_len_with_probs(s, probs)),
+            Self::Gemm { scores_per_chunk, .. } => {
+                attention_gemm::saved_probs_len(s, scores_per_chunk)
+                    .map_or(lse, |probs| attention_gemm::stats_len_with_probs(s, probs))
+            }
             Self::Wmma | Self::Mma => lse,
         }
     }
@@ -936,6 +966,12 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
         Some(kernels) => kernels,
         None => AttentionKernels::fastest_for(s, mma_fits),
     };
+    let kernels = match (kernels, causal_band_from_env()) {
+        (AttentionKernels::Gemm { scores_per_chunk, .. }, Some(causal_band)) => {
+            AttentionKernels::Gemm { scores_per_chunk, causal_band }
+        }
+        (kernels, _) => kernels,
+    };
     // Said the first time each family runs in this process: which kernels attention takes.
     static SAID: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
     let bit = match kernels {
@@ -1025,8 +1061,9 @@ pub fn attention_forward_using(
     if out.is_empty() {
         return Ok(());
     }
-    if let AttentionKernels::Gemm { scores_per_chunk } = kernels {
-        return attention_gemm::forward(dev, out, lse, q, k, v, &lens, s, scores_per_chunk);
+    if let AttentionKernels::Gemm { scores_per_chunk, causal_band } = kernels {
+        let bounds = (scores_per_chunk, causal_band);
+        return attention_gemm::forward(dev, out, lse, q, k, v, &lens, s, bounds);
     }
     let l = AttnLaunch::new(dev, kernels, AttnKernel::Forward, s.head_dim, OP)?;
     let grid = (s.q_len.div_ceil(l.rows()) as u32, s.heads as u32, s.batch as u32);
@@ -1120,10 +1157,10 @@ pub fn attention_backward_using(
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
         )?;
     }
-    if let AttentionKernels::Gemm { scores_per_chunk } = kernels {
-        let chunk = scores_per_chunk;
+    if let AttentionKernels::Gemm { scores_per_chunk, causal_band } = kernels {
+        let bounds = (scores_per_chunk, causal_band);
         return attention_gemm::backward(
-            dev, dq, dk, dv, d_out, q, k, v, lse, &delta, &lens, s, chunk,
+            dev, dq, dk, dv, d_out, q, k, v, lse, &delta, &lens, s, bounds,
         );
     }
     let kv = AttnLaunch::new(dev, kernels, AttnKernel::KeysValues, s.head_dim, OP)?;

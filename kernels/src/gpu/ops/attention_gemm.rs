@@ -12,6 +12,11 @@
 //! `scores_per_chunk` scores (one block at least), so the scratch stays bounded (12 bytes a
 //! score in backward, 6 with P saved) whatever the sequence length; a chunk's blocks of one
 //! head are batch rows in a row, one batched product. The chunking changes no result.
+//! Causal self-attention (Tq = Tk, no query offset) goes in bands of `causal_band` query rows
+//! ([`band_rows`]): band k's products cover only the keys its rows can see, j < (k + 1)·band,
+//! and the transposed products (dV, dK) of key band k only the query rows from k·band on, so
+//! the scores above the bands' diagonal are never computed or stored (at 1024 rows in bands of
+//! 512, a quarter of every product and pass over the scores).
 
 use half::f16;
 
@@ -29,10 +34,12 @@ struct Dims {
     causal: i32,
     q_offset: i32,
     scale: f32,
+    /// Query rows a causal band ([`band_rows`]; 0: no bands).
+    band: i32,
 }
 
 impl Dims {
-    fn new(s: AttentionShape, op: &'static str) -> Result<Self, GpuError> {
+    fn new(s: AttentionShape, band: usize, op: &'static str) -> Result<Self, GpuError> {
         Ok(Self {
             q_len: int(op, "q_len", s.q_len)?,
             k_len: int(op, "k_len", s.k_len)?,
@@ -40,8 +47,59 @@ impl Dims {
             causal: i32::from(s.causal),
             q_offset: int(op, "q_offset", s.q_offset)?,
             scale: (1.0 / (s.head_dim as f64).sqrt()) as f32,
+            band: int(op, "band", band)?,
         })
     }
+}
+
+/// Query rows of a causal band for shape `s` with bands of `causal_band` rows asked for (0:
+/// none), or 0 where the block goes whole: bands only for causal self-attention (Tq = Tk, no
+/// query offset) longer than one band, rounded up to 8 rows so every band's scores start
+/// 16-byte aligned.
+pub(super) fn band_rows(s: AttentionShape, causal_band: usize) -> usize {
+    let banded = s.causal && s.q_offset == 0 && s.q_len == s.k_len && causal_band > 0;
+    let band = causal_band.next_multiple_of(8);
+    if banded && s.q_len > band {
+        band
+    } else {
+        0
+    }
+}
+
+/// One band of a block's query rows: its first row, its rows, and the keys it sees (from 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Band {
+    first: usize,
+    rows: usize,
+    keys: usize,
+}
+
+/// The query bands of a block (one band of every row and key where `band` is 0).
+fn query_bands(s: AttentionShape, band: usize) -> Vec<Band> {
+    if band == 0 {
+        return vec![Band { first: 0, rows: s.q_len, keys: s.k_len }];
+    }
+    (0..s.q_len)
+        .step_by(band)
+        .map(|first| Band {
+            first,
+            rows: band.min(s.q_len - first),
+            keys: (first + band).min(s.k_len),
+        })
+        .collect()
+}
+
+/// The key bands of a block for the transposed products (dV = Pᵀ·dO, dK = dSᵀ·Q): `first`
+/// and `rows` the band's keys, `keys` the query rows that see them (from `first` on: the
+/// band's rows and every later band's).
+fn key_bands(s: AttentionShape, band: usize) -> Vec<Band> {
+    if band == 0 {
+        return vec![Band { first: 0, rows: s.k_len, keys: s.q_len }];
+    }
+    (0..s.k_len)
+        .step_by(band)
+        .map(|first| Band { first, rows: band.min(s.k_len - first), keys: s.q_len - first })
+        .collect()
 }
 
 /// One operand of a batched product: the first matrix's address, matrices `stride` elements
@@ -65,6 +123,11 @@ impl Operand {
     /// The same, read transposed.
     fn head_t(x: &DeviceBuffer<f16>, s: AttentionShape, len: usize, b0: usize, h: usize) -> Self {
         Self { transposed: true, ..Self::head(x, s, len, b0, h) }
+    }
+
+    /// The matrices from their stored row `rows` and column `cols` on (elements of `bytes`).
+    fn from(self, rows: usize, cols: usize, bytes: usize) -> Self {
+        Self { ptr: self.ptr + ((rows * self.ld + cols) * bytes) as DevicePtr, ..self }
     }
 
     /// One head's score blocks in the chunk's `buf`, from the chunk's block `first`: `[Tq×Tk]`
@@ -242,25 +305,31 @@ fn head_runs(s: AttentionShape, first: usize, count: usize) -> impl Iterator<Ite
 }
 
 /// `run`'s score blocks in the chunk's `out` = x·yᵀ (fp32), x and y head `run.h`'s columns of
-/// `[B·Tq, H·Dh]` and `[B·Tk, H·Dh]` tensors (S = Q·Kᵀ, dP = dO·Vᵀ).
+/// `[B·Tq, H·Dh]` and `[B·Tk, H·Dh]` tensors (S = Q·Kᵀ, dP = dO·Vᵀ), band by band (the keys
+/// each band sees; [`query_bands`]).
 ///
 /// # Safety
 /// `out` holds the chunk `run` belongs to; x and y are of those shapes.
 unsafe fn scores_from(
     dev: &Gpu,
     s: AttentionShape,
+    band: usize,
     run: &HeadRun,
     x: &DeviceBuffer<f16>,
     y: &DeviceBuffer<f16>,
     out: &DeviceBuffer<f32>,
 ) -> Result<(), GpuError> {
-    let (x, y) = (
-        Operand::head(x, s, s.q_len, run.b0, run.h),
-        Operand::head_t(y, s, s.k_len, run.b0, run.h),
-    );
-    let out = Operand::scores(ScoresOf::of(out), s, run.first_in_chunk, false);
-    // SAFETY: the caller's contract.
-    unsafe { batched(dev, (s.q_len, s.k_len, s.head_dim), x, y, out, true, run.count) }
+    for b in query_bands(s, band) {
+        let (x, y) = (
+            Operand::head(x, s, s.q_len, run.b0, run.h).from(b.first, 0, 2),
+            Operand::head_t(y, s, s.k_len, run.b0, run.h),
+        );
+        let out = Operand::scores(ScoresOf::of(out), s, run.first_in_chunk, false);
+        let out = out.from(b.first, 0, 4);
+        // SAFETY: the caller's contract; a band lies inside its block.
+        unsafe { batched(dev, (b.rows, b.keys, s.head_dim), x, y, out, true, run.count) }?;
+    }
+    Ok(())
 }
 
 /// Head `run.h`'s columns of `out` = op(P)·x for `run`'s blocks, P the chunk's score blocks
@@ -269,9 +338,11 @@ unsafe fn scores_from(
 ///
 /// # Safety
 /// `p` holds the chunk `run` belongs to; x and `out` are of those shapes.
+#[allow(clippy::too_many_arguments)]
 unsafe fn times_scores(
     dev: &Gpu,
     s: AttentionShape,
+    band: usize,
     run: &HeadRun,
     p: ScoresOf<f16>,
     transposed: bool,
@@ -279,11 +350,23 @@ unsafe fn times_scores(
     out: &DeviceBuffer<f16>,
 ) -> Result<(), GpuError> {
     let (out_len, x_len) = if transposed { (s.k_len, s.q_len) } else { (s.q_len, s.k_len) };
-    let p = Operand::scores(p, s, run.first_in_chunk, transposed);
-    let (x, out) =
-        (Operand::head(x, s, x_len, run.b0, run.h), Operand::head(out, s, out_len, run.b0, run.h));
-    // SAFETY: the caller's contract.
-    unsafe { batched(dev, (out_len, s.head_dim, x_len), p, x, out, false, run.count) }
+    // Out rows in bands, each summing over the score rows or columns it meets: a query band
+    // over the keys it sees (P rows `b.first..`, columns from 0), a key band over the query
+    // rows from its first on (P rows and columns from `b.first`, read transposed).
+    let bands = if transposed { key_bands(s, band) } else { query_bands(s, band) };
+    for b in bands {
+        let p = Operand::scores(p, s, run.first_in_chunk, transposed);
+        let (p, x_from) = if transposed {
+            (p.from(b.first, b.first, 2), b.first)
+        } else {
+            (p.from(b.first, 0, 2), 0)
+        };
+        let x = Operand::head(x, s, x_len, run.b0, run.h).from(x_from, 0, 2);
+        let out = Operand::head(out, s, out_len, run.b0, run.h).from(b.first, 0, 2);
+        // SAFETY: the caller's contract; a band lies inside its block.
+        unsafe { batched(dev, (b.rows, s.head_dim, b.keys), p, x, out, false, run.count) }?;
+    }
+    Ok(())
 }
 
 /// The grid of the pointwise score kernels: one warp per score row, `THREADS / 32` rows a
@@ -313,10 +396,11 @@ pub(super) fn forward(
     v: &DeviceBuffer<f16>,
     lens: &DeviceBuffer<i32>,
     s: AttentionShape,
-    scores_per_chunk: usize,
+    (scores_per_chunk, causal_band): (usize, usize),
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_forward";
-    let d = Dims::new(s, OP)?;
+    let band = band_rows(s, causal_band);
+    let d = Dims::new(s, band, OP)?;
     let (tq, tk) = (s.q_len, s.k_len);
     if tk == 0 {
         zero(dev, &mut [out])?;
@@ -341,7 +425,7 @@ pub(super) fn forward(
         // SAFETY (every product): each run's blocks of Q, K, V, the output and the chunk's
         // scores lie inside their buffers (the scratch holds `chunk` blocks, saved P all).
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
-            unsafe { scores_from(dev, s, &run, q, k, &scores) }?;
+            unsafe { scores_from(dev, s, band, &run, q, k, &scores) }?;
         }
         let args = args![
             p.ptr,
@@ -356,11 +440,12 @@ pub(super) fn forward(
             d.causal,
             d.q_offset,
             d.scale,
-            int(OP, "first block", first)?
+            int(OP, "first block", first)?,
+            d.band
         ];
         launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
-            unsafe { times_scores(dev, s, &run, p, false, v, out) }?;
+            unsafe { times_scores(dev, s, band, &run, p, false, v, out) }?;
         }
     }
     Ok(())
@@ -383,10 +468,11 @@ pub(super) fn backward(
     delta: &DeviceBuffer<f32>,
     lens: &DeviceBuffer<i32>,
     s: AttentionShape,
-    scores_per_chunk: usize,
+    (scores_per_chunk, causal_band): (usize, usize),
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_backward";
-    let d = Dims::new(s, OP)?;
+    let band = band_rows(s, causal_band);
+    let d = Dims::new(s, band, OP)?;
     let (tq, tk) = (s.q_len, s.k_len);
     if tq == 0 || tk == 0 {
         // No query or no key: every gradient is zero.
@@ -411,9 +497,9 @@ pub(super) fn backward(
         for run in head_runs(s, first, count) {
             // S = Q·Kᵀ (unless P was saved) and dP = dO·Vᵀ, fp32.
             if let Some((scores, _)) = &recompute {
-                unsafe { scores_from(dev, s, &run, q, k, scores) }?;
+                unsafe { scores_from(dev, s, band, &run, q, k, scores) }?;
             }
-            unsafe { scores_from(dev, s, &run, d_out, v, &dp) }?;
+            unsafe { scores_from(dev, s, band, &run, d_out, v, &dp) }?;
         }
         let rows = int(OP, "rows", count * tq)?;
         let (ld, first_bh) =
@@ -432,7 +518,8 @@ pub(super) fn backward(
                     d.k_len,
                     ld,
                     d.scale,
-                    first_bh
+                    first_bh,
+                    d.band
                 ];
                 launch(dev, "attention_scores_backward_saved_f16", grid, (THREADS, 1, 1), 0, args)?;
                 p
@@ -454,7 +541,8 @@ pub(super) fn backward(
                     d.causal,
                     d.q_offset,
                     d.scale,
-                    first_bh
+                    first_bh,
+                    d.band
                 ];
                 launch(dev, "attention_scores_backward_f16", grid, (THREADS, 1, 1), 0, args)?;
                 ScoresOf::of(p)
@@ -464,9 +552,9 @@ pub(super) fn backward(
         let ds = ScoresOf::of(&ds);
         for run in head_runs(s, first, count) {
             // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q, each head's columns overwritten.
-            unsafe { times_scores(dev, s, &run, p, true, d_out, dv) }?;
-            unsafe { times_scores(dev, s, &run, ds, false, k, dq) }?;
-            unsafe { times_scores(dev, s, &run, ds, true, q, dk) }?;
+            unsafe { times_scores(dev, s, band, &run, p, true, d_out, dv) }?;
+            unsafe { times_scores(dev, s, band, &run, ds, false, k, dq) }?;
+            unsafe { times_scores(dev, s, band, &run, ds, true, q, dk) }?;
         }
     }
     // Scratch buffers go back to the allocator, reused only by later work on this stream.
