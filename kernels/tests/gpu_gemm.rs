@@ -648,3 +648,107 @@ fn fused_gelu_needs_a_multiple_of_8_columns() {
         }
     }
 }
+
+/// A device may keep what it prepares for a product's shape (cuBLASLt's descriptors, made
+/// once a shape): a second product of the same shape must still take its own buffers — its
+/// bias, its GELU pre-activation, its bias gradient's output — not the first one's. Each
+/// product here is followed by the next of the same shape on other buffers with other values;
+/// every output is checked against its own inputs, and the first product's outputs must be
+/// left as they were.
+#[test]
+fn products_of_one_shape_take_their_own_buffers() {
+    let (m, n, k) = (16, 24, 32);
+    let mut rng = SplitMix64(0x5a4e);
+    for dev in devices() {
+        let half = |v: &[f16]| DeviceBuffer::from_host(&dev, v).unwrap();
+        let runs: Vec<(Vec<f16>, Vec<f16>, Vec<f16>)> = (0..2)
+            .map(|_| {
+                let (a, _) = random_half(&mut rng, m * k, -1.0, 1.0);
+                let (b, _) = random_half(&mut rng, k * n, -1.0, 1.0);
+                let (bias, _) = random_half(&mut rng, n, -2.0, 2.0);
+                (a, b, bias)
+            })
+            .collect();
+        // The plain product with a bias, then the fused GELU, then the fused bias gradient.
+        let mut plain = Vec::new();
+        let mut gelu = Vec::new();
+        let mut grads = Vec::new();
+        for (a, b, bias) in &runs {
+            let (a_buf, b_buf, bias_buf) = (half(a), half(b), half(bias));
+            let mut c = half(&vec![f16::NAN; m * n]);
+            gemm(
+                &dev,
+                GemmOut::F16(&mut c),
+                &a_buf,
+                false,
+                &b_buf,
+                false,
+                m,
+                n,
+                k,
+                false,
+                Some(&bias_buf),
+            )
+            .unwrap();
+            let (mut act, mut pre) = (half(&vec![f16::NAN; m * n]), half(&vec![f16::NAN; m * n]));
+            gemm_gelu(
+                &dev,
+                &mut act,
+                &mut pre,
+                &a_buf,
+                false,
+                &b_buf,
+                false,
+                (m, n, k),
+                Some(&bias_buf),
+            )
+            .unwrap();
+            // The fused bias gradient with A stored transposed, [k×m]: `a`'s values read as k
+            // rows of m (as linear layers pass dy).
+            let mut dw = DeviceBuffer::from_host(&dev, &vec![0f32; m * n]).unwrap();
+            let mut grad = DeviceBuffer::from_host(&dev, &vec![f32::NAN; m]).unwrap();
+            gemm_bias_grad(&dev, &mut dw, &mut grad, &a_buf, true, &b_buf, false, (m, n, k), false)
+                .unwrap();
+            plain.push(c);
+            gelu.push((act, pre));
+            grads.push(grad);
+        }
+        for (r, (a, b, bias)) in runs.iter().enumerate() {
+            let f = |x: &f16| f64::from(x.to_f32());
+            // The reference product of run r (+ its bias).
+            let want = |i: usize, j: usize| {
+                (0..k).map(|l| f(&a[i * k + l]) * f(&b[l * n + j])).sum::<f64>() + f(&bias[j])
+            };
+            let c = plain[r].to_host().unwrap();
+            let pre = gelu[r].1.to_host().unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let w = want(i, j);
+                    let tol = 0.02 + 2e-3 * w.abs();
+                    assert!(
+                        (f(&c[i * n + j]) - w).abs() <= tol,
+                        "{} run {r}: C[{i},{j}]",
+                        dev.name()
+                    );
+                    let got = f(&pre[i * n + j]);
+                    assert!(
+                        (got - w).abs() <= tol,
+                        "{} run {r}: pre[{i},{j}] = {got}, want {w}",
+                        dev.name()
+                    );
+                }
+            }
+            // op(A) = (A stored [k×m])ᵀ: row i of op(A) is column i of that storage.
+            let grad = grads[r].to_host().unwrap();
+            for i in 0..m {
+                let w: f64 = (0..k).map(|l| f(&a[l * m + i])).sum();
+                let got = f64::from(grad[i]);
+                assert!(
+                    (got - w).abs() <= 1e-3,
+                    "{} run {r}: grad[{i}] = {got}, want {w}",
+                    dev.name()
+                );
+            }
+        }
+    }
+}

@@ -481,6 +481,98 @@ const LT_WORKSPACE_BYTES: usize = 32 << 20;
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
 
+/// A shape's descriptors and algorithm, made at its first product (see [`Blas::matmul`]).
+struct Plan {
+    desc: MatmulDesc,
+    /// cuBLASLt's A (our B), B (our A) and C = D.
+    a: Layout,
+    b: Layout,
+    c: Layout,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+/// `g` for messages: `18 × 1024×1024×192 (A, Bᵀ, C f32, beta 0)`.
+fn describe(g: &Gemm, bias: bool) -> String {
+    let Gemm { m, n, k, .. } = *g;
+    format!(
+        "{}{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{})",
+        if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() },
+        if g.trans_a { "ᵀ" } else { "" },
+        if g.trans_b { "ᵀ" } else { "" },
+        if g.c_f32 { "f32" } else { "f16" },
+        g.beta,
+        if bias { ", bias" } else { "" },
+        match g.epilogue {
+            GemmEpilogue::None => "",
+            GemmEpilogue::Gelu { .. } => ", GELU",
+            GemmEpilogue::GeluGrad { .. } => ", GELU gradient",
+            GemmEpilogue::BiasGrad { .. } => ", bias gradient",
+        },
+    )
+}
+
+/// Everything `g`'s plan depends on: its shape, types, epilogue, strides and alignments.
+fn plan_key(g: &Gemm, bias: bool) -> PlanKey {
+    // Every matrix of a batch must have the alignment the algorithm is chosen for: the first
+    // one's address and the stride between them (in bytes) both count.
+    let c_bytes = if g.c_f32 { 4 } else { 2 };
+    let batched = |ptr: DevicePtr, stride: usize, bytes: usize| {
+        let step = if g.batch.count > 1 { (stride * bytes) as DevicePtr } else { 0 };
+        alignment(ptr | step)
+    };
+    PlanKey {
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        trans_a: g.trans_a,
+        trans_b: g.trans_b,
+        c_f32: g.c_f32,
+        bias,
+        epilogue: match g.epilogue {
+            GemmEpilogue::None => 0,
+            GemmEpilogue::Gelu { .. } => 1,
+            GemmEpilogue::GeluGrad { .. } => 2,
+            GemmEpilogue::BiasGrad { .. } => 3,
+        },
+        align: [
+            batched(g.b, g.batch.stride_b, 2),
+            batched(g.a, g.batch.stride_a, 2),
+            batched(g.c, g.batch.stride_c, c_bytes),
+        ],
+        batch: g.batch,
+        ld: g.row_strides(),
+    }
+}
+
+/// Sets this product's pointers on its plan's descriptor: the bias, a GELU's pre-activation,
+/// a fused bias gradient's output (the matrices' own go to `cublasLtMatmul`).
+///
+/// # Safety
+/// A live descriptor made for `g`'s epilogue and bias.
+unsafe fn point_at(
+    desc: &MatmulDesc,
+    g: &Gemm,
+    bias: Option<DevicePtr>,
+) -> Result<(), lt::CublasError> {
+    use lt_sys::cublasLtMatmulDescAttributes_t as Attr;
+    let pointer = |p: DevicePtr| p as usize as *const c_void;
+    // SAFETY: device pointers, as the attributes take.
+    unsafe {
+        if let Some(bias) = bias {
+            set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer(bias))?;
+        }
+        match g.epilogue {
+            GemmEpilogue::Gelu { pre } | GemmEpilogue::GeluGrad { pre } => {
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &pointer(pre))
+            }
+            GemmEpilogue::BiasGrad { grad } => {
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer(grad))
+            }
+            GemmEpilogue::None => Ok(()),
+        }
+    }
+}
+
 /// One cached heuristic choice: every descriptor attribute the algorithm was chosen for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
@@ -504,9 +596,11 @@ struct Blas {
     context: sys::CUcontext,
     handle: lt_sys::cublasLtHandle_t,
     workspace: DevicePtr,
-    /// The algorithm for each shape seen; `None` for a strided batch cuBLASLt has no kernel
-    /// for, whose products then run one at a time.
-    plans: Mutex<HashMap<PlanKey, Option<lt_sys::cublasLtMatmulAlgo_t>>>,
+    /// Each shape seen, planned once: its descriptors and algorithm, so a product after the
+    /// first costs only its pointers and the call (no descriptor made, set and destroyed a
+    /// call). `None` for a strided batch cuBLASLt has no kernel for, whose products then run
+    /// one at a time, and for a fused bias gradient it has none for.
+    plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
     /// fp32 copy of the current fp32 product's bias: (address, capacity in elements).
     bias_f32: Mutex<(DevicePtr, usize)>,
 }
@@ -545,27 +639,79 @@ impl Blas {
     /// (n, m, k). cuBLASLt's bias epilogue adds bias[i] to row i of the column-major D
     /// (n rows here), i.e. to column i of our row-major C: the `[n]` bias of the contract.
     ///
+    /// The shape's plan ([`Plan`]) is made at its first product and kept; each product sets
+    /// its own pointers on the plan's descriptor and is queued under the plans' lock, so no
+    /// other caller changes them in between (cuBLASLt reads the descriptor while queueing).
+    ///
     /// # Safety
     /// As [`Device::gemm`].
     unsafe fn matmul(&self, g: &Gemm, bias: Option<DevicePtr>) -> Result<(), GpuError> {
-        let Gemm { m, n, k, .. } = *g;
-        let what = format!(
-            "{}{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{})",
-            if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() },
-            if g.trans_a { "ᵀ" } else { "" },
-            if g.trans_b { "ᵀ" } else { "" },
-            if g.c_f32 { "f32" } else { "f16" },
-            g.beta,
-            if bias.is_some() { ", bias" } else { "" },
-            match g.epilogue {
-                GemmEpilogue::None => "",
-                GemmEpilogue::Gelu { .. } => ", GELU",
-                GemmEpilogue::GeluGrad { .. } => ", GELU gradient",
-                GemmEpilogue::BiasGrad { .. } => ", bias gradient",
-            },
-        );
+        g.check_strides()?;
+        let what = || describe(g, bias.is_some());
+        if g.batch.count > 1 && (bias.is_some() || g.epilogue != GemmEpilogue::None) {
+            return Err(GpuError::Shape {
+                op: "gemm",
+                message: format!("{}: a batch of products takes no bias and no epilogue", what()),
+            });
+        }
+        let key = plan_key(g, bias.is_some());
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Vacant(vacant) = plans.entry(key) {
+            // SAFETY: the caller's contract (tuning writes scratch only).
+            vacant.insert(unsafe { self.plan(g, bias, &key) }?);
+        }
+        let Some(plan) = plans.get(&key).and_then(Option::as_ref) else {
+            drop(plans);
+            if let GemmEpilogue::BiasGrad { .. } = g.epilogue {
+                return Err(GpuError::Unsupported(format!(
+                    "cuBLASLt has no kernel for {}",
+                    what()
+                )));
+            }
+            // SAFETY: as this call's; each product is one block of the batch.
+            return unsafe { self.one_at_a_time(g) };
+        };
+        let fail = |step: &str, e: lt::CublasError| GpuError::Driver {
+            call: format!("cublasLtMatmul {}: {step}", what()),
+            message: format!("{e:?}"),
+        };
+        // SAFETY: the plan's live descriptor; device pointers, as the attributes take.
+        unsafe { point_at(&plan.desc, g, bias) }.map_err(|e| fail("this product's pointers", e))?;
+        let layouts = [&plan.a, &plan.b, &plan.c];
+        // SAFETY: the caller's contract; the plan's descriptors are made for this shape.
+        match unsafe { self.queue(g, &plan.desc, layouts, &plan.algo, g.c) } {
+            Ok(()) => Ok(()),
+            // A fused bias gradient the heuristic offered but the product refuses (nothing
+            // queued): remembered, and the caller takes the unfused ops, as for no kernel.
+            Err(e) if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) && refused(e) => {
+                plans.insert(key, None);
+                tracing::info!(
+                    "cuBLASLt refused {} ({e:?}): bias gradients take their own kernels",
+                    what()
+                );
+                Err(GpuError::Unsupported(format!("cuBLASLt refused {} ({e:?})", what())))
+            }
+            Err(e) => Err(fail("cublasLtMatmul", e)),
+        }
+    }
+
+    /// The plan of `g`'s shape: its layouts and descriptor, and the heuristic's first
+    /// algorithm (or, tuning, the fastest of its first [`TUNE_CANDIDATES`]); `None` where
+    /// cuBLASLt has none for a batch (its products then go one at a time) or for a fused bias
+    /// gradient (the caller then takes the unfused ops); an error for any other failure.
+    ///
+    /// # Safety
+    /// As [`Device::gemm`] (tuning runs `g`'s product on its inputs).
+    unsafe fn plan(
+        &self,
+        g: &Gemm,
+        bias: Option<DevicePtr>,
+        key: &PlanKey,
+    ) -> Result<Option<Plan>, GpuError> {
+        let Gemm { m, n, .. } = *g;
+        let what = || describe(g, bias.is_some());
         let fail = |step: &str| {
-            let call = format!("cublasLtMatmul {what}: {step}");
+            let call = format!("cublasLtMatmul {}: {step}", what());
             move |e: lt::CublasError| GpuError::Driver { call, message: format!("{e:?}") }
         };
         let f16 = lt_sys::cudaDataType::CUDA_R_16F;
@@ -574,7 +720,6 @@ impl Blas {
         } else {
             lt_sys::cudaDataType::CUDA_R_16F
         };
-        g.check_strides()?;
         // Stored (rows, cols) and row strides of our row-major A, B and C.
         let [(a_rows, a_cols), (b_rows, b_cols), _] = g.stored();
         let [lda, ldb, ldc] = g.row_strides();
@@ -588,15 +733,9 @@ impl Blas {
         let lt_b = layout(f16, a_rows, a_cols, lda, "layout of A")?;
         let lt_c = layout(c_type, m, n, ldc, "layout of C")?;
         if g.batch.count > 1 {
-            if bias.is_some() || g.epilogue != GemmEpilogue::None {
-                return Err(GpuError::Shape {
-                    op: "gemm",
-                    message: format!("{what}: a batch of products takes no bias and no epilogue"),
-                });
-            }
             let count = i32::try_from(g.batch.count).map_err(|_| GpuError::Shape {
                 op: "gemm",
-                message: format!("{what}: batch over i32"),
+                message: format!("{}: batch over i32", what()),
             })?;
             use lt_sys::cublasLtMatrixLayoutAttribute_t as L;
             for (layout, stride, step) in [
@@ -633,159 +772,87 @@ impl Blas {
         .map_err(fail("cublasLtMatmulDescCreate"))?;
         let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
         use lt_sys::cublasLtMatmulDescAttributes_t as Attr;
-        // SAFETY: each value has the attribute's type (int32 ops, uint32 epilogue, a device
-        // pointer) and lives across the call.
+        // SAFETY: each value has the attribute's type (int32 ops, uint32 epilogue, int64
+        // leading dimension) and lives across the call.
         unsafe {
             set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.trans_b))
                 .map_err(fail("TRANSA"))?;
             set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.trans_a))
                 .map_err(fail("TRANSB"))?;
             use lt_sys::cublasLtEpilogue_t as E;
-            let (epilogue, aux) = match (g.epilogue, bias.is_some()) {
-                (GemmEpilogue::None, false) => (E::CUBLASLT_EPILOGUE_DEFAULT, None),
-                (GemmEpilogue::None, true) => (E::CUBLASLT_EPILOGUE_BIAS, None),
-                (GemmEpilogue::Gelu { pre }, false) => (E::CUBLASLT_EPILOGUE_GELU_AUX, Some(pre)),
-                (GemmEpilogue::Gelu { pre }, true) => {
-                    (E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(pre))
-                }
-                (GemmEpilogue::GeluGrad { pre }, _) => (E::CUBLASLT_EPILOGUE_DGELU, Some(pre)),
+            let epilogue = match (g.epilogue, bias.is_some()) {
+                (GemmEpilogue::None, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
+                (GemmEpilogue::None, true) => E::CUBLASLT_EPILOGUE_BIAS,
+                (GemmEpilogue::Gelu { .. }, false) => E::CUBLASLT_EPILOGUE_GELU_AUX,
+                (GemmEpilogue::Gelu { .. }, true) => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+                (GemmEpilogue::GeluGrad { .. }, _) => E::CUBLASLT_EPILOGUE_DGELU,
                 // Our A is cuBLASLt's B, and op(A)'s rows are D's columns: BGRADB sums B
                 // over k into one value per column of D (`check_strides` refused a bias).
-                (GemmEpilogue::BiasGrad { .. }, _) => (E::CUBLASLT_EPILOGUE_BGRADB, None),
+                // The gradient has D's type (fp32: C is fp32 for this epilogue), cuBLASLt's
+                // default, left unset so an older library without the type attribute works.
+                (GemmEpilogue::BiasGrad { .. }, _) => E::CUBLASLT_EPILOGUE_BGRADB,
             };
             set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))
                 .map_err(fail("EPILOGUE"))?;
-            if let Some(bias) = bias {
-                let pointer = bias as usize as *const c_void;
-                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer)
-                    .map_err(fail("BIAS_POINTER"))?;
-            }
-            if let GemmEpilogue::BiasGrad { grad } = g.epilogue {
-                // The gradient goes where a bias would be read from, in D's type (fp32: C is
-                // fp32 for this epilogue, `check_strides`), cuBLASLt's default, left unset so
-                // an older library that does not know the type attribute takes it too.
-                let pointer = grad as usize as *const c_void;
-                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer)
-                    .map_err(fail("BIAS_POINTER (bias gradient)"))?;
-            }
-            if let Some(pre) = aux {
+            if g.epilogue.has_aux_matrix() {
                 // The pre-activation has D's type and shape: cuBLASLt's n (our m) columns of
                 // our n rows each.
-                let pointer = pre as usize as *const c_void;
-                set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &pointer)
-                    .map_err(fail("EPILOGUE_AUX_POINTER"))?;
                 set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &(n as i64))
                     .map_err(fail("EPILOGUE_AUX_LD"))?;
             }
+            // This product's pointers (the heuristic and tuning see a complete descriptor).
+            point_at(&desc, g, bias).map_err(fail("pointers"))?;
         }
 
-        // Every matrix of a batch must have the alignment the algorithm is chosen for: the
-        // first one's address and the stride between them (in bytes) both count.
-        let c_bytes = if g.c_f32 { 4 } else { 2 };
-        let batched = |ptr: DevicePtr, stride: usize, bytes: usize| {
-            let step = if g.batch.count > 1 { (stride * bytes) as DevicePtr } else { 0 };
-            alignment(ptr | step)
+        let wanted = if tuning() { TUNE_CANDIDATES } else { 1 };
+        let found = if g.batch.count > 1 && unbatched() {
+            Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
+        } else {
+            // SAFETY: live descriptors.
+            unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, key.align, wanted) }
         };
-        let align = [
-            batched(g.b, g.batch.stride_b, 2),
-            batched(g.a, g.batch.stride_a, 2),
-            batched(g.c, g.batch.stride_c, c_bytes),
-        ];
-        let key = PlanKey {
-            m,
-            n,
-            k,
-            trans_a: g.trans_a,
-            trans_b: g.trans_b,
-            c_f32: g.c_f32,
-            bias: bias.is_some(),
-            epilogue: match g.epilogue {
-                GemmEpilogue::None => 0,
-                GemmEpilogue::Gelu { .. } => 1,
-                GemmEpilogue::GeluGrad { .. } => 2,
-                GemmEpilogue::BiasGrad { .. } => 3,
-            },
-            align,
-            batch: g.batch,
-            ld: g.row_strides(),
-        };
-        let algo = {
-            let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-            match plans.get(&key) {
-                Some(algo) => *algo,
-                None => {
-                    // SAFETY: live descriptors.
-                    let wanted = if tuning() { TUNE_CANDIDATES } else { 1 };
-                    let found = if g.batch.count > 1 && unbatched() {
-                        Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
-                    } else {
-                        unsafe { self.heuristic(&desc, &lt_a, &lt_b, &lt_c, align, wanted) }
-                    };
-                    let algo = match found {
-                        Ok(candidates) if candidates.len() > 1 => {
-                            let layouts = [&lt_a, &lt_b, &lt_c];
-                            // SAFETY: as this call's; the candidates write scratch only.
-                            let (best, times) =
-                                unsafe { self.time_candidates(g, &desc, layouts, &candidates) }?;
-                            let us = |t: Option<f32>| {
-                                t.map_or("failed".into(), |ms| format!("{:.1}", ms * 1e3))
-                            };
-                            let all: Vec<String> = times.iter().map(|&t| us(t)).collect();
-                            tracing::info!(
-                                "cuBLASLt tuning {what}: answer {} of {} (µs a product: {})",
-                                best + 1,
-                                candidates.len(),
-                                all.join(", ")
-                            );
-                            Some(candidates[best])
-                        }
-                        Ok(candidates) => Some(candidates[0]),
-                        // A batch must suit one kernel for every matrix in it (the stride
-                        // counts in the alignment: odd sequence lengths make it 2 or 4
-                        // bytes); where none does, its products go one at a time.
-                        Err(e) if g.batch.count > 1 => {
-                            tracing::warn!(
-                                "cuBLASLt has no batched kernel for {what} ({e:?}): its {} products run one at a time",
-                                g.batch.count
-                            );
-                            None
-                        }
-                        // No kernel for the fused bias gradient: remembered, and the caller
-                        // takes the unfused ops.
-                        Err(e) if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) => {
-                            tracing::info!(
-                                "cuBLASLt has no kernel for {what} ({e:?}): bias gradients take their own kernels"
-                            );
-                            None
-                        }
-                        Err(e) => return Err(fail("cublasLtMatmulAlgoGetHeuristic")(e)),
-                    };
-                    plans.insert(key, algo);
-                    algo
-                }
-            }
-        };
-        let Some(algo) = algo else {
-            if let GemmEpilogue::BiasGrad { .. } = g.epilogue {
-                return Err(GpuError::Unsupported(format!("cuBLASLt has no kernel for {what}")));
-            }
-            // SAFETY: as this call's; each product is one block of the batch.
-            return unsafe { self.one_at_a_time(g) };
-        };
-        // SAFETY: the caller's contract; the descriptors are this product's.
-        match unsafe { self.queue(g, &desc, [&lt_a, &lt_b, &lt_c], &algo, g.c) } {
-            Ok(()) => Ok(()),
-            // A fused bias gradient the heuristic offered but the product refuses (nothing
-            // queued): remembered, and the caller takes the unfused ops, as for no kernel.
-            Err(e) if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) && refused(e) => {
-                self.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(key, None);
+        let algo = match found {
+            Ok(candidates) if candidates.len() > 1 => {
+                let layouts = [&lt_a, &lt_b, &lt_c];
+                // SAFETY: as this call's; the candidates write scratch only.
+                let (best, times) =
+                    unsafe { self.time_candidates(g, &desc, layouts, &candidates) }?;
+                let us =
+                    |t: Option<f32>| t.map_or("failed".into(), |ms| format!("{:.1}", ms * 1e3));
+                let all: Vec<String> = times.iter().map(|&t| us(t)).collect();
                 tracing::info!(
-                    "cuBLASLt refused {what} ({e:?}): bias gradients take their own kernels"
+                    "cuBLASLt tuning {}: answer {} of {} (µs a product: {})",
+                    what(),
+                    best + 1,
+                    candidates.len(),
+                    all.join(", ")
                 );
-                Err(GpuError::Unsupported(format!("cuBLASLt refused {what} ({e:?})")))
+                candidates[best]
             }
-            Err(e) => Err(fail("cublasLtMatmul")(e)),
-        }
+            Ok(candidates) => candidates[0],
+            // A batch must suit one kernel for every matrix in it (the stride counts in the
+            // alignment: odd sequence lengths make it 2 or 4 bytes); where none does, its
+            // products go one at a time.
+            Err(e) if g.batch.count > 1 => {
+                tracing::warn!(
+                    "cuBLASLt has no batched kernel for {} ({e:?}): its {} products run one at a time",
+                    what(),
+                    g.batch.count
+                );
+                return Ok(None);
+            }
+            // No kernel for the fused bias gradient: remembered, and the caller takes the
+            // unfused ops.
+            Err(e) if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) => {
+                tracing::info!(
+                    "cuBLASLt has no kernel for {} ({e:?}): bias gradients take their own kernels",
+                    what()
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(fail("cublasLtMatmulAlgoGetHeuristic")(e)),
+        };
+        Ok(Some(Plan { desc, a: lt_a, b: lt_b, c: lt_c, algo }))
     }
 
     /// Queues `g` with `algo` on the null stream, D (and C, in place) at `d`.
