@@ -19,7 +19,9 @@
 //     of 12. P enters dS rounded to fp16 here, at fp32 in the kernel above, so the two paths'
 //     gradients differ in their last bits (both as close to the CPU backend's).
 // P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
-// fp32. Score rows are processed in chunks of consecutive whole (batch row, head) blocks
+// fp32. The softmax and the saved-P backward go along a row 8 keys a lane at a time (128-bit
+// loads and stores: every row starts 16-byte aligned), the row's last partial group key by
+// key. Score rows are processed in chunks of consecutive whole (batch row, head) blocks
 // (`first_bh`: the chunk's first), so the scratch stays bounded; nothing depends on the
 // chunking.
 // Shapes: S, dP, P, dS [chunk·Tq, Tk] with rows `ld` elements apart (Tk rounded up to 8, so
@@ -58,17 +60,50 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
     const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
     const float* sr = s + r * ld;
     __half* pr = p + r * ld;
+    // Lane `lane` takes keys 8·lane.. 8·lane + 7, then 256 further on, and so on.
     float m = chingu::neg_inf();
-    for (int j = lane; j < visible; j += 32) m = fmaxf(m, sr[j] * scale);
+    for (int j = 8 * lane; j < visible; j += 256) {
+        float v[8];
+        if (j + 8 <= visible) {
+            chingu::load_float8(v, sr + j);
+        } else {
+            for (int e = 0; e < 8; ++e) v[e] = j + e < visible ? sr[j + e] : chingu::neg_inf();
+        }
+        for (int e = 0; e < 8; ++e) m = fmaxf(m, v[e] * scale);
+    }
     m = chingu::warp_max(m);
     float l = 0.0f;
-    for (int j = lane; j < visible; j += 32) l += expf(sr[j] * scale - m);
+    for (int j = 8 * lane; j < visible; j += 256) {
+        float v[8];
+        if (j + 8 <= visible) {
+            chingu::load_float8(v, sr + j);
+            for (int e = 0; e < 8; ++e) l += expf(v[e] * scale - m);
+        } else {
+            for (int e = 0; j + e < visible; ++e) l += expf(sr[j + e] * scale - m);
+        }
+    }
     l = chingu::warp_sum(l);
     // A row that sees no key: P = 0, lse = −inf (as the fused kernels).
     const float row_lse = visible > 0 ? m + logf(l) : chingu::neg_inf();
     const int cols = band_keys(i, k_len, band);
-    for (int j = lane; j < cols; j += 32)
-        pr[j] = __float2half_rn(j < visible ? expf(sr[j] * scale - row_lse) : 0.0f);
+    for (int j = 8 * lane; j < cols; j += 256) {
+        float v[8];
+        if (j + 8 <= visible) {
+            chingu::load_float8(v, sr + j);
+            for (int e = 0; e < 8; ++e) v[e] = expf(v[e] * scale - row_lse);
+        } else {
+            for (int e = 0; e < 8; ++e)
+                v[e] = j + e < visible ? expf(sr[j + e] * scale - row_lse) : 0.0f;
+        }
+        if (j + 8 <= cols) {
+            chingu::store_half8(pr + j, v);
+        } else {
+            // A fixed count, so `v` stays in registers (indexed by an unrolled loop).
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (j + e < cols) pr[j + e] = __float2half_rn(v[e]);
+        }
+    }
     if (lane == 0) lse[(long long)bh * q_len + i] = row_lse;
 }
 
@@ -110,6 +145,19 @@ extern "C" __global__ void attention_scores_backward_saved_f16(__half* ds, const
     const long long base = r * ld;
     // P is 0 past the visible keys, so dS is too: no mask to rebuild.
     const int cols = band_keys((int)(r % q_len), k_len, band);
-    for (int j = lane; j < cols; j += 32)
-        ds[base + j] = __float2half_rn(__half2float(p[base + j]) * (dp[base + j] - row_delta) * scale);
+    const __half* pr = p + base;
+    const float* dpr = dp + base;
+    __half* dsr = ds + base;
+    for (int j = 8 * lane; j < cols; j += 256) {
+        if (j + 8 <= cols) {
+            float pv[8], dv[8];
+            chingu::load_half8(pv, pr + j);
+            chingu::load_float8(dv, dpr + j);
+            for (int e = 0; e < 8; ++e) pv[e] = pv[e] * (dv[e] - row_delta) * scale;
+            chingu::store_half8(dsr + j, pv);
+        } else {
+            for (int e = 0; j + e < cols; ++e)
+                dsr[j + e] = __float2half_rn(__half2float(pr[j + e]) * (dpr[j + e] - row_delta) * scale);
+        }
+    }
 }

@@ -86,6 +86,25 @@ __device__ __forceinline__ void load_half8(float (&v)[8], const __half* p) {
 #endif
 }
 
+/// Eight adjacent floats at `p` (16-byte aligned): two 128-bit loads.
+__device__ __forceinline__ void load_float8(float (&v)[8], const float* p) {
+#ifdef CHINGU_EMU
+    if (reinterpret_cast<unsigned long long>(p) & 15ull) __trap();  // a GPU would fault
+    for (int i = 0; i < 8; ++i) v[i] = p[i];
+#else
+    const float4 lo = *reinterpret_cast<const float4*>(p);
+    const float4 hi = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = lo.x;
+    v[1] = lo.y;
+    v[2] = lo.z;
+    v[3] = lo.w;
+    v[4] = hi.x;
+    v[5] = hi.y;
+    v[6] = hi.z;
+    v[7] = hi.w;
+#endif
+}
+
 /// Eight adjacent halves, still packed two a word: four registers instead of eight floats'.
 struct Half8 {
     unsigned words[4];

@@ -669,8 +669,10 @@ fn products_of_one_shape_take_their_own_buffers() {
                 (a, b, bias)
             })
             .collect();
-        // The plain product with a bias, then the fused GELU, then the fused bias gradient.
+        // The plain product with a bias (fp16 C, and fp32 C, whose bias the device widens to
+        // fp32 first), then the fused GELU, then the fused bias gradient.
         let mut plain = Vec::new();
+        let mut plain_f32 = Vec::new();
         let mut gelu = Vec::new();
         let mut grads = Vec::new();
         for (a, b, bias) in &runs {
@@ -690,6 +692,10 @@ fn products_of_one_shape_take_their_own_buffers() {
                 Some(&bias_buf),
             )
             .unwrap();
+            let mut c32 = DeviceBuffer::from_host(&dev, &vec![f32::NAN; m * n]).unwrap();
+            let out = GemmOut::F32(&mut c32);
+            gemm(&dev, out, &a_buf, false, &b_buf, false, m, n, k, false, Some(&bias_buf)).unwrap();
+            plain_f32.push(c32);
             let (mut act, mut pre) = (half(&vec![f16::NAN; m * n]), half(&vec![f16::NAN; m * n]));
             gemm_gelu(
                 &dev,
@@ -720,10 +726,17 @@ fn products_of_one_shape_take_their_own_buffers() {
                 (0..k).map(|l| f(&a[i * k + l]) * f(&b[l * n + j])).sum::<f64>() + f(&bias[j])
             };
             let c = plain[r].to_host().unwrap();
+            let c32 = plain_f32[r].to_host().unwrap();
             let pre = gelu[r].1.to_host().unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let w = want(i, j);
+                    let got = f64::from(c32[i * n + j]);
+                    assert!(
+                        (got - w).abs() <= 1e-3,
+                        "{} run {r}: C f32 [{i},{j}] = {got}, want {w}",
+                        dev.name()
+                    );
                     let tol = 0.02 + 2e-3 * w.abs();
                     assert!(
                         (f(&c[i * n + j]) - w).abs() <= tol,

@@ -340,18 +340,27 @@ impl Device for CudaDevice {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.bind()?;
-        result::ctx::synchronize().map_err(driver("cuCtxSynchronize"))?;
-        // Every ended span is complete now: its time joins the profile.
+        // The spans ended so far, taken before waiting, so each is complete once the wait
+        // returns (one another thread ends meanwhile waits for the next synchronisation).
+        let ended = {
+            let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut spans.ended)
+        };
+        let waited = result::ctx::synchronize().map_err(driver("cuCtxSynchronize"));
         let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        let ended = std::mem::take(&mut spans.ended);
+        let mut first_error = waited.err();
         for (name, start, end) in ended {
-            // SAFETY: live events of this context, both recorded and complete.
-            let ms = unsafe { result::event::elapsed(start, end) }
-                .map_err(driver("cuEventElapsedTime"))?;
-            crate::profile::record(name, f64::from(ms) / 1e3);
+            if first_error.is_none() {
+                // SAFETY: live events of this context, both recorded and complete.
+                match unsafe { result::event::elapsed(start, end) } {
+                    Ok(ms) => crate::profile::record(name, f64::from(ms) / 1e3),
+                    Err(e) => first_error = Some(driver("cuEventElapsedTime")(e)),
+                }
+            }
+            // Back for reuse whatever happened.
             spans.free.extend([start, end]);
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     fn span_start(&self) -> Result<Option<super::SpanStart>, GpuError> {
@@ -583,7 +592,7 @@ struct PlanKey {
     trans_b: bool,
     c_f32: bool,
     bias: bool,
-    /// 0 none, 1 GELU, 2 GELU gradient.
+    /// 0 none, 1 GELU, 2 GELU gradient, 3 bias gradient.
     epilogue: u8,
     /// Alignments (bytes, ≤ 256) of cuBLASLt's A (our B), B (our A) and C = D.
     align: [u32; 3],
@@ -684,7 +693,11 @@ impl Blas {
             // A fused bias gradient the heuristic offered but the product refuses (nothing
             // queued): remembered, and the caller takes the unfused ops, as for no kernel.
             Err(e) if matches!(g.epilogue, GemmEpilogue::BiasGrad { .. }) && refused(e) => {
-                plans.insert(key, None);
+                // Not supported at all: the shape goes unfused from now on. (An invalid value
+                // may be this product's own pointer: only it goes unfused.)
+                if e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+                    plans.insert(key, None);
+                }
                 tracing::info!(
                     "cuBLASLt refused {} ({e:?}): bias gradients take their own kernels",
                     what()

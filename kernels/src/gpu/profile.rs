@@ -6,7 +6,9 @@
 //! each launch is bracketed by two events in the device's queue instead ([`Device::span_start`]),
 //! nothing waits, and the spans' times join the table at the device's next synchronisation:
 //! the device's own time per launch at the step's real pace (a device without events, the
-//! emulator, is timed as with `1`). Off by default: then the only cost is one flag test per
+//! emulator, is timed as with `1`). A span runs from the device reaching one event to the
+//! next, so it also holds any time the device sat idle waiting for the host to queue the
+//! launch (a product's first use, which plans it, or a host-bound step). Off by default: then the only cost is one flag test per
 //! launch. `chingu bench-train --device cuda` prints the table for a few extra steps after its
 //! timed ones.
 
@@ -27,9 +29,12 @@ pub fn time<R>(
         Mode::Events => match dev.span_start()? {
             Some(start) => {
                 let result = work();
-                // Ended even when `work` failed, so the device's record stays paired.
-                dev.span_end(start, name())?;
-                result
+                // Ended even when `work` failed, so the device's record stays paired; the
+                // work's own error comes first (after a device error, recording fails too).
+                let ended = dev.span_end(start, name());
+                let value = result?;
+                ended?;
+                Ok(value)
             }
             None => alone(dev.as_ref(), name, work),
         },
