@@ -803,13 +803,17 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 // g and g + 8 of every fragment. Per walked tile of BC keys:
 //   S = Q·Kᵀ: BC/8 accumulators s[j] (keys 8j..8j+7), A = the warp's Q fragments, loaded
 //     once into registers (qf[d], dims 16d..16d+15), B = K rows straight from shared memory
-//     (b[0] = K(key 8j+g, dims 16d+2t..+1), b[1] = the same 8 dims further);
+//     (b[0] = K(key 8j+g, dims 16d+2t..+1), b[1] = the same 8 dims further), two key
+//     tiles' fragments a load (ldmatrix .x4);
 //   online softmax on the accumulators: each lane has 2·BC/4 of its two rows' scores; row
 //     max and sum are the lane's then the quad's (shuffles over lanes t = 0..3, fixed order);
 //     O is rescaled per row in registers;
 //   O += P·V: P's accumulators are, element for element, the A fragments of the next product
 //     (s[2kk], s[2kk+1] → a[0..3] for keys 16kk..16kk+15), rounded to fp16; B = V (b[0] =
-//     V(keys 16kk+2t, +1; dim 8n+g): two 16-bit loads) for each of the 2·Dh/16 n-tiles of O.
+//     V(keys 16kk+2t, +1; dim 8n+g)) for each of the 2·Dh/16 n-tiles of O, two n-tiles a
+//     load (ldmatrix .x4 .trans, which transposes 8 × 8 blocks on the way).
+// Every fragment read from shared memory is an ldmatrix (common.cuh: four 8 × 8 blocks an
+// instruction, rows ld = Dh + 8 halves apart, so the 8 rows of a block fall in distinct banks).
 // Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
 // Block: 4 warps (64 query rows); shared memory 2·BC·(Dh + 8) halves: K and V tiles (Q is
 // staged through the same space once). CT = Dh/16 rounded up (4, 8, 12, 16) with BC = 64
@@ -818,16 +822,8 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 namespace chingu {
 namespace attn {
 
-// Fragments for mma_16816 from shared-memory tiles and accumulators (g = lane/4, t = lane%4;
-// the layout is common.cuh's). `p` points at the step's element (g, 2t) or (2t, g) as named.
-
-/// A = rows of a row-major tile (16 rows × 16 columns): p = &tile[g][2t].
-__device__ __forceinline__ void a_from_rows(unsigned (&a)[4], const __half* p, int ld) {
-    a[0] = load_pair(p);
-    a[1] = load_pair(p + 8 * ld);
-    a[2] = load_pair(p + 8);
-    a[3] = load_pair(p + 8 * ld + 8);
-}
+// Fragments for mma_16816 from accumulators and, through ldmatrix, from shared-memory tiles
+// (g = lane/4, t = lane%4; the layout is common.cuh's).
 
 /// A = two m16n8 accumulators side by side (columns 0–7, 8–15), rounded to fp16: an
 /// accumulator's elements sit where A's do, so scores feed the next product unmoved.
@@ -839,16 +835,20 @@ __device__ __forceinline__ void a_from_accumulators(unsigned (&a)[4], const floa
     a[3] = pack_half2(hi[2], hi[3]);
 }
 
-/// B[k][n] = tile[n][k] (k along the tile's rows, as Kᵀ from K): p = &tile[g][2t].
-__device__ __forceinline__ void b_from_transposed(unsigned (&b)[2], const __half* p) {
-    b[0] = load_pair(p);
-    b[1] = load_pair(p + 8);
+/// This lane's row address for `ldmatrix_x4` of the A fragment of the 16 × 16 block at `p`
+/// (a row-major tile, rows `ld` apart): matrices (rows 0–7, cols 0–7), (8–15, 0–7),
+/// (0–7, 8–15), (8–15, 8–15), so r[0..3] are a[0..3]. The same address, through
+/// `ldmatrix_x4_trans`, gives the B fragments of two n-tiles of a row-major [k][n] tile at `p`
+/// (keys 0–15, columns 0–7 then 8–15): r[0], r[1] for columns 0–7 and r[2], r[3] for 8–15.
+__device__ __forceinline__ const __half* block16_lane(const __half* p, int ld, int lane) {
+    return p + (lane & 15) * ld + 8 * (lane >> 4);
 }
 
-/// B[k][n] = tile[k][n] (a row-major tile, as V): p = &tile[2t][g]; two 16-bit loads each.
-__device__ __forceinline__ void b_from_rows(unsigned (&b)[2], const __half* p, int ld) {
-    b[0] = pack_halves(p[0], p[ld]);
-    b[1] = pack_halves(p[8 * ld], p[9 * ld]);
+/// This lane's row address for `ldmatrix_x4` of the B fragments of two n-tiles of Kᵀ from K
+/// rows at `p` (rows 0–7 then 8–15 of the tile, columns 0–15 of the 16 summed): r[0], r[1]
+/// for rows 0–7, r[2], r[3] for rows 8–15.
+__device__ __forceinline__ const __half* transposed_pair_lane(const __half* p, int ld, int lane) {
+    return p + ((lane & 7) + 8 * (lane >> 4)) * ld + 8 * ((lane >> 3) & 1);
 }
 
 /// Stores an m16n8 accumulator (this lane's rows r0 = g and r1 = g + 8 of the warp, columns
@@ -898,7 +898,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     unsigned qf[CT][4];
     for (int d = 0; d < CT; ++d) {
         if (d >= col_tiles) break;
-        a_from_rows(qf[d], qs + (16 * warp + g) * ld + 16 * d + 2 * t, ld);
+        chingu::ldmatrix_x4(qf[d], block16_lane(qs + 16 * warp * ld + 16 * d, ld, lane));
     }
 
     float o[2 * CT][4];
@@ -919,10 +919,12 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
             for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
         for (int d = 0; d < CT; ++d) {
             if (d >= col_tiles) break;
-            for (int j = 0; j < NT; ++j) {
-                unsigned bk[2];
-                b_from_transposed(bk, ks + (8 * j + g) * ld + 16 * d + 2 * t);
-                chingu::mma_16816(s[j], qf[d], bk, s[j]);
+            for (int j = 0; j < NT; j += 2) {
+                unsigned bk[4];
+                chingu::ldmatrix_x4(bk, transposed_pair_lane(ks + 8 * j * ld + 16 * d, ld, lane));
+                const unsigned b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+                chingu::mma_16816(s[j], qf[d], b0, s[j]);
+                chingu::mma_16816(s[j + 1], qf[d], b1, s[j + 1]);
             }
         }
 
@@ -969,16 +971,18 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
             o[n][3] *= a1;
         }
 
-        // O += P·V, 16 keys per product.
+        // O += P·V, 16 keys per product; V's B fragments two n-tiles a load.
         for (int kk = 0; kk < NT / 2; ++kk) {
             unsigned pa[4];
             a_from_accumulators(pa, s[2 * kk], s[2 * kk + 1]);
-            const __half* vr = vs + (16 * kk + 2 * t) * ld + g;
-            for (int n = 0; n < 2 * CT; ++n) {
+            const __half* vr = block16_lane(vs + 16 * kk * ld, ld, lane);
+            for (int n = 0; n < 2 * CT; n += 2) {
                 if (n >= 2 * col_tiles) break;
-                unsigned bv[2];
-                b_from_rows(bv, vr + 8 * n, ld);
-                chingu::mma_16816(o[n], pa, bv, o[n]);
+                unsigned bv[4];
+                chingu::ldmatrix_x4_trans(bv, vr + 8 * n);
+                const unsigned b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
+                chingu::mma_16816(o[n], pa, b0, o[n]);
+                chingu::mma_16816(o[n + 1], pa, b1, o[n + 1]);
             }
         }
     }
@@ -1024,8 +1028,8 @@ extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PAR
 //   S = Q·Kᵀ and dP = dO·Vᵀ: BC/8 accumulators each, B fragments straight from the K and V
 //     rows (as the forward's Q·Kᵀ);
 //   P = exp2(s·S − lse) (0 where masked), dS = P∘(dP − D), element for element in registers;
-//   dQ += dS·K: dS's accumulators are the A fragments (rounded to fp16), B = K (two 16-bit
-//     loads per register, as the forward's V).
+//   dQ += dS·K: dS's accumulators are the A fragments (rounded to fp16), B = K (ldmatrix
+//     .trans, as the forward's V).
 // dQ = s·dQ is written by the lanes that hold it. Block: 4 warps; shared memory
 // (2·64 + 2·BC)·(Dh + 8) halves. CT = Dh/16 rounded up, BC = 64 keys (32 for CT > 8).
 // ---------------------------------------------------------------------------------------------
@@ -1056,8 +1060,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
     load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     load_rows(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
-    const __half* qw = qs + (16 * warp + g) * ld + 2 * t;  // this lane's A-fragment corner
-    const __half* dow = dos + (16 * warp + g) * ld + 2 * t;
+    // This lane's ldmatrix rows of the warp's Q and dO A fragments.
+    const __half* qw = block16_lane(qs + 16 * warp * ld, ld, lane);
+    const __half* dow = block16_lane(dos + 16 * warp * ld, ld, lane);
 
     float dq_acc[2 * CT][4];
     for (int n = 0; n < 2 * CT; ++n)
@@ -1079,14 +1084,18 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
         for (int d = 0; d < CT; ++d) {
             if (d >= col_tiles) break;
             unsigned qa[4], da[4];
-            a_from_rows(qa, qw + 16 * d, ld);
-            a_from_rows(da, dow + 16 * d, ld);
-            for (int j = 0; j < NT; ++j) {
-                unsigned bk[2], bv[2];
-                b_from_transposed(bk, ks + (8 * j + g) * ld + 16 * d + 2 * t);
-                b_from_transposed(bv, vs + (8 * j + g) * ld + 16 * d + 2 * t);
-                chingu::mma_16816(s[j], qa, bk, s[j]);
-                chingu::mma_16816(dp[j], da, bv, dp[j]);
+            chingu::ldmatrix_x4(qa, qw + 16 * d);
+            chingu::ldmatrix_x4(da, dow + 16 * d);
+            for (int j = 0; j < NT; j += 2) {
+                unsigned bk[4], bv[4];
+                chingu::ldmatrix_x4(bk, transposed_pair_lane(ks + 8 * j * ld + 16 * d, ld, lane));
+                chingu::ldmatrix_x4(bv, transposed_pair_lane(vs + 8 * j * ld + 16 * d, ld, lane));
+                const unsigned bk0[2] = {bk[0], bk[1]}, bk1[2] = {bk[2], bk[3]};
+                const unsigned bv0[2] = {bv[0], bv[1]}, bv1[2] = {bv[2], bv[3]};
+                chingu::mma_16816(s[j], qa, bk0, s[j]);
+                chingu::mma_16816(s[j + 1], qa, bk1, s[j + 1]);
+                chingu::mma_16816(dp[j], da, bv0, dp[j]);
+                chingu::mma_16816(dp[j + 1], da, bv1, dp[j + 1]);
             }
         }
 
@@ -1101,16 +1110,18 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
                 s[j][e] = p * (dp[j][e] - (upper ? delta1 : delta0));
             }
 
-        // dQ += dS·K, 16 keys per product.
+        // dQ += dS·K, 16 keys per product; K's B fragments two n-tiles a load.
         for (int kk = 0; kk < NT / 2; ++kk) {
             unsigned dsa[4];
             a_from_accumulators(dsa, s[2 * kk], s[2 * kk + 1]);
-            const __half* kr = ks + (16 * kk + 2 * t) * ld + g;
-            for (int n = 0; n < 2 * CT; ++n) {
+            const __half* kr = block16_lane(ks + 16 * kk * ld, ld, lane);
+            for (int n = 0; n < 2 * CT; n += 2) {
                 if (n >= 2 * col_tiles) break;
-                unsigned bk[2];
-                b_from_rows(bk, kr + 8 * n, ld);
-                chingu::mma_16816(dq_acc[n], dsa, bk, dq_acc[n]);
+                unsigned bk[4];
+                chingu::ldmatrix_x4_trans(bk, kr + 8 * n);
+                const unsigned b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+                chingu::mma_16816(dq_acc[n], dsa, b0, dq_acc[n]);
+                chingu::mma_16816(dq_acc[n + 1], dsa, b1, dq_acc[n + 1]);
             }
         }
     }
@@ -1147,7 +1158,7 @@ extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARA
 //   Pᵀ = exp2(s·Sᵀ − lse[query]) (0 where masked; lse and D of the tile's queries staged in
 //     shared memory), dSᵀ = Pᵀ∘(dPᵀ − D[query]), in registers;
 //   dV += Pᵀ·dO and dK += dSᵀ·Q: the accumulators are the A fragments (rounded to fp16),
-//     B = dO or Q (two 16-bit loads per register).
+//     B = dO or Q (ldmatrix .trans).
 // GRADS as the WMMA kernel: both gradients for Dh ≤ 64, else a dV body then a dK body.
 // dK = s·dK; keys past key_len get zeros. Block: 4 warps (64 keys); shared memory
 // (2·64 + 2·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64 queries for CT 4, 16 for CT 16 (so
@@ -1181,8 +1192,9 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     load_rows(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     load_rows(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
-    const __half* kw = ks + (16 * warp + g) * ld + 2 * t;  // this lane's A-fragment corner
-    const __half* vw = vs + (16 * warp + g) * ld + 2 * t;
+    // This lane's ldmatrix rows of the warp's K and V A fragments.
+    const __half* kw = block16_lane(ks + 16 * warp * ld, ld, lane);
+    const __half* vw = block16_lane(vs + 16 * warp * ld, ld, lane);
 
     constexpr int ACCS = want_dv && want_dk ? 2 : 1;  // accumulator 0: dV when wanted
     float acc[ACCS][2 * CT][4];
@@ -1207,19 +1219,24 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         for (int d = 0; d < CT; ++d) {
             if (d >= col_tiles) break;
             unsigned ka[4];
-            a_from_rows(ka, kw + 16 * d, ld);
-            for (int j = 0; j < NT; ++j) {
-                unsigned bq[2];
-                b_from_transposed(bq, qs + (8 * j + g) * ld + 16 * d + 2 * t);
-                chingu::mma_16816(s[j], ka, bq, s[j]);
+            chingu::ldmatrix_x4(ka, kw + 16 * d);
+            for (int j = 0; j < NT; j += 2) {
+                unsigned bq[4];
+                chingu::ldmatrix_x4(bq, transposed_pair_lane(qs + 8 * j * ld + 16 * d, ld, lane));
+                const unsigned b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+                chingu::mma_16816(s[j], ka, b0, s[j]);
+                chingu::mma_16816(s[j + 1], ka, b1, s[j + 1]);
             }
             if (want_dk) {
                 unsigned va[4];
-                a_from_rows(va, vw + 16 * d, ld);
-                for (int j = 0; j < NT; ++j) {
-                    unsigned bd[2];
-                    b_from_transposed(bd, dos + (8 * j + g) * ld + 16 * d + 2 * t);
-                    chingu::mma_16816(dp[j], va, bd, dp[j]);
+                chingu::ldmatrix_x4(va, vw + 16 * d);
+                for (int j = 0; j < NT; j += 2) {
+                    unsigned bd[4];
+                    chingu::ldmatrix_x4(bd,
+                                        transposed_pair_lane(dos + 8 * j * ld + 16 * d, ld, lane));
+                    const unsigned b0[2] = {bd[0], bd[1]}, b1[2] = {bd[2], bd[3]};
+                    chingu::mma_16816(dp[j], va, b0, dp[j]);
+                    chingu::mma_16816(dp[j + 1], va, b1, dp[j + 1]);
                 }
             }
         }
@@ -1237,22 +1254,27 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
         // dV += Pᵀ·dO, dK += dSᵀ·Q, 16 queries per product.
         for (int kk = 0; kk < NT / 2; ++kk) {
-            const __half* dor = dos + (16 * kk + 2 * t) * ld + g;
-            const __half* qr = qs + (16 * kk + 2 * t) * ld + g;
+            // B fragments of dO and Q two n-tiles a load.
+            const __half* dor = block16_lane(dos + 16 * kk * ld, ld, lane);
+            const __half* qr = block16_lane(qs + 16 * kk * ld, ld, lane);
             unsigned pa[4] = {0u, 0u, 0u, 0u}, dsa[4] = {0u, 0u, 0u, 0u};
             if (want_dv) a_from_accumulators(pa, s[2 * kk], s[2 * kk + 1]);
             if (want_dk) a_from_accumulators(dsa, dp[2 * kk], dp[2 * kk + 1]);
-            for (int n = 0; n < 2 * CT; ++n) {
+            for (int n = 0; n < 2 * CT; n += 2) {
                 if (n >= 2 * col_tiles) break;
                 if (want_dv) {
-                    unsigned bd[2];
-                    b_from_rows(bd, dor + 8 * n, ld);
-                    chingu::mma_16816(acc[0][n], pa, bd, acc[0][n]);
+                    unsigned bd[4];
+                    chingu::ldmatrix_x4_trans(bd, dor + 8 * n);
+                    const unsigned b0[2] = {bd[0], bd[1]}, b1[2] = {bd[2], bd[3]};
+                    chingu::mma_16816(acc[0][n], pa, b0, acc[0][n]);
+                    chingu::mma_16816(acc[0][n + 1], pa, b1, acc[0][n + 1]);
                 }
                 if (want_dk) {
-                    unsigned bq[2];
-                    b_from_rows(bq, qr + 8 * n, ld);
-                    chingu::mma_16816(acc[ACCS - 1][n], dsa, bq, acc[ACCS - 1][n]);
+                    unsigned bq[4];
+                    chingu::ldmatrix_x4_trans(bq, qr + 8 * n);
+                    const unsigned b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+                    chingu::mma_16816(acc[ACCS - 1][n], dsa, b0, acc[ACCS - 1][n]);
+                    chingu::mma_16816(acc[ACCS - 1][n + 1], dsa, b1, acc[ACCS - 1][n + 1]);
                 }
             }
         }

@@ -70,6 +70,50 @@ __device__ __forceinline__ unsigned load_pair(const __half* p) {
 #endif
 }
 
+/// ldmatrix (a warp collective; every lane of the warp calls it with its own row): four 8 × 8
+/// matrices of halves from shared memory, matrix i's 8 rows at the addresses lanes 8i..8i + 7
+/// give (16-byte aligned). Lane (g = lane/4, t = lane%4) receives, in r[i], matrix i's row g,
+/// columns 2t and 2t + 1 (low half first) — an mma_16816 fragment register.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const __half* row) {
+#ifdef CHINGU_EMU
+    if (reinterpret_cast<unsigned long long>(row) & 15ull) __trap();  // a GPU would fault
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
+    for (int i = 0; i < 4; ++i) {
+        const __half* src =
+            reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, mine, 8 * i + g));
+        r[i] = pack_halves(src[2 * t], src[2 * t + 1]);
+    }
+#else
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#endif
+}
+
+/// ldmatrix with .trans: as `ldmatrix_x4`, but lane (g, t) receives matrix i's column g, rows
+/// 2t and 2t + 1 (low half first): the B fragment of a row-major [k][n] tile.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const __half* row) {
+#ifdef CHINGU_EMU
+    if (reinterpret_cast<unsigned long long>(row) & 15ull) __trap();  // a GPU would fault
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
+    for (int i = 0; i < 4; ++i) {
+        const __half* r0 =
+            reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, mine, 8 * i + 2 * t));
+        const __half* r1 =
+            reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, mine, 8 * i + 2 * t + 1));
+        r[i] = pack_halves(r0[g], r1[g]);
+    }
+#else
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#endif
+}
+
 /// Eight adjacent halves at `p` (16-byte aligned) as floats: one 128-bit load.
 __device__ __forceinline__ void load_half8(float (&v)[8], const __half* p) {
 #ifdef CHINGU_EMU
