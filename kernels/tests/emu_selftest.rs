@@ -1,6 +1,6 @@
 //! The CUDA emulation layer's own self-test (`kernels/cuda/emu/selftest.cpp`): fp16
 //! conversions and arithmetic bit-exact against the compiler's `_Float16`, barriers, warp
-//! shuffles and votes, shared memory, WMMA against a naive product, atomics, and the
+//! shuffles and votes, shared memory, WMMA and ldmatrix + mma against naive products, atomics, and the
 //! divergent-barrier detector. Built with the system C++ compiler (`CXX`, else `c++`) with
 //! warnings as errors, and run; any failed check fails this test.
 
@@ -13,7 +13,9 @@ fn emulation_layer_self_test_passes() {
     let out = tempfile_path("chingu_emu_selftest");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
     let build = Command::new(&cxx)
-        .args(["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+        // -Wno-unknown-pragmas: common.cuh's `#pragma unroll`s (NVRTC's), as the kernels build.
+        .args(["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"])
+        .args(["-pthread", "-o"])
         .arg(&out)
         .arg(dir.join("selftest.cpp"))
         .output()

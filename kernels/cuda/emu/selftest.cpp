@@ -1,14 +1,17 @@
 // Self-test of cuda_emu.h (the CPU CUDA emulator). Build and run (from the repo root):
-//   g++ -std=c++17 -O1 -Wall -Wextra -Werror -pthread -o /tmp/chingu_emu_selftest kernels/cuda/emu/selftest.cpp
+//   g++ -std=c++17 -O1 -Wall -Wextra -Werror -Wno-unknown-pragmas -pthread -o /tmp/chingu_emu_selftest kernels/cuda/emu/selftest.cpp
 //   /tmp/chingu_emu_selftest
 // Also under sanitizers:
-//   g++ -std=c++17 -O1 -g -Wall -Wextra -Werror -pthread -fsanitize=address,undefined
+//   g++ -std=c++17 -O1 -g -Wall -Wextra -Werror -Wno-unknown-pragmas -pthread -fsanitize=address,undefined
 //       -fno-sanitize-recover=undefined -o /tmp/chingu_emu_selftest_san kernels/cuda/emu/selftest.cpp
 //   /tmp/chingu_emu_selftest_san
 // Prints one line per check; exits 1 if any check fails.
 
 #define CHINGU_EMU 1
 #include "cuda_emu.h"
+// The kernels' shared helpers, for ldmatrix (built on the emulator's shuffles) with mma
+// (their `#pragma unroll`s are NVRTC's: build with -Wno-unknown-pragmas, as the kernels are).
+#include "../common.cuh"
 
 #include <sys/wait.h>
 
@@ -646,6 +649,68 @@ __global__ void mma_16816_probe(const __half* A, const __half* B, const float* C
   D[(g + 8) * 8 + 2 * t + 1] = c[3];
 }
 
+// ldmatrix feeding mma_16816, as the register-resident attention kernels use them: A (16 x 16,
+// row-major) through ldmatrix_x4; B two ways — from a row-major [k][n] tile (16 x 16: two
+// n-tiles) through ldmatrix_x4_trans, and from the rows of Bt = B^T ([n][k], 16 x 16: two
+// n-tiles of 8 rows) through ldmatrix_x4. Tiles sit in shared memory with rows 24 halves
+// apart (the kernels' padding), so rows are 16-byte aligned but not adjacent.
+__global__ void ldmatrix_mma_probe(const __half* A, const __half* B, const __half* Bt, float* D, float* Dt) {
+  constexpr int LD = 24;
+  __shared__ __align__(16) __half as[16 * LD], bs[16 * LD], bts[16 * LD];
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int i = lane; i < 256; i += 32) {
+    as[(i / 16) * LD + i % 16] = A[i];
+    bs[(i / 16) * LD + i % 16] = B[i];
+    bts[(i / 16) * LD + i % 16] = Bt[i];
+  }
+  __syncwarp();
+  const int g = lane >> 2, t = lane & 3;
+  unsigned a[4], b[4], bt[4];
+  chingu::ldmatrix_x4(a, as + (lane & 15) * LD + 8 * (lane >> 4));
+  chingu::ldmatrix_x4_trans(b, bs + (lane & 15) * LD + 8 * (lane >> 4));
+  chingu::ldmatrix_x4(bt, bts + ((lane & 7) + 8 * (lane >> 4)) * LD + 8 * ((lane >> 3) & 1));
+  for (int n = 0; n < 2; ++n) {
+    const unsigned bn[2] = {b[2 * n], b[2 * n + 1]}, btn[2] = {bt[2 * n], bt[2 * n + 1]};
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    chingu::mma_16816(d, a, bn, d);
+    chingu::mma_16816(dt, a, btn, dt);
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e >> 1), col = 8 * n + 2 * t + (e & 1);
+      D[row * 16 + col] = d[e];
+      Dt[row * 16 + col] = dt[e];
+    }
+  }
+}
+
+void test_ldmatrix() {
+  std::mt19937 rng(11);
+  __half* A = dev<__half>(256);
+  __half* B = dev<__half>(256);
+  __half* Bt = dev<__half>(256);
+  float* D = dev<float>(256);
+  float* Dt = dev<float>(256);
+  for (int i = 0; i < 256; ++i) A[i] = __float2half(hval(rng));
+  for (int i = 0; i < 256; ++i) B[i] = __float2half(hval(rng));
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 16; ++n) Bt[n * 16 + k] = B[k * 16 + n];
+  std::fill(D, D + 256, -1.0f);
+  std::fill(Dt, Dt + 256, -1.0f);
+  chingu_emu::launch("ldmatrix_mma_probe", ldmatrix_mma_probe, dim3(1), dim3(32), 0, A, B, Bt, D, Dt);
+  bool ok = true, ok_t = true;
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) {
+      float acc = 0.0f;
+      for (int k = 0; k < 16; ++k) acc += __half2float(A[r * 16 + k]) * __half2float(B[k * 16 + n]);
+      // Every product of two fp16 values is exact in fp32 and the sums are small: the same bits
+      // in any order is not promised, so allow an fp32 rounding per term.
+      const float tol = 16 * 6e-8f * 16.0f;
+      if (std::fabs(D[r * 16 + n] - acc) > tol) ok = false;
+      if (std::fabs(Dt[r * 16 + n] - acc) > tol) ok_t = false;
+    }
+  check(ok, "ldmatrix x4 (A) and x4.trans (B from a row-major [k][n] tile) feed mma: D = A*B");
+  check(ok_t, "ldmatrix x4 of B^T's rows (two n-tiles) feeds mma: D = A*B");
+}
+
 void test_mma_16816() {
   std::mt19937 rng(7);
   __half* A = dev<__half>(16 * 16);
@@ -1061,6 +1126,7 @@ int main() {
   test_half_arith();
   test_schedule_independent_kernels();
   test_warp_ops(32);
+  test_ldmatrix();
   test_atomics();
   test_math();
   test_errors();
