@@ -16,6 +16,8 @@ pub mod profile;
 pub mod sources;
 
 #[cfg(feature = "cuda")]
+mod cublaslt;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "emu")]
 pub mod emu;
