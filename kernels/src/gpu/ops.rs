@@ -1117,7 +1117,9 @@ pub fn attention_backward(
     attention_backward_using(kernels, dev, dq, dk, dv, d_out, q, k, v, out, lse, key_len, s)
 }
 
-/// [`attention_backward`] through the given kernels.
+/// [`attention_backward`] through the given kernels: the forward's, to the chunk bound and
+/// causal band, where the GEMM path's forward saved P (its backward reads P only where that
+/// forward wrote it; another band reads memory the forward left unwritten).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_using(
     kernels: AttentionKernels,
