@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The environment variables the GPU backend reads, each with what it does.
 #[cfg(feature = "cuda")]
-const SETTINGS: [(&str, &str); 8] = [
+const SETTINGS: [(&str, &str); 9] = [
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
         "attention kernels: auto (by shape), wmma, mma or gemm",
@@ -22,6 +22,10 @@ const SETTINGS: [(&str, &str); 8] = [
     (
         chingu_kernels::gpu::ops::SAVE_PROBS_VAR,
         "0 = the cuBLASLt attention path recomputes the softmax in backward (less memory)",
+    ),
+    (
+        chingu_kernels::gpu::ops::PIPELINE_VAR,
+        "0 = attention kernels for heads up to 64 load each tile before using it, not ahead",
     ),
     (
         chingu_kernels::gpu::ops::CAUSAL_BAND_VAR,

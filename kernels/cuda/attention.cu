@@ -165,6 +165,27 @@ __device__ __forceinline__ void load_rows(__half* tile, const __half* src, int r
     }
 }
 
+/// `load_rows` through cp.async where the rows are 16-byte aligned (zeros for rows past
+/// `valid` too): queued, landed by the caller's `cp_async_wait` and seen by every thread after
+/// the barrier that follows; unaligned rows are loaded at once (plain stores, seen after that
+/// same barrier).
+__device__ __forceinline__ void load_rows_async(__half* tile, const __half* src, int row0,
+                                                int rows, int valid, int width, int head_dim,
+                                                int ld) {
+    if (!aligned16(src)) {
+        load_rows(tile, src, row0, rows, valid, width, head_dim, ld);
+        return;
+    }
+    const int chunks = head_dim >> 3;
+    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+        const int r = e / chunks, c = (e - r * chunks) << 3;
+        const int row = row0 + r;
+        const bool live = row < valid;
+        chingu::cp_async16(tile + r * ld + c, live ? src + (long long)row * width + c : src, live);
+    }
+}
+
+
 /// The "row index" fragment: element e of any accumulator fragment lies in row rowf.x[e].
 /// Built through the warp's own float scratch (16 × 16, leading dimension lds).
 __device__ __forceinline__ void row_index_fragment(FragC& rowf, float* scratch, int lds) {
@@ -814,6 +835,13 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 //     load (ldmatrix .x4 .trans, which transposes 8 × 8 blocks on the way).
 // Every fragment read from shared memory is an ldmatrix (common.cuh: four 8 × 8 blocks an
 // instruction, rows ld = Dh + 8 halves apart, so the 8 rows of a block fall in distinct banks).
+// Two stages (STAGES = 2: the `_c4s2_` kernels, heads up to 64 wide, chosen by default;
+// `CHINGU_ATTN_PIPELINE=0` takes the one-stage ones): the walked tiles (K/V here and in dQ,
+// Q/dO in dK/dV) live in two stages of shared memory, and while one tile is used the next
+// one's copies fly (cp.async, common.cuh), so its loads hide behind the products. Per walked
+// tile: a barrier (every warp is done with the other stage), the next tile queued into it and
+// committed, a wait for this tile's group, a barrier (every thread's copies landed), the
+// products. The first tile is queued before the block's own rows are staged.
 // Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
 // Block: 4 warps (64 query rows); shared memory 2·BC·(Dh + 8) halves: K and V tiles (Q is
 // staged through the same space once). CT = Dh/16 rounded up (4, 8, 12, 16) with BC = 64
@@ -872,7 +900,7 @@ __device__ __forceinline__ void store_accumulator(__half* base, int width, int r
 }  // namespace attn
 }  // namespace chingu
 
-template <int CT, int BC>
+template <int CT, int BC, int STAGES>
 __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS) {
     using namespace chingu::attn;
     CHINGU_DYNAMIC_SMEM(float4, smem);
@@ -881,9 +909,13 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const int g = lane >> 2, t = lane & 3;
     const int rows = 16 * warps;
     const int ld = head_dim + 8;
-    __half* ks = reinterpret_cast<__half*>(smem);
+    // Stage st's K tile at stage(st), its V tile BC rows further (see "Two stages" above).
+    __half* const tiles = reinterpret_cast<__half*>(smem);
+    const auto stage = [&](int st) { return tiles + st * 2 * BC * ld; };
+    __half* ks = stage(0);
     __half* vs = ks + BC * ld;
-    __half* qs = ks;  // Q staged here once, before the first K/V tile
+    // Q staged once, before the first K/V tile: in the stage that tile does not use.
+    __half* qs = stage(STAGES - 1);
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
@@ -893,6 +925,13 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;  // this lane's two query rows
 
+    if (STAGES == 2) {  // the first K/V tile's copies fly while Q is staged
+        if (lim.block > 0) {
+            load_rows_async(ks, k + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
+            load_rows_async(vs, v + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
+        }
+        chingu::cp_async_commit();
+    }
     load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     __syncthreads();
     unsigned qf[CT][4];
@@ -907,10 +946,25 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     // Running max (log2 units, quad-uniform) and this lane's share of the running sum.
     float m0 = chingu::neg_inf(), m1 = chingu::neg_inf(), l0 = 0.0f, l1 = 0.0f;
 
-    for (int k0 = 0; k0 < lim.block; k0 += BC) {
+    for (int k0 = 0, it = 0; k0 < lim.block; k0 += BC, ++it) {
         __syncthreads();  // every warp is done with Q (first tile) or the previous K/V tile
-        load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
-        load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        if (STAGES == 2) {
+            // The next tile's copies into the other stage, then this tile's landed.
+            const int cur = it & 1;
+            if (k0 + BC < lim.block) {
+                __half* nk = stage(cur ^ 1);
+                load_rows_async(nk, k + hd.k_base, k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
+                load_rows_async(nk + BC * ld, v + hd.k_base, k0 + BC, BC, hd.kl, hd.width,
+                                head_dim, ld);
+            }
+            chingu::cp_async_commit();
+            chingu::cp_async_wait<1>();
+            ks = stage(cur);
+            vs = ks + BC * ld;
+        } else {
+            load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+            load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        }
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -987,6 +1041,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         }
     }
 
+    if (STAGES == 2) chingu::cp_async_wait<0>();  // (the last group is empty: nothing in flight)
     // The rows' sums over the quad (fixed order), then out = O / l (0 for a row that saw no
     // key) and lse.
     l0 += __shfl_xor_sync(chingu::FULL_MASK, l0, 1);
@@ -1007,16 +1062,19 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 }
 
 extern "C" __global__ void attention_forward_mma_c4_f16(CHINGU_ATTN_FORWARD_PARAMS) {
-    attention_forward_mma<4, 64>(CHINGU_ATTN_FORWARD_ARGS);
+    attention_forward_mma<4, 64, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_mma_c4s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<4, 64, 2>(CHINGU_ATTN_FORWARD_ARGS);
 }
 extern "C" __global__ void attention_forward_mma_c8_f16(CHINGU_ATTN_FORWARD_PARAMS) {
-    attention_forward_mma<8, 64>(CHINGU_ATTN_FORWARD_ARGS);
+    attention_forward_mma<8, 64, 1>(CHINGU_ATTN_FORWARD_ARGS);
 }
 extern "C" __global__ void attention_forward_mma_c12_f16(CHINGU_ATTN_FORWARD_PARAMS) {
-    attention_forward_mma<12, 64>(CHINGU_ATTN_FORWARD_ARGS);
+    attention_forward_mma<12, 64, 1>(CHINGU_ATTN_FORWARD_ARGS);
 }
 extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
-    attention_forward_mma<16, 32>(CHINGU_ATTN_FORWARD_ARGS);
+    attention_forward_mma<16, 32, 1>(CHINGU_ATTN_FORWARD_ARGS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1033,7 +1091,7 @@ extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PAR
 // dQ = s·dQ is written by the lanes that hold it. Block: 4 warps; shared memory
 // (2·64 + 2·BC)·(Dh + 8) halves. CT = Dh/16 rounded up, BC = 64 keys (32 for CT > 8).
 // ---------------------------------------------------------------------------------------------
-template <int CT, int BC>
+template <int CT, int BC, int STAGES>
 __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS) {
     using namespace chingu::attn;
     CHINGU_DYNAMIC_SMEM(float4, smem);
@@ -1044,7 +1102,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     const int ld = head_dim + 8;
     __half* qs = reinterpret_cast<__half*>(smem);
     __half* dos = qs + rows * ld;
-    __half* ks = dos + rows * ld;
+    // Stage st's K tile at stage(st), its V tile BC rows further (see "Two stages" above).
+    const auto stage = [&](int st) { return dos + rows * ld + st * 2 * BC * ld; };
+    __half* ks = stage(0);
     __half* vs = ks + BC * ld;
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
@@ -1058,6 +1118,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     query_stats(lse, delta, hd.stat_base, i0, q_len, lse0, delta0);
     query_stats(lse, delta, hd.stat_base, i1, q_len, lse1, delta1);
 
+    if (STAGES == 2) {  // the first K/V tile's copies fly while Q and dO are staged
+        if (lim.block > 0) {
+            load_rows_async(ks, k + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
+            load_rows_async(vs, v + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
+        }
+        chingu::cp_async_commit();
+    }
     load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     load_rows(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     // This lane's ldmatrix rows of the warp's Q and dO A fragments.
@@ -1068,10 +1135,25 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     for (int n = 0; n < 2 * CT; ++n)
         for (int e = 0; e < 4; ++e) dq_acc[n][e] = 0.0f;
 
-    for (int k0 = 0; k0 < lim.block; k0 += BC) {
+    for (int k0 = 0, it = 0; k0 < lim.block; k0 += BC, ++it) {
         __syncthreads();  // every warp is done with the previous K/V tile (Q, dO loaded)
-        load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
-        load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        if (STAGES == 2) {
+            // The next tile's copies into the other stage, then this tile's landed.
+            const int cur = it & 1;
+            if (k0 + BC < lim.block) {
+                __half* nk = stage(cur ^ 1);
+                load_rows_async(nk, k + hd.k_base, k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
+                load_rows_async(nk + BC * ld, v + hd.k_base, k0 + BC, BC, hd.kl, hd.width,
+                                head_dim, ld);
+            }
+            chingu::cp_async_commit();
+            chingu::cp_async_wait<1>();
+            ks = stage(cur);
+            vs = ks + BC * ld;
+        } else {
+            load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+            load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        }
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -1126,6 +1208,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
         }
     }
 
+    if (STAGES == 2) chingu::cp_async_wait<0>();  // (the last group is empty: nothing in flight)
     for (int n = 0; n < 2 * CT; ++n) {
         if (n >= 2 * col_tiles) break;
         const int col = 8 * n + 2 * t;
@@ -1135,16 +1218,19 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 }
 
 extern "C" __global__ void attention_backward_dq_mma_c4_f16(CHINGU_ATTN_DQ_PARAMS) {
-    attention_backward_dq_mma<4, 64>(CHINGU_ATTN_DQ_ARGS);
+    attention_backward_dq_mma<4, 64, 1>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_mma_c4s2_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<4, 64, 2>(CHINGU_ATTN_DQ_ARGS);
 }
 extern "C" __global__ void attention_backward_dq_mma_c8_f16(CHINGU_ATTN_DQ_PARAMS) {
-    attention_backward_dq_mma<8, 64>(CHINGU_ATTN_DQ_ARGS);
+    attention_backward_dq_mma<8, 64, 1>(CHINGU_ATTN_DQ_ARGS);
 }
 extern "C" __global__ void attention_backward_dq_mma_c12_f16(CHINGU_ATTN_DQ_PARAMS) {
-    attention_backward_dq_mma<12, 32>(CHINGU_ATTN_DQ_ARGS);
+    attention_backward_dq_mma<12, 32, 1>(CHINGU_ATTN_DQ_ARGS);
 }
 extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARAMS) {
-    attention_backward_dq_mma<16, 32>(CHINGU_ATTN_DQ_ARGS);
+    attention_backward_dq_mma<16, 32, 1>(CHINGU_ATTN_DQ_ARGS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1164,7 +1250,7 @@ extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARA
 // (2·64 + 2·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64 queries for CT 4, 16 for CT 16 (so
 // Dh 256 fits 99 KiB), else 32.
 // ---------------------------------------------------------------------------------------------
-template <int CT, int BQ, int GRADS>
+template <int CT, int BQ, int GRADS, int STAGES>
 __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PARAMS) {
     using namespace chingu::attn;
     CHINGU_DYNAMIC_SMEM(float4, smem);
@@ -1176,9 +1262,12 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
     const int ld = head_dim + 8;
     __half* ks = reinterpret_cast<__half*>(smem);
     __half* vs = ks + rows * ld;
-    __half* qs = vs + rows * ld;
+    // Stage st's Q tile at stage(st), its dO tile BQ rows further (see "Two stages" above);
+    // the tile's statistics after the last stage.
+    const auto stage = [&](int st) { return vs + rows * ld + st * 2 * BQ * ld; };
+    __half* qs = stage(0);
     __half* dos = qs + BQ * ld;
-    float* lse_s = reinterpret_cast<float*>(dos + BQ * ld);
+    float* lse_s = reinterpret_cast<float*>(stage(STAGES));
     float* delta_s = lse_s + BQ;
 
     const int k0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
@@ -1190,6 +1279,14 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     const QueryStart start = query_start(hd.kl, causal, q_offset, q_len, k0, wk0, BQ);
 
+    if (STAGES == 2) {  // the first Q/dO tile's copies fly while K and V are staged
+        if (start.block < q_len) {
+            load_rows_async(qs, q + hd.q_base, start.block, BQ, q_len, hd.width, head_dim, ld);
+            load_rows_async(dos, d_out + hd.q_base, start.block, BQ, q_len, hd.width, head_dim,
+                            ld);
+        }
+        chingu::cp_async_commit();
+    }
     load_rows(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     load_rows(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     // This lane's ldmatrix rows of the warp's K and V A fragments.
@@ -1202,10 +1299,25 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         for (int n = 0; n < 2 * CT; ++n)
             for (int e = 0; e < 4; ++e) acc[a][n][e] = 0.0f;
 
-    for (int q0 = start.block; q0 < q_len; q0 += BQ) {
+    for (int q0 = start.block, it = 0; q0 < q_len; q0 += BQ, ++it) {
         __syncthreads();  // every warp is done with the previous Q/dO tile (K, V loaded)
-        load_rows(qs, q + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
-        load_rows(dos, d_out + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
+        if (STAGES == 2) {
+            // The next tile's copies into the other stage, then this tile's landed.
+            const int cur = it & 1;
+            if (q0 + BQ < q_len) {
+                __half* nq = stage(cur ^ 1);
+                load_rows_async(nq, q + hd.q_base, q0 + BQ, BQ, q_len, hd.width, head_dim, ld);
+                load_rows_async(nq + BQ * ld, d_out + hd.q_base, q0 + BQ, BQ, q_len, hd.width,
+                                head_dim, ld);
+            }
+            chingu::cp_async_commit();
+            chingu::cp_async_wait<1>();
+            qs = stage(cur);
+            dos = qs + BQ * ld;
+        } else {
+            load_rows(qs, q + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
+            load_rows(dos, d_out + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
+        }
         stage_query_stats(lse_s, delta_s, lse, delta, hd.stat_base, q0, BQ, q_len);
         __syncthreads();
         if (q0 + BQ <= start.warp) continue;  // warp-uniform: no query sees its keys
@@ -1280,6 +1392,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         }
     }
 
+    if (STAGES == 2) chingu::cp_async_wait<0>();  // (the last group is empty: nothing in flight)
     // Keys j < k_len are written; those ≥ key_len get zeros (factor 0: the sums are finite).
     const float live0 = j0 < hd.kl ? 1.0f : 0.0f, live1 = j1 < hd.kl ? 1.0f : 0.0f;
     for (int n = 0; n < 2 * CT; ++n) {
@@ -1297,13 +1410,16 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 /// dV then dK (a barrier between: both bodies stage the block's K and V rows).
 template <int CT, int BQ>
 __device__ __forceinline__ void attention_backward_dkdv_mma_split(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv_mma<CT, BQ, GRAD_DV>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma<CT, BQ, GRAD_DV, 1>(CHINGU_ATTN_DKDV_ARGS);
     __syncthreads();
-    attention_backward_dkdv_mma<CT, BQ, GRAD_DK>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma<CT, BQ, GRAD_DK, 1>(CHINGU_ATTN_DKDV_ARGS);
 }
 
 extern "C" __global__ void attention_backward_dkdv_mma_c4_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv_mma<4, 64, GRAD_DV | GRAD_DK>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma<4, 64, GRAD_DV | GRAD_DK, 1>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_c4s2_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma<4, 64, GRAD_DV | GRAD_DK, 2>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dkdv_mma_split_c8_f16(CHINGU_ATTN_DKDV_PARAMS) {
     attention_backward_dkdv_mma_split<8, 32>(CHINGU_ATTN_DKDV_ARGS);

@@ -114,6 +114,86 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const __half
 #endif
 }
 
+#ifdef CHINGU_EMU
+namespace emu_async {
+/// One 16-byte copy a thread queued with cp_async16 (zeros where `src` is null).
+struct Copy {
+    unsigned char* dst;
+    const unsigned char* src;
+};
+/// A thread's copies: committed groups, oldest first, and the group still open.
+struct Queue {
+    std::vector<std::vector<Copy>> committed;
+    std::vector<Copy> open;
+};
+/// Per thread of the running block (blocks run one at a time, launches one at a time).
+inline std::vector<Queue>& queues() {
+    static std::vector<Queue> q(1024);
+    return q;
+}
+inline Queue& mine() {
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    return queues()[tid];
+}
+}  // namespace emu_async
+#endif
+
+/// cp.async (sm_80+): queues a 16-byte copy from global to shared memory (both 16-byte
+/// aligned), or 16 zero bytes where `valid` is false (nothing is read then). The copy may land
+/// any time from now until `cp_async_wait` returns, and other threads see it after a barrier
+/// that follows that wait. The emulator takes the two extremes: in order, at the wait (a read
+/// before the wait sees the old bytes); under a shuffled schedule, at once (overwriting a tile
+/// other warps may still read, where a barrier before the copy is missing). A compared launch
+/// runs both, so either mistake changes the result.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#ifdef CHINGU_EMU
+    if ((reinterpret_cast<unsigned long long>(smem) | reinterpret_cast<unsigned long long>(gmem)) & 15ull)
+        __trap();  // a GPU would fault
+    const emu_async::Copy copy{static_cast<unsigned char*>(smem),
+                               valid ? static_cast<const unsigned char*>(gmem) : nullptr};
+    if (chingu_emu::schedule_seed() != 0) {
+        if (copy.src) std::memcpy(copy.dst, copy.src, 16);
+        else std::memset(copy.dst, 0, 16);
+        return;
+    }
+    emu_async::mine().open.push_back(copy);
+#else
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+#endif
+}
+
+/// Closes this thread's group of queued copies (cp.async.commit_group).
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef CHINGU_EMU
+    emu_async::Queue& q = emu_async::mine();
+    q.committed.push_back(std::move(q.open));
+    q.open.clear();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+/// Waits until at most `PENDING` of this thread's committed groups are still in flight
+/// (cp.async.wait_group): the older ones have landed.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef CHINGU_EMU
+    emu_async::Queue& q = emu_async::mine();
+    while (q.committed.size() > static_cast<size_t>(PENDING)) {
+        for (const emu_async::Copy& c : q.committed.front()) {
+            if (c.src) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);
+        }
+        q.committed.erase(q.committed.begin());
+    }
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+#endif
+}
+
 /// Eight adjacent halves at `p` (16-byte aligned) as floats: one 128-bit load.
 __device__ __forceinline__ void load_half8(float (&v)[8], const __half* p) {
 #ifdef CHINGU_EMU

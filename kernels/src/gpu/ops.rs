@@ -693,6 +693,17 @@ pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 /// gradients' last bits differ).
 pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
 
+/// The variable that, set to `0`, has the register-resident attention kernels for heads up to
+/// 64 wide load their walked tiles in one stage (load, barrier, use) instead of two (the next
+/// tile's cp.async copies in flight while one is used): to compare.
+pub const PIPELINE_VAR: &str = "CHINGU_ATTN_PIPELINE";
+
+/// False where [`PIPELINE_VAR`] is `0` (read once).
+fn pipelined_from_env() -> bool {
+    static PIPELINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PIPELINED.get_or_init(|| std::env::var(PIPELINE_VAR).map_or(true, |v| v.trim() != "0"))
+}
+
 /// The variable that sets the GEMM attention path's causal band in query rows (`0`: no bands;
 /// rounded up to 8; default 512, [`AttentionKernels::GEMM`]).
 pub const CAUSAL_BAND_VAR: &str = "CHINGU_ATTN_CAUSAL_BAND";
@@ -914,7 +925,17 @@ impl AttnLaunch {
     /// and V for dK/dV); `None` where the device cannot give that memory.
     fn mma(dev: &Gpu, kind: AttnKernel, head_dim: usize) -> Option<Self> {
         const WARPS: usize = 4;
+        // Heads up to 64 wide: the two-stage kernels (the next walked tile's copies in flight
+        // while one is used) unless PIPELINE_VAR says 0.
+        let stages = if head_dim <= 64 && pipelined_from_env() { 2 } else { 1 };
         let (kernel, tile) = match (kind, head_dim.div_ceil(16)) {
+            (AttnKernel::Forward, 0..=4) if stages == 2 => ("attention_forward_mma_c4s2_f16", 64),
+            (AttnKernel::Queries, 0..=4) if stages == 2 => {
+                ("attention_backward_dq_mma_c4s2_f16", 64)
+            }
+            (AttnKernel::KeysValues, 0..=4) if stages == 2 => {
+                ("attention_backward_dkdv_mma_c4s2_f16", 64)
+            }
             (AttnKernel::Forward, 0..=4) => ("attention_forward_mma_c4_f16", 64),
             (AttnKernel::Forward, 5..=8) => ("attention_forward_mma_c8_f16", 64),
             (AttnKernel::Forward, 9..=12) => ("attention_forward_mma_c12_f16", 64),
@@ -928,11 +949,15 @@ impl AttnLaunch {
             (AttnKernel::KeysValues, 9..=12) => ("attention_backward_dkdv_mma_split_c12_f16", 32),
             (AttnKernel::KeysValues, _) => ("attention_backward_dkdv_mma_split_c16_f16", 16),
         };
+        // Shared memory as `kernels/cuda/attention.cu` lays it out: each stage holds two walked
+        // tiles (K and V, or Q and dO); dQ and dK/dV add the block's own two (Q and dO, or K
+        // and V), dK/dV the walked tile's lse and D (fp32, two halves each).
         let (ld, own) = (head_dim + 8, 2 * 16 * WARPS);
+        let walked = stages * 2 * tile;
         let halves = match kind {
-            AttnKernel::Forward => 2 * tile * ld,
-            AttnKernel::Queries => (own + 2 * tile) * ld,
-            AttnKernel::KeysValues => (own + 2 * tile) * ld + 2 * tile * 2,
+            AttnKernel::Forward => walked * ld,
+            AttnKernel::Queries => (own + walked) * ld,
+            AttnKernel::KeysValues => (own + walked) * ld + 2 * tile * 2,
         };
         let shared = halves * size_of::<f16>();
         (shared <= dev.max_dynamic_shared(kernel)).then_some(AttnLaunch {
