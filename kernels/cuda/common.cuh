@@ -126,7 +126,9 @@ struct Queue {
     std::vector<std::vector<Copy>> committed;
     std::vector<Copy> open;
 };
-/// Per thread of the running block (blocks run one at a time, launches one at a time).
+/// Per thread of the running block (blocks run one at a time, launches one at a time; every
+/// kernel waits for all its groups before it ends, so a block starts with empty queues — but
+/// for a launch the emulator abandoned on an error, whose queued copies a later wait would do).
 inline std::vector<Queue>& queues() {
     static std::vector<Queue> q(1024);
     return q;
