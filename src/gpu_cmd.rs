@@ -25,7 +25,7 @@ const SETTINGS: [(&str, &str); 9] = [
     ),
     (
         chingu_kernels::gpu::ops::PIPELINE_VAR,
-        "0 = attention kernels for heads up to 64 load each tile before using it, not ahead",
+        "attention for heads up to 64: 1 = load the next tile while using one, 0 = not (unset: by shared memory)",
     ),
     (
         chingu_kernels::gpu::ops::CAUSAL_BAND_VAR,

@@ -126,11 +126,19 @@ struct Queue {
     std::vector<std::vector<Copy>> committed;
     std::vector<Copy> open;
 };
-/// Per thread of the running block (blocks run one at a time, launches one at a time; every
-/// kernel waits for all its groups before it ends, so a block starts with empty queues — but
-/// for a launch the emulator abandoned on an error, whose queued copies a later wait would do).
+/// Per thread of the running block (blocks run one at a time, launches one at a time),
+/// emptied when a new block starts: a kernel waits for all its groups before it ends, but a
+/// launch the emulator abandoned on an error leaves copies into memory since freed.
 inline std::vector<Queue>& queues() {
     static std::vector<Queue> q(1024);
+    static uint64_t block = 0;
+    if (block != chingu_emu::detail::g_block_serial) {
+        block = chingu_emu::detail::g_block_serial;
+        for (Queue& each : q) {
+            each.committed.clear();
+            each.open.clear();
+        }
+    }
     return q;
 }
 inline Queue& mine() {

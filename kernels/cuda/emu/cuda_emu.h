@@ -752,6 +752,9 @@ struct Launch {
 
 inline Launch* g_launch = nullptr;
 inline Fiber* g_cur = nullptr;
+// Counts the blocks run in this process (one at a time): per-block state kept outside the
+// emulator (common.cuh's cp.async queues) starts afresh when it changes.
+inline uint64_t g_block_serial = 0;
 inline uint3 g_threadIdx{0, 0, 0};
 inline uint3 g_blockIdx{0, 0, 0};
 inline dim3 g_blockDim{1, 1, 1};
@@ -1316,6 +1319,7 @@ struct AltStackGuard {
 inline void run_block(Launch& L) {
   const unsigned N = L.nthreads;
   g_blockIdx = L.block_idx;
+  ++g_block_serial;
   if (L.smem_bytes) std::memset(L.smem, 0xff, L.smem_bytes);
   for (Warp& w : L.warps) {
     w.exited = 0;

@@ -693,15 +693,27 @@ pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 /// gradients' last bits differ).
 pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
 
-/// The variable that, set to `0`, has the register-resident attention kernels for heads up to
-/// 64 wide load their walked tiles in one stage (load, barrier, use) instead of two (the next
-/// tile's cp.async copies in flight while one is used): to compare.
+/// The variable that picks how the register-resident attention kernels for heads up to 64
+/// wide load their walked tiles: in two stages (the next tile's cp.async copies in flight
+/// while one is used) or one (load, barrier, use). Unset: two where the device's shared memory
+/// holds [`PIPELINED_BLOCKS`] two-stage blocks (an H100's does; an RTX 4090's would hold one
+/// dQ block instead of three one-stage ones), else one; `1`: two wherever one block fits;
+/// `0`: one.
 pub const PIPELINE_VAR: &str = "CHINGU_ATTN_PIPELINE";
 
-/// False where [`PIPELINE_VAR`] is `0` (read once).
-fn pipelined_from_env() -> bool {
-    static PIPELINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PIPELINED.get_or_init(|| std::env::var(PIPELINE_VAR).map_or(true, |v| v.trim() != "0"))
+/// Two-stage blocks the shared memory must hold for the two-stage kernels to be chosen: as many
+/// as the one-stage dQ kernel's registers let run at once (165 a thread: three blocks of 4
+/// warps in 64 Ki registers), so the second stage costs no occupancy.
+const PIPELINED_BLOCKS: usize = 3;
+
+/// [`PIPELINE_VAR`]: `None` unset (by shared memory), else forced on or off (read once).
+fn pipeline_from_env() -> Option<bool> {
+    static PIPELINE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *PIPELINE.get_or_init(|| match std::env::var(PIPELINE_VAR).as_deref().map(str::trim) {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    })
 }
 
 /// The variable that sets the GEMM attention path's causal band in query rows (`0`: no bands;
@@ -925,17 +937,7 @@ impl AttnLaunch {
     /// and V for dK/dV); `None` where the device cannot give that memory.
     fn mma(dev: &Gpu, kind: AttnKernel, head_dim: usize) -> Option<Self> {
         const WARPS: usize = 4;
-        // Heads up to 64 wide: the two-stage kernels (the next walked tile's copies in flight
-        // while one is used) unless PIPELINE_VAR says 0.
-        let stages = if head_dim <= 64 && pipelined_from_env() { 2 } else { 1 };
         let (kernel, tile) = match (kind, head_dim.div_ceil(16)) {
-            (AttnKernel::Forward, 0..=4) if stages == 2 => ("attention_forward_mma_c4s2_f16", 64),
-            (AttnKernel::Queries, 0..=4) if stages == 2 => {
-                ("attention_backward_dq_mma_c4s2_f16", 64)
-            }
-            (AttnKernel::KeysValues, 0..=4) if stages == 2 => {
-                ("attention_backward_dkdv_mma_c4s2_f16", 64)
-            }
             (AttnKernel::Forward, 0..=4) => ("attention_forward_mma_c4_f16", 64),
             (AttnKernel::Forward, 5..=8) => ("attention_forward_mma_c8_f16", 64),
             (AttnKernel::Forward, 9..=12) => ("attention_forward_mma_c12_f16", 64),
@@ -953,13 +955,37 @@ impl AttnLaunch {
         // tiles (K and V, or Q and dO); dQ and dK/dV add the block's own two (Q and dO, or K
         // and V), dK/dV the walked tile's lse and D (fp32, two halves each).
         let (ld, own) = (head_dim + 8, 2 * 16 * WARPS);
-        let walked = stages * 2 * tile;
-        let halves = match kind {
-            AttnKernel::Forward => walked * ld,
-            AttnKernel::Queries => (own + walked) * ld,
-            AttnKernel::KeysValues => (own + walked) * ld + 2 * tile * 2,
+        let bytes = |stages: usize| {
+            let walked = stages * 2 * tile;
+            let halves = match kind {
+                AttnKernel::Forward => walked * ld,
+                AttnKernel::Queries => (own + walked) * ld,
+                AttnKernel::KeysValues => (own + walked) * ld + 2 * tile * 2,
+            };
+            halves * size_of::<f16>()
         };
-        let shared = halves * size_of::<f16>();
+        // Heads up to 64 wide also have two-stage kernels, taken as PIPELINE_VAR says.
+        let two_stage = match kernel {
+            "attention_forward_mma_c4_f16" => Some("attention_forward_mma_c4s2_f16"),
+            "attention_backward_dq_mma_c4_f16" => Some("attention_backward_dq_mma_c4s2_f16"),
+            "attention_backward_dkdv_mma_c4_f16" => Some("attention_backward_dkdv_mma_c4s2_f16"),
+            _ => None,
+        };
+        let (kernel, shared) = match two_stage {
+            Some(two) => {
+                let fit = |blocks: usize| blocks * bytes(2) <= dev.max_dynamic_shared(two);
+                let pipelined = match pipeline_from_env() {
+                    Some(forced) => forced && fit(1),
+                    None => fit(PIPELINED_BLOCKS),
+                };
+                if pipelined {
+                    (two, bytes(2))
+                } else {
+                    (kernel, bytes(1))
+                }
+            }
+            None => (kernel, bytes(1)),
+        };
         (shared <= dev.max_dynamic_shared(kernel)).then_some(AttnLaunch {
             kernel,
             warps: WARPS,
