@@ -185,6 +185,19 @@ __device__ __forceinline__ void load_rows_async(__half* tile, const __half* src,
     }
 }
 
+/// Two stages (see "Two stages" below): queues the two walked tiles (K and V, or Q and dO) of
+/// rows `row0`.. into `stage` (the second `rows` after the first) where `queue` says so, and
+/// commits the group (empty otherwise, so every step counts one group).
+__device__ __forceinline__ void queue_stage(__half* stage, bool queue, const __half* a,
+                                            const __half* b, int row0, int rows, int valid,
+                                            int width, int head_dim, int ld) {
+    if (queue) {
+        load_rows_async(stage, a, row0, rows, valid, width, head_dim, ld);
+        load_rows_async(stage + rows * ld, b, row0, rows, valid, width, head_dim, ld);
+    }
+    chingu::cp_async_commit();
+}
+
 
 /// The "row index" fragment: element e of any accumulator fragment lies in row rowf.x[e].
 /// Built through the warp's own float scratch (16 × 16, leading dimension lds).
@@ -925,13 +938,9 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;  // this lane's two query rows
 
-    if (STAGES == 2) {  // the first K/V tile's copies fly while Q is staged
-        if (lim.block > 0) {
-            load_rows_async(ks, k + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
-            load_rows_async(vs, v + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
-        }
-        chingu::cp_async_commit();
-    }
+    if (STAGES == 2)  // the first K/V tile's copies fly while Q is staged
+        queue_stage(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl, hd.width,
+                    head_dim, ld);
     load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     __syncthreads();
     unsigned qf[CT][4];
@@ -950,16 +959,10 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         __syncthreads();  // every warp is done with Q (first tile) or the previous K/V tile
         if (STAGES == 2) {
             // The next tile's copies into the other stage, then this tile's landed.
-            const int cur = it & 1;
-            if (k0 + BC < lim.block) {
-                __half* nk = stage(cur ^ 1);
-                load_rows_async(nk, k + hd.k_base, k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
-                load_rows_async(nk + BC * ld, v + hd.k_base, k0 + BC, BC, hd.kl, hd.width,
-                                head_dim, ld);
-            }
-            chingu::cp_async_commit();
+            queue_stage(stage((it & 1) ^ 1), k0 + BC < lim.block, k + hd.k_base, v + hd.k_base,
+                        k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
             chingu::cp_async_wait<1>();
-            ks = stage(cur);
+            ks = stage(it & 1);
             vs = ks + BC * ld;
         } else {
             load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
@@ -1118,13 +1121,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     query_stats(lse, delta, hd.stat_base, i0, q_len, lse0, delta0);
     query_stats(lse, delta, hd.stat_base, i1, q_len, lse1, delta1);
 
-    if (STAGES == 2) {  // the first K/V tile's copies fly while Q and dO are staged
-        if (lim.block > 0) {
-            load_rows_async(ks, k + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
-            load_rows_async(vs, v + hd.k_base, 0, BC, hd.kl, hd.width, head_dim, ld);
-        }
-        chingu::cp_async_commit();
-    }
+    if (STAGES == 2)  // the first K/V tile's copies fly while Q and dO are staged
+        queue_stage(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl, hd.width,
+                    head_dim, ld);
     load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     load_rows(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
     // This lane's ldmatrix rows of the warp's Q and dO A fragments.
@@ -1139,16 +1138,10 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
         __syncthreads();  // every warp is done with the previous K/V tile (Q, dO loaded)
         if (STAGES == 2) {
             // The next tile's copies into the other stage, then this tile's landed.
-            const int cur = it & 1;
-            if (k0 + BC < lim.block) {
-                __half* nk = stage(cur ^ 1);
-                load_rows_async(nk, k + hd.k_base, k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
-                load_rows_async(nk + BC * ld, v + hd.k_base, k0 + BC, BC, hd.kl, hd.width,
-                                head_dim, ld);
-            }
-            chingu::cp_async_commit();
+            queue_stage(stage((it & 1) ^ 1), k0 + BC < lim.block, k + hd.k_base, v + hd.k_base,
+                        k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
             chingu::cp_async_wait<1>();
-            ks = stage(cur);
+            ks = stage(it & 1);
             vs = ks + BC * ld;
         } else {
             load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
@@ -1279,14 +1272,9 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     const QueryStart start = query_start(hd.kl, causal, q_offset, q_len, k0, wk0, BQ);
 
-    if (STAGES == 2) {  // the first Q/dO tile's copies fly while K and V are staged
-        if (start.block < q_len) {
-            load_rows_async(qs, q + hd.q_base, start.block, BQ, q_len, hd.width, head_dim, ld);
-            load_rows_async(dos, d_out + hd.q_base, start.block, BQ, q_len, hd.width, head_dim,
-                            ld);
-        }
-        chingu::cp_async_commit();
-    }
+    if (STAGES == 2)  // the first Q/dO tile's copies fly while K and V are staged
+        queue_stage(qs, start.block < q_len, q + hd.q_base, d_out + hd.q_base, start.block, BQ,
+                    q_len, hd.width, head_dim, ld);
     load_rows(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     load_rows(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     // This lane's ldmatrix rows of the warp's K and V A fragments.
@@ -1303,16 +1291,10 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         __syncthreads();  // every warp is done with the previous Q/dO tile (K, V loaded)
         if (STAGES == 2) {
             // The next tile's copies into the other stage, then this tile's landed.
-            const int cur = it & 1;
-            if (q0 + BQ < q_len) {
-                __half* nq = stage(cur ^ 1);
-                load_rows_async(nq, q + hd.q_base, q0 + BQ, BQ, q_len, hd.width, head_dim, ld);
-                load_rows_async(nq + BQ * ld, d_out + hd.q_base, q0 + BQ, BQ, q_len, hd.width,
-                                head_dim, ld);
-            }
-            chingu::cp_async_commit();
+            queue_stage(stage((it & 1) ^ 1), q0 + BQ < q_len, q + hd.q_base, d_out + hd.q_base,
+                        q0 + BQ, BQ, q_len, hd.width, head_dim, ld);
             chingu::cp_async_wait<1>();
-            qs = stage(cur);
+            qs = stage(it & 1);
             dos = qs + BQ * ld;
         } else {
             load_rows(qs, q + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
