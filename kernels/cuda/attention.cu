@@ -198,6 +198,28 @@ __device__ __forceinline__ void queue_stage(__half* stage, bool queue, const __h
     chingu::cp_async_commit();
 }
 
+/// A walked step's two tiles (K and V, or Q and dO) of rows `row0`.. in shared memory, the
+/// second `rows` after the first; returns the first. One stage: loaded now into `stage0`. Two
+/// (see "Two stages" below): the next step's queued into the other stage where `more`, then
+/// this step's, queued a step earlier, waited for in `stage0` or `stage1` by `it`'s parity.
+/// Either way a barrier must follow before any thread reads them.
+template <int STAGES>
+__device__ __forceinline__ __half* walked_tiles(__half* stage0, __half* stage1, int it, bool more,
+                                                const __half* a, const __half* b, int row0,
+                                                int rows, int valid, int width, int head_dim,
+                                                int ld) {
+    if (STAGES == 2) {
+        __half* const now = (it & 1) ? stage1 : stage0;
+        queue_stage((it & 1) ? stage0 : stage1, more, a, b, row0 + rows, rows, valid, width,
+                    head_dim, ld);
+        chingu::cp_async_wait<1>();
+        return now;
+    }
+    load_rows(stage0, a, row0, rows, valid, width, head_dim, ld);
+    load_rows(stage0 + rows * ld, b, row0, rows, valid, width, head_dim, ld);
+    return stage0;
+}
+
 
 /// The "row index" fragment: element e of any accumulator fragment lies in row rowf.x[e].
 /// Built through the warp's own float scratch (16 × 16, leading dimension lds).
@@ -957,17 +979,9 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 
     for (int k0 = 0, it = 0; k0 < lim.block; k0 += BC, ++it) {
         __syncthreads();  // every warp is done with Q (first tile) or the previous K/V tile
-        if (STAGES == 2) {
-            // The next tile's copies into the other stage, then this tile's landed.
-            queue_stage(stage((it & 1) ^ 1), k0 + BC < lim.block, k + hd.k_base, v + hd.k_base,
-                        k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
-            chingu::cp_async_wait<1>();
-            ks = stage(it & 1);
-            vs = ks + BC * ld;
-        } else {
-            load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
-            load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
-        }
+        ks = walked_tiles<STAGES>(stage(0), stage(1), it, k0 + BC < lim.block, k + hd.k_base,
+                                  v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        vs = ks + BC * ld;
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -1136,17 +1150,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
     for (int k0 = 0, it = 0; k0 < lim.block; k0 += BC, ++it) {
         __syncthreads();  // every warp is done with the previous K/V tile (Q, dO loaded)
-        if (STAGES == 2) {
-            // The next tile's copies into the other stage, then this tile's landed.
-            queue_stage(stage((it & 1) ^ 1), k0 + BC < lim.block, k + hd.k_base, v + hd.k_base,
-                        k0 + BC, BC, hd.kl, hd.width, head_dim, ld);
-            chingu::cp_async_wait<1>();
-            ks = stage(it & 1);
-            vs = ks + BC * ld;
-        } else {
-            load_rows(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
-            load_rows(vs, v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
-        }
+        ks = walked_tiles<STAGES>(stage(0), stage(1), it, k0 + BC < lim.block, k + hd.k_base,
+                                  v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        vs = ks + BC * ld;
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -1289,17 +1295,9 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     for (int q0 = start.block, it = 0; q0 < q_len; q0 += BQ, ++it) {
         __syncthreads();  // every warp is done with the previous Q/dO tile (K, V loaded)
-        if (STAGES == 2) {
-            // The next tile's copies into the other stage, then this tile's landed.
-            queue_stage(stage((it & 1) ^ 1), q0 + BQ < q_len, q + hd.q_base, d_out + hd.q_base,
-                        q0 + BQ, BQ, q_len, hd.width, head_dim, ld);
-            chingu::cp_async_wait<1>();
-            qs = stage(it & 1);
-            dos = qs + BQ * ld;
-        } else {
-            load_rows(qs, q + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
-            load_rows(dos, d_out + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
-        }
+        qs = walked_tiles<STAGES>(stage(0), stage(1), it, q0 + BQ < q_len, q + hd.q_base,
+                                  d_out + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
+        dos = qs + BQ * ld;
         stage_query_stats(lse_s, delta_s, lse, delta, hd.stat_base, q0, BQ, q_len);
         __syncthreads();
         if (q0 + BQ <= start.warp) continue;  // warp-uniform: no query sees its keys
