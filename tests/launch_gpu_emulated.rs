@@ -307,7 +307,7 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
     let out = chingu()
         .env("CHINGU_ATTN", "gemm")
         .env("CHINGU_ATTN_SAVE_PROBS", "0")
-        .env("CHINGU_BIAS_GRAD_EPILOGUE", "0")
+        .env("CHINGU_BIAS_GRAD_EPILOGUE", "1")
         .env_remove("CHINGU_PROFILE")
         .arg("gpu")
         .output()
@@ -319,7 +319,7 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
     };
     assert!(line("CHINGU_ATTN").contains(" gemm "), "{text}");
     assert!(line("CHINGU_ATTN_SAVE_PROBS").contains(" 0 "), "{text}");
-    assert!(line("CHINGU_BIAS_GRAD_EPILOGUE").contains(" 0 "), "{text}");
+    assert!(line("CHINGU_BIAS_GRAD_EPILOGUE").contains(" 1 "), "{text}");
     assert!(line("CHINGU_PROFILE").contains(" unset "), "{text}");
     for name in [
         "CHINGU_ATTN_PIPELINE",

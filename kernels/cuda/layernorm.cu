@@ -18,9 +18,11 @@
 //           with every row 16-byte aligned, are one warp each, forward and backward: lane l
 //           owns the 8-column vectors at 256·k + 8·l, every access is one 128-bit load or
 //           store, and the row stays in registers between its sweeps (forward: x for the
-//           mean, the variance and y; backward: dy and x̂ for the sums and dx), so each
-//           element is read from memory once. The launcher picks them when they apply; the
-//           scalar kernels above them take every other shape.
+//           mean, the variance and y; backward: dy, x and dx, packed), so each element is
+//           read from memory once. The backward's workers are blocks: a block's warps add
+//           their dγ, dβ sums in shared memory in warp order, one partial a block. The
+//           launcher picks them when they apply; the scalar kernels above them take every
+//           other shape.
 // Shapes: x, y, dy, dx [N, D]; γ, β [D] fp16; dγ, dβ [D] fp32; block size a multiple of 32.
 #include "common.cuh"
 
@@ -244,17 +246,21 @@ __device__ __forceinline__ void layernorm_forward_vec_row(__half* y, float* mean
     }
 }
 
-/// Backward for rows [w·R, (w+1)·R) of warp w, width ≤ 256·VECS and a multiple of 8; the
-/// partials as `layernorm_backward_warp_rows`'s.
+/// Backward for rows [w·R, (w+1)·R) of warp w (R = `rows_per_warp`; a warp past the last row
+/// takes none), width ≤ 256·VECS and a multiple of 8. Each warp sums its rows' dγ, dβ in
+/// registers; the block's warps then add theirs in shared memory, warp 0 first, and the block
+/// writes one partial row pair at partials[blockIdx.x] ([blocks, 2, D]): a fixed order, and a
+/// block's worth fewer partials to write and add up than one per warp.
 template <int VECS>
 __device__ __forceinline__ void layernorm_backward_vec_rows(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    __shared__ float block_sums[2 * 256 * VECS];  // dγ then dβ, `width` each
     const int lane = threadIdx.x & 31;
-    const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int first = warp * rows_per_warp;
-    if (first >= rows) return;  // warp-uniform
-    const int last = min(first + rows_per_warp, rows);
+    const int warp_in_block = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int warp = blockIdx.x * warps + warp_in_block;
+    const long long first = (long long)warp * rows_per_warp;
+    const long long last = min(first + rows_per_warp, (long long)rows);
     float dgamma[VECS][8], dbeta[VECS][8];
 #pragma unroll
     for (int k = 0; k < VECS; ++k)
@@ -263,32 +269,40 @@ __device__ __forceinline__ void layernorm_backward_vec_rows(
             dgamma[k][e] = 0.0f;
             dbeta[k][e] = 0.0f;
         }
-    for (int row = first; row < last; ++row) {
-        const long long off = (long long)row * width;
+    for (long long row = first; row < last; ++row) {
+        const long long off = row * width;
         const float m = mean[row], rs = rstd[row];
-        // The row's dy, x̂ and dx (packed) stay in registers for the second sweep, all loaded
-        // before the row's sums: one trip to memory a row, not two (GPU run 18: seed-768's
-        // vec3 backward at 99 µs a call, a fifth of the memory's speed); γ is re-read (L1).
-        float g[VECS][8], xhat[VECS][8];
-        chingu::Half8 dx_row[VECS];
+        // The row's dy, x and dx stay in registers, packed, for the second sweep, all loaded
+        // before the row's sums: one trip to memory a row (GPU run 18: two trips took 99 µs a
+        // call for seed-768); packed, so 256-thread blocks fit two to an SM (run 20: unpacked,
+        // 141 registers, one block an SM, 88 µs a call). γ is re-read (L1).
+        chingu::Half8 dy_row[VECS], x_row[VECS], dx_row[VECS];
         float s1 = 0.0f, s2 = 0.0f;
 #pragma unroll
         for (int k = 0; k < VECS; ++k) {
             const int i = 256 * k + 8 * lane;
             if (i < width) {
-                float gm[8];
-                chingu::load_half8(g[k], dy + off + i);
-                chingu::load_half8(xhat[k], x + off + i);
+                dy_row[k] = chingu::load_half8_packed(dy + off + i);
+                x_row[k] = chingu::load_half8_packed(x + off + i);
                 dx_row[k] = chingu::load_half8_packed(dx + off + i);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < VECS; ++k) {
+            const int i = 256 * k + 8 * lane;
+            if (i < width) {
+                float g[8], xhat[8], gm[8];
+                chingu::unpack_half8(g, dy_row[k]);
+                chingu::unpack_half8(xhat, x_row[k]);
                 chingu::load_half8(gm, gamma + i);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
-                    xhat[k][e] = (xhat[k][e] - m) * rs;
-                    const float dxhat = g[k][e] * gm[e];
+                    xhat[e] = (xhat[e] - m) * rs;
+                    const float dxhat = g[e] * gm[e];
                     s1 += dxhat;
-                    s2 += dxhat * xhat[k][e];
-                    dgamma[k][e] += g[k][e] * xhat[k][e];
-                    dbeta[k][e] += g[k][e];
+                    s2 += dxhat * xhat[e];
+                    dgamma[k][e] += g[e] * xhat[e];
+                    dbeta[k][e] += g[e];
                 }
             }
         }
@@ -298,27 +312,40 @@ __device__ __forceinline__ void layernorm_backward_vec_rows(
         for (int k = 0; k < VECS; ++k) {
             const int i = 256 * k + 8 * lane;
             if (i < width) {
-                float gm[8], d[8];
+                float g[8], xhat[8], gm[8], d[8];
+                chingu::unpack_half8(g, dy_row[k]);
+                chingu::unpack_half8(xhat, x_row[k]);
                 chingu::load_half8(gm, gamma + i);
                 chingu::unpack_half8(d, dx_row[k]);
 #pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    d[e] += rs * (g[k][e] * gm[e] - mean_dxhat - xhat[k][e] * mean_dxhat_xhat);
+                for (int e = 0; e < 8; ++e) {
+                    const float xh = (xhat[e] - m) * rs;
+                    d[e] += rs * (g[e] * gm[e] - mean_dxhat - xh * mean_dxhat_xhat);
+                }
                 chingu::store_half8(dx + off + i, d);
             }
         }
     }
-    float* out = partials + (long long)warp * 2 * width;
+    // The block's partials: warp 0 stores its sums, warps 1, 2, … add theirs in turn.
+    for (int w = 0; w < warps; ++w) {
+        if (w == warp_in_block) {
 #pragma unroll
-    for (int k = 0; k < VECS; ++k) {
-        const int i = 256 * k + 8 * lane;
-        if (i < width)
+            for (int k = 0; k < VECS; ++k) {
+                const int i = 256 * k + 8 * lane;
+                if (i < width)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                out[i + e] = dgamma[k][e];
-                out[width + i + e] = dbeta[k][e];
+                    for (int e = 0; e < 8; ++e) {
+                        const float g0 = w == 0 ? 0.0f : block_sums[i + e];
+                        const float b0 = w == 0 ? 0.0f : block_sums[width + i + e];
+                        block_sums[i + e] = g0 + dgamma[k][e];
+                        block_sums[width + i + e] = b0 + dbeta[k][e];
+                    }
             }
+        }
+        __syncthreads();
     }
+    float* out = partials + (long long)blockIdx.x * 2 * width;
+    for (int i = threadIdx.x; i < 2 * width; i += blockDim.x) out[i] = block_sums[i];
 }
 
 extern "C" __global__ void layernorm_forward_vec1_f16(__half* y, float* mean_out,
@@ -328,7 +355,7 @@ extern "C" __global__ void layernorm_forward_vec1_f16(__half* y, float* mean_out
     layernorm_forward_vec_row<1>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
 }
 
-extern "C" __global__ void layernorm_backward_vec1_f16(
+extern "C" __global__ void __launch_bounds__(256, 2) layernorm_backward_vec1_f16(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
     layernorm_backward_vec_rows<1>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
@@ -342,7 +369,7 @@ extern "C" __global__ void layernorm_forward_vec2_f16(__half* y, float* mean_out
     layernorm_forward_vec_row<2>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
 }
 
-extern "C" __global__ void layernorm_backward_vec2_f16(
+extern "C" __global__ void __launch_bounds__(256, 2) layernorm_backward_vec2_f16(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
     layernorm_backward_vec_rows<2>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
@@ -356,7 +383,7 @@ extern "C" __global__ void layernorm_forward_vec3_f16(__half* y, float* mean_out
     layernorm_forward_vec_row<3>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
 }
 
-extern "C" __global__ void layernorm_backward_vec3_f16(
+extern "C" __global__ void __launch_bounds__(256, 2) layernorm_backward_vec3_f16(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
     layernorm_backward_vec_rows<3>(dx, partials, dy, x, mean, rstd, gamma, rows, width,

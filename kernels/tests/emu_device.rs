@@ -375,8 +375,8 @@ fn gemm_attention_backward_reads_the_probabilities_its_forward_saved() {
     assert!(zeroed[4].iter().all(|&b| value(b) == 0.0), "dV = Pᵀ·dO with P zeroed");
 }
 
-/// `linear_backward`'s bias gradient three ways: summed in the weight gradient's product (the
-/// default), by the column-sum kernels (`with_fused_bias_grad(false)`), and on a device whose
+/// `linear_backward`'s bias gradient three ways: summed in the weight gradient's product
+/// (`with_fused_bias_grad(true)`), by the column-sum kernels (the default), and on a device whose
 /// products refuse the fused sum (as a cuBLASLt without the kernel), where the backend must
 /// fall back to those kernels: bit for bit the kernels' result, dx and dW too. Every way adds
 /// onto the gradients already there (db starts nonzero), and the fused sum agrees with the

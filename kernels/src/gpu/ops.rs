@@ -31,9 +31,9 @@ const LN_ROWS_PER_BLOCK: usize = 32;
 const LN_MIN_ROWS_PER_WARP: usize = 4;
 /// …and more when needed to keep the partial sums to add up at most this many.
 const LN_MAX_PARTIALS: usize = 4096;
-/// Rows per warp of the vector LayerNorm backward, at least (its rows cost fewer
-/// instructions, so a warp takes more of them and leaves fewer partials).
-const LN_VEC_MIN_ROWS_PER_WARP: usize = 8;
+/// Rows per warp of the vector LayerNorm backward, at least (its blocks leave one partial
+/// each, so a warp can take few rows: at seed-768's 18,432 rows, 576 blocks, two to an SM).
+const LN_VEC_MIN_ROWS_PER_WARP: usize = 4;
 /// The vector LayerNorm kernels by size class (rows up to 256, 512, 768, 1,024 wide).
 const LN_VEC_FORWARD: [&str; 4] = [
     "layernorm_forward_vec1_f16",
@@ -497,12 +497,13 @@ pub fn layernorm_backward(
     // else one block per row chunk.
     let vectors = layernorm_vectors(width, &[dx.ptr(), dy.ptr(), x.ptr(), gamma.ptr()]);
     let (kernel, blocks, threads, shared, per_worker, workers) = if let Some(vecs) = vectors {
-        // One warp per row, its row sweeps in registers: more rows per warp than the scalar
-        // kernels' (fewer partials to write and add up), a function of `rows` alone.
-        let per_warp = LN_VEC_MIN_ROWS_PER_WARP.max(rows.div_ceil(LN_MAX_PARTIALS));
-        let warps = rows.div_ceil(per_warp);
-        let blocks = warps.div_ceil((THREADS / 32) as usize);
-        (LN_VEC_BACKWARD[vecs - 1], blocks, THREADS, 0, per_warp, warps)
+        // One warp per row, its row sweeps in registers, one partial per block (its warps'
+        // sums added in shared memory): a function of `rows` alone, so is the summation order.
+        let warps_per_block = (THREADS / 32) as usize;
+        let per_warp =
+            LN_VEC_MIN_ROWS_PER_WARP.max(rows.div_ceil(LN_MAX_PARTIALS * warps_per_block));
+        let blocks = rows.div_ceil(per_warp * warps_per_block);
+        (LN_VEC_BACKWARD[vecs - 1], blocks, THREADS, 0, per_warp, blocks)
     } else if width <= 1024 {
         let kernel = match width {
             0..=256 => "layernorm_backward_w256_f16",
