@@ -349,7 +349,19 @@ pub fn dropout(
         return Ok(());
     }
     let n = int(OP, "n", buf.len())?;
-    elementwise(dev, OP, buf.len(), args![buf.ptr(), base, threshold, keep_scale, n])
+    dropout_aligned(OP, &[buf.ptr()])?;
+    let threads = buf.len().div_ceil(8);
+    elementwise(dev, OP, threads, args![buf.ptr(), base, threshold, keep_scale, n])
+}
+
+/// The dropout kernels take eight elements a thread with 128-bit accesses: every buffer must
+/// start 16-byte aligned (a device allocation always does).
+fn dropout_aligned(op: &'static str, buffers: &[super::DevicePtr]) -> Result<(), GpuError> {
+    if aligned_for_vectors(buffers) {
+        Ok(())
+    } else {
+        Err(shape(op, "a buffer does not start 16-byte aligned".into()))
+    }
 }
 
 /// The dropout kernels' key arguments for `p` in [0, 1): the mask's base, the drop threshold,
@@ -397,7 +409,9 @@ fn dropout_into(
     let (base, threshold, keep_scale) = dropout_args(op, p, key)?;
     expect_len(op, "x", x, out.len())?;
     let n = int(op, "n", out.len())?;
-    elementwise(dev, op, out.len(), args![out.ptr(), x.ptr(), base, threshold, keep_scale, n])
+    dropout_aligned(op, &[out.ptr(), x.ptr()])?;
+    let threads = out.len().div_ceil(8);
+    elementwise(dev, op, threads, args![out.ptr(), x.ptr(), base, threshold, keep_scale, n])
 }
 
 /// Threads per row for row-wise kernels: a multiple of 32, at most 1024, about one per
