@@ -1435,14 +1435,16 @@ pub fn cross_entropy(
     let (rows, v) = (int(OP, "rows", targets.len())?, int(OP, "vocab", vocab)?);
     let ignore = ignore as i32;
     // Rows that fit in registers (vocab a multiple of 8 up to 8 vectors of 8 per thread of
-    // 512) take the one-read vector kernel, ~4 vectors a thread.
+    // 512) take the one-read vector kernel, ~8 vectors a thread (fewer threads a row, so more
+    // rows' blocks share an SM: 256 threads for a 16,000-word vocabulary).
     let vectors = vocab / 8;
     let (kernel, threads) = if vocab % 8 == 0
         && vectors <= CE_MAX_VECTORS * CE_VEC_THREADS
         && aligned_for_vectors(&[logits.ptr(), d_logits.ptr()])
     {
         // At most 512 threads, so at most CE_MAX_VECTORS vectors a thread.
-        let threads = (vectors.div_ceil(4).div_ceil(32) * 32).clamp(32, CE_VEC_THREADS);
+        let threads =
+            (vectors.div_ceil(CE_MAX_VECTORS).div_ceil(32) * 32).clamp(32, CE_VEC_THREADS);
         ("cross_entropy_vec_f16", threads as u32)
     } else {
         (OP, row_threads(vocab).min(512))
