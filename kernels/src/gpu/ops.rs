@@ -1216,10 +1216,16 @@ pub fn attention_backward_using(
     let delta = DeviceBuffer::<f32>::uninit(dev, rows_heads.max(1))?;
     if rows_heads > 0 {
         let (b, tq, h, dh) = (a[0], a[1], a[3], a[4]);
+        if !aligned_for_vectors(&[d_out.ptr(), out.ptr()]) {
+            return Err(shape(OP, "d_out or out does not start 16-byte aligned".into()));
+        }
+        // `delta_group` lanes an item (attention.cu): 8 columns a lane, a power of two.
+        let group = (s.head_dim / 8).next_power_of_two();
+        let warps = rows_heads.div_ceil(32 / group);
         launch(
             dev,
             "attention_backward_delta_f16",
-            (rows_heads.div_ceil(ATTN_THREADS as usize / 32) as u32, 1, 1),
+            (warps.div_ceil(ATTN_THREADS as usize / 32) as u32, 1, 1),
             (ATTN_THREADS, 1, 1),
             0,
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
