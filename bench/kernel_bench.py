@@ -180,7 +180,16 @@ def run(bench, s):
     bench.add("sum_squares", f"{p} f32", lambda: torch.linalg.vector_norm(g), S * p)
     del param, opt, g
 
-    # Self-attention through scaled_dot_product_attention, chingu's [B, T, H*Dh] layout.
+    # Self-attention through scaled_dot_product_attention, chingu's [B, T, H*Dh] layout:
+    # seed-256's heads, causal and not, then seed-768's (4 heads of 192, named as
+    # kernel_bench.rs names its own rows at that width: what FlashAttention does there).
+    attention(bench, b, t_len, h, dh, (False, True), "")
+    attention(bench, b, t_len, 4, 192, (False,), "_dh192")
+
+
+def attention(bench, b, t_len, h, dh, causal_modes, name_suffix):
+    """SDPA forward, backward and both at one head shape, each causal mode."""
+    grad = torch.autograd.grad
     width = h * dh
     q = bench.uniform((b, t_len, width), -2, 2, requires_grad=True)
     k = bench.uniform((b, t_len, width), -2, 2, requires_grad=True)
@@ -191,7 +200,7 @@ def run(bench, s):
     def heads(x):
         return x.view(b, t_len, h, dh).transpose(1, 2)
 
-    for causal in (False, True):
+    for causal in causal_modes:
         def attend():
             o = F.scaled_dot_product_attention(heads(q), heads(k), heads(vv), is_causal=causal)
             return o.transpose(1, 2).reshape(b, t_len, width)
@@ -200,10 +209,10 @@ def run(bench, s):
             return grad(attend(), (q, k, vv), d_out)
 
         label = f"B{b} H{h} T{t_len} Dh{dh}" + (" causal" if causal else "")
-        suffix = "_causal" if causal else ""
+        suffix = ("_causal" if causal else "") + name_suffix
         fwd_flops = 4 * b * h * t_len * t_len * dh / (2 if causal else 1)
-        fwd_bytes = H * 4 * x_len + S * lse_len
-        bwd_bytes = H * 8 * x_len + S * lse_len
+        fwd_bytes = H_BYTES * 4 * x_len + S_BYTES * lse_len
+        bwd_bytes = H_BYTES * 8 * x_len + S_BYTES * lse_len
         bench.add("attn_fwd" + suffix, label, attend, fwd_bytes, fwd_flops)
         out = attend()
         bench.add("attn_bwd" + suffix, label,
