@@ -7,11 +7,13 @@
 // cuBLASLt products, one per head batched over batch rows, reading and writing each head's
 // columns of the [B·T, H·Dh] tensors in place. The kernels here do the rest:
 //   attention_softmax_f16: one warp per score row (b, h, i), lanes along the keys (the row
-//     read three times: max, sum, P — the later reads from cache; `_r4`, for rows of up to
-//     1,024 keys, reads it once into registers): visible keys j < key_len[b]
-//     (and j ≤ q_offset + i when causal); P = exp(scale·s − lse) rounded to fp16, 0 where
-//     invisible; lse = the row's log-sum-exp of scale·s (natural log; −inf and P = 0 for a
-//     row that sees no key), written at lse[(b·H + h)·Tq + i] as the fused kernels do.
+//     read three times: max, sum, P — the later reads from cache; GPU run 21 timed a version
+//     holding rows of up to 1,024 keys in registers, read once, at 80 registers a thread:
+//     2.53 ms a seed-768 step against this kernel's 2.22 on an H200): visible keys
+//     j < key_len[b] (and j ≤ q_offset + i when causal); P = exp(scale·s − lse) rounded to
+//     fp16, 0 where invisible; lse = the row's log-sum-exp of scale·s (natural log; −inf and
+//     P = 0 for a row that sees no key), written at lse[(b·H + h)·Tq + i] as the fused
+//     kernels do.
 //   attention_scores_backward_f16: from S and dP = dO·Vᵀ (fp32), P again from lse, then
 //     dS = P·(dP − delta)·scale (delta[b, h, i] = Σ dO·O, attention_backward_delta_f16),
 //     both rounded to fp16 for the products dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
@@ -106,82 +108,6 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
         }
     }
     if (lane == 0) lse[(long long)bh * q_len + i] = row_lse;
-}
-
-/// attention_softmax_f16 for rows of at most 256·CHUNKS keys, the row held in registers: each
-/// lane loads all of its keys first (every load in flight at once), then takes the max, the
-/// sum and P from registers, where the kernel above reads the row three times (the later reads
-/// from cache, when they hit: GPU run 20, seed-768's softmax moved 6 bytes a score at ~1.8
-/// TB/s). The same operations in the same order per lane, so the same P and lse, bit for bit.
-template <int CHUNKS>
-__device__ __forceinline__ void softmax_row_in_registers(__half* p, float* lse, const float* s,
-                                                         const int* key_len, int rows,
-                                                         int q_len, int k_len, int ld,
-                                                         int heads, int causal, int q_offset,
-                                                         float scale, int first_bh, int band) {
-    const int lane = threadIdx.x & 31;
-    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;  // warp-uniform
-    const int bh = first_bh + (int)(r / q_len), i = (int)(r % q_len);
-    const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
-    const float* sr = s + r * ld;
-    __half* pr = p + r * ld;
-    // Chunk c of lane `lane`: keys 256·c + 8·lane .. + 7; −inf past the visible keys.
-    float v[CHUNKS][8];
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-        const int j = 256 * c + 8 * lane;
-        if (j + 8 <= visible) {
-            chingu::load_float8(v[c], sr + j);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) v[c][e] = j + e < visible ? sr[j + e] : chingu::neg_inf();
-        }
-    }
-    float m = chingu::neg_inf();
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) m = fmaxf(m, v[c][e] * scale);
-    m = chingu::warp_max(m);
-    float l = 0.0f;
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-        const int j = 256 * c + 8 * lane;
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-            if (j + e < visible) l += expf(v[c][e] * scale - m);
-    }
-    l = chingu::warp_sum(l);
-    const float row_lse = visible > 0 ? m + logf(l) : chingu::neg_inf();
-    const int cols = band_keys(i, k_len, band);
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-        const int j = 256 * c + 8 * lane;
-        if (j < cols) {
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                v[c][e] = j + e < visible ? expf(v[c][e] * scale - row_lse) : 0.0f;
-            if (j + 8 <= cols) {
-                chingu::store_half8(pr + j, v[c]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    if (j + e < cols) pr[j + e] = __float2half_rn(v[c][e]);
-            }
-        }
-    }
-    if (lane == 0) lse[(long long)bh * q_len + i] = row_lse;
-}
-
-/// attention_softmax_f16 for rows of at most 1,024 keys (see softmax_row_in_registers).
-extern "C" __global__ void attention_softmax_r4_f16(__half* p, float* lse, const float* s,
-                                                    const int* key_len, int rows, int q_len,
-                                                    int k_len, int ld, int heads, int causal,
-                                                    int q_offset, float scale, int first_bh,
-                                                    int band) {
-    softmax_row_in_registers<4>(p, lse, s, key_len, rows, q_len, k_len, ld, heads, causal,
-                                q_offset, scale, first_bh, band);
 }
 
 /// P and dS for the backward products: one warp per score row of the chunk (its statistics

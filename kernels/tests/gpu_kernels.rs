@@ -775,8 +775,8 @@ fn attention_matches_the_cpu_backend() {
         (3, 200, 200, 2, 64, false, 0, &[200, 77, 131]), // multi-tile, partial key lengths
         (1, 40, 40, 1, 128, true, 0, &[40]),    // two 64-column passes
         (1, 20, 24, 1, 256, true, 4, &[23]),    // widest head: four passes, T 16 at 99 KiB
-        (1, 4, 1024, 1, 16, false, 0, &[1021]), // the GEMM path's softmax in registers, full
-        (1, 3, 1100, 2, 16, true, 1097, &[1100]), // …and past its 1,024 keys: read thrice
+        (1, 4, 1024, 1, 16, false, 0, &[1021]), // long rows: 1,021 of 1,024 keys visible
+        (1, 3, 1100, 2, 16, true, 1097, &[1100]), // …and past 1,024 keys, decoding at the end
     ];
     for dev in devices() {
         for &(batch, q_len, k_len, heads, head_dim, causal, q_offset, key_len) in cases {

@@ -94,7 +94,6 @@ const Entry KERNELS[] = {
     KERNEL(attention_forward_mma_c16_f16),
     KERNEL(attention_backward_delta_f16),
     KERNEL(attention_softmax_f16),
-    KERNEL(attention_softmax_r4_f16),
     KERNEL(attention_scores_backward_saved_f16),
     KERNEL(attention_scores_backward_f16),
     KERNEL(attention_backward_dkdv_mma_c4_f16),

@@ -375,20 +375,6 @@ fn warp_per_row(rows: usize) -> (u32, u32, u32) {
     (rows.div_ceil((THREADS / 32) as usize) as u32, 1, 1)
 }
 
-/// The softmax kernel for rows of `k_len` keys: the row held in registers where it has at
-/// most 1,024 (`_r4`, read once), else read three times (`attention_gemm.cu`); both give the
-/// same P and lse, bit for bit.
-fn softmax_kernel(k_len: usize) -> &'static str {
-    if k_len <= SOFTMAX_IN_REGISTERS_KEYS {
-        "attention_softmax_r4_f16"
-    } else {
-        "attention_softmax_f16"
-    }
-}
-
-/// Keys a score row may have for `attention_softmax_r4_f16` (eight a lane, four times over).
-const SOFTMAX_IN_REGISTERS_KEYS: usize = 4 * 256;
-
 /// Sets `bufs` to zero (the outputs of a shape without queries or keys).
 fn zero(dev: &Gpu, bufs: &mut [&mut DeviceBuffer<f16>]) -> Result<(), GpuError> {
     for buf in bufs.iter_mut().filter(|b| !b.is_empty()) {
@@ -457,7 +443,7 @@ pub(super) fn forward(
             int(OP, "first block", first)?,
             d.band
         ];
-        launch(dev, softmax_kernel(tk), warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
+        launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
             unsafe { times_scores(dev, s, band, &run, p, false, v, out) }?;
         }
