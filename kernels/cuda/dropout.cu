@@ -44,16 +44,24 @@ __device__ __forceinline__ int tail_element(int n) {
     return i < n ? (int)i : -1;
 }
 
-extern "C" __global__ void dropout_f16(__half* buf, unsigned long long base,
-                                       unsigned long long threshold, float keep_scale, int n) {
+/// out = dropout(x) over n elements (out may be x: each element is read, then written, by the
+/// same thread).
+__device__ __forceinline__ void copy_dropped(__half* out, const __half* x, unsigned long long base,
+                                             unsigned long long threshold, float keep_scale,
+                                             int n) {
     for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < n / 8; g += gridDim.x * blockDim.x) {
         float v[8];
-        chingu::load_half8(v, buf + 8 * g);
+        chingu::load_half8(v, x + 8 * g);
         dropped8(v, 8 * g, base, threshold, keep_scale);
-        chingu::store_half8(buf + 8 * g, v);
+        chingu::store_half8(out + 8 * g, v);
     }
     const int i = tail_element(n);
-    if (i >= 0) buf[i] = dropped(buf, i, base, threshold, keep_scale);
+    if (i >= 0) out[i] = dropped(x, i, base, threshold, keep_scale);
+}
+
+extern "C" __global__ void dropout_f16(__half* buf, unsigned long long base,
+                                       unsigned long long threshold, float keep_scale, int n) {
+    copy_dropped(buf, buf, base, threshold, keep_scale, n);
 }
 
 extern "C" __global__ void add_dropped_f16(__half* x, const __half* residual,
@@ -77,12 +85,5 @@ extern "C" __global__ void add_dropped_f16(__half* x, const __half* residual,
 extern "C" __global__ void dropped_copy_f16(__half* out, const __half* x, unsigned long long base,
                                             unsigned long long threshold, float keep_scale,
                                             int n) {
-    for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < n / 8; g += gridDim.x * blockDim.x) {
-        float v[8];
-        chingu::load_half8(v, x + 8 * g);
-        dropped8(v, 8 * g, base, threshold, keep_scale);
-        chingu::store_half8(out + 8 * g, v);
-    }
-    const int i = tail_element(n);
-    if (i >= 0) out[i] = dropped(x, i, base, threshold, keep_scale);
+    copy_dropped(out, x, base, threshold, keep_scale, n);
 }
