@@ -37,7 +37,7 @@ const SETTINGS: [(&str, &str); 9] = [
     ),
     (
         chingu_kernels::gpu::backend::BIAS_GRAD_EPILOGUE_VAR,
-        "1 = linear layers' bias gradients summed in cuBLASLt's weight-gradient product (BGRADB), not in kernels of their own",
+        "1 = linear layers' bias gradients in cuBLASLt's weight-gradient product (BGRADB), not kernels",
     ),
     (
         chingu_kernels::gpu::cuda::TUNE_VAR,

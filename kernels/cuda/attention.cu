@@ -220,7 +220,6 @@ __device__ __forceinline__ __half* walked_tiles(__half* stage0, __half* stage1, 
     return stage0;
 }
 
-
 /// The "row index" fragment: element e of any accumulator fragment lies in row rowf.x[e].
 /// Built through the warp's own float scratch (16 × 16, leading dimension lds).
 __device__ __forceinline__ void row_index_fragment(FragC& rowf, float* scratch, int lds) {
@@ -890,16 +889,18 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 // Every fragment read from shared memory is an ldmatrix (common.cuh: four 8 × 8 blocks an
 // instruction, rows ld = Dh + 8 halves apart, so the 8 rows of a block fall in distinct banks).
 // Two stages (STAGES = 2: the `_c4s2_` kernels, heads up to 64 wide, chosen where shared
-// memory holds three such blocks, `ops.rs`; `CHINGU_ATTN_PIPELINE` forces): the walked tiles (K/V here and in dQ,
-// Q/dO in dK/dV) live in two stages of shared memory, and while one tile is used the next
-// one's copies fly (cp.async, common.cuh), so its loads hide behind the products. Per walked
-// tile: a barrier (every warp is done with the other stage), the next tile queued into it and
-// committed, a wait for this tile's group, a barrier (every thread's copies landed), the
-// products. The first tile is queued before the block's own rows are staged.
+// memory holds three such blocks, `ops.rs`; `CHINGU_ATTN_PIPELINE` forces): the walked tiles
+// (K/V here and in dQ, Q/dO in dK/dV) live in two stages of shared memory, and while one tile
+// is used the next one's copies fly (cp.async, common.cuh), so its loads hide behind the
+// products. Per walked tile: a barrier (every warp is done with the other stage), the next
+// tile queued into it and committed, a wait for this tile's group, a barrier (every thread's
+// copies landed), the products. The first tile is queued before the block's own rows are
+// staged.
 // Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
 // Block: 4 warps (64 query rows); shared memory 2·STAGES·BC·(Dh + 8) halves: K and V tiles
-// per stage (Q is staged once through the stage the first tile does not use). CT = Dh/16 rounded up (4, 8, 12, 16) with BC = 64
-// keys per tile, BC = 32 for CT 16 (registers: Q 4·CT, S BC/2, O 8·CT floats per lane).
+// per stage (Q is staged once through the stage the first tile does not use). CT = Dh/16
+// rounded up (4, 8, 12, 16) with BC = 64 keys per tile, BC = 32 for CT 16 (registers: Q 4·CT,
+// S BC/2, O 8·CT floats per lane).
 // ---------------------------------------------------------------------------------------------
 namespace chingu {
 namespace attn {
@@ -1265,8 +1266,8 @@ extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARA
 //     B = dO or Q (ldmatrix .trans).
 // GRADS as the WMMA kernel: both gradients for Dh ≤ 64, else a dV body then a dK body.
 // dK = s·dK; keys past key_len get zeros. Block: 4 warps (64 keys); shared memory
-// (2·64 + 2·STAGES·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64 queries for CT 4, 16 for CT 16 (so
-// Dh 256 fits 99 KiB), else 32.
+// (2·64 + 2·STAGES·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64 queries for CT 4, 16 for
+// CT 16 (so Dh 256 fits 99 KiB), else 32.
 // ---------------------------------------------------------------------------------------------
 template <int CT, int BQ, int GRADS, int STAGES>
 __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PARAMS) {

@@ -157,8 +157,9 @@ inline Queue& mine() {
 /// runs both, so either mistake changes the result.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
 #ifdef CHINGU_EMU
-    if ((reinterpret_cast<unsigned long long>(smem) | reinterpret_cast<unsigned long long>(gmem)) & 15ull)
-        __trap();  // a GPU would fault
+    const unsigned long long addresses =
+        reinterpret_cast<unsigned long long>(smem) | reinterpret_cast<unsigned long long>(gmem);
+    if (addresses & 15ull) __trap();  // a GPU would fault
     const emu_async::Copy copy{static_cast<unsigned char*>(smem),
                                valid ? static_cast<const unsigned char*>(gmem) : nullptr};
     if (chingu_emu::schedule_seed() != 0) {

@@ -349,8 +349,8 @@ fn layernorm_matches_the_cpu_backend() {
         // Widths for every kernel family: the vector kernels (multiples of 8 up to 1,024:
         // 16–256 vec1, 384 vec2, 520 and 768 vec3 with a partial last vector in 520, 1,000
         // vec4; 300 and 1,000 rows give many blocks of several rows a warp, the last block
-        // part full), the scalar warp kernels (100,
-        // 777: not multiples of 8) and the block kernel (1,030).
+        // part full), the scalar warp kernels (100, 777: not multiples of 8) and the block
+        // kernel (1,030).
         for &(rows, width) in &[
             (1, 16),
             (37, 200),

@@ -61,9 +61,10 @@ pub struct GpuBackend {
     fuse_gelu: bool,
     /// Linear layers' bias gradients summed in their weight gradient's product (cuBLASLt's
     /// `BGRADB` epilogue) where cuBLASLt has a kernel for it; else the column-sum kernels.
-    /// Off unless [`BIAS_GRAD_EPILOGUE_VAR`]`=1`: on an H100 (GPU run 20) the epilogue's
-    /// products were slower than the plain ones by more than the kernels they replace take
-    /// (seed-768: 56.0 ms a step against 54.9; seed-256 even).
+    /// Off unless [`BIAS_GRAD_EPILOGUE_VAR`]`=1`: the epilogue's products were slower than
+    /// the plain ones by more than the kernels they replace take (GPU run 20, H100: seed-768
+    /// 56.0 ms a step against 54.9, seed-256 even; run 21, H200: 49.5 against 48.3–48.9, and
+    /// seed-256 23.7 against 22.1).
     fuse_bias_grad: bool,
 }
 

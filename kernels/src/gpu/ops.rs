@@ -349,14 +349,14 @@ pub fn dropout(
         return Ok(());
     }
     let n = int(OP, "n", buf.len())?;
-    dropout_aligned(OP, &[buf.ptr()])?;
+    require_vector_aligned(OP, &[buf.ptr()])?;
     let threads = buf.len().div_ceil(8);
     elementwise(dev, OP, threads, args![buf.ptr(), base, threshold, keep_scale, n])
 }
 
-/// The dropout kernels take eight elements a thread with 128-bit accesses: every buffer must
-/// start 16-byte aligned (a device allocation always does).
-fn dropout_aligned(op: &'static str, buffers: &[super::DevicePtr]) -> Result<(), GpuError> {
+/// An error unless every buffer starts 16-byte aligned (a device allocation always does), for
+/// kernels that take eight halves at a time with 128-bit accesses and have no scalar form.
+fn require_vector_aligned(op: &'static str, buffers: &[super::DevicePtr]) -> Result<(), GpuError> {
     if aligned_for_vectors(buffers) {
         Ok(())
     } else {
@@ -409,7 +409,7 @@ fn dropout_into(
     let (base, threshold, keep_scale) = dropout_args(op, p, key)?;
     expect_len(op, "x", x, out.len())?;
     let n = int(op, "n", out.len())?;
-    dropout_aligned(op, &[out.ptr(), x.ptr()])?;
+    require_vector_aligned(op, &[out.ptr(), x.ptr()])?;
     let threads = out.len().div_ceil(8);
     elementwise(dev, op, threads, args![out.ptr(), x.ptr(), base, threshold, keep_scale, n])
 }
@@ -1217,9 +1217,7 @@ pub fn attention_backward_using(
     let delta = DeviceBuffer::<f32>::uninit(dev, rows_heads.max(1))?;
     if rows_heads > 0 {
         let (b, tq, h, dh) = (a[0], a[1], a[3], a[4]);
-        if !aligned_for_vectors(&[d_out.ptr(), out.ptr()]) {
-            return Err(shape(OP, "d_out or out does not start 16-byte aligned".into()));
-        }
+        require_vector_aligned(OP, &[d_out.ptr(), out.ptr()])?;
         // `delta_group` lanes an item (attention.cu): 8 columns a lane, a power of two.
         let group = (s.head_dim / 8).next_power_of_two();
         let warps = rows_heads.div_ceil(32 / group);
