@@ -1107,11 +1107,20 @@ extern "C" __global__ void attention_forward_mma_c4s2_f16(CHINGU_ATTN_FORWARD_PA
 extern "C" __global__ void attention_forward_mma_c8_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward_mma<8, 64, 1>(CHINGU_ATTN_FORWARD_ARGS);
 }
+extern "C" __global__ void attention_forward_mma_c8s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<8, 64, 2>(CHINGU_ATTN_FORWARD_ARGS);
+}
 extern "C" __global__ void attention_forward_mma_c12_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward_mma<12, 64, 1>(CHINGU_ATTN_FORWARD_ARGS);
 }
+extern "C" __global__ void attention_forward_mma_c12s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<12, 64, 2>(CHINGU_ATTN_FORWARD_ARGS);
+}
 extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward_mma<16, 32, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_mma_c16s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<16, 32, 2>(CHINGU_ATTN_FORWARD_ARGS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1245,8 +1254,14 @@ extern "C" __global__ void attention_backward_dq_mma_c4s2_f16(CHINGU_ATTN_DQ_PAR
 extern "C" __global__ void attention_backward_dq_mma_c8_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq_mma<8, 64, 1>(CHINGU_ATTN_DQ_ARGS);
 }
+extern "C" __global__ void attention_backward_dq_mma_c8s2_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<8, 64, 2>(CHINGU_ATTN_DQ_ARGS);
+}
 extern "C" __global__ void attention_backward_dq_mma_c12_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq_mma<12, 32, 1>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_mma_c12s2_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<12, 32, 2>(CHINGU_ATTN_DQ_ARGS);
 }
 extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq_mma<16, 32, 1>(CHINGU_ATTN_DQ_ARGS);
@@ -1407,12 +1422,14 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
     }
 }
 
-/// dV then dK (a barrier between: both bodies stage the block's K and V rows).
-template <int CT, int BQ>
+/// dV then dK (a barrier between: both bodies stage the block's K and V rows; with two
+/// stages, the first body has waited for all its copies, and the second queues its first tile
+/// only after the barrier, when no warp reads the first body's tiles any more).
+template <int CT, int BQ, int STAGES>
 __device__ __forceinline__ void attention_backward_dkdv_mma_split(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv_mma<CT, BQ, GRAD_DV, 1>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma<CT, BQ, GRAD_DV, STAGES>(CHINGU_ATTN_DKDV_ARGS);
     __syncthreads();
-    attention_backward_dkdv_mma<CT, BQ, GRAD_DK, 1>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma<CT, BQ, GRAD_DK, STAGES>(CHINGU_ATTN_DKDV_ARGS);
 }
 
 extern "C" __global__ void attention_backward_dkdv_mma_c4_f16(CHINGU_ATTN_DKDV_PARAMS) {
@@ -1422,11 +1439,20 @@ extern "C" __global__ void attention_backward_dkdv_mma_c4s2_f16(CHINGU_ATTN_DKDV
     attention_backward_dkdv_mma<4, 64, GRAD_DV | GRAD_DK, 2>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dkdv_mma_split_c8_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv_mma_split<8, 32>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma_split<8, 32, 1>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_split_c8s2_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma_split<8, 32, 2>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dkdv_mma_split_c12_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv_mma_split<12, 32>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma_split<12, 32, 1>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_split_c12s2_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma_split<12, 32, 2>(CHINGU_ATTN_DKDV_ARGS);
 }
 extern "C" __global__ void attention_backward_dkdv_mma_split_c16_f16(CHINGU_ATTN_DKDV_PARAMS) {
-    attention_backward_dkdv_mma_split<16, 16>(CHINGU_ATTN_DKDV_ARGS);
+    attention_backward_dkdv_mma_split<16, 16, 1>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_split_c16s2_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma_split<16, 16, 2>(CHINGU_ATTN_DKDV_ARGS);
 }

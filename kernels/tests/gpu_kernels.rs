@@ -769,6 +769,9 @@ fn attention_matches_the_cpu_backend() {
         (1, 70, 70, 1, 64, true, 0, &[70]),     // several tiles each way, causal
         (2, 5, 9, 1, 192, false, 0, &[9, 3]),   // the large head width (seed-768's)
         (1, 70, 70, 2, 192, true, 0, &[70]),    // …over several 64-row blocks and 32-key tiles
+        (1, 70, 70, 1, 176, false, 0, &[66]),   // CT 12 narrow enough for two stages in 99 KiB
+        (1, 40, 70, 1, 112, false, 0, &[61]),   // …CT 8 (dQ)
+        (1, 24, 40, 1, 240, false, 0, &[37]),   // …CT 16 (dK/dV)
         (2, 4, 20, 2, 16, true, 10, &[20, 0]),  // chunked decoding; a row with no key
         (1, 33, 17, 3, 32, false, 0, &[17]),    // more queries than keys
         (1, 130, 130, 1, 64, true, 0, &[130]),  // multi-tile 64-row blocks, causal

@@ -254,6 +254,16 @@ impl Device for CudaDevice {
         self.shared_limits.get(kernel).copied().unwrap_or(48 * 1024)
     }
 
+    fn resident_blocks(&self, kernel: &str, threads: u32, shared: usize) -> Option<usize> {
+        let &f = self.functions.get(kernel)?;
+        self.bind().ok()?;
+        // SAFETY: `f` is a loaded function of this device's context, now current.
+        let blocks = unsafe {
+            result::occupancy::max_active_block_per_multiprocessor(f, threads as i32, shared)
+        };
+        blocks.ok().map(|b| b.max(0) as usize)
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {
         let size = size_class(bytes);
         if let Some(ptr) = self.cache.lock().expect("allocator").take(size) {

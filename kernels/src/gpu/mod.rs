@@ -337,6 +337,13 @@ pub trait Device: Send + Sync {
     fn max_dynamic_shared(&self, _kernel: &str) -> usize {
         48 * 1024
     }
+    /// Blocks of `kernel` one multiprocessor runs at once when launched with `threads` threads
+    /// a block and `shared` bytes of dynamic shared memory (its registers, its shared memory
+    /// and the device's block limit all counted: CUDA's occupancy calculator), where the
+    /// device can tell; `None` elsewhere (the emulator).
+    fn resident_blocks(&self, _kernel: &str, _threads: u32, _shared: usize) -> Option<usize> {
+        None
+    }
     /// One matrix product (see [`Gemm`]).
     ///
     /// # Safety

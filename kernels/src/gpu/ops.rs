@@ -708,18 +708,32 @@ pub const ATTENTION_VAR: &str = "CHINGU_ATTN";
 /// gradients' last bits differ).
 pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
 
-/// The variable that picks how the register-resident attention kernels for heads up to 64
-/// wide load their walked tiles: in two stages (the next tile's cp.async copies in flight
-/// while one is used) or one (load, barrier, use). Unset: two where the device's shared memory
-/// holds [`PIPELINED_BLOCKS`] two-stage blocks (an H100's does; an RTX 4090's would hold one
-/// dQ block instead of three one-stage ones), else one; `1`: two wherever one block fits;
-/// `0`: one.
+/// The variable that picks how the register-resident attention kernels load their walked
+/// tiles: in two stages (the next tile's cp.async copies in flight while one is used) or one
+/// (load, barrier, use). Unset: per kernel, two where they cost no occupancy
+/// ([`two_stages_pay`]: a multiprocessor runs as many two-stage blocks as one-stage ones —
+/// on an H100 at every head width, on an RTX 4090 with its 100 KiB an SM one stage for dQ at
+/// head width 64), else one; `1`: two wherever one block fits; `0`: one.
 pub const PIPELINE_VAR: &str = "CHINGU_ATTN_PIPELINE";
 
-/// Two-stage blocks the shared memory must hold for the two-stage kernels to be chosen: as many
-/// as the one-stage dQ kernel's registers let run at once (165 a thread: three blocks of 4
-/// warps in 64 Ki registers), so the second stage costs no occupancy.
+/// Where the device cannot count resident blocks (the emulator): two-stage blocks the shared
+/// memory must hold for the two-stage kernels to be chosen — as many as the one-stage dQ
+/// kernel's registers let run at head width 64 (165 a thread: three blocks of 4 warps in 64
+/// Ki registers).
 const PIPELINED_BLOCKS: usize = 3;
+
+/// Whether a register-resident attention kernel takes its two-stage instance, from the blocks
+/// a multiprocessor runs at once of each (`one`, `two`, where the device can count them):
+/// where the second stage costs no occupancy (the copies then hide behind the products; GPU
+/// run 20: 20% off seed-256's attention at head width 64). `shared_holds` answers where the
+/// device cannot count: whether its shared memory holds [`PIPELINED_BLOCKS`] two-stage
+/// blocks.
+fn two_stages_pay(one: Option<usize>, two: Option<usize>, shared_holds: bool) -> bool {
+    match (one, two) {
+        (Some(one), Some(two)) => two >= one.max(1),
+        _ => shared_holds,
+    }
+}
 
 /// [`PIPELINE_VAR`]: `None` unset (by shared memory), else forced on or off (read once).
 fn pipeline_from_env() -> Option<bool> {
@@ -950,22 +964,53 @@ impl AttnLaunch {
     /// The register-resident instance: 4 warps, a walked tile fixed per instance, shared
     /// memory for the walked tiles (K and V for the forward, which stages Q through them; Q
     /// and dO, with their lse and D, for dK/dV) and the block's own rows (Q and dO for dQ, K
-    /// and V for dK/dV); `None` where the device cannot give that memory.
+    /// and V for dK/dV), in one stage or two ([`PIPELINE_VAR`]); `None` where the device cannot
+    /// give that memory.
     fn mma(dev: &Gpu, kind: AttnKernel, head_dim: usize) -> Option<Self> {
         const WARPS: usize = 4;
-        let (kernel, tile) = match (kind, head_dim.div_ceil(16)) {
-            (AttnKernel::Forward, 0..=4) => ("attention_forward_mma_c4_f16", 64),
-            (AttnKernel::Forward, 5..=8) => ("attention_forward_mma_c8_f16", 64),
-            (AttnKernel::Forward, 9..=12) => ("attention_forward_mma_c12_f16", 64),
-            (AttnKernel::Forward, _) => ("attention_forward_mma_c16_f16", 32),
-            (AttnKernel::Queries, 0..=4) => ("attention_backward_dq_mma_c4_f16", 64),
-            (AttnKernel::Queries, 5..=8) => ("attention_backward_dq_mma_c8_f16", 64),
-            (AttnKernel::Queries, 9..=12) => ("attention_backward_dq_mma_c12_f16", 32),
-            (AttnKernel::Queries, _) => ("attention_backward_dq_mma_c16_f16", 32),
-            (AttnKernel::KeysValues, 0..=4) => ("attention_backward_dkdv_mma_c4_f16", 64),
-            (AttnKernel::KeysValues, 5..=8) => ("attention_backward_dkdv_mma_split_c8_f16", 32),
-            (AttnKernel::KeysValues, 9..=12) => ("attention_backward_dkdv_mma_split_c12_f16", 32),
-            (AttnKernel::KeysValues, _) => ("attention_backward_dkdv_mma_split_c16_f16", 16),
+        // Each instance in one stage and in two (`_s2`).
+        let (kernel, two_stage, tile) = match (kind, head_dim.div_ceil(16)) {
+            (AttnKernel::Forward, 0..=4) => {
+                ("attention_forward_mma_c4_f16", "attention_forward_mma_c4s2_f16", 64)
+            }
+            (AttnKernel::Forward, 5..=8) => {
+                ("attention_forward_mma_c8_f16", "attention_forward_mma_c8s2_f16", 64)
+            }
+            (AttnKernel::Forward, 9..=12) => {
+                ("attention_forward_mma_c12_f16", "attention_forward_mma_c12s2_f16", 64)
+            }
+            (AttnKernel::Forward, _) => {
+                ("attention_forward_mma_c16_f16", "attention_forward_mma_c16s2_f16", 32)
+            }
+            (AttnKernel::Queries, 0..=4) => {
+                ("attention_backward_dq_mma_c4_f16", "attention_backward_dq_mma_c4s2_f16", 64)
+            }
+            (AttnKernel::Queries, 5..=8) => {
+                ("attention_backward_dq_mma_c8_f16", "attention_backward_dq_mma_c8s2_f16", 64)
+            }
+            (AttnKernel::Queries, 9..=12) => {
+                ("attention_backward_dq_mma_c12_f16", "attention_backward_dq_mma_c12s2_f16", 32)
+            }
+            // No two stages: 135 KiB a block, which no GPU runs two of (nor the emulator one).
+            (AttnKernel::Queries, _) => ("attention_backward_dq_mma_c16_f16", "", 32),
+            (AttnKernel::KeysValues, 0..=4) => {
+                ("attention_backward_dkdv_mma_c4_f16", "attention_backward_dkdv_mma_c4s2_f16", 64)
+            }
+            (AttnKernel::KeysValues, 5..=8) => (
+                "attention_backward_dkdv_mma_split_c8_f16",
+                "attention_backward_dkdv_mma_split_c8s2_f16",
+                32,
+            ),
+            (AttnKernel::KeysValues, 9..=12) => (
+                "attention_backward_dkdv_mma_split_c12_f16",
+                "attention_backward_dkdv_mma_split_c12s2_f16",
+                32,
+            ),
+            (AttnKernel::KeysValues, _) => (
+                "attention_backward_dkdv_mma_split_c16_f16",
+                "attention_backward_dkdv_mma_split_c16s2_f16",
+                16,
+            ),
         };
         // Shared memory as `kernels/cuda/attention.cu` lays it out: each stage holds two walked
         // tiles (K and V, or Q and dO); dQ and dK/dV add the block's own two (Q and dO, or K
@@ -980,28 +1025,18 @@ impl AttnLaunch {
             };
             halves * size_of::<f16>()
         };
-        // Heads up to 64 wide also have two-stage kernels, taken as PIPELINE_VAR says.
-        let two_stage = match kernel {
-            "attention_forward_mma_c4_f16" => Some("attention_forward_mma_c4s2_f16"),
-            "attention_backward_dq_mma_c4_f16" => Some("attention_backward_dq_mma_c4s2_f16"),
-            "attention_backward_dkdv_mma_c4_f16" => Some("attention_backward_dkdv_mma_c4s2_f16"),
-            _ => None,
-        };
-        let (kernel, shared) = match two_stage {
-            Some(two) => {
-                let fit = |blocks: usize| blocks * bytes(2) <= dev.max_dynamic_shared(two);
-                let pipelined = match pipeline_from_env() {
-                    Some(forced) => forced && fit(1),
-                    None => fit(PIPELINED_BLOCKS),
-                };
-                if pipelined {
-                    (two, bytes(2))
-                } else {
-                    (kernel, bytes(1))
-                }
-            }
-            None => (kernel, bytes(1)),
-        };
+        let threads = 32 * WARPS as u32;
+        let two_fits = !two_stage.is_empty() && bytes(2) <= dev.max_dynamic_shared(two_stage);
+        let pipelined = two_fits
+            && match pipeline_from_env() {
+                Some(forced) => forced,
+                None => two_stages_pay(
+                    dev.resident_blocks(kernel, threads, bytes(1)),
+                    dev.resident_blocks(two_stage, threads, bytes(2)),
+                    PIPELINED_BLOCKS * bytes(2) <= dev.max_dynamic_shared(two_stage),
+                ),
+            };
+        let (kernel, shared) = if pipelined { (two_stage, bytes(2)) } else { (kernel, bytes(1)) };
         (shared <= dev.max_dynamic_shared(kernel)).then_some(AttnLaunch {
             kernel,
             warps: WARPS,
@@ -1744,6 +1779,25 @@ mod tests {
         assert_eq!(fastest(shape(192, 128, 128), true), AttentionKernels::Wmma);
         // Decoding one token at a time against a long cache: the fused kernels.
         assert_eq!(fastest(shape(192, 1, 4096), true), AttentionKernels::Wmma);
+    }
+
+    /// Two stages where they cost no occupancy, counted by the device where it can; where it
+    /// cannot, by whether shared memory holds PIPELINED_BLOCKS of them.
+    #[test]
+    fn two_stages_are_taken_where_they_cost_no_occupancy() {
+        use super::two_stages_pay;
+        // An H100 at head width 192: registers hold two blocks either way.
+        assert!(two_stages_pay(Some(2), Some(2), false));
+        // An RTX 4090's dQ at head width 64: three one-stage blocks, one two-stage block.
+        assert!(!two_stages_pay(Some(3), Some(1), true));
+        // More two-stage blocks than one-stage ones cannot happen, but would pay.
+        assert!(two_stages_pay(Some(1), Some(2), false));
+        // A two-stage block that does not fit at all, where a one-stage one would not either.
+        assert!(!two_stages_pay(Some(0), Some(0), true));
+        // Uncounted (the emulator): the shared-memory rule.
+        assert!(two_stages_pay(None, None, true));
+        assert!(!two_stages_pay(None, Some(4), false));
+        assert!(!two_stages_pay(Some(4), None, false));
     }
 
     /// A step's attention calls share one upload of each key-length vector; another device
