@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The environment variables the GPU backend reads, each with what it does.
 #[cfg(feature = "cuda")]
-const SETTINGS: [(&str, &str); 9] = [
+const SETTINGS: [(&str, &str); 10] = [
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
         "attention kernels: auto (by shape), wmma, mma or gemm",
@@ -25,7 +25,11 @@ const SETTINGS: [(&str, &str); 9] = [
     ),
     (
         chingu_kernels::gpu::ops::PIPELINE_VAR,
-        "attention for heads up to 64: 1 = load the next tile while using one, 0 = not (unset: by shared memory)",
+        "fused attention: 1 = load the next tile while using one, 0 = not (unset: where it costs no occupancy)",
+    ),
+    (
+        chingu_kernels::gpu::ops::WARPS_VAR,
+        "fused attention: 4 or 8 warps a block (unset: 4 for heads up to 64, else the most resident)",
     ),
     (
         chingu_kernels::gpu::ops::CAUSAL_BAND_VAR,

@@ -888,17 +888,17 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 //     load (ldmatrix .x4 .trans, which transposes 8 × 8 blocks on the way).
 // Every fragment read from shared memory is an ldmatrix (common.cuh: four 8 × 8 blocks an
 // instruction, rows ld = Dh + 8 halves apart, so the 8 rows of a block fall in distinct banks).
-// Two stages (STAGES = 2: the `_c4s2_` kernels, heads up to 64 wide, chosen where shared
-// memory holds three such blocks, `ops.rs`; `CHINGU_ATTN_PIPELINE` forces): the walked tiles
-// (K/V here and in dQ, Q/dO in dK/dV) live in two stages of shared memory, and while one tile
-// is used the next one's copies fly (cp.async, common.cuh), so its loads hide behind the
-// products. Per walked tile: a barrier (every warp is done with the other stage), the next
+// Two stages (STAGES = 2: the `_c<CT>s2_` kernels, chosen where they cost no occupancy,
+// `ops.rs`; `CHINGU_ATTN_PIPELINE` forces): the walked tiles (K/V here and in dQ, Q/dO in
+// dK/dV) live in two stages of shared memory, and while one tile is used the next one's
+// copies fly (cp.async, common.cuh), so its loads hide behind the products. Per walked tile: a barrier (every warp is done with the other stage), the next
 // tile queued into it and committed, a wait for this tile's group, a barrier (every thread's
 // copies landed), the products. The first tile is queued before the block's own rows are
 // staged.
 // Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
-// Block: 4 warps (64 query rows); shared memory 2·STAGES·BC·(Dh + 8) halves: K and V tiles
-// per stage (Q is staged once through the stage the first tile does not use). CT = Dh/16
+// Block: 4 warps (64 query rows), or 8 (128, where BC = 64; ops.rs picks); shared memory
+// 2·STAGES·BC·(Dh + 8) halves: K and V tiles per stage (Q is staged once through the stage
+// the first tile does not use, so 16·warps ≤ 2·BC). CT = Dh/16
 // rounded up (4, 8, 12, 16) with BC = 64 keys per tile, BC = 32 for CT 16 (registers: Q 4·CT,
 // S BC/2, O 8·CT floats per lane).
 // ---------------------------------------------------------------------------------------------
@@ -963,6 +963,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int rows = 16 * warps;
+    if (rows > 2 * BC) __trap();  // Q is staged in one stage's K and V tiles (ops.rs checks)
     const int ld = head_dim + 8;
     // Stage st's K tile at stage(st), its V tile BC rows further (see "Two stages" above).
     __half* const tiles = reinterpret_cast<__half*>(smem);
@@ -1134,8 +1135,9 @@ extern "C" __global__ void attention_forward_mma_c16s2_f16(CHINGU_ATTN_FORWARD_P
 //   P = exp2(s·S − lse) (0 where masked), dS = P∘(dP − D), element for element in registers;
 //   dQ += dS·K: dS's accumulators are the A fragments (rounded to fp16), B = K (ldmatrix
 //     .trans, as the forward's V).
-// dQ = s·dQ is written by the lanes that hold it. Block: 4 warps; shared memory
-// (2·64 + 2·STAGES·BC)·(Dh + 8) halves. CT = Dh/16 rounded up, BC = 64 keys (32 for CT > 8).
+// dQ = s·dQ is written by the lanes that hold it. Block: W = 4 or 8 warps (ops.rs picks);
+// shared memory (2·16·W + 2·STAGES·BC)·(Dh + 8) halves. CT = Dh/16 rounded up, BC = 64 keys
+// (32 for CT > 8).
 // ---------------------------------------------------------------------------------------------
 template <int CT, int BC, int STAGES>
 __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS) {
@@ -1280,9 +1282,9 @@ extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARA
 //   dV += Pᵀ·dO and dK += dSᵀ·Q: the accumulators are the A fragments (rounded to fp16),
 //     B = dO or Q (ldmatrix .trans).
 // GRADS as the WMMA kernel: both gradients for Dh ≤ 64, else a dV body then a dK body.
-// dK = s·dK; keys past key_len get zeros. Block: 4 warps (64 keys); shared memory
-// (2·64 + 2·STAGES·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64 queries for CT 4, 16 for
-// CT 16 (so Dh 256 fits 99 KiB), else 32.
+// dK = s·dK; keys past key_len get zeros. Block: W = 4 or 8 warps (16·W keys; ops.rs
+// picks); shared memory (2·16·W + 2·STAGES·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64
+// queries for CT 4, 16 for CT 16 (so Dh 256 fits 99 KiB), else 32.
 // ---------------------------------------------------------------------------------------------
 template <int CT, int BQ, int GRADS, int STAGES>
 __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PARAMS) {

@@ -711,9 +711,9 @@ pub const SAVE_PROBS_VAR: &str = "CHINGU_ATTN_SAVE_PROBS";
 /// The variable that picks how the register-resident attention kernels load their walked
 /// tiles: in two stages (the next tile's cp.async copies in flight while one is used) or one
 /// (load, barrier, use). Unset: per kernel, two where they cost no occupancy
-/// ([`two_stages_pay`]: a multiprocessor runs as many two-stage blocks as one-stage ones —
-/// on an H100 at every head width, on an RTX 4090 with its 100 KiB an SM one stage for dQ at
-/// head width 64), else one; `1`: two wherever one block fits; `0`: one.
+/// ([`choose_mma_launch`]: a multiprocessor runs as many warps of two-stage blocks as of
+/// one-stage ones — on an H100 at every head width, on an RTX 4090 with its 100 KiB an SM
+/// one stage for dQ at head width 64), else one; `1`: two wherever one block fits; `0`: one.
 pub const PIPELINE_VAR: &str = "CHINGU_ATTN_PIPELINE";
 
 /// Where the device cannot count resident blocks (the emulator): two-stage blocks the shared
@@ -722,20 +722,7 @@ pub const PIPELINE_VAR: &str = "CHINGU_ATTN_PIPELINE";
 /// Ki registers).
 const PIPELINED_BLOCKS: usize = 3;
 
-/// Whether a register-resident attention kernel takes its two-stage instance, from the blocks
-/// a multiprocessor runs at once of each (`one`, `two`, where the device can count them):
-/// where the second stage costs no occupancy (the copies then hide behind the products; GPU
-/// run 20: 20% off seed-256's attention at head width 64). `shared_holds` answers where the
-/// device cannot count: whether its shared memory holds [`PIPELINED_BLOCKS`] two-stage
-/// blocks.
-fn two_stages_pay(one: Option<usize>, two: Option<usize>, shared_holds: bool) -> bool {
-    match (one, two) {
-        (Some(one), Some(two)) => two >= one.max(1),
-        _ => shared_holds,
-    }
-}
-
-/// [`PIPELINE_VAR`]: `None` unset (by shared memory), else forced on or off (read once).
+/// [`PIPELINE_VAR`]: `None` unset (by occupancy), else forced on or off (read once).
 fn pipeline_from_env() -> Option<bool> {
     static PIPELINE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
     *PIPELINE.get_or_init(|| match std::env::var(PIPELINE_VAR).as_deref().map(str::trim) {
@@ -743,6 +730,84 @@ fn pipeline_from_env() -> Option<bool> {
         Ok("1") => Some(true),
         _ => None,
     })
+}
+
+/// The variable that sets the warps a block of the register-resident attention kernels: `4`
+/// (64 rows of the block's own dimension) or `8` (128: each walked tile loaded once for twice
+/// the rows, half the traffic; the forward only where its walked tile holds the block's
+/// queries, heads up to 192 wide). Unset: heads up to 64 wide take 4 (measured, GPU runs
+/// 16–21); wider heads take whichever keeps more warps resident ([`choose_mma_launch`]).
+pub const WARPS_VAR: &str = "CHINGU_ATTN_WARPS";
+
+/// [`WARPS_VAR`]: `None` unset, else the warps asked for (read once; a value other than 4 or
+/// 8 is warned about and ignored).
+fn warps_from_env() -> Option<usize> {
+    static WARPS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *WARPS.get_or_init(|| {
+        let text = std::env::var(WARPS_VAR).ok()?;
+        match text.trim() {
+            "4" => Some(4),
+            "8" => Some(8),
+            _ => {
+                tracing::warn!("{WARPS_VAR}={text:?}: expected 4 or 8; ignored");
+                None
+            }
+        }
+    })
+}
+
+/// One way to launch a register-resident attention kernel: warps a block, stages of walked
+/// tiles, the instance, its dynamic shared memory in bytes, and the blocks a multiprocessor
+/// runs at once at that size where the device can count them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MmaOption {
+    warps: usize,
+    stages: usize,
+    kernel: &'static str,
+    shared: usize,
+    resident: Option<usize>,
+}
+
+/// The launch to take of `options` (those that fit, in order of preference: more warps, then
+/// two stages). A forced warp count or stage count ([`WARPS_VAR`], [`PIPELINE_VAR`]) keeps the
+/// options that have it, where any does. Then, where the device counts resident blocks: the
+/// option with the most resident warps, the first of equals (so a second stage or a wider block
+/// is taken where it costs no occupancy: the copies hide behind the products, and a tile loaded
+/// once serves more rows; GPU run 20: two stages took 20% off seed-256's attention at head width
+/// 64). Where it cannot (the emulator): 4 warps, two stages where `shared_limit` holds
+/// [`PIPELINED_BLOCKS`] of them.
+fn choose_mma_launch(
+    options: &[MmaOption],
+    forced_warps: Option<usize>,
+    forced_pipeline: Option<bool>,
+    shared_limit: usize,
+) -> Option<MmaOption> {
+    let mut kept: Vec<MmaOption> = options.to_vec();
+    let keep = |kept: &mut Vec<MmaOption>, want: &dyn Fn(&MmaOption) -> bool| {
+        if kept.iter().any(want) {
+            kept.retain(want);
+        }
+    };
+    if let Some(warps) = forced_warps {
+        keep(&mut kept, &|o| o.warps == warps);
+    }
+    if let Some(two) = forced_pipeline {
+        let stages = if two { 2 } else { 1 };
+        keep(&mut kept, &|o| o.stages == stages);
+    }
+    if kept.iter().all(|o| o.resident.is_some()) {
+        let warps = |o: &MmaOption| o.resident.unwrap_or(0) * o.warps;
+        let most = kept.iter().map(warps).max()?;
+        return kept.into_iter().find(|o| warps(o) == most);
+    }
+    keep(&mut kept, &|o| o.warps == 4);
+    if forced_pipeline.is_none() {
+        let held = |o: &MmaOption| o.stages == 2 && PIPELINED_BLOCKS * o.shared <= shared_limit;
+        if !kept.iter().any(held) {
+            keep(&mut kept, &|o| o.stages == 1);
+        }
+    }
+    kept.first().copied()
 }
 
 /// The variable that sets the GEMM attention path's causal band in query rows (`0`: no bands;
@@ -961,13 +1026,12 @@ impl AttnLaunch {
         unreachable!("W 1, T 16 fits 48 KiB for every head_dim up to {ATTN_MAX_HEAD_DIM}")
     }
 
-    /// The register-resident instance: 4 warps, a walked tile fixed per instance, shared
-    /// memory for the walked tiles (K and V for the forward, which stages Q through them; Q
-    /// and dO, with their lse and D, for dK/dV) and the block's own rows (Q and dO for dQ, K
-    /// and V for dK/dV), in one stage or two ([`PIPELINE_VAR`]); `None` where the device cannot
-    /// give that memory.
+    /// The register-resident instance: 4 or 8 warps ([`WARPS_VAR`]), a walked tile fixed per
+    /// instance, shared memory for the walked tiles (K and V for the forward, which stages Q
+    /// through them; Q and dO, with their lse and D, for dK/dV) and the block's own rows (Q
+    /// and dO for dQ, K and V for dK/dV), in one stage or two ([`PIPELINE_VAR`]), as
+    /// [`choose_mma_launch`] picks; `None` where the device cannot give that memory.
     fn mma(dev: &Gpu, kind: AttnKernel, head_dim: usize) -> Option<Self> {
-        const WARPS: usize = 4;
         // Each instance in one stage and in two (`_s2`).
         let (kernel, two_stage, tile) = match (kind, head_dim.div_ceil(16)) {
             (AttnKernel::Forward, 0..=4) => {
@@ -1015,9 +1079,9 @@ impl AttnLaunch {
         // Shared memory as `kernels/cuda/attention.cu` lays it out: each stage holds two walked
         // tiles (K and V, or Q and dO); dQ and dK/dV add the block's own two (Q and dO, or K
         // and V), dK/dV the walked tile's lse and D (fp32, two halves each).
-        let (ld, own) = (head_dim + 8, 2 * 16 * WARPS);
-        let bytes = |stages: usize| {
-            let walked = stages * 2 * tile;
+        let ld = head_dim + 8;
+        let bytes = |warps: usize, stages: usize| {
+            let (walked, own) = (stages * 2 * tile, 2 * 16 * warps);
             let halves = match kind {
                 AttnKernel::Forward => walked * ld,
                 AttnKernel::Queries => (own + walked) * ld,
@@ -1025,23 +1089,29 @@ impl AttnLaunch {
             };
             halves * size_of::<f16>()
         };
-        let threads = 32 * WARPS as u32;
-        let two_fits = !two_stage.is_empty() && bytes(2) <= dev.max_dynamic_shared(two_stage);
-        let pipelined = two_fits
-            && match pipeline_from_env() {
-                Some(forced) => forced,
-                None => two_stages_pay(
-                    dev.resident_blocks(kernel, threads, bytes(1)),
-                    dev.resident_blocks(two_stage, threads, bytes(2)),
-                    PIPELINED_BLOCKS * bytes(2) <= dev.max_dynamic_shared(two_stage),
-                ),
-            };
-        let (kernel, shared) = if pipelined { (two_stage, bytes(2)) } else { (kernel, bytes(1)) };
-        (shared <= dev.max_dynamic_shared(kernel)).then_some(AttnLaunch {
-            kernel,
-            warps: WARPS,
+        // 8 warps for wide heads (or where asked); the forward stages its block's queries in
+        // one stage's two walked tiles, so takes 8 only where they hold 128 rows.
+        let eight = warps_from_env() == Some(8) || head_dim > 64;
+        let eight = eight && (!matches!(kind, AttnKernel::Forward) || 2 * tile >= 16 * 8);
+        let widths: &[usize] = if eight { &[8, 4] } else { &[4] };
+        let mut options = Vec::new();
+        for &warps in widths {
+            for (stages, kernel) in [(2, two_stage), (1, kernel)] {
+                let shared = bytes(warps, stages);
+                if kernel.is_empty() || shared > dev.max_dynamic_shared(kernel) {
+                    continue;
+                }
+                let resident = dev.resident_blocks(kernel, 32 * warps as u32, shared);
+                options.push(MmaOption { warps, stages, kernel, shared, resident });
+            }
+        }
+        let limit = dev.max_dynamic_shared(kernel);
+        let chosen = choose_mma_launch(&options, warps_from_env(), pipeline_from_env(), limit)?;
+        Some(AttnLaunch {
+            kernel: chosen.kernel,
+            warps: chosen.warps,
             tile: tile as i32,
-            shared: shared as u32,
+            shared: chosen.shared as u32,
         })
     }
 
@@ -1781,23 +1851,52 @@ mod tests {
         assert_eq!(fastest(shape(192, 1, 4096), true), AttentionKernels::Wmma);
     }
 
-    /// Two stages where they cost no occupancy, counted by the device where it can; where it
-    /// cannot, by whether shared memory holds PIPELINED_BLOCKS of them.
+    /// The most resident warps, the first of equals (more warps a block, then two stages);
+    /// forced counts keep the options that have them; uncounted (the emulator): 4 warps, two
+    /// stages where shared memory holds PIPELINED_BLOCKS of them.
     #[test]
-    fn two_stages_are_taken_where_they_cost_no_occupancy() {
-        use super::two_stages_pay;
-        // An H100 at head width 192: registers hold two blocks either way.
-        assert!(two_stages_pay(Some(2), Some(2), false));
+    fn register_resident_launches_keep_the_most_warps_resident() {
+        use super::{choose_mma_launch, MmaOption, PIPELINED_BLOCKS};
+        let option = |warps, stages, shared, resident| MmaOption {
+            warps,
+            stages,
+            kernel: if stages == 2 { "two" } else { "one" },
+            shared,
+            resident,
+        };
+        let pick = |options: &[MmaOption], warps, pipeline| {
+            choose_mma_launch(options, warps, pipeline, 227 * 1024).map(|o| (o.warps, o.stages))
+        };
+        // An H100 at head width 192 (forward): one 8-warp block or two 4-warp ones either way.
+        let h100 = [
+            option(8, 2, 100 << 10, Some(1)),
+            option(8, 1, 50 << 10, Some(1)),
+            option(4, 2, 100 << 10, Some(2)),
+            option(4, 1, 50 << 10, Some(2)),
+        ];
+        assert_eq!(pick(&h100, None, None), Some((8, 2)));
+        assert_eq!(pick(&h100, Some(4), None), Some((4, 2)));
+        assert_eq!(pick(&h100, None, Some(false)), Some((8, 1)));
+        assert_eq!(pick(&h100, Some(4), Some(false)), Some((4, 1)));
         // An RTX 4090's dQ at head width 64: three one-stage blocks, one two-stage block.
-        assert!(!two_stages_pay(Some(3), Some(1), true));
-        // More two-stage blocks than one-stage ones cannot happen, but would pay.
-        assert!(two_stages_pay(Some(1), Some(2), false));
-        // A two-stage block that does not fit at all, where a one-stage one would not either.
-        assert!(!two_stages_pay(Some(0), Some(0), true));
-        // Uncounted (the emulator): the shared-memory rule.
-        assert!(two_stages_pay(None, None, true));
-        assert!(!two_stages_pay(None, Some(4), false));
-        assert!(!two_stages_pay(Some(4), None, false));
+        let rtx = [option(4, 2, 55 << 10, Some(1)), option(4, 1, 37 << 10, Some(3))];
+        assert_eq!(pick(&rtx, None, None), Some((4, 1)));
+        assert_eq!(pick(&rtx, None, Some(true)), Some((4, 2)));
+        // 8 warps asked for where none fits: the options there are.
+        assert_eq!(pick(&rtx, Some(8), None), Some((4, 1)));
+        // Registers that hold three 4-warp blocks but one 8-warp block: 4 warps.
+        let regs = [option(8, 2, 40 << 10, Some(1)), option(4, 2, 40 << 10, Some(3))];
+        assert_eq!(pick(&regs, None, None), Some((4, 2)));
+        // Uncounted: 4 warps, two stages where the limit holds PIPELINED_BLOCKS of them.
+        let held = 227 * 1024 / PIPELINED_BLOCKS;
+        let emu =
+            [option(8, 2, held, None), option(4, 2, held, None), option(4, 1, held / 2, None)];
+        assert_eq!(pick(&emu, None, None), Some((4, 2)));
+        let emu_big = [option(4, 2, held + 1, None), option(4, 1, held / 2, None)];
+        assert_eq!(pick(&emu_big, None, None), Some((4, 1)));
+        assert_eq!(pick(&emu_big, None, Some(true)), Some((4, 2)));
+        assert_eq!(pick(&emu, Some(8), None), Some((8, 2)));
+        assert_eq!(pick(&[], None, None), None);
     }
 
     /// A step's attention calls share one upload of each key-length vector; another device
