@@ -2,8 +2,12 @@
 //! 18 × (1024 + 1024) tokens, through the checked launchers of `chingu_kernels::gpu::ops`.
 //!
 //! ```text
-//! kernel_bench [--device cuda|emu] [--reps N] [--json PATH]
+//! kernel_bench [--device cuda|emu] [--reps N] [--json PATH] [--attention-families]
 //! ```
+//!
+//! `--attention-families` times only the last section, every attention family at head widths
+//! 64, 128 and 192 (`scripts/gpu-check` reruns it with the register-resident kernels' launch
+//! forced: `CHINGU_ATTN_WARPS`, `CHINGU_ATTN_PIPELINE`).
 //!
 //! `--device cuda` (the default) runs on GPU 0; `--device emu` runs the same launchers on
 //! the CPU emulation of CUDA at tiny shapes (N ÷ 64, V ÷ 16, T ÷ 16, parameters ÷ 64), only
@@ -46,10 +50,11 @@ struct Args {
     device: String,
     reps: usize,
     json: Option<PathBuf>,
+    attention_families: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { device: "cuda".into(), reps: 20, json: None };
+    let mut args = Args { device: "cuda".into(), reps: 20, json: None, attention_families: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -63,8 +68,12 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--json" => args.json = Some(PathBuf::from(value()?)),
+            "--attention-families" => args.attention_families = true,
             "-h" | "--help" => {
-                println!("kernel_bench [--device cuda|emu] [--reps N (20)] [--json PATH]");
+                println!(
+                    "kernel_bench [--device cuda|emu] [--reps N (20)] [--json PATH] \
+                     [--attention-families]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -210,7 +219,7 @@ fn distinct(ids: &[u32]) -> usize {
 const H: f64 = 2.0; // bytes of an fp16
 const S: f64 = 4.0; // bytes of an fp32 / int32
 
-fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
+fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
     let (n, d, f, v) = (s.n, s.d, s.f, s.v);
     let (nf, df, ff, vf, pf) = (n as f64, d as f64, f as f64, v as f64, s.params as f64);
@@ -226,294 +235,319 @@ fn run(dev: &Gpu, s: Shapes, reps: usize) -> Result<Vec<Row>, GpuError> {
         rows.push(row);
     };
 
-    // --- LayerNorm over N × D, and N × 768 (seed-768's rows: the 3-vector kernels) --------
-    for d in [d, 768].into_iter().take(if d == 768 { 1 } else { 2 }) {
-        let (df, nd) = (d as f64, format!("{n}x{d}"));
-        let x = random_half(dev, next_seed(), n * d, -2.0, 2.0)?;
-        let gamma = random_half(dev, next_seed(), d, 0.5, 1.5)?;
-        let beta = random_half(dev, next_seed(), d, -0.5, 0.5)?;
-        let mut y = out::<f16>(dev, n * d)?;
-        let (mut mean, mut rstd) = (out::<f32>(dev, n)?, out::<f32>(dev, n)?);
-        // x, y: 2·N·D fp16; γ, β: 2·D fp16; mean, rstd written: 2·N fp32.
-        let t = time_op(dev, reps, |_| {
-            ops::layernorm_forward(dev, &mut y, &mut mean, &mut rstd, &x, &gamma, &beta, n, d)
-        })?;
-        push("layernorm_fwd", nd.clone(), t, H * (2.0 * nf * df + 2.0 * df) + S * 2.0 * nf, None);
+    // Everything but the attention families, unless only they are asked for.
+    if !families_only {
+        // --- LayerNorm over N × D, and N × 768 (seed-768's rows: the 3-vector kernels) --------
+        for d in [d, 768].into_iter().take(if d == 768 { 1 } else { 2 }) {
+            let (df, nd) = (d as f64, format!("{n}x{d}"));
+            let x = random_half(dev, next_seed(), n * d, -2.0, 2.0)?;
+            let gamma = random_half(dev, next_seed(), d, 0.5, 1.5)?;
+            let beta = random_half(dev, next_seed(), d, -0.5, 0.5)?;
+            let mut y = out::<f16>(dev, n * d)?;
+            let (mut mean, mut rstd) = (out::<f32>(dev, n)?, out::<f32>(dev, n)?);
+            // x, y: 2·N·D fp16; γ, β: 2·D fp16; mean, rstd written: 2·N fp32.
+            let t = time_op(dev, reps, |_| {
+                ops::layernorm_forward(dev, &mut y, &mut mean, &mut rstd, &x, &gamma, &beta, n, d)
+            })?;
+            push(
+                "layernorm_fwd",
+                nd.clone(),
+                t,
+                H * (2.0 * nf * df + 2.0 * df) + S * 2.0 * nf,
+                None,
+            );
 
-        let dy = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
-        let mut dx = random_half(dev, next_seed(), n * d, -0.5, 0.5)?;
-        let mut dgamma = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
-        let mut dbeta = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
-        // dy, x read and dx accumulated (read + write): 4·N·D fp16; mean, rstd: 2·N fp32;
-        // γ: D fp16; dγ, dβ accumulated: 4·D fp32.
-        let t = time_op(dev, reps, |_| {
-            ops::layernorm_backward(
-                dev,
-                &mut dx,
-                &mut dgamma,
-                &mut dbeta,
-                &dy,
-                &x,
-                &mean,
-                &rstd,
-                &gamma,
-                n,
-                d,
-            )
-        })?;
-        push(
-            "layernorm_bwd",
-            nd.clone(),
-            t,
-            H * (4.0 * nf * df + df) + S * (2.0 * nf + 4.0 * df),
-            None,
-        );
-    }
+            let dy = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+            let mut dx = random_half(dev, next_seed(), n * d, -0.5, 0.5)?;
+            let mut dgamma = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
+            let mut dbeta = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
+            // dy, x read and dx accumulated (read + write): 4·N·D fp16; mean, rstd: 2·N fp32;
+            // γ: D fp16; dγ, dβ accumulated: 4·D fp32.
+            let t = time_op(dev, reps, |_| {
+                ops::layernorm_backward(
+                    dev,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                    &dy,
+                    &x,
+                    &mean,
+                    &rstd,
+                    &gamma,
+                    n,
+                    d,
+                )
+            })?;
+            push(
+                "layernorm_bwd",
+                nd.clone(),
+                t,
+                H * (4.0 * nf * df + df) + S * (2.0 * nf + 4.0 * df),
+                None,
+            );
+        }
 
-    // --- GELU over N × F ----------------------------------------------------------------
-    {
-        let x = random_half(dev, next_seed(), n * f, -4.0, 4.0)?;
-        let mut y = out::<f16>(dev, n * f)?;
-        // x read, y written: 2·N·F fp16.
-        let t = time_op(dev, reps, |_| ops::gelu_forward(dev, &mut y, &x))?;
-        push("gelu_fwd", format!("{n}x{f}"), t, H * 2.0 * nf * ff, None);
-        let dy = random_half(dev, next_seed(), n * f, -1.0, 1.0)?;
-        let mut dx = out::<f16>(dev, n * f)?;
-        // dy, x read, dx written: 3·N·F fp16.
-        let t = time_op(dev, reps, |_| ops::gelu_backward(dev, &mut dx, &dy, &x))?;
-        push("gelu_bwd", format!("{n}x{f}"), t, H * 3.0 * nf * ff, None);
-    }
+        // --- GELU over N × F ----------------------------------------------------------------
+        {
+            let x = random_half(dev, next_seed(), n * f, -4.0, 4.0)?;
+            let mut y = out::<f16>(dev, n * f)?;
+            // x read, y written: 2·N·F fp16.
+            let t = time_op(dev, reps, |_| ops::gelu_forward(dev, &mut y, &x))?;
+            push("gelu_fwd", format!("{n}x{f}"), t, H * 2.0 * nf * ff, None);
+            let dy = random_half(dev, next_seed(), n * f, -1.0, 1.0)?;
+            let mut dx = out::<f16>(dev, n * f)?;
+            // dy, x read, dx written: 3·N·F fp16.
+            let t = time_op(dev, reps, |_| ops::gelu_backward(dev, &mut dx, &dy, &x))?;
+            push("gelu_bwd", format!("{n}x{f}"), t, H * 3.0 * nf * ff, None);
+        }
 
-    // --- Dropout and the residual add over N × D -----------------------------------------
-    {
-        let mut buf = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
-        // In place: read and written once, 2·N·D fp16. A new mask every launch.
-        let t = time_op(dev, reps, |i| {
-            let key = DropoutKey { seed: 7, step: i as u64, site: 3 };
-            ops::dropout(dev, &mut buf, DROPOUT, key)
-        })?;
-        push("dropout", nd.clone(), t, H * 2.0 * nf * df, None);
+        // --- Dropout and the residual add over N × D -----------------------------------------
+        {
+            let mut buf = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+            // In place: read and written once, 2·N·D fp16. A new mask every launch.
+            let t = time_op(dev, reps, |i| {
+                let key = DropoutKey { seed: 7, step: i as u64, site: 3 };
+                ops::dropout(dev, &mut buf, DROPOUT, key)
+            })?;
+            push("dropout", nd.clone(), t, H * 2.0 * nf * df, None);
 
-        let mut acc = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
-        let x = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
-        // acc read and written, x read: 3·N·D fp16.
-        let t = time_op(dev, reps, |_| ops::add_assign(dev, &mut acc, &x))?;
-        push("add_assign", nd.clone(), t, H * 3.0 * nf * df, None);
+            let mut acc = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+            let x = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+            // acc read and written, x read: 3·N·D fp16.
+            let t = time_op(dev, reps, |_| ops::add_assign(dev, &mut acc, &x))?;
+            push("add_assign", nd.clone(), t, H * 3.0 * nf * df, None);
 
-        // The two fused into one pass (the model's residual add, acc = x + dropout(acc)):
-        // the same 3·N·D fp16.
-        let t = time_op(dev, reps, |i| {
-            let key = DropoutKey { seed: 7, step: i as u64, site: 3 };
-            ops::add_dropped(dev, &mut acc, &x, DROPOUT, key)
-        })?;
-        push("add_dropped", nd.clone(), t, H * 3.0 * nf * df, None);
+            // The two fused into one pass (the model's residual add, acc = x + dropout(acc)):
+            // the same 3·N·D fp16.
+            let t = time_op(dev, reps, |i| {
+                let key = DropoutKey { seed: 7, step: i as u64, site: 3 };
+                ops::add_dropped(dev, &mut acc, &x, DROPOUT, key)
+            })?;
+            push("add_dropped", nd.clone(), t, H * 3.0 * nf * df, None);
 
-        // Bias gradient, both passes (db += column sums of dy): N·D fp16 read, D fp32 read and
-        // written.
-        let mut db = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
-        let t = time_op(dev, reps, |_| ops::bias_backward(dev, &mut db, &x, n, d))?;
-        push("bias_bwd", nd.clone(), t, H * nf * df + 2.0 * S * df, None);
+            // Bias gradient, both passes (db += column sums of dy): N·D fp16 read, D fp32 read and
+            // written.
+            let mut db = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
+            let t = time_op(dev, reps, |_| ops::bias_backward(dev, &mut db, &x, n, d))?;
+            push("bias_bwd", nd.clone(), t, H * nf * df + 2.0 * S * df, None);
 
-        // A linear layer's weight and bias gradients, dW += dyᵀ·x (D × D, fp32) and db +=
-        // Σ_rows dy: the product then the bias kernels, against the bias summed in the
-        // product (cuBLASLt's BGRADB) and added. dy and x read, dW and db read and written;
-        // 2·N·D·D FLOPs.
-        let mut dw = random_f32(dev, next_seed(), d * d, -1.0, 1.0)?;
-        let bytes = 2.0 * H * nf * df + 2.0 * S * df * df + 2.0 * S * df;
-        let flops = Some(2.0 * nf * df * df);
-        let t = time_op(dev, reps, |_| {
-            gemm::gemm(dev, GemmOut::F32(&mut dw), &acc, true, &x, false, d, d, n, true, None)?;
-            ops::bias_backward(dev, &mut db, &acc, n, d)
-        })?;
-        push("weight_bias_grad_kernels", format!("{n}x{d}x{d}"), t, bytes, flops);
-        let mut fresh = out::<f32>(dev, d)?;
-        let mut fused = |_| -> Result<(), GpuError> {
-            gemm::gemm_bias_grad(dev, &mut dw, &mut fresh, &acc, true, &x, false, (d, d, n), true)?;
-            ops::add_assign_f32(dev, &mut db, &fresh)
-        };
-        match fused(0) {
-            Err(GpuError::Unsupported(why)) => {
-                eprintln!("weight_bias_grad_fused: not timed, {why}")
-            }
-            first => {
-                first?;
-                let t = time_op(dev, reps, fused)?;
-                push("weight_bias_grad_fused", format!("{n}x{d}x{d}"), t, bytes, flops);
+            // A linear layer's weight and bias gradients, dW += dyᵀ·x (D × D, fp32) and db +=
+            // Σ_rows dy: the product then the bias kernels, against the bias summed in the
+            // product (cuBLASLt's BGRADB) and added. dy and x read, dW and db read and written;
+            // 2·N·D·D FLOPs.
+            let mut dw = random_f32(dev, next_seed(), d * d, -1.0, 1.0)?;
+            let bytes = 2.0 * H * nf * df + 2.0 * S * df * df + 2.0 * S * df;
+            let flops = Some(2.0 * nf * df * df);
+            let t = time_op(dev, reps, |_| {
+                gemm::gemm(dev, GemmOut::F32(&mut dw), &acc, true, &x, false, d, d, n, true, None)?;
+                ops::bias_backward(dev, &mut db, &acc, n, d)
+            })?;
+            push("weight_bias_grad_kernels", format!("{n}x{d}x{d}"), t, bytes, flops);
+            let mut fresh = out::<f32>(dev, d)?;
+            let mut fused = |_| -> Result<(), GpuError> {
+                gemm::gemm_bias_grad(
+                    dev,
+                    &mut dw,
+                    &mut fresh,
+                    &acc,
+                    true,
+                    &x,
+                    false,
+                    (d, d, n),
+                    true,
+                )?;
+                ops::add_assign_f32(dev, &mut db, &fresh)
+            };
+            match fused(0) {
+                Err(GpuError::Unsupported(why)) => {
+                    eprintln!("weight_bias_grad_fused: not timed, {why}")
+                }
+                first => {
+                    first?;
+                    let t = time_op(dev, reps, fused)?;
+                    push("weight_bias_grad_fused", format!("{n}x{d}x{d}"), t, bytes, flops);
+                }
             }
         }
-    }
 
-    // --- Embedding: N rows gathered from a V × D table plus positions --------------------
-    {
-        let table = random_half(dev, next_seed(), v * d, -1.0, 1.0)?;
-        let positions = random_half(dev, next_seed(), s.t * d, -1.0, 1.0)?;
-        let ids = random_ids(next_seed(), n, 0, v as u32);
-        let pos: Vec<usize> = (0..n).map(|i| i % s.t).collect();
-        let (rows_used, pos_used) = (distinct(&ids) as f64, s.t.min(n) as f64);
-        let scale = (d as f32).sqrt();
-        let mut emb = out::<f16>(dev, n * d)?;
-        // Distinct table rows and position rows read once, output written: fp16 × D each;
-        // ids and positions uploaded: 2·N int32.
-        let t = time_op(dev, reps, |_| {
-            ops::embedding_forward(dev, &mut emb, &table, &positions, &ids, &pos, d, scale)
-        })?;
-        let shape = format!("{n} rows of {v}x{d}");
-        push(
-            "embedding_fwd",
-            shape.clone(),
-            t,
-            H * df * (rows_used + pos_used + nf) + S * 2.0 * nf,
-            None,
-        );
-
-        let d_out = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
-        let mut d_table = random_f32(dev, next_seed(), v * d, -1.0, 1.0)?;
-        // d_out read: N·D fp16; distinct rows of d_table accumulated (read + write): fp32 × D
-        // each; ids: N int32 (the launcher's sorted order and groups are host-side extras).
-        let t = time_op(dev, reps, |_| {
-            ops::embedding_backward(dev, &mut d_table, &d_out, &ids, d, scale)
-        })?;
-        push("embedding_bwd", shape, t, H * nf * df + S * (2.0 * rows_used * df + nf), None);
-    }
-
-    // --- Cross-entropy (loss and gradient in one kernel) over N × V logits ---------------
-    {
-        let logits = random_half(dev, next_seed(), n * v, -8.0, 8.0)?;
-        let mut d_logits = out::<f16>(dev, n * v)?;
-        let targets = random_ids(next_seed(), n, 1, v as u32);
-        // logits read, d_logits written: 2·N·V fp16; targets read, row losses written: 2·N int32/fp32.
-        let t = time_op(dev, reps, |_| {
-            ops::cross_entropy(dev, &mut d_logits, &logits, &targets, v, 0, SMOOTHING, 1024.0)
-                .map(|_| ())
-        })?;
-        push("cross_entropy", format!("{n}x{v}"), t, H * 2.0 * nf * vf + S * 2.0 * nf, None);
-    }
-
-    // --- AdamW and the gradient norm over every parameter --------------------------------
-    {
-        let p = s.params;
-        let mut param = random_f32(dev, next_seed(), p, -0.1, 0.1)?;
-        let mut half = out::<f16>(dev, p)?;
-        let grad = random_f32(dev, next_seed(), p, -0.01, 0.01)?;
-        let mut m = random_f32(dev, next_seed(), p, -1e-3, 1e-3)?;
-        let mut var = random_f32(dev, next_seed(), p, 1e-8, 1e-6)?;
-        // param, m, v read and written, grad read: 7·P fp32; the fp16 copy written: P fp16.
-        let t = time_op(dev, reps, |i| {
-            let step = AdamW {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.98,
-                eps: 1e-9,
-                weight_decay: 0.01,
-                step: 1 + i as u64,
-                grad_scale: 1.0 / 65536.0,
-            };
-            ops::adamw(dev, &mut param, Some(&mut half), &grad, &mut m, &mut var, step)
-        })?;
-        push("adamw", format!("{p} params"), t, S * 7.0 * pf + H * pf, None);
-
-        // Each element read once: P fp32 (the f64 result is read back to the host).
-        let t = time_op(dev, reps, |_| ops::sum_squares(dev, &[&grad]).map(|_| ()))?;
-        push("sum_squares", format!("{p} f32"), t, S * pf, None);
-    }
-
-    // --- Self-attention, Tq = Tk = T, every key visible ----------------------------------
-    {
-        let (b, t_len) = (s.b, s.t);
-        let key_len = vec![t_len; b];
-        let x_len = b * t_len * d;
-        let q = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
-        let k = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
-        let vv = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
-        let d_out = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
-        let (xf, lse_f) = (x_len as f64, (b * s.h * t_len) as f64);
-        for causal in [false, true] {
-            let shape = AttentionShape {
-                batch: b,
-                q_len: t_len,
-                k_len: t_len,
-                heads: s.h,
-                head_dim: s.dh,
-                causal,
-                q_offset: 0,
-            };
-            let label =
-                format!("B{b} H{} T{t_len} Dh{}{}", s.h, s.dh, if causal { " causal" } else { "" });
-            let fwd_flops = 4.0 * (b * s.h) as f64 * (t_len * t_len * s.dh) as f64
-                / if causal { 2.0 } else { 1.0 };
-            let mut o = out::<f16>(dev, x_len)?;
-            let mut lse = out::<f32>(dev, b * s.h * t_len)?;
-            // q, k, v read, out written: 4·B·T·D fp16; lse written: B·H·T fp32.
-            let fwd_bytes = H * 4.0 * xf + S * lse_f;
-            // The kernels training picks for this shape (`AttentionKernels::fastest_for`; the
-            // register-resident ones at head width 64 since run 17, WMMA before).
+        // --- Embedding: N rows gathered from a V × D table plus positions --------------------
+        {
+            let table = random_half(dev, next_seed(), v * d, -1.0, 1.0)?;
+            let positions = random_half(dev, next_seed(), s.t * d, -1.0, 1.0)?;
+            let ids = random_ids(next_seed(), n, 0, v as u32);
+            let pos: Vec<usize> = (0..n).map(|i| i % s.t).collect();
+            let (rows_used, pos_used) = (distinct(&ids) as f64, s.t.min(n) as f64);
+            let scale = (d as f32).sqrt();
+            let mut emb = out::<f16>(dev, n * d)?;
+            // Distinct table rows and position rows read once, output written: fp16 × D each;
+            // ids and positions uploaded: 2·N int32.
             let t = time_op(dev, reps, |_| {
-                ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+                ops::embedding_forward(dev, &mut emb, &table, &positions, &ids, &pos, d, scale)
             })?;
-            let (fwd_op, bwd_op, both_op) = if causal {
-                ("attn_fwd_causal", "attn_bwd_causal", "attn_fwd_bwd_causal")
-            } else {
-                ("attn_fwd", "attn_bwd", "attn_fwd_bwd")
-            };
-            push(fwd_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
-            // The WMMA forward beside it (CHINGU_ATTN=wmma).
-            let t = time_op(dev, reps, |_| {
-                ops::attention_forward_using(
-                    AttentionKernels::Wmma,
-                    dev,
-                    &mut o,
-                    &mut lse,
-                    &q,
-                    &k,
-                    &vv,
-                    &key_len,
-                    shape,
-                )
-            })?;
-            let wmma_op = if causal { "attn_fwd_wmma_causal" } else { "attn_fwd_wmma" };
-            push(wmma_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
+            let shape = format!("{n} rows of {v}x{d}");
+            push(
+                "embedding_fwd",
+                shape.clone(),
+                t,
+                H * df * (rows_used + pos_used + nf) + S * 2.0 * nf,
+                None,
+            );
 
-            let (mut dq, mut dk, mut dv) =
-                (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);
-            // d_out, q, k, v, out read and dq, dk, dv written: 8·B·T·D fp16; lse read:
-            // B·H·T fp32.
-            let bwd_bytes = H * 8.0 * xf + S * lse_f;
+            let d_out = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+            let mut d_table = random_f32(dev, next_seed(), v * d, -1.0, 1.0)?;
+            // d_out read: N·D fp16; distinct rows of d_table accumulated (read + write): fp32 × D
+            // each; ids: N int32 (the launcher's sorted order and groups are host-side extras).
             let t = time_op(dev, reps, |_| {
-                ops::attention_backward(
-                    dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &vv, &o, &lse, &key_len, shape,
-                )
+                ops::embedding_backward(dev, &mut d_table, &d_out, &ids, d, scale)
             })?;
-            push(bwd_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
-            // The WMMA backward beside it (CHINGU_ATTN=wmma).
-            let t = time_op(dev, reps, |_| {
-                ops::attention_backward_using(
-                    AttentionKernels::Wmma,
-                    dev,
-                    &mut dq,
-                    &mut dk,
-                    &mut dv,
-                    &d_out,
-                    &q,
-                    &k,
-                    &vv,
-                    &o,
-                    &lse,
-                    &key_len,
-                    shape,
-                )
-            })?;
-            let wmma_op = if causal { "attn_bwd_wmma_causal" } else { "attn_bwd_wmma" };
-            push(wmma_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
+            push("embedding_bwd", shape, t, H * nf * df + S * (2.0 * rows_used * df + nf), None);
+        }
 
-            // Forward then backward, as a training step runs them (what the PyTorch side can
-            // time for scaled_dot_product_attention): the sum of the two minimum traffics.
+        // --- Cross-entropy (loss and gradient in one kernel) over N × V logits ---------------
+        {
+            let logits = random_half(dev, next_seed(), n * v, -8.0, 8.0)?;
+            let mut d_logits = out::<f16>(dev, n * v)?;
+            let targets = random_ids(next_seed(), n, 1, v as u32);
+            // logits read, d_logits written: 2·N·V fp16; targets read, row losses written: 2·N int32/fp32.
             let t = time_op(dev, reps, |_| {
-                ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)?;
-                ops::attention_backward(
-                    dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &vv, &o, &lse, &key_len, shape,
-                )
+                ops::cross_entropy(dev, &mut d_logits, &logits, &targets, v, 0, SMOOTHING, 1024.0)
+                    .map(|_| ())
             })?;
-            push(both_op, label, t, fwd_bytes + bwd_bytes, Some(3.5 * fwd_flops));
+            push("cross_entropy", format!("{n}x{v}"), t, H * 2.0 * nf * vf + S * 2.0 * nf, None);
+        }
+
+        // --- AdamW and the gradient norm over every parameter --------------------------------
+        {
+            let p = s.params;
+            let mut param = random_f32(dev, next_seed(), p, -0.1, 0.1)?;
+            let mut half = out::<f16>(dev, p)?;
+            let grad = random_f32(dev, next_seed(), p, -0.01, 0.01)?;
+            let mut m = random_f32(dev, next_seed(), p, -1e-3, 1e-3)?;
+            let mut var = random_f32(dev, next_seed(), p, 1e-8, 1e-6)?;
+            // param, m, v read and written, grad read: 7·P fp32; the fp16 copy written: P fp16.
+            let t = time_op(dev, reps, |i| {
+                let step = AdamW {
+                    lr: 1e-4,
+                    beta1: 0.9,
+                    beta2: 0.98,
+                    eps: 1e-9,
+                    weight_decay: 0.01,
+                    step: 1 + i as u64,
+                    grad_scale: 1.0 / 65536.0,
+                };
+                ops::adamw(dev, &mut param, Some(&mut half), &grad, &mut m, &mut var, step)
+            })?;
+            push("adamw", format!("{p} params"), t, S * 7.0 * pf + H * pf, None);
+
+            // Each element read once: P fp32 (the f64 result is read back to the host).
+            let t = time_op(dev, reps, |_| ops::sum_squares(dev, &[&grad]).map(|_| ()))?;
+            push("sum_squares", format!("{p} f32"), t, S * pf, None);
+        }
+
+        // --- Self-attention, Tq = Tk = T, every key visible ----------------------------------
+        {
+            let (b, t_len) = (s.b, s.t);
+            let key_len = vec![t_len; b];
+            let x_len = b * t_len * d;
+            let q = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
+            let k = random_half(dev, next_seed(), x_len, -2.0, 2.0)?;
+            let vv = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
+            let d_out = random_half(dev, next_seed(), x_len, -1.0, 1.0)?;
+            let (xf, lse_f) = (x_len as f64, (b * s.h * t_len) as f64);
+            for causal in [false, true] {
+                let shape = AttentionShape {
+                    batch: b,
+                    q_len: t_len,
+                    k_len: t_len,
+                    heads: s.h,
+                    head_dim: s.dh,
+                    causal,
+                    q_offset: 0,
+                };
+                let label = format!(
+                    "B{b} H{} T{t_len} Dh{}{}",
+                    s.h,
+                    s.dh,
+                    if causal { " causal" } else { "" }
+                );
+                let fwd_flops = 4.0 * (b * s.h) as f64 * (t_len * t_len * s.dh) as f64
+                    / if causal { 2.0 } else { 1.0 };
+                let mut o = out::<f16>(dev, x_len)?;
+                let mut lse = out::<f32>(dev, b * s.h * t_len)?;
+                // q, k, v read, out written: 4·B·T·D fp16; lse written: B·H·T fp32.
+                let fwd_bytes = H * 4.0 * xf + S * lse_f;
+                // The kernels training picks for this shape (`AttentionKernels::fastest_for`; the
+                // register-resident ones at head width 64 since run 17, WMMA before).
+                let t = time_op(dev, reps, |_| {
+                    ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)
+                })?;
+                let (fwd_op, bwd_op, both_op) = if causal {
+                    ("attn_fwd_causal", "attn_bwd_causal", "attn_fwd_bwd_causal")
+                } else {
+                    ("attn_fwd", "attn_bwd", "attn_fwd_bwd")
+                };
+                push(fwd_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
+                // The WMMA forward beside it (CHINGU_ATTN=wmma).
+                let t = time_op(dev, reps, |_| {
+                    ops::attention_forward_using(
+                        AttentionKernels::Wmma,
+                        dev,
+                        &mut o,
+                        &mut lse,
+                        &q,
+                        &k,
+                        &vv,
+                        &key_len,
+                        shape,
+                    )
+                })?;
+                let wmma_op = if causal { "attn_fwd_wmma_causal" } else { "attn_fwd_wmma" };
+                push(wmma_op, label.clone(), t, fwd_bytes, Some(fwd_flops));
+
+                let (mut dq, mut dk, mut dv) =
+                    (out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?, out::<f16>(dev, x_len)?);
+                // d_out, q, k, v, out read and dq, dk, dv written: 8·B·T·D fp16; lse read:
+                // B·H·T fp32.
+                let bwd_bytes = H * 8.0 * xf + S * lse_f;
+                let t = time_op(dev, reps, |_| {
+                    ops::attention_backward(
+                        dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &vv, &o, &lse, &key_len,
+                        shape,
+                    )
+                })?;
+                push(bwd_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
+                // The WMMA backward beside it (CHINGU_ATTN=wmma).
+                let t = time_op(dev, reps, |_| {
+                    ops::attention_backward_using(
+                        AttentionKernels::Wmma,
+                        dev,
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                        &d_out,
+                        &q,
+                        &k,
+                        &vv,
+                        &o,
+                        &lse,
+                        &key_len,
+                        shape,
+                    )
+                })?;
+                let wmma_op = if causal { "attn_bwd_wmma_causal" } else { "attn_bwd_wmma" };
+                push(wmma_op, label.clone(), t, bwd_bytes, Some(2.5 * fwd_flops));
+
+                // Forward then backward, as a training step runs them (what the PyTorch side can
+                // time for scaled_dot_product_attention): the sum of the two minimum traffics.
+                let t = time_op(dev, reps, |_| {
+                    ops::attention_forward(dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape)?;
+                    ops::attention_backward(
+                        dev, &mut dq, &mut dk, &mut dv, &d_out, &q, &k, &vv, &o, &lse, &key_len,
+                        shape,
+                    )
+                })?;
+                push(both_op, label, t, fwd_bytes + bwd_bytes, Some(3.5 * fwd_flops));
+            }
         }
     }
     // --- every kernel family at head widths 64, 128 and 192 (seed-768's: 4 heads of 192) --
@@ -655,7 +689,7 @@ fn bench_main() -> Result<(), Box<dyn Error>> {
         (Arc::new(chingu_kernels::gpu::emu::EmuDevice::new()), Shapes::tiny())
     };
     eprintln!("kernel_bench on {}, {} reps, {shapes:?}", dev.name(), args.reps);
-    let rows = run(&dev, shapes, args.reps)?;
+    let rows = run(&dev, shapes, args.reps, args.attention_families)?;
     if let Some(path) = &args.json {
         std::fs::write(path, json(&dev.name(), args.reps, shapes, &rows))
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
