@@ -185,6 +185,20 @@ __device__ __forceinline__ void load_rows_async(__half* tile, const __half* src,
     }
 }
 
+/// `load_rows` of the same rows of one or two tensors (`b` null for one) through cp.async, every
+/// copy in flight at once, then waited for (a plain load loop keeps one 16-byte load in flight
+/// a thread at a time: each waits for its store to shared memory); a barrier must follow
+/// before any other thread reads them. Only where no other copies are in flight: it waits for
+/// every group.
+__device__ __forceinline__ void load_rows_now(__half* tile_a, const __half* a, __half* tile_b,
+                                              const __half* b, int row0, int rows, int valid,
+                                              int width, int head_dim, int ld) {
+    load_rows_async(tile_a, a, row0, rows, valid, width, head_dim, ld);
+    if (b) load_rows_async(tile_b, b, row0, rows, valid, width, head_dim, ld);
+    chingu::cp_async_commit();
+    chingu::cp_async_wait<0>();
+}
+
 /// Two stages (see "Two stages" below): queues the two walked tiles (K and V, or Q and dO) of
 /// rows `row0`.. into `stage` (the second `rows` after the first) where `queue` says so, and
 /// commits the group (empty otherwise, so every step counts one group).
@@ -215,8 +229,7 @@ __device__ __forceinline__ __half* walked_tiles(__half* stage0, __half* stage1, 
         chingu::cp_async_wait<1>();
         return now;
     }
-    load_rows(stage0, a, row0, rows, valid, width, head_dim, ld);
-    load_rows(stage0 + rows * ld, b, row0, rows, valid, width, head_dim, ld);
+    load_rows_now(stage0, a, stage0 + rows * ld, b, row0, rows, valid, width, head_dim, ld);
     return stage0;
 }
 
@@ -390,7 +403,7 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
     float* srow = sw + r * lds;
     __half* prow = pw + r * ldp;
 
-    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    load_rows_now(qs, q + hd.q_base, nullptr, nullptr, q0, rows, q_len, hd.width, head_dim, ld);
     FragC rowf;
     row_index_fragment(rowf, sw, lds);
 
@@ -401,8 +414,8 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
 
         for (int k0 = 0; k0 < lim.block; k0 += tile) {
             __syncthreads();  // every warp is done with the previous K/V tile
-            load_rows(ks, k + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
-            load_rows(vs, v + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
+            load_rows_now(ks, k + hd.k_base, vs, v + hd.k_base, k0, tile, hd.kl, hd.width,
+                          head_dim, ld);
             __syncthreads();
             if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -582,8 +595,7 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
 
     const QueryStart start = query_start(hd.kl, causal, q_offset, q_len, k0, wk0, tile);
 
-    load_rows(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
-    load_rows(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
+    load_rows_now(ks, k + hd.k_base, vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
     float* srow = sw + r * lds;
     float* dprow = dpw + r * lds;
     __half* prow = reinterpret_cast<__half*>(sw) + r * ldh;
@@ -599,8 +611,8 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
 
         for (int q0 = start.block; q0 < q_len; q0 += tile) {
             __syncthreads();  // every warp is done with the previous Q/dO tile
-            load_rows(qs, q + hd.q_base, q0, tile, q_len, hd.width, head_dim, ld);
-            load_rows(dos, d_out + hd.q_base, q0, tile, q_len, hd.width, head_dim, ld);
+            load_rows_now(qs, q + hd.q_base, dos, d_out + hd.q_base, q0, tile, q_len, hd.width,
+                          head_dim, ld);
             stage_query_stats(lse_s, delta_s, lse, delta, hd.stat_base, q0, tile, q_len);
             __syncthreads();
             if (q0 + tile <= start.warp) continue;  // warp-uniform: no query sees its keys
@@ -735,8 +747,8 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
     float lse_i, delta_i;
     query_stats(lse, delta, hd.stat_base, i, q_len, lse_i, delta_i);
 
-    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
-    load_rows(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    load_rows_now(qs, q + hd.q_base, dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim,
+                  ld);
     const float* srow = sw + r * lds;
     const float* dprow = dpw + r * lds;
     __half* dsrow = reinterpret_cast<__half*>(sw) + r * ldh;
@@ -747,8 +759,8 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
 
         for (int k0 = 0; k0 < lim.block; k0 += tile) {
             __syncthreads();  // every warp is done with the previous K/V tile
-            load_rows(ks, k + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
-            load_rows(vs, v + hd.k_base, k0, tile, hd.kl, hd.width, head_dim, ld);
+            load_rows_now(ks, k + hd.k_base, vs, v + hd.k_base, k0, tile, hd.kl, hd.width,
+                          head_dim, ld);
             __syncthreads();
             if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
 
@@ -981,10 +993,14 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;  // this lane's two query rows
 
-    if (STAGES == 2)  // the first K/V tile's copies fly while Q is staged
+    // Q's copies (one group), then the first K/V tile's (two stages: the next group), which fly
+    // on while Q's A fragments are read.
+    load_rows_async(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    chingu::cp_async_commit();
+    if (STAGES == 2)
         queue_stage(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl, hd.width,
                     head_dim, ld);
-    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    chingu::cp_async_wait<STAGES - 1>();
     __syncthreads();
     unsigned qf[CT][4];
     for (int d = 0; d < CT; ++d) {
@@ -1166,11 +1182,15 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     query_stats(lse, delta, hd.stat_base, i0, q_len, lse0, delta0);
     query_stats(lse, delta, hd.stat_base, i1, q_len, lse1, delta1);
 
-    if (STAGES == 2)  // the first K/V tile's copies fly while Q and dO are staged
+    // Q's and dO's copies (one group), then the first K/V tile's (two stages: the next group,
+    // in flight on into the loop); the loop's first barrier shows Q and dO to every warp.
+    load_rows_async(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    load_rows_async(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    chingu::cp_async_commit();
+    if (STAGES == 2)
         queue_stage(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl, hd.width,
                     head_dim, ld);
-    load_rows(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
-    load_rows(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    chingu::cp_async_wait<STAGES - 1>();
     // This lane's ldmatrix rows of the warp's Q and dO A fragments.
     const __half* qw = block16_lane(qs + 16 * warp * ld, ld, lane);
     const __half* dow = block16_lane(dos + 16 * warp * ld, ld, lane);
@@ -1315,11 +1335,15 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     const QueryStart start = query_start(hd.kl, causal, q_offset, q_len, k0, wk0, BQ);
 
-    if (STAGES == 2)  // the first Q/dO tile's copies fly while K and V are staged
+    // K's and V's copies (one group), then the first Q/dO tile's (two stages: the next group, in
+    // flight on into the loop); the loop's first barrier shows K and V to every warp.
+    load_rows_async(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
+    load_rows_async(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
+    chingu::cp_async_commit();
+    if (STAGES == 2)
         queue_stage(qs, start.block < q_len, q + hd.q_base, d_out + hd.q_base, start.block, BQ,
                     q_len, hd.width, head_dim, ld);
-    load_rows(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
-    load_rows(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
+    chingu::cp_async_wait<STAGES - 1>();
     // This lane's ldmatrix rows of the warp's K and V A fragments.
     const __half* kw = block16_lane(ks + 16 * warp * ld, ld, lane);
     const __half* vw = block16_lane(vs + 16 * warp * ld, ld, lane);
