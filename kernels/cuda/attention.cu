@@ -186,8 +186,8 @@ __device__ __forceinline__ void load_rows_async(__half* tile, const __half* src,
 }
 
 /// `load_rows` of the same rows of one or two tensors (`b` null for one) through cp.async, every
-/// copy in flight at once, then waited for (a plain load loop keeps one 16-byte load in flight
-/// a thread at a time: each waits for its store to shared memory); a barrier must follow
+/// copy in flight at once, then waited for (in a plain loop of loads and shared-memory stores,
+/// each store waits for its load, unless the compiler batches them); a barrier must follow
 /// before any other thread reads them. Only where no other copies are in flight: it waits for
 /// every group.
 __device__ __forceinline__ void load_rows_now(__half* tile_a, const __half* a, __half* tile_b,
