@@ -905,8 +905,9 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 // dK/dV) live in two stages of shared memory, and while one tile is used the next one's
 // copies fly (cp.async, common.cuh), so its loads hide behind the products. Per walked tile: a barrier (every warp is done with the other stage), the next
 // tile queued into it and committed, a wait for this tile's group, a barrier (every thread's
-// copies landed), the products. The first tile is queued before the block's own rows are
-// staged.
+// copies landed), the products. Before the loop: the block's own rows (Q here; Q and dO, or K
+// and V, in the backward) in one group, the first walked tile in the next, and a wait for the
+// first group only, so the first tile's copies fly on while the own rows are read.
 // Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
 // Block: 4 warps (64 query rows), or 8 (128, where BC = 64; ops.rs picks); shared memory
 // 2·STAGES·BC·(Dh + 8) halves: K and V tiles per stage (Q is staged once through the stage

@@ -36,6 +36,9 @@ pub struct CudaDevice {
     cache: std::sync::Mutex<BufferCache>,
     /// `CHINGU_PROFILE=events`' events (see [`Device::span_start`]).
     spans: Mutex<Spans>,
+    /// Resident blocks by (function, threads, dynamic shared memory): the occupancy calculator
+    /// asked once per launch size, not at every attention call.
+    occupancy: Mutex<HashMap<(usize, u32, usize), Option<usize>>>,
 }
 
 /// Timing events for `CHINGU_PROFILE=events`: ended spans not yet read, and events to reuse.
@@ -200,6 +203,7 @@ impl CudaDevice {
             blas,
             cache: std::sync::Mutex::new(BufferCache::default()),
             spans: Mutex::new(Spans::default()),
+            occupancy: Mutex::new(HashMap::new()),
         })
     }
 
@@ -256,12 +260,19 @@ impl Device for CudaDevice {
 
     fn resident_blocks(&self, kernel: &str, threads: u32, shared: usize) -> Option<usize> {
         let &f = self.functions.get(kernel)?;
+        let key = (f as usize, threads, shared);
+        let mut known = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&blocks) = known.get(&key) {
+            return blocks;
+        }
         self.bind().ok()?;
         // SAFETY: `f` is a loaded function of this device's context, now current.
         let blocks = unsafe {
             result::occupancy::max_active_block_per_multiprocessor(f, threads as i32, shared)
         };
-        blocks.ok().map(|b| b.max(0) as usize)
+        let blocks = blocks.ok().map(|b| b.max(0) as usize);
+        known.insert(key, blocks);
+        blocks
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr, GpuError> {

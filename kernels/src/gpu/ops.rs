@@ -782,7 +782,9 @@ fn choose_mma_launch(
     forced_pipeline: Option<bool>,
     shared_limit: usize,
 ) -> Option<MmaOption> {
-    let mut kept: Vec<MmaOption> = options.to_vec();
+    // An option the device counts no block of cannot launch at all.
+    let mut kept: Vec<MmaOption> =
+        options.iter().filter(|o| o.resident != Some(0)).copied().collect();
     let keep = |kept: &mut Vec<MmaOption>, want: &dyn Fn(&MmaOption) -> bool| {
         if kept.iter().any(want) {
             kept.retain(want);
@@ -1055,7 +1057,7 @@ impl AttnLaunch {
             (AttnKernel::Queries, 9..=12) => {
                 ("attention_backward_dq_mma_c12_f16", "attention_backward_dq_mma_c12s2_f16", 32)
             }
-            // No two stages: 135 KiB a block, which no GPU runs two of (nor the emulator one).
+            // No two stages: 132 KiB a block, which no GPU runs two of (nor the emulator one).
             (AttnKernel::Queries, _) => ("attention_backward_dq_mma_c16_f16", "", 32),
             (AttnKernel::KeysValues, 0..=4) => {
                 ("attention_backward_dkdv_mma_c4_f16", "attention_backward_dkdv_mma_c4s2_f16", 64)
@@ -1897,6 +1899,11 @@ mod tests {
         assert_eq!(pick(&emu_big, None, Some(true)), Some((4, 2)));
         assert_eq!(pick(&emu, Some(8), None), Some((8, 2)));
         assert_eq!(pick(&[], None, None), None);
+        // Options the device counts no block of are never taken; none left, none chosen.
+        let starved = [option(8, 2, 200 << 10, Some(0)), option(4, 1, 50 << 10, Some(1))];
+        assert_eq!(pick(&starved, None, None), Some((4, 1)));
+        assert_eq!(pick(&starved, Some(8), Some(true)), Some((4, 1)));
+        assert_eq!(pick(&starved[..1], None, None), None);
     }
 
     /// A step's attention calls share one upload of each key-length vector; another device
