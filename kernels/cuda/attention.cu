@@ -29,7 +29,7 @@
 // block's "own" dimension end to end (queries for forward and dq, keys for dkdv): its score
 // tile row-block, its softmax state, its accumulators. The block walks the other dimension in
 // tiles of T rows (T ∈ {16, 32}, the kernels' last argument), loaded once per block into
-// shared memory with 16-byte vector loads (rows past the valid length are zero), so the
+// shared memory with 16-byte cp.async copies (rows past the valid length are zero), so the
 // only block-wide barriers are the two around each shared tile load; everything between is
 // per warp (__syncwarp). Tiles entirely above the causal diagonal or past key_len are
 // skipped (per block for the loads, per warp for the arithmetic). The launcher picks, by Dh,
@@ -70,10 +70,11 @@
 //
 // Invariants: Dh is a multiple of 16 and at most 256 (the launcher checks), so every fp16
 // row (D·2 bytes) and head offset (h·Dh·2) is a multiple of 32 bytes and a row is Dh/8
-// 16-byte chunks; global vector accesses are used when the base pointer is 16-byte aligned
-// (scalar otherwise). Tq and Tk are arbitrary: padded rows are zero in shared memory and
-// masked (forward, dq) or have lse = +inf, i.e. P = 0 (dkdv). Every WMMA pointer is 32-byte
-// aligned and every ldm a multiple of 16 bytes (region sizes are multiples of 32 bytes).
+// 16-byte chunks; cp.async copies (and vector stores of results) are used when the base
+// pointer is 16-byte aligned (scalar otherwise). Tq and Tk are arbitrary: padded rows are
+// zero in shared memory and masked (forward, dq) or have lse = +inf, i.e. P = 0 (dkdv).
+// Every WMMA pointer is 32-byte aligned and every ldm a multiple of 16 bytes (region sizes
+// are multiples of 32 bytes).
 // Reductions have a fixed order (pair shuffles, mma in k order, tiles in index order).
 #include "common.cuh"
 
@@ -101,25 +102,6 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
 
-/// 8 halves (16 bytes), both pointers 16-byte aligned.
-__device__ __forceinline__ void copy8(__half* dst, const __half* src) {
-#ifdef CHINGU_EMU
-    if (!aligned16(dst) || !aligned16(src)) __trap();  // a GPU would fault
-    memcpy(dst, src, 16);
-#else
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-
-__device__ __forceinline__ void zero8(__half* dst) {
-#ifdef CHINGU_EMU
-    if (!aligned16(dst)) __trap();  // a GPU would fault
-    for (int c = 0; c < 8; ++c) dst[c] = __float2half_rn(0.0f);
-#else
-    *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-
 /// 8 floats to 8 halves at 16-byte aligned dst.
 __device__ __forceinline__ void store8_aligned(__half* dst, const float* src) {
 #ifdef CHINGU_EMU
@@ -143,37 +125,29 @@ __device__ __forceinline__ void store8(__half* dst, const float* src) {
 }
 
 /// Rows [row0, row0 + rows) of one head (`src` points at row 0, column h·Dh; rows are
-/// `width` halves apart) into a rows × Dh shared tile with leading dimension ld; rows ≥ valid
-/// are zero. The whole block takes part.
-__device__ __forceinline__ void load_rows(__half* tile, const __half* src, int row0, int rows,
-                                          int valid, int width, int head_dim, int ld) {
-    if (aligned16(src)) {  // width·2 and h·Dh·2 are multiples of 32: every row is aligned
-        const int chunks = head_dim >> 3;
-        for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
-            const int r = e / chunks, c = (e - r * chunks) << 3;
-            const int row = row0 + r;
-            if (row < valid) copy8(tile + r * ld + c, src + (long long)row * width + c);
-            else zero8(tile + r * ld + c);
-        }
-    } else {
-        for (int e = threadIdx.x; e < rows * head_dim; e += blockDim.x) {
-            const int r = e / head_dim, c = e - r * head_dim;
-            const int row = row0 + r;
-            tile[r * ld + c] =
-                row < valid ? src[(long long)row * width + c] : __float2half_rn(0.0f);
-        }
+/// `width` halves apart) into a rows × Dh shared tile with leading dimension ld, one half at a
+/// time (for rows not 16-byte aligned, which cp.async cannot copy); rows ≥ valid are zero. The
+/// whole block takes part.
+__device__ __forceinline__ void load_rows_scalar(__half* tile, const __half* src, int row0,
+                                                 int rows, int valid, int width, int head_dim,
+                                                 int ld) {
+    for (int e = threadIdx.x; e < rows * head_dim; e += blockDim.x) {
+        const int r = e / head_dim, c = e - r * head_dim;
+        const int row = row0 + r;
+        tile[r * ld + c] = row < valid ? src[(long long)row * width + c] : __float2half_rn(0.0f);
     }
 }
 
-/// `load_rows` through cp.async where the rows are 16-byte aligned (zeros for rows past
-/// `valid` too): queued, landed by the caller's `cp_async_wait` and seen by every thread after
-/// the barrier that follows; unaligned rows are loaded at once (plain stores, seen after that
-/// same barrier).
+/// Rows [row0, row0 + rows) of one head into a shared tile, as `load_rows_scalar`, through
+/// cp.async where the rows are 16-byte aligned (width·2 and h·Dh·2 are multiples of 32, so all
+/// are when `src` is; zeros for rows past `valid` too): queued, landed by the caller's
+/// `cp_async_wait` and seen by every thread after the barrier that follows; unaligned rows are
+/// loaded at once (plain stores, seen after that same barrier).
 __device__ __forceinline__ void load_rows_async(__half* tile, const __half* src, int row0,
                                                 int rows, int valid, int width, int head_dim,
                                                 int ld) {
     if (!aligned16(src)) {
-        load_rows(tile, src, row0, rows, valid, width, head_dim, ld);
+        load_rows_scalar(tile, src, row0, rows, valid, width, head_dim, ld);
         return;
     }
     const int chunks = head_dim >> 3;
@@ -185,7 +159,7 @@ __device__ __forceinline__ void load_rows_async(__half* tile, const __half* src,
     }
 }
 
-/// `load_rows` of the same rows of one or two tensors (`b` null for one) through cp.async, every
+/// `load_rows_async` of the same rows of one or two tensors (`b` null for one), every
 /// copy in flight at once, then waited for (in a plain loop of loads and shared-memory stores,
 /// each store waits for its load, unless the compiler batches them); a barrier must follow
 /// before any other thread reads them. Only where no other copies are in flight: it waits for
@@ -903,17 +877,18 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 // Two stages (STAGES = 2: the `_c<CT>s2_` kernels, chosen where they cost no occupancy,
 // `ops.rs`; `CHINGU_ATTN_PIPELINE` forces): the walked tiles (K/V here and in dQ, Q/dO in
 // dK/dV) live in two stages of shared memory, and while one tile is used the next one's
-// copies fly (cp.async, common.cuh), so its loads hide behind the products. Per walked tile: a barrier (every warp is done with the other stage), the next
-// tile queued into it and committed, a wait for this tile's group, a barrier (every thread's
-// copies landed), the products. Before the loop: the block's own rows (Q here; Q and dO, or K
-// and V, in the backward) in one group, the first walked tile in the next, and a wait for the
-// first group only, so the first tile's copies fly on while the own rows are read.
+// copies fly (cp.async, common.cuh), so its loads hide behind the products. Per walked tile:
+// a barrier (every warp is done with the other stage), the next tile queued into it and
+// committed, a wait for this tile's group, a barrier (every thread's copies landed), the
+// products. Before the loop: the block's own rows (Q here; Q and dO, or K and V, in the
+// backward) in one group, the first walked tile in the next, and a wait for the first group
+// only, so the first tile's copies fly on while the own rows are read.
 // Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
 // Block: 4 warps (64 query rows), or 8 (128, where BC = 64; ops.rs picks); shared memory
 // 2·STAGES·BC·(Dh + 8) halves: K and V tiles per stage (Q is staged once through the stage
-// the first tile does not use, so 16·warps ≤ 2·BC). CT = Dh/16
-// rounded up (4, 8, 12, 16) with BC = 64 keys per tile, BC = 32 for CT 16 (registers: Q 4·CT,
-// S BC/2, O 8·CT floats per lane).
+// the first tile does not use, so 16·warps ≤ 2·BC). CT = Dh/16 rounded up (4, 8, 12, 16)
+// with BC = 64 keys per tile, BC = 32 for CT 16 (registers: Q 4·CT, S BC/2, O 8·CT floats
+// per lane).
 // ---------------------------------------------------------------------------------------------
 namespace chingu {
 namespace attn {

@@ -1034,49 +1034,30 @@ impl AttnLaunch {
     /// and dO for dQ, K and V for dK/dV), in one stage or two ([`PIPELINE_VAR`]), as
     /// [`choose_mma_launch`] picks; `None` where the device cannot give that memory.
     fn mma(dev: &Gpu, kind: AttnKernel, head_dim: usize) -> Option<Self> {
-        // Each instance in one stage and in two (`_s2`).
-        let (kernel, two_stage, tile) = match (kind, head_dim.div_ceil(16)) {
-            (AttnKernel::Forward, 0..=4) => {
-                ("attention_forward_mma_c4_f16", "attention_forward_mma_c4s2_f16", 64)
-            }
-            (AttnKernel::Forward, 5..=8) => {
-                ("attention_forward_mma_c8_f16", "attention_forward_mma_c8s2_f16", 64)
-            }
-            (AttnKernel::Forward, 9..=12) => {
-                ("attention_forward_mma_c12_f16", "attention_forward_mma_c12s2_f16", 64)
-            }
-            (AttnKernel::Forward, _) => {
-                ("attention_forward_mma_c16_f16", "attention_forward_mma_c16s2_f16", 32)
-            }
-            (AttnKernel::Queries, 0..=4) => {
-                ("attention_backward_dq_mma_c4_f16", "attention_backward_dq_mma_c4s2_f16", 64)
-            }
-            (AttnKernel::Queries, 5..=8) => {
-                ("attention_backward_dq_mma_c8_f16", "attention_backward_dq_mma_c8s2_f16", 64)
-            }
-            (AttnKernel::Queries, 9..=12) => {
-                ("attention_backward_dq_mma_c12_f16", "attention_backward_dq_mma_c12s2_f16", 32)
-            }
+        // Each instance in one stage (`<name>_f16`) and in two (`<name>s2_f16`).
+        macro_rules! stages {
+            ($name:literal) => {
+                (concat!($name, "_f16"), concat!($name, "s2_f16"))
+            };
+        }
+        let ((kernel, two_stage), tile) = match (kind, head_dim.div_ceil(16)) {
+            (AttnKernel::Forward, 0..=4) => (stages!("attention_forward_mma_c4"), 64),
+            (AttnKernel::Forward, 5..=8) => (stages!("attention_forward_mma_c8"), 64),
+            (AttnKernel::Forward, 9..=12) => (stages!("attention_forward_mma_c12"), 64),
+            (AttnKernel::Forward, _) => (stages!("attention_forward_mma_c16"), 32),
+            (AttnKernel::Queries, 0..=4) => (stages!("attention_backward_dq_mma_c4"), 64),
+            (AttnKernel::Queries, 5..=8) => (stages!("attention_backward_dq_mma_c8"), 64),
+            (AttnKernel::Queries, 9..=12) => (stages!("attention_backward_dq_mma_c12"), 32),
             // No two stages: 132 KiB a block, which no GPU runs two of (nor the emulator one).
-            (AttnKernel::Queries, _) => ("attention_backward_dq_mma_c16_f16", "", 32),
-            (AttnKernel::KeysValues, 0..=4) => {
-                ("attention_backward_dkdv_mma_c4_f16", "attention_backward_dkdv_mma_c4s2_f16", 64)
+            (AttnKernel::Queries, _) => (("attention_backward_dq_mma_c16_f16", ""), 32),
+            (AttnKernel::KeysValues, 0..=4) => (stages!("attention_backward_dkdv_mma_c4"), 64),
+            (AttnKernel::KeysValues, 5..=8) => {
+                (stages!("attention_backward_dkdv_mma_split_c8"), 32)
             }
-            (AttnKernel::KeysValues, 5..=8) => (
-                "attention_backward_dkdv_mma_split_c8_f16",
-                "attention_backward_dkdv_mma_split_c8s2_f16",
-                32,
-            ),
-            (AttnKernel::KeysValues, 9..=12) => (
-                "attention_backward_dkdv_mma_split_c12_f16",
-                "attention_backward_dkdv_mma_split_c12s2_f16",
-                32,
-            ),
-            (AttnKernel::KeysValues, _) => (
-                "attention_backward_dkdv_mma_split_c16_f16",
-                "attention_backward_dkdv_mma_split_c16s2_f16",
-                16,
-            ),
+            (AttnKernel::KeysValues, 9..=12) => {
+                (stages!("attention_backward_dkdv_mma_split_c12"), 32)
+            }
+            (AttnKernel::KeysValues, _) => (stages!("attention_backward_dkdv_mma_split_c16"), 16),
         };
         // Shared memory as `kernels/cuda/attention.cu` lays it out: each stage holds two walked
         // tiles (K and V, or Q and dO); dQ and dK/dV add the block's own two (Q and dO, or K
