@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The environment variables the GPU backend reads, each with what it does.
 #[cfg(feature = "cuda")]
-const SETTINGS: [(&str, &str); 10] = [
+const SETTINGS: [(&str, &str); 11] = [
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
         "attention kernels: auto (by shape), wmma, mma or gemm",
@@ -30,6 +30,10 @@ const SETTINGS: [(&str, &str); 10] = [
     (
         chingu_kernels::gpu::ops::WARPS_VAR,
         "fused attention: 4 or 8 warps a block (unset: 4 for heads up to 64, else the most resident)",
+    ),
+    (
+        chingu_kernels::gpu::ops::SCORES_VAR,
+        "f16 = the cuBLASLt attention path stores scores and their gradient in fp16 (default f32)",
     ),
     (
         chingu_kernels::gpu::ops::CAUSAL_BAND_VAR,

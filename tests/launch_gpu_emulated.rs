@@ -324,6 +324,7 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
     for name in [
         "CHINGU_ATTN_PIPELINE",
         "CHINGU_ATTN_WARPS",
+        "CHINGU_ATTN_SCORES",
         "CHINGU_ATTN_CAUSAL_BAND",
         "CHINGU_GELU_EPILOGUE",
         "CHINGU_GEMM_TUNE",

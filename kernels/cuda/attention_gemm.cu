@@ -22,7 +22,11 @@
 //     of 12. P enters dS rounded to fp16 here, at fp32 in the kernel above, so the two paths'
 //     gradients differ in their last bits (both as close to the CPU backend's).
 // P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
-// fp32. The softmax and the saved-P backward go along a row 8 keys a lane at a time (128-bit
+// fp32, or are stored in fp16 with `CHINGU_ATTN_SCORES=f16` (the `_half_scores_` kernels: the
+// same code over __half scores): half the bytes of the products that write them and the
+// kernels that read them, at the precision of PyTorch's eager attention under autocast and of
+// Megatron's fused softmax (fp16 scores, fp32 arithmetic on them), where the default keeps
+// FlashAttention's fp32 scores. The softmax and the saved-P backward go along a row 8 keys a lane at a time (128-bit
 // loads and stores: every row starts 16-byte aligned), the row's last partial group key by
 // key. Score rows are processed in chunks of consecutive whole (batch row, head) blocks
 // (`first_bh`: the chunk's first), so the scratch stays bounded; nothing depends on the
@@ -50,27 +54,44 @@ __device__ __forceinline__ int visible_keys(const int* key_len, int bh, int i, i
     return visible;
 }
 
-/// One warp per score row of the chunk: P and lse from S (see the file comment).
-extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const float* s,
-                                                 const int* key_len, int rows, int q_len,
-                                                 int k_len, int ld, int heads, int causal,
-                                                 int q_offset, float scale, int first_bh,
-                                                 int band) {
+namespace chingu {
+namespace scores {
+
+/// A stored score as a float: S and dP are fp32, or fp16 with `CHINGU_ATTN_SCORES=f16`.
+__device__ __forceinline__ float value(float x) { return x; }
+__device__ __forceinline__ float value(__half x) { return __half2float(x); }
+
+/// Eight adjacent stored scores at `p` (16-byte aligned) as floats.
+__device__ __forceinline__ void load8(float (&v)[8], const float* p) { load_float8(v, p); }
+__device__ __forceinline__ void load8(float (&v)[8], const __half* p) { load_half8(v, p); }
+
+}  // namespace scores
+}  // namespace chingu
+
+/// One warp per score row of the chunk: P and lse from S (see the file comment); S of type T.
+template <typename T>
+__device__ __forceinline__ void softmax_rows(__half* p, float* lse, const T* s,
+                                             const int* key_len, int rows, int q_len, int k_len,
+                                             int ld, int heads, int causal, int q_offset,
+                                             float scale, int first_bh, int band) {
+    using chingu::scores::load8;
+    using chingu::scores::value;
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
     const int bh = first_bh + (int)(r / q_len), i = (int)(r % q_len);
     const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
-    const float* sr = s + r * ld;
+    const T* sr = s + r * ld;
     __half* pr = p + r * ld;
     // Lane `lane` takes keys 8·lane.. 8·lane + 7, then 256 further on, and so on.
     float m = chingu::neg_inf();
     for (int j = 8 * lane; j < visible; j += 256) {
         float v[8];
         if (j + 8 <= visible) {
-            chingu::load_float8(v, sr + j);
+            load8(v, sr + j);
         } else {
-            for (int e = 0; e < 8; ++e) v[e] = j + e < visible ? sr[j + e] : chingu::neg_inf();
+            for (int e = 0; e < 8; ++e)
+                v[e] = j + e < visible ? value(sr[j + e]) : chingu::neg_inf();
         }
         for (int e = 0; e < 8; ++e) m = fmaxf(m, v[e] * scale);
     }
@@ -79,10 +100,10 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
     for (int j = 8 * lane; j < visible; j += 256) {
         float v[8];
         if (j + 8 <= visible) {
-            chingu::load_float8(v, sr + j);
+            load8(v, sr + j);
             for (int e = 0; e < 8; ++e) l += expf(v[e] * scale - m);
         } else {
-            for (int e = 0; j + e < visible; ++e) l += expf(sr[j + e] * scale - m);
+            for (int e = 0; j + e < visible; ++e) l += expf(value(sr[j + e]) * scale - m);
         }
     }
     l = chingu::warp_sum(l);
@@ -92,11 +113,11 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
     for (int j = 8 * lane; j < cols; j += 256) {
         float v[8];
         if (j + 8 <= visible) {
-            chingu::load_float8(v, sr + j);
+            load8(v, sr + j);
             for (int e = 0; e < 8; ++e) v[e] = expf(v[e] * scale - row_lse);
         } else {
             for (int e = 0; e < 8; ++e)
-                v[e] = j + e < visible ? expf(sr[j + e] * scale - row_lse) : 0.0f;
+                v[e] = j + e < visible ? expf(value(sr[j + e]) * scale - row_lse) : 0.0f;
         }
         if (j + 8 <= cols) {
             chingu::store_half8(pr + j, v);
@@ -110,12 +131,28 @@ extern "C" __global__ void attention_softmax_f16(__half* p, float* lse, const fl
     if (lane == 0) lse[(long long)bh * q_len + i] = row_lse;
 }
 
+#define CHINGU_SOFTMAX_PARAMS(T)                                                            \
+    __half *p, float *lse, const T *s, const int *key_len, int rows, int q_len, int k_len,    \
+        int ld, int heads, int causal, int q_offset, float scale, int first_bh, int band
+#define CHINGU_SOFTMAX_ARGS \
+    p, lse, s, key_len, rows, q_len, k_len, ld, heads, causal, q_offset, scale, first_bh, band
+
+extern "C" __global__ void attention_softmax_f16(CHINGU_SOFTMAX_PARAMS(float)) {
+    softmax_rows(CHINGU_SOFTMAX_ARGS);
+}
+/// The same from fp16 scores (`CHINGU_ATTN_SCORES=f16`).
+extern "C" __global__ void attention_softmax_half_scores_f16(CHINGU_SOFTMAX_PARAMS(__half)) {
+    softmax_rows(CHINGU_SOFTMAX_ARGS);
+}
+
 /// P and dS for the backward products: one warp per score row of the chunk (its statistics
-/// read once), lanes along the keys.
-extern "C" __global__ void attention_scores_backward_f16(
-    __half* p, __half* ds, const float* s, const float* dp, const float* lse, const float* delta,
+/// read once), lanes along the keys; S and dP of type T.
+template <typename T>
+__device__ __forceinline__ void scores_backward_rows(
+    __half* p, __half* ds, const T* s, const T* dp, const float* lse, const float* delta,
     const int* key_len, int rows, int q_len, int k_len, int ld, int heads, int causal,
     int q_offset, float scale, int first_bh, int band) {
+    using chingu::scores::value;
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
@@ -126,20 +163,40 @@ extern "C" __global__ void attention_scores_backward_f16(
     const long long base = r * ld;
     const int cols = band_keys(i, k_len, band);
     for (int j = lane; j < cols; j += 32) {
-        const float pj = j < visible ? expf(s[base + j] * scale - row_lse) : 0.0f;
+        const float pj = j < visible ? expf(value(s[base + j]) * scale - row_lse) : 0.0f;
         p[base + j] = __float2half_rn(pj);
-        ds[base + j] = __float2half_rn(pj * (dp[base + j] - row_delta) * scale);
+        ds[base + j] = __float2half_rn(pj * (value(dp[base + j]) - row_delta) * scale);
     }
 }
 
+#define CHINGU_SCORES_BACKWARD_PARAMS(T)                                                    \
+    __half *p, __half *ds, const T *s, const T *dp, const float *lse, const float *delta,     \
+        const int *key_len, int rows, int q_len, int k_len, int ld, int heads, int causal,    \
+        int q_offset, float scale, int first_bh, int band
+#define CHINGU_SCORES_BACKWARD_ARGS                                                          \
+    p, ds, s, dp, lse, delta, key_len, rows, q_len, k_len, ld, heads, causal, q_offset, scale, \
+        first_bh, band
+
+extern "C" __global__ void attention_scores_backward_f16(CHINGU_SCORES_BACKWARD_PARAMS(float)) {
+    scores_backward_rows(CHINGU_SCORES_BACKWARD_ARGS);
+}
+/// The same from fp16 S and dP (`CHINGU_ATTN_SCORES=f16`).
+extern "C" __global__ void attention_scores_backward_half_scores_f16(
+    CHINGU_SCORES_BACKWARD_PARAMS(__half)) {
+    scores_backward_rows(CHINGU_SCORES_BACKWARD_ARGS);
+}
+
 /// dS from the P the forward saved (see the file comment): one warp per score row of the
-/// chunk, lanes along the keys. `p` and `ds` start at the chunk's first row, as `dp` does.
-extern "C" __global__ void attention_scores_backward_saved_f16(__half* ds, const __half* p,
-                                                               const float* dp,
-                                                               const float* delta, int rows,
-                                                               int q_len, int k_len, int ld,
-                                                               float scale, int first_bh,
-                                                               int band) {
+/// chunk, lanes along the keys; dP of type T. `p` and `ds` start at the chunk's first row, as
+/// `dp` does.
+template <typename T>
+__device__ __forceinline__ void scores_backward_saved_rows(__half* ds, const __half* p,
+                                                           const T* dp, const float* delta,
+                                                           int rows, int q_len, int k_len,
+                                                           int ld, float scale, int first_bh,
+                                                           int band) {
+    using chingu::scores::load8;
+    using chingu::scores::value;
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // warp-uniform
@@ -149,18 +206,35 @@ extern "C" __global__ void attention_scores_backward_saved_f16(__half* ds, const
     // P is 0 past the visible keys, so dS is too: no mask to rebuild.
     const int cols = band_keys((int)(r % q_len), k_len, band);
     const __half* pr = p + base;
-    const float* dpr = dp + base;
+    const T* dpr = dp + base;
     __half* dsr = ds + base;
     for (int j = 8 * lane; j < cols; j += 256) {
         if (j + 8 <= cols) {
             float pv[8], dv[8];
             chingu::load_half8(pv, pr + j);
-            chingu::load_float8(dv, dpr + j);
+            load8(dv, dpr + j);
             for (int e = 0; e < 8; ++e) pv[e] = pv[e] * (dv[e] - row_delta) * scale;
             chingu::store_half8(dsr + j, pv);
         } else {
             for (int e = 0; j + e < cols; ++e)
-                dsr[j + e] = __float2half_rn(__half2float(pr[j + e]) * (dpr[j + e] - row_delta) * scale);
+                dsr[j + e] =
+                    __float2half_rn(__half2float(pr[j + e]) * (value(dpr[j + e]) - row_delta) * scale);
         }
     }
+}
+
+#define CHINGU_SCORES_BACKWARD_SAVED_PARAMS(T)                                               \
+    __half *ds, const __half *p, const T *dp, const float *delta, int rows, int q_len,         \
+        int k_len, int ld, float scale, int first_bh, int band
+#define CHINGU_SCORES_BACKWARD_SAVED_ARGS \
+    ds, p, dp, delta, rows, q_len, k_len, ld, scale, first_bh, band
+
+extern "C" __global__ void attention_scores_backward_saved_f16(
+    CHINGU_SCORES_BACKWARD_SAVED_PARAMS(float)) {
+    scores_backward_saved_rows(CHINGU_SCORES_BACKWARD_SAVED_ARGS);
+}
+/// The same from fp16 dP (`CHINGU_ATTN_SCORES=f16`).
+extern "C" __global__ void attention_scores_backward_saved_half_scores_f16(
+    CHINGU_SCORES_BACKWARD_SAVED_PARAMS(__half)) {
+    scores_backward_saved_rows(CHINGU_SCORES_BACKWARD_SAVED_ARGS);
 }

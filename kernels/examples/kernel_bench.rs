@@ -572,7 +572,13 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
         let label = format!("B{b} H{heads} T{t_len} Dh{head_dim}");
         // The GEMM path with every score in one chunk (no bound on its scratch): what the
         // chunking costs.
-        let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX, causal_band: 512 };
+        let one_chunk = AttentionKernels::Gemm {
+            scores_per_chunk: usize::MAX,
+            causal_band: 512,
+            half_scores: false,
+        };
+        // …and with S and dP in fp16 (`CHINGU_ATTN_SCORES=f16`).
+        let half_scores = AttentionKernels::GEMM.with_half_scores(true);
         let flops = 4.0 * (b * heads) as f64 * (t_len * t_len * head_dim) as f64;
         let bytes = H * 4.0 * x_len as f64 + S * (b * heads * t_len) as f64;
         let mut o = out::<f16>(dev, x_len)?;
@@ -582,6 +588,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
             (&*format!("attn_fwd_mma_dh{head_dim}").leak(), AttentionKernels::Mma),
             (&*format!("attn_fwd_gemm_dh{head_dim}").leak(), AttentionKernels::GEMM),
             (&*format!("attn_fwd_gemm1_dh{head_dim}").leak(), one_chunk),
+            (&*format!("attn_fwd_gemm_f16scores_dh{head_dim}").leak(), half_scores),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_forward_using(
@@ -599,6 +606,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
             (&*format!("attn_bwd_mma_dh{head_dim}").leak(), AttentionKernels::Mma),
             (&*format!("attn_bwd_gemm_dh{head_dim}").leak(), AttentionKernels::GEMM),
             (&*format!("attn_bwd_gemm1_dh{head_dim}").leak(), one_chunk),
+            (&*format!("attn_bwd_gemm_f16scores_dh{head_dim}").leak(), half_scores),
         ] {
             let t = time_op(dev, reps, |_| {
                 ops::attention_backward_using(

@@ -239,11 +239,13 @@ fn a_memory_limit_refuses_what_does_not_fit_and_frees_give_it_back() {
 }
 
 /// The GEMM attention path's forward and backward on an emulated device with `limit`
-/// bytes, every score block in one chunk if it fits, P saved by the forward when `save_probs`
+/// bytes, S and dP in fp16 when `half_scores`, every score block in one chunk if it fits, P
+/// saved by the forward when `save_probs`
 /// (then `edit_probs`, if given, changes it before the backward): (out, lse, dq, dk, dv), the
 /// peak of memory in use, and that peak as the forward left it.
 fn gemm_attention_under(
     limit: usize,
+    half_scores: bool,
     save_probs: bool,
     edit_probs: Option<fn(&mut [f16])>,
 ) -> Result<(Vec<Vec<u32>>, usize, usize), GpuError> {
@@ -278,7 +280,8 @@ fn gemm_attention_under(
         DeviceBuffer::<f16>::uninit(&dev, n)?,
     );
     let key_len = [24, 7, 16];
-    let one_chunk = AttentionKernels::Gemm { scores_per_chunk: usize::MAX, causal_band: 8 };
+    let one_chunk =
+        AttentionKernels::Gemm { scores_per_chunk: usize::MAX, causal_band: 8, half_scores };
     let lse_len = s.batch * s.heads * s.q_len;
     let stats_len = if save_probs { one_chunk.stats_len(s) } else { lse_len };
     let mut out = DeviceBuffer::<f16>::uninit(&dev, n)?;
@@ -319,25 +322,33 @@ fn halves(x: f32) -> [f16; 2] {
 /// The GEMM attention path's scratch grows with its chunk; where the device has no room for
 /// it, the chunk is halved until it fits, with the same result bit for bit — with P saved by
 /// the forward and without, and in the forward too (which then writes P chunk by chunk at
-/// each chunk's place).
+/// each chunk's place); with S and dP in fp32 and in fp16 (half their scratch).
 #[test]
 fn gemm_attention_halves_its_chunk_when_the_scratch_does_not_fit() {
-    // 6 blocks of 24 × 24 scores; the scratch's bytes a score: forward 4 (S; P goes to the
-    // statistics) or 6 (S and P), backward 6 (dP, dS) or 12 (S, P, dP, dS).
+    // 6 blocks of 24 × 24 scores; the scratch's bytes a score, with S and dP `sb` bytes (4 or
+    // 2) and P, dS 2: forward sb (S; P goes to the statistics) or sb + 2 (S and P), backward
+    // sb + 2 (dP, dS) or 2·sb + 4 (S, P, dP, dS).
     let scores = 6 * 24 * 24;
-    for save_probs in [false, true] {
+    for (half_scores, save_probs) in [(false, false), (false, true), (true, false), (true, true)] {
+        let sb = if half_scores { 2 } else { 4 };
         let (full, peak, forward_peak) =
-            gemm_attention_under(usize::MAX, save_probs, None).expect("no limit");
-        let (forward_scratch, backward_scratch) =
-            if save_probs { (4 * scores, 6 * scores) } else { (6 * scores, 12 * scores) };
+            gemm_attention_under(usize::MAX, half_scores, save_probs, None).expect("no limit");
+        let (forward_scratch, backward_scratch) = if save_probs {
+            (sb * scores, (sb + 2) * scores)
+        } else {
+            ((sb + 2) * scores, (2 * sb + 4) * scores)
+        };
         // Under the peak by a third of a pass's scratch: room for a smaller chunk only, in the
         // backward alone, then in the forward as well.
         for (limit, forward_halves) in
             [(peak - backward_scratch / 3, false), (forward_peak - forward_scratch / 3, true)]
         {
             let (halved, halved_peak, halved_forward_peak) =
-                gemm_attention_under(limit, save_probs, None).expect("a smaller chunk fits");
-            let what = format!("P saved: {save_probs}, limit {limit} of {peak}");
+                gemm_attention_under(limit, half_scores, save_probs, None)
+                    .expect("a smaller chunk fits");
+            let what = format!(
+                "fp16 scores: {half_scores}, P saved: {save_probs}, limit {limit} of {peak}"
+            );
             assert!(halved_peak <= limit && halved_peak < peak, "{what}: peak {halved_peak}");
             if forward_halves {
                 assert!(halved_forward_peak < forward_peak, "{what}: the forward's chunk halves");
@@ -345,7 +356,7 @@ fn gemm_attention_halves_its_chunk_when_the_scratch_does_not_fit() {
             assert_eq!(halved, full, "the chunking changes no result ({what})");
         }
         // With no room for even one block's backward scratch, the out-of-memory error stands.
-        match gemm_attention_under(peak - backward_scratch + 100, save_probs, None) {
+        match gemm_attention_under(peak - backward_scratch + 100, half_scores, save_probs, None) {
             Err(GpuError::OutOfMemory { .. }) => {}
             Err(other) => panic!("expected out of memory, got {other}"),
             Ok(_) => panic!("one block's scratch cannot fit in 100 bytes"),
@@ -358,8 +369,8 @@ fn gemm_attention_halves_its_chunk_when_the_scratch_does_not_fit() {
 /// instead of fp32), and a P zeroed between forward and backward zeroes dV (dV = Pᵀ·dO).
 #[test]
 fn gemm_attention_backward_reads_the_probabilities_its_forward_saved() {
-    let (recomputed, ..) = gemm_attention_under(usize::MAX, false, None).unwrap();
-    let (saved, ..) = gemm_attention_under(usize::MAX, true, None).unwrap();
+    let (recomputed, ..) = gemm_attention_under(usize::MAX, false, false, None).unwrap();
+    let (saved, ..) = gemm_attention_under(usize::MAX, false, true, None).unwrap();
     assert_eq!(saved[..2], recomputed[..2], "out and lse do not depend on saving P");
     let value = |bits: u32| f16::from_bits(bits as u16).to_f32();
     for (name, i) in [("dq", 2), ("dk", 3), ("dv", 4)] {
@@ -371,7 +382,8 @@ fn gemm_attention_backward_reads_the_probabilities_its_forward_saved() {
         }
     }
     assert!(saved[4].iter().any(|&b| value(b) != 0.0), "dV is not zero to begin with");
-    let (zeroed, ..) = gemm_attention_under(usize::MAX, true, Some(|p| p.fill(f16::ZERO))).unwrap();
+    let (zeroed, ..) =
+        gemm_attention_under(usize::MAX, false, true, Some(|p| p.fill(f16::ZERO))).unwrap();
     assert!(zeroed[4].iter().all(|&b| value(b) == 0.0), "dV = Pᵀ·dO with P zeroed");
 }
 
@@ -454,8 +466,9 @@ fn causal_bands_leave_the_scores_above_their_diagonal_untouched() {
     let n = tq * 16;
     let values: Vec<f16> = (0..n).map(|i| f16::from_f32(((i % 13) as f32 - 6.0) / 8.0)).collect();
     let x = DeviceBuffer::from_host(&dev, &values).unwrap();
-    for causal_band in [band, 0] {
-        let kernels = AttentionKernels::Gemm { scores_per_chunk: usize::MAX, causal_band };
+    for (causal_band, half_scores) in [(band, false), (0, false), (band, true)] {
+        let kernels =
+            AttentionKernels::Gemm { scores_per_chunk: usize::MAX, causal_band, half_scores };
         let mut out = DeviceBuffer::<f16>::uninit(&dev, n).unwrap();
         let mut stats = DeviceBuffer::<f32>::uninit(&dev, kernels.stats_len(s)).unwrap();
         ops::attention_forward_using(kernels, &dev, &mut out, &mut stats, &x, &x, &x, &[tq], s)

@@ -689,13 +689,15 @@ pub enum AttentionKernels {
     /// (runs 16 and 17).
     Gemm {
         /// Scores (Tq·Tk per batch row and head) each chunk of the scratch holds, at least
-        /// one block's: the scratch's bound (12 bytes a score, 6 with P kept), and P's: kept
+        /// one block's: the scratch's bound (12 bytes a score, 6 with P kept; 8 and 4 with fp16 scores), and P's: kept
         /// where all of it fits this bound.
         scores_per_chunk: usize,
         /// Query rows a band of causal self-attention's scores (0: no bands): each band's
         /// products cover only the keys it can see, so the scores above the bands' diagonal
         /// are never computed (`attention_gemm::band_rows`).
         causal_band: usize,
+        /// S = Q·Kᵀ and dP = dO·Vᵀ stored in fp16 instead of fp32 ([`SCORES_VAR`]).
+        half_scores: bool,
     },
 }
 
@@ -812,6 +814,31 @@ fn choose_mma_launch(
     kept.first().copied()
 }
 
+/// The variable that sets how the GEMM attention path stores the scores S = Q·Kᵀ and their
+/// gradient dP = dO·Vᵀ: `f32` (the default: FlashAttention's precision, the softmax and dS
+/// from exact fp32 products) or `f16` (half the bytes written by those products and read by
+/// the softmax and the scores backward, ~18 of the ~50 bytes a score of a training step; the
+/// precision of PyTorch's eager attention under autocast and of Megatron's fused softmax: a
+/// score rounded to fp16 moves P by up to 2⁻¹¹·|scale·s| relative, ~0.5% at a logit of 10).
+pub const SCORES_VAR: &str = "CHINGU_ATTN_SCORES";
+
+/// [`SCORES_VAR`]: `Some(true)` for `f16`, `Some(false)` for `f32`, `None` unset (read once; any
+/// other value is warned about and ignored).
+fn half_scores_from_env() -> Option<bool> {
+    static HALF: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *HALF.get_or_init(|| {
+        let text = std::env::var(SCORES_VAR).ok()?;
+        match text.trim().to_ascii_lowercase().as_str() {
+            "f16" | "fp16" | "half" => Some(true),
+            "f32" | "fp32" | "float" => Some(false),
+            _ => {
+                tracing::warn!("{SCORES_VAR}={text:?}: expected f32 or f16; ignored");
+                None
+            }
+        }
+    })
+}
+
 /// The variable that sets the GEMM attention path's causal band in query rows (`0`: no bands;
 /// rounded up to 8; default 512, [`AttentionKernels::GEMM`]).
 pub const CAUSAL_BAND_VAR: &str = "CHINGU_ATTN_CAUSAL_BAND";
@@ -858,7 +885,10 @@ impl AttentionKernels {
     /// bands, a quarter of the decoder's self-attention scores skipped (GPU run 20: seed-768
     /// 3.4% faster than without bands; run 21: bands of 256 or 128 rows no faster than 512;
     /// [`CAUSAL_BAND_VAR`] changes the band, `0` turns bands off).
-    pub const GEMM: Self = Self::Gemm { scores_per_chunk: 1 << 27, causal_band: 512 };
+    ///
+    /// S and dP in fp32 ([`SCORES_VAR`] stores them in fp16).
+    pub const GEMM: Self =
+        Self::Gemm { scores_per_chunk: 1 << 27, causal_band: 512, half_scores: false };
 
     /// The family `value` names (`wmma`, `mma`, `gemm`), `None` for `auto`; an error names
     /// the accepted values.
@@ -932,6 +962,17 @@ impl AttentionKernels {
                     .map_or(lse, |probs| attention_gemm::stats_len_with_probs(s, probs))
             }
             Self::Wmma | Self::Mma => lse,
+        }
+    }
+
+    /// The GEMM path with S and dP stored in fp16 (`half`) or fp32 ([`SCORES_VAR`]); the
+    /// other families, which keep their scores in registers, unchanged.
+    pub fn with_half_scores(self, half: bool) -> Self {
+        match self {
+            Self::Gemm { scores_per_chunk, causal_band, .. } => {
+                Self::Gemm { scores_per_chunk, causal_band, half_scores: half }
+            }
+            other => other,
         }
     }
 
@@ -1121,11 +1162,15 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
         Some(kernels) => kernels,
         None => AttentionKernels::fastest_for(s, mma_fits),
     };
-    let kernels = match (kernels, causal_band_from_env()) {
-        (AttentionKernels::Gemm { scores_per_chunk, .. }, Some(causal_band)) => {
-            AttentionKernels::Gemm { scores_per_chunk, causal_band }
+    let kernels = match kernels {
+        AttentionKernels::Gemm { scores_per_chunk, causal_band, half_scores } => {
+            AttentionKernels::Gemm {
+                scores_per_chunk,
+                causal_band: causal_band_from_env().unwrap_or(causal_band),
+                half_scores: half_scores_from_env().unwrap_or(half_scores),
+            }
         }
-        (kernels, _) => kernels,
+        kernels => kernels,
     };
     // Said the first time each family runs in this process: which kernels attention takes.
     static SAID: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -1142,8 +1187,12 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
             Some(_) => "as CHINGU_ATTN asks",
             None => "the fastest measured",
         };
+        let scores = match kernels {
+            AttentionKernels::Gemm { half_scores: true, .. } => ", S and dP in fp16",
+            _ => "",
+        };
         tracing::info!(
-            "attention kernels: {} for heads {} wide, {} × {} scores a block ({how}; \
+            "attention kernels: {}{scores} for heads {} wide, {} × {} scores a block ({how}; \
              CHINGU_ATTN=wmma, mma or gemm to choose)",
             kernels.name(),
             s.head_dim,
@@ -1216,9 +1265,13 @@ pub fn attention_forward_using(
     if out.is_empty() {
         return Ok(());
     }
-    if let AttentionKernels::Gemm { scores_per_chunk, causal_band } = kernels {
+    if let AttentionKernels::Gemm { scores_per_chunk, causal_band, half_scores } = kernels {
         let bounds = (scores_per_chunk, causal_band);
-        return attention_gemm::forward(dev, out, lse, q, k, v, &lens, s, bounds);
+        return if half_scores {
+            attention_gemm::forward::<f16>(dev, out, lse, q, k, v, &lens, s, bounds)
+        } else {
+            attention_gemm::forward::<f32>(dev, out, lse, q, k, v, &lens, s, bounds)
+        };
     }
     let l = AttnLaunch::new(dev, kernels, AttnKernel::Forward, s.head_dim, OP)?;
     let grid = (s.q_len.div_ceil(l.rows()) as u32, s.heads as u32, s.batch as u32);
@@ -1318,11 +1371,17 @@ pub fn attention_backward_using(
             args![delta.ptr(), d_out.ptr(), out.ptr(), b, tq, h, dh],
         )?;
     }
-    if let AttentionKernels::Gemm { scores_per_chunk, causal_band } = kernels {
+    if let AttentionKernels::Gemm { scores_per_chunk, causal_band, half_scores } = kernels {
         let bounds = (scores_per_chunk, causal_band);
-        return attention_gemm::backward(
-            dev, dq, dk, dv, d_out, q, k, v, lse, &delta, &lens, s, bounds,
-        );
+        return if half_scores {
+            attention_gemm::backward::<f16>(
+                dev, dq, dk, dv, d_out, q, k, v, lse, &delta, &lens, s, bounds,
+            )
+        } else {
+            attention_gemm::backward::<f32>(
+                dev, dq, dk, dv, d_out, q, k, v, lse, &delta, &lens, s, bounds,
+            )
+        };
     }
     let kv = AttnLaunch::new(dev, kernels, AttnKernel::KeysValues, s.head_dim, OP)?;
     let ql = AttnLaunch::new(dev, kernels, AttnKernel::Queries, s.head_dim, OP)?;

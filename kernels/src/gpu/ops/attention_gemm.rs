@@ -1,7 +1,8 @@
 //! Attention with the scores materialised, through cuBLASLt's batched products
 //! ([`AttentionKernels::Gemm`](super::AttentionKernels): the default for heads wider than 64
 //! over more than 256 × 256 scores a block, `CHINGU_ATTN=gemm` for every shape).
-//! Forward: S = Q·Kᵀ (fp32), the softmax kernel (P in fp16, lse), O = P·V.
+//! Forward: S = Q·Kᵀ (fp32, or fp16 with [`SCORES_VAR`](super::SCORES_VAR): [`Score`]), the
+//! softmax kernel (P in fp16, lse), O = P·V.
 //! Backward: dP = dO·Vᵀ, dS (`attention_scores_backward_saved_f16`) from the P the forward
 //! saved where the statistics buffer holds it ([`saved_probs_len`]); else S again and P and dS
 //! from it (`attention_scores_backward_f16`). Then dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every
@@ -10,7 +11,7 @@
 //! head-major layout. Kernels and conventions: `kernels/cuda/attention_gemm.cu`. Score rows go
 //! in chunks of whole (batch row, head) blocks, consecutive in that order, of at most
 //! `scores_per_chunk` scores (one block at least), so the scratch stays bounded (12 bytes a
-//! score in backward, 6 with P saved) whatever the sequence length; a chunk's blocks of one
+//! score in backward, 6 with P saved; 8 and 4 with fp16 scores) whatever the sequence length; a chunk's blocks of one
 //! head are batch rows in a row, one batched product. The chunking changes no result.
 //! Causal self-attention (Tq = Tk, no query offset) goes in bands of `causal_band` query rows
 //! ([`band_rows`]): band k's products cover only the keys its rows can see, j < (k + 1)·band,
@@ -25,6 +26,33 @@ use std::ffi::c_void;
 use super::{int, launch, THREADS};
 use crate::backend::AttentionShape;
 use crate::gpu::{gemm, DeviceBuffer, DevicePtr, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
+
+/// The element type S and dP are stored in (fp32 by default, fp16 with
+/// [`SCORES_VAR`](super::SCORES_VAR)), and the kernels that read them.
+pub(super) trait Score: crate::gpu::Element {
+    /// Whether the products write fp32.
+    const F32: bool;
+    /// P and lse from S.
+    const SOFTMAX: &'static str;
+    /// P and dS from S and dP (P recomputed).
+    const BACKWARD: &'static str;
+    /// dS from dP and the saved P.
+    const BACKWARD_SAVED: &'static str;
+}
+
+impl Score for f32 {
+    const F32: bool = true;
+    const SOFTMAX: &'static str = "attention_softmax_f16";
+    const BACKWARD: &'static str = "attention_scores_backward_f16";
+    const BACKWARD_SAVED: &'static str = "attention_scores_backward_saved_f16";
+}
+
+impl Score for f16 {
+    const F32: bool = false;
+    const SOFTMAX: &'static str = "attention_softmax_half_scores_f16";
+    const BACKWARD: &'static str = "attention_scores_backward_half_scores_f16";
+    const BACKWARD_SAVED: &'static str = "attention_scores_backward_saved_half_scores_f16";
+}
 
 /// The shape's numbers as the kernels take them.
 struct Dims {
@@ -304,20 +332,20 @@ fn head_runs(s: AttentionShape, first: usize, count: usize) -> impl Iterator<Ite
     })
 }
 
-/// `run`'s score blocks in the chunk's `out` = x·yᵀ (fp32), x and y head `run.h`'s columns of
+/// `run`'s score blocks in the chunk's `out` = x·yᵀ (of type T), x and y head `run.h`'s columns of
 /// `[B·Tq, H·Dh]` and `[B·Tk, H·Dh]` tensors (S = Q·Kᵀ, dP = dO·Vᵀ), band by band (the keys
 /// each band sees; [`query_bands`]).
 ///
 /// # Safety
 /// `out` holds the chunk `run` belongs to; x and y are of those shapes.
-unsafe fn scores_from(
+unsafe fn scores_from<T: Score>(
     dev: &Gpu,
     s: AttentionShape,
     band: usize,
     run: &HeadRun,
     x: &DeviceBuffer<f16>,
     y: &DeviceBuffer<f16>,
-    out: &DeviceBuffer<f32>,
+    out: &DeviceBuffer<T>,
 ) -> Result<(), GpuError> {
     for b in query_bands(s, band) {
         let (x, y) = (
@@ -325,9 +353,9 @@ unsafe fn scores_from(
             Operand::head_t(y, s, s.k_len, run.b0, run.h),
         );
         let out = Operand::scores(ScoresOf::of(out), s, run.first_in_chunk, false);
-        let out = out.from(b.first, 0, 4);
+        let out = out.from(b.first, 0, std::mem::size_of::<T>());
         // SAFETY: the caller's contract; a band lies inside its block.
-        unsafe { batched(dev, (b.rows, b.keys, s.head_dim), x, y, out, true, run.count) }?;
+        unsafe { batched(dev, (b.rows, b.keys, s.head_dim), x, y, out, T::F32, run.count) }?;
     }
     Ok(())
 }
@@ -384,10 +412,11 @@ fn zero(dev: &Gpu, bufs: &mut [&mut DeviceBuffer<f16>]) -> Result<(), GpuError> 
     Ok(())
 }
 
-/// The forward (see the module comment); arguments as `ops::attention_forward_using`'s, checked
-/// (`lse` the statistics buffer: P saved after lse where it is long enough).
+/// The forward (see the module comment), S stored as T; arguments as
+/// `ops::attention_forward_using`'s, checked (`lse` the statistics buffer: P saved after lse
+/// where it is long enough).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn forward(
+pub(super) fn forward<T: Score>(
     dev: &Gpu,
     out: &mut DeviceBuffer<f16>,
     lse: &mut DeviceBuffer<f32>,
@@ -412,7 +441,7 @@ pub(super) fn forward(
             Some(_) => None,
             None => Some(DeviceBuffer::<f16>::uninit(dev, n)?),
         };
-        Ok((DeviceBuffer::<f32>::uninit(dev, n)?, p))
+        Ok((DeviceBuffer::<T>::uninit(dev, n)?, p))
     })?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
@@ -443,7 +472,7 @@ pub(super) fn forward(
             int(OP, "first block", first)?,
             d.band
         ];
-        launch(dev, "attention_softmax_f16", warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
+        launch(dev, T::SOFTMAX, warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
             unsafe { times_scores(dev, s, band, &run, p, false, v, out) }?;
         }
@@ -452,10 +481,10 @@ pub(super) fn forward(
 }
 
 /// The backward (see the module comment), from the forward's `lse` (and P, where saved after
-/// it) and `delta` = Σ dO·O per row and head; arguments as `ops::attention_backward_using`'s,
-/// checked.
+/// it) and `delta` = Σ dO·O per row and head, S and dP stored as T; arguments as
+/// `ops::attention_backward_using`'s, checked.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn backward(
+pub(super) fn backward<T: Score>(
     dev: &Gpu,
     dq: &mut DeviceBuffer<f16>,
     dk: &mut DeviceBuffer<f16>,
@@ -485,17 +514,17 @@ pub(super) fn backward(
         let recompute = match saved {
             Some(_) => None,
             None => {
-                Some((DeviceBuffer::<f32>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
+                Some((DeviceBuffer::<T>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
             }
         };
-        Ok((recompute, DeviceBuffer::<f32>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
+        Ok((recompute, DeviceBuffer::<T>::uninit(dev, n)?, DeviceBuffer::<f16>::uninit(dev, n)?))
     })?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
         // SAFETY (every product below): each run's blocks of the `[B·T, H·Dh]` tensors and
         // of the chunk's scores lie inside their buffers.
         for run in head_runs(s, first, count) {
-            // S = Q·Kᵀ (unless P was saved) and dP = dO·Vᵀ, fp32.
+            // S = Q·Kᵀ (unless P was saved) and dP = dO·Vᵀ, stored as T.
             if let Some((scores, _)) = &recompute {
                 unsafe { scores_from(dev, s, band, &run, q, k, scores) }?;
             }
@@ -521,7 +550,7 @@ pub(super) fn backward(
                     first_bh,
                     d.band
                 ];
-                launch(dev, "attention_scores_backward_saved_f16", grid, (THREADS, 1, 1), 0, args)?;
+                launch(dev, T::BACKWARD_SAVED, grid, (THREADS, 1, 1), 0, args)?;
                 p
             }
             (None, Some((scores, p))) => {
@@ -544,7 +573,7 @@ pub(super) fn backward(
                     first_bh,
                     d.band
                 ];
-                launch(dev, "attention_scores_backward_f16", grid, (THREADS, 1, 1), 0, args)?;
+                launch(dev, T::BACKWARD, grid, (THREADS, 1, 1), 0, args)?;
                 ScoresOf::of(p)
             }
             (None, None) => unreachable!("S and P have scratch where the forward saved no P"),
