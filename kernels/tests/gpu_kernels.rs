@@ -728,6 +728,62 @@ fn adamw_over_many_tensors_in_one_launch_equals_one_launch_each() {
     }
 }
 
+/// `adamw_multi_f32` takes 4 floats a 128-bit access where a tensor's buffers are 16-byte
+/// aligned (8 for its fp16 copy), and element by element where they are not: a tensor whose
+/// buffers start one element into allocations (so no pointer is aligned) gets the same bits
+/// as the aligned tensor by `adamw_f32`, and the element before it is left alone.
+#[test]
+fn adamw_over_unaligned_tensors_equals_aligned() {
+    let mut rng = SplitMix64(13);
+    for dev in devices() {
+        let s = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-9,
+            weight_decay: 0.01,
+            step: 3,
+            grad_scale: 0.25 / 512.0,
+        };
+        for n in [5usize, 4099, 8200] {
+            let host = [
+                random_f32(&mut rng, n + 1, -1.0, 1.0),
+                random_f32(&mut rng, n + 1, -50.0, 50.0),
+                random_f32(&mut rng, n + 1, -0.01, 0.01),
+                random_f32(&mut rng, n + 1, 0.0, 1e-4),
+            ];
+            // Aligned: elements 1..=n in buffers of their own, updated by adamw_f32.
+            let [mut p, g, mut m, mut v] = [0, 1, 2, 3].map(|i| up(&dev, &host[i][1..]));
+            let mut half = poisoned_half(&dev, n);
+            ops::adamw(&dev, &mut p, Some(&mut half), &g, &mut m, &mut v, s).unwrap();
+            // Unaligned: the same elements one element into n + 1 (4 bytes; 2 for the halves).
+            let shifted = [0, 1, 2, 3].map(|i| up(&dev, &host[i]));
+            let shifted_half = poisoned_half(&dev, n + 1);
+            let blocks = n.div_ceil(16 * 256);
+            let mut words: Vec<u64> = [0, 1, 2, 3].map(|i| shifted[i].ptr() + 4).to_vec();
+            words.insert(1, shifted_half.ptr() + 2);
+            words.extend([n as u64, 0, blocks as u64, u64::from(s.weight_decay.to_bits())]);
+            let table = ops::AdamwTable { words, tensors: 1, blocks };
+            let uploaded = DeviceBuffer::from_host(&dev, &table.words).unwrap();
+            ops::adamw_multi(&dev, &table, &uploaded, s).unwrap();
+            for (i, (what, aligned)) in
+                [("param", &p), ("grad", &g), ("m", &m), ("v", &v)].into_iter().enumerate()
+            {
+                let got = shifted[i].to_host().unwrap();
+                let bits = |x: &[f32]| -> Vec<u32> { x.iter().map(|x| x.to_bits()).collect() };
+                let what = format!("{what}, n {n}, on {}", dev.name());
+                assert_eq!(got[0].to_bits(), host[i][0].to_bits(), "{what}: element before");
+                assert_eq!(bits(&got[1..]), bits(&aligned.to_host().unwrap()), "{what}");
+            }
+            let got_half: Vec<u16> =
+                shifted_half.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+            let want_half: Vec<u16> = half.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got_half[0], f16::NAN.to_bits(), "fp16 copy, n {n}: element before");
+            assert_eq!(got_half[1..], want_half[..], "fp16 copy, n {n}");
+        }
+    }
+}
+
 /// log Σ_j exp(s·q_i·k_j) over the keys query i sees, in f64 (−inf when it sees none), in
 /// the kernels' `[B, H, Tq]` order.
 fn reference_lse(q: &[f32], k: &[f32], key_len: &[usize], s: AttentionShape) -> Vec<f32> {

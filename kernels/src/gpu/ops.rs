@@ -1746,6 +1746,10 @@ pub fn adamw(
     )
 }
 
+/// Elements a block of `adamw_multi_f32` updates: 4 vectors of 4 floats a thread
+/// (`kernels/cuda/adamw.cu`).
+const ADAMW_BLOCK_ELEMENTS: usize = 16 * THREADS as usize;
+
 /// One tensor of a multi-tensor AdamW update (see [`AdamwTable`]).
 #[derive(Clone, Copy)]
 pub struct AdamwTensor<'a> {
@@ -1791,7 +1795,7 @@ impl AdamwTable {
             if let Some(h) = t.half {
                 expect_len(OP, "param_half", h, n)?;
             }
-            let own = blocks_for(n) as usize;
+            let own = n.div_ceil(ADAMW_BLOCK_ELEMENTS).max(1);
             words.extend([
                 t.param.ptr(),
                 t.half.map_or(0, DeviceBuffer::ptr),
