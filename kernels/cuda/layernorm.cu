@@ -248,14 +248,14 @@ __device__ __forceinline__ void layernorm_forward_vec_row(__half* y, float* mean
 
 /// Backward for rows [w·R, (w+1)·R) of warp w (R = `rows_per_warp`; a warp past the last row
 /// takes none), width ≤ 256·VECS and a multiple of 8. Each warp sums its rows' dγ, dβ in
-/// registers; the block's warps then add theirs in shared memory, warp 0 first, and the block
-/// writes one partial row pair at partials[blockIdx.x] ([blocks, 2, D]): a fixed order, and a
-/// block's worth fewer partials to write and add up than one per warp.
+/// registers; the block's warps' sums are then added in shared memory in warp order, and the
+/// block writes one partial row pair at partials[blockIdx.x] ([blocks, 2, D]): a fixed order,
+/// and a block's worth fewer partials to write and add up than one per warp.
 template <int VECS>
 __device__ __forceinline__ void layernorm_backward_vec_rows(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
-    __shared__ float block_sums[2 * 256 * VECS];  // dγ then dβ, `width` each
+    __shared__ __align__(16) float warp_sums[8 * 256 * VECS];  // a row of `width` a warp
     const int lane = threadIdx.x & 31;
     const int warp_in_block = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int warp = blockIdx.x * warps + warp_in_block;
@@ -326,26 +326,35 @@ __device__ __forceinline__ void layernorm_backward_vec_rows(
             }
         }
     }
-    // The block's partials: warp 0 stores its sums, warps 1, 2, … add theirs in turn.
-    for (int w = 0; w < warps; ++w) {
-        if (w == warp_in_block) {
+    // The block's partials, dγ then dβ: every warp stores its sums in its own row of
+    // `warp_sums` at once, then each thread adds up one column's rows in warp order from 0.0f
+    // (the order, and so the bits, of the serial version, where warp after warp added its sums
+    // into one row between barriers: GPU run 21 timed this kernel at ~1.8 TB/s, ~60 µs a
+    // seed-768 call, that chain of 8 one-warp steps taking about as long as a block's rows).
+    if (warps > 8) __trap();  // warp_sums holds 8 rows (the launcher's 256 threads)
 #pragma unroll
-            for (int k = 0; k < VECS; ++k) {
-                const int i = 256 * k + 8 * lane;
-                if (i < width)
+    for (int which = 0; which < 2; ++which) {
+        if (which == 1) __syncthreads();  // every thread is done reading dγ's rows
+        float* mine = warp_sums + warp_in_block * width;
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        const float g0 = w == 0 ? 0.0f : block_sums[i + e];
-                        const float b0 = w == 0 ? 0.0f : block_sums[width + i + e];
-                        block_sums[i + e] = g0 + dgamma[k][e];
-                        block_sums[width + i + e] = b0 + dbeta[k][e];
-                    }
+        for (int k = 0; k < VECS; ++k) {
+            const int i = 256 * k + 8 * lane;
+            if (i < width) {
+                const float(&sums)[8] = which == 0 ? dgamma[k] : dbeta[k];
+                reinterpret_cast<float4*>(mine + i)[0] =
+                    make_float4(sums[0], sums[1], sums[2], sums[3]);
+                reinterpret_cast<float4*>(mine + i)[1] =
+                    make_float4(sums[4], sums[5], sums[6], sums[7]);
             }
         }
         __syncthreads();
+        float* out = partials + ((long long)blockIdx.x * 2 + which) * width;
+        for (int c = threadIdx.x; c < width; c += blockDim.x) {
+            float total = 0.0f;
+            for (int w = 0; w < warps; ++w) total += warp_sums[w * width + c];
+            out[c] = total;
+        }
     }
-    float* out = partials + (long long)blockIdx.x * 2 * width;
-    for (int i = threadIdx.x; i < 2 * width; i += blockDim.x) out[i] = block_sums[i];
 }
 
 extern "C" __global__ void layernorm_forward_vec1_f16(__half* y, float* mean_out,
