@@ -366,4 +366,18 @@ __device__ __forceinline__ unsigned long long splitmix_mix(unsigned long long z)
     return z ^ (z >> 31);
 }
 
+/// Dropout of the eight elements i..i + 7 (flat indices into their buffer) in `v`: each kept
+/// and scaled (rounded to fp16) or zero, by dropout.cu's mask (element j kept when
+/// mix(base + (j + 1)·γ) ≥ threshold). Shared by the dropout kernels and the LayerNorm kernels
+/// that fuse a dropout, so each fused kernel gives the unfused pair's bits.
+__device__ __forceinline__ void dropped8(float (&v)[8], long long i, unsigned long long base,
+                                         unsigned long long threshold, float keep_scale) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const unsigned long long h =
+            splitmix_mix(base + (unsigned long long)(i + e + 1) * 0x9e3779b97f4a7c15ull);
+        v[e] = h >= threshold ? __half2float(__float2half_rn(v[e] * keep_scale)) : 0.0f;
+    }
+}
+
 }  // namespace chingu

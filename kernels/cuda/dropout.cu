@@ -25,19 +25,6 @@ __device__ __forceinline__ __half dropped(const __half* x, int i, unsigned long 
 // one element a thread, add_dropped_f16 and dropped_copy_f16 took ~50 µs a call for
 // seed-768's 18,432 × 768 (~1.6 TB/s), 3.1 ms a step.
 
-/// Dropout of the eight elements i..i + 7 in `v`, each kept and scaled (rounded to fp16, as
-/// `dropped` rounds it) or zero; the fused kernels then add or copy, so each equals dropout_f16
-/// followed by its other op, bit for bit.
-__device__ __forceinline__ void dropped8(float (&v)[8], int i, unsigned long long base,
-                                         unsigned long long threshold, float keep_scale) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        const unsigned long long h = chingu::splitmix_mix(
-            base + (unsigned long long)(i + e + 1) * 0x9e3779b97f4a7c15ull);
-        v[e] = h >= threshold ? __half2float(__float2half_rn(v[e] * keep_scale)) : 0.0f;
-    }
-}
-
 /// The element of the last n % 8 (past the groups of eight) this thread takes, or −1.
 __device__ __forceinline__ int tail_element(int n) {
     const long long i = (long long)(n / 8) * 8 + blockIdx.x * blockDim.x + threadIdx.x;
@@ -52,7 +39,7 @@ __device__ __forceinline__ void copy_dropped(__half* out, const __half* x, unsig
     for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < n / 8; g += gridDim.x * blockDim.x) {
         float v[8];
         chingu::load_half8(v, x + 8 * g);
-        dropped8(v, 8 * g, base, threshold, keep_scale);
+        chingu::dropped8(v, 8 * g, base, threshold, keep_scale);
         chingu::store_half8(out + 8 * g, v);
     }
     const int i = tail_element(n);
@@ -71,7 +58,7 @@ extern "C" __global__ void add_dropped_f16(__half* x, const __half* residual,
         float v[8], r[8];
         chingu::load_half8(v, x + 8 * g);
         chingu::load_half8(r, residual + 8 * g);
-        dropped8(v, 8 * g, base, threshold, keep_scale);
+        chingu::dropped8(v, 8 * g, base, threshold, keep_scale);
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = r[e] + v[e];
         chingu::store_half8(x + 8 * g, v);

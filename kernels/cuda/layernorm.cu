@@ -193,13 +193,17 @@ extern "C" __global__ void layernorm_backward_f16(__half* dx, float* partials, c
 // Vector kernels: one warp per row, 8 columns per access (see the file comment).
 // ---------------------------------------------------------------------------------------------
 
-/// Forward for one row per warp, width ≤ 256·VECS and a multiple of 8.
-template <int VECS>
-__device__ __forceinline__ void layernorm_forward_vec_row(__half* y, float* mean_out,
-                                                          float* rstd_out, const __half* x,
-                                                          const __half* gamma,
-                                                          const __half* beta, int rows,
-                                                          int width) {
+/// Forward for one row per warp, width ≤ 256·VECS and a multiple of 8. ADD: the row is first
+/// made x = residual + dropout(x) (threshold 0: no dropout) and written over x (`sum_out`, the
+/// same buffer), as add_dropped_f16 (or add_assign_f16) would write it, then normalised from
+/// those fp16 values: the pair's bits in one pass (the model's residual add and the next
+/// block's LayerNorm).
+template <int VECS, bool ADD>
+__device__ __forceinline__ void layernorm_forward_vec_row(
+    __half* y, float* mean_out, float* rstd_out, const __half* x, const __half* gamma,
+    const __half* beta, int rows, int width, __half* sum_out = nullptr,
+    const __half* residual = nullptr, unsigned long long base = 0,
+    unsigned long long threshold = 0, float keep_scale = 1.0f) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;  // warp-uniform
@@ -211,6 +215,14 @@ __device__ __forceinline__ void layernorm_forward_vec_row(__half* y, float* mean
         const int i = 256 * k + 8 * lane;
         if (i < width) {
             chingu::load_half8(v[k], x + off + i);
+            if (ADD) {
+                float r[8];
+                chingu::load_half8(r, residual + off + i);
+                if (threshold != 0) chingu::dropped8(v[k], off + i, base, threshold, keep_scale);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[k][e] = __half2float(__float2half_rn(r[e] + v[k][e]));
+                chingu::store_half8(sum_out + off + i, v[k]);
+            }
 #pragma unroll
             for (int e = 0; e < 8; ++e) s += v[k][e];
         }
@@ -251,10 +263,12 @@ __device__ __forceinline__ void layernorm_forward_vec_row(__half* y, float* mean
 /// registers; the block's warps' sums are then added in shared memory in warp order, and the
 /// block writes one partial row pair at partials[blockIdx.x] ([blocks, 2, D]): a fixed order,
 /// and a block's worth fewer partials to write and add up than one per warp.
-template <int VECS>
+template <int VECS, bool DROPPED>
 __device__ __forceinline__ void layernorm_backward_vec_rows(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
-    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
+    const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp,
+    __half* d_dropped = nullptr, unsigned long long base = 0, unsigned long long threshold = 0,
+    float keep_scale = 1.0f) {
     __shared__ __align__(16) float warp_sums[8 * 256 * VECS];  // a row of `width` a warp
     const int lane = threadIdx.x & 31;
     const int warp_in_block = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -323,6 +337,13 @@ __device__ __forceinline__ void layernorm_backward_vec_rows(
                     d[e] += rs * (g[e] * gm[e] - mean_dxhat - xh * mean_dxhat_xhat);
                 }
                 chingu::store_half8(dx + off + i, d);
+                if (DROPPED) {
+                    // dropout(dx) as dropped_copy_f16 makes it from the fp16 dx just stored.
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) d[e] = __half2float(__float2half_rn(d[e]));
+                    if (threshold != 0) chingu::dropped8(d, off + i, base, threshold, keep_scale);
+                    chingu::store_half8(d_dropped + off + i, d);
+                }
             }
         }
     }
@@ -361,13 +382,13 @@ extern "C" __global__ void layernorm_forward_vec1_f16(__half* y, float* mean_out
                                                     float* rstd_out, const __half* x,
                                                     const __half* gamma, const __half* beta,
                                                     int rows, int width) {
-    layernorm_forward_vec_row<1>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+    layernorm_forward_vec_row<1, false>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) layernorm_backward_vec1_f16(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
-    layernorm_backward_vec_rows<1>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+    layernorm_backward_vec_rows<1, false>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
                                    rows_per_warp);
 }
 
@@ -375,13 +396,13 @@ extern "C" __global__ void layernorm_forward_vec2_f16(__half* y, float* mean_out
                                                     float* rstd_out, const __half* x,
                                                     const __half* gamma, const __half* beta,
                                                     int rows, int width) {
-    layernorm_forward_vec_row<2>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+    layernorm_forward_vec_row<2, false>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) layernorm_backward_vec2_f16(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
-    layernorm_backward_vec_rows<2>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+    layernorm_backward_vec_rows<2, false>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
                                    rows_per_warp);
 }
 
@@ -389,13 +410,13 @@ extern "C" __global__ void layernorm_forward_vec3_f16(__half* y, float* mean_out
                                                     float* rstd_out, const __half* x,
                                                     const __half* gamma, const __half* beta,
                                                     int rows, int width) {
-    layernorm_forward_vec_row<3>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+    layernorm_forward_vec_row<3, false>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) layernorm_backward_vec3_f16(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
-    layernorm_backward_vec_rows<3>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+    layernorm_backward_vec_rows<3, false>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
                                    rows_per_warp);
 }
 
@@ -403,7 +424,7 @@ extern "C" __global__ void layernorm_forward_vec4_f16(__half* y, float* mean_out
                                                     float* rstd_out, const __half* x,
                                                     const __half* gamma, const __half* beta,
                                                     int rows, int width) {
-    layernorm_forward_vec_row<4>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
+    layernorm_forward_vec_row<4, false>(y, mean_out, rstd_out, x, gamma, beta, rows, width);
 }
 
 // No register bound here: at two blocks an SM (128 registers) it spills 40–48 bytes a thread
@@ -411,6 +432,58 @@ extern "C" __global__ void layernorm_forward_vec4_f16(__half* y, float* mean_out
 extern "C" __global__ void layernorm_backward_vec4_f16(
     __half* dx, float* partials, const __half* dy, const __half* x, const float* mean,
     const float* rstd, const __half* gamma, int rows, int width, int rows_per_warp) {
-    layernorm_backward_vec_rows<4>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
+    layernorm_backward_vec_rows<4, false>(dx, partials, dy, x, mean, rstd, gamma, rows, width,
                                    rows_per_warp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same kernels with the dropout around them fused in (the model's residual stream, pre-norm):
+// forward, x = residual + dropout(x) written back, then its LayerNorm (add_dropped_f16 then
+// layernorm_forward_vec*); backward, after dx, dropout(dx) into d_dropped (layernorm_backward_vec*
+// then dropped_copy_f16, with the earlier block's key). Threshold 0: no dropout (a plain add, a
+// copy). One pass over the rows instead of two; the same bits as the pairs.
+// ---------------------------------------------------------------------------------------------
+#define CHINGU_LN_ADD_PARAMS                                                                  \
+    __half *y, float *mean_out, float *rstd_out, __half *x, const __half *residual,           \
+        const __half *gamma, const __half *beta, int rows, int width, unsigned long long base, \
+        unsigned long long threshold, float keep_scale
+#define CHINGU_LN_ADD_ARGS                                                                 \
+    y, mean_out, rstd_out, x, gamma, beta, rows, width, x, residual, base, threshold, \
+        keep_scale
+#define CHINGU_LN_DROPPED_PARAMS                                                              \
+    __half *dx, float *partials, const __half *dy, const __half *x, const float *mean,         \
+        const float *rstd, const __half *gamma, int rows, int width, int rows_per_warp,        \
+        __half *d_dropped, unsigned long long base, unsigned long long threshold,               \
+        float keep_scale
+#define CHINGU_LN_DROPPED_ARGS                                                               \
+    dx, partials, dy, x, mean, rstd, gamma, rows, width, rows_per_warp, d_dropped, base,      \
+        threshold, keep_scale
+
+extern "C" __global__ void layernorm_forward_add_dropped_vec1_f16(CHINGU_LN_ADD_PARAMS) {
+    layernorm_forward_vec_row<1, true>(CHINGU_LN_ADD_ARGS);
+}
+extern "C" __global__ void layernorm_forward_add_dropped_vec2_f16(CHINGU_LN_ADD_PARAMS) {
+    layernorm_forward_vec_row<2, true>(CHINGU_LN_ADD_ARGS);
+}
+extern "C" __global__ void layernorm_forward_add_dropped_vec3_f16(CHINGU_LN_ADD_PARAMS) {
+    layernorm_forward_vec_row<3, true>(CHINGU_LN_ADD_ARGS);
+}
+extern "C" __global__ void layernorm_forward_add_dropped_vec4_f16(CHINGU_LN_ADD_PARAMS) {
+    layernorm_forward_vec_row<4, true>(CHINGU_LN_ADD_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    layernorm_backward_dropped_vec1_f16(CHINGU_LN_DROPPED_PARAMS) {
+    layernorm_backward_vec_rows<1, true>(CHINGU_LN_DROPPED_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(256, 2)
+    layernorm_backward_dropped_vec2_f16(CHINGU_LN_DROPPED_PARAMS) {
+    layernorm_backward_vec_rows<2, true>(CHINGU_LN_DROPPED_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(256, 2)
+    layernorm_backward_dropped_vec3_f16(CHINGU_LN_DROPPED_PARAMS) {
+    layernorm_backward_vec_rows<3, true>(CHINGU_LN_DROPPED_ARGS);
+}
+extern "C" __global__ void layernorm_backward_dropped_vec4_f16(CHINGU_LN_DROPPED_PARAMS) {
+    layernorm_backward_vec_rows<4, true>(CHINGU_LN_DROPPED_ARGS);
 }

@@ -330,6 +330,61 @@ pub trait Backend: Send + Sync {
         y
     }
 
+    /// `x = residual + dropout(x)` (`p` 0: `x += residual`), then the LayerNorm of that sum
+    /// into `y`, `mean`, `rstd`: the residual stream between pre-norm blocks, the next block's
+    /// norm read from the sum just written. Default: [`Backend::add_dropped`] (or
+    /// [`Backend::add_assign`]), then [`Backend::layernorm_forward`]; a GPU does both in one
+    /// pass, with the same result.
+    #[allow(clippy::too_many_arguments)]
+    fn add_dropped_layernorm_forward(
+        &self,
+        x: &mut Self::Buf,
+        residual: &Self::Buf,
+        p: f32,
+        key: DropoutKey,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        rows: usize,
+        width: usize,
+    ) {
+        if p > 0.0 {
+            self.add_dropped(x, residual, p, key);
+        } else {
+            self.add_assign(x, residual);
+        }
+        self.layernorm_forward(y, mean, rstd, x, gamma, beta, rows, width);
+    }
+    /// [`Backend::layernorm_backward`], then `dropout(dx)` in a new buffer (`p` 0: a copy of
+    /// dx): the residual stream's gradient and the earlier block's sublayer-output gradient.
+    /// Default: the two calls ([`Backend::dropped_copy`] or [`Backend::duplicate`]); a GPU
+    /// does both in one pass, with the same result.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_dropped(
+        &self,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        width: usize,
+        p: f32,
+        key: DropoutKey,
+    ) -> Self::Buf {
+        self.layernorm_backward(dx, dgamma, dbeta, dy, x, mean, rstd, gamma, rows, width);
+        if p > 0.0 {
+            self.dropped_copy(dx, p, key)
+        } else {
+            self.duplicate(dx)
+        }
+    }
+
     /// Multi-head scaled-dot-product attention with masks from lengths: q `[B·Tq, D]`,
     /// k and v `[B·Tk, D]`, out `[B·Tq, D]`; saves softmax probabilities `probs`
     /// `[B, H, Tq, Tk]` for backward. Key j of batch row b is visible when `j < key_len[b]`

@@ -455,6 +455,124 @@ fn layernorm_matches_the_cpu_backend() {
     }
 }
 
+/// The residual stream's fused LayerNorm kernels give, bit for bit, the pairs they replace:
+/// forward, `add_dropped` (or `add_assign` at p 0) then `layernorm_forward`; backward,
+/// `layernorm_backward` then `dropped_copy` — at every vector width (and at widths the vector
+/// kernels do not take, where the launcher runs the pair itself), with and without dropout.
+/// (The pairs are checked against the CPU backend above and in the dropout tests.)
+#[test]
+fn fused_residual_layernorm_equals_the_kernels_it_replaces() {
+    let mut rng = SplitMix64(14);
+    for dev in devices() {
+        for &(rows, width) in &[(37, 200), (300, 384), (70, 768), (20, 1000), (9, 100), (5, 1030)] {
+            for p in [0.0f32, 0.1] {
+                let n = rows * width;
+                let what = format!("{rows} × {width}, p {p}, on {}", dev.name());
+                let key = DropoutKey { seed: 21 + n as u64, step: 4, site: 10_002 };
+                let (sh, _) = random_half(&mut rng, n, -1.0, 1.0);
+                let (rh, _) = random_half(&mut rng, n, 2.0, 6.0);
+                let (gh, _) = random_half(&mut rng, width, 0.5, 1.5);
+                let (bh, _) = random_half(&mut rng, width, -0.5, 0.5);
+                let (gd, bd, rd) = (up(&dev, &gh), up(&dev, &bh), up(&dev, &rh));
+                let half_bits = |b: &DeviceBuffer<f16>| -> Vec<u16> {
+                    b.to_host().unwrap().iter().map(|x| x.to_bits()).collect()
+                };
+                let float_bits = |b: &DeviceBuffer<f32>| -> Vec<u32> {
+                    b.to_host().unwrap().iter().map(|x| x.to_bits()).collect()
+                };
+
+                // Forward: the pair, then the fused kernel on the same inputs.
+                let mut pair_x = up(&dev, &sh);
+                if p > 0.0 {
+                    ops::add_dropped(&dev, &mut pair_x, &rd, p, key).unwrap();
+                } else {
+                    ops::add_assign(&dev, &mut pair_x, &rd).unwrap();
+                }
+                let (mut pair_y, mut pair_mean, mut pair_rstd) =
+                    (poisoned_half(&dev, n), poisoned_f32(&dev, rows), poisoned_f32(&dev, rows));
+                ops::layernorm_forward(
+                    &dev,
+                    &mut pair_y,
+                    &mut pair_mean,
+                    &mut pair_rstd,
+                    &pair_x,
+                    &gd,
+                    &bd,
+                    rows,
+                    width,
+                )
+                .unwrap();
+                let mut x = up(&dev, &sh);
+                let (mut y, mut mean, mut rstd) =
+                    (poisoned_half(&dev, n), poisoned_f32(&dev, rows), poisoned_f32(&dev, rows));
+                ops::add_dropped_layernorm_forward(
+                    &dev, &mut x, &rd, p, key, &mut y, &mut mean, &mut rstd, &gd, &bd, rows, width,
+                )
+                .unwrap();
+                assert_eq!(half_bits(&x), half_bits(&pair_x), "forward sum, {what}");
+                assert_eq!(half_bits(&y), half_bits(&pair_y), "forward y, {what}");
+                assert_eq!(float_bits(&mean), float_bits(&pair_mean), "forward mean, {what}");
+                assert_eq!(float_bits(&rstd), float_bits(&pair_rstd), "forward rstd, {what}");
+                if p > 0.0 {
+                    let zeros =
+                        x.to_host().unwrap().iter().zip(&rh).filter(|(a, b)| a == b).count();
+                    assert!(zeros > 0 && zeros < n, "{what}: some elements dropped ({zeros})");
+                }
+
+                // Backward onto non-zero dx, dγ, dβ, from the forward's statistics.
+                let (dyh, _) = random_half(&mut rng, n, -1.0, 1.0);
+                let (dx0, _) = random_half(&mut rng, n, -0.5, 0.5);
+                let (dg0, db0) = (
+                    random_f32(&mut rng, width, -1.0, 1.0),
+                    random_f32(&mut rng, width, -1.0, 1.0),
+                );
+                let dyd = up(&dev, &dyh);
+                let (mut pair_dx, mut pair_dg, mut pair_db) =
+                    (up(&dev, &dx0), up(&dev, &dg0), up(&dev, &db0));
+                ops::layernorm_backward(
+                    &dev,
+                    &mut pair_dx,
+                    &mut pair_dg,
+                    &mut pair_db,
+                    &dyd,
+                    &x,
+                    &mean,
+                    &rstd,
+                    &gd,
+                    rows,
+                    width,
+                )
+                .unwrap();
+                let mut pair_dropped = poisoned_half(&dev, n);
+                ops::dropped_copy(&dev, &mut pair_dropped, &pair_dx, p, key).unwrap();
+                let (mut dx, mut dg, mut db) = (up(&dev, &dx0), up(&dev, &dg0), up(&dev, &db0));
+                let mut dropped = poisoned_half(&dev, n);
+                ops::layernorm_backward_dropped(
+                    &dev,
+                    &mut dx,
+                    &mut dg,
+                    &mut db,
+                    &dyd,
+                    &x,
+                    &mean,
+                    &rstd,
+                    &gd,
+                    rows,
+                    width,
+                    &mut dropped,
+                    p,
+                    key,
+                )
+                .unwrap();
+                assert_eq!(half_bits(&dx), half_bits(&pair_dx), "backward dx, {what}");
+                assert_eq!(float_bits(&dg), float_bits(&pair_dg), "backward dγ, {what}");
+                assert_eq!(float_bits(&db), float_bits(&pair_db), "backward dβ, {what}");
+                assert_eq!(half_bits(&dropped), half_bits(&pair_dropped), "dropout(dx), {what}");
+            }
+        }
+    }
+}
+
 #[test]
 fn embedding_matches_the_cpu_backend() {
     let mut rng = SplitMix64(6);

@@ -47,7 +47,7 @@ pub struct LinearIdx {
 }
 
 /// Indices of a LayerNorm's tensors.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormIdx {
     /// gain `[D]`
     pub gamma: usize,

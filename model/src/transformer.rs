@@ -160,6 +160,40 @@ pub(crate) struct NormActs<B: Backend> {
     pub(crate) y: B::Buf,
     mean: B::Buf,
     rstd: B::Buf,
+    /// Which LayerNorm's parameters made `y`.
+    idx: NormIdx,
+}
+
+/// A pre-norm block's output on its way into the next LayerNorm. The block normalises it as
+/// it writes it (`Backend::add_dropped_layernorm_forward`: one pass on a GPU) where it knows
+/// that norm, so the next block, or the stack's final norm, takes it normalised.
+enum Residual<B: Backend> {
+    Raw(B::Buf),
+    Normed(NormActs<B>),
+}
+
+/// The residual stream's gradient and, pre-norm, the dropout of it that the block it goes to
+/// next needs for its sublayer (that block's site, the values): made in the same pass as the
+/// LayerNorm backward that wrote the stream (`Backend::layernorm_backward_dropped`).
+struct ResidualGrad<B: Backend> {
+    d: B::Buf,
+    dropped: Option<(u64, B::Buf)>,
+}
+
+impl<B: Backend> ResidualGrad<B> {
+    fn plain(d: B::Buf) -> Self {
+        Self { d, dropped: None }
+    }
+}
+
+impl<B: Backend> Residual<B> {
+    /// The stream itself (what a post-norm block, or a stack without a final norm, reads).
+    fn into_raw(self) -> B::Buf {
+        match self {
+            Residual::Raw(x) => x,
+            Residual::Normed(acts) => acts.input,
+        }
+    }
 }
 
 /// A sublayer's saved activations; its input is the block's (see [`BlockActs::sub_input`]).
@@ -361,7 +395,53 @@ impl<B: Backend> Model<B> {
             rows,
             d,
         );
-        NormActs { input: x, y, mean, rstd }
+        NormActs { input: x, y, mean, rstd, idx }
+    }
+
+    /// `idx` where blocks are pre-norm (their output goes into that LayerNorm next), else none.
+    fn pre_norm(&self, idx: NormIdx) -> Option<NormIdx> {
+        (self.config.norm == NormPlacement::Pre).then_some(idx)
+    }
+
+    /// LayerNorm `idx` of the residual stream `x`: computed here, or already by the block that
+    /// wrote it.
+    fn normed(&self, x: Residual<B>, idx: NormIdx, rows: usize) -> NormActs<B> {
+        match x {
+            Residual::Raw(x) => self.norm(x, idx, rows),
+            Residual::Normed(acts) => {
+                assert_eq!(acts.idx, idx, "the residual stream was normalised for another block");
+                acts
+            }
+        }
+    }
+
+    /// `out = residual + dropout(out)`, then LayerNorm `idx` of it (the next block's).
+    fn add_dropped_norm(
+        &self,
+        mut out: B::Buf,
+        residual: &B::Buf,
+        idx: NormIdx,
+        drop: DropoutCtx,
+        site: u64,
+        rows: usize,
+    ) -> NormActs<B> {
+        let d = self.config.d_model;
+        let stats = || self.backend.zeros_as(rows, BufRole::Statistics);
+        let (mut y, mut mean, mut rstd) = (self.backend.for_overwrite(rows * d), stats(), stats());
+        self.backend.add_dropped_layernorm_forward(
+            &mut out,
+            residual,
+            drop.p,
+            drop.key(site),
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            &self.params[idx.gamma],
+            &self.params[idx.beta],
+            rows,
+            d,
+        );
+        NormActs { input: out, y, mean, rstd, idx }
     }
 
     fn attention(
@@ -445,16 +525,21 @@ impl<B: Backend> Model<B> {
 
     /// One residual block: pre-norm `x + F(LN(x))` or post-norm `LN(x + F(x))`.
     #[allow(clippy::too_many_arguments)]
+    /// One residual block on the stream `x`. Pre-norm, `next_norm` is the LayerNorm that reads
+    /// the block's output (the next block's, or the stack's final one), applied as the output
+    /// is written.
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
-        x: B::Buf,
+        x: Residual<B>,
         norm: NormIdx,
         sub: Sublayer,
         side: Side<'_>,
         memory: Option<(&B::Buf, Side<'_>)>,
         drop: DropoutCtx,
         site: u64,
-    ) -> (B::Buf, BlockActs<B>) {
+        next_norm: Option<NormIdx>,
+    ) -> (Residual<B>, BlockActs<B>) {
         let rows = side.batch * side.len;
         let run = |input: &B::Buf| -> (B::Buf, SubActs<B>) {
             match sub {
@@ -478,21 +563,35 @@ impl<B: Backend> Model<B> {
             // is saved as it is (the LayerNorm's input, or post-norm's sublayer input), never
             // copied.
             NormPlacement::Pre => {
-                let norm_acts = self.norm(x, norm, rows);
+                let norm_acts = self.normed(x, norm, rows);
                 let (mut out, sub_acts) = run(&norm_acts.y);
-                drop.add_dropped(&self.backend, &mut out, &norm_acts.input, site);
+                let out = match next_norm {
+                    Some(next) => Residual::Normed(self.add_dropped_norm(
+                        out,
+                        &norm_acts.input,
+                        next,
+                        drop,
+                        site,
+                        rows,
+                    )),
+                    None => {
+                        drop.add_dropped(&self.backend, &mut out, &norm_acts.input, site);
+                        Residual::Raw(out)
+                    }
+                };
                 let acts =
                     BlockActs { norm: norm_acts, sub: sub_acts, site, post_norm_input: None };
                 (out, acts)
             }
             NormPlacement::Post => {
+                let x = x.into_raw();
                 let (mut z, sub_acts) = run(&x);
                 drop.add_dropped(&self.backend, &mut z, &x, site);
                 let norm_acts = self.norm(z, norm, rows);
                 let out = self.backend_clone(&norm_acts.y);
                 let acts =
                     BlockActs { norm: norm_acts, sub: sub_acts, site, post_norm_input: Some(x) };
-                (out, acts)
+                (Residual::Raw(out), acts)
             }
         }
     }
@@ -507,10 +606,12 @@ impl<B: Backend> Model<B> {
         drop: DropoutCtx,
     ) -> (B::Buf, Vec<BlockActs<B>>, Option<NormActs<B>>) {
         let ns = src_side.batch * src_side.len;
-        let mut x = self.embed(src, src_side.len, drop, 1);
+        let mut x = Residual::Raw(self.embed(src, src_side.len, drop, 1));
         let mut enc_blocks = Vec::new();
-        for (l, layer) in self.layout.encoder.iter().enumerate() {
+        let layers = &self.layout.encoder;
+        for (l, layer) in layers.iter().enumerate() {
             let site = 100 + 10 * l as u64;
+            let next = layers.get(l + 1).map(|n| n.ln1).or(self.layout.encoder_ln_f);
             let (h, a) = self.block(
                 x,
                 layer.ln1,
@@ -519,6 +620,7 @@ impl<B: Backend> Model<B> {
                 None,
                 drop,
                 site,
+                self.pre_norm(layer.ln2),
             );
             enc_blocks.push(a);
             let (out, a) = self.block(
@@ -529,16 +631,17 @@ impl<B: Backend> Model<B> {
                 None,
                 drop,
                 site + 1,
+                next.and_then(|n| self.pre_norm(n)),
             );
             enc_blocks.push(a);
             x = out;
         }
         match self.layout.encoder_ln_f {
             Some(idx) => {
-                let acts = self.norm(x, idx, ns);
+                let acts = self.normed(x, idx, ns);
                 (self.backend_clone(&acts.y), enc_blocks, Some(acts))
             }
-            None => (x, enc_blocks, None),
+            None => (x.into_raw(), enc_blocks, None),
         }
     }
 
@@ -551,10 +654,12 @@ impl<B: Backend> Model<B> {
 
         let (memory, enc_blocks, enc_final) = self.encoder_stack(&batch.src, src_side, drop);
 
-        let mut x = self.embed(&batch.tgt_in, batch.tgt_len, drop, 2);
+        let mut x = Residual::Raw(self.embed(&batch.tgt_in, batch.tgt_len, drop, 2));
         let mut dec_blocks = Vec::new();
-        for (l, layer) in self.layout.decoder.iter().enumerate() {
+        let layers = &self.layout.decoder;
+        for (l, layer) in layers.iter().enumerate() {
             let site = 10_000 + 10 * l as u64;
+            let next = layers.get(l + 1).map(|n| n.ln1).or(self.layout.decoder_ln_f);
             let (h1, a) = self.block(
                 x,
                 layer.ln1,
@@ -563,6 +668,7 @@ impl<B: Backend> Model<B> {
                 None,
                 drop,
                 site,
+                self.pre_norm(layer.ln2),
             );
             dec_blocks.push(a);
             let (h2, a) = self.block(
@@ -573,6 +679,7 @@ impl<B: Backend> Model<B> {
                 Some((&memory, src_side)),
                 drop,
                 site + 1,
+                self.pre_norm(layer.ln3),
             );
             dec_blocks.push(a);
             let (out, a) = self.block(
@@ -583,16 +690,17 @@ impl<B: Backend> Model<B> {
                 None,
                 drop,
                 site + 2,
+                next.and_then(|n| self.pre_norm(n)),
             );
             dec_blocks.push(a);
             x = out;
         }
         let (y, dec_final) = match self.layout.decoder_ln_f {
             Some(idx) => {
-                let acts = self.norm(x, idx, nt);
+                let acts = self.normed(x, idx, nt);
                 (self.backend_clone(&acts.y), Some(acts))
             }
-            None => (x, None),
+            None => (x.into_raw(), None),
         };
         let logits = self.backend.linear(
             &y,
@@ -743,6 +851,36 @@ impl<B: Backend> Model<B> {
         );
     }
 
+    /// [`Self::norm_back`], returning dropout(dx) with `site`'s key as well (one pass on a GPU).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_back_dropped(
+        &mut self,
+        dx: &mut B::Buf,
+        idx: NormIdx,
+        dy: &B::Buf,
+        acts: &NormActs<B>,
+        rows: usize,
+        dropout: DropoutCtx,
+        site: u64,
+    ) -> B::Buf {
+        let d = self.config.d_model;
+        let (dg, db) = pair_mut(&mut self.grads, idx.gamma, idx.beta);
+        self.backend.layernorm_backward_dropped(
+            dx,
+            dg,
+            db,
+            dy,
+            &acts.input,
+            &acts.mean,
+            &acts.rstd,
+            &self.params[idx.gamma],
+            rows,
+            d,
+            dropout.p,
+            dropout.key(site),
+        )
+    }
+
     /// Backward through a sublayer that read `input`: returns d(input); cross-attention adds
     /// its key/value gradient into `d_memory`.
     fn sub_back(
@@ -818,31 +956,46 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Backward through one residual block: the stream's gradient in, the block input's out.
+    /// Pre-norm, `prev_site` is the dropout site of the block (or embedding) the gradient goes
+    /// to next, whose dropout of it is made with this block's LayerNorm backward.
+    #[allow(clippy::too_many_arguments)]
     fn block_back(
         &mut self,
-        d_out: B::Buf,
+        d_out: ResidualGrad<B>,
         norm: NormIdx,
         sub: Sublayer,
         acts: &BlockActs<B>,
         dropout: DropoutCtx,
         cross: Option<(&mut B::Buf, &B::Buf)>,
-    ) -> B::Buf {
+        prev_site: u64,
+    ) -> ResidualGrad<B> {
+        let ResidualGrad { d: d_out, dropped } = d_out;
         let rows = self.backend.len(&d_out) / self.config.d_model;
         match self.config.norm {
             NormPlacement::Pre => {
-                let d_s = dropout.dropped_copy(&self.backend, &d_out, acts.site);
+                let d_s = match dropped {
+                    Some((site, d_s)) => {
+                        assert_eq!(site, acts.site, "the gradient was dropped for another block");
+                        d_s
+                    }
+                    None => dropout.dropped_copy(&self.backend, &d_out, acts.site),
+                };
                 let d_y = self.sub_back(sub, &acts.sub, acts.sub_input(), &d_s, cross);
+                drop(d_s);
                 let mut d_x = d_out;
-                self.norm_back(&mut d_x, norm, &d_y, &acts.norm, rows);
-                d_x
+                let d_prev = self
+                    .norm_back_dropped(&mut d_x, norm, &d_y, &acts.norm, rows, dropout, prev_site);
+                ResidualGrad { d: d_x, dropped: Some((prev_site, d_prev)) }
             }
             NormPlacement::Post => {
+                assert!(dropped.is_none(), "post-norm blocks drop their own gradient");
                 let mut d_z = self.backend.zeros(self.backend.len(&d_out));
                 self.norm_back(&mut d_z, norm, &d_out, &acts.norm, rows);
                 let d_s = dropout.dropped_copy(&self.backend, &d_z, acts.site);
                 let d_in = self.sub_back(sub, &acts.sub, acts.sub_input(), &d_s, cross);
                 self.backend.add_assign(&mut d_z, &d_in);
-                d_z
+                ResidualGrad::plain(d_z)
             }
         }
     }
@@ -891,46 +1044,55 @@ impl<B: Backend> Model<B> {
         );
         drop(d_logits);
 
+        // The dropout site each block's input came through: the previous block's, or the
+        // embedding's (1 source, 2 target) for the first.
+        let prev_site = |blocks: &[BlockActs<B>], i: usize, embedding: u64| {
+            i.checked_sub(1).map_or(embedding, |p| blocks[p].site)
+        };
         let mut d_x = match (&dec_final, self.layout.decoder_ln_f) {
             (Some(a), Some(idx)) => {
                 let mut d_x = self.backend.zeros(nt * d);
-                self.norm_back(&mut d_x, idx, &d_y, a, nt);
-                d_x
+                let prev = prev_site(&dec_blocks, dec_blocks.len(), 2);
+                let d_prev = self.norm_back_dropped(&mut d_x, idx, &d_y, a, nt, dropout, prev);
+                ResidualGrad { d: d_x, dropped: Some((prev, d_prev)) }
             }
-            _ => d_y,
+            _ => ResidualGrad::plain(d_y),
         };
         done(self);
         let mut d_memory = self.backend.zeros(ns * d);
         let layers = self.layout.decoder.clone();
         for (l, layer) in layers.iter().enumerate().rev() {
-            let blocks = &dec_blocks[3 * l..3 * l + 3];
+            let i = 3 * l;
             d_x = self.block_back(
                 d_x,
                 layer.ln3,
                 Sublayer::Ffn { idx: layer.ffn },
-                &blocks[2],
+                &dec_blocks[i + 2],
                 dropout,
                 None,
+                prev_site(&dec_blocks, i + 2, 2),
             );
             d_x = self.block_back(
                 d_x,
                 layer.ln2,
                 Sublayer::CrossAttn { idx: layer.cross_attn },
-                &blocks[1],
+                &dec_blocks[i + 1],
                 dropout,
                 Some((&mut d_memory, &memory)),
+                prev_site(&dec_blocks, i + 1, 2),
             );
             d_x = self.block_back(
                 d_x,
                 layer.ln1,
                 Sublayer::SelfAttn { idx: layer.self_attn, causal: true },
-                &blocks[0],
+                &dec_blocks[i],
                 dropout,
                 None,
+                prev_site(&dec_blocks, i, 2),
             );
             done(self);
         }
-        dropout.apply(&self.backend, &mut d_x, 2);
+        let d_x = self.embedding_input_grad(d_x, dropout, 2);
         let emb = self.layout.embed;
         self.backend.embedding_backward(
             &mut self.grads[emb],
@@ -944,34 +1106,37 @@ impl<B: Backend> Model<B> {
         let mut d_x = match (&enc_final, self.layout.encoder_ln_f) {
             (Some(a), Some(idx)) => {
                 let mut d_x = self.backend.zeros(ns * d);
-                self.norm_back(&mut d_x, idx, &d_memory, a, ns);
-                d_x
+                let prev = prev_site(&enc_blocks, enc_blocks.len(), 1);
+                let d_prev = self.norm_back_dropped(&mut d_x, idx, &d_memory, a, ns, dropout, prev);
+                ResidualGrad { d: d_x, dropped: Some((prev, d_prev)) }
             }
-            _ => d_memory,
+            _ => ResidualGrad::plain(d_memory),
         };
         done(self);
         let layers = self.layout.encoder.clone();
         for (l, layer) in layers.iter().enumerate().rev() {
-            let blocks = &enc_blocks[2 * l..2 * l + 2];
+            let i = 2 * l;
             d_x = self.block_back(
                 d_x,
                 layer.ln2,
                 Sublayer::Ffn { idx: layer.ffn },
-                &blocks[1],
+                &enc_blocks[i + 1],
                 dropout,
                 None,
+                prev_site(&enc_blocks, i + 1, 1),
             );
             d_x = self.block_back(
                 d_x,
                 layer.ln1,
                 Sublayer::SelfAttn { idx: layer.self_attn, causal: false },
-                &blocks[0],
+                &enc_blocks[i],
                 dropout,
                 None,
+                prev_site(&enc_blocks, i, 1),
             );
             done(self);
         }
-        dropout.apply(&self.backend, &mut d_x, 1);
+        let d_x = self.embedding_input_grad(d_x, dropout, 1);
         self.backend.embedding_backward(
             &mut self.grads[emb],
             &d_x,
@@ -981,6 +1146,27 @@ impl<B: Backend> Model<B> {
         );
         self.position_backward(&d_x, batch.src_len);
         done(self);
+    }
+
+    /// The gradient of the embedding output before its dropout (`site`): the dropped copy the
+    /// first block's LayerNorm backward made (pre-norm), or the stream's gradient dropped here.
+    fn embedding_input_grad(
+        &self,
+        grad: ResidualGrad<B>,
+        dropout: DropoutCtx,
+        site: u64,
+    ) -> B::Buf {
+        match grad.dropped {
+            Some((dropped_for, d)) => {
+                assert_eq!(dropped_for, site, "the gradient was dropped for another site");
+                d
+            }
+            None => {
+                let mut d = grad.d;
+                dropout.apply(&self.backend, &mut d, site);
+                d
+            }
+        }
     }
 
     /// Learned positions: row n of the embedding output used position n mod `seq_len`.

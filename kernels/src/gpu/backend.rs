@@ -645,6 +645,85 @@ impl Backend for GpuBackend {
         out
     }
 
+    fn add_dropped_layernorm_forward(
+        &self,
+        x: &mut GpuBuf,
+        residual: &GpuBuf,
+        p: f32,
+        key: DropoutKey,
+        y: &mut GpuBuf,
+        mean: &mut GpuBuf,
+        rstd: &mut GpuBuf,
+        gamma: &GpuBuf,
+        beta: &GpuBuf,
+        rows: usize,
+        width: usize,
+    ) {
+        const OP: &str = "add_dropped_layernorm_forward";
+        let (residual, g, b) = (half(OP, residual), half(OP, gamma), half(OP, beta));
+        let (mean, rstd) = (float_mut(OP, mean), float_mut(OP, rstd));
+        check(
+            OP,
+            ops::add_dropped_layernorm_forward(
+                &self.dev,
+                half_mut(OP, x),
+                residual,
+                p,
+                key,
+                half_mut(OP, y),
+                mean,
+                rstd,
+                g,
+                b,
+                rows,
+                width,
+            ),
+        );
+    }
+
+    fn layernorm_backward_dropped(
+        &self,
+        dx: &mut GpuBuf,
+        dgamma: &mut GpuBuf,
+        dbeta: &mut GpuBuf,
+        dy: &GpuBuf,
+        x: &GpuBuf,
+        mean: &GpuBuf,
+        rstd: &GpuBuf,
+        gamma: &GpuBuf,
+        rows: usize,
+        width: usize,
+        p: f32,
+        key: DropoutKey,
+    ) -> GpuBuf {
+        const OP: &str = "layernorm_backward_dropped";
+        let (dy, x, g) = (half(OP, dy), half(OP, x), half(OP, gamma));
+        let (mean, rstd) = (float(OP, mean), float(OP, rstd));
+        let (dg, db) = (float_mut(OP, dgamma), float_mut(OP, dbeta));
+        let dx = half_mut(OP, dx);
+        let mut out = self.for_overwrite(dx.len());
+        check(
+            OP,
+            ops::layernorm_backward_dropped(
+                &self.dev,
+                dx,
+                dg,
+                db,
+                dy,
+                x,
+                mean,
+                rstd,
+                g,
+                rows,
+                width,
+                half_mut(OP, &mut out),
+                p,
+                key,
+            ),
+        );
+        out
+    }
+
     /// No memset (the GEMM attention path's statistics hold P: ~150 MB an attention call at
     /// seed-768's batch).
     fn attention_stats(&self, shape: AttentionShape) -> GpuBuf {

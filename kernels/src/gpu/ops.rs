@@ -47,6 +47,20 @@ const LN_VEC_BACKWARD: [&str; 4] = [
     "layernorm_backward_vec3_f16",
     "layernorm_backward_vec4_f16",
 ];
+/// The vector LayerNorm kernels with the residual stream's dropout fused in (forward: the
+/// residual add before; backward: the dropout of dx after).
+const LN_VEC_FORWARD_ADD_DROPPED: [&str; 4] = [
+    "layernorm_forward_add_dropped_vec1_f16",
+    "layernorm_forward_add_dropped_vec2_f16",
+    "layernorm_forward_add_dropped_vec3_f16",
+    "layernorm_forward_add_dropped_vec4_f16",
+];
+const LN_VEC_BACKWARD_DROPPED: [&str; 4] = [
+    "layernorm_backward_dropped_vec1_f16",
+    "layernorm_backward_dropped_vec2_f16",
+    "layernorm_backward_dropped_vec3_f16",
+    "layernorm_backward_dropped_vec4_f16",
+];
 /// Threads per block of the attention delta kernel (one warp per row and head).
 const ATTN_THREADS: u32 = 128;
 /// Largest head width the attention kernels take (their shared tiles fit 48 KiB up to it).
@@ -459,6 +473,70 @@ pub fn layernorm_forward(
     }
 }
 
+/// `x = residual + dropout(x)` (`p` 0: `x += residual`), then the LayerNorm of that sum into
+/// `y`, `mean`, `rstd`: one pass over the rows where the vector kernels apply (a width that is
+/// a multiple of 8, up to 1,024), bit for bit [`add_dropped`] (or [`add_assign`]) then
+/// [`layernorm_forward`], which it runs otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn add_dropped_layernorm_forward(
+    dev: &Gpu,
+    x: &mut DeviceBuffer<f16>,
+    residual: &DeviceBuffer<f16>,
+    p: f32,
+    key: DropoutKey,
+    y: &mut DeviceBuffer<f16>,
+    mean: &mut DeviceBuffer<f32>,
+    rstd: &mut DeviceBuffer<f32>,
+    gamma: &DeviceBuffer<f16>,
+    beta: &DeviceBuffer<f16>,
+    rows: usize,
+    width: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "layernorm_forward_add_dropped";
+    let (base, threshold, keep_scale) = dropout_args(OP, p, key)?;
+    expect_len(OP, "x", x, rows * width)?;
+    expect_len(OP, "residual", residual, rows * width)?;
+    expect_len(OP, "y", y, rows * width)?;
+    expect_len(OP, "mean", mean, rows)?;
+    expect_len(OP, "rstd", rstd, rows)?;
+    expect_len(OP, "gamma", gamma, width)?;
+    expect_len(OP, "beta", beta, width)?;
+    let (r, w) = (int(OP, "rows", rows)?, int(OP, "width", width)?);
+    let buffers = [y.ptr(), x.ptr(), residual.ptr(), gamma.ptr(), beta.ptr()];
+    let Some(vecs) = layernorm_vectors(width, &buffers) else {
+        if p > 0.0 {
+            add_dropped(dev, x, residual, p, key)?;
+        } else {
+            add_assign(dev, x, residual)?;
+        }
+        return layernorm_forward(dev, y, mean, rstd, x, gamma, beta, rows, width);
+    };
+    if rows == 0 {
+        return Ok(());
+    }
+    launch(
+        dev,
+        LN_VEC_FORWARD_ADD_DROPPED[vecs - 1],
+        (rows.div_ceil((THREADS / 32) as usize) as u32, 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args![
+            y.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            x.ptr(),
+            residual.ptr(),
+            gamma.ptr(),
+            beta.ptr(),
+            r,
+            w,
+            base,
+            threshold,
+            keep_scale
+        ],
+    )
+}
+
 /// Whether every buffer is 16-byte aligned, as the 8-half (128-bit) loads and stores of the
 /// vector kernels need (`chingu::load_half8`).
 fn aligned_for_vectors(buffers: &[super::DevicePtr]) -> bool {
@@ -488,7 +566,57 @@ pub fn layernorm_backward(
     rows: usize,
     width: usize,
 ) -> Result<(), GpuError> {
+    layernorm_backward_then(dev, dx, dgamma, dbeta, dy, x, mean, rstd, gamma, rows, width, None)
+}
+
+/// [`layernorm_backward`], then `dropped` = dropout(dx) (`p` 0: a copy of dx): one pass over
+/// the rows where the vector kernels apply, bit for bit [`layernorm_backward`] then
+/// [`dropped_copy`], which it runs otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_dropped(
+    dev: &Gpu,
+    dx: &mut DeviceBuffer<f16>,
+    dgamma: &mut DeviceBuffer<f32>,
+    dbeta: &mut DeviceBuffer<f32>,
+    dy: &DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+    mean: &DeviceBuffer<f32>,
+    rstd: &DeviceBuffer<f32>,
+    gamma: &DeviceBuffer<f16>,
+    rows: usize,
+    width: usize,
+    dropped: &mut DeviceBuffer<f16>,
+    p: f32,
+    key: DropoutKey,
+) -> Result<(), GpuError> {
+    let then = Some((dropped, p, key));
+    layernorm_backward_then(dev, dx, dgamma, dbeta, dy, x, mean, rstd, gamma, rows, width, then)
+}
+
+/// [`layernorm_backward`], and where `then` is given, its dropout of dx.
+#[allow(clippy::too_many_arguments)]
+fn layernorm_backward_then(
+    dev: &Gpu,
+    dx: &mut DeviceBuffer<f16>,
+    dgamma: &mut DeviceBuffer<f32>,
+    dbeta: &mut DeviceBuffer<f32>,
+    dy: &DeviceBuffer<f16>,
+    x: &DeviceBuffer<f16>,
+    mean: &DeviceBuffer<f32>,
+    rstd: &DeviceBuffer<f32>,
+    gamma: &DeviceBuffer<f16>,
+    rows: usize,
+    width: usize,
+    then: Option<(&mut DeviceBuffer<f16>, f32, DropoutKey)>,
+) -> Result<(), GpuError> {
     const OP: &str = "layernorm_backward_f16";
+    let dropout = match &then {
+        Some((dropped, p, key)) => {
+            expect_len(OP, "dropped", dropped, rows * width)?;
+            Some((dropped.ptr(), dropout_args(OP, *p, *key)?))
+        }
+        None => None,
+    };
     for (name, len) in [("dx", dx.len()), ("dy", dy.len()), ("x", x.len())] {
         if len != rows * width {
             return Err(shape(
@@ -506,6 +634,10 @@ pub fn layernorm_backward(
     if rows == 0 {
         return Ok(());
     }
+    // The dropout fused into the vector kernels where they apply (its buffer aligned too).
+    let fused = dropout.filter(|&(ptr, _)| {
+        layernorm_vectors(width, &[dx.ptr(), dy.ptr(), x.ptr(), gamma.ptr(), ptr]).is_some()
+    });
     // (kernel, blocks, threads, dynamic shared bytes, rows per worker, workers): one warp per
     // row up to 1,024 wide (its parameter-gradient partials in registers, see layernorm.cu),
     // else one block per row chunk.
@@ -517,7 +649,8 @@ pub fn layernorm_backward(
         let per_warp =
             LN_VEC_MIN_ROWS_PER_WARP.max(rows.div_ceil(LN_MAX_PARTIALS * warps_per_block));
         let blocks = rows.div_ceil(per_warp * warps_per_block);
-        (LN_VEC_BACKWARD[vecs - 1], blocks, THREADS, 0, per_warp, blocks)
+        let kernels = if fused.is_some() { LN_VEC_BACKWARD_DROPPED } else { LN_VEC_BACKWARD };
+        (kernels[vecs - 1], blocks, THREADS, 0, per_warp, blocks)
     } else if width <= 1024 {
         let kernel = match width {
             0..=256 => "layernorm_backward_w256_f16",
@@ -542,26 +675,57 @@ pub fn layernorm_backward(
     };
     let partials = DeviceBuffer::<f32>::uninit(dev, workers * 2 * width)?;
     let per_worker_arg = int(OP, "rows per worker", per_worker)?;
-    launch(
-        dev,
-        kernel,
-        (blocks as u32, 1, 1),
-        (threads, 1, 1),
-        shared,
-        args![
-            dx.ptr(),
-            partials.ptr(),
-            dy.ptr(),
-            x.ptr(),
-            mean.ptr(),
-            rstd.ptr(),
-            gamma.ptr(),
-            r,
-            w,
-            per_worker_arg
-        ],
-    )?;
+    let grid = (blocks as u32, 1, 1);
+    let (dx_ptr, partials_ptr, dy_ptr, x_ptr) = (dx.ptr(), partials.ptr(), dy.ptr(), x.ptr());
+    let (mean_ptr, rstd_ptr, gamma_ptr) = (mean.ptr(), rstd.ptr(), gamma.ptr());
+    match fused {
+        Some((dropped, (base, threshold, keep_scale))) => launch(
+            dev,
+            kernel,
+            grid,
+            (threads, 1, 1),
+            shared,
+            args![
+                dx_ptr,
+                partials_ptr,
+                dy_ptr,
+                x_ptr,
+                mean_ptr,
+                rstd_ptr,
+                gamma_ptr,
+                r,
+                w,
+                per_worker_arg,
+                dropped,
+                base,
+                threshold,
+                keep_scale
+            ],
+        )?,
+        None => launch(
+            dev,
+            kernel,
+            grid,
+            (threads, 1, 1),
+            shared,
+            args![
+                dx_ptr,
+                partials_ptr,
+                dy_ptr,
+                x_ptr,
+                mean_ptr,
+                rstd_ptr,
+                gamma_ptr,
+                r,
+                w,
+                per_worker_arg
+            ],
+        )?,
+    }
     column_sums(dev, dgamma, Some(dbeta), &partials, workers, width)?;
+    if let (None, Some((dropped, p, key))) = (fused, then) {
+        dropped_copy(dev, dropped, dx, p, key)?;
+    }
     // The scratch buffer goes back to the device's allocator, which only hands it to later
     // work on the same stream: no need to wait for the kernels here.
     Ok(())
