@@ -33,7 +33,7 @@ const SETTINGS: [(&str, &str); 11] = [
     ),
     (
         chingu_kernels::gpu::ops::SCORES_VAR,
-        "f16 = the cuBLASLt attention path stores scores and their gradient in fp16 (default f32)",
+        "f32 = the cuBLASLt attention path keeps scores and their gradient in fp32 (default f16)",
     ),
     (
         chingu_kernels::gpu::ops::CAUSAL_BAND_VAR,

@@ -9,6 +9,17 @@
 
 #include "common.cuh"
 
+/// One element's update, in place (every kernel here goes through this one expression, so
+/// the compiler contracts it into the same multiply-adds wherever it is inlined).
+__device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float grad,
+                                              float lr, float beta1, float beta2, float eps,
+                                              float decay, float c1, float c2, float grad_scale) {
+    const float g = grad * grad_scale;
+    m = beta1 * m + (1.0f - beta1) * g;
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    p = p * decay - lr * (m / c1) / (sqrtf(v / c2) + eps);
+}
+
 __device__ __forceinline__ void adamw_range(float* param, __half* param_half, const float* grad,
                                             float* m, float* v, float lr, float beta1,
                                             float beta2, float eps, float weight_decay, float c1,
@@ -17,12 +28,10 @@ __device__ __forceinline__ void adamw_range(float* param, __half* param_half, co
     const float decay = 1.0f - lr * weight_decay;
     // 64-bit index: i + stride must not overflow for n near INT_MAX.
     for (long long i = start; i < n; i += stride) {
-        const float g = grad[i] * grad_scale;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        float p = param[i], mi = m[i], vi = v[i];
+        adamw_element(p, mi, vi, grad[i], lr, beta1, beta2, eps, decay, c1, c2, grad_scale);
         m[i] = mi;
         v[i] = vi;
-        const float p = param[i] * decay - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
         param[i] = p;
         if (param_half) param_half[i] = __float2half_rn(p);
     }
@@ -114,16 +123,10 @@ extern "C" __global__ void adamw_multi_f32(const unsigned long long* desc, int t
         const long long i = start + 4LL * (threadIdx.x + (long long)k * blockDim.x);
         if (i + 4 <= end) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                // adamw_range's arithmetic, in its order.
-                const float g = lane_of(g4[k], e) * grad_scale;
-                const float mi = beta1 * lane_of(m4[k], e) + (1.0f - beta1) * g;
-                const float vi = beta2 * lane_of(v4[k], e) + (1.0f - beta2) * g * g;
-                lane_of(m4[k], e) = mi;
-                lane_of(v4[k], e) = vi;
-                lane_of(p4[k], e) =
-                    lane_of(p4[k], e) * decay - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
-            }
+            for (int e = 0; e < 4; ++e)
+                adamw_element(lane_of(p4[k], e), lane_of(m4[k], e), lane_of(v4[k], e),
+                              lane_of(g4[k], e), lr, beta1, beta2, eps, decay, c1, c2,
+                              grad_scale);
             store4(m + i, m4[k]);
             store4(v + i, v4[k]);
             store4(param + i, p4[k]);

@@ -3,7 +3,8 @@
 // the products).
 //
 // The same function as attention.cu's fused kernels (masks from key lengths, causal with a
-// query offset, out, lse), with the scores materialised: S = Q·Kᵀ (fp32) and O = P·V are
+// query offset, out, lse), with the scores materialised: S = Q·Kᵀ (fp16 or fp32, see below)
+// and O = P·V are
 // cuBLASLt products, one per head batched over batch rows, reading and writing each head's
 // columns of the [B·T, H·Dh] tensors in place. The kernels here do the rest:
 //   attention_softmax_f16: one warp per score row (b, h, i), lanes along the keys (the row
@@ -14,19 +15,19 @@
 //     fp16, 0 where invisible; lse = the row's log-sum-exp of scale·s (natural log; −inf and
 //     P = 0 for a row that sees no key), written at lse[(b·H + h)·Tq + i] as the fused
 //     kernels do.
-//   attention_scores_backward_f16: from S and dP = dO·Vᵀ (fp32), P again from lse, then
+//   attention_scores_backward_f16: from S and dP = dO·Vᵀ (fp16 or fp32), P again from lse, then
 //     dS = P·(dP − delta)·scale (delta[b, h, i] = Σ dO·O, attention_backward_delta_f16),
 //     both rounded to fp16 for the products dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
 //   attention_scores_backward_saved_f16: dS from the P the forward saved (fp16, 0 where
 //     invisible) instead of S: no S = Q·Kᵀ product again, 8 bytes of traffic a score instead
 //     of 12. P enters dS rounded to fp16 here, at fp32 in the kernel above, so the two paths'
 //     gradients differ in their last bits (both as close to the CPU backend's).
-// P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP stay
-// fp32, or are stored in fp16 with `CHINGU_ATTN_SCORES=f16` (the `_half_scores_` kernels: the
-// same code over __half scores): half the bytes of the products that write them and the
-// kernels that read them, at the precision of PyTorch's eager attention under autocast and of
-// Megatron's fused softmax (fp16 scores, fp32 arithmetic on them), where the default keeps
-// FlashAttention's fp32 scores. The softmax and the saved-P backward go along a row 8 keys a lane at a time (128-bit
+// P and dS are rounded to fp16 before their products, as in the fused kernels; S and dP are
+// stored in fp16 (the `_half_scores_` kernels, the default: half the bytes of the products
+// that write them and of the kernels that read them, at the precision of PyTorch's eager
+// attention under autocast and of Megatron's fused softmax: fp16 scores, fp32 arithmetic on
+// them) or in fp32 (`CHINGU_ATTN_SCORES=f32`: FlashAttention's precision; the same code over
+// float scores). The softmax and the saved-P backward go along a row 8 keys a lane at a time (128-bit
 // loads and stores: every row starts 16-byte aligned), the row's last partial group key by
 // key. Score rows are processed in chunks of consecutive whole (batch row, head) blocks
 // (`first_bh`: the chunk's first), so the scratch stays bounded; nothing depends on the

@@ -1023,23 +1023,23 @@ fn attention_matches_the_cpu_backend() {
             };
             let block = q_len * k_len.next_multiple_of(8);
             let banded = gemm(1 << 27, 8);
+            // The default GEMM path (S and dP in fp16) and the same in fp32
+            // (`CHINGU_ATTN_SCORES=f32`, as the closure above): P saved, recomputed, in bands.
+            let (half, single) =
+                (AttentionKernels::GEMM, AttentionKernels::GEMM.with_half_scores(false));
             let families = [
                 (AttentionKernels::Wmma, lse_only),
                 (AttentionKernels::Mma, lse_only),
-                (AttentionKernels::GEMM, AttentionKernels::GEMM.stats_len(s)),
-                (AttentionKernels::GEMM, lse_only),
+                (single, single.stats_len(s)),
+                (single, lse_only),
                 (gemm(1, 0), lse_only),
                 (gemm(3 * block, 0), lse_only),
                 (gemm(4 * block, 0), lse_only),
                 (banded, banded.stats_len(s)),
                 (banded, lse_only),
                 (gemm(3 * block, 16), lse_only),
-                // S and dP in fp16 (`CHINGU_ATTN_SCORES=f16`): P saved, recomputed, in bands.
-                (
-                    AttentionKernels::GEMM.with_half_scores(true),
-                    AttentionKernels::GEMM.stats_len(s),
-                ),
-                (AttentionKernels::GEMM.with_half_scores(true), lse_only),
+                (half, half.stats_len(s)),
+                (half, lse_only),
                 (gemm(3 * block, 16).with_half_scores(true), lse_only),
             ];
             // fp16 scores add one rounding of each score s (scaled: |Δs| ≤ 2⁻¹¹·|s|): lse
@@ -1049,7 +1049,8 @@ fn attention_matches_the_cpu_backend() {
             // 2⁻¹⁰·max|s|·max|want| more on every output and gradient.
             let max_score = max_scaled_score(&q, &k, s);
             // The GEMM path's default saves P in every case here (a test of the test).
-            assert!(AttentionKernels::GEMM.stats_len(s) > lse_only + lse_only.max(1), "{what}");
+            assert!(half.stats_len(s) > lse_only + lse_only.max(1), "{what}");
+            assert!(matches!(half, AttentionKernels::Gemm { half_scores: true, .. }));
             for (kernels, stats_len) in families {
                 let saves = if stats_len > lse_only { "P saved" } else { "lse alone" };
                 let what = format!("{kernels:?} kernels ({saves}), {what}");

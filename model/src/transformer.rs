@@ -523,11 +523,9 @@ impl<B: Backend> Model<B> {
         self.backend.duplicate(x)
     }
 
-    /// One residual block: pre-norm `x + F(LN(x))` or post-norm `LN(x + F(x))`.
-    #[allow(clippy::too_many_arguments)]
-    /// One residual block on the stream `x`. Pre-norm, `next_norm` is the LayerNorm that reads
-    /// the block's output (the next block's, or the stack's final one), applied as the output
-    /// is written.
+    /// One residual block on the stream `x`: pre-norm `x + F(LN(x))` or post-norm
+    /// `LN(x + F(x))`. Pre-norm, `next_norm` is the LayerNorm that reads the block's output (the
+    /// next block's, or the stack's final one), applied as the output is written.
     #[allow(clippy::too_many_arguments)]
     fn block(
         &self,

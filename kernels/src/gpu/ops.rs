@@ -979,11 +979,13 @@ fn choose_mma_launch(
 }
 
 /// The variable that sets how the GEMM attention path stores the scores S = Q·Kᵀ and their
-/// gradient dP = dO·Vᵀ: `f32` (the default: FlashAttention's precision, the softmax and dS
-/// from exact fp32 products) or `f16` (half the bytes written by those products and read by
-/// the softmax and the scores backward, ~18 of the ~50 bytes a score of a training step; the
-/// precision of PyTorch's eager attention under autocast and of Megatron's fused softmax: a
-/// score rounded to fp16 moves P by up to 2⁻¹¹·|scale·s| relative, ~0.5% at a logit of 10).
+/// gradient dP = dO·Vᵀ: `f16` (the default: half the bytes written by those products and read
+/// by the softmax and the scores backward, ~18 of the ~50 bytes a score of a training step; the
+/// precision of the reference, PyTorch's eager attention under autocast, whose
+/// `q @ kᵀ` and its gradient are fp16 too, and of Megatron's fused softmax: a score rounded to
+/// fp16 moves P by up to 2⁻¹¹·|scale·s| relative, ~0.5% at a logit of 10) or `f32`
+/// (FlashAttention's precision: the softmax and dS from fp32 products, as before).
+/// Not yet timed on a GPU: `scripts/gpu-check` times seed-768 both ways.
 pub const SCORES_VAR: &str = "CHINGU_ATTN_SCORES";
 
 /// [`SCORES_VAR`]: `Some(true)` for `f16`, `Some(false)` for `f32`, `None` unset (read once; any
@@ -1050,9 +1052,9 @@ impl AttentionKernels {
     /// 3.4% faster than without bands; run 21: bands of 256 or 128 rows no faster than 512;
     /// [`CAUSAL_BAND_VAR`] changes the band, `0` turns bands off).
     ///
-    /// S and dP in fp32 ([`SCORES_VAR`] stores them in fp16).
+    /// S and dP stored in fp16 ([`SCORES_VAR`]`=f32` keeps them in fp32).
     pub const GEMM: Self =
-        Self::Gemm { scores_per_chunk: 1 << 27, causal_band: 512, half_scores: false };
+        Self::Gemm { scores_per_chunk: 1 << 27, causal_band: 512, half_scores: true };
 
     /// The family `value` names (`wmma`, `mma`, `gemm`), `None` for `auto`; an error names
     /// the accepted values.
