@@ -285,6 +285,55 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
                 H * (4.0 * nf * df + df) + S * (2.0 * nf + 4.0 * df),
                 None,
             );
+
+            // The residual stream's fused forms (the model's, pre-norm), against the pairs
+            // they replace: add_dropped + layernorm_fwd, layernorm_bwd + dropped_copy (their
+            // rows here and below). Forward: x (the sublayer output) and the residual read,
+            // the sum and y written: 4·N·D fp16, γ, β, mean, rstd as above.
+            let residual = random_half(dev, next_seed(), n * d, -2.0, 2.0)?;
+            let mut sum = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
+            let t = time_op(dev, reps, |i| {
+                let key = DropoutKey { seed: 7, step: i as u64, site: 4 };
+                ops::add_dropped_layernorm_forward(
+                    dev, &mut sum, &residual, DROPOUT, key, &mut y, &mut mean, &mut rstd, &gamma,
+                    &beta, n, d,
+                )
+            })?;
+            push(
+                "layernorm_fwd_add_dropped",
+                nd.clone(),
+                t,
+                H * (4.0 * nf * df + 2.0 * df) + S * 2.0 * nf,
+                None,
+            );
+            // Backward: layernorm_bwd's traffic, and dropout(dx) written: 5·N·D fp16.
+            let mut dropped = out::<f16>(dev, n * d)?;
+            let t = time_op(dev, reps, |i| {
+                let key = DropoutKey { seed: 7, step: i as u64, site: 4 };
+                ops::layernorm_backward_dropped(
+                    dev,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                    &dy,
+                    &x,
+                    &mean,
+                    &rstd,
+                    &gamma,
+                    n,
+                    d,
+                    &mut dropped,
+                    DROPOUT,
+                    key,
+                )
+            })?;
+            push(
+                "layernorm_bwd_dropped",
+                nd.clone(),
+                t,
+                H * (5.0 * nf * df + df) + S * (2.0 * nf + 4.0 * df),
+                None,
+            );
         }
 
         // --- GELU over N × F ----------------------------------------------------------------
@@ -324,6 +373,14 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
                 ops::add_dropped(dev, &mut acc, &x, DROPOUT, key)
             })?;
             push("add_dropped", nd.clone(), t, H * 3.0 * nf * df, None);
+
+            // Dropout into a new buffer (a sublayer's output gradient): 2·N·D fp16.
+            let mut copy = out::<f16>(dev, n * d)?;
+            let t = time_op(dev, reps, |i| {
+                let key = DropoutKey { seed: 7, step: i as u64, site: 3 };
+                ops::dropped_copy(dev, &mut copy, &x, DROPOUT, key)
+            })?;
+            push("dropped_copy", nd.clone(), t, H * 2.0 * nf * df, None);
 
             // Bias gradient, both passes (db += column sums of dy): N·D fp16 read, D fp32 read and
             // written.
@@ -438,6 +495,31 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
                 ops::adamw(dev, &mut param, Some(&mut half), &grad, &mut m, &mut var, step)
             })?;
             push("adamw", format!("{p} params"), t, S * 7.0 * pf + H * pf, None);
+
+            // The multi-tensor kernel a training step runs (here over one tensor of all the
+            // parameters): the same traffic.
+            let table = ops::AdamwTable::new(&[ops::AdamwTensor {
+                param: &param,
+                half: Some(&half),
+                grad: &grad,
+                m: &m,
+                v: &var,
+                weight_decay: 0.01,
+            }])?;
+            let uploaded = DeviceBuffer::from_host(dev, &table.words)?;
+            let t = time_op(dev, reps, |i| {
+                let step = AdamW {
+                    lr: 1e-4,
+                    beta1: 0.9,
+                    beta2: 0.98,
+                    eps: 1e-9,
+                    weight_decay: 0.01,
+                    step: 1 + i as u64,
+                    grad_scale: 1.0 / 65536.0,
+                };
+                ops::adamw_multi(dev, &table, &uploaded, step)
+            })?;
+            push("adamw_multi", format!("{p} params"), t, S * 7.0 * pf + H * pf, None);
 
             // Each element read once: P fp32 (the f64 result is read back to the host).
             let t = time_op(dev, reps, |_| ops::sum_squares(dev, &[&grad]).map(|_| ()))?;
