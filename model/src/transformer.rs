@@ -825,6 +825,7 @@ impl<B: Backend> Model<B> {
         );
     }
 
+    /// LayerNorm `idx`'s backward: `dx += …` and its parameters' gradients.
     fn norm_back(
         &mut self,
         dx: &mut B::Buf,
@@ -833,20 +834,7 @@ impl<B: Backend> Model<B> {
         acts: &NormActs<B>,
         rows: usize,
     ) {
-        let d = self.config.d_model;
-        let (dg, db) = pair_mut(&mut self.grads, idx.gamma, idx.beta);
-        self.backend.layernorm_backward(
-            dx,
-            dg,
-            db,
-            dy,
-            &acts.input,
-            &acts.mean,
-            &acts.rstd,
-            &self.params[idx.gamma],
-            rows,
-            d,
-        );
+        self.norm_back_then(dx, idx, dy, acts, rows, None);
     }
 
     /// [`Self::norm_back`], returning dropout(dx) with `site`'s key as well (one pass on a GPU).
@@ -861,22 +849,44 @@ impl<B: Backend> Model<B> {
         dropout: DropoutCtx,
         site: u64,
     ) -> B::Buf {
+        let dropped = self.norm_back_then(dx, idx, dy, acts, rows, Some((dropout, site)));
+        dropped.expect("a dropout was asked for")
+    }
+
+    /// [`Self::norm_back`], and where `then` gives a dropout and its site, dropout(dx).
+    fn norm_back_then(
+        &mut self,
+        dx: &mut B::Buf,
+        idx: NormIdx,
+        dy: &B::Buf,
+        acts: &NormActs<B>,
+        rows: usize,
+        then: Option<(DropoutCtx, u64)>,
+    ) -> Option<B::Buf> {
         let d = self.config.d_model;
         let (dg, db) = pair_mut(&mut self.grads, idx.gamma, idx.beta);
-        self.backend.layernorm_backward_dropped(
-            dx,
-            dg,
-            db,
-            dy,
-            &acts.input,
-            &acts.mean,
-            &acts.rstd,
-            &self.params[idx.gamma],
-            rows,
-            d,
-            dropout.p,
-            dropout.key(site),
-        )
+        let (x, mean, rstd, gamma) = (&acts.input, &acts.mean, &acts.rstd, &self.params[idx.gamma]);
+        let backend = &self.backend;
+        match then {
+            Some((dropout, site)) => Some(backend.layernorm_backward_dropped(
+                dx,
+                dg,
+                db,
+                dy,
+                x,
+                mean,
+                rstd,
+                gamma,
+                rows,
+                d,
+                dropout.p,
+                dropout.key(site),
+            )),
+            None => {
+                backend.layernorm_backward(dx, dg, db, dy, x, mean, rstd, gamma, rows, d);
+                None
+            }
+        }
     }
 
     /// Backward through a sublayer that read `input`: returns d(input); cross-attention adds
