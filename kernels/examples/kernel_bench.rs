@@ -481,18 +481,19 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
             let grad = random_f32(dev, next_seed(), p, -0.01, 0.01)?;
             let mut m = random_f32(dev, next_seed(), p, -1e-3, 1e-3)?;
             let mut var = random_f32(dev, next_seed(), p, 1e-8, 1e-6)?;
+            // Repetition i's settings (a new step each time, as in training).
+            let settings = |i: usize| AdamW {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-9,
+                weight_decay: 0.01,
+                step: 1 + i as u64,
+                grad_scale: 1.0 / 65536.0,
+            };
             // param, m, v read and written, grad read: 7·P fp32; the fp16 copy written: P fp16.
             let t = time_op(dev, reps, |i| {
-                let step = AdamW {
-                    lr: 1e-4,
-                    beta1: 0.9,
-                    beta2: 0.98,
-                    eps: 1e-9,
-                    weight_decay: 0.01,
-                    step: 1 + i as u64,
-                    grad_scale: 1.0 / 65536.0,
-                };
-                ops::adamw(dev, &mut param, Some(&mut half), &grad, &mut m, &mut var, step)
+                ops::adamw(dev, &mut param, Some(&mut half), &grad, &mut m, &mut var, settings(i))
             })?;
             push("adamw", format!("{p} params"), t, S * 7.0 * pf + H * pf, None);
 
@@ -507,18 +508,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
                 weight_decay: 0.01,
             }])?;
             let uploaded = DeviceBuffer::from_host(dev, &table.words)?;
-            let t = time_op(dev, reps, |i| {
-                let step = AdamW {
-                    lr: 1e-4,
-                    beta1: 0.9,
-                    beta2: 0.98,
-                    eps: 1e-9,
-                    weight_decay: 0.01,
-                    step: 1 + i as u64,
-                    grad_scale: 1.0 / 65536.0,
-                };
-                ops::adamw_multi(dev, &table, &uploaded, step)
-            })?;
+            let t = time_op(dev, reps, |i| ops::adamw_multi(dev, &table, &uploaded, settings(i)))?;
             push("adamw_multi", format!("{p} params"), t, S * 7.0 * pf + H * pf, None);
 
             // Each element read once: P fp32 (the f64 result is read back to the host).
