@@ -173,15 +173,74 @@ __device__ __forceinline__ void load_rows_now(__half* tile_a, const __half* a, _
     chingu::cp_async_wait<0>();
 }
 
+/// The register-resident kernels' shared tiles have CT column tiles whatever the head's width:
+/// rows LD = 16·CT + 8 halves apart, known at compile time, so tile addresses fold into
+/// constants and every column-tile loop runs to CT without a test (the machine code of a
+/// runtime bound was a branch around every product and an integer division in every copy).
+/// Columns [Dh, 16·CT) are zeroed once (`zero_padding`) and never copied into, so products
+/// over them add zeros and are not stored. The instance is the narrowest CT ≥ Dh/16 (ops.rs).
+template <int CT>
+struct Tile {
+    static constexpr int LD = 16 * CT + 8;  // halves between rows
+    static constexpr int CHUNKS = 2 * CT;   // 16-byte chunks of a full row
+};
+
+/// `load_rows_async` for a register-resident kernel's tile: the head's Dh/8 chunks of each row
+/// (rows LD apart); the row and chunk of a copy come from a division by a constant.
+template <int CT>
+__device__ __forceinline__ void load_head_rows(__half* tile, const __half* src, int row0,
+                                               int rows, int valid, int width, int head_dim) {
+    constexpr int LD = Tile<CT>::LD, CHUNKS = Tile<CT>::CHUNKS;
+    if (!aligned16(src)) {
+        load_rows_scalar(tile, src, row0, rows, valid, width, head_dim, LD);
+        return;
+    }
+    const int chunks = head_dim >> 3;
+    // Copy e = threadIdx.x + i·blockDim is chunk c of row r; stepping (r, c) by blockDim's
+    // (rows, chunks) with a carry costs an add or two a copy, where e / CHUNKS took ~10
+    // instructions and the row's 64-bit offset as many again.
+    const int step_r = blockDim.x / CHUNKS, step_c = blockDim.x - step_r * CHUNKS;
+    int r = threadIdx.x / CHUNKS, c = threadIdx.x - r * CHUNKS;
+    const __half* from = src + (long long)(row0 + r) * width + 8 * c;
+    const long long step_from = (long long)step_r * width + 8 * step_c;
+    while (r < rows) {
+        const bool live = row0 + r < valid;
+        // Padding columns (c ≥ chunks) are zeroed once, never copied.
+        if (c < chunks) chingu::cp_async16(tile + r * LD + 8 * c, live ? from : src, live);
+        r += step_r;
+        c += step_c;
+        from += step_from;
+        if (c >= CHUNKS) {
+            c -= CHUNKS;
+            ++r;
+            from += width - 8 * CHUNKS;
+        }
+    }
+}
+
+/// Zeroes columns [head_dim, 16·CT) of `rows` rows of shared tiles (rows LD apart; nothing
+/// when the head is 16·CT wide). Plain stores, seen by every thread after the next barrier;
+/// the tile loads never write these columns, so they stay zero for the whole block.
+template <int CT>
+__device__ __forceinline__ void zero_padding(__half* tiles, int rows, int head_dim) {
+    constexpr int LD = Tile<CT>::LD;
+    const int chunks = (16 * CT - head_dim) >> 3;  // head_dim is a multiple of 16
+    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+        const int r = e / chunks, c = head_dim + 8 * (e - r * chunks);
+        *reinterpret_cast<uint4*>(tiles + r * LD + c) = make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
 /// Two stages (see "Two stages" below): queues the two walked tiles (K and V, or Q and dO) of
 /// rows `row0`.. into `stage` (the second `rows` after the first) where `queue` says so, and
 /// commits the group (empty otherwise, so every step counts one group).
+template <int CT>
 __device__ __forceinline__ void queue_stage(__half* stage, bool queue, const __half* a,
                                             const __half* b, int row0, int rows, int valid,
-                                            int width, int head_dim, int ld) {
+                                            int width, int head_dim) {
     if (queue) {
-        load_rows_async(stage, a, row0, rows, valid, width, head_dim, ld);
-        load_rows_async(stage + rows * ld, b, row0, rows, valid, width, head_dim, ld);
+        load_head_rows<CT>(stage, a, row0, rows, valid, width, head_dim);
+        load_head_rows<CT>(stage + rows * Tile<CT>::LD, b, row0, rows, valid, width, head_dim);
     }
     chingu::cp_async_commit();
 }
@@ -191,19 +250,19 @@ __device__ __forceinline__ void queue_stage(__half* stage, bool queue, const __h
 /// (see "Two stages" below): the next step's queued into the other stage where `more`, then
 /// this step's, queued a step earlier, waited for in `stage0` or `stage1` by `it`'s parity.
 /// Either way a barrier must follow before any thread reads them.
-template <int STAGES>
+template <int CT, int STAGES>
 __device__ __forceinline__ __half* walked_tiles(__half* stage0, __half* stage1, int it, bool more,
                                                 const __half* a, const __half* b, int row0,
-                                                int rows, int valid, int width, int head_dim,
-                                                int ld) {
+                                                int rows, int valid, int width, int head_dim) {
     if (STAGES == 2) {
         __half* const now = (it & 1) ? stage1 : stage0;
-        queue_stage((it & 1) ? stage0 : stage1, more, a, b, row0 + rows, rows, valid, width,
-                    head_dim, ld);
+        queue_stage<CT>((it & 1) ? stage0 : stage1, more, a, b, row0 + rows, rows, valid, width,
+                        head_dim);
         chingu::cp_async_wait<1>();
         return now;
     }
-    load_rows_now(stage0, a, stage0 + rows * ld, b, row0, rows, valid, width, head_dim, ld);
+    queue_stage<CT>(stage0, true, a, b, row0, rows, valid, width, head_dim);
+    chingu::cp_async_wait<0>();
     return stage0;
 }
 
@@ -873,7 +932,11 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 //     V(keys 16kk+2t, +1; dim 8n+g)) for each of the 2·Dh/16 n-tiles of O, two n-tiles a
 //     load (ldmatrix .x4 .trans, which transposes 8 × 8 blocks on the way).
 // Every fragment read from shared memory is an ldmatrix (common.cuh: four 8 × 8 blocks an
-// instruction, rows ld = Dh + 8 halves apart, so the 8 rows of a block fall in distinct banks).
+// instruction, rows LD = 16·CT + 8 halves apart, so the 8 rows of a block fall in distinct
+// banks). The tile width 16·CT is fixed per instance ("Tile" above), so addresses are
+// constants and the column-tile loops have no runtime bound; the exponentials are one
+// MUFU.EX2 each (chingu::exp2_approx); a tile's masks are applied in a branch only the tiles
+// reaching past key_len or the diagonal take. `bench/sass_loops.py` counts what that leaves.
 // Two stages (STAGES = 2: the `_c<CT>s2_` kernels, chosen where they cost no occupancy,
 // `ops.rs`; `CHINGU_ATTN_PIPELINE` forces): the walked tiles (K/V here and in dQ, Q/dO in
 // dK/dV) live in two stages of shared memory, and while one tile is used the next one's
@@ -885,10 +948,10 @@ extern "C" __global__ void attention_backward_dq_c16_f16(CHINGU_ATTN_DQ_PARAMS) 
 // only, so the first tile's copies fly on while the own rows are read.
 // Then out = O / l and lse = m·ln 2 + log l, written by the lanes that hold them.
 // Block: 4 warps (64 query rows), or 8 (128, where BC = 64; ops.rs picks); shared memory
-// 2·STAGES·BC·(Dh + 8) halves: K and V tiles per stage (Q is staged once through the stage
-// the first tile does not use, so 16·warps ≤ 2·BC). CT = Dh/16 rounded up (4, 8, 12, 16)
+// 2·STAGES·BC·LD halves: K and V tiles per stage (Q is staged once through the stage the
+// first tile does not use, so 16·warps ≤ 2·BC). CT = Dh/16 rounded up to 2, 4, 8, 12 or 16
 // with BC = 64 keys per tile, BC = 32 for CT 16 (registers: Q 4·CT, S BC/2, O 8·CT floats
-// per lane).
+// per lane); CT 16 has no two-stage instance (sm_90 spills at 255 registers).
 // ---------------------------------------------------------------------------------------------
 namespace chingu {
 namespace attn {
@@ -952,7 +1015,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     const int g = lane >> 2, t = lane & 3;
     const int rows = 16 * warps;
     if (rows > 2 * BC) __trap();  // Q is staged in one stage's K and V tiles (ops.rs checks)
-    const int ld = head_dim + 8;
+    constexpr int ld = Tile<CT>::LD;
     // Stage st's K tile at stage(st), its V tile BC rows further (see "Two stages" above).
     __half* const tiles = reinterpret_cast<__half*>(smem);
     const auto stage = [&](int st) { return tiles + st * 2 * BC * ld; };
@@ -971,18 +1034,17 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 
     // Q's copies (one group), then the first K/V tile's (two stages: the next group), which fly
     // on while Q's A fragments are read.
-    load_rows_async(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    zero_padding<CT>(tiles, STAGES * 2 * BC, head_dim);
+    load_head_rows<CT>(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim);
     chingu::cp_async_commit();
     if (STAGES == 2)
-        queue_stage(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl, hd.width,
-                    head_dim, ld);
+        queue_stage<CT>(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl,
+                        hd.width, head_dim);
     chingu::cp_async_wait<STAGES - 1>();
     __syncthreads();
     unsigned qf[CT][4];
-    for (int d = 0; d < CT; ++d) {
-        if (d >= col_tiles) break;
+    for (int d = 0; d < CT; ++d)
         chingu::ldmatrix_x4(qf[d], block16_lane(qs + 16 * warp * ld + 16 * d, ld, lane));
-    }
 
     float o[2 * CT][4];
     for (int n = 0; n < 2 * CT; ++n)
@@ -992,8 +1054,9 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 
     for (int k0 = 0, it = 0; k0 < lim.block; k0 += BC, ++it) {
         __syncthreads();  // every warp is done with Q (first tile) or the previous K/V tile
-        ks = walked_tiles<STAGES>(stage(0), stage(1), it, k0 + BC < lim.block, k + hd.k_base,
-                                  v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        ks = walked_tiles<CT, STAGES>(stage(0), stage(1), it, k0 + BC < lim.block,
+                                      k + hd.k_base, v + hd.k_base, k0, BC, hd.kl, hd.width,
+                                      head_dim);
         vs = ks + BC * ld;
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
@@ -1002,7 +1065,6 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         for (int j = 0; j < NT; ++j)
             for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
         for (int d = 0; d < CT; ++d) {
-            if (d >= col_tiles) break;
             for (int j = 0; j < NT; j += 2) {
                 unsigned bk[4];
                 chingu::ldmatrix_x4(bk, transposed_pair_lane(ks + 8 * j * ld + 16 * d, ld, lane));
@@ -1012,15 +1074,20 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
             }
         }
 
-        // Masks, then the rows' maxima: the lane's, then the quad's.
+        // Masks (only in a tile that reaches past key_len or the diagonal: a branch around
+        // the whole loop, which the compiler otherwise turns into selects on every score),
+        // then the rows' maxima: the lane's, then the quad's.
         const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
+        if (masked) {
+            for (int j = 0; j < NT; ++j)
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + 8 * j + 2 * t + (e & 1);
+                    if (!sees(e < 2 ? i0 : i1, key, hd.kl, causal, q_offset))
+                        s[j][e] = chingu::neg_inf();
+                }
+        }
         float mx0 = chingu::neg_inf(), mx1 = chingu::neg_inf();
         for (int j = 0; j < NT; ++j) {
-            for (int e = 0; e < 4; ++e) {
-                const int key = k0 + 8 * j + 2 * t + (e & 1);
-                if (masked && !sees(e < 2 ? i0 : i1, key, hd.kl, causal, q_offset))
-                    s[j][e] = chingu::neg_inf();
-            }
             mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
             mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
         }
@@ -1029,18 +1096,16 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 2));
         const float n0 = fmaxf(m0, mx0 * hd.sc), n1 = fmaxf(m1, mx1 * hd.sc);
-        // exp2(m_old − m_new): 0 while m_old is −inf; 1 while the row has seen no key.
-        const float a0 = n0 != chingu::neg_inf() ? exp2f(m0 - n0) : 1.0f;
-        const float a1 = n1 != chingu::neg_inf() ? exp2f(m1 - n1) : 1.0f;
+        // The exponents' bases: the new maxima, or 0 while a row has seen no key (all its
+        // scores −inf), so that a masked score's exp2(−inf) is 0 with no test and nothing is
+        // ever −inf − (−inf). alpha = exp2(m_old − base): 0 while m_old is −inf.
+        const float base0 = n0 == chingu::neg_inf() ? 0.0f : n0;
+        const float base1 = n1 == chingu::neg_inf() ? 0.0f : n1;
+        const float a0 = chingu::exp2_approx(m0 - base0), a1 = chingu::exp2_approx(m1 - base1);
         float sum0 = 0.0f, sum1 = 0.0f;
         for (int j = 0; j < NT; ++j) {
-            for (int e = 0; e < 4; ++e) {
-                const float mn = e < 2 ? n0 : n1;
-                const float p = (mn != chingu::neg_inf() && s[j][e] != chingu::neg_inf())
-                                    ? exp2f(fmaf(s[j][e], hd.sc, -mn))
-                                    : 0.0f;
-                s[j][e] = p;
-            }
+            for (int e = 0; e < 4; ++e)
+                s[j][e] = chingu::exp2_approx(fmaf(s[j][e], hd.sc, -(e < 2 ? base0 : base1)));
             sum0 += s[j][0] + s[j][1];
             sum1 += s[j][2] + s[j][3];
         }
@@ -1061,7 +1126,6 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
             a_from_accumulators(pa, s[2 * kk], s[2 * kk + 1]);
             const __half* vr = block16_lane(vs + 16 * kk * ld, ld, lane);
             for (int n = 0; n < 2 * CT; n += 2) {
-                if (n >= 2 * col_tiles) break;
                 unsigned bv[4];
                 chingu::ldmatrix_x4_trans(bv, vr + 8 * n);
                 const unsigned b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
@@ -1091,6 +1155,12 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     }
 }
 
+extern "C" __global__ void attention_forward_mma_c2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<2, 64, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_mma_c2s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_mma<2, 64, 2>(CHINGU_ATTN_FORWARD_ARGS);
+}
 extern "C" __global__ void attention_forward_mma_c4_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward_mma<4, 64, 1>(CHINGU_ATTN_FORWARD_ARGS);
 }
@@ -1112,9 +1182,6 @@ extern "C" __global__ void attention_forward_mma_c12s2_f16(CHINGU_ATTN_FORWARD_P
 extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward_mma<16, 32, 1>(CHINGU_ATTN_FORWARD_ARGS);
 }
-extern "C" __global__ void attention_forward_mma_c16s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
-    attention_forward_mma<16, 32, 2>(CHINGU_ATTN_FORWARD_ARGS);
-}
 
 // ---------------------------------------------------------------------------------------------
 // dQ with the scores in registers (with the forward above).
@@ -1128,8 +1195,8 @@ extern "C" __global__ void attention_forward_mma_c16s2_f16(CHINGU_ATTN_FORWARD_P
 //   dQ += dS·K: dS's accumulators are the A fragments (rounded to fp16), B = K (ldmatrix
 //     .trans, as the forward's V).
 // dQ = s·dQ is written by the lanes that hold it. Block: W = 4 or 8 warps (ops.rs picks);
-// shared memory (2·16·W + 2·STAGES·BC)·(Dh + 8) halves. CT = Dh/16 rounded up, BC = 64 keys
-// (32 for CT > 8).
+// shared memory (2·16·W + 2·STAGES·BC)·LD halves. CT = Dh/16 rounded up (2, 4, 8, 12, 16),
+// BC = 64 keys (32 for CT > 8).
 // ---------------------------------------------------------------------------------------------
 template <int CT, int BC, int STAGES>
 __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS) {
@@ -1139,7 +1206,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int rows = 16 * warps;
-    const int ld = head_dim + 8;
+    constexpr int ld = Tile<CT>::LD;
     __half* qs = reinterpret_cast<__half*>(smem);
     __half* dos = qs + rows * ld;
     // Stage st's K tile at stage(st), its V tile BC rows further (see "Two stages" above).
@@ -1160,12 +1227,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
     // Q's and dO's copies (one group), then the first K/V tile's (two stages: the next group,
     // in flight on into the loop); the loop's first barrier shows Q and dO to every warp.
-    load_rows_async(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
-    load_rows_async(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim, ld);
+    zero_padding<CT>(qs, 2 * rows + STAGES * 2 * BC, head_dim);
+    load_head_rows<CT>(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim);
+    load_head_rows<CT>(dos, d_out + hd.q_base, q0, rows, q_len, hd.width, head_dim);
     chingu::cp_async_commit();
     if (STAGES == 2)
-        queue_stage(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl, hd.width,
-                    head_dim, ld);
+        queue_stage<CT>(ks, lim.block > 0, k + hd.k_base, v + hd.k_base, 0, BC, hd.kl,
+                        hd.width, head_dim);
     chingu::cp_async_wait<STAGES - 1>();
     // This lane's ldmatrix rows of the warp's Q and dO A fragments.
     const __half* qw = block16_lane(qs + 16 * warp * ld, ld, lane);
@@ -1177,8 +1245,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
     for (int k0 = 0, it = 0; k0 < lim.block; k0 += BC, ++it) {
         __syncthreads();  // every warp is done with the previous K/V tile (Q, dO loaded)
-        ks = walked_tiles<STAGES>(stage(0), stage(1), it, k0 + BC < lim.block, k + hd.k_base,
-                                  v + hd.k_base, k0, BC, hd.kl, hd.width, head_dim, ld);
+        ks = walked_tiles<CT, STAGES>(stage(0), stage(1), it, k0 + BC < lim.block,
+                                      k + hd.k_base, v + hd.k_base, k0, BC, hd.kl, hd.width,
+                                      head_dim);
         vs = ks + BC * ld;
         __syncthreads();
         if (k0 >= lim.warp) continue;  // warp-uniform: nothing visible to this warp
@@ -1190,7 +1259,6 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
                 dp[j][e] = 0.0f;
             }
         for (int d = 0; d < CT; ++d) {
-            if (d >= col_tiles) break;
             unsigned qa[4], da[4];
             chingu::ldmatrix_x4(qa, qw + 16 * d);
             chingu::ldmatrix_x4(da, dow + 16 * d);
@@ -1207,14 +1275,22 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
             }
         }
 
-        // dS = P∘(dP − D) with P = exp2(s·S − lse), 0 where masked; into s.
+        // dS = P∘(dP − D) with P = exp2(s·S − lse), 0 where masked (masked scores set to
+        // −inf first, in a branch taken only by a tile past key_len or the diagonal); into s.
         const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
+        if (masked) {
+            for (int j = 0; j < NT; ++j)
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + 8 * j + 2 * t + (e & 1);
+                    if (!sees(e < 2 ? i0 : i1, key, hd.kl, causal, q_offset))
+                        s[j][e] = chingu::neg_inf();
+                }
+        }
         for (int j = 0; j < NT; ++j)
             for (int e = 0; e < 4; ++e) {
-                const int key = k0 + 8 * j + 2 * t + (e & 1);
                 const bool upper = e >= 2;
-                float p = exp2f(fmaf(s[j][e], hd.sc, -(upper ? lse1 : lse0)));
-                if (masked && !sees(upper ? i1 : i0, key, hd.kl, causal, q_offset)) p = 0.0f;
+                const float p =
+                    chingu::exp2_approx(fmaf(s[j][e], hd.sc, -(upper ? lse1 : lse0)));
                 s[j][e] = p * (dp[j][e] - (upper ? delta1 : delta0));
             }
 
@@ -1224,7 +1300,6 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
             a_from_accumulators(dsa, s[2 * kk], s[2 * kk + 1]);
             const __half* kr = block16_lane(ks + 16 * kk * ld, ld, lane);
             for (int n = 0; n < 2 * CT; n += 2) {
-                if (n >= 2 * col_tiles) break;
                 unsigned bk[4];
                 chingu::ldmatrix_x4_trans(bk, kr + 8 * n);
                 const unsigned b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
@@ -1243,6 +1318,12 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
     }
 }
 
+extern "C" __global__ void attention_backward_dq_mma_c2_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<2, 64, 1>(CHINGU_ATTN_DQ_ARGS);
+}
+extern "C" __global__ void attention_backward_dq_mma_c2s2_f16(CHINGU_ATTN_DQ_PARAMS) {
+    attention_backward_dq_mma<2, 64, 2>(CHINGU_ATTN_DQ_ARGS);
+}
 extern "C" __global__ void attention_backward_dq_mma_c4_f16(CHINGU_ATTN_DQ_PARAMS) {
     attention_backward_dq_mma<4, 64, 1>(CHINGU_ATTN_DQ_ARGS);
 }
@@ -1279,8 +1360,8 @@ extern "C" __global__ void attention_backward_dq_mma_c16_f16(CHINGU_ATTN_DQ_PARA
 //     B = dO or Q (ldmatrix .trans).
 // GRADS as the WMMA kernel: both gradients for Dh ≤ 64, else a dV body then a dK body.
 // dK = s·dK; keys past key_len get zeros. Block: W = 4 or 8 warps (16·W keys; ops.rs
-// picks); shared memory (2·16·W + 2·STAGES·BQ)·(Dh + 8) halves + 2·BQ floats. BQ = 64
-// queries for CT 4, 16 for CT 16 (so Dh 256 fits 99 KiB), else 32.
+// picks); shared memory (2·16·W + 2·STAGES·BQ)·LD halves + 2·BQ floats. BQ = 64 queries
+// for CT 2 and 4, 16 for CT 16 (so Dh 256 fits 99 KiB), else 32.
 // ---------------------------------------------------------------------------------------------
 template <int CT, int BQ, int GRADS, int STAGES>
 __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PARAMS) {
@@ -1291,7 +1372,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int rows = 16 * warps;
-    const int ld = head_dim + 8;
+    constexpr int ld = Tile<CT>::LD;
     __half* ks = reinterpret_cast<__half*>(smem);
     __half* vs = ks + rows * ld;
     // Stage st's Q tile at stage(st), its dO tile BQ rows further (see "Two stages" above);
@@ -1313,12 +1394,13 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     // K's and V's copies (one group), then the first Q/dO tile's (two stages: the next group, in
     // flight on into the loop); the loop's first barrier shows K and V to every warp.
-    load_rows_async(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
-    load_rows_async(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim, ld);
+    zero_padding<CT>(ks, 2 * rows + STAGES * 2 * BQ, head_dim);
+    load_head_rows<CT>(ks, k + hd.k_base, k0, rows, hd.kl, hd.width, head_dim);
+    load_head_rows<CT>(vs, v + hd.k_base, k0, rows, hd.kl, hd.width, head_dim);
     chingu::cp_async_commit();
     if (STAGES == 2)
-        queue_stage(qs, start.block < q_len, q + hd.q_base, d_out + hd.q_base, start.block, BQ,
-                    q_len, hd.width, head_dim, ld);
+        queue_stage<CT>(qs, start.block < q_len, q + hd.q_base, d_out + hd.q_base, start.block,
+                        BQ, q_len, hd.width, head_dim);
     chingu::cp_async_wait<STAGES - 1>();
     // This lane's ldmatrix rows of the warp's K and V A fragments.
     const __half* kw = block16_lane(ks + 16 * warp * ld, ld, lane);
@@ -1332,8 +1414,8 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     for (int q0 = start.block, it = 0; q0 < q_len; q0 += BQ, ++it) {
         __syncthreads();  // every warp is done with the previous Q/dO tile (K, V loaded)
-        qs = walked_tiles<STAGES>(stage(0), stage(1), it, q0 + BQ < q_len, q + hd.q_base,
-                                  d_out + hd.q_base, q0, BQ, q_len, hd.width, head_dim, ld);
+        qs = walked_tiles<CT, STAGES>(stage(0), stage(1), it, q0 + BQ < q_len, q + hd.q_base,
+                                      d_out + hd.q_base, q0, BQ, q_len, hd.width, head_dim);
         dos = qs + BQ * ld;
         stage_query_stats(lse_s, delta_s, lse, delta, hd.stat_base, q0, BQ, q_len);
         __syncthreads();
@@ -1346,7 +1428,6 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
                 dp[j][e] = 0.0f;
             }
         for (int d = 0; d < CT; ++d) {
-            if (d >= col_tiles) break;
             unsigned ka[4];
             chingu::ldmatrix_x4(ka, kw + 16 * d);
             for (int j = 0; j < NT; j += 2) {
@@ -1371,12 +1452,21 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
         }
 
         // Pᵀ into s; dSᵀ = Pᵀ∘(dPᵀ − D) into dp (for dK).
+        // (Masked scores set to −inf first, in a branch taken only where the warp's keys reach
+        // past key_len or the diagonal.)
         const bool masked = wk0 + 16 > hd.kl || (causal && wk0 + 15 > q_offset + q0);
+        if (masked) {
+            for (int j = 0; j < NT; ++j)
+                for (int e = 0; e < 4; ++e) {
+                    const int c = 8 * j + 2 * t + (e & 1);  // query q0 + c
+                    if (!sees(q0 + c, e < 2 ? j0 : j1, hd.kl, causal, q_offset))
+                        s[j][e] = chingu::neg_inf();
+                }
+        }
         for (int j = 0; j < NT; ++j)
             for (int e = 0; e < 4; ++e) {
                 const int c = 8 * j + 2 * t + (e & 1);  // query q0 + c
-                float p = exp2f(fmaf(s[j][e], hd.sc, -lse_s[c]));
-                if (masked && !sees(q0 + c, e < 2 ? j0 : j1, hd.kl, causal, q_offset)) p = 0.0f;
+                const float p = chingu::exp2_approx(fmaf(s[j][e], hd.sc, -lse_s[c]));
                 s[j][e] = p;
                 if (want_dk) dp[j][e] = p * (dp[j][e] - delta_s[c]);
             }
@@ -1390,7 +1480,6 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
             if (want_dv) a_from_accumulators(pa, s[2 * kk], s[2 * kk + 1]);
             if (want_dk) a_from_accumulators(dsa, dp[2 * kk], dp[2 * kk + 1]);
             for (int n = 0; n < 2 * CT; n += 2) {
-                if (n >= 2 * col_tiles) break;
                 if (want_dv) {
                     unsigned bd[4];
                     chingu::ldmatrix_x4_trans(bd, dor + 8 * n);
@@ -1434,6 +1523,12 @@ __device__ __forceinline__ void attention_backward_dkdv_mma_split(CHINGU_ATTN_DK
     attention_backward_dkdv_mma<CT, BQ, GRAD_DK, STAGES>(CHINGU_ATTN_DKDV_ARGS);
 }
 
+extern "C" __global__ void attention_backward_dkdv_mma_c2_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma<2, 64, GRAD_DV | GRAD_DK, 1>(CHINGU_ATTN_DKDV_ARGS);
+}
+extern "C" __global__ void attention_backward_dkdv_mma_c2s2_f16(CHINGU_ATTN_DKDV_PARAMS) {
+    attention_backward_dkdv_mma<2, 64, GRAD_DV | GRAD_DK, 2>(CHINGU_ATTN_DKDV_ARGS);
+}
 extern "C" __global__ void attention_backward_dkdv_mma_c4_f16(CHINGU_ATTN_DKDV_PARAMS) {
     attention_backward_dkdv_mma<4, 64, GRAD_DV | GRAD_DK, 1>(CHINGU_ATTN_DKDV_ARGS);
 }

@@ -290,6 +290,23 @@ __device__ __forceinline__ void store_half8(__half* p, const float (&v)[8]) {
 /// -inf without <math.h> (NVRTC has no INFINITY macro).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+/// 2^x on the special-function unit (`ex2.approx.ftz.f32`): one MUFU.EX2, where exp2f without
+/// fast math adds about eight instructions of subnormal-range fix-up around it (NVRTC 13.0,
+/// sm_90). Results below 2^−126 are flushed to 0 and 2^−inf = 0, so a masked score (−inf)
+/// needs no test. Relative error about 2^−22 (PTX ISA), as exp2f's 2 ulp; inputs that small
+/// only ever weigh a softmax term against a row sum of at least 1. The emulator computes
+/// exp2f and flushes what would be subnormal.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef CHINGU_EMU
+    const float r = exp2f(x);
+    return r < 1.17549435e-38f ? 0.0f : r;  // FLT_MIN: flush to zero as the GPU does
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
+}
+
 /// Sum over the 32 lanes of a full warp; every lane gets the total. The butterfly order is
 /// fixed, so the result is the same on every run.
 __device__ __forceinline__ float warp_sum(float v) {

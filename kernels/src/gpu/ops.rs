@@ -1247,29 +1247,40 @@ impl AttnLaunch {
                 (concat!($name, "_f16"), concat!($name, "s2_f16"))
             };
         }
-        let ((kernel, two_stage), tile) = match (kind, head_dim.div_ceil(16)) {
-            (AttnKernel::Forward, 0..=4) => (stages!("attention_forward_mma_c4"), 64),
-            (AttnKernel::Forward, 5..=8) => (stages!("attention_forward_mma_c8"), 64),
-            (AttnKernel::Forward, 9..=12) => (stages!("attention_forward_mma_c12"), 64),
-            (AttnKernel::Forward, _) => (stages!("attention_forward_mma_c16"), 32),
-            (AttnKernel::Queries, 0..=4) => (stages!("attention_backward_dq_mma_c4"), 64),
-            (AttnKernel::Queries, 5..=8) => (stages!("attention_backward_dq_mma_c8"), 64),
-            (AttnKernel::Queries, 9..=12) => (stages!("attention_backward_dq_mma_c12"), 32),
+        // The narrowest instance whose CT column tiles hold the head: its shared tiles are
+        // 16·CT columns wide whatever Dh is (attention.cu, "Tile").
+        let col_tiles = head_dim.div_ceil(16);
+        let ((kernel, two_stage), tile, ct) = match (kind, col_tiles) {
+            (AttnKernel::Forward, 0..=2) => (stages!("attention_forward_mma_c2"), 64, 2),
+            (AttnKernel::Forward, 3..=4) => (stages!("attention_forward_mma_c4"), 64, 4),
+            (AttnKernel::Forward, 5..=8) => (stages!("attention_forward_mma_c8"), 64, 8),
+            (AttnKernel::Forward, 9..=12) => (stages!("attention_forward_mma_c12"), 64, 12),
+            // No two stages: with the tile loop's addresses constant, sm_90 spills at 255
+            // registers.
+            (AttnKernel::Forward, _) => (("attention_forward_mma_c16_f16", ""), 32, 16),
+            (AttnKernel::Queries, 0..=2) => (stages!("attention_backward_dq_mma_c2"), 64, 2),
+            (AttnKernel::Queries, 3..=4) => (stages!("attention_backward_dq_mma_c4"), 64, 4),
+            (AttnKernel::Queries, 5..=8) => (stages!("attention_backward_dq_mma_c8"), 64, 8),
+            (AttnKernel::Queries, 9..=12) => (stages!("attention_backward_dq_mma_c12"), 32, 12),
             // No two stages: 132 KiB a block, which no GPU runs two of (nor the emulator one).
-            (AttnKernel::Queries, _) => (("attention_backward_dq_mma_c16_f16", ""), 32),
-            (AttnKernel::KeysValues, 0..=4) => (stages!("attention_backward_dkdv_mma_c4"), 64),
+            (AttnKernel::Queries, _) => (("attention_backward_dq_mma_c16_f16", ""), 32, 16),
+            (AttnKernel::KeysValues, 0..=2) => (stages!("attention_backward_dkdv_mma_c2"), 64, 2),
+            (AttnKernel::KeysValues, 3..=4) => (stages!("attention_backward_dkdv_mma_c4"), 64, 4),
             (AttnKernel::KeysValues, 5..=8) => {
-                (stages!("attention_backward_dkdv_mma_split_c8"), 32)
+                (stages!("attention_backward_dkdv_mma_split_c8"), 32, 8)
             }
             (AttnKernel::KeysValues, 9..=12) => {
-                (stages!("attention_backward_dkdv_mma_split_c12"), 32)
+                (stages!("attention_backward_dkdv_mma_split_c12"), 32, 12)
             }
-            (AttnKernel::KeysValues, _) => (stages!("attention_backward_dkdv_mma_split_c16"), 16),
+            (AttnKernel::KeysValues, _) => {
+                (stages!("attention_backward_dkdv_mma_split_c16"), 16, 16)
+            }
         };
         // Shared memory as `kernels/cuda/attention.cu` lays it out: each stage holds two walked
         // tiles (K and V, or Q and dO); dQ and dK/dV add the block's own two (Q and dO, or K
-        // and V), dK/dV the walked tile's lse and D (fp32, two halves each).
-        let ld = head_dim + 8;
+        // and V), dK/dV the walked tile's lse and D (fp32, two halves each). Rows are
+        // 16·CT + 8 halves apart.
+        let ld = 16 * ct + 8;
         let bytes = |warps: usize, stages: usize| {
             let (walked, own) = (stages * 2 * tile, 2 * 16 * warps);
             let halves = match kind {
