@@ -42,6 +42,8 @@
 // masked, wherever a product reads them, and nothing reads past. `band` 0: every key.
 #include "common.cuh"
 
+constexpr float LOG2E = 1.4426950408889634f;
+
 /// Keys of row i the band products compute (see the file comment).
 __device__ __forceinline__ int band_keys(int i, int k_len, int band) {
     return band > 0 ? min(k_len, (i / band + 1) * band) : k_len;
@@ -97,28 +99,34 @@ __device__ __forceinline__ void softmax_rows(__half* p, float* lse, const T* s,
         for (int e = 0; e < 8; ++e) m = fmaxf(m, v[e] * scale);
     }
     m = chingu::warp_max(m);
+    // exp(x·scale − c) as exp2(x·scale·log2 e − c·log2 e): an FFMA and a MUFU.EX2, where expf
+    // is about ten instructions — as many as the row's memory traffic takes time for.
+    const float sc2 = scale * LOG2E, m2 = visible > 0 ? m * LOG2E : 0.0f;
     float l = 0.0f;
     for (int j = 8 * lane; j < visible; j += 256) {
         float v[8];
         if (j + 8 <= visible) {
             load8(v, sr + j);
-            for (int e = 0; e < 8; ++e) l += expf(v[e] * scale - m);
+            for (int e = 0; e < 8; ++e) l += chingu::exp2_approx(fmaf(v[e], sc2, -m2));
         } else {
-            for (int e = 0; j + e < visible; ++e) l += expf(value(sr[j + e]) * scale - m);
+            for (int e = 0; j + e < visible; ++e)
+                l += chingu::exp2_approx(fmaf(value(sr[j + e]), sc2, -m2));
         }
     }
     l = chingu::warp_sum(l);
     // A row that sees no key: P = 0, lse = −inf (as the fused kernels).
     const float row_lse = visible > 0 ? m + logf(l) : chingu::neg_inf();
+    const float lse2 = visible > 0 ? row_lse * LOG2E : 0.0f;
     const int cols = band_keys(i, k_len, band);
     for (int j = 8 * lane; j < cols; j += 256) {
         float v[8];
         if (j + 8 <= visible) {
             load8(v, sr + j);
-            for (int e = 0; e < 8; ++e) v[e] = expf(v[e] * scale - row_lse);
+            for (int e = 0; e < 8; ++e) v[e] = chingu::exp2_approx(fmaf(v[e], sc2, -lse2));
         } else {
             for (int e = 0; e < 8; ++e)
-                v[e] = j + e < visible ? expf(value(sr[j + e]) * scale - row_lse) : 0.0f;
+                v[e] = j + e < visible ? chingu::exp2_approx(fmaf(value(sr[j + e]), sc2, -lse2))
+                                       : 0.0f;
         }
         if (j + 8 <= cols) {
             chingu::store_half8(pr + j, v);
@@ -161,10 +169,14 @@ __device__ __forceinline__ void scores_backward_rows(
     const long long stat = (long long)bh * q_len + i;
     const int visible = visible_keys(key_len, bh, i, heads, k_len, causal, q_offset);
     const float row_lse = lse[stat], row_delta = delta[stat];
+    // As the softmax: exp2 of a pre-scaled score (0 where j ≥ visible, so lse = −inf never
+    // reaches the subtraction).
+    const float sc2 = scale * LOG2E, lse2 = visible > 0 ? row_lse * LOG2E : 0.0f;
     const long long base = r * ld;
     const int cols = band_keys(i, k_len, band);
     for (int j = lane; j < cols; j += 32) {
-        const float pj = j < visible ? expf(value(s[base + j]) * scale - row_lse) : 0.0f;
+        const float pj =
+            j < visible ? chingu::exp2_approx(fmaf(value(s[base + j]), sc2, -lse2)) : 0.0f;
         p[base + j] = __float2half_rn(pj);
         ds[base + j] = __float2half_rn(pj * (value(dp[base + j]) - row_delta) * scale);
     }
