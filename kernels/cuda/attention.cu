@@ -201,19 +201,21 @@ __device__ __forceinline__ void load_head_rows(__half* tile, const __half* src, 
     // instructions and the row's 64-bit offset as many again.
     const int step_r = blockDim.x / CHUNKS, step_c = blockDim.x - step_r * CHUNKS;
     int r = threadIdx.x / CHUNKS, c = threadIdx.x - r * CHUNKS;
-    const __half* from = src + (long long)(row0 + r) * width + 8 * c;
-    const long long step_from = (long long)step_r * width + 8 * step_c;
+    // Offset of row row0 + r, chunk c from src; a pointer is formed only for a live row.
+    long long offset = (long long)(row0 + r) * width + 8 * c;
+    const long long step_offset = (long long)step_r * width + 8 * step_c;
     while (r < rows) {
         const bool live = row0 + r < valid;
         // Padding columns (c ≥ chunks) are zeroed once, never copied.
-        if (c < chunks) chingu::cp_async16(tile + r * LD + 8 * c, live ? from : src, live);
+        if (c < chunks)
+            chingu::cp_async16(tile + r * LD + 8 * c, live ? src + offset : src, live);
         r += step_r;
         c += step_c;
-        from += step_from;
+        offset += step_offset;
         if (c >= CHUNKS) {
             c -= CHUNKS;
             ++r;
-            from += width - 8 * CHUNKS;
+            offset += width - 8 * CHUNKS;
         }
     }
 }
@@ -1003,6 +1005,21 @@ __device__ __forceinline__ void store_accumulator(__half* base, int width, int r
     }
 }
 
+/// Sets to −inf the scores, in a tile of keys k0.., that this lane's query rows i0 (elements
+/// 0, 1 of each accumulator) and i1 (elements 2, 3) cannot see. Only for a tile that reaches
+/// past key_len or the diagonal (`masked`, warp-uniform): a branch around the whole loop,
+/// which the compiler otherwise turns into selects on every score of every tile.
+template <int NT>
+__device__ __forceinline__ void mask_scores(float (&s)[NT][4], bool masked, int k0, int t,
+                                            int i0, int i1, int kl, int causal, int q_offset) {
+    if (!masked) return;
+    for (int j = 0; j < NT; ++j)
+        for (int e = 0; e < 4; ++e) {
+            const int key = k0 + 8 * j + 2 * t + (e & 1);
+            if (!sees(e < 2 ? i0 : i1, key, kl, causal, q_offset)) s[j][e] = chingu::neg_inf();
+        }
+}
+
 }  // namespace attn
 }  // namespace chingu
 
@@ -1026,6 +1043,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
+    if (head_dim > 16 * CT || (head_dim & 15)) __trap();  // the instance's tiles hold the head
     const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wq0 = q0 + 16 * warp;
     const int col_tiles = head_dim >> 4;
@@ -1074,18 +1092,9 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
             }
         }
 
-        // Masks (only in a tile that reaches past key_len or the diagonal: a branch around
-        // the whole loop, which the compiler otherwise turns into selects on every score),
-        // then the rows' maxima: the lane's, then the quad's.
+        // Masks, then the rows' maxima: the lane's, then the quad's.
         const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
-        if (masked) {
-            for (int j = 0; j < NT; ++j)
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + 8 * j + 2 * t + (e & 1);
-                    if (!sees(e < 2 ? i0 : i1, key, hd.kl, causal, q_offset))
-                        s[j][e] = chingu::neg_inf();
-                }
-        }
+        mask_scores(s, masked, k0, t, i0, i1, hd.kl, causal, q_offset);
         float mx0 = chingu::neg_inf(), mx1 = chingu::neg_inf();
         for (int j = 0; j < NT; ++j) {
             mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
@@ -1216,6 +1225,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
 
     const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
+    if (head_dim > 16 * CT || (head_dim & 15)) __trap();  // the instance's tiles hold the head
     const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wq0 = q0 + 16 * warp;
     const int col_tiles = head_dim >> 4;
@@ -1275,17 +1285,10 @@ __device__ __forceinline__ void attention_backward_dq_mma(CHINGU_ATTN_DQ_PARAMS)
             }
         }
 
-        // dS = P∘(dP − D) with P = exp2(s·S − lse), 0 where masked (masked scores set to
-        // −inf first, in a branch taken only by a tile past key_len or the diagonal); into s.
+        // dS = P∘(dP − D) with P = exp2(s·S − lse), 0 where masked (masked scores −inf
+        // first); into s.
         const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
-        if (masked) {
-            for (int j = 0; j < NT; ++j)
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + 8 * j + 2 * t + (e & 1);
-                    if (!sees(e < 2 ? i0 : i1, key, hd.kl, causal, q_offset))
-                        s[j][e] = chingu::neg_inf();
-                }
-        }
+        mask_scores(s, masked, k0, t, i0, i1, hd.kl, causal, q_offset);
         for (int j = 0; j < NT; ++j)
             for (int e = 0; e < 4; ++e) {
                 const bool upper = e >= 2;
@@ -1385,6 +1388,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(CHINGU_ATTN_DKDV_PAR
 
     const int k0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
     if (b >= batch) return;
+    if (head_dim > 16 * CT || (head_dim & 15)) __trap();  // the instance's tiles hold the head
     const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wk0 = k0 + 16 * warp;
     const int j0 = wk0 + g, j1 = wk0 + g + 8;  // this lane's two keys

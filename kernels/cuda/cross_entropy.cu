@@ -11,8 +11,8 @@
 // 128-bit read of the row instead of three scalar ones.
 #include "common.cuh"
 
-/// exp(v − max) for a logit v ≤ max: v − max is exact (both came from fp16), then one rounding
-/// by log2 e and a MUFU.EX2 (`chingu::exp2_approx`), where expf is about ten instructions — a
+/// exp(v − max) for a logit v ≤ max: one rounding of v − max (none when v is near max), one
+/// by log2 e, and a MUFU.EX2 (`chingu::exp2_approx`), where expf is about ten instructions — a
 /// row of 16,000 logits takes two of these each. Terms below 2^−126 of the row's largest
 /// (which is 1) flush to 0.
 __device__ __forceinline__ float exp_below_max(float v, float max) {
