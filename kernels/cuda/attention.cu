@@ -487,7 +487,8 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
             mx = fmaxf(mx, __shfl_xor_sync(chingu::FULL_MASK, mx, 1));
             const float m_new = fmaxf(m, mx * hd.sc);
             float alpha = 1.0f, sum = 0.0f;
-            if (m_new != chingu::neg_inf()) alpha = exp2f(m - m_new);  // 0 while m is −inf
+            // 0 while m is −inf
+            if (m_new != chingu::neg_inf()) alpha = chingu::exp2_approx(m - m_new);
             for (int c8 = 0; c8 < MAX_LANE_COLS; c8 += 8) {
                 if (c8 >= half_cols) break;
                 float x[8];
@@ -496,7 +497,7 @@ __device__ __forceinline__ void attention_forward(CHINGU_ATTN_FORWARD_PARAMS) {
                     float p = 0.0f;
                     if (m_new != chingu::neg_inf() &&
                         (!masked || sees(i, k0 + cbeg + c8 + e, hd.kl, causal, q_offset)))
-                        p = exp2f(fmaf(x[e], hd.sc, -m_new));
+                        p = chingu::exp2_approx(fmaf(x[e], hd.sc, -m_new));
                     x[e] = p;
                     sum += p;
                 }
@@ -688,7 +689,7 @@ __device__ __forceinline__ void attention_backward_dkdv(CHINGU_ATTN_DKDV_PARAMS)
             read_floats(st, lse_s + cbeg, half_cols);
             for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
                 if (jj >= half_cols) break;
-                p[jj] = exp2f(fmaf(p[jj], hd.sc, -st[jj]));
+                p[jj] = chingu::exp2_approx(fmaf(p[jj], hd.sc, -st[jj]));
                 if (masked && !sees(q0 + cbeg + jj, j, hd.kl, causal, q_offset)) p[jj] = 0.0f;
             }
             if (want_dk) {
@@ -832,7 +833,7 @@ __device__ __forceinline__ void attention_backward_dq(CHINGU_ATTN_DQ_PARAMS) {
             read_floats(dpv, dprow + cbeg, half_cols);
             for (int jj = 0; jj < MAX_LANE_COLS; ++jj) {
                 if (jj >= half_cols) break;
-                p[jj] = exp2f(fmaf(p[jj], hd.sc, -lse_i));
+                p[jj] = chingu::exp2_approx(fmaf(p[jj], hd.sc, -lse_i));
                 if (masked && !sees(i, k0 + cbeg + jj, hd.kl, causal, q_offset)) p[jj] = 0.0f;
                 p[jj] *= dpv[jj] - delta_i;
             }
