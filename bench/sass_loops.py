@@ -19,6 +19,11 @@ see the example). nvdisasm comes from PyPI (`pip install nvidia-cuda-nvdisasm`);
 with --nvdisasm or put it on PATH.
 
     python3 bench/sass_loops.py DIR/attention.cu.sm_90.cubin --filter _mma_
+
+With --budget FILE (lines "kernel max-instructions-per-HMMA"; `#` starts a comment), the
+script exits 1 when a kernel's loop exceeds its budget or a budgeted kernel is missing: CI
+runs it with bench/sass_budget.txt, so a change that brings back, say, a runtime loop bound
+or a slow exponential fails there, without a GPU.
 """
 
 import argparse
@@ -106,8 +111,10 @@ def main():
     ap.add_argument("cubin")
     ap.add_argument("--filter", default="", help="substring a kernel's name must contain")
     ap.add_argument("--nvdisasm", default="nvdisasm")
+    ap.add_argument("--budget", help="file of 'kernel max-instructions-per-HMMA' lines")
     args = ap.parse_args()
     kernels, labels = disassemble(args.nvdisasm, args.cubin)
+    per_hmma = {}
     print("| kernel | loop instructions | HMMA | LDSM | MUFU.EX2 | BAR | BRA | per HMMA | kernel instructions |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in sorted(kernels):
@@ -118,12 +125,40 @@ def main():
             print(f"| {name} | no loop | | | | | | | {len(kernels[name])} |")
             continue
         c = counts(kernels[name], span)
+        if c["HMMA"]:
+            per_hmma[name] = c["loop"] / c["HMMA"]
         per = f"{c['loop'] / c['HMMA']:.1f}" if c["HMMA"] else "—"
         print(
             f"| {name} | {c['loop']} | {c['HMMA']} | {c['LDSM']} | {c['EX2']} | {c['BAR']} "
             f"| {c['BRA']} | {per} | {c['total']} |"
         )
-    return 0
+    return check_budget(args.budget, per_hmma) if args.budget else 0
+
+
+def check_budget(path, per_hmma):
+    """0 when every budgeted kernel is present and within its budget, else 1 (and why)."""
+    failures = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if len(words) != 2:
+                failures.append(f"{path}:{number}: expected 'kernel budget', got {line.strip()!r}")
+                continue
+            name, budget = words[0], float(words[1])
+            if name not in per_hmma:
+                failures.append(f"{path}:{number}: {name}: no such kernel with a tile loop")
+            elif per_hmma[name] > budget:
+                failures.append(
+                    f"{path}:{number}: {name}: {per_hmma[name]:.2f} instructions per HMMA in its "
+                    f"tile loop, over the budget of {budget}"
+                )
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    if not failures:
+        print(f"every kernel in {path} within its budget")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
