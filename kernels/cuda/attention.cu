@@ -1123,11 +1123,16 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
         l1 = l1 * a1 + sum1;
         m0 = n0;
         m1 = n1;
-        for (int n = 0; n < 2 * CT; ++n) {
-            o[n][0] *= a0;
-            o[n][1] *= a0;
-            o[n][2] *= a1;
-            o[n][3] *= a1;
+        // O's rescale only where some row's maximum moved (alpha ≠ 1): after the first tiles it
+        // rarely does, and multiplying by exactly 1 changes nothing, so skipping it keeps the
+        // bits (warp-uniform vote; 8·CT multiplies a lane).
+        if (__any_sync(chingu::FULL_MASK, a0 != 1.0f || a1 != 1.0f)) {
+            for (int n = 0; n < 2 * CT; ++n) {
+                o[n][0] *= a0;
+                o[n][1] *= a0;
+                o[n][2] *= a1;
+                o[n][3] *= a1;
+            }
         }
 
         // O += P·V, 16 keys per product; V's B fragments two n-tiles a load.
