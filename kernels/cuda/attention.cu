@@ -85,7 +85,7 @@ namespace attn {
 constexpr int MAX_SUB = 2;
 /// Walked-tile columns a lane handles (T/2 ≤ 16).
 constexpr int MAX_LANE_COLS = 16;
-constexpr float LOG2E = 1.4426950408889634f;
+using chingu::LOG2E;
 constexpr float LN2 = 0.6931471805599453f;
 
 using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half,

@@ -42,7 +42,7 @@
 // masked, wherever a product reads them, and nothing reads past. `band` 0: every key.
 #include "common.cuh"
 
-constexpr float LOG2E = 1.4426950408889634f;
+using chingu::LOG2E;
 
 /// Keys of row i the band products compute (see the file comment).
 __device__ __forceinline__ int band_keys(int i, int k_len, int band) {

@@ -290,9 +290,12 @@ __device__ __forceinline__ void store_half8(__half* p, const float (&v)[8]) {
 /// -inf without <math.h> (NVRTC has no INFINITY macro).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+/// log2(e): exp(x) = exp2(x·LOG2E), the form every softmax here takes (see exp2_approx).
+inline constexpr float LOG2E = 1.4426950408889634f;
+
 /// 2^x on the special-function unit (`ex2.approx.ftz.f32`): one MUFU.EX2, where exp2f without
-/// fast math adds about eight instructions of subnormal-range fix-up around it (NVRTC 13.0,
-/// sm_90). Results below 2^−126 are flushed to 0 and 2^−inf = 0, so a masked score (−inf)
+/// fast math wraps it in a subnormal-range fix-up (a compare, two multiplies, predicate
+/// logic; NVRTC 13.0, sm_90). Results below 2^−126 are flushed to 0 and 2^−inf = 0, so a masked score (−inf)
 /// needs no test. Relative error about 2^−22 (PTX ISA), as exp2f's 2 ulp; inputs that small
 /// only ever weigh a softmax term against a row sum of at least 1. The emulator computes
 /// exp2f and flushes what would be subnormal.

@@ -16,8 +16,7 @@
 /// row of 16,000 logits takes two of these each. Terms below 2^−126 of the row's largest
 /// (which is 1) flush to 0.
 __device__ __forceinline__ float exp_below_max(float v, float max) {
-    constexpr float LOG2E = 1.4426950408889634f;
-    return chingu::exp2_approx((v - max) * LOG2E);
+    return chingu::exp2_approx((v - max) * chingu::LOG2E);
 }
 
 /// A counted row's loss from its max, Σexp(x − max), target logit and Σx (PyTorch's label

@@ -1249,32 +1249,32 @@ impl AttnLaunch {
         }
         // The narrowest instance whose CT column tiles hold the head: its shared tiles are
         // 16·CT columns wide whatever Dh is (attention.cu, "Tile").
-        let col_tiles = head_dim.div_ceil(16);
-        let ((kernel, two_stage), tile, ct) = match (kind, col_tiles) {
-            (AttnKernel::Forward, 0..=2) => (stages!("attention_forward_mma_c2"), 64, 2),
-            (AttnKernel::Forward, 3..=4) => (stages!("attention_forward_mma_c4"), 64, 4),
-            (AttnKernel::Forward, 5..=8) => (stages!("attention_forward_mma_c8"), 64, 8),
-            (AttnKernel::Forward, 9..=12) => (stages!("attention_forward_mma_c12"), 64, 12),
+        let ct = match head_dim.div_ceil(16) {
+            0..=2 => 2,
+            3..=4 => 4,
+            5..=8 => 8,
+            9..=12 => 12,
+            _ => 16,
+        };
+        let ((kernel, two_stage), tile) = match (kind, ct) {
+            (AttnKernel::Forward, 2) => (stages!("attention_forward_mma_c2"), 64),
+            (AttnKernel::Forward, 4) => (stages!("attention_forward_mma_c4"), 64),
+            (AttnKernel::Forward, 8) => (stages!("attention_forward_mma_c8"), 64),
+            (AttnKernel::Forward, 12) => (stages!("attention_forward_mma_c12"), 64),
             // No two stages: with the tile loop's addresses constant, sm_90 spills at 255
             // registers.
-            (AttnKernel::Forward, _) => (("attention_forward_mma_c16_f16", ""), 32, 16),
-            (AttnKernel::Queries, 0..=2) => (stages!("attention_backward_dq_mma_c2"), 64, 2),
-            (AttnKernel::Queries, 3..=4) => (stages!("attention_backward_dq_mma_c4"), 64, 4),
-            (AttnKernel::Queries, 5..=8) => (stages!("attention_backward_dq_mma_c8"), 64, 8),
-            (AttnKernel::Queries, 9..=12) => (stages!("attention_backward_dq_mma_c12"), 32, 12),
+            (AttnKernel::Forward, _) => (("attention_forward_mma_c16_f16", ""), 32),
+            (AttnKernel::Queries, 2) => (stages!("attention_backward_dq_mma_c2"), 64),
+            (AttnKernel::Queries, 4) => (stages!("attention_backward_dq_mma_c4"), 64),
+            (AttnKernel::Queries, 8) => (stages!("attention_backward_dq_mma_c8"), 64),
+            (AttnKernel::Queries, 12) => (stages!("attention_backward_dq_mma_c12"), 32),
             // No two stages: 132 KiB a block, which no GPU runs two of (nor the emulator one).
-            (AttnKernel::Queries, _) => (("attention_backward_dq_mma_c16_f16", ""), 32, 16),
-            (AttnKernel::KeysValues, 0..=2) => (stages!("attention_backward_dkdv_mma_c2"), 64, 2),
-            (AttnKernel::KeysValues, 3..=4) => (stages!("attention_backward_dkdv_mma_c4"), 64, 4),
-            (AttnKernel::KeysValues, 5..=8) => {
-                (stages!("attention_backward_dkdv_mma_split_c8"), 32, 8)
-            }
-            (AttnKernel::KeysValues, 9..=12) => {
-                (stages!("attention_backward_dkdv_mma_split_c12"), 32, 12)
-            }
-            (AttnKernel::KeysValues, _) => {
-                (stages!("attention_backward_dkdv_mma_split_c16"), 16, 16)
-            }
+            (AttnKernel::Queries, _) => (("attention_backward_dq_mma_c16_f16", ""), 32),
+            (AttnKernel::KeysValues, 2) => (stages!("attention_backward_dkdv_mma_c2"), 64),
+            (AttnKernel::KeysValues, 4) => (stages!("attention_backward_dkdv_mma_c4"), 64),
+            (AttnKernel::KeysValues, 8) => (stages!("attention_backward_dkdv_mma_split_c8"), 32),
+            (AttnKernel::KeysValues, 12) => (stages!("attention_backward_dkdv_mma_split_c12"), 32),
+            (AttnKernel::KeysValues, _) => (stages!("attention_backward_dkdv_mma_split_c16"), 16),
         };
         // Shared memory as `kernels/cuda/attention.cu` lays it out: each stage holds two walked
         // tiles (K and V, or Q and dO); dQ and dK/dV add the block's own two (Q and dO, or K
