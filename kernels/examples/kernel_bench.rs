@@ -622,6 +622,17 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
             }
         }
     }
+    // --- the GEMM attention path's products, two layouts --------------------------------
+    // Training runs each product once per head, batched over the B batch rows, reading one
+    // head's columns of `[B·T, H·Dh]` in place (rows H·Dh apart). A head-major layout
+    // (`[B·H, T, Dh]`, dense) would make each one product batched over all B·H blocks: these
+    // rows time both at seed-768's heads (and seed-256's), fp16 out as training stores them,
+    // to say whether that layout (and the copies into it and back) would pay.
+    if !families_only {
+        for head_dim in [64, 192] {
+            product_layout_rows(dev, s, reps, head_dim, &mut next_seed, &mut push)?;
+        }
+    }
     // --- every kernel family at head widths 64, 128 and 192 (seed-768's: 4 heads of 192) --
     // The automatic choice (`AttentionKernels::fastest_for`) follows these rows. (Row names
     // are `&'static str`: the dozen made here are leaked.)
@@ -692,6 +703,154 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
         }
     }
     Ok(rows)
+}
+
+/// The rows `prod_{qk,pv,ptx}_{per_head,head_major}_dh{head_dim}`: S = Q·Kᵀ, O = P·V and
+/// dV = Pᵀ·dO (dK = dSᵀ·Q is the same product) for B × H blocks of T × T scores, each product
+/// as training runs it (H calls batched over B, operands in place) and as one call batched
+/// over B·H on head-major operands. 2·B·H·T²·Dh FLOPs each; bytes the operands read and the
+/// output written once.
+fn product_layout_rows(
+    dev: &Gpu,
+    s: Shapes,
+    reps: usize,
+    head_dim: usize,
+    next_seed: &mut impl FnMut() -> u64,
+    push: &mut impl FnMut(&'static str, String, f64, f64, Option<f64>),
+) -> Result<(), GpuError> {
+    use chingu_kernels::gpu::{Gemm, GemmBatch, GemmEpilogue};
+    let (b, t, heads) = (s.b, s.t, 4);
+    let d = heads * head_dim;
+    let x_len = b * t * d;
+    let (q, k) = (
+        random_half(dev, next_seed(), x_len, -2.0, 2.0)?,
+        random_half(dev, next_seed(), x_len, -2.0, 2.0)?,
+    );
+    let p = random_half(dev, next_seed(), b * heads * t * t, 0.0, 1.0 / t as f64)?;
+    let scores = out::<f16>(dev, b * heads * t * t)?;
+    let o = out::<f16>(dev, x_len)?;
+    let flops = 2.0 * (b * heads) as f64 * (t * t * head_dim) as f64;
+    // Two `[B·T, D]` operands and one block of scores, whichever is read or written.
+    let bytes = H * (2.0 * x_len as f64 + (b * heads * t * t) as f64);
+    let label = format!("B{b} H{heads} T{t} Dh{head_dim}");
+    /// One product: C[m×n] = op(A)·op(B) summed over k.
+    struct Product {
+        name: &'static str,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        /// A is P (score blocks), else Q (a `[B·T, D]` operand).
+        a_is_p: bool,
+        /// C is the score blocks, else a `[B·T, D]` output.
+        c_is_scores: bool,
+    }
+    let products = [
+        Product {
+            name: "qk",
+            m: t,
+            n: t,
+            k: head_dim,
+            trans_a: false,
+            trans_b: true,
+            a_is_p: false,
+            c_is_scores: true,
+        },
+        Product {
+            name: "pv",
+            m: t,
+            n: head_dim,
+            k: t,
+            trans_a: false,
+            trans_b: false,
+            a_is_p: true,
+            c_is_scores: false,
+        },
+        Product {
+            name: "ptx",
+            m: t,
+            n: head_dim,
+            k: t,
+            trans_a: true,
+            trans_b: false,
+            a_is_p: true,
+            c_is_scores: false,
+        },
+    ];
+    for Product { name, m, n, k: kk, trans_a: ta, trans_b: tb, a_is_p, c_is_scores } in products {
+        // Per head: head h's columns (ld D, batch rows T·D apart); P and the scores `[B, H,
+        // T, T]` (a head's blocks H·T·T apart).
+        let per_head = |h: usize| {
+            let head = |buf: &DeviceBuffer<f16>| buf.ptr() + (h * head_dim * 2) as u64;
+            let block = |buf: &DeviceBuffer<f16>| buf.ptr() + (h * t * t * 2) as u64;
+            let (a, a_ld, a_stride) =
+                if a_is_p { (block(&p), t, heads * t * t) } else { (head(&q), d, t * d) };
+            let (c, c_ld, c_stride) =
+                if c_is_scores { (block(&scores), t, heads * t * t) } else { (head(&o), d, t * d) };
+            Gemm {
+                m,
+                n,
+                k: kk,
+                a,
+                trans_a: ta,
+                b: head(&k),
+                trans_b: tb,
+                c,
+                c_f32: false,
+                beta: 0.0,
+                bias: None,
+                epilogue: GemmEpilogue::None,
+                batch: GemmBatch {
+                    count: b,
+                    stride_a: a_stride,
+                    stride_b: t * d,
+                    stride_c: c_stride,
+                },
+                ld: [a_ld, d, c_ld],
+            }
+        };
+        let t_per_head = time_op(dev, reps, |_| {
+            for h in 0..heads {
+                // SAFETY: every block lies inside its buffer (sized from the shape above).
+                unsafe { gemm::run(dev, "bench", &per_head(h)) }?;
+            }
+            Ok(())
+        })?;
+        // Head-major: the same buffers read as B·H dense blocks (`[T, Dh]` or `[T, T]`).
+        let dense =
+            |buf: &DeviceBuffer<f16>, rows: usize, cols: usize| (buf.ptr(), cols, rows * cols);
+        let (a, a_ld, a_stride) = if a_is_p { dense(&p, t, t) } else { dense(&q, t, head_dim) };
+        let (c, c_ld, c_stride) =
+            if c_is_scores { dense(&scores, t, t) } else { dense(&o, t, head_dim) };
+        let head_major = Gemm {
+            m,
+            n,
+            k: kk,
+            a,
+            trans_a: ta,
+            b: k.ptr(),
+            trans_b: tb,
+            c,
+            c_f32: false,
+            beta: 0.0,
+            bias: None,
+            epilogue: GemmEpilogue::None,
+            batch: GemmBatch {
+                count: b * heads,
+                stride_a: a_stride,
+                stride_b: t * head_dim,
+                stride_c: c_stride,
+            },
+            ld: [a_ld, head_dim, c_ld],
+        };
+        // SAFETY: B·H dense blocks of each operand fill exactly the buffers above.
+        let t_head_major = time_op(dev, reps, |_| unsafe { gemm::run(dev, "bench", &head_major) })?;
+        let op = |layout: &str| &*format!("prod_{name}_{layout}_dh{head_dim}").leak();
+        push(op("per_head"), label.clone(), t_per_head, bytes, Some(flops));
+        push(op("head_major"), label.clone(), t_head_major, bytes, Some(flops));
+    }
+    Ok(())
 }
 
 fn table(rows: &[Row]) -> String {
