@@ -1163,3 +1163,79 @@ fn launchers_reject_mismatched_shapes() {
         ops::dropout(&dev, &mut y, 1.0, DropoutKey { seed: 0, step: 0, site: 0 }).unwrap_err();
     assert!(err.to_string().contains("must be in [0, 1)"), "{err}");
 }
+
+/// The wgmma probes (kernels/cuda/hopper.cu): every staging layout, A from registers and from
+/// shared memory, both instances, against the product in f64 of the same fp16 values. A
+/// misread layout or descriptor scrambles whole rows or columns (errors of the size of the
+/// values, ~5 here), so the bound — 1e-3 of each element's Σ|a·b| (fp32 accumulation) — is
+/// far from it. On a GPU other than Hopper the kernels are not loaded: said, not run. Every
+/// combination is tried before the test fails, so one GPU run reports all of them.
+#[test]
+fn wgmma_tile_probes_match_the_product() {
+    use chingu_kernels::gpu::ops::hopper::{self, WgmmaLayout, WGMMA_TILE_SHAPES};
+    let mut rng = SplitMix64(0x6867_6d6d);
+    for dev in devices() {
+        let mut failures = Vec::new();
+        for (n, k) in WGMMA_TILE_SHAPES {
+            let kernel = hopper::wgmma_tile_kernel(n, k).unwrap();
+            if !dev.has_kernel(kernel) {
+                eprintln!("{}: {kernel} not loaded (not a Hopper GPU): probe not run", dev.name());
+                continue;
+            }
+            let (a_h, a) = random_half(&mut rng, 64 * k, -1.0, 1.0);
+            let (b_h, b) = random_half(&mut rng, k * n, -1.0, 1.0);
+            let (mut want, mut scale) = (vec![0.0f64; 64 * n], vec![0.0f64; 64 * n]);
+            for r in 0..64 {
+                for c in 0..n {
+                    for i in 0..k {
+                        let p = f64::from(a[r * k + i]) * f64::from(b[i * n + c]);
+                        want[r * n + c] += p;
+                        scale[r * n + c] += p.abs();
+                    }
+                }
+            }
+            assert!(want.iter().any(|w| w.abs() > 1.0), "a degenerate product");
+            let (a_dev, b_dev) = (
+                DeviceBuffer::from_host(&dev, &a_h).unwrap(),
+                DeviceBuffer::from_host(&dev, &b_h).unwrap(),
+            );
+            for layout in WgmmaLayout::ALL {
+                for a_in_smem in [false, true] {
+                    let mut d = poisoned_f32(&dev, 64 * n);
+                    hopper::wgmma_tile(&dev, &mut d, &a_dev, &b_dev, (n, k), layout, a_in_smem)
+                        .unwrap();
+                    let got = d.to_host().unwrap();
+                    let bad: Vec<usize> = (0..64 * n)
+                        .filter(|&i| {
+                            // NaN (an element never written) counts as wrong too.
+                            let err = (f64::from(got[i]) - want[i]).abs();
+                            err.is_nan() || err > 1e-3 * scale[i] + 1e-6
+                        })
+                        .collect();
+                    let what = format!(
+                        "{}: N {n} K {k} {layout:?} A from {}",
+                        dev.name(),
+                        if a_in_smem { "shared memory" } else { "registers" }
+                    );
+                    if bad.is_empty() {
+                        eprintln!("{what}: ok");
+                    } else {
+                        let first: Vec<String> = bad
+                            .iter()
+                            .take(4)
+                            .map(|&i| {
+                                format!("({}, {}) {} want {:.4}", i / n, i % n, got[i], want[i])
+                            })
+                            .collect();
+                        failures.push(format!(
+                            "{what}: {} of {} wrong, e.g. {first:?}",
+                            bad.len(),
+                            64 * n
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "wgmma probes:\n{}", failures.join("\n"));
+    }
+}

@@ -97,7 +97,10 @@
 //   common.cuh); __half/__half2 bit-exact (see below); nvcuda::wmma for m16n16k16 with
 //   __half A/B and float or __half accumulators; chingu_emu::mma_m16n8k16, the PTX
 //   instruction mma.sync.m16n8k16.row.col.f32.f16.f16.f32 with its documented register
-//   layout (kernels reach it through chingu::mma_16816 in common.cuh, inline PTX on a GPU).
+//   layout (kernels reach it through chingu::mma_16816 in common.cuh, inline PTX on a GPU);
+//   chingu_emu::wgmma_mma/commit/wait, Hopper's wgmma.mma_async m64nNk16 f32 += f16·f16 with
+//   A from registers or shared memory, B from shared memory through the ISA's matrix
+//   descriptors (every swizzle mode), completed at the wait (kernels/cuda/hopper.cu wraps it).
 //
 // __half
 //   Bit-exact IEEE binary16: conversions round to nearest even (subnormals, overflow to
@@ -1876,6 +1879,185 @@ inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const f
   s.p[2] = c;
   s.p[3] = d;
   warp_collective(0xffffffffu, &release_mma_m16n8k16, "mma_m16n8k16", file, line);
+}
+
+// --- wgmma: Hopper's warpgroup MMA (sm_90a) ---------------------------------------------
+// PTX wgmma.mma_async.sync.aligned.m64nNk16.f32.f16.f16 (D[64×N] (+)= A[64×16]·B[16×N]),
+// A from registers or from a shared-memory matrix descriptor, B from a descriptor; then
+// wgmma.commit_group and wgmma.wait_group. A warpgroup is 4 consecutive warps from a warp
+// index divisible by 4; warp w of it owns rows 16w..16w+15 of A and D, so each warp's part
+// is computed on its own, as a warp collective. Register layouts (g = lane / 4, t = lane % 4):
+//   A (4 registers, as mma_m16n8k16's): a[0] = (row g, k 2t..2t+1), a[1] = (g + 8, 2t..),
+//     a[2] = (g, 2t + 8..), a[3] = (g + 8, 2t + 8..), the lower-indexed half low;
+//   D (N/2 floats): d[4j + e] = (row g + 8·(e / 2), column 8j + 2t + e % 2), j < N/8.
+// Descriptor (64 bits): start address >> 4 in bits 0–13, leading-dimension byte offset
+// (LBO) >> 4 in 16–29, stride-dimension byte offset (SBO) >> 4 in 32–45, base offset in
+// 49–51 (only 0 is emulated: swizzle atoms aligned to their size), swizzle in 62–63 (0 none,
+// 1 128-byte, 2 64-byte, 3 32-byte). Addresses are offsets into the block's dynamic shared
+// memory (chingu::shared_offset). Element (mn, k) of an operand (mn the row of A or the
+// column of B), byte offset before the swizzle:
+//   K-major, no swizzle:   start + (mn/8)·SBO + (mn%8)·16 + (k/8)·LBO + (k%8)·2
+//   MN-major, no swizzle:  start + (mn/8)·SBO + (mn%8)·2 + (k/8)·LBO + (k%8)·16
+//   K-major, W-byte swizzle (W = 128, 64, 32): start + (mn/8)·SBO + (mn%8)·W + k·2 (LBO
+//     unused: one instruction's 16 k lie in one row)
+//   MN-major, W-byte swizzle: start + (mn/(W/2))·LBO + (mn%(W/2))·2 + (k/8)·SBO + (k%8)·W
+// and the swizzle XORs the 16-byte chunk index (bits 4–6) with bits 7–9 of the offset (3, 2
+// or 1 bits for 128, 64, 32 bytes). This is the ISA's canonical layouts as we read them
+// (CUTLASS's GMMA descriptors describe the same); kernels/cuda/hopper.cu's probe checks the
+// reading on an H100 before any kernel depends on it.
+// Timing: the emulator computes a product at the wait that completes its group, reading A's
+// registers, shared memory and D then; so a kernel that changes any of them between the
+// issue and that wait, or reads D before it, gets a wrong result here as it may on a GPU.
+namespace detail {
+struct WgmmaOp {
+  float* d;           // this thread's N/2 accumulators
+  const uint32_t* a;  // its 4 A registers, or null: A from a_desc
+  uint64_t a_desc, b_desc;
+  unsigned n;
+  bool trans_b, accumulate;
+  const char* file;
+  unsigned line;
+};
+struct WgmmaQueue {
+  std::vector<std::vector<WgmmaOp>> committed;
+  std::vector<WgmmaOp> open;
+};
+// Per thread of the running block (blocks run one at a time), emptied when a block starts.
+inline WgmmaQueue& my_wgmma_queue() {
+  static std::vector<WgmmaQueue> queues(1024);
+  static uint64_t block = 0;
+  if (block != g_block_serial) {
+    block = g_block_serial;
+    for (WgmmaQueue& q : queues) {
+      q.committed.clear();
+      q.open.clear();
+    }
+  }
+  const unsigned tid = g_threadIdx.x + g_blockDim.x * (g_threadIdx.y + g_blockDim.y * g_threadIdx.z);
+  return queues[tid];
+}
+
+// The half at element (mn, k) of the operand `desc` describes (see above).
+inline float wgmma_element(uint64_t desc, unsigned mn, unsigned k, bool mn_major, const WgmmaOp& op) {
+  const size_t start = (desc & 0x3fffu) << 4, lbo = ((desc >> 16) & 0x3fffu) << 4,
+               sbo = ((desc >> 32) & 0x3fffu) << 4;
+  const unsigned base_offset = (desc >> 49) & 7u, mode = static_cast<unsigned>(desc >> 62);
+  if (base_offset)
+    fail(strf("wgmma at %s:%u: descriptor base offset %u is not emulated (align swizzle atoms)", op.file,
+              op.line, base_offset));
+  size_t off;
+  if (mode == 0) {
+    off = mn_major ? start + (mn / 8) * sbo + (mn % 8) * 2 + (k / 8) * lbo + (k % 8) * 16
+                   : start + (mn / 8) * sbo + (mn % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
+  } else {
+    const size_t width = mode == 1 ? 128 : mode == 2 ? 64 : 32;
+    if (mn_major) {
+      const size_t per_row = width / 2;
+      off = start + (mn / per_row) * lbo + (mn % per_row) * 2 + (k / 8) * sbo + (k % 8) * width;
+    } else {
+      if (start % width + 32 > width)
+        fail(strf("wgmma at %s:%u: a K-major swizzled operand's 16 k cross its %zu-byte row (start %zu)",
+                  op.file, op.line, width, start));
+      off = start + (mn / 8) * sbo + (mn % 8) * width + k * 2;
+    }
+    const size_t bits = mode == 1 ? 7 : mode == 2 ? 3 : 1;
+    off ^= ((off >> 7) & bits) << 4;
+  }
+  if (off + 2 > g_launch->smem_bytes)
+    fail(strf("wgmma at %s:%u: element (%u, %u) at shared offset %zu, past the block's %zu bytes", op.file,
+              op.line, mn, k, off, g_launch->smem_bytes));
+  __half h;
+  std::memcpy(&h, g_launch->smem + off, 2);
+  return __half2float(h);
+}
+
+// p[0] of each lane: the std::vector<WgmmaOp> of products its wait completes, in issue order.
+inline void release_wgmma_wait(Warp& w, uint32_t part) {
+  if (part != 0xffffffffu)
+    fail(strf("wgmma wait: only lanes 0x%08x of the warp took part; it needs all 32", part));
+  const std::vector<WgmmaOp>* ops[32];
+  for (unsigned l = 0; l < 32; ++l) ops[l] = static_cast<const std::vector<WgmmaOp>*>(w.lane[l].p[0]);
+  for (unsigned l = 1; l < 32; ++l)
+    if (ops[l]->size() != ops[0]->size())
+      fail(strf("wgmma wait: lane %u completes %zu products, lane 0 %zu (the warp must issue alike)", l,
+                ops[l]->size(), ops[0]->size()));
+  const unsigned rank = w.index % 4;  // the warp's rows of the warpgroup's 64
+  for (size_t i = 0; i < ops[0]->size(); ++i) {
+    const WgmmaOp& o = (*ops[0])[i];
+    for (unsigned l = 1; l < 32; ++l) {
+      const WgmmaOp& x = (*ops[l])[i];
+      if (x.n != o.n || x.trans_b != o.trans_b || x.accumulate != o.accumulate || x.b_desc != o.b_desc ||
+          (x.a == nullptr) != (o.a == nullptr) || (!o.a && x.a_desc != o.a_desc))
+        fail(strf("wgmma at %s:%u: lane %u's shape, descriptors or scale differ from lane 0's", o.file, o.line,
+                  l));
+    }
+    float A[16][16];
+    for (unsigned l = 0; l < 32; ++l) {
+      const unsigned g = l / 4, t = l % 4;
+      for (unsigned h = 0; h < 2; ++h) {
+        if (o.a) {
+          const uint32_t* a = (*ops[l])[i].a;
+          A[g][2 * t + h] = half_bits_to_float(a[0], h);
+          A[g + 8][2 * t + h] = half_bits_to_float(a[1], h);
+          A[g][2 * t + 8 + h] = half_bits_to_float(a[2], h);
+          A[g + 8][2 * t + 8 + h] = half_bits_to_float(a[3], h);
+        }
+      }
+    }
+    if (!o.a)
+      for (unsigned r = 0; r < 16; ++r)
+        for (unsigned k = 0; k < 16; ++k) A[r][k] = wgmma_element(o.a_desc, 16 * rank + r, k, false, o);
+    std::vector<float> B(16 * o.n);
+    for (unsigned k = 0; k < 16; ++k)
+      for (unsigned c = 0; c < o.n; ++c) B[k * o.n + c] = wgmma_element(o.b_desc, c, k, o.trans_b, o);
+    for (unsigned l = 0; l < 32; ++l) {
+      const unsigned g = l / 4, t = l % 4;
+      float* d = (*ops[l])[i].d;
+      for (unsigned j = 0; j < o.n / 8; ++j)
+        for (unsigned e = 0; e < 4; ++e) {
+          const unsigned r = g + 8 * (e / 2), c = 8 * j + 2 * t + e % 2;
+          float acc = o.accumulate ? d[4 * j + e] : 0.0f;
+          for (unsigned k = 0; k < 16; ++k) acc += A[r][k] * B[k * o.n + c];  // products exact in float
+          d[4 * j + e] = acc;
+        }
+    }
+  }
+}
+}  // namespace detail
+
+// One wgmma.mma_async (see above): queued in this thread's open group; `a` null when A comes
+// from `a_desc`. Every thread of the warpgroup issues it alike.
+inline void wgmma_mma(float* d, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, unsigned n, bool trans_b,
+                      bool accumulate, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
+  using namespace detail;
+  wmma_require_full_warp("wgmma.mma_async", file, line);
+  if (n % 8 != 0 || n < 8 || n > 256) fail(strf("wgmma at %s:%u: N = %u is not a multiple of 8 in [8, 256]", file, line, n));
+  if (g_blockDim.x * g_blockDim.y * g_blockDim.z % 128 != 0)
+    fail(strf("wgmma at %s:%u: the block's %u threads are not whole warpgroups of 128", file, line,
+              g_blockDim.x * g_blockDim.y * g_blockDim.z));
+  my_wgmma_queue().open.push_back(WgmmaOp{d, a, a_desc, b_desc, n, trans_b, accumulate, file, line});
+}
+
+// wgmma.commit_group: this thread's queued products become one group.
+inline void wgmma_commit() {
+  detail::WgmmaQueue& q = detail::my_wgmma_queue();
+  q.committed.push_back(std::move(q.open));
+  q.open.clear();
+}
+
+// wgmma.wait_group N: every committed group but the newest `pending` completes, in order.
+inline void wgmma_wait(unsigned pending, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
+  using namespace detail;
+  wmma_require_full_warp("wgmma.wait_group", file, line);
+  WgmmaQueue& q = my_wgmma_queue();
+  std::vector<WgmmaOp> done;
+  while (q.committed.size() > pending) {
+    for (const WgmmaOp& op : q.committed.front()) done.push_back(op);
+    q.committed.erase(q.committed.begin());
+  }
+  LaneSlot& s = my_slot("wgmma.wait_group");
+  s.p[0] = &done;
+  warp_collective(0xffffffffu, &release_wgmma_wait, "wgmma.wait_group", file, line);
 }
 
 }  // namespace chingu_emu

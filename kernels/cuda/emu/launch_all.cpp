@@ -15,6 +15,7 @@
 #include "../dropout.cu"
 #include "../elementwise.cu"
 #include "../embedding.cu"
+#include "../hopper.cu"
 #include "../layernorm.cu"
 #include "../reduce.cu"
 
@@ -175,6 +176,8 @@ const Entry KERNELS[] = {
     KERNEL(sum_final_f64),
     KERNEL(unscale_f32),
     KERNEL(check_finite_f16),
+    KERNEL(wgmma_tile_n64_k192_f16),
+    KERNEL(wgmma_tile_n192_k64_f16),
 };
 
 void write_error(char* err, size_t err_len, const char* message) {

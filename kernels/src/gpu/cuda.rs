@@ -149,9 +149,11 @@ impl CudaDevice {
             result::ctx::set_current(context).map_err(driver("cuCtxSetCurrent"))?;
             context
         };
-        let arch = format!("compute_{major}{minor}");
         let mut functions = HashMap::new();
         for (file, source) in sources::FILES {
+            // Files for another architecture (the Hopper-only ones elsewhere) are left out:
+            // launching one of their kernels is an error that says so.
+            let Some(arch) = sources::arch_for(file, major, minor) else { continue };
             let ptx = nvrtc::compile_cached(file, source, &arch)?;
             // SAFETY: NUL-terminated PTX; the module stays loaded for the process.
             let module = unsafe { result::module::load_data(ptx.as_ptr().cast()) }
@@ -258,6 +260,10 @@ impl Device for CudaDevice {
         self.shared_limits.get(kernel).copied().unwrap_or(48 * 1024)
     }
 
+    fn has_kernel(&self, kernel: &str) -> bool {
+        self.functions.contains_key(kernel)
+    }
+
     fn resident_blocks(&self, kernel: &str, threads: u32, shared: usize) -> Option<usize> {
         let &f = self.functions.get(kernel)?;
         let key = (f as usize, threads, shared);
@@ -353,7 +359,14 @@ impl Device for CudaDevice {
         self.bind()?;
         let f = *self.functions.get(kernel).ok_or_else(|| GpuError::Driver {
             call: format!("launch {kernel}"),
-            message: "no such kernel in the compiled modules".into(),
+            message: if sources::FILES.iter().any(|(file, source)| {
+                sources::HOPPER_FILES.contains(file)
+                    && sources::kernel_names(source).iter().any(|k| k == kernel)
+            }) {
+                "a Hopper (sm_90) kernel: this device does not load it".into()
+            } else {
+                "no such kernel in the compiled modules".into()
+            },
         })?;
         // SAFETY: the caller guarantees the arguments; the default stream orders launches.
         unsafe { result::launch_kernel(f, grid, block, shared_bytes, std::ptr::null_mut(), args) }

@@ -344,6 +344,11 @@ pub trait Device: Send + Sync {
     fn resident_blocks(&self, _kernel: &str, _threads: u32, _shared: usize) -> Option<usize> {
         None
     }
+    /// Whether `kernel` can be launched here: every kernel on the emulator; on a GPU, not the
+    /// Hopper-only ones ([`sources::HOPPER_FILES`]) on other architectures.
+    fn has_kernel(&self, _kernel: &str) -> bool {
+        true
+    }
     /// One matrix product (see [`Gemm`]).
     ///
     /// # Safety

@@ -102,6 +102,7 @@ macro_rules! args {
 }
 
 mod attention_gemm;
+pub mod hopper;
 
 /// Launches and, on the emulator, has already finished; on a GPU the launch is queued.
 fn launch(

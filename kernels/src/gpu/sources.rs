@@ -13,9 +13,25 @@ pub const FILES: &[(&str, &str)] = &[
     ("dropout.cu", include_str!("../../cuda/dropout.cu")),
     ("elementwise.cu", include_str!("../../cuda/elementwise.cu")),
     ("embedding.cu", include_str!("../../cuda/embedding.cu")),
+    ("hopper.cu", include_str!("../../cuda/hopper.cu")),
     ("layernorm.cu", include_str!("../../cuda/layernorm.cu")),
     ("reduce.cu", include_str!("../../cuda/reduce.cu")),
 ];
+
+/// Kernel files built on instructions only Hopper (compute capability 9.0) has — wgmma —
+/// and so compiled for the architecture-specific target `compute_90a`.
+pub const HOPPER_FILES: &[&str] = &["hopper.cu"];
+
+/// The NVRTC target a device of compute capability `major.minor` compiles `file` for:
+/// `compute_XY`, `compute_90a` for [`HOPPER_FILES`] on a 9.0 device, and `None` (the file is
+/// left out: its kernels are not loaded) for those files anywhere else.
+pub fn arch_for(file: &str, major: i32, minor: i32) -> Option<String> {
+    if HOPPER_FILES.contains(&file) {
+        ((major, minor) == (9, 0)).then(|| "compute_90a".to_string())
+    } else {
+        Some(format!("compute_{major}{minor}"))
+    }
+}
 
 /// A kernel file with `#include "common.cuh"` replaced by the header itself, as NVRTC gets it
 /// (so only the CUDA toolkit's own headers need an include path).
@@ -42,7 +58,16 @@ pub fn kernel_names(source: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::kernel_names;
+    use super::{arch_for, kernel_names};
+
+    #[test]
+    fn hopper_files_only_on_hopper() {
+        assert_eq!(arch_for("hopper.cu", 9, 0).as_deref(), Some("compute_90a"));
+        assert_eq!(arch_for("hopper.cu", 8, 9), None);
+        assert_eq!(arch_for("hopper.cu", 10, 0), None);
+        assert_eq!(arch_for("attention.cu", 9, 0).as_deref(), Some("compute_90"));
+        assert_eq!(arch_for("attention.cu", 8, 6).as_deref(), Some("compute_86"));
+    }
 
     #[test]
     fn kernel_names_skip_launch_bounds() {
