@@ -17,7 +17,8 @@ pub fn run() -> anyhow::Result<()> {
 const SETTINGS: [(&str, &str); 11] = [
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
-        "attention kernels: auto (by shape), wmma, mma or gemm",
+        "attention kernels: auto (by shape), wmma, mma, gemm or wgmma (Hopper's warpgroup MMA \
+         forward, H100/H200 only)",
     ),
     (
         chingu_kernels::gpu::ops::SAVE_PROBS_VAR,

@@ -1021,6 +1021,84 @@ __device__ __forceinline__ void mask_scores(float (&s)[NT][4], bool masked, int 
         }
 }
 
+/// One walked tile's online-softmax step on a warp's scores of keys k0.. (the m16n8
+/// accumulators s, this lane's query rows i0 and i1): the masks, the rows' new maxima (the
+/// lane's, then the quad's), P = exp2(s·sc − base) in place, the running maxima m and this
+/// lane's share of the sums l, and O rescaled by alpha where some row's maximum moved. The
+/// register-resident forward and the wgmma forward share it (their accumulators have one
+/// layout).
+template <int NT, int OT>
+__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[OT][4], float& m0,
+                                             float& m1, float& l0, float& l1, bool masked,
+                                             int k0, int t, int i0, int i1, const Head& hd,
+                                             int causal, int q_offset) {
+    // Masks, then the rows' maxima: the lane's, then the quad's.
+    mask_scores(s, masked, k0, t, i0, i1, hd.kl, causal, q_offset);
+    float mx0 = chingu::neg_inf(), mx1 = chingu::neg_inf();
+    for (int j = 0; j < NT; ++j) {
+        mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(chingu::FULL_MASK, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(chingu::FULL_MASK, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 2));
+    const float n0 = fmaxf(m0, mx0 * hd.sc), n1 = fmaxf(m1, mx1 * hd.sc);
+    // The exponents' bases: the new maxima, or 0 while a row has seen no key (all its
+    // scores −inf), so that a masked score's exp2(−inf) is 0 with no test and nothing is
+    // ever −inf − (−inf). alpha = exp2(m_old − base): 0 while m_old is −inf.
+    const float base0 = n0 == chingu::neg_inf() ? 0.0f : n0;
+    const float base1 = n1 == chingu::neg_inf() ? 0.0f : n1;
+    const float a0 = chingu::exp2_approx(m0 - base0), a1 = chingu::exp2_approx(m1 - base1);
+    float sum0 = 0.0f, sum1 = 0.0f;
+    for (int j = 0; j < NT; ++j) {
+        for (int e = 0; e < 4; ++e)
+            s[j][e] = chingu::exp2_approx(fmaf(s[j][e], hd.sc, -(e < 2 ? base0 : base1)));
+        sum0 += s[j][0] + s[j][1];
+        sum1 += s[j][2] + s[j][3];
+    }
+    l0 = l0 * a0 + sum0;
+    l1 = l1 * a1 + sum1;
+    m0 = n0;
+    m1 = n1;
+    // O's rescale only where some row's maximum moved (alpha ≠ 1): after the first tiles it
+    // rarely does, and multiplying by exactly 1 changes nothing, so skipping it keeps the
+    // bits (warp-uniform vote; 4·OT multiplies a lane).
+    if (__any_sync(chingu::FULL_MASK, a0 != 1.0f || a1 != 1.0f)) {
+        for (int n = 0; n < OT; ++n) {
+            o[n][0] *= a0;
+            o[n][1] *= a0;
+            o[n][2] *= a1;
+            o[n][3] *= a1;
+        }
+    }
+}
+
+/// The end of a forward: the rows' sums over the quad (fixed order), then out = O / l (0 for
+/// a row that saw no key) for the head's columns, and lse = m·ln 2 + log l, written by the
+/// lanes that hold them.
+template <int OT>
+__device__ __forceinline__ void finish_forward(const float (&o)[OT][4], float m0, float m1,
+                                               float l0, float l1, __half* out, float* lse,
+                                               const Head& hd, int q_len, int i0, int i1,
+                                               int t, int head_dim) {
+    l0 += __shfl_xor_sync(chingu::FULL_MASK, l0, 1);
+    l0 += __shfl_xor_sync(chingu::FULL_MASK, l0, 2);
+    l1 += __shfl_xor_sync(chingu::FULL_MASK, l1, 1);
+    l1 += __shfl_xor_sync(chingu::FULL_MASK, l1, 2);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const int col_tiles = head_dim >> 4;
+    for (int n = 0; n < OT; ++n) {
+        if (n >= 2 * col_tiles) break;
+        store_accumulator(out + hd.q_base, hd.width, q_len, i0, i1, 8 * n + 2 * t, o[n], inv0,
+                          inv1);
+    }
+    if (t == 0) {
+        if (i0 < q_len) lse[hd.stat_base + i0] = l0 > 0.0f ? m0 * LN2 + logf(l0) : chingu::neg_inf();
+        if (i1 < q_len) lse[hd.stat_base + i1] = l1 > 0.0f ? m1 * LN2 + logf(l1) : chingu::neg_inf();
+    }
+}
+
 }  // namespace attn
 }  // namespace chingu
 
@@ -1047,7 +1125,6 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     if (head_dim > 16 * CT || (head_dim & 15)) __trap();  // the instance's tiles hold the head
     const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
     const int wq0 = q0 + 16 * warp;
-    const int col_tiles = head_dim >> 4;
     const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
     const int i0 = wq0 + g, i1 = wq0 + g + 8;  // this lane's two query rows
 
@@ -1093,47 +1170,8 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
             }
         }
 
-        // Masks, then the rows' maxima: the lane's, then the quad's.
         const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
-        mask_scores(s, masked, k0, t, i0, i1, hd.kl, causal, q_offset);
-        float mx0 = chingu::neg_inf(), mx1 = chingu::neg_inf();
-        for (int j = 0; j < NT; ++j) {
-            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(chingu::FULL_MASK, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(chingu::FULL_MASK, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(chingu::FULL_MASK, mx1, 2));
-        const float n0 = fmaxf(m0, mx0 * hd.sc), n1 = fmaxf(m1, mx1 * hd.sc);
-        // The exponents' bases: the new maxima, or 0 while a row has seen no key (all its
-        // scores −inf), so that a masked score's exp2(−inf) is 0 with no test and nothing is
-        // ever −inf − (−inf). alpha = exp2(m_old − base): 0 while m_old is −inf.
-        const float base0 = n0 == chingu::neg_inf() ? 0.0f : n0;
-        const float base1 = n1 == chingu::neg_inf() ? 0.0f : n1;
-        const float a0 = chingu::exp2_approx(m0 - base0), a1 = chingu::exp2_approx(m1 - base1);
-        float sum0 = 0.0f, sum1 = 0.0f;
-        for (int j = 0; j < NT; ++j) {
-            for (int e = 0; e < 4; ++e)
-                s[j][e] = chingu::exp2_approx(fmaf(s[j][e], hd.sc, -(e < 2 ? base0 : base1)));
-            sum0 += s[j][0] + s[j][1];
-            sum1 += s[j][2] + s[j][3];
-        }
-        l0 = l0 * a0 + sum0;
-        l1 = l1 * a1 + sum1;
-        m0 = n0;
-        m1 = n1;
-        // O's rescale only where some row's maximum moved (alpha ≠ 1): after the first tiles it
-        // rarely does, and multiplying by exactly 1 changes nothing, so skipping it keeps the
-        // bits (warp-uniform vote; 8·CT multiplies a lane).
-        if (__any_sync(chingu::FULL_MASK, a0 != 1.0f || a1 != 1.0f)) {
-            for (int n = 0; n < 2 * CT; ++n) {
-                o[n][0] *= a0;
-                o[n][1] *= a0;
-                o[n][2] *= a1;
-                o[n][3] *= a1;
-            }
-        }
+        softmax_step(s, o, m0, m1, l0, l1, masked, k0, t, i0, i1, hd, causal, q_offset);
 
         // O += P·V, 16 keys per product; V's B fragments two n-tiles a load.
         for (int kk = 0; kk < NT / 2; ++kk) {
@@ -1151,23 +1189,7 @@ __device__ __forceinline__ void attention_forward_mma(CHINGU_ATTN_FORWARD_PARAMS
     }
 
     if (STAGES == 2) chingu::cp_async_wait<0>();  // (the last group is empty: nothing in flight)
-    // The rows' sums over the quad (fixed order), then out = O / l (0 for a row that saw no
-    // key) and lse.
-    l0 += __shfl_xor_sync(chingu::FULL_MASK, l0, 1);
-    l0 += __shfl_xor_sync(chingu::FULL_MASK, l0, 2);
-    l1 += __shfl_xor_sync(chingu::FULL_MASK, l1, 1);
-    l1 += __shfl_xor_sync(chingu::FULL_MASK, l1, 2);
-    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    for (int n = 0; n < 2 * CT; ++n) {
-        if (n >= 2 * col_tiles) break;
-        store_accumulator(out + hd.q_base, hd.width, q_len, i0, i1, 8 * n + 2 * t, o[n], inv0,
-                          inv1);
-    }
-    if (t == 0) {
-        const long long stat = ((long long)b * heads + h) * q_len;
-        if (i0 < q_len) lse[stat + i0] = l0 > 0.0f ? m0 * LN2 + logf(l0) : chingu::neg_inf();
-        if (i1 < q_len) lse[stat + i1] = l1 > 0.0f ? m1 * LN2 + logf(l1) : chingu::neg_inf();
-    }
+    finish_forward(o, m0, m1, l0, l1, out, lse, hd, q_len, i0, i1, t, head_dim);
 }
 
 extern "C" __global__ void attention_forward_mma_c2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
@@ -1196,6 +1218,202 @@ extern "C" __global__ void attention_forward_mma_c12s2_f16(CHINGU_ATTN_FORWARD_P
 }
 extern "C" __global__ void attention_forward_mma_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
     attention_forward_mma<16, 32, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward through Hopper's warpgroup MMA (wgmma; a compute_90a build, so H100 and H200 only:
+// elsewhere a trap, and `ops.rs` never launches it there). Opt-in (CHINGU_ATTN=wgmma) until
+// a GPU run has timed it.
+//
+// The register-resident forward's algorithm — same masks, online softmax (softmax_step), out
+// and lse (finish_forward) — with each product issued by a warpgroup (4 warps, 64 query
+// rows; warp w of it owns rows 16w.. as before) to the tensor cores, its B operand (and for
+// S its A too) read by them straight from shared memory:
+//   S = Q·Kᵀ: wgmma m64n64k16 ×CT (16 dims a step), A = Q and B = K from their tiles, both
+//     K-major; the 32 accumulators a lane are laid out as the MMA kernel's s[8][4];
+//   O += P·V: wgmma m64n(16·CT)k16 ×4 (16 keys a step), A = P from registers (the S
+//     accumulators rounded to fp16, a_from_accumulators), B = V from its tile read MN-major
+//     (the transpose is the descriptor's, not an instruction's); 8·CT accumulators a lane,
+//     laid out as o[2·CT][4].
+// Tiles: Q (the block's rows), then per stage K and V (64 keys each); every tile is the
+// head's 64-column panels of 128-byte rows with the 128-byte swizzle (16-byte chunk c of row
+// r at chunk c ^ (r % 8), `swizzled_chunk`), the layouts kernels/cuda/hopper.cu's probes
+// check, from a 1024-byte boundary; columns [Dh, 16·CT) and rows past the valid lengths are
+// copied as zeros. Copies are 16-byte cp.async (a chunk moves whole), made visible to the
+// tensor cores by fence.proxy.async before the barrier. Each group of products completes at
+// a wait before its results are read (the softmax does not yet overlap the products).
+// Block: 1 or 2 warpgroups (64 or 128 query rows), one stage or two (the next K/V tile's
+// copies in flight while one is used), as ops.rs picks; shared memory 1024 + 32·CT·(rows +
+// 128·STAGES) bytes. CT = 4, 8, 12 or 16 (N of the P·V product: 64–256).
+// ---------------------------------------------------------------------------------------------
+namespace chingu {
+namespace attn {
+
+/// Byte offset of 16-byte chunk `c` (columns 8c..8c+7) of row `r` in a tile of `rows` rows
+/// laid out as 64-column panels of 128-byte rows with the 128-byte swizzle.
+__device__ __forceinline__ unsigned swizzled_chunk(int r, int c, int rows) {
+    return (unsigned)((c >> 3) * rows * 128 + (r >> 3) * 1024 + (r & 7) * 128 +
+                      (((c & 7) ^ (r & 7)) << 4));
+}
+
+/// Rows [row0, row0 + rows) of one head (rows `width` apart from `src`, 16-byte aligned) into
+/// a swizzled tile, 16·CT columns: cp.async copies, zeros for rows past `valid` and columns
+/// past `head_dim`. The caller commits, waits, fences and synchronises.
+template <int CT>
+__device__ __forceinline__ void load_rows_swizzled(unsigned char* tile, const __half* src,
+                                                   int row0, int rows, int valid, int width,
+                                                   int head_dim) {
+    constexpr int CHUNKS = 2 * CT;
+    const int chunks = head_dim >> 3;
+    for (int e = threadIdx.x; e < rows * CHUNKS; e += blockDim.x) {
+        const int r = e / CHUNKS, c = e - r * CHUNKS;
+        const bool live = row0 + r < valid && c < chunks;
+        chingu::cp_async16(tile + swizzled_chunk(r, c, rows),
+                           live ? src + (long long)(row0 + r) * width + 8 * c : src, live);
+    }
+}
+
+}  // namespace attn
+}  // namespace chingu
+
+template <int CT, int STAGES>
+__device__ __forceinline__ void attention_forward_wgmma(CHINGU_ATTN_FORWARD_PARAMS) {
+#ifdef CHINGU_WGMMA
+    using namespace chingu::attn;
+    constexpr int BC = 64, NT = BC / 8, N = 16 * CT;
+    constexpr int KV_BYTES = BC * 32 * CT;  // one K or V tile
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3, group = warp >> 2;
+    const int rows = 16 * warps;
+    if ((warps != 4 && warps != 8) || head_dim > N || (head_dim & 15)) __trap();
+    if ((reinterpret_cast<unsigned long long>(q) | reinterpret_cast<unsigned long long>(k) |
+         reinterpret_cast<unsigned long long>(v)) & 15ull)
+        __trap();  // 16-byte copies (ops.rs checks)
+    CHINGU_DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* const qs = raw + (1024u - chingu::shared_offset(raw) % 1024u) % 1024u;
+    unsigned char* const kv = qs + rows * 32 * CT;  // stage st: K at kv + 2·st·KV_BYTES, then V
+
+    const int q0 = blockIdx.x * rows, h = blockIdx.y, b = blockIdx.z;
+    if (b >= batch) return;
+    const Head hd = head_of(key_len, b, h, heads, head_dim, q_len, k_len);
+    const int wq0 = q0 + 16 * warp, gq0 = q0 + 64 * group;
+    const KeyLimits lim = key_limits(hd.kl, causal, q_offset, q_len, q0, rows, wq0);
+    // Keys some row of this warpgroup sees: its products are issued by all four warps alike,
+    // so it skips a tile only as a whole.
+    int group_keys = causal ? min(hd.kl, q_offset + min(gq0 + 64, q_len)) : hd.kl;
+    if (gq0 >= q_len) group_keys = 0;
+    const int i0 = wq0 + g, i1 = wq0 + g + 8;
+
+    // Q (one group), then the first K/V tile (the next group; two stages only).
+    load_rows_swizzled<CT>(qs, q + hd.q_base, q0, rows, q_len, hd.width, head_dim);
+    chingu::cp_async_commit();
+    if (STAGES == 2) {
+        if (lim.block > 0) {
+            load_rows_swizzled<CT>(kv, k + hd.k_base, 0, BC, hd.kl, hd.width, head_dim);
+            load_rows_swizzled<CT>(kv + KV_BYTES, v + hd.k_base, 0, BC, hd.kl, hd.width,
+                                   head_dim);
+        }
+        chingu::cp_async_commit();
+    }
+
+    float o[2 * CT][4];
+    for (int n = 0; n < 2 * CT; ++n)
+        for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+    float m0 = chingu::neg_inf(), m1 = chingu::neg_inf(), l0 = 0.0f, l1 = 0.0f;
+    // This warpgroup's Q rows: 64·group rows into every panel (8 KiB).
+    const unsigned char* const my_q = qs + group * 8192;
+
+    for (int k0 = 0, it = 0; k0 < lim.block; k0 += BC, ++it) {
+        // Every warpgroup's products on the stage about to be refilled have completed (each
+        // waits for its own before this barrier).
+        __syncthreads();
+        unsigned char* ks;
+        if (STAGES == 2) {
+            ks = kv + (it & 1) * 2 * KV_BYTES;
+            unsigned char* const next = kv + ((it + 1) & 1) * 2 * KV_BYTES;
+            if (k0 + BC < lim.block) {
+                load_rows_swizzled<CT>(next, k + hd.k_base, k0 + BC, BC, hd.kl, hd.width, head_dim);
+                load_rows_swizzled<CT>(next + KV_BYTES, v + hd.k_base, k0 + BC, BC, hd.kl,
+                                       hd.width, head_dim);
+            }
+            chingu::cp_async_commit();
+            chingu::cp_async_wait<1>();
+        } else {
+            ks = kv;
+            load_rows_swizzled<CT>(ks, k + hd.k_base, k0, BC, hd.kl, hd.width, head_dim);
+            load_rows_swizzled<CT>(ks + KV_BYTES, v + hd.k_base, k0, BC, hd.kl, hd.width,
+                                   head_dim);
+            chingu::cp_async_commit();
+            chingu::cp_async_wait<0>();
+        }
+        chingu::fence_proxy_async_shared();  // the copies, visible to the tensor cores
+        __syncthreads();
+        if (k0 >= group_keys) continue;  // warpgroup-uniform
+        const unsigned char* const vs = ks + KV_BYTES;
+
+        // S = Q·Kᵀ, 16 dims a product (a panel of 64 dims holds four steps, 32 bytes apart).
+        float s[NT][4];
+        chingu::wgmma_fence();
+        for (int d = 0; d < CT; ++d) {
+            const int panel = d >> 2, step = (d & 3) * 32;
+            const unsigned long long qd = chingu::wgmma_desc(
+                my_q + panel * rows * 128 + step, 16, 1024, chingu::WGMMA_SWIZZLE_128B);
+            const unsigned long long kd = chingu::wgmma_desc(
+                ks + panel * BC * 128 + step, 16, 1024, chingu::WGMMA_SWIZZLE_128B);
+            chingu::wgmma_ss<BC, 0>(reinterpret_cast<float (&)[4 * NT]>(s), qd, kd, d > 0);
+        }
+        chingu::wgmma_commit();
+        chingu::wgmma_wait<0>();
+
+        const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
+        softmax_step(s, o, m0, m1, l0, l1, masked, k0, t, i0, i1, hd, causal, q_offset);
+
+        // O += P·V, 16 keys a product (two 8-row groups of V, 2 KiB); V's 64-dim panels are
+        // BC·128 bytes apart (LBO).
+        unsigned pa[NT / 2][4];
+        for (int kk = 0; kk < NT / 2; ++kk) a_from_accumulators(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        chingu::wgmma_fence();
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            const unsigned long long vd = chingu::wgmma_desc(vs + kk * 2048, BC * 128, 1024,
+                                                             chingu::WGMMA_SWIZZLE_128B);
+            chingu::wgmma_rs<N, 1>(reinterpret_cast<float (&)[8 * CT]>(o), pa[kk], vd, true);
+        }
+        chingu::wgmma_commit();
+        chingu::wgmma_wait<0>();
+    }
+
+    if (STAGES == 2) chingu::cp_async_wait<0>();  // (the last group is empty: nothing in flight)
+    finish_forward(o, m0, m1, l0, l1, out, lse, hd, q_len, i0, i1, t, head_dim);
+#else
+    (void)out, (void)lse, (void)q, (void)k, (void)v, (void)key_len, (void)batch, (void)q_len,
+        (void)k_len, (void)heads, (void)head_dim, (void)causal, (void)q_offset, (void)tile;
+    __trap();
+#endif
+}
+
+extern "C" __global__ void attention_forward_wgmma_c4_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<4, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_wgmma_c4s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<4, 2>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_wgmma_c8_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<8, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_wgmma_c8s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<8, 2>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_wgmma_c12_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<12, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_wgmma_c12s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<12, 2>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_wgmma_c16_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<16, 1>(CHINGU_ATTN_FORWARD_ARGS);
+}
+extern "C" __global__ void attention_forward_wgmma_c16s2_f16(CHINGU_ATTN_FORWARD_PARAMS) {
+    attention_forward_wgmma<16, 2>(CHINGU_ATTN_FORWARD_ARGS);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -674,7 +674,15 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
             (&*format!("attn_fwd_gemm_dh{head_dim}").leak(), f32_scores),
             (&*format!("attn_fwd_gemm1_dh{head_dim}").leak(), one_chunk),
             (&*format!("attn_fwd_gemm_f16scores_dh{head_dim}").leak(), half_scores),
+            // Hopper's warpgroup MMA (an H100 or H200; the emulator too).
+            (&*format!("attn_fwd_wgmma_dh{head_dim}").leak(), AttentionKernels::Wgmma),
         ] {
+            if kernels == AttentionKernels::Wgmma
+                && !dev.has_kernel("attention_forward_wgmma_c4_f16")
+            {
+                eprintln!("{op}: not timed, no wgmma kernels on {}", dev.name());
+                continue;
+            }
             let t = time_op(dev, reps, |_| {
                 ops::attention_forward_using(
                     kernels, dev, &mut o, &mut lse, &q, &k, &vv, &key_len, shape,

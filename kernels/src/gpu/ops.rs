@@ -838,7 +838,7 @@ enum AttnKernel {
 }
 
 /// Which attention kernels the launchers run. Chosen by shape by default
-/// ([`AttentionKernels::fastest_for`]); `CHINGU_ATTN=wmma|mma|gemm` picks one family.
+/// ([`AttentionKernels::fastest_for`]); `CHINGU_ATTN=wmma|mma|gemm|wgmma` picks one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernels {
     /// The WMMA kernels (scores through shared memory): the fastest for wide heads at short
@@ -848,6 +848,10 @@ pub enum AttentionKernels {
     /// fragments (`attention_forward_mma_c*`, `attention_backward_dq_mma_c*`,
     /// `attention_backward_dkdv_mma_*`): the fastest at heads up to 64 wide (GPU run 16).
     Mma,
+    /// The forward through Hopper's warpgroup MMA (`attention_forward_wgmma_c*`: wgmma from
+    /// shared memory, an H100 or H200 only), its backward [`Self::wgmma_backward`]'s. Only
+    /// where asked for (`CHINGU_ATTN=wgmma`) until a GPU run has timed it.
+    Wgmma,
     /// The scores materialised, the products through cuBLASLt's batched GEMMs and only the
     /// softmax and its gradient in our kernels (`attention_gemm.rs`): more memory traffic,
     /// tensor-core products at cuBLASLt's speed; the fastest for wider heads at long lengths
@@ -1065,7 +1069,10 @@ impl AttentionKernels {
             "wmma" => Ok(Some(Self::Wmma)),
             "mma" => Ok(Some(Self::Mma)),
             "gemm" => Ok(Some(Self::GEMM)),
-            other => Err(format!("{ATTENTION_VAR}={other:?}: expected auto, wmma, mma or gemm")),
+            "wgmma" => Ok(Some(Self::Wgmma)),
+            other => {
+                Err(format!("{ATTENTION_VAR}={other:?}: expected auto, wmma, mma, gemm or wgmma"))
+            }
         }
     }
 
@@ -1128,7 +1135,7 @@ impl AttentionKernels {
                 attention_gemm::saved_probs_len(s, scores_per_chunk)
                     .map_or(lse, |probs| attention_gemm::stats_len_with_probs(s, probs))
             }
-            Self::Wmma | Self::Mma => lse,
+            Self::Wmma | Self::Mma | Self::Wgmma => lse,
         }
     }
 
@@ -1143,11 +1150,23 @@ impl AttentionKernels {
         }
     }
 
+    /// The family whose backward runs after the wgmma forward (which keeps lse alone, as
+    /// every family's backward accepts): the register-resident kernels up to head width 64,
+    /// the GEMM path (P recomputed) wider — [`Self::fastest_for`]'s measured choices.
+    pub fn wgmma_backward(s: AttentionShape) -> Self {
+        if s.head_dim <= 64 {
+            Self::Mma
+        } else {
+            Self::GEMM
+        }
+    }
+
     /// A name for logs.
     pub fn name(self) -> &'static str {
         match self {
             Self::Wmma => "wmma",
             Self::Mma => "mma",
+            Self::Wgmma => "wgmma",
             Self::Gemm { .. } => "gemm",
         }
     }
@@ -1179,6 +1198,18 @@ impl AttnLaunch {
             AttentionKernels::Gemm { .. } => {
                 Err(shape(op, "the GEMM path launches no fused attention kernel".into()))
             }
+            AttentionKernels::Wgmma => match kind {
+                AttnKernel::Forward => Self::wgmma(dev, head_dim).ok_or_else(|| {
+                    shape(
+                        op,
+                        format!(
+                            "the wgmma forward for head_dim {head_dim} needs an H100 or H200 \
+                             (compute capability 9.0) and its shared memory"
+                        ),
+                    )
+                }),
+                _ => Err(shape(op, "the wgmma family has a forward kernel only".into())),
+            },
             AttentionKernels::Mma => Self::mma(dev, kind, head_dim).ok_or_else(|| {
                 shape(
                     op,
@@ -1317,6 +1348,40 @@ impl AttnLaunch {
         })
     }
 
+    /// The wgmma forward: the instance whose P·V product is 16·CT ≥ Dh wide (CT 4, 8, 12,
+    /// 16), 2 warpgroups or 1 (8 or 4 warps; [`WARPS_VAR`] puts its choice first) and two
+    /// stages or one ([`PIPELINE_VAR`] likewise), the first of those whose shared memory
+    /// (attention.cu: 1024 + 32·CT·(rows + 128·stages) bytes) the device gives; `None` where none fits or the device
+    /// has no wgmma kernels (not a Hopper GPU).
+    fn wgmma(dev: &Gpu, head_dim: usize) -> Option<Self> {
+        let ct = match head_dim.div_ceil(16) {
+            0..=4 => 4,
+            5..=8 => 8,
+            9..=12 => 12,
+            _ => 16,
+        };
+        let (one, two) = match ct {
+            4 => ("attention_forward_wgmma_c4_f16", "attention_forward_wgmma_c4s2_f16"),
+            8 => ("attention_forward_wgmma_c8_f16", "attention_forward_wgmma_c8s2_f16"),
+            12 => ("attention_forward_wgmma_c12_f16", "attention_forward_wgmma_c12s2_f16"),
+            _ => ("attention_forward_wgmma_c16_f16", "attention_forward_wgmma_c16s2_f16"),
+        };
+        // What the variables ask for first, then the rest (a forced launch the device cannot
+        // give its shared memory falls back, as the register-resident kernels' does).
+        let warps: &[usize] = if warps_from_env() == Some(4) { &[4, 8] } else { &[8, 4] };
+        let stages: &[usize] = if pipeline_from_env() == Some(false) { &[1, 2] } else { &[2, 1] };
+        for &w in warps {
+            for &st in stages {
+                let kernel = if st == 2 { two } else { one };
+                let shared = 1024 + 32 * ct * (16 * w + 128 * st);
+                if dev.has_kernel(kernel) && shared <= dev.max_dynamic_shared(kernel) {
+                    return Some(AttnLaunch { kernel, warps: w, tile: 64, shared: shared as u32 });
+                }
+            }
+        }
+        None
+    }
+
     /// Rows of the block's own dimension.
     fn rows(self) -> usize {
         16 * self.warps
@@ -1335,8 +1400,12 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
     let kinds = [AttnKernel::Forward, AttnKernel::Queries, AttnKernel::KeysValues];
     let mma_fits = kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, s.head_dim).is_some());
     let asked = AttentionKernels::from_env();
+    let wgmma_fits = || AttnLaunch::wgmma(dev, s.head_dim).is_some();
     let kernels = match asked {
         Some(AttentionKernels::Mma) if !mma_fits => AttentionKernels::Wmma,
+        Some(AttentionKernels::Wgmma) if !wgmma_fits() => {
+            AttentionKernels::fastest_for(s, mma_fits)
+        }
         Some(kernels) => kernels,
         None => AttentionKernels::fastest_for(s, mma_fits),
     };
@@ -1356,11 +1425,16 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
         AttentionKernels::Wmma => 1,
         AttentionKernels::Mma => 2,
         AttentionKernels::Gemm { .. } => 4,
+        AttentionKernels::Wgmma => 8,
     };
     if SAID.fetch_or(bit, std::sync::atomic::Ordering::Relaxed) & bit == 0 {
         let how = match asked {
             Some(AttentionKernels::Mma) if !mma_fits => {
                 "CHINGU_ATTN asks for mma, but the device cannot give it its shared memory"
+            }
+            Some(AttentionKernels::Wgmma) if kernels != AttentionKernels::Wgmma => {
+                "CHINGU_ATTN asks for wgmma, which needs an H100 or H200; the fastest measured \
+                 instead"
             }
             Some(_) => "as CHINGU_ATTN asks",
             None => "the fastest measured",
@@ -1371,7 +1445,7 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
         };
         tracing::info!(
             "attention kernels: {}{scores} for heads {} wide, {} × {} scores a block ({how}; \
-             CHINGU_ATTN=wmma, mma or gemm to choose)",
+             CHINGU_ATTN=wmma, mma, gemm or wgmma to choose)",
             kernels.name(),
             s.head_dim,
             s.q_len,
@@ -1452,6 +1526,10 @@ pub fn attention_forward_using(
         };
     }
     let l = AttnLaunch::new(dev, kernels, AttnKernel::Forward, s.head_dim, OP)?;
+    if kernels == AttentionKernels::Wgmma {
+        // Its tiles are filled by 16-byte copies only.
+        require_vector_aligned(OP, &[q.ptr(), k.ptr(), v.ptr()])?;
+    }
     let grid = (s.q_len.div_ceil(l.rows()) as u32, s.heads as u32, s.batch as u32);
     launch(
         dev,
@@ -1523,6 +1601,12 @@ pub fn attention_backward_using(
     s: AttentionShape,
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_backward";
+    if kernels == AttentionKernels::Wgmma {
+        let kernels = AttentionKernels::wgmma_backward(s);
+        return attention_backward_using(
+            kernels, dev, dq, dk, dv, d_out, q, k, v, out, lse, key_len, s,
+        );
+    }
     let d = s.width();
     for (name, buf) in [("dq", &*dq), ("d_out", d_out), ("q", q), ("out", out)] {
         expect_len(OP, name, buf, s.batch * s.q_len * d)?;
@@ -2041,8 +2125,15 @@ mod tests {
         assert_eq!(AttentionKernels::parse(" MMA "), Ok(Some(AttentionKernels::Mma)));
         assert_eq!(AttentionKernels::parse("gemm"), Ok(Some(AttentionKernels::GEMM)));
         let err = AttentionKernels::parse("1").unwrap_err();
-        assert!(err.contains("CHINGU_ATTN") && err.contains("wmma, mma or gemm"), "{err}");
-        for kernels in [AttentionKernels::Wmma, AttentionKernels::Mma, AttentionKernels::GEMM] {
+        assert!(err.contains("CHINGU_ATTN") && err.contains("wmma, mma, gemm or wgmma"), "{err}");
+        assert_eq!(AttentionKernels::parse("wgmma"), Ok(Some(AttentionKernels::Wgmma)));
+        let families = [
+            AttentionKernels::Wmma,
+            AttentionKernels::Mma,
+            AttentionKernels::GEMM,
+            AttentionKernels::Wgmma,
+        ];
+        for kernels in families {
             assert_eq!(AttentionKernels::parse(kernels.name()), Ok(Some(kernels)));
         }
     }

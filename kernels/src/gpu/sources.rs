@@ -18,16 +18,19 @@ pub const FILES: &[(&str, &str)] = &[
     ("reduce.cu", include_str!("../../cuda/reduce.cu")),
 ];
 
-/// Kernel files built on instructions only Hopper (compute capability 9.0) has — wgmma —
-/// and so compiled for the architecture-specific target `compute_90a`.
+/// Kernel files of nothing but Hopper (compute capability 9.0) kernels — wgmma — which other
+/// devices leave out.
 pub const HOPPER_FILES: &[&str] = &["hopper.cu"];
 
 /// The NVRTC target a device of compute capability `major.minor` compiles `file` for:
-/// `compute_XY`, `compute_90a` for [`HOPPER_FILES`] on a 9.0 device, and `None` (the file is
-/// left out: its kernels are not loaded) for those files anywhere else.
+/// `compute_XY`, and on a 9.0 device `compute_90a` (the architecture-specific target wgmma
+/// needs: the wgmma kernels of every file are more than a trap there); `None` (left out, its
+/// kernels not loaded) for [`HOPPER_FILES`] on any other device.
 pub fn arch_for(file: &str, major: i32, minor: i32) -> Option<String> {
-    if HOPPER_FILES.contains(&file) {
-        ((major, minor) == (9, 0)).then(|| "compute_90a".to_string())
+    if (major, minor) == (9, 0) {
+        Some("compute_90a".to_string())
+    } else if HOPPER_FILES.contains(&file) {
+        None
     } else {
         Some(format!("compute_{major}{minor}"))
     }
@@ -65,7 +68,7 @@ mod tests {
         assert_eq!(arch_for("hopper.cu", 9, 0).as_deref(), Some("compute_90a"));
         assert_eq!(arch_for("hopper.cu", 8, 9), None);
         assert_eq!(arch_for("hopper.cu", 10, 0), None);
-        assert_eq!(arch_for("attention.cu", 9, 0).as_deref(), Some("compute_90"));
+        assert_eq!(arch_for("attention.cu", 9, 0).as_deref(), Some("compute_90a"));
         assert_eq!(arch_for("attention.cu", 8, 6).as_deref(), Some("compute_86"));
     }
 
