@@ -1316,9 +1316,16 @@ __device__ __forceinline__ void attention_forward_wgmma(CHINGU_ATTN_FORWARD_PARA
         chingu::cp_async_commit();
     }
 
-    float o[2 * CT][4];
+    float o[2 * CT][4], s[NT][4];
     for (int n = 0; n < 2 * CT; ++n)
         for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+    for (int j = 0; j < NT; ++j)
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+    // The products' views of the accumulators, and P's A fragments.
+    float (&s_flat)[4 * NT] = reinterpret_cast<float (&)[4 * NT]>(s);
+    float (&o_flat)[8 * CT] = reinterpret_cast<float (&)[8 * CT]>(o);
+    unsigned pa[NT / 2][4];
+    unsigned (&pa_flat)[2 * NT] = reinterpret_cast<unsigned (&)[2 * NT]>(pa);
     float m0 = chingu::neg_inf(), m1 = chingu::neg_inf(), l0 = 0.0f, l1 = 0.0f;
     // This warpgroup's Q rows: 64·group rows into every panel (8 KiB).
     const unsigned char* const my_q = qs + group * 8192;
@@ -1351,8 +1358,9 @@ __device__ __forceinline__ void attention_forward_wgmma(CHINGU_ATTN_FORWARD_PARA
         if (k0 >= group_keys) continue;  // warpgroup-uniform
         const unsigned char* const vs = ks + KV_BYTES;
 
-        // S = Q·Kᵀ, 16 dims a product (a panel of 64 dims holds four steps, 32 bytes apart).
-        float s[NT][4];
+        // S = Q·Kᵀ, 16 dims a product (a panel of 64 dims holds four steps, 32 bytes apart);
+        // the first overwrites S.
+        chingu::wgmma_fence_operands(s_flat);
         chingu::wgmma_fence();
         for (int d = 0; d < CT; ++d) {
             const int panel = d >> 2, step = (d & 3) * 32;
@@ -1360,29 +1368,33 @@ __device__ __forceinline__ void attention_forward_wgmma(CHINGU_ATTN_FORWARD_PARA
                 my_q + panel * rows * 128 + step, 16, 1024, chingu::WGMMA_SWIZZLE_128B);
             const unsigned long long kd = chingu::wgmma_desc(
                 ks + panel * BC * 128 + step, 16, 1024, chingu::WGMMA_SWIZZLE_128B);
-            chingu::wgmma_ss<BC, 0>(reinterpret_cast<float (&)[4 * NT]>(s), qd, kd, d > 0);
+            chingu::wgmma_ss<BC, 0>(s_flat, qd, kd, d > 0);
         }
         chingu::wgmma_commit();
         chingu::wgmma_wait<0>();
+        chingu::wgmma_fence_operands(s_flat);
 
         const bool masked = k0 + BC > hd.kl || (causal && k0 + BC - 1 > q_offset + wq0);
         softmax_step(s, o, m0, m1, l0, l1, masked, k0, t, i0, i1, hd, causal, q_offset);
 
         // O += P·V, 16 keys a product (two 8-row groups of V, 2 KiB); V's 64-dim panels are
         // BC·128 bytes apart (LBO).
-        unsigned pa[NT / 2][4];
         for (int kk = 0; kk < NT / 2; ++kk) a_from_accumulators(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        chingu::wgmma_fence_operands(o_flat);
+        chingu::wgmma_fence_operands(pa_flat);
         chingu::wgmma_fence();
         for (int kk = 0; kk < NT / 2; ++kk) {
             const unsigned long long vd = chingu::wgmma_desc(vs + kk * 2048, BC * 128, 1024,
                                                              chingu::WGMMA_SWIZZLE_128B);
-            chingu::wgmma_rs<N, 1>(reinterpret_cast<float (&)[8 * CT]>(o), pa[kk], vd, true);
+            chingu::wgmma_rs<N, 1>(o_flat, pa[kk], vd, true);
         }
         chingu::wgmma_commit();
         chingu::wgmma_wait<0>();
+        chingu::wgmma_fence_operands(o_flat);
+        chingu::wgmma_fence_operands(pa_flat);  // P's registers were the products' until now
     }
 
-    if (STAGES == 2) chingu::cp_async_wait<0>();  // (the last group is empty: nothing in flight)
+    chingu::cp_async_wait<0>();  // Q's copies too, where no tile was walked
     finish_forward(o, m0, m1, l0, l1, out, lse, hd, q_len, i0, i1, t, head_dim);
 #else
     (void)out, (void)lse, (void)q, (void)k, (void)v, (void)key_len, (void)batch, (void)q_len,

@@ -685,6 +685,31 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 
+/// Pins registers a wgmma reads or writes (accumulators, A fragments) across its issue,
+/// fence and wait: an empty asm reading and writing each, so the compiler neither moves their
+/// other uses across nor reuses A's registers before the wait completes the product (what
+/// CUTLASS's warpgroup_fence_operand does). Call it before `wgmma_fence` and after
+/// `wgmma_wait`.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
+#if defined(CHINGU_WGMMA) && !defined(CHINGU_EMU)
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+    (void)d;
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(unsigned (&a)[N]) {
+#if defined(CHINGU_WGMMA) && !defined(CHINGU_EMU)
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i])::"memory");
+#else
+    (void)a;
+#endif
+}
+
 /// fence.proxy.async.shared::cta: makes this thread's ordinary shared-memory stores visible
 /// to the tensor cores' reads (before the barrier that precedes the wgmma).
 __device__ __forceinline__ void fence_proxy_async_shared() {

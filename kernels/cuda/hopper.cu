@@ -76,11 +76,14 @@ __device__ __forceinline__ unsigned long long staged_desc(const unsigned char* t
 /// its accumulators in the same registers from the first wgmma to the wait).
 template <int N, int K, int LAYOUT, bool A_IN_SMEM>
 __device__ __forceinline__ void wgmma_tile_loop(float (&acc)[N / 2],
-                                                const unsigned (&frag)[K / 16][4],
+                                                unsigned (&frag)[K / 16][4],
                                                 const unsigned char* tile_a,
                                                 const unsigned char* tile_b) {
     using namespace chingu;
     constexpr int TRANS_B = LAYOUT == 1 || LAYOUT == 3;
+    unsigned (&flat)[4 * (K / 16)] = reinterpret_cast<unsigned (&)[4 * (K / 16)]>(frag);
+    wgmma_fence_operands(acc);
+    wgmma_fence_operands(flat);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < K / 16; ++s) {
@@ -96,6 +99,8 @@ __device__ __forceinline__ void wgmma_tile_loop(float (&acc)[N / 2],
     }
     wgmma_commit();
     wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+    wgmma_fence_operands(flat);  // A's registers were the products' until now
 }
 
 #endif  // CHINGU_WGMMA

@@ -1971,6 +1971,42 @@ inline float wgmma_element(uint64_t desc, unsigned mn, unsigned k, bool mn_major
   return __half2float(h);
 }
 
+// What a warp's wait completes, as the other warps of its warpgroup must have issued it too
+// (wgmma is the warpgroup's instruction: a warp that skips or reorders one hangs a GPU).
+struct WgmmaSig {
+  unsigned n;
+  bool trans_b, accumulate, a_from_regs;
+  uint64_t a_desc, b_desc;
+  bool operator==(const WgmmaSig& o) const {
+    return n == o.n && trans_b == o.trans_b && accumulate == o.accumulate && a_from_regs == o.a_from_regs &&
+           (a_from_regs || a_desc == o.a_desc) && b_desc == o.b_desc;
+  }
+};
+// Checks warp `warp`'s next wait against what the first of its warpgroup to reach that wait
+// recorded (per block; reset when a block starts).
+inline void check_warpgroup_wait(unsigned warp, const std::vector<WgmmaOp>& done, const char* file,
+                                 unsigned line) {
+  static std::vector<std::vector<std::vector<WgmmaSig>>> groups;  // [warpgroup][wait] → products
+  static std::vector<size_t> waits;                                // [warp] → waits so far
+  static uint64_t block = 0;
+  if (block != g_block_serial) {
+    block = g_block_serial;
+    groups.assign(8, {});
+    waits.assign(32, 0);
+  }
+  std::vector<WgmmaSig> sig;
+  for (const WgmmaOp& op : done) sig.push_back(WgmmaSig{op.n, op.trans_b, op.accumulate, op.a != nullptr, op.a_desc, op.b_desc});
+  std::vector<std::vector<WgmmaSig>>& log = groups[warp / 4];
+  const size_t i = waits[warp]++;
+  if (i == log.size()) {
+    log.push_back(std::move(sig));
+  } else if (!(log[i] == sig)) {
+    fail(strf("wgmma.wait_group at %s:%u: warp %u completes %zu products unlike another warp of its warpgroup "
+              "at the same wait (%zu): every warp of a warpgroup must issue the same wgmmas",
+              file, line, warp, sig.size(), log[i].size()));
+  }
+}
+
 // p[0] of each lane: the std::vector<WgmmaOp> of products its wait completes, in issue order.
 inline void release_wgmma_wait(Warp& w, uint32_t part) {
   if (part != 0xffffffffu)
@@ -2057,6 +2093,8 @@ inline void wgmma_wait(unsigned pending, const char* file = __builtin_FILE(), un
   }
   LaneSlot& s = my_slot("wgmma.wait_group");
   s.p[0] = &done;
+  const Fiber& f = cur_fiber("wgmma.wait_group");
+  if (f.lane == 0) check_warpgroup_wait(f.warp, done, file, line);
   warp_collective(0xffffffffu, &release_wgmma_wait, "wgmma.wait_group", file, line);
 }
 

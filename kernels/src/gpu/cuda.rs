@@ -159,6 +159,11 @@ impl CudaDevice {
             let module = unsafe { result::module::load_data(ptx.as_ptr().cast()) }
                 .map_err(driver("cuModuleLoadData"))?;
             for kernel in sources::kernel_names(source) {
+                // A Hopper kernel is a trap on any other device: not loaded there, so
+                // `has_kernel` says no and the launchers never pick it.
+                if sources::hopper_only(&kernel) && (major, minor) != (9, 0) {
+                    continue;
+                }
                 let c_name = CString::new(kernel.clone()).expect("kernel name");
                 // SAFETY: `module` is loaded.
                 let f = unsafe { result::module::get_function(module, c_name) }
@@ -359,10 +364,7 @@ impl Device for CudaDevice {
         self.bind()?;
         let f = *self.functions.get(kernel).ok_or_else(|| GpuError::Driver {
             call: format!("launch {kernel}"),
-            message: if sources::FILES.iter().any(|(file, source)| {
-                sources::HOPPER_FILES.contains(file)
-                    && sources::kernel_names(source).iter().any(|k| k == kernel)
-            }) {
+            message: if sources::hopper_only(kernel) {
                 "a Hopper (sm_90) kernel: this device does not load it".into()
             } else {
                 "no such kernel in the compiled modules".into()

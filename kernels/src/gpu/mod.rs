@@ -345,7 +345,7 @@ pub trait Device: Send + Sync {
         None
     }
     /// Whether `kernel` can be launched here: every kernel on the emulator; on a GPU, not the
-    /// Hopper-only ones ([`sources::HOPPER_FILES`]) on other architectures.
+    /// Hopper ones ([`sources::hopper_only`]) on other architectures.
     fn has_kernel(&self, _kernel: &str) -> bool {
         true
     }

@@ -849,8 +849,9 @@ pub enum AttentionKernels {
     /// `attention_backward_dkdv_mma_*`): the fastest at heads up to 64 wide (GPU run 16).
     Mma,
     /// The forward through Hopper's warpgroup MMA (`attention_forward_wgmma_c*`: wgmma from
-    /// shared memory, an H100 or H200 only), its backward [`Self::wgmma_backward`]'s. Only
-    /// where asked for (`CHINGU_ATTN=wgmma`) until a GPU run has timed it.
+    /// shared memory, an H100 or H200 only), its backward the family chosen by shape
+    /// (`fastest_for`, from the lse it keeps). Only where asked for (`CHINGU_ATTN=wgmma`)
+    /// until a GPU run has timed it.
     Wgmma,
     /// The scores materialised, the products through cuBLASLt's batched GEMMs and only the
     /// softmax and its gradient in our kernels (`attention_gemm.rs`): more memory traffic,
@@ -1150,17 +1151,6 @@ impl AttentionKernels {
         }
     }
 
-    /// The family whose backward runs after the wgmma forward (which keeps lse alone, as
-    /// every family's backward accepts): the register-resident kernels up to head width 64,
-    /// the GEMM path (P recomputed) wider — [`Self::fastest_for`]'s measured choices.
-    pub fn wgmma_backward(s: AttentionShape) -> Self {
-        if s.head_dim <= 64 {
-            Self::Mma
-        } else {
-            Self::GEMM
-        }
-    }
-
     /// A name for logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -1397,27 +1387,15 @@ impl AttnLaunch {
 /// but the device cannot give all three their shared memory. The choice depends on the shape
 /// alone, so a forward and its backward take the same family, and a rerun the same bits.
 pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
-    let kinds = [AttnKernel::Forward, AttnKernel::Queries, AttnKernel::KeysValues];
-    let mma_fits = kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, s.head_dim).is_some());
+    let mma_fits = mma_fits(dev, s);
     let asked = AttentionKernels::from_env();
-    let wgmma_fits = || AttnLaunch::wgmma(dev, s.head_dim).is_some();
     let kernels = match asked {
         Some(AttentionKernels::Mma) if !mma_fits => AttentionKernels::Wmma,
-        Some(AttentionKernels::Wgmma) if !wgmma_fits() => {
-            AttentionKernels::fastest_for(s, mma_fits)
+        Some(AttentionKernels::Wgmma) if AttnLaunch::wgmma(dev, s.head_dim).is_none() => {
+            fastest_here(dev, s)
         }
-        Some(kernels) => kernels,
-        None => AttentionKernels::fastest_for(s, mma_fits),
-    };
-    let kernels = match kernels {
-        AttentionKernels::Gemm { scores_per_chunk, causal_band, half_scores } => {
-            AttentionKernels::Gemm {
-                scores_per_chunk,
-                causal_band: causal_band_from_env().unwrap_or(causal_band),
-                half_scores: half_scores_from_env().unwrap_or(half_scores),
-            }
-        }
-        kernels => kernels,
+        Some(kernels) => with_gemm_settings(kernels),
+        None => fastest_here(dev, s),
     };
     // Said the first time each family runs in this process: which kernels attention takes.
     static SAID: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -1453,6 +1431,34 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
         );
     }
     kernels
+}
+
+/// Whether the device gives all three register-resident kernels their shared memory.
+fn mma_fits(dev: &Gpu, s: AttentionShape) -> bool {
+    let kinds = [AttnKernel::Forward, AttnKernel::Queries, AttnKernel::KeysValues];
+    kinds.iter().all(|&kind| AttnLaunch::mma(dev, kind, s.head_dim).is_some())
+}
+
+/// The GEMM path with [`CAUSAL_BAND_VAR`]'s and [`SCORES_VAR`]'s settings; other families as
+/// they are.
+fn with_gemm_settings(kernels: AttentionKernels) -> AttentionKernels {
+    match kernels {
+        AttentionKernels::Gemm { scores_per_chunk, causal_band, half_scores } => {
+            AttentionKernels::Gemm {
+                scores_per_chunk,
+                causal_band: causal_band_from_env().unwrap_or(causal_band),
+                half_scores: half_scores_from_env().unwrap_or(half_scores),
+            }
+        }
+        kernels => kernels,
+    }
+}
+
+/// The family chosen by shape on this device ([`AttentionKernels::fastest_for`], with the
+/// GEMM path's settings): what runs without `CHINGU_ATTN`, and the backward after the wgmma
+/// forward (which keeps lse alone, as every family's backward accepts).
+fn fastest_here(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
+    with_gemm_settings(AttentionKernels::fastest_for(s, mma_fits(dev, s)))
 }
 
 /// The attention statistics buffer holds lse alone (`[B, H, Tq]`) or, for the GEMM path,
@@ -1602,7 +1608,7 @@ pub fn attention_backward_using(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention_backward";
     if kernels == AttentionKernels::Wgmma {
-        let kernels = AttentionKernels::wgmma_backward(s);
+        let kernels = fastest_here(dev, s);
         return attention_backward_using(
             kernels, dev, dq, dk, dv, d_out, q, k, v, out, lse, key_len, s,
         );

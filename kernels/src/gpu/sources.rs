@@ -22,6 +22,12 @@ pub const FILES: &[(&str, &str)] = &[
 /// devices leave out.
 pub const HOPPER_FILES: &[&str] = &["hopper.cu"];
 
+/// Whether `kernel` is a Hopper kernel (`wgmma`; its name says so): only a 9.0 device loads
+/// it, since for any other target its body is a trap.
+pub fn hopper_only(kernel: &str) -> bool {
+    kernel.contains("wgmma")
+}
+
 /// The NVRTC target a device of compute capability `major.minor` compiles `file` for:
 /// `compute_XY`, and on a 9.0 device `compute_90a` (the architecture-specific target wgmma
 /// needs: the wgmma kernels of every file are more than a trap there); `None` (left out, its
@@ -61,7 +67,7 @@ pub fn kernel_names(source: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{arch_for, kernel_names};
+    use super::{arch_for, hopper_only, kernel_names, HOPPER_FILES};
 
     #[test]
     fn hopper_files_only_on_hopper() {
@@ -70,6 +76,15 @@ mod tests {
         assert_eq!(arch_for("hopper.cu", 10, 0), None);
         assert_eq!(arch_for("attention.cu", 9, 0).as_deref(), Some("compute_90a"));
         assert_eq!(arch_for("attention.cu", 8, 6).as_deref(), Some("compute_86"));
+        assert!(hopper_only("attention_forward_wgmma_c12s2_f16"));
+        assert!(hopper_only("wgmma_tile_n64_k192_f16"));
+        assert!(!hopper_only("attention_forward_mma_c12s2_f16"));
+        // Every kernel of a Hopper-only file is a Hopper kernel by name.
+        for (file, source) in super::FILES {
+            if HOPPER_FILES.contains(file) {
+                assert!(kernel_names(source).iter().all(|k| hopper_only(k)), "{file}");
+            }
+        }
     }
 
     #[test]
