@@ -787,36 +787,36 @@ fn product_layout_rows(
         },
     ];
     for Product { name, m, n, k: kk, trans_a: ta, trans_b: tb, a_is_p, c_is_scores } in products {
+        // The product over `count` blocks of operands given as (address, row stride, elements
+        // from one block to the next).
+        let product = |a: (u64, usize, usize),
+                       b_op: (u64, usize, usize),
+                       c: (u64, usize, usize),
+                       count| Gemm {
+            m,
+            n,
+            k: kk,
+            a: a.0,
+            trans_a: ta,
+            b: b_op.0,
+            trans_b: tb,
+            c: c.0,
+            c_f32: false,
+            beta: 0.0,
+            bias: None,
+            epilogue: GemmEpilogue::None,
+            batch: GemmBatch { count, stride_a: a.2, stride_b: b_op.2, stride_c: c.2 },
+            ld: [a.1, b_op.1, c.1],
+        };
         // Per head: head h's columns (ld D, batch rows T·D apart); P and the scores `[B, H,
         // T, T]` (a head's blocks H·T·T apart).
         let per_head = |h: usize| {
-            let head = |buf: &DeviceBuffer<f16>| buf.ptr() + (h * head_dim * 2) as u64;
-            let block = |buf: &DeviceBuffer<f16>| buf.ptr() + (h * t * t * 2) as u64;
-            let (a, a_ld, a_stride) =
-                if a_is_p { (block(&p), t, heads * t * t) } else { (head(&q), d, t * d) };
-            let (c, c_ld, c_stride) =
-                if c_is_scores { (block(&scores), t, heads * t * t) } else { (head(&o), d, t * d) };
-            Gemm {
-                m,
-                n,
-                k: kk,
-                a,
-                trans_a: ta,
-                b: head(&k),
-                trans_b: tb,
-                c,
-                c_f32: false,
-                beta: 0.0,
-                bias: None,
-                epilogue: GemmEpilogue::None,
-                batch: GemmBatch {
-                    count: b,
-                    stride_a: a_stride,
-                    stride_b: t * d,
-                    stride_c: c_stride,
-                },
-                ld: [a_ld, d, c_ld],
-            }
+            let head = |buf: &DeviceBuffer<f16>| (buf.ptr() + (h * head_dim * 2) as u64, d, t * d);
+            let block =
+                |buf: &DeviceBuffer<f16>| (buf.ptr() + (h * t * t * 2) as u64, t, heads * t * t);
+            let a = if a_is_p { block(&p) } else { head(&q) };
+            let c = if c_is_scores { block(&scores) } else { head(&o) };
+            product(a, head(&k), c, b)
         };
         let t_per_head = time_op(dev, reps, |_| {
             for h in 0..heads {
@@ -828,30 +828,9 @@ fn product_layout_rows(
         // Head-major: the same buffers read as B·H dense blocks (`[T, Dh]` or `[T, T]`).
         let dense =
             |buf: &DeviceBuffer<f16>, rows: usize, cols: usize| (buf.ptr(), cols, rows * cols);
-        let (a, a_ld, a_stride) = if a_is_p { dense(&p, t, t) } else { dense(&q, t, head_dim) };
-        let (c, c_ld, c_stride) =
-            if c_is_scores { dense(&scores, t, t) } else { dense(&o, t, head_dim) };
-        let head_major = Gemm {
-            m,
-            n,
-            k: kk,
-            a,
-            trans_a: ta,
-            b: k.ptr(),
-            trans_b: tb,
-            c,
-            c_f32: false,
-            beta: 0.0,
-            bias: None,
-            epilogue: GemmEpilogue::None,
-            batch: GemmBatch {
-                count: b * heads,
-                stride_a: a_stride,
-                stride_b: t * head_dim,
-                stride_c: c_stride,
-            },
-            ld: [a_ld, head_dim, c_ld],
-        };
+        let a = if a_is_p { dense(&p, t, t) } else { dense(&q, t, head_dim) };
+        let c = if c_is_scores { dense(&scores, t, t) } else { dense(&o, t, head_dim) };
+        let head_major = product(a, dense(&k, t, head_dim), c, b * heads);
         // SAFETY: B·H dense blocks of each operand fill exactly the buffers above.
         let t_head_major = time_op(dev, reps, |_| unsafe { gemm::run(dev, "bench", &head_major) })?;
         let op = |layout: &str| &*format!("prod_{name}_{layout}_dh{head_dim}").leak();

@@ -1319,6 +1319,11 @@ struct AltStackGuard {
 
 // --- the launch ------------------------------------------------------------------------
 
+// Defined with the emulated wgmma below: what a thread of the block that just ran left of its
+// wgmma products (issued but not committed, or committed but not waited for), empty if
+// nothing — a kernel must wait for every product before it ends.
+inline std::string wgmma_left_pending();
+
 inline void run_block(Launch& L) {
   const unsigned N = L.nthreads;
   g_blockIdx = L.block_idx;
@@ -1357,6 +1362,12 @@ inline void run_block(Launch& L) {
   if (L.aborted) return;
   if (L.live > 0) {
     L.error = deadlock_report(L);
+    L.aborted = true;
+    return;
+  }
+  const std::string pending = wgmma_left_pending();
+  if (!pending.empty()) {
+    L.error = launch_str(L) + ": block " + dim_str(L.block_idx).c_str() + ": " + pending;
     L.aborted = true;
   }
 }
@@ -1922,19 +1933,27 @@ struct WgmmaQueue {
   std::vector<std::vector<WgmmaOp>> committed;
   std::vector<WgmmaOp> open;
 };
-// Per thread of the running block (blocks run one at a time), emptied when a block starts.
+// Per thread of the running block (blocks run one at a time), emptied when a block first
+// issues one; `block` says which block they belong to.
+struct WgmmaQueues {
+  std::vector<WgmmaQueue> threads = std::vector<WgmmaQueue>(1024);
+  uint64_t block = 0;
+};
+inline WgmmaQueues& wgmma_queues() {
+  static WgmmaQueues q;
+  return q;
+}
 inline WgmmaQueue& my_wgmma_queue() {
-  static std::vector<WgmmaQueue> queues(1024);
-  static uint64_t block = 0;
-  if (block != g_block_serial) {
-    block = g_block_serial;
-    for (WgmmaQueue& q : queues) {
+  WgmmaQueues& all = wgmma_queues();
+  if (all.block != g_block_serial) {
+    all.block = g_block_serial;
+    for (WgmmaQueue& q : all.threads) {
       q.committed.clear();
       q.open.clear();
     }
   }
   const unsigned tid = g_threadIdx.x + g_blockDim.x * (g_threadIdx.y + g_blockDim.y * g_threadIdx.z);
-  return queues[tid];
+  return all.threads[tid];
 }
 
 // The half at element (mn, k) of the operand `desc` describes (see above).
@@ -2058,6 +2077,28 @@ inline void release_wgmma_wait(Warp& w, uint32_t part) {
         }
     }
   }
+}
+}  // namespace detail
+
+namespace detail {
+inline std::string wgmma_left_pending() {
+  const WgmmaQueues& all = wgmma_queues();
+  if (all.block != g_block_serial) return {};  // this block issued no wgmma
+  for (size_t t = 0; t < all.threads.size(); ++t) {
+    const WgmmaQueue& q = all.threads[t];
+    const WgmmaOp* first = nullptr;
+    size_t waiting = 0;
+    for (const std::vector<WgmmaOp>& group : q.committed) {
+      waiting += group.size();
+      if (!first && !group.empty()) first = &group.front();
+    }
+    if (!first && !q.open.empty()) first = &q.open.front();
+    if (first)  // (empty groups left pending do nothing)
+      return strf("thread %zu ended with %zu wgmma products not waited for and %zu not committed (the first "
+                  "issued at %s:%u): a kernel must wait for every product before it ends",
+                  t, waiting, q.open.size(), first->file, first->line);
+  }
+  return {};
 }
 }  // namespace detail
 
