@@ -677,9 +677,7 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
             // Hopper's warpgroup MMA (an H100 or H200; the emulator too).
             (&*format!("attn_fwd_wgmma_dh{head_dim}").leak(), AttentionKernels::Wgmma),
         ] {
-            if kernels == AttentionKernels::Wgmma
-                && !dev.has_kernel("attention_forward_wgmma_c4_f16")
-            {
+            if kernels == AttentionKernels::Wgmma && !ops::has_wgmma(dev) {
                 eprintln!("{op}: not timed, no wgmma kernels on {}", dev.name());
                 continue;
             }

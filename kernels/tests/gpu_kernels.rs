@@ -1056,9 +1056,7 @@ fn attention_matches_the_cpu_backend() {
             assert!(half.stats_len(s) > lse_only + lse_only.max(1), "{what}");
             assert!(matches!(half, AttentionKernels::Gemm { half_scores: true, .. }));
             for (kernels, stats_len) in families {
-                if kernels == AttentionKernels::Wgmma
-                    && !dev.has_kernel("attention_forward_wgmma_c4_f16")
-                {
+                if kernels == AttentionKernels::Wgmma && !ops::has_wgmma(&dev) {
                     eprintln!("{}: no wgmma kernels (not a Hopper GPU): not run", dev.name());
                     continue;
                 }

@@ -1933,27 +1933,44 @@ struct WgmmaQueue {
   std::vector<std::vector<WgmmaOp>> committed;
   std::vector<WgmmaOp> open;
 };
-// Per thread of the running block (blocks run one at a time), emptied when a block first
-// issues one; `block` says which block they belong to.
-struct WgmmaQueues {
-  std::vector<WgmmaQueue> threads = std::vector<WgmmaQueue>(1024);
-  uint64_t block = 0;
+// What a warp's wait completes, as the other warps of its warpgroup must have issued it too
+// (wgmma is the warpgroup's instruction: a warp that skips or reorders one hangs a GPU).
+struct WgmmaSig {
+  unsigned n;
+  bool trans_b, accumulate, a_from_regs;
+  uint64_t a_desc, b_desc;
+  bool operator==(const WgmmaSig& o) const {
+    return n == o.n && trans_b == o.trans_b && accumulate == o.accumulate && a_from_regs == o.a_from_regs &&
+           (a_from_regs || a_desc == o.a_desc) && b_desc == o.b_desc;
+  }
 };
-inline WgmmaQueues& wgmma_queues() {
-  static WgmmaQueues q;
-  return q;
-}
-inline WgmmaQueue& my_wgmma_queue() {
-  WgmmaQueues& all = wgmma_queues();
-  if (all.block != g_block_serial) {
-    all.block = g_block_serial;
-    for (WgmmaQueue& q : all.threads) {
+// The running block's wgmma state (blocks run one at a time), started afresh when a block
+// first issues one; `block` says which block it belongs to: each thread's queue, and for the
+// warpgroup check each warpgroup's products at each wait (as the first warp to reach it
+// recorded them) and each warp's count of waits.
+struct WgmmaBlock {
+  uint64_t block = 0;
+  std::vector<WgmmaQueue> threads = std::vector<WgmmaQueue>(1024);
+  std::vector<std::vector<std::vector<WgmmaSig>>> group_waits = decltype(group_waits)(8);
+  std::vector<size_t> warp_waits = std::vector<size_t>(32);
+};
+// `fresh`: start it afresh if it belongs to an earlier block.
+inline WgmmaBlock& wgmma_block(bool fresh = true) {
+  static WgmmaBlock b;
+  if (fresh && b.block != g_block_serial) {
+    b.block = g_block_serial;
+    for (WgmmaQueue& q : b.threads) {
       q.committed.clear();
       q.open.clear();
     }
+    for (auto& waits : b.group_waits) waits.clear();
+    for (size_t& n : b.warp_waits) n = 0;
   }
+  return b;
+}
+inline WgmmaQueue& my_wgmma_queue() {
   const unsigned tid = g_threadIdx.x + g_blockDim.x * (g_threadIdx.y + g_blockDim.y * g_threadIdx.z);
-  return all.threads[tid];
+  return wgmma_block().threads[tid];
 }
 
 // The half at element (mn, k) of the operand `desc` describes (see above).
@@ -1990,33 +2007,15 @@ inline float wgmma_element(uint64_t desc, unsigned mn, unsigned k, bool mn_major
   return __half2float(h);
 }
 
-// What a warp's wait completes, as the other warps of its warpgroup must have issued it too
-// (wgmma is the warpgroup's instruction: a warp that skips or reorders one hangs a GPU).
-struct WgmmaSig {
-  unsigned n;
-  bool trans_b, accumulate, a_from_regs;
-  uint64_t a_desc, b_desc;
-  bool operator==(const WgmmaSig& o) const {
-    return n == o.n && trans_b == o.trans_b && accumulate == o.accumulate && a_from_regs == o.a_from_regs &&
-           (a_from_regs || a_desc == o.a_desc) && b_desc == o.b_desc;
-  }
-};
 // Checks warp `warp`'s next wait against what the first of its warpgroup to reach that wait
-// recorded (per block; reset when a block starts).
+// recorded.
 inline void check_warpgroup_wait(unsigned warp, const std::vector<WgmmaOp>& done, const char* file,
                                  unsigned line) {
-  static std::vector<std::vector<std::vector<WgmmaSig>>> groups;  // [warpgroup][wait] → products
-  static std::vector<size_t> waits;                                // [warp] → waits so far
-  static uint64_t block = 0;
-  if (block != g_block_serial) {
-    block = g_block_serial;
-    groups.assign(8, {});
-    waits.assign(32, 0);
-  }
+  WgmmaBlock& b = wgmma_block();
   std::vector<WgmmaSig> sig;
   for (const WgmmaOp& op : done) sig.push_back(WgmmaSig{op.n, op.trans_b, op.accumulate, op.a != nullptr, op.a_desc, op.b_desc});
-  std::vector<std::vector<WgmmaSig>>& log = groups[warp / 4];
-  const size_t i = waits[warp]++;
+  std::vector<std::vector<WgmmaSig>>& log = b.group_waits[warp / 4];
+  const size_t i = b.warp_waits[warp]++;
   if (i == log.size()) {
     log.push_back(std::move(sig));
   } else if (!(log[i] == sig)) {
@@ -2082,7 +2081,7 @@ inline void release_wgmma_wait(Warp& w, uint32_t part) {
 
 namespace detail {
 inline std::string wgmma_left_pending() {
-  const WgmmaQueues& all = wgmma_queues();
+  const WgmmaBlock& all = wgmma_block(false);
   if (all.block != g_block_serial) return {};  // this block issued no wgmma
   for (size_t t = 0; t < all.threads.size(); ++t) {
     const WgmmaQueue& q = all.threads[t];

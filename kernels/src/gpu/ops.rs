@@ -1271,13 +1271,7 @@ impl AttnLaunch {
         }
         // The narrowest instance whose CT column tiles hold the head: its shared tiles are
         // 16·CT columns wide whatever Dh is (attention.cu, "Tile").
-        let ct = match head_dim.div_ceil(16) {
-            0..=2 => 2,
-            3..=4 => 4,
-            5..=8 => 8,
-            9..=12 => 12,
-            _ => 16,
-        };
+        let ct = column_tiles(head_dim);
         let ((kernel, two_stage), tile) = match (kind, ct) {
             (AttnKernel::Forward, 2) => (stages!("attention_forward_mma_c2"), 64),
             (AttnKernel::Forward, 4) => (stages!("attention_forward_mma_c4"), 64),
@@ -1338,18 +1332,14 @@ impl AttnLaunch {
         })
     }
 
-    /// The wgmma forward: the instance whose P·V product is 16·CT ≥ Dh wide (CT 4, 8, 12,
-    /// 16), 2 warpgroups or 1 (8 or 4 warps; [`WARPS_VAR`] puts its choice first) and two
-    /// stages or one ([`PIPELINE_VAR`] likewise), the first of those whose shared memory
-    /// (attention.cu: 1024 + 32·CT·(rows + 128·stages) bytes) the device gives; `None` where none fits or the device
-    /// has no wgmma kernels (not a Hopper GPU).
+    /// The wgmma forward: the instance whose P·V product is 16·CT ≥ Dh wide (the
+    /// register-resident kernels' CT, at least 4: wgmma's N is 64 or more), 2 warpgroups or 1
+    /// (8 or 4 warps; [`WARPS_VAR`] puts its choice first) and two stages or one
+    /// ([`PIPELINE_VAR`] likewise), the first of those whose shared memory the device gives
+    /// (attention.cu: 1024 + 32·CT·(rows + 128·stages) bytes); `None` where none fits or the
+    /// device has no wgmma kernels (not a Hopper GPU).
     fn wgmma(dev: &Gpu, head_dim: usize) -> Option<Self> {
-        let ct = match head_dim.div_ceil(16) {
-            0..=4 => 4,
-            5..=8 => 8,
-            9..=12 => 12,
-            _ => 16,
-        };
+        let ct = column_tiles(head_dim).max(4);
         let (one, two) = match ct {
             4 => ("attention_forward_wgmma_c4_f16", "attention_forward_wgmma_c4s2_f16"),
             8 => ("attention_forward_wgmma_c8_f16", "attention_forward_wgmma_c8s2_f16"),
@@ -1431,6 +1421,23 @@ pub fn attention_kernels(dev: &Gpu, s: AttentionShape) -> AttentionKernels {
         );
     }
     kernels
+}
+
+/// The column tiles (16 columns each) of the narrowest register-resident instance that holds
+/// a head `head_dim` wide: 2, 4, 8, 12 or 16 (attention.cu, "Tile").
+fn column_tiles(head_dim: usize) -> usize {
+    match head_dim.div_ceil(16) {
+        0..=2 => 2,
+        3..=4 => 4,
+        5..=8 => 8,
+        9..=12 => 12,
+        _ => 16,
+    }
+}
+
+/// Whether `dev` runs the wgmma kernels (a Hopper GPU, or the emulator).
+pub fn has_wgmma(dev: &Gpu) -> bool {
+    dev.has_kernel("attention_forward_wgmma_c4_f16")
 }
 
 /// Whether the device gives all three register-resident kernels their shared memory.
