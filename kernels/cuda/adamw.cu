@@ -3,21 +3,32 @@
 // g = grad·grad_scale (loss-scale removal and clipping, folded in)
 // m = β1·m + (1 − β1)·g;  v = β2·v + (1 − β2)·g²
 // p = p·(1 − lr·wd) − lr·(m / c1) / (sqrt(v / c2) + eps)       c1, c2: bias corrections
-// (decoupled decay first, PyTorch's order; the same expression order as the CPU backend).
+// (decoupled decay first, PyTorch's order). The CPU backend's operations in its order, each
+// rounded alone: the result equals the CPU's bit for bit.
 // param, grad, m, v fp32 [n]; param_half fp16 [n] (may be null when there is no fp16 copy).
 // `adamw_multi_f32` updates every parameter tensor in one launch (one descriptor per tensor).
 
 #include "common.cuh"
 
-/// One element's update, in place (every kernel here goes through this one expression, so
-/// the compiler contracts it into the same multiply-adds wherever it is inlined).
+/// One element's update, in place. Every operation is an explicitly rounded intrinsic, so no
+/// multiply-add is contracted: the compiler would otherwise fuse differently wherever this is
+/// inlined (GPU run 22 saw v differ by one ulp between `adamw_f32` and the vector path of
+/// `adamw_multi_f32`). Unfused, in the CPU backend's order, the update equals the CPU's bit for
+/// bit, so a step's optimizer does not depend on the launch, the grouping or the device.
 __device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float grad,
                                               float lr, float beta1, float beta2, float eps,
                                               float decay, float c1, float c2, float grad_scale) {
-    const float g = grad * grad_scale;
-    m = beta1 * m + (1.0f - beta1) * g;
-    v = beta2 * v + (1.0f - beta2) * g * g;
-    p = p * decay - lr * (m / c1) / (sqrtf(v / c2) + eps);
+    const float g = __fmul_rn(grad, grad_scale);
+    m = __fadd_rn(__fmul_rn(beta1, m), __fmul_rn(__fsub_rn(1.0f, beta1), g));
+    v = __fadd_rn(__fmul_rn(beta2, v), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, beta2), g), g));
+    const float step = __fdiv_rn(__fmul_rn(lr, __fdiv_rn(m, c1)),
+                                 __fadd_rn(__fsqrt_rn(__fdiv_rn(v, c2)), eps));
+    p = __fsub_rn(__fmul_rn(p, decay), step);
+}
+
+/// 1 − lr·weight_decay, unfused like the CPU backend's.
+__device__ __forceinline__ float adamw_decay(float lr, float weight_decay) {
+    return __fsub_rn(1.0f, __fmul_rn(lr, weight_decay));
 }
 
 __device__ __forceinline__ void adamw_range(float* param, __half* param_half, const float* grad,
@@ -25,7 +36,7 @@ __device__ __forceinline__ void adamw_range(float* param, __half* param_half, co
                                             float beta2, float eps, float weight_decay, float c1,
                                             float c2, float grad_scale, int n, int start,
                                             int stride) {
-    const float decay = 1.0f - lr * weight_decay;
+    const float decay = adamw_decay(lr, weight_decay);
     // 64-bit index: i + stride must not overflow for n near INT_MAX.
     for (long long i = start; i < n; i += stride) {
         float p = param[i], mi = m[i], vi = v[i];
@@ -105,7 +116,7 @@ extern "C" __global__ void adamw_multi_f32(const unsigned long long* desc, int t
                     grad_scale, (int)end, (int)start + threadIdx.x, blockDim.x);
         return;
     }
-    const float decay = 1.0f - lr * weight_decay;
+    const float decay = adamw_decay(lr, weight_decay);
     float4 p4[CHINGU_ADAMW_VECTORS], g4[CHINGU_ADAMW_VECTORS], m4[CHINGU_ADAMW_VECTORS],
         v4[CHINGU_ADAMW_VECTORS];
 #pragma unroll
