@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The environment variables the GPU backend reads, each with what it does.
 #[cfg(feature = "cuda")]
-const SETTINGS: [(&str, &str); 11] = [
+const SETTINGS: [(&str, &str); 12] = [
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
         "attention kernels: auto (by shape), wmma, mma, gemm or wgmma (Hopper's warpgroup MMA \
@@ -51,6 +51,10 @@ const SETTINGS: [(&str, &str); 11] = [
     (
         chingu_kernels::gpu::cuda::TUNE_VAR,
         "1 = time cuBLASLt's first 8 algorithms per product shape, keep the fastest",
+    ),
+    (
+        chingu_kernels::gpu::cuda::LANES_VAR,
+        "streams the cuBLASLt attention path's per-head products run on at once (default 4; 1 = in order)",
     ),
     (
         "CHINGU_PROFILE",

@@ -22,8 +22,10 @@
 //! 2⁻²⁴ for values in the subnormal range. A transposition,
 //! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
 
-use chingu_kernels::gpu::gemm::{gemm, gemm_bias_grad, gemm_gelu, gemm_gelu_grad, run, GemmOut};
-use chingu_kernels::gpu::{DeviceBuffer, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
+use chingu_kernels::gpu::gemm::{
+    gemm, gemm_bias_grad, gemm_gelu, gemm_gelu_grad, run, run_group, GemmOut,
+};
+use chingu_kernels::gpu::{DeviceBuffer, DevicePtr, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
 use half::f16;
 
@@ -762,6 +764,95 @@ fn products_of_one_shape_take_their_own_buffers() {
                     dev.name()
                 );
             }
+        }
+    }
+}
+
+/// A group of independent products (`run_group`: on a GPU spread over `CHINGU_GEMM_LANES`
+/// streams, 4 by default) gives the same bits as the same products run one at a time, each
+/// product writing only its own columns, whatever stream it went to. Seven products (more
+/// than the lanes, so lanes take several) like the attention path's: each a batch of head
+/// columns of `[rows, H·Dh]` tensors (row stride H·Dh), fp16 and fp32 outputs, the last
+/// with no rows (nothing to do). Outputs start as NaN, so a column left unwritten fails.
+#[test]
+fn a_group_of_products_equals_them_one_at_a_time() {
+    let (heads, dh, len, batch) = (7, 40, 96, 3);
+    let width = heads * dh;
+    let mut rng = SplitMix64(0x6e0b);
+    for dev in devices() {
+        let (x, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
+        let (y, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
+        let (x, y) = (
+            DeviceBuffer::from_host(&dev, &x).unwrap(),
+            DeviceBuffer::from_host(&dev, &y).unwrap(),
+        );
+        let poisoned =
+            || DeviceBuffer::from_host(&dev, &vec![f32::NAN; batch * len * width]).unwrap();
+        let poisoned_half =
+            || DeviceBuffer::from_host(&dev, &vec![f16::NAN; batch * len * width]).unwrap();
+        // Head h's product, per batch row: its Dh columns of the output (`len` rows) =
+        // its columns of x (len × Dh) times the first Dh rows of its columns of y (Dh × Dh),
+        // those read transposed for every third head.
+        let products = |c32: DevicePtr, c16: DevicePtr| -> Vec<Gemm> {
+            (0..heads)
+                .map(|h| {
+                    let f32_out = h % 2 == 0;
+                    let (c, elem) = if f32_out { (c32, 4) } else { (c16, 2) };
+                    Gemm {
+                        m: if h == heads - 1 { 0 } else { len },
+                        n: dh,
+                        k: dh,
+                        a: x.ptr() + (h * dh * 2) as u64,
+                        trans_a: false,
+                        b: y.ptr() + (h * dh * 2) as u64,
+                        trans_b: h % 3 == 1,
+                        c: c + (h * dh * elem) as u64,
+                        c_f32: f32_out,
+                        beta: 0.0,
+                        bias: None,
+                        epilogue: GemmEpilogue::None,
+                        batch: GemmBatch {
+                            count: batch,
+                            stride_a: len * width,
+                            stride_b: len * width,
+                            stride_c: len * width,
+                        },
+                        ld: [width, width, width],
+                    }
+                })
+                .collect()
+        };
+        let (alone32, alone16, grouped32, grouped16) =
+            (poisoned(), poisoned_half(), poisoned(), poisoned_half());
+        let alone = products(alone32.ptr(), alone16.ptr());
+        for g in &alone {
+            // SAFETY: every block of A, B and C lies inside its buffer (row stride H·Dh, Dh
+            // columns from head h's first, `len` rows a batch row).
+            unsafe { run(&dev, "", g) }.unwrap();
+        }
+        let grouped = products(grouped32.ptr(), grouped16.ptr());
+        // SAFETY: as above; each product writes only head h's columns of its output.
+        unsafe { run_group(&dev, "", &grouped) }.unwrap();
+        let bits32 = |b: &DeviceBuffer<f32>| -> Vec<u32> {
+            b.to_host().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let bits16 = |b: &DeviceBuffer<f16>| -> Vec<u16> {
+            b.to_host().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let (want32, want16) = (bits32(&alone32), bits16(&alone16));
+        assert_eq!(bits32(&grouped32), want32, "fp32 outputs on {}", dev.name());
+        assert_eq!(bits16(&grouped16), want16, "fp16 outputs on {}", dev.name());
+        // Every written column holds a number, every other one is still NaN: each product
+        // wrote its own columns, and the empty one none.
+        let host32 = alone32.to_host().unwrap();
+        for (i, v) in host32.iter().enumerate() {
+            let h = i % width / dh;
+            assert_eq!(v.is_nan(), h % 2 != 0 || h == heads - 1, "fp32 element {i} (head {h})");
+        }
+        let host16 = alone16.to_host().unwrap();
+        for (i, v) in host16.iter().enumerate() {
+            let h = i % width / dh;
+            assert_eq!(v.is_nan(), h % 2 == 0 || h == heads - 1, "fp16 element {i} (head {h})");
         }
     }
 }

@@ -2,8 +2,9 @@
 //! one plan per product shape — layouts, descriptor and algorithm, made at the shape's first
 //! product and kept, so a later product sets its own pointers and is queued — with the
 //! feed-forward GELU and the linear layers' bias gradients as epilogues, strided batches
-//! (one at a time where cuBLASLt has no batched kernel), and `CHINGU_GEMM_TUNE=1`'s timing of
-//! the heuristic's first answers.
+//! (one at a time where cuBLASLt has no batched kernel), `CHINGU_GEMM_TUNE=1`'s timing of
+//! the heuristic's first answers, and groups of independent products spread over a few
+//! streams ([`Blas::group`]).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -32,6 +33,19 @@ pub const TUNE_VAR: &str = "CHINGU_GEMM_TUNE";
 fn tuning() -> bool {
     static TUNING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *TUNING.get_or_init(|| std::env::var(TUNE_VAR).as_deref() == Ok("1"))
+}
+
+/// `CHINGU_GEMM_LANES`: how many streams a group of independent products is spread over
+/// ([`Blas::group`]); `1` queues them in order on the one stream.
+pub const LANES_VAR: &str = "CHINGU_GEMM_LANES";
+
+/// [`LANES_VAR`]'s value, 4 by default: attention's per-head products come 4 heads at a time
+/// (seed-256 and seed-768), and more streams than products buy nothing.
+pub fn lanes() -> usize {
+    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LANES.get_or_init(|| {
+        std::env::var(LANES_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(4).clamp(1, 16)
+    })
 }
 
 /// Heuristic answers timed per shape when tuning.
@@ -65,6 +79,90 @@ const LT_WORKSPACE_BYTES: usize = 32 << 20;
 /// `cublasOperation_t` (cuBLAS's enum, not in cudarc's cublaslt bindings): N = 0, T = 1.
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
+
+/// Where a product is queued: a stream and the workspace only products on it use (so products
+/// on different streams never share scratch).
+#[derive(Clone, Copy)]
+struct Queue {
+    stream: sys::CUstream,
+    workspace: DevicePtr,
+}
+
+/// A stream of a group's products ([`Blas::group`]): its own workspace, and the event that
+/// marks the end of its share of the group.
+struct Lane {
+    queue: Queue,
+    done: sys::CUevent,
+}
+
+/// The lanes made so far (made at the first group that needs them) and the event each group
+/// starts from.
+#[derive(Default)]
+struct Lanes {
+    lanes: Vec<Lane>,
+    fork: Option<sys::CUevent>,
+}
+
+impl Lanes {
+    /// The fork event, with at least `count` lanes made (context current).
+    fn make(&mut self, count: usize) -> Result<sys::CUevent, GpuError> {
+        let event = || {
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(driver("cuEventCreate"))
+        };
+        let fork = match self.fork {
+            Some(fork) => fork,
+            None => *self.fork.insert(event()?),
+        };
+        while self.lanes.len() < count {
+            let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+                .map_err(driver("cuStreamCreate"))?;
+            let mut lane = Lanes {
+                lanes: vec![Lane {
+                    queue: Queue { stream, workspace: 0 },
+                    done: std::ptr::null_mut(),
+                }],
+                fork: None,
+            };
+            // Made into a pool of its own first, so a failure leaves nothing half made here.
+            let made = (|| -> Result<(), GpuError> {
+                let new = &mut lane.lanes[0];
+                new.done = event()?;
+                // SAFETY: plain allocation in the current context.
+                new.queue.workspace = unsafe { result::malloc_sync(LT_WORKSPACE_BYTES) }
+                    .map_err(driver("cuMemAlloc (a cuBLASLt lane's workspace)"))?;
+                Ok(())
+            })();
+            match made {
+                Ok(()) => self.lanes.append(&mut lane.lanes),
+                Err(e) => {
+                    lane.destroy();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(fork)
+    }
+
+    /// Destroys every handle made (context current, the device idle).
+    fn destroy(self) {
+        // SAFETY: handles of this context, each destroyed once; null and 0 ones never made.
+        unsafe {
+            for lane in self.lanes {
+                let _ = result::stream::destroy(lane.queue.stream);
+                if !lane.done.is_null() {
+                    let _ = result::event::destroy(lane.done);
+                }
+                if lane.queue.workspace != 0 {
+                    let _ = result::free_sync(lane.queue.workspace);
+                }
+            }
+            if let Some(fork) = self.fork {
+                let _ = result::event::destroy(fork);
+            }
+        }
+    }
+}
 
 /// A shape's descriptors and algorithm, made at its first product (see [`Blas::matmul`]).
 struct Plan {
@@ -188,6 +286,8 @@ pub(super) struct Blas {
     plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
     /// fp32 copy of the current fp32 product's bias: (address, capacity in elements).
     pub(super) bias_f32: Mutex<(DevicePtr, usize)>,
+    /// Streams for groups of independent products ([`Blas::group`]).
+    lanes: Mutex<Lanes>,
 }
 
 impl Blas {
@@ -211,7 +311,84 @@ impl Blas {
             workspace,
             plans: Mutex::new(HashMap::new()),
             bias_f32: Mutex::new((0, 0)),
+            lanes: Mutex::new(Lanes::default()),
         })
+    }
+
+    /// The null stream, where every other launch goes, and its workspace.
+    fn main_queue(&self) -> Queue {
+        Queue { stream: std::ptr::null_mut(), workspace: self.workspace }
+    }
+
+    /// Queues `gs` (no bias; none writes what another reads or writes) spread over
+    /// `lanes.min(gs.len())` streams of their own, product i on stream i mod that: the null
+    /// stream's later work waits for all of them, and they for its earlier work. Why: the
+    /// GEMM attention path's products come one per head, each too small to fill an H200
+    /// (seed-768's 1024×192×1024 × 18 blocks ran at ~230 TFLOP/s in GPU run 22, the same 72
+    /// blocks in one product at ~500), so a product's last wave leaves most multiprocessors
+    /// idle unless the next head's product runs beside it. Each product's algorithm is its
+    /// shape's plan wherever it is queued, so the results are the same bits as in order.
+    ///
+    /// # Safety
+    /// As [`Device::gemm`](super::Device::gemm) for each product (context current).
+    pub(super) unsafe fn group(&self, gs: &[Gemm], lanes: usize) -> Result<(), GpuError> {
+        let used = lanes.min(gs.len());
+        let mut pool = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let fork = match pool.make(used) {
+            Ok(fork) => fork,
+            Err(e) => {
+                // Lanes are a speed-up: without them the products go in order.
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!("no streams for grouped products ({e}): queued in order")
+                });
+                drop(pool);
+                for g in gs {
+                    // SAFETY: the caller's contract.
+                    unsafe { self.matmul(g, None) }?;
+                }
+                return Ok(());
+            }
+        };
+        let null = std::ptr::null_mut();
+        let lanes = &pool.lanes[..used];
+        // SAFETY: live events and streams of this context.
+        unsafe {
+            result::event::record(fork, null).map_err(driver("cuEventRecord"))?;
+            for lane in lanes {
+                result::stream::wait_event(
+                    lane.queue.stream,
+                    fork,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(driver("cuStreamWaitEvent"))?;
+            }
+        }
+        let mut queued = Ok(());
+        for (i, g) in gs.iter().enumerate() {
+            // SAFETY: the caller's contract; each lane's products are ordered on its stream,
+            // so its workspace is used by one at a time.
+            queued = unsafe { self.matmul_on(g, None, lanes[i % used].queue) };
+            if queued.is_err() {
+                break;
+            }
+        }
+        // Joined even after a failure: the null stream's later work (and the allocator's
+        // reuse of what the group read) must come after whatever was queued.
+        for lane in lanes {
+            // SAFETY: as above.
+            unsafe {
+                result::event::record(lane.done, lane.queue.stream)
+                    .map_err(driver("cuEventRecord"))?;
+                result::stream::wait_event(
+                    null,
+                    lane.done,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(driver("cuStreamWaitEvent"))?;
+            }
+        }
+        queued
     }
 
     /// Queues `g` on the null stream (context current; `bias` already of D's type).
@@ -231,6 +408,20 @@ impl Blas {
     /// # Safety
     /// As [`Device::gemm`](super::Device::gemm).
     pub(super) unsafe fn matmul(&self, g: &Gemm, bias: Option<DevicePtr>) -> Result<(), GpuError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.matmul_on(g, bias, self.main_queue()) }
+    }
+
+    /// [`Blas::matmul`] queued on `queue`.
+    ///
+    /// # Safety
+    /// As [`Blas::matmul`]; `queue` is the null stream or a lane's.
+    unsafe fn matmul_on(
+        &self,
+        g: &Gemm,
+        bias: Option<DevicePtr>,
+        queue: Queue,
+    ) -> Result<(), GpuError> {
         g.check_strides()?;
         let what = || describe(g, bias.is_some());
         if g.batch.count > 1 && (bias.is_some() || g.epilogue != GemmEpilogue::None) {
@@ -254,7 +445,7 @@ impl Blas {
                 )));
             }
             // SAFETY: as this call's; each product is one block of the batch.
-            return unsafe { self.one_at_a_time(g) };
+            return unsafe { self.one_at_a_time(g, queue) };
         };
         let fail = |step: &str, e: lt::CublasError| GpuError::Driver {
             call: format!("cublasLtMatmul {}: {step}", what()),
@@ -264,7 +455,7 @@ impl Blas {
         unsafe { point_at(&plan.desc, g, bias) }.map_err(|e| fail("this product's pointers", e))?;
         let layouts = [&plan.a, &plan.b, &plan.c];
         // SAFETY: the caller's contract; the plan's descriptors are made for this shape.
-        match unsafe { self.queue(g, &plan.desc, layouts, &plan.algo, g.c) } {
+        match unsafe { self.queue(g, &plan.desc, layouts, &plan.algo, g.c, queue) } {
             Ok(()) => Ok(()),
             // A fused bias gradient the heuristic offered but the product refuses (nothing
             // queued): remembered, and the caller takes the unfused ops, as for no kernel.
@@ -444,7 +635,7 @@ impl Blas {
         Ok(Some(Plan { desc, a: lt_a, b: lt_b, c: lt_c, algo }))
     }
 
-    /// Queues `g` with `algo` on the null stream, D (and C, in place) at `d`.
+    /// Queues `g` with `algo` on `queue`, D (and C, in place) at `d`.
     ///
     /// # Safety
     /// Live descriptors made for `g`; `d` covers C's extent; the rest as [`Device::gemm`](super::Device::gemm).
@@ -455,10 +646,11 @@ impl Blas {
         [lt_a, lt_b, lt_c]: [&Layout; 3],
         algo: &lt_sys::cublasLtMatmulAlgo_t,
         d: DevicePtr,
+        queue: Queue,
     ) -> Result<(), lt::CublasError> {
         let (alpha, beta) = (1.0f32, g.beta);
         // SAFETY: the caller's contract; C and D are the same buffer with the same layout (in
-        // place); the workspace is ours and as large as the heuristic was told.
+        // place); the workspace is the queue's alone and as large as the heuristic was told.
         unsafe {
             lt::matmul(
                 self.handle,
@@ -474,9 +666,9 @@ impl Blas {
                 d as usize as *mut c_void,
                 lt_c.0,
                 algo,
-                self.workspace as usize as *mut c_void,
+                queue.workspace as usize as *mut c_void,
                 LT_WORKSPACE_BYTES,
-                std::ptr::null_mut(),
+                queue.stream as lt_sys::cudaStream_t,
             )
         }
     }
@@ -530,7 +722,8 @@ impl Blas {
             let events = Events::new()?;
             for (algo, time) in candidates.iter().zip(times.iter_mut()) {
                 // SAFETY: every output goes to scratch of the right extent; inputs are g's.
-                let run = || unsafe { self.queue(g, desc, layouts, algo, scratch.0) };
+                let run =
+                    || unsafe { self.queue(g, desc, layouts, algo, scratch.0, self.main_queue()) };
                 // A candidate that fails to run is skipped (its time stays None).
                 if run().is_err() {
                     continue;
@@ -555,11 +748,11 @@ impl Blas {
     ///
     /// # Safety
     /// As [`Device::gemm`](super::Device::gemm) for the whole batch.
-    unsafe fn one_at_a_time(&self, g: &Gemm) -> Result<(), GpuError> {
+    unsafe fn one_at_a_time(&self, g: &Gemm, queue: Queue) -> Result<(), GpuError> {
         for i in 0..g.batch.count {
             // SAFETY: block i of each operand lies inside it (the caller's contract); a batch
             // takes no bias.
-            unsafe { self.matmul(&g.nth(i), None) }?;
+            unsafe { self.matmul_on(&g.nth(i), None, queue) }?;
         }
         Ok(())
     }
@@ -638,6 +831,8 @@ impl Drop for Blas {
                 let _ = result::ctx::synchronize();
                 let _ = lt::destroy_handle(self.handle);
                 let _ = result::free_sync(self.workspace);
+                let lanes = std::mem::take(self.lanes.get_mut().unwrap_or_else(|e| e.into_inner()));
+                lanes.destroy();
                 let (scratch, capacity) =
                     *self.bias_f32.get_mut().unwrap_or_else(|e| e.into_inner());
                 if capacity > 0 {

@@ -17,7 +17,7 @@ use cudarc::driver::{result, sys};
 
 use super::buffer_cache::{size_class, BufferCache};
 use super::cublaslt::Blas;
-pub use super::cublaslt::TUNE_VAR;
+pub use super::cublaslt::{LANES_VAR, TUNE_VAR};
 use super::{nvrtc, sources, Device, DevicePtr, Gemm, GpuError};
 
 /// One CUDA device with every kernel loaded.
@@ -86,6 +86,17 @@ pub(super) fn driver(call: &str) -> impl FnOnce(result::DriverError) -> GpuError
 }
 
 impl CudaDevice {
+    /// cuBLASLt, or why there is none.
+    fn blas(&self) -> Result<&Blas, GpuError> {
+        self.blas.as_ref().ok_or_else(|| {
+            GpuError::Missing(
+                "cuBLASLt (libcublasLt.so) not found: GPU matrix products need the CUDA \
+                 toolkit's cuBLAS libraries on the library path"
+                    .into(),
+            )
+        })
+    }
+
     /// True when the CUDA driver library can be loaded.
     pub fn driver_present() -> bool {
         // SAFETY: only tries to open the library.
@@ -426,21 +437,9 @@ impl Device for CudaDevice {
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
-        let blas = self.blas.as_ref().ok_or_else(|| {
-            GpuError::Missing(
-                "cuBLASLt (libcublasLt.so) not found: GPU matrix products need the CUDA \
-                 toolkit's cuBLAS libraries on the library path"
-                    .into(),
-            )
-        })?;
-        if g.m == 0 || g.n == 0 {
+        let blas = self.blas()?;
+        if !has_work(g)? {
             return Ok(());
-        }
-        if g.k == 0 {
-            return Err(GpuError::Shape {
-                op: "gemm",
-                message: format!("{}×{}×0: cuBLASLt takes no empty sums (k ≥ 1)", g.m, g.n),
-            });
         }
         self.bind()?;
         // The fp16 bias of an fp32 product is widened into a scratch buffer first: cuBLASLt's
@@ -461,6 +460,41 @@ impl Device for CudaDevice {
         drop(scratch);
         queued
     }
+
+    unsafe fn gemm_group(&self, gs: &[Gemm]) -> Result<(), GpuError> {
+        let lanes = super::cublaslt::lanes();
+        let mut with_work = Vec::with_capacity(gs.len());
+        for g in gs {
+            if has_work(g)? {
+                with_work.push(*g);
+            }
+        }
+        if lanes < 2 || with_work.len() < 2 || with_work.iter().any(|g| g.bias.is_some()) {
+            for g in &with_work {
+                // SAFETY: the caller's contract.
+                unsafe { self.gemm(g) }?;
+            }
+            return Ok(());
+        }
+        let blas = self.blas()?;
+        self.bind()?;
+        // SAFETY: the caller's contract; the context is current; no product has a bias.
+        unsafe { blas.group(&with_work, lanes) }
+    }
+}
+
+/// Whether `g` has anything to compute (not with no rows or columns); an error for an empty sum.
+fn has_work(g: &Gemm) -> Result<bool, GpuError> {
+    if g.m == 0 || g.n == 0 {
+        return Ok(false);
+    }
+    if g.k == 0 {
+        return Err(GpuError::Shape {
+            op: "gemm",
+            message: format!("{}×{}×0: cuBLASLt takes no empty sums (k ≥ 1)", g.m, g.n),
+        });
+    }
+    Ok(true)
 }
 
 impl Drop for CudaDevice {

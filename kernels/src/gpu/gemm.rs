@@ -170,27 +170,49 @@ fn checked(
     unsafe { run(dev, "", &g) }
 }
 
+/// How profiles name `g` under `op`: the op and the shape.
+fn describe(op: &str, g: &Gemm) -> String {
+    let t = |transposed| if transposed { "ᵀ" } else { "" };
+    let out = if g.c_f32 { "f32" } else { "f16" };
+    let op = if op.is_empty() { String::new() } else { format!(" ({op})") };
+    let epilogue = match g.epilogue {
+        GemmEpilogue::None => "",
+        GemmEpilogue::Gelu { .. } => " + GELU",
+        GemmEpilogue::GeluGrad { .. } => " · GELU'",
+        GemmEpilogue::BiasGrad { .. } => " + Σ rows of op(A)",
+    };
+    let (m, n, k, ta, tb) = (g.m, g.n, g.k, t(g.trans_a), t(g.trans_b));
+    let batch = if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() };
+    format!("gemm{op} {batch}{m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}")
+}
+
 /// Runs `g` on `dev`, timed under a name showing the op and shape when profiling (see
 /// [`super::profile`]): the one place every product goes through.
 ///
 /// # Safety
 /// Every pointer in `g` must cover the matrix the shape says it holds.
 pub unsafe fn run(dev: &Gpu, op: &str, g: &Gemm) -> Result<(), GpuError> {
-    let name = || {
-        let t = |transposed| if transposed { "ᵀ" } else { "" };
-        let out = if g.c_f32 { "f32" } else { "f16" };
-        let op = if op.is_empty() { String::new() } else { format!(" ({op})") };
-        let epilogue = match g.epilogue {
-            GemmEpilogue::None => "",
-            GemmEpilogue::Gelu { .. } => " + GELU",
-            GemmEpilogue::GeluGrad { .. } => " · GELU'",
-            GemmEpilogue::BiasGrad { .. } => " + Σ rows of op(A)",
-        };
-        let (m, n, k, ta, tb) = (g.m, g.n, g.k, t(g.trans_a), t(g.trans_b));
-        let batch =
-            if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() };
-        format!("gemm{op} {batch}{m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}")
-    };
     // SAFETY: the caller's contract.
-    super::profile::time(dev, name, || unsafe { dev.gemm(g) })
+    super::profile::time(dev, || describe(op, g), || unsafe { dev.gemm(g) })
+}
+
+/// Runs `gs`, products independent of each other, as [`Device::gemm_group`](super::Device::gemm_group):
+/// at once where the device can. Profiled launch by launch (`CHINGU_PROFILE=1`) they go one
+/// at a time, each under its own name; with device events the group is one span, named by
+/// its first product, since its products overlap.
+///
+/// # Safety
+/// Every pointer in each product must cover the matrix its shape says it holds, and no
+/// product writes what another reads or writes.
+pub unsafe fn run_group(dev: &Gpu, op: &str, gs: &[Gemm]) -> Result<(), GpuError> {
+    match (gs, crate::profile::mode()) {
+        ([], _) => Ok(()),
+        // SAFETY (each arm): the caller's contract.
+        ([g], _) => unsafe { run(dev, op, g) },
+        (_, crate::profile::Mode::Alone) => gs.iter().try_for_each(|g| unsafe { run(dev, op, g) }),
+        ([first, ..], _) => {
+            let name = || format!("{} at once, the first {}", gs.len(), describe(op, first));
+            super::profile::time(dev, name, || unsafe { dev.gemm_group(gs) })
+        }
+    }
 }

@@ -354,6 +354,19 @@ pub trait Device: Send + Sync {
     /// # Safety
     /// Every pointer in `g` must cover the matrix the shape says it holds.
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
+    /// Products none of which writes what another reads or writes, so they may run in any
+    /// order or at once (a GPU spreads them over streams: see `cublaslt::Blas::group`); later
+    /// work sees all of them done. In order here.
+    ///
+    /// # Safety
+    /// As [`Device::gemm`] for each product.
+    unsafe fn gemm_group(&self, gs: &[Gemm]) -> Result<(), GpuError> {
+        for g in gs {
+            // SAFETY: the caller's contract.
+            unsafe { self.gemm(g) }?;
+        }
+        Ok(())
+    }
     /// For `CHINGU_PROFILE=events` (see [`profile`]): marks, in the device's queue, the start
     /// of the work queued next. `Ok(None)` where the device cannot time its own work (the
     /// emulator, whose launches are synchronous: the host's clock times them).

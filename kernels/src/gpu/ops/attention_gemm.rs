@@ -8,7 +8,8 @@
 //! from it (`attention_scores_backward_f16`). Then dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every
 //! product reads and writes one head's columns of the `[B·T, H·Dh]` tensors in place (row
 //! stride H·Dh), batched over batch rows, one product per head — no copy of any tensor into a
-//! head-major layout. Kernels and conventions: `kernels/cuda/attention_gemm.cu`. Score rows go
+//! head-major layout. The heads' products of one step go as a group (`gemm::run_group`), run
+//! beside each other on a GPU's streams (`CHINGU_GEMM_LANES`). Kernels and conventions: `kernels/cuda/attention_gemm.cu`. Score rows go
 //! in chunks of whole (batch row, head) blocks, consecutive in that order, of at most
 //! `scores_per_chunk` scores (one block at least), so the scratch stays bounded (12 bytes a
 //! score in backward, 6 with P saved; 8 and 4 with fp16 scores) whatever the sequence length; a chunk's blocks of one
@@ -240,19 +241,15 @@ fn saved_probs(
 }
 
 /// `C = op(A)·op(B)` (overwritten) for `count` blocks at once; `C` fp32 when `c_f32`.
-///
-/// # Safety
-/// Every block of A, B and C lies inside its buffer (the callers size them from the shape).
-unsafe fn batched(
-    dev: &Gpu,
+fn batched(
     (m, n, k): (usize, usize, usize),
     a: Operand,
     b: Operand,
     c: Operand,
     c_f32: bool,
     count: usize,
-) -> Result<(), GpuError> {
-    let g = Gemm {
+) -> Gemm {
+    Gemm {
         m,
         n,
         k,
@@ -267,9 +264,7 @@ unsafe fn batched(
         epilogue: GemmEpilogue::None,
         batch: GemmBatch { count, stride_a: a.stride, stride_b: b.stride, stride_c: c.stride },
         ld: [a.ld, b.ld, c.ld],
-    };
-    // SAFETY: the caller's contract.
-    unsafe { gemm::run(dev, "attention", &g) }
+    }
 }
 
 /// (Batch row, head) blocks per chunk of at most `scores` scores, row padding included (one
@@ -332,21 +327,18 @@ fn head_runs(s: AttentionShape, first: usize, count: usize) -> impl Iterator<Ite
     })
 }
 
-/// `run`'s score blocks in the chunk's `out` = x·yᵀ (of type T), x and y head `run.h`'s columns of
-/// `[B·Tq, H·Dh]` and `[B·Tk, H·Dh]` tensors (S = Q·Kᵀ, dP = dO·Vᵀ), band by band (the keys
-/// each band sees; [`query_bands`]).
-///
-/// # Safety
-/// `out` holds the chunk `run` belongs to; x and y are of those shapes.
-unsafe fn scores_from<T: Score>(
-    dev: &Gpu,
+/// Adds to `group` the products that make `run`'s score blocks in the chunk's `out` = x·yᵀ
+/// (of type T), x and y head `run.h`'s columns of `[B·Tq, H·Dh]` and `[B·Tk, H·Dh]` tensors
+/// (S = Q·Kᵀ, dP = dO·Vᵀ), band by band (the keys each band sees; [`query_bands`]). Each
+/// writes only its own blocks' bands.
+fn scores_from<T: Score>(
+    group: &mut Vec<Gemm>,
     s: AttentionShape,
     band: usize,
     run: &HeadRun,
-    x: &DeviceBuffer<f16>,
-    y: &DeviceBuffer<f16>,
+    (x, y): (&DeviceBuffer<f16>, &DeviceBuffer<f16>),
     out: &DeviceBuffer<T>,
-) -> Result<(), GpuError> {
+) {
     for b in query_bands(s, band) {
         let (x, y) = (
             Operand::head(x, s, s.q_len, run.b0, run.h).from(b.first, 0, 2),
@@ -354,29 +346,23 @@ unsafe fn scores_from<T: Score>(
         );
         let out = Operand::scores(ScoresOf::of(out), s, run.first_in_chunk, false);
         let out = out.from(b.first, 0, std::mem::size_of::<T>());
-        // SAFETY: the caller's contract; a band lies inside its block.
-        unsafe { batched(dev, (b.rows, b.keys, s.head_dim), x, y, out, T::F32, run.count) }?;
+        group.push(batched((b.rows, b.keys, s.head_dim), x, y, out, T::F32, run.count));
     }
-    Ok(())
 }
 
-/// Head `run.h`'s columns of `out` = op(P)·x for `run`'s blocks, P the chunk's score blocks
-/// from `p`: as stored for query rows out (O = P·V, dQ = dS·K), transposed for key rows out
-/// (dV = Pᵀ·dO, dK = dSᵀ·Q); x and `out` `[B·T, H·Dh]` with the matching lengths.
-///
-/// # Safety
-/// `p` holds the chunk `run` belongs to; x and `out` are of those shapes.
-#[allow(clippy::too_many_arguments)]
-unsafe fn times_scores(
-    dev: &Gpu,
+/// Adds to `group` the products that make head `run.h`'s columns of `out` = op(P)·x for
+/// `run`'s blocks, P the chunk's score blocks from `p`: as stored for query rows out
+/// (O = P·V, dQ = dS·K), transposed for key rows out (dV = Pᵀ·dO, dK = dSᵀ·Q); x and `out`
+/// `[B·T, H·Dh]` with the matching lengths. Each writes only its own rows of those columns.
+fn times_scores(
+    group: &mut Vec<Gemm>,
     s: AttentionShape,
     band: usize,
     run: &HeadRun,
-    p: ScoresOf<f16>,
-    transposed: bool,
+    (p, transposed): (ScoresOf<f16>, bool),
     x: &DeviceBuffer<f16>,
     out: &DeviceBuffer<f16>,
-) -> Result<(), GpuError> {
+) {
     let (out_len, x_len) = if transposed { (s.k_len, s.q_len) } else { (s.q_len, s.k_len) };
     // Out rows in bands, each summing over the score rows or columns it meets: a query band
     // over the keys it sees (P rows `b.first..`, columns from 0), a key band over the query
@@ -391,10 +377,8 @@ unsafe fn times_scores(
         };
         let x = Operand::head(x, s, x_len, run.b0, run.h).from(x_from, 0, 2);
         let out = Operand::head(out, s, out_len, run.b0, run.h).from(b.first, 0, 2);
-        // SAFETY: the caller's contract; a band lies inside its block.
-        unsafe { batched(dev, (b.rows, s.head_dim, b.keys), p, x, out, false, run.count) }?;
+        group.push(batched((b.rows, s.head_dim, b.keys), p, x, out, false, run.count));
     }
-    Ok(())
 }
 
 /// The grid of the pointwise score kernels: one warp per score row, `THREADS / 32` rows a
@@ -451,11 +435,14 @@ pub(super) fn forward<T: Score>(
             (None, Some(scratch)) => ScoresOf::of(scratch),
             (None, None) => unreachable!("P has scratch where the forward saves none"),
         };
-        // SAFETY (every product): each run's blocks of Q, K, V, the output and the chunk's
-        // scores lie inside their buffers (the scratch holds `chunk` blocks, saved P all).
+        // SAFETY (both groups): each run's blocks of Q, K, V, the output and the chunk's
+        // scores lie inside their buffers (the scratch holds `chunk` blocks, saved P all);
+        // the products of a group write disjoint blocks or columns, none of them an input.
+        let mut group = Vec::new();
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
-            unsafe { scores_from(dev, s, band, &run, q, k, &scores) }?;
+            scores_from(&mut group, s, band, &run, (q, k), &scores);
         }
+        unsafe { gemm::run_group(dev, "attention", &group) }?;
         let args = args![
             p.ptr,
             lse.ptr(),
@@ -473,9 +460,11 @@ pub(super) fn forward<T: Score>(
             d.band
         ];
         launch(dev, T::SOFTMAX, warp_per_row(rows), (THREADS, 1, 1), 0, args)?;
+        group.clear();
         for run in head_runs(s, first, count).filter(|_| tk > 0) {
-            unsafe { times_scores(dev, s, band, &run, p, false, v, out) }?;
+            times_scores(&mut group, s, band, &run, (p, false), v, out);
         }
+        unsafe { gemm::run_group(dev, "attention", &group) }?;
     }
     Ok(())
 }
@@ -521,15 +510,18 @@ pub(super) fn backward<T: Score>(
     })?;
     for first in (0..blocks).step_by(chunk) {
         let count = chunk.min(blocks - first);
-        // SAFETY (every product below): each run's blocks of the `[B·T, H·Dh]` tensors and
-        // of the chunk's scores lie inside their buffers.
+        // SAFETY (both groups): each run's blocks of the `[B·T, H·Dh]` tensors and of the
+        // chunk's scores lie inside their buffers; the products of a group write disjoint
+        // blocks or columns, none of them an input.
+        let mut group = Vec::new();
         for run in head_runs(s, first, count) {
             // S = Q·Kᵀ (unless P was saved) and dP = dO·Vᵀ, stored as T.
             if let Some((scores, _)) = &recompute {
-                unsafe { scores_from(dev, s, band, &run, q, k, scores) }?;
+                scores_from(&mut group, s, band, &run, (q, k), scores);
             }
-            unsafe { scores_from(dev, s, band, &run, d_out, v, &dp) }?;
+            scores_from(&mut group, s, band, &run, (d_out, v), &dp);
         }
+        unsafe { gemm::run_group(dev, "attention", &group) }?;
         let rows = int(OP, "rows", count * tq)?;
         let (ld, first_bh) =
             (int(OP, "score row stride", score_ld(s))?, int(OP, "first block", first)?);
@@ -579,12 +571,14 @@ pub(super) fn backward<T: Score>(
             (None, None) => unreachable!("S and P have scratch where the forward saved no P"),
         };
         let ds = ScoresOf::of(&ds);
+        group.clear();
         for run in head_runs(s, first, count) {
             // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q, each head's columns overwritten.
-            unsafe { times_scores(dev, s, band, &run, p, true, d_out, dv) }?;
-            unsafe { times_scores(dev, s, band, &run, ds, false, k, dq) }?;
-            unsafe { times_scores(dev, s, band, &run, ds, true, q, dk) }?;
+            times_scores(&mut group, s, band, &run, (p, true), d_out, dv);
+            times_scores(&mut group, s, band, &run, (ds, false), k, dq);
+            times_scores(&mut group, s, band, &run, (ds, true), q, dk);
         }
+        unsafe { gemm::run_group(dev, "attention", &group) }?;
     }
     // Scratch buffers go back to the allocator, reused only by later work on this stream.
     Ok(())
