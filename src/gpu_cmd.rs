@@ -54,7 +54,7 @@ const SETTINGS: [(&str, &str); 12] = [
     ),
     (
         chingu_kernels::gpu::cuda::LANES_VAR,
-        "streams the cuBLASLt attention path's per-head products run on at once (default 4; 1 = in order)",
+        "streams the cuBLASLt attention path's per-head products run on at once (default 1: in order)",
     ),
     (
         "CHINGU_PROFILE",

@@ -36,15 +36,18 @@ fn tuning() -> bool {
 }
 
 /// `CHINGU_GEMM_LANES`: how many streams a group of independent products is spread over
-/// ([`Blas::group`]); `1` queues them in order on the one stream.
+/// ([`Blas::group`]); `1`, the default, queues them in order on the one stream.
 pub const LANES_VAR: &str = "CHINGU_GEMM_LANES";
 
-/// [`LANES_VAR`]'s value, 4 by default: attention's per-head products come 4 heads at a time
-/// (seed-256 and seed-768), and more streams than products buy nothing.
+/// [`LANES_VAR`]'s value, 1 by default (at most 16). Opt-in because GPU run 23 (H200,
+/// seed-768 at 18 × 1024) measured no gain: the attention products' device time fell from
+/// 11.4 to 9.2 ms a step with 4 lanes, yet the step took 44.1 ms against 43.6 in order
+/// (41.6 against 41.5–42.1 with `CHINGU_GEMM_TUNE=1`), the other kernels' time having grown
+/// by about as much.
 pub fn lanes() -> usize {
     static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *LANES.get_or_init(|| {
-        std::env::var(LANES_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(4).clamp(1, 16)
+        std::env::var(LANES_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, 16)
     })
 }
 
@@ -328,6 +331,7 @@ impl Blas {
     /// blocks in one product at ~500), so a product's last wave leaves most multiprocessors
     /// idle unless the next head's product runs beside it. Each product's algorithm is its
     /// shape's plan wherever it is queued, so the results are the same bits as in order.
+    /// (Measured in GPU run 23: see [`lanes`].)
     ///
     /// # Safety
     /// As [`Device::gemm`](super::Device::gemm) for each product (context current).
