@@ -18,5 +18,9 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         // `#pragma unroll` is for NVRTC (register arrays); g++ may unroll as it likes.
         .flag_if_supported("-Wno-unknown-pragmas")
+        // The emulated `__fmul_rn`, `__fadd_rn`, … are plain operators: unfused here, as
+        // their names promise (g++ would otherwise contract them into fma on a host that
+        // has one, and AdamW's bit-for-bit test against the CPU backend would fail there).
+        .flag_if_supported("-ffp-contract=off")
         .compile("chingu_emu");
 }

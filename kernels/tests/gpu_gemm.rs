@@ -768,12 +768,16 @@ fn products_of_one_shape_take_their_own_buffers() {
     }
 }
 
-/// A group of independent products (`run_group`: on a GPU spread over `CHINGU_GEMM_LANES`
-/// streams, 4 by default) gives the same bits as the same products run one at a time, each
-/// product writing only its own columns, whatever stream it went to. Seven products (more
-/// than the lanes, so lanes take several) like the attention path's: each a batch of head
-/// columns of `[rows, H·Dh]` tensors (row stride H·Dh), fp16 and fp32 outputs, the last
-/// with no rows (nothing to do). Outputs start as NaN, so a column left unwritten fails.
+/// A group of independent products (`run_group`: on a GPU with `CHINGU_GEMM_LANES=4`, as
+/// `scripts/gpu-check` runs this test once, spread over 4 streams; in order by default)
+/// gives the same bits as the same products run one at a time, each product writing only its
+/// own columns, whatever stream it went to. Seven products (more than the lanes, so lanes
+/// take several) like the attention path's: each a batch of head columns of `[rows, H·Dh]`
+/// tensors (row stride H·Dh), fp16 and fp32 outputs, the last with no rows (nothing to do).
+/// Outputs start as NaN, so a column left unwritten fails. The group's input is made by a
+/// copy queued just before it, over NaN, and its outputs are read through copies queued just
+/// after it, so a group that did not wait for the earlier work, or that later work did not
+/// wait for, reads or leaves NaN.
 #[test]
 fn a_group_of_products_equals_them_one_at_a_time() {
     let (heads, dh, len, batch) = (7, 40, 96, 3);
@@ -822,17 +826,36 @@ fn a_group_of_products_equals_them_one_at_a_time() {
                 })
                 .collect()
         };
-        let (alone32, alone16, grouped32, grouped16) =
-            (poisoned(), poisoned_half(), poisoned(), poisoned_half());
+        let (alone32, alone16) = (poisoned(), poisoned_half());
         let alone = products(alone32.ptr(), alone16.ptr());
         for g in &alone {
             // SAFETY: every block of A, B and C lies inside its buffer (row stride H·Dh, Dh
             // columns from head h's first, `len` rows a batch row).
             unsafe { run(&dev, "", g) }.unwrap();
         }
-        let grouped = products(grouped32.ptr(), grouped16.ptr());
+        // x again, by a device copy over NaN queued just before the group.
+        let x_bytes = batch * len * width * 2;
+        let x_again = DeviceBuffer::from_host(&dev, &x.to_host().unwrap()).unwrap();
+        let nan_bytes: Vec<u8> = vec![f16::NAN; batch * len * width]
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        // SAFETY: both buffers hold `x_bytes` bytes.
+        unsafe {
+            dev.upload(x.ptr(), &nan_bytes).unwrap();
+            dev.copy_on_device(x.ptr(), x_again.ptr(), x_bytes).unwrap();
+        }
+        let (group32, group16) = (poisoned(), poisoned_half());
+        let grouped = products(group32.ptr(), group16.ptr());
         // SAFETY: as above; each product writes only head h's columns of its output.
         unsafe { run_group(&dev, "", &grouped) }.unwrap();
+        // The outputs read through copies queued after the group.
+        let (grouped32, grouped16) = (poisoned(), poisoned_half());
+        // SAFETY: each pair of buffers is the same size.
+        unsafe {
+            dev.copy_on_device(grouped32.ptr(), group32.ptr(), x_bytes * 2).unwrap();
+            dev.copy_on_device(grouped16.ptr(), group16.ptr(), x_bytes).unwrap();
+        }
         let bits32 = |b: &DeviceBuffer<f32>| -> Vec<u32> {
             b.to_host().unwrap().iter().map(|v| v.to_bits()).collect()
         };

@@ -30,7 +30,7 @@ fn unbatched() -> bool {
 pub const TUNE_VAR: &str = "CHINGU_GEMM_TUNE";
 
 /// Whether [`TUNE_VAR`] is `1`.
-fn tuning() -> bool {
+pub(super) fn tuning() -> bool {
     static TUNING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *TUNING.get_or_init(|| std::env::var(TUNE_VAR).as_deref() == Ok("1"))
 }
@@ -104,11 +104,24 @@ struct Lane {
 struct Lanes {
     lanes: Vec<Lane>,
     fork: Option<sys::CUevent>,
+    /// Why lanes could not be made, once they could not: not tried again at every group.
+    failed: Option<String>,
 }
 
 impl Lanes {
     /// The fork event, with at least `count` lanes made (context current).
     fn make(&mut self, count: usize) -> Result<sys::CUevent, GpuError> {
+        if let Some(why) = &self.failed {
+            return Err(GpuError::Missing(why.clone()));
+        }
+        let made = self.make_once(count);
+        if let Err(e) = &made {
+            self.failed = Some(e.to_string());
+        }
+        made
+    }
+
+    fn make_once(&mut self, count: usize) -> Result<sys::CUevent, GpuError> {
         let event = || {
             result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
                 .map_err(driver("cuEventCreate"))
@@ -125,7 +138,7 @@ impl Lanes {
                     queue: Queue { stream, workspace: 0 },
                     done: std::ptr::null_mut(),
                 }],
-                fork: None,
+                ..Lanes::default()
             };
             // Made into a pool of its own first, so a failure leaves nothing half made here.
             let made = (|| -> Result<(), GpuError> {
@@ -341,7 +354,7 @@ impl Blas {
         let fork = match pool.make(used) {
             Ok(fork) => fork,
             Err(e) => {
-                // Lanes are a speed-up: without them the products go in order.
+                // Lanes are a speed-up: without them the products go in order (said once).
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 WARNED.call_once(|| {
                     tracing::warn!("no streams for grouped products ({e}): queued in order")
@@ -377,22 +390,27 @@ impl Blas {
                 break;
             }
         }
-        // Joined even after a failure: the null stream's later work (and the allocator's
-        // reuse of what the group read) must come after whatever was queued.
+        // Every lane joined even after a failure (the null stream's later work, and the
+        // allocator's reuse of what the group read, must come after whatever was queued);
+        // the products' own error first.
+        let mut joined = Ok(());
         for lane in lanes {
             // SAFETY: as above.
-            unsafe {
+            let join = unsafe {
                 result::event::record(lane.done, lane.queue.stream)
-                    .map_err(driver("cuEventRecord"))?;
-                result::stream::wait_event(
-                    null,
-                    lane.done,
-                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-                )
-                .map_err(driver("cuStreamWaitEvent"))?;
-            }
+                    .map_err(driver("cuEventRecord"))
+                    .and_then(|()| {
+                        result::stream::wait_event(
+                            null,
+                            lane.done,
+                            sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                        )
+                        .map_err(driver("cuStreamWaitEvent"))
+                    })
+            };
+            joined = joined.and(join);
         }
-        queued
+        queued.and(joined)
     }
 
     /// Queues `g` on the null stream (context current; `bias` already of D's type).

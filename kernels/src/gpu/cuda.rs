@@ -461,6 +461,10 @@ impl Device for CudaDevice {
         queued
     }
 
+    fn runs_products_at_once(&self) -> bool {
+        self.blas.is_some() && super::cublaslt::lanes() > 1
+    }
+
     unsafe fn gemm_group(&self, gs: &[Gemm]) -> Result<(), GpuError> {
         let lanes = super::cublaslt::lanes();
         let mut with_work = Vec::with_capacity(gs.len());
@@ -469,7 +473,16 @@ impl Device for CudaDevice {
                 with_work.push(*g);
             }
         }
-        if lanes < 2 || with_work.len() < 2 || with_work.iter().any(|g| g.bias.is_some()) {
+        // In order: a product with a bias or an epilogue (one cuBLASLt refuses must fail
+        // before anything of the group is queued, for the caller's fallback), and while
+        // tuning (a shape's first product times its candidates on the null stream, which
+        // products on other streams would skew).
+        let plain = |g: &Gemm| g.bias.is_none() && g.epilogue == super::GemmEpilogue::None;
+        if lanes < 2
+            || with_work.len() < 2
+            || !with_work.iter().all(plain)
+            || super::cublaslt::tuning()
+        {
             for g in &with_work {
                 // SAFETY: the caller's contract.
                 unsafe { self.gemm(g) }?;

@@ -197,22 +197,23 @@ pub unsafe fn run(dev: &Gpu, op: &str, g: &Gemm) -> Result<(), GpuError> {
 }
 
 /// Runs `gs`, products independent of each other, as [`Device::gemm_group`](super::Device::gemm_group):
-/// at once where the device can. Profiled launch by launch (`CHINGU_PROFILE=1`) they go one
-/// at a time, each under its own name; with device events the group is one span, named by
-/// its first product, since its products overlap.
+/// at once where the device does that ([`Device::runs_products_at_once`](super::Device::runs_products_at_once)),
+/// else one by one through [`run`], each timed under its own name when profiling. Profiled
+/// launch by launch (`CHINGU_PROFILE=1`) they always go one by one; with device events a
+/// group run at once is one span, named by its first product, since its products overlap.
 ///
 /// # Safety
 /// Every pointer in each product must cover the matrix its shape says it holds, and no
 /// product writes what another reads or writes.
 pub unsafe fn run_group(dev: &Gpu, op: &str, gs: &[Gemm]) -> Result<(), GpuError> {
-    match (gs, crate::profile::mode()) {
-        ([], _) => Ok(()),
-        // SAFETY (each arm): the caller's contract.
-        ([g], _) => unsafe { run(dev, op, g) },
-        (_, crate::profile::Mode::Alone) => gs.iter().try_for_each(|g| unsafe { run(dev, op, g) }),
-        ([first, ..], _) => {
-            let name = || format!("{} at once, the first {}", gs.len(), describe(op, first));
-            super::profile::time(dev, name, || unsafe { dev.gemm_group(gs) })
-        }
+    let one_by_one = gs.len() < 2
+        || !dev.runs_products_at_once()
+        || crate::profile::mode() == crate::profile::Mode::Alone;
+    if one_by_one {
+        // SAFETY: the caller's contract.
+        return gs.iter().try_for_each(|g| unsafe { run(dev, op, g) });
     }
+    let name = || format!("{} at once, the first {}", gs.len(), describe(op, &gs[0]));
+    // SAFETY: the caller's contract.
+    super::profile::time(dev, name, || unsafe { dev.gemm_group(gs) })
 }

@@ -354,6 +354,11 @@ pub trait Device: Send + Sync {
     /// # Safety
     /// Every pointer in `g` must cover the matrix the shape says it holds.
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
+    /// Whether [`Device::gemm_group`] runs products at once (a GPU with `CHINGU_GEMM_LANES`
+    /// above 1); not here.
+    fn runs_products_at_once(&self) -> bool {
+        false
+    }
     /// Products none of which writes what another reads or writes, so they may run in any
     /// order or at once (a GPU spreads them over streams: see `cublaslt::Blas::group`); later
     /// work sees all of them done. In order here.
