@@ -386,17 +386,28 @@ __device__ __forceinline__ unsigned long long splitmix_mix(unsigned long long z)
     return z ^ (z >> 31);
 }
 
-/// Dropout of the eight elements i..i + 7 (flat indices into their buffer) in `v`: each kept
-/// and scaled (rounded to fp16) or zero, by dropout.cu's mask (element j kept when
-/// mix(base + (j + 1)·γ) ≥ threshold). Shared by the dropout kernels and the LayerNorm kernels
-/// that fuse a dropout, so each fused kernel gives the unfused pair's bits.
+/// The hash that decides dropout for elements 4·group .. 4·group + 3 (16 bits each, element
+/// 4·group + e from bit 16·e): `cpu::dropout_hash`, bit for bit.
+__device__ __forceinline__ unsigned long long dropout_hash(unsigned long long base,
+                                                           long long group) {
+    return splitmix_mix(base + (unsigned long long)(group + 1) * 0x9e3779b97f4a7c15ull);
+}
+
+/// Dropout of the eight elements i..i + 7 (flat indices into their buffer, i a multiple of 8)
+/// in `v`: each kept and scaled (rounded to fp16) or zero, by dropout.cu's mask (element j
+/// kept when its 16-bit value ≥ threshold): two hashes for the eight. Shared by the dropout
+/// kernels and the LayerNorm kernels that fuse a dropout, so each fused kernel gives the
+/// unfused pair's bits.
 __device__ __forceinline__ void dropped8(float (&v)[8], long long i, unsigned long long base,
                                          unsigned long long threshold, float keep_scale) {
+#ifdef CHINGU_EMU
+    if (i % 8 != 0) __trap();  // the lanes below assume whole groups
+#endif
+    const unsigned long long hash[2] = {dropout_hash(base, i / 4), dropout_hash(base, i / 4 + 1)};
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-        const unsigned long long h =
-            splitmix_mix(base + (unsigned long long)(i + e + 1) * 0x9e3779b97f4a7c15ull);
-        v[e] = h >= threshold ? __half2float(__float2half_rn(v[e] * keep_scale)) : 0.0f;
+        const unsigned long long value = (hash[e / 4] >> (16 * (e % 4))) & 0xffffull;
+        v[e] = value >= threshold ? __half2float(__float2half_rn(v[e] * keep_scale)) : 0.0f;
     }
 }
 

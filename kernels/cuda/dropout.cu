@@ -1,11 +1,13 @@
 // dropout.cu — inverted dropout in place over `n` fp16 elements.
 //
-// Element i is kept when mix(base + (i + 1)·γ) ≥ threshold, where `base` is derived on the
-// host from (seed, step, site) exactly as the CPU backend does (`cpu::dropout_keeps`) and
-// `threshold` = p·2^64. The mask is thus a pure function of the key and the index: the CPU
-// and the GPU drop the same elements, forward and backward (the same call on the gradient)
-// agree, and nothing depends on the launch configuration. (SplitMix64 rather than Philox:
-// one 64-bit mix per element, and bit-identical to the CPU reference.)
+// Element i is kept when its 16-bit value — bits 16·(i mod 4) up of mix(base + (i/4 + 1)·γ) —
+// is ≥ threshold, where `base` is derived on the host from (seed, step, site) exactly as the
+// CPU backend does (`cpu::dropout_keeps`) and `threshold` = round(p·2^16). The mask is thus a
+// pure function of the key and the index: the CPU and the GPU drop the same elements, forward
+// and backward (the same call on the gradient) agree, and nothing depends on the launch
+// configuration. (SplitMix64 rather than Philox: one 64-bit mix for four elements, and
+// bit-identical to the CPU reference. One mix an element, as before, was most of the integer
+// work of the LayerNorm kernels that fuse a dropout.)
 // `add_dropped_f16` and `dropped_copy_f16` fuse the mask with the op around it in the model
 // (the residual add forward, the copy of the gradient backward): one pass instead of two.
 #include "common.cuh"
@@ -14,10 +16,9 @@
 /// elements; `dropped8` gives the same values eight at a time).
 __device__ __forceinline__ __half dropped(const __half* x, int i, unsigned long long base,
                                           unsigned long long threshold, float keep_scale) {
-    const unsigned long long h =
-        chingu::splitmix_mix(base + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ull);
-    return h >= threshold ? __float2half_rn(__half2float(x[i]) * keep_scale)
-                          : __float2half_rn(0.0f);
+    const unsigned long long value = (chingu::dropout_hash(base, i / 4) >> (16 * (i % 4))) & 0xffffull;
+    return value >= threshold ? __float2half_rn(__half2float(x[i]) * keep_scale)
+                              : __float2half_rn(0.0f);
 }
 
 // The kernels take eight elements a thread (128-bit loads and stores; every buffer starts

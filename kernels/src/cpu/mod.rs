@@ -74,13 +74,15 @@ fn reduce_rows<T: Scalar>(acc: &mut [T], partials: Vec<Vec<T>>) {
     }
 }
 
-/// The dropout decision for element `index`: kept when the hash clears the threshold.
+/// The dropout decision for element `index`: kept when its 16-bit value clears the threshold.
 ///
-/// The key is mixed once into a stream base, and element `index` takes the `index`-th value of
-/// the SplitMix64 stream from there: one mix per element, and any element computable alone
-/// (as a CUDA thread will).
+/// The key is mixed once into a stream base; element `index` takes 16 bits of the
+/// `index / 4`-th value of the SplitMix64 stream from there (bits 16·(index mod 4) up): one
+/// mix for four elements — the 64-bit multiplies of a mix were what a GPU's fused LayerNorm
+/// and dropout kernels spent most of their integer work on — and any element computable
+/// alone (as a CUDA thread will).
 pub fn dropout_keeps(key: DropoutKey, index: u64, p: f32) -> bool {
-    dropout_hash(dropout_base(key), index) >= dropout_threshold(p)
+    dropout_value(dropout_hash(dropout_base(key), index / 4), index) >= dropout_threshold(p)
 }
 
 /// The per-call stream base of dropout's hash (shared with the GPU launcher).
@@ -88,14 +90,22 @@ pub(crate) fn dropout_base(key: DropoutKey) -> u64 {
     mix(mix(key.seed ^ GAMMA) ^ key.step) ^ key.site.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
+/// The hash that decides elements 4·group .. 4·group + 3.
 #[inline(always)]
-pub(super) fn dropout_hash(base: u64, index: u64) -> u64 {
-    mix(base.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
+pub(super) fn dropout_hash(base: u64, group: u64) -> u64 {
+    mix(base.wrapping_add(group.wrapping_add(1).wrapping_mul(GAMMA)))
 }
 
-/// p·2^64: elements whose hash is below it are dropped (shared with the GPU launcher).
+/// Element `index`'s 16-bit value, from its group's hash.
+#[inline(always)]
+pub(super) fn dropout_value(hash: u64, index: u64) -> u64 {
+    (hash >> (16 * (index % 4))) & 0xffff
+}
+
+/// round(p·2^16): elements whose 16-bit value is below it are dropped, so the drop rate is
+/// p to within 2^-17 (shared with the GPU launcher; 0 drops nothing).
 pub(crate) fn dropout_threshold(p: f32) -> u64 {
-    (f64::from(p) * 18_446_744_073_709_551_616.0) as u64
+    (f64::from(p) * 65_536.0).round() as u64
 }
 
 impl<T: Scalar> Backend for Cpu<T> {
@@ -456,11 +466,13 @@ impl<T: Scalar> Backend for Cpu<T> {
 
     fn dropout(&self, buf: &mut Vec<T>, p: f32, key: DropoutKey) {
         let _timed = crate::profile::scope(|| "dropout".into());
-        if p <= 0.0 {
+        let threshold = dropout_threshold(p);
+        if threshold == 0 {
+            // p below 2^-17 (or none) drops nothing, so nothing is scaled either.
             return;
         }
         let keep_scale = T::of(1.0 / (1.0 - f64::from(p)));
-        let (base, threshold) = (dropout_base(key), dropout_threshold(p));
+        let base = dropout_base(key);
         buf.par_chunks_mut(1 << 12).enumerate().for_each(|(chunk, values)| {
             vectorized(
                 #[inline(always)]

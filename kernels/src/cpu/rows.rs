@@ -100,10 +100,19 @@ pub(super) fn dropout<T: Scalar>(
     threshold: u64,
     keep_scale: T,
 ) {
-    for (i, v) in values.iter_mut().enumerate() {
-        let index = (first + i) as u64;
-        *v =
-            if super::dropout_hash(base, index) >= threshold { *v * keep_scale } else { T::zero() };
+    // Group by group of four elements (one hash each), the first perhaps partial.
+    let mut index = first as u64;
+    let mut rest = values;
+    while !rest.is_empty() {
+        let hash = super::dropout_hash(base, index / 4);
+        let take = ((4 - index % 4) as usize).min(rest.len());
+        let (now, later) = rest.split_at_mut(take);
+        for v in now.iter_mut() {
+            let kept = super::dropout_value(hash, index) >= threshold;
+            *v = if kept { *v * keep_scale } else { T::zero() };
+            index += 1;
+        }
+        rest = later;
     }
 }
 

@@ -386,7 +386,10 @@ fn dropout_args(op: &'static str, p: f32, key: DropoutKey) -> Result<(u64, u64, 
     if !(0.0..1.0).contains(&p) {
         return Err(shape(op, format!("p = {p} must be in [0, 1)")));
     }
-    Ok((dropout_base(key), dropout_threshold(p), (1.0 / (1.0 - f64::from(p))) as f32))
+    let threshold = dropout_threshold(p);
+    // A p that drops nothing (below 2^-17) scales nothing, as on the CPU.
+    let keep_scale = if threshold == 0 { 1.0 } else { (1.0 / (1.0 - f64::from(p))) as f32 };
+    Ok((dropout_base(key), threshold, keep_scale))
 }
 
 /// `x = residual + dropout(x)` in one pass (bit for bit [`dropout`] on `x`, then
