@@ -555,35 +555,57 @@ __device__ __forceinline__ int delta_group(int head_dim) {
     return group;
 }
 
+/// (Row, head) items a lane group of attention_backward_delta_f16 takes, their loads all
+/// issued before any arithmetic (ops.rs sizes the grid by it).
+#define CHINGU_DELTA_ITEMS 4
+
 /// delta[b, h, i] = Σ_d d_out·out over head h of row b·Tq + i. A group of `delta_group` lanes
 /// per (row, head), each lane 8 columns (two 128-bit loads; every head's columns start
-/// 16-byte aligned), summed within the group by shuffles: 32 / group items a warp (GPU run
-/// 20: a warp an item and 16-bit loads took 30 µs a call for seed-768, ~1.9 TB/s).
+/// 16-byte aligned), summed within the group by shuffles: 32 / group items a warp at a time,
+/// CHINGU_DELTA_ITEMS times over with every load first (GPU run 20: a warp an item and 16-bit
+/// loads took 30 µs a call for seed-768, ~1.9 TB/s; run 22, one item a group: 26–30 µs).
 extern "C" __global__ void attention_backward_delta_f16(float* delta, const __half* d_out,
                                                         const __half* out, int batch,
                                                         int q_len, int heads, int head_dim) {
     const int lane = threadIdx.x & 31, group = delta_group(head_dim);
     const long long warp = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const long long item = warp * (32 / group) + lane / group;
     const int vector = lane % group;
     const long long items = (long long)batch * q_len * heads;
-    const long long row = item / heads;
-    const int h = (int)(item - row * heads);
-    float s = 0.0f;
-    if (item < items && vector < head_dim / 8) {
-        const long long at = (row * heads + h) * head_dim + 8 * vector;
-        float g[8], o[8];
-        chingu::load_half8(g, d_out + at);
-        chingu::load_half8(o, out + at);
+    // The warp's items: (32 / group) at a time, CHINGU_DELTA_ITEMS times over.
+    const long long per_pass = 32 / group;
+    const long long first = warp * per_pass * CHINGU_DELTA_ITEMS + lane / group;
+    // Held packed (4 registers a vector) until used.
+    chingu::Half8 g[CHINGU_DELTA_ITEMS], o[CHINGU_DELTA_ITEMS];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) s += g[e] * o[e];
+    for (int k = 0; k < CHINGU_DELTA_ITEMS; ++k) {
+        const long long item = first + k * per_pass;
+        if (item < items && vector < head_dim / 8) {
+            // Item (row, h) starts at (row·H + h)·Dh = item·Dh.
+            const long long at = item * head_dim + 8 * vector;
+            g[k] = chingu::load_half8_packed(d_out + at);
+            o[k] = chingu::load_half8_packed(out + at);
+        }
     }
-    // Every lane takes part in the shuffles (items past the end add zeros).
-    for (int offset = group / 2; offset > 0; offset >>= 1)
-        s += __shfl_xor_sync(0xffffffffu, s, offset);
-    if (vector == 0 && item < items) {
-        const long long b = row / q_len, i = row - b * q_len;
-        delta[(b * heads + h) * q_len + i] = s;
+#pragma unroll
+    for (int k = 0; k < CHINGU_DELTA_ITEMS; ++k) {
+        const long long item = first + k * per_pass;
+        float s = 0.0f;
+        if (item < items && vector < head_dim / 8) {
+            float gv[8], ov[8];
+            chingu::unpack_half8(gv, g[k]);
+            chingu::unpack_half8(ov, o[k]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s += gv[e] * ov[e];
+        }
+        // Every lane takes part in the shuffles (items past the end add zeros).
+        for (int offset = group / 2; offset > 0; offset >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, offset);
+        if (vector == 0 && item < items) {
+            const long long row = item / heads;
+            const int h = (int)(item - row * heads);
+            const long long b = row / q_len, i = row - b * q_len;
+            delta[(b * heads + h) * q_len + i] = s;
+        }
     }
 }
 

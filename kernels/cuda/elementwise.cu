@@ -108,7 +108,20 @@ extern "C" __global__ void bias_backward_tile_f16(float* partials, const __half*
     const int last = min(first + chunk, rows);
     float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (c < cols) {
-        for (int r = first + lane; r < last; r += 32) {
+        // Four rows' loads in flight before their adds (one at a time, a thread waited out
+        // each load's latency: GPU run 22 timed 14 µs a call for 18,432 × 768, ~2 TB/s); the
+        // adds stay in row order, so the sums' bits do not change.
+        int r = first + lane;
+        for (; r + 96 < last; r += 128) {
+            float v[4][8];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) chingu::load_half8(v[u], dy + (long long)(r + 32 * u) * cols + c);
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) sum[e] += v[u][e];
+        }
+        for (; r < last; r += 32) {
             float v[8];
             chingu::load_half8(v, dy + (long long)r * cols + c);
 #pragma unroll

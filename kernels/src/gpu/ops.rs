@@ -1637,9 +1637,10 @@ pub fn attention_backward_using(
     if rows_heads > 0 {
         let (b, tq, h, dh) = (a[0], a[1], a[3], a[4]);
         require_vector_aligned(OP, &[d_out.ptr(), out.ptr()])?;
-        // `delta_group` lanes an item (attention.cu): 8 columns a lane, a power of two.
+        // `delta_group` lanes an item (attention.cu): 8 columns a lane, a power of two; a
+        // warp takes `CHINGU_DELTA_ITEMS` (4) passes of 32 / group items.
         let group = (s.head_dim / 8).next_power_of_two();
-        let warps = rows_heads.div_ceil(32 / group);
+        let warps = rows_heads.div_ceil(4 * (32 / group));
         launch(
             dev,
             "attention_backward_delta_f16",
