@@ -311,8 +311,9 @@ pub trait Backend: Send + Sync {
     /// `dx = dy · [x > 0]`.
     fn relu_backward(&self, dx: &mut Self::Buf, dy: &Self::Buf, x: &Self::Buf);
 
-    /// Inverted dropout in place: zero with probability `p`, scale survivors by `1 / (1 − p)`.
-    /// Applying it to the gradient with the same key is the backward pass.
+    /// Inverted dropout in place: zero with probability `p` (rounded to a multiple of 2^-16),
+    /// scale survivors by one over the keep rate (`1 / (1 − p)` for that rounded p). Applying
+    /// it to the gradient with the same key is the backward pass.
     fn dropout(&self, buf: &mut Self::Buf, p: f32, key: DropoutKey);
     /// `x = residual + dropout(x)` in place: the residual add after a sublayer, written over
     /// the sublayer's output so the block input stays as it was (backward needs it).

@@ -271,7 +271,8 @@ fn dropout_drops_exactly_what_the_cpu_backend_drops() {
     let mut rng = SplitMix64(4);
     for dev in devices() {
         for &n in SIZES {
-            for &p in &[0.1f32, 0.5] {
+            // 1e-6 rounds to no dropout at all (below 2^-17): nothing dropped or scaled.
+            for &p in &[0.1f32, 0.5, 1e-6] {
                 // Inputs away from zero, so a dropped element is exactly the zeros.
                 let (xh, x) = random_half(&mut rng, n, 0.5, 3.0);
                 let key = DropoutKey { seed: 7 + n as u64, step: 3, site: 11 };

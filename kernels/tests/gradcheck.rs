@@ -383,4 +383,13 @@ fn dropout_is_keyed_and_inverted() {
     let mut tiny = vec![1.0f64; 1000];
     cpu().dropout(&mut tiny, 1e-6, key);
     assert!(tiny.iter().all(|&v| v == 1.0));
+    // Survivors are scaled by one over the keep rate the rounded threshold gives: at
+    // p = 1 − 1.5·2^-16 the threshold is 65,535 of 65,536, so 2^16 (where 1/(1 − p) would
+    // give 2^16/1.5, a third short of keeping the expectation).
+    let near_one = 1.0 - 1.5 / 65_536.0;
+    let mut near = vec![1.0f64; 1 << 18];
+    cpu().dropout(&mut near, near_one as f32, key);
+    assert!(near.iter().all(|&v| v == 0.0 || v == 65_536.0));
+    let survivors = near.iter().filter(|&&v| v != 0.0).count();
+    assert!((1..=12).contains(&survivors), "{survivors} of 2^18 kept, 4 expected");
 }

@@ -108,6 +108,18 @@ pub(crate) fn dropout_threshold(p: f32) -> u64 {
     (f64::from(p) * 65_536.0).round() as u64
 }
 
+/// The survivors' scale for `threshold`: one over the keep rate the threshold gives,
+/// 2^16 / (2^16 − threshold), so the expectation is kept exactly (1/(1 − p) would be off by
+/// up to 2× for a p near 1, where the rounding of p·2^16 matters); 1 where nothing is
+/// dropped or nothing kept (shared with the GPU launcher).
+pub(crate) fn dropout_scale(threshold: u64) -> f64 {
+    if threshold == 0 || threshold >= 65_536 {
+        1.0
+    } else {
+        65_536.0 / (65_536 - threshold) as f64
+    }
+}
+
 impl<T: Scalar> Backend for Cpu<T> {
     type Buf = Vec<T>;
 
@@ -471,7 +483,7 @@ impl<T: Scalar> Backend for Cpu<T> {
             // p below 2^-17 (or none) drops nothing, so nothing is scaled either.
             return;
         }
-        let keep_scale = T::of(1.0 / (1.0 - f64::from(p)));
+        let keep_scale = T::of(dropout_scale(threshold));
         let base = dropout_base(key);
         buf.par_chunks_mut(1 << 12).enumerate().for_each(|(chunk, values)| {
             vectorized(

@@ -10,10 +10,14 @@ use half::f16;
 
 use super::{DeviceBuffer, Element, Gpu, GpuError};
 use crate::backend::{AdamW, AttentionShape, DropoutKey};
-use crate::cpu::{dropout_base, dropout_threshold};
+use crate::cpu::{dropout_base, dropout_scale, dropout_threshold};
 
 /// Threads per block for elementwise kernels.
 const THREADS: u32 = 256;
+
+/// (Row, head) items a lane group of `attention_backward_delta_f16` takes: attention.cu's
+/// `CHINGU_DELTA_ITEMS` (a unit test reads it there).
+const DELTA_ITEMS: usize = 4;
 /// Most blocks an elementwise launch uses (grid-stride beyond).
 const MAX_BLOCKS: u32 = 65_535;
 /// Blocks of the first pass of a sum of squares: fixed, so the norm never depends on the GPU.
@@ -360,7 +364,8 @@ pub fn dropout(
 ) -> Result<(), GpuError> {
     const OP: &str = "dropout_f16";
     let (base, threshold, keep_scale) = dropout_args(OP, p, key)?;
-    if p == 0.0 {
+    if threshold == 0 {
+        // Nothing dropped, nothing scaled (p below 2^-17).
         return Ok(());
     }
     let n = int(OP, "n", buf.len())?;
@@ -387,9 +392,8 @@ fn dropout_args(op: &'static str, p: f32, key: DropoutKey) -> Result<(u64, u64, 
         return Err(shape(op, format!("p = {p} must be in [0, 1)")));
     }
     let threshold = dropout_threshold(p);
-    // A p that drops nothing (below 2^-17) scales nothing, as on the CPU.
-    let keep_scale = if threshold == 0 { 1.0 } else { (1.0 / (1.0 - f64::from(p))) as f32 };
-    Ok((dropout_base(key), threshold, keep_scale))
+    // The CPU's scale (a p that drops nothing, below 2^-17, scales nothing).
+    Ok((dropout_base(key), threshold, dropout_scale(threshold) as f32))
 }
 
 /// `x = residual + dropout(x)` in one pass (bit for bit [`dropout`] on `x`, then
@@ -1638,9 +1642,9 @@ pub fn attention_backward_using(
         let (b, tq, h, dh) = (a[0], a[1], a[3], a[4]);
         require_vector_aligned(OP, &[d_out.ptr(), out.ptr()])?;
         // `delta_group` lanes an item (attention.cu): 8 columns a lane, a power of two; a
-        // warp takes `CHINGU_DELTA_ITEMS` (4) passes of 32 / group items.
+        // warp takes DELTA_ITEMS passes of 32 / group items.
         let group = (s.head_dim / 8).next_power_of_two();
-        let warps = rows_heads.div_ceil(4 * (32 / group));
+        let warps = rows_heads.div_ceil(DELTA_ITEMS * (32 / group));
         launch(
             dev,
             "attention_backward_delta_f16",
@@ -2133,6 +2137,17 @@ fn upload_i32(
 mod tests {
     use super::AttentionKernels;
     use super::AttentionShape;
+
+    /// The launcher sizes the delta kernel's grid by the items its lane groups take.
+    #[test]
+    fn delta_items_are_the_kernels() {
+        let (_, source) = crate::gpu::sources::FILES
+            .iter()
+            .find(|(name, _)| *name == "attention.cu")
+            .expect("attention.cu is embedded");
+        let line = format!("#define CHINGU_DELTA_ITEMS {}", super::DELTA_ITEMS);
+        assert!(source.lines().any(|l| l.trim() == line), "attention.cu lacks `{line}`");
+    }
 
     #[test]
     fn attention_families_are_named_by_chingu_attn() {
