@@ -100,19 +100,14 @@ pub(super) fn dropout<T: Scalar>(
     threshold: u64,
     keep_scale: T,
 ) {
-    // Group by group of four elements (one hash each), the first perhaps partial.
-    let mut index = first as u64;
-    let mut rest = values;
-    while !rest.is_empty() {
-        let hash = super::dropout_hash(base, index / 4);
-        let take = ((4 - index % 4) as usize).min(rest.len());
-        let (now, later) = rest.split_at_mut(take);
-        for v in now.iter_mut() {
-            let kept = super::dropout_value(hash, index) >= threshold;
-            *v = if kept { *v * keep_scale } else { T::zero() };
-            index += 1;
-        }
-        rest = later;
+    // Each element computes its group's hash itself: a plain map the compiler vectorizes
+    // (AVX-512's 64-bit multiplies), where reusing one hash for four elements made a loop it
+    // did not — ~5× slower on an AVX-512 machine (a micro-benchmark, 0.4 against 2–4 ns an
+    // element), as fast without AVX-512.
+    for (i, v) in values.iter_mut().enumerate() {
+        let index = (first + i) as u64;
+        let kept = super::dropout_value(super::dropout_hash(base, index / 4), index) >= threshold;
+        *v = if kept { *v * keep_scale } else { T::zero() };
     }
 }
 
