@@ -364,6 +364,12 @@ fn dropout_is_keyed_and_inverted() {
     let kept = x.iter().filter(|&&v| v != 0.0).count() as f64 / x.len() as f64;
     assert!((kept - 0.75).abs() < 0.01, "{kept}");
     assert!(x.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-15));
+    // The mask is the documented per-element decision (`cpu::dropout_keeps`, which the GPU
+    // kernels follow), group tails included.
+    for (i, &v) in x.iter().enumerate().take(1003) {
+        let keeps = chingu_kernels::cpu::dropout_keeps(key, i as u64, 0.25);
+        assert_eq!(v != 0.0, keeps, "element {i}");
+    }
     let mut again = vec![1.0f64; 100_000];
     cpu().dropout(&mut again, 0.25, key);
     assert_eq!(x, again, "same key, same mask");

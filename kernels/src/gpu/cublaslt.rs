@@ -98,6 +98,52 @@ struct Lane {
     done: sys::CUevent,
 }
 
+/// An event for ordering only (no timing).
+fn ordering_event() -> Result<sys::CUevent, GpuError> {
+    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+        .map_err(driver("cuEventCreate"))
+}
+
+impl Lane {
+    /// A new lane (context current); on failure whatever was made is destroyed.
+    fn new() -> Result<Self, GpuError> {
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(driver("cuStreamCreate"))?;
+        let mut lane = Lane { queue: Queue { stream, workspace: 0 }, done: std::ptr::null_mut() };
+        let made = ordering_event().and_then(|done| {
+            lane.done = done;
+            // SAFETY: plain allocation in the current context.
+            unsafe { result::malloc_sync(LT_WORKSPACE_BYTES) }
+                .map_err(driver("cuMemAlloc (a cuBLASLt lane's workspace)"))
+        });
+        match made {
+            Ok(workspace) => {
+                lane.queue.workspace = workspace;
+                Ok(lane)
+            }
+            Err(e) => {
+                lane.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    /// Destroys the lane's handles (context current, its stream idle); null and 0 ones were
+    /// never made.
+    fn destroy(self) {
+        // SAFETY: handles of this context, each destroyed once.
+        unsafe {
+            let _ = result::stream::destroy(self.queue.stream);
+            if !self.done.is_null() {
+                let _ = result::event::destroy(self.done);
+            }
+            if self.queue.workspace != 0 {
+                let _ = result::free_sync(self.queue.workspace);
+            }
+        }
+    }
+}
+
 /// The lanes made so far (made at the first group that needs them) and the event each group
 /// starts from.
 #[derive(Default)]
@@ -122,60 +168,24 @@ impl Lanes {
     }
 
     fn make_once(&mut self, count: usize) -> Result<sys::CUevent, GpuError> {
-        let event = || {
-            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                .map_err(driver("cuEventCreate"))
-        };
         let fork = match self.fork {
             Some(fork) => fork,
-            None => *self.fork.insert(event()?),
+            None => *self.fork.insert(ordering_event()?),
         };
         while self.lanes.len() < count {
-            let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-                .map_err(driver("cuStreamCreate"))?;
-            let mut lane = Lanes {
-                lanes: vec![Lane {
-                    queue: Queue { stream, workspace: 0 },
-                    done: std::ptr::null_mut(),
-                }],
-                ..Lanes::default()
-            };
-            // Made into a pool of its own first, so a failure leaves nothing half made here.
-            let made = (|| -> Result<(), GpuError> {
-                let new = &mut lane.lanes[0];
-                new.done = event()?;
-                // SAFETY: plain allocation in the current context.
-                new.queue.workspace = unsafe { result::malloc_sync(LT_WORKSPACE_BYTES) }
-                    .map_err(driver("cuMemAlloc (a cuBLASLt lane's workspace)"))?;
-                Ok(())
-            })();
-            match made {
-                Ok(()) => self.lanes.append(&mut lane.lanes),
-                Err(e) => {
-                    lane.destroy();
-                    return Err(e);
-                }
-            }
+            self.lanes.push(Lane::new()?);
         }
         Ok(fork)
     }
 
     /// Destroys every handle made (context current, the device idle).
     fn destroy(self) {
-        // SAFETY: handles of this context, each destroyed once; null and 0 ones never made.
-        unsafe {
-            for lane in self.lanes {
-                let _ = result::stream::destroy(lane.queue.stream);
-                if !lane.done.is_null() {
-                    let _ = result::event::destroy(lane.done);
-                }
-                if lane.queue.workspace != 0 {
-                    let _ = result::free_sync(lane.queue.workspace);
-                }
-            }
-            if let Some(fork) = self.fork {
-                let _ = result::event::destroy(fork);
-            }
+        for lane in self.lanes {
+            lane.destroy();
+        }
+        if let Some(fork) = self.fork {
+            // SAFETY: an event of this context, destroyed once.
+            let _ = unsafe { result::event::destroy(fork) };
         }
     }
 }
