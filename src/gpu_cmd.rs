@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The environment variables the GPU backend reads, each with what it does.
 #[cfg(feature = "cuda")]
-const SETTINGS: [(&str, &str); 12] = [
+const SETTINGS: &[(&str, &str)] = &[
     (
         chingu_kernels::gpu::ops::ATTENTION_VAR,
         "attention kernels: auto (by shape), wmma, mma, gemm or wgmma (Hopper's warpgroup MMA \
@@ -55,6 +55,10 @@ const SETTINGS: [(&str, &str); 12] = [
     (
         chingu_kernels::gpu::cuda::LANES_VAR,
         "streams the cuBLASLt attention path's per-head products run on at once (default 1: in order)",
+    ),
+    (
+        chingu_kernels::gpu::gemm::ARRAYS_VAR,
+        "1 = the cuBLASLt attention path's per-head products of one shape as one pointer-array batch",
     ),
     (
         "CHINGU_PROFILE",

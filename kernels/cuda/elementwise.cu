@@ -3,7 +3,8 @@
 // casts fp16↔fp32; GELU (tanh approximation, written as x·σ(2u) like the CPU backend) and
 // ReLU forward/backward; `acc += x` (residual, and fp32 gradient accumulation);
 // `buf *= factor`; bias add over rows and the bias gradient (fp32, accumulated, two passes:
-// fixed row chunks per column, then the chunks in order; no atomics).
+// fixed row chunks per column, then the chunks in order; no atomics); host values put in
+// device memory by a launch's own parameters (`fill_u64_list`).
 // Every kernel is grid-stride, so any grid size is correct; fp16 values are read, computed
 // in fp32 and rounded once (round-to-nearest-even) on store.
 #include "common.cuh"
@@ -66,6 +67,21 @@ extern "C" __global__ void scale_f16(__half* buf, float factor, int n) {
 
 extern "C" __global__ void scale_f32(float* buf, float factor, int n) {
     GRID_STRIDE(i, n) buf[i] *= factor;
+}
+
+// Values a `fill_u64_list` launch carries in its parameters (1,920 bytes: kernel parameters
+// may take 4 KiB on every architecture we build for). `ops::U64_LIST` must equal it.
+#define CHINGU_U64_LIST 240
+struct U64List {
+    unsigned long long v[CHINGU_U64_LIST];
+};
+
+// `out[i] = list.v[i]` for `i < n` (n ≤ CHINGU_U64_LIST): host values put in device memory in
+// stream order by the launch itself, so the host waits for nothing (a plain copy from host
+// memory would wait for the stream): the matrix addresses of a pointer-array batch of
+// products.
+extern "C" __global__ void fill_u64_list(unsigned long long* out, U64List list, int n) {
+    GRID_STRIDE(i, n) out[i] = list.v[i];
 }
 
 /// y[r, c] += b[c] over `rows × cols`.

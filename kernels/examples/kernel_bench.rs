@@ -711,10 +711,11 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
     Ok(rows)
 }
 
-/// The rows `prod_{qk,pv,ptx}_{per_head,head_major}_dh{head_dim}`: S = Q·Kᵀ, O = P·V and
-/// dV = Pᵀ·dO (dK = dSᵀ·Q is the same product) for B × H blocks of T × T scores, each product
-/// as training runs it (H calls batched over B, operands in place) and as one call batched
-/// over B·H on head-major operands. 2·B·H·T²·Dh FLOPs each; bytes the operands read and the
+/// The rows `prod_{qk,pv,ptx}_{per_head,head_major,pointer_arrays}_dh{head_dim}`: S = Q·Kᵀ,
+/// O = P·V and dV = Pᵀ·dO (dK = dSᵀ·Q is the same product) for B × H blocks of T × T scores,
+/// each product as training runs it (H calls batched over B, operands in place), as one call
+/// batched over B·H on head-major operands, and as one pointer-array batch over the in-place
+/// operands (where the device has one). 2·B·H·T²·Dh FLOPs each; bytes the operands read and the
 /// output written once.
 fn product_layout_rows(
     dev: &Gpu,
@@ -803,7 +804,7 @@ fn product_layout_rows(
             beta: 0.0,
             bias: None,
             epilogue: GemmEpilogue::None,
-            batch: GemmBatch { count, stride_a: a.2, stride_b: b_op.2, stride_c: c.2 },
+            batch: GemmBatch::strided(count, a.2, b_op.2, c.2),
             ld: [a.1, b_op.1, c.1],
         };
         // Per head: head h's columns (ld D, batch rows T·D apart); P and the scores `[B, H,
@@ -831,9 +832,31 @@ fn product_layout_rows(
         let head_major = product(a, dense(&k, t, head_dim), c, b * heads);
         // SAFETY: B·H dense blocks of each operand fill exactly the buffers above.
         let t_head_major = time_op(dev, reps, |_| unsafe { gemm::run(dev, "bench", &head_major) })?;
+        // The per-head products as one group with pointer arrays (`CHINGU_GEMM_ARRAYS=1`): one
+        // launch over the same in-place operands, where the device has a kernel for it.
+        let heads_products: Vec<Gemm> = (0..heads).map(per_head).collect();
+        let like = Gemm {
+            a: 0,
+            b: 0,
+            c: 0,
+            batch: GemmBatch { count: b * heads, pointer_arrays: Some(16), ..GemmBatch::ONE },
+            ..heads_products[0]
+        };
+        let t_arrays = if dev.has_pointer_array_gemm(&like)? {
+            // SAFETY: as the per-head products; each writes its own head's blocks or columns.
+            Some(time_op(dev, reps, |_| unsafe {
+                gemm::run_group_as(dev, "bench", &heads_products, true)
+            })?)
+        } else {
+            None
+        };
         let op = |layout: &str| &*format!("prod_{name}_{layout}_dh{head_dim}").leak();
         push(op("per_head"), label.clone(), t_per_head, bytes, Some(flops));
         push(op("head_major"), label.clone(), t_head_major, bytes, Some(flops));
+        match t_arrays {
+            Some(t) => push(op("pointer_arrays"), label.clone(), t, bytes, Some(flops)),
+            None => eprintln!("kernel_bench: no pointer-array batches on {}", dev.name()),
+        }
     }
     Ok(())
 }

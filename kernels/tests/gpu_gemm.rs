@@ -23,7 +23,7 @@
 //! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
 
 use chingu_kernels::gpu::gemm::{
-    gemm, gemm_bias_grad, gemm_gelu, gemm_gelu_grad, run, run_group, GemmOut,
+    gemm, gemm_bias_grad, gemm_gelu, gemm_gelu_grad, run, run_group_as, GemmOut,
 };
 use chingu_kernels::gpu::{DeviceBuffer, DevicePtr, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
@@ -252,12 +252,7 @@ fn batched_products_match_their_references() {
                         beta: 0.0,
                         bias: None,
                         epilogue: GemmEpilogue::None,
-                        batch: GemmBatch {
-                            count,
-                            stride_a: a_rows * ld[0],
-                            stride_b: b_rows * ld[1],
-                            stride_c: c_block,
-                        },
+                        batch: GemmBatch::strided(count, a_rows * ld[0], b_rows * ld[1], c_block),
                         ld: if pad == [0, 0, 0] { Gemm::DENSE } else { ld },
                     };
                     // SAFETY: A, B and C hold `count` blocks of their shapes, at those strides.
@@ -815,12 +810,7 @@ fn a_group_of_products_equals_them_one_at_a_time() {
                         beta: 0.0,
                         bias: None,
                         epilogue: GemmEpilogue::None,
-                        batch: GemmBatch {
-                            count: batch,
-                            stride_a: len * width,
-                            stride_b: len * width,
-                            stride_c: len * width,
-                        },
+                        batch: GemmBatch::strided(batch, len * width, len * width, len * width),
                         ld: [width, width, width],
                     }
                 })
@@ -847,8 +837,9 @@ fn a_group_of_products_equals_them_one_at_a_time() {
         }
         let (group32, group16) = (poisoned(), poisoned_half());
         let grouped = products(group32.ptr(), group16.ptr());
-        // SAFETY: as above; each product writes only head h's columns of its output.
-        unsafe { run_group(&dev, "", &grouped) }.unwrap();
+        // SAFETY: as above; each product writes only head h's columns of its output. (Without
+        // pointer arrays, whose kernels may sum in another order: their own test follows.)
+        unsafe { run_group_as(&dev, "", &grouped, false) }.unwrap();
         // The outputs read through copies queued after the group.
         let (grouped32, grouped16) = (poisoned(), poisoned_half());
         // SAFETY: each pair of buffers is the same size.
@@ -876,6 +867,129 @@ fn a_group_of_products_equals_them_one_at_a_time() {
         for (i, v) in host16.iter().enumerate() {
             let h = i % width / dh;
             assert_eq!(v.is_nan(), h % 2 == 0 || h == heads - 1, "fp16 element {i} (head {h})");
+        }
+    }
+}
+
+/// A group's products of one shape run as a pointer-array batch (`run_group_as` with pointer
+/// arrays; `CHINGU_GEMM_ARRAYS=1` in training) give what they give one at a time: the same
+/// bits on the emulator, and within the rounding of another summation order on a GPU (fp32:
+/// 10⁻⁵ relative for sums of 40 products of values below 1, far above two orderings' 2⁻²⁴-scale
+/// differences; fp16: one rounding of each result apart at most, 2⁻¹⁰ relative). Seven
+/// products like the attention path's per-head ones, each a batch over 3 batch rows of head
+/// columns of `[rows, H·Dh]` tensors: heads 0, 2, 4 (fp16 out) and 3, 5 (fp32 out) make two
+/// batches; head 1 (B transposed) fits no other and head 6 (no rows) has nothing to do, so
+/// both go as before. Outputs start as NaN, so a column left unwritten fails. On the emulator
+/// the test also counts the batches the device ran (two), and a device without pointer
+/// arrays must give the same bits through the fallback having run none.
+#[test]
+fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
+    use chingu_kernels::gpu::emu::EmuDevice;
+    use std::sync::Arc;
+    let (heads, dh, len, batch) = (7, 40, 96, 3);
+    let width = heads * dh;
+    let mut rng = SplitMix64(0xa77a);
+    let with_arrays = Arc::new(EmuDevice::new());
+    let without_arrays = Arc::new(EmuDevice::new().without_pointer_arrays());
+    let mut all: Vec<Gpu> = vec![with_arrays.clone(), without_arrays.clone()];
+    all.extend(devices().into_iter().filter(|d| d.name() != "emu"));
+    for dev in all {
+        let (x, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
+        let (y, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
+        let (x, y) = (
+            DeviceBuffer::from_host(&dev, &x).unwrap(),
+            DeviceBuffer::from_host(&dev, &y).unwrap(),
+        );
+        let poisoned =
+            || DeviceBuffer::from_host(&dev, &vec![f32::NAN; batch * len * width]).unwrap();
+        let poisoned_half =
+            || DeviceBuffer::from_host(&dev, &vec![f16::NAN; batch * len * width]).unwrap();
+        let f32_head = |h: usize| h == 3 || h == 5;
+        let products = |c32: DevicePtr, c16: DevicePtr| -> Vec<Gemm> {
+            (0..heads)
+                .map(|h| {
+                    let (c, elem) = if f32_head(h) { (c32, 4) } else { (c16, 2) };
+                    Gemm {
+                        m: if h == heads - 1 { 0 } else { len },
+                        n: dh,
+                        k: dh,
+                        a: x.ptr() + (h * dh * 2) as u64,
+                        trans_a: false,
+                        b: y.ptr() + (h * dh * 2) as u64,
+                        trans_b: h == 1,
+                        c: c + (h * dh * elem) as u64,
+                        c_f32: f32_head(h),
+                        beta: 0.0,
+                        bias: None,
+                        epilogue: GemmEpilogue::None,
+                        batch: GemmBatch::strided(batch, len * width, len * width, len * width),
+                        ld: [width, width, width],
+                    }
+                })
+                .collect()
+        };
+        let (alone32, alone16) = (poisoned(), poisoned_half());
+        for g in &products(alone32.ptr(), alone16.ptr()) {
+            // SAFETY: every block of A, B and C lies inside its buffer (row stride H·Dh, Dh
+            // columns from head h's first, `len` rows a batch row).
+            unsafe { run(&dev, "", g) }.unwrap();
+        }
+        let batches_before = with_arrays.pointer_array_batches();
+        let (group32, group16) = (poisoned(), poisoned_half());
+        // SAFETY: as above; each product writes only head h's columns of its output.
+        unsafe { run_group_as(&dev, "", &products(group32.ptr(), group16.ptr()), true) }.unwrap();
+        let name = dev.name();
+        let emulated = name == "emu";
+        if Arc::ptr_eq(&dev, &(with_arrays.clone() as Gpu)) {
+            assert_eq!(with_arrays.pointer_array_batches() - batches_before, 2, "batches run");
+        } else if !emulated {
+            let like = Gemm {
+                batch: GemmBatch { count: 9, pointer_arrays: Some(16), ..GemmBatch::ONE },
+                ..products(0, 0)[0]
+            };
+            println!(
+                "{name}: pointer-array batches {}",
+                if dev.has_pointer_array_gemm(&like).unwrap() { "taken" } else { "not taken" }
+            );
+        }
+        assert_eq!(without_arrays.pointer_array_batches(), 0, "a device without them ran one");
+        let (a32, g32) = (alone32.to_host().unwrap(), group32.to_host().unwrap());
+        let (a16, g16) = (alone16.to_host().unwrap(), group16.to_host().unwrap());
+        for (i, (a, g)) in a32.iter().zip(&g32).enumerate() {
+            let h = i % width / dh;
+            assert_eq!(a.is_nan(), !f32_head(h), "fp32 element {i} (head {h}) on {name}");
+            assert_eq!(g.is_nan(), a.is_nan(), "fp32 element {i} (head {h}) on {name}");
+            let (a, g) = (f64::from(*a), f64::from(*g));
+            let ok = if emulated {
+                a.to_bits() == g.to_bits()
+            } else {
+                (a - g).abs() <= 1e-5 * (1.0 + a.abs())
+            };
+            assert!(a.is_nan() || ok, "fp32 element {i} (head {h}) on {name}: {g} against {a}");
+        }
+        for (i, (a, g)) in a16.iter().zip(&g16).enumerate() {
+            let h = i % width / dh;
+            assert_eq!(a.is_nan(), f32_head(h) || h == heads - 1, "fp16 element {i} (head {h})");
+            assert_eq!(g.is_nan(), a.is_nan(), "fp16 element {i} (head {h}) on {name}");
+            let (a, g) = (a.to_f64(), g.to_f64());
+            let tol = 2f64.powi(-10) * a.abs().max(g.abs()) + 2f64.powi(-24);
+            let ok = if emulated { a.to_bits() == g.to_bits() } else { (a - g).abs() <= tol };
+            assert!(a.is_nan() || ok, "fp16 element {i} (head {h}) on {name}: {g} against {a}");
+        }
+    }
+}
+
+/// Values put in device memory by launches that carry them (`ops::upload_in_order`, the
+/// pointer-array batches' addresses) arrive whole and in order, across several launches' worth
+/// (240 a launch) and a short last one.
+#[test]
+fn values_uploaded_in_order_arrive_whole() {
+    let mut rng = SplitMix64(0x5eed);
+    for dev in devices() {
+        for n in [1, 240, 241, 700] {
+            let values: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+            let buf = chingu_kernels::gpu::ops::upload_in_order(&dev, &values).unwrap();
+            assert_eq!(buf.to_host().unwrap(), values, "{n} values on {}", dev.name());
         }
     }
 }

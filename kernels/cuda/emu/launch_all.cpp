@@ -154,6 +154,7 @@ const Entry KERNELS[] = {
     KERNEL(add_assign_f32),
     KERNEL(scale_f16),
     KERNEL(scale_f32),
+    KERNEL(fill_u64_list),
     KERNEL(bias_add_f16),
     KERNEL(bias_backward_partial_f16),
     KERNEL(bias_backward_tile_f16),

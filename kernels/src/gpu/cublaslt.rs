@@ -204,7 +204,7 @@ struct Plan {
 fn describe(g: &Gemm, bias: bool) -> String {
     let Gemm { m, n, k, .. } = *g;
     format!(
-        "{}{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{})",
+        "{}{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{}{})",
         if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() },
         if g.trans_a { "ᵀ" } else { "" },
         if g.trans_b { "ᵀ" } else { "" },
@@ -217,6 +217,7 @@ fn describe(g: &Gemm, bias: bool) -> String {
             GemmEpilogue::GeluGrad { .. } => ", GELU gradient",
             GemmEpilogue::BiasGrad { .. } => ", bias gradient",
         },
+        if g.batch.pointer_arrays.is_some() { ", pointer arrays" } else { "" },
     )
 }
 
@@ -243,11 +244,16 @@ fn plan_key(g: &Gemm, bias: bool) -> PlanKey {
             GemmEpilogue::GeluGrad { .. } => 2,
             GemmEpilogue::BiasGrad { .. } => 3,
         },
-        align: [
-            batched(g.b, g.batch.stride_b, 2),
-            batched(g.a, g.batch.stride_a, 2),
-            batched(g.c, g.batch.stride_c, c_bytes),
-        ],
+        // A pointer-array batch's matrices have the alignment it claims (its own addresses
+        // are those of the arrays).
+        align: match g.batch.pointer_arrays {
+            Some(align) => [align; 3],
+            None => [
+                batched(g.b, g.batch.stride_b, 2),
+                batched(g.a, g.batch.stride_a, 2),
+                batched(g.c, g.batch.stride_c, c_bytes),
+            ],
+        },
         batch: g.batch,
         ld: g.row_strides(),
     }
@@ -470,6 +476,12 @@ impl Blas {
         }
         let Some(plan) = plans.get(&key).and_then(Option::as_ref) else {
             drop(plans);
+            if g.batch.pointer_arrays.is_some() {
+                return Err(GpuError::Unsupported(format!(
+                    "cuBLASLt has no kernel for {}",
+                    what()
+                )));
+            }
             if let GemmEpilogue::BiasGrad { .. } = g.epilogue {
                 return Err(GpuError::Unsupported(format!(
                     "cuBLASLt has no kernel for {}",
@@ -505,6 +517,24 @@ impl Blas {
             }
             Err(e) => Err(fail("cublasLtMatmul", e)),
         }
+    }
+
+    /// Whether the pointer-array batch `g` ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays);
+    /// its addresses unused) has a kernel: its plan made now if not yet (context current).
+    pub(super) fn has_pointer_array_plan(&self, g: &Gemm) -> Result<bool, GpuError> {
+        if g.batch.pointer_arrays.is_none() || g.bias.is_some() || g.epilogue != GemmEpilogue::None
+        {
+            return Ok(false);
+        }
+        g.check_strides()?;
+        let key = plan_key(g, false);
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Vacant(vacant) = plans.entry(key) {
+            // SAFETY: no bias, no epilogue and no tuning for such a batch, so planning reads
+            // and writes no device memory.
+            vacant.insert(unsafe { self.plan(g, None, &key) }?);
+        }
+        Ok(plans.get(&key).is_some_and(Option::is_some))
     }
 
     /// The plan of `g`'s shape: its layouts and descriptor, and the heuristic's first
@@ -544,7 +574,20 @@ impl Blas {
         let lt_a = layout(f16, b_rows, b_cols, ldb, "layout of B")?;
         let lt_b = layout(f16, a_rows, a_cols, lda, "layout of A")?;
         let lt_c = layout(c_type, m, n, ldc, "layout of C")?;
-        if g.batch.count > 1 {
+        if let Some(align) = g.batch.pointer_arrays {
+            // A library without pointer-array batches (before CUDA 12.9) refuses the layout
+            // attribute; either way the batch has no kernel here and its products go as before.
+            // SAFETY: live layouts.
+            if let Err(e) = unsafe { pointer_array_layouts(&[&lt_a, &lt_b, &lt_c], g.batch.count) }
+            {
+                tracing::info!(
+                    "cuBLASLt takes no pointer-array batch of {} ({e}): products one launch each",
+                    what()
+                );
+                return Ok(None);
+            }
+            debug_assert!(key.align == [align; 3]);
+        } else if g.batch.count > 1 {
             let count = i32::try_from(g.batch.count).map_err(|_| GpuError::Shape {
                 op: "gemm",
                 message: format!("{}: batch over i32", what()),
@@ -616,8 +659,10 @@ impl Blas {
             point_at(&desc, g, bias).map_err(fail("pointers"))?;
         }
 
-        let wanted = if tuning() { TUNE_CANDIDATES } else { 1 };
-        let found = if g.batch.count > 1 && unbatched() {
+        // Tuning would run a pointer-array batch into scratch it has no arrays for: never.
+        let arrays = g.batch.pointer_arrays.is_some();
+        let wanted = if tuning() && !arrays { TUNE_CANDIDATES } else { 1 };
+        let found = if g.batch.count > 1 && !arrays && unbatched() {
             Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
         } else {
             // SAFETY: live descriptors.
@@ -642,6 +687,14 @@ impl Blas {
                 candidates[best]
             }
             Ok(candidates) => candidates[0],
+            // No kernel for a pointer-array batch: its products go as they came.
+            Err(e) if arrays => {
+                tracing::info!(
+                    "cuBLASLt has no kernel for {} ({e:?}): products one launch each",
+                    what()
+                );
+                return Ok(None);
+            }
             // A batch must suit one kernel for every matrix in it (the stride counts in the
             // alignment: odd sequence lengths make it 2 or 4 bytes); where none does, its
             // products go one at a time.
@@ -989,6 +1042,37 @@ impl Drop for Preference {
         // SAFETY: as above.
         let _ = unsafe { lt::destroy_matmul_pref(self.0) };
     }
+}
+
+/// Sets `layouts` (cuBLASLt's A, B and C) to pointer-array batches of `count` matrices: their
+/// addresses given at each product as device arrays of `count` addresses.
+///
+/// # Safety
+/// Live layouts.
+unsafe fn pointer_array_layouts(layouts: &[&Layout], count: usize) -> Result<(), String> {
+    use lt_sys::cublasLtMatrixLayoutAttribute_t as L;
+    let count = i32::try_from(count).map_err(|_| format!("{count} products: over i32"))?;
+    let mode = lt_sys::cublasLtBatchMode_t::CUBLASLT_BATCH_MODE_POINTER_ARRAY as i32;
+    for layout in layouts {
+        // SAFETY: a live layout; int32 values, as both attributes take.
+        unsafe {
+            lt::set_matrix_layout_attribute(
+                layout.0,
+                L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                (&count as *const i32).cast(),
+                4,
+            )
+            .map_err(|e| format!("batch count: {e:?}"))?;
+            lt::set_matrix_layout_attribute(
+                layout.0,
+                L::CUBLASLT_MATRIX_LAYOUT_BATCH_MODE,
+                (&mode as *const i32).cast(),
+                4,
+            )
+            .map_err(|e| format!("batch mode: {e:?}"))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

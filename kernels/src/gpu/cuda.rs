@@ -461,6 +461,12 @@ impl Device for CudaDevice {
         queued
     }
 
+    fn has_pointer_array_gemm(&self, g: &Gemm) -> Result<bool, GpuError> {
+        let blas = self.blas()?;
+        self.bind()?;
+        blas.has_pointer_array_plan(g)
+    }
+
     fn runs_products_at_once(&self) -> bool {
         self.blas.is_some() && super::cublaslt::lanes() > 1
     }

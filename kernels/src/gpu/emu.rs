@@ -16,7 +16,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use half::f16;
 
-use super::{Device, DevicePtr, Gemm, GemmEpilogue, GpuError};
+use super::{Device, DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
 
 extern "C" {
     fn chingu_emu_launch(
@@ -154,6 +154,12 @@ pub struct EmuDevice {
     /// Whether products take [`GemmEpilogue::BiasGrad`]; off, they fail as a cuBLASLt
     /// without such a kernel would.
     bias_grad_epilogue: bool,
+    /// Whether products take pointer-array batches ([`GemmBatch::pointer_arrays`]); off, the
+    /// device says it has no kernel for them, as a cuBLASLt before CUDA 12.9 would.
+    pointer_arrays: bool,
+    /// Pointer-array batches run so far (each a whole batch): how tests see that the batch,
+    /// not its fallback, ran.
+    pointer_array_batches: AtomicUsize,
 }
 
 /// The environment variable that puts `--device cuda` training and GPU workers on this
@@ -191,7 +197,21 @@ impl EmuDevice {
             used: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             bias_grad_epilogue: true,
+            pointer_arrays: true,
+            pointer_array_batches: AtomicUsize::new(0),
         }
+    }
+
+    /// This device without pointer-array batches ([`Device::has_pointer_array_gemm`] false),
+    /// as a cuBLASLt before CUDA 12.9: how the tests reach `gemm::run_group_as`'s fallback.
+    pub fn without_pointer_arrays(mut self) -> Self {
+        self.pointer_arrays = false;
+        self
+    }
+
+    /// Pointer-array batches this device has run.
+    pub fn pointer_array_batches(&self) -> usize {
+        self.pointer_array_batches.load(Ordering::SeqCst)
     }
 
     /// This device refusing [`GemmEpilogue::BiasGrad`] with [`GpuError::Unsupported`] (and
@@ -682,10 +702,62 @@ impl Device for EmuDevice {
                 "emulated device: no product with a fused bias gradient (as told)".into(),
             ));
         }
+        if let Some(align) = batch.pointer_arrays {
+            // SAFETY: the caller's contract (the arrays hold `count` addresses each, and
+            // device memory is host memory here).
+            return unsafe { self.pointer_array_gemm(g, align) };
+        }
         for i in 0..batch.count.max(1) {
             // SAFETY: the caller guarantees every product's extents.
             unsafe { single_gemm(&g.nth(i)) }?;
         }
+        Ok(())
+    }
+
+    fn has_pointer_array_gemm(&self, g: &Gemm) -> Result<bool, GpuError> {
+        Ok(self.pointer_arrays && g.bias.is_none() && g.epilogue == GemmEpilogue::None)
+    }
+}
+
+impl EmuDevice {
+    /// A pointer-array batch ([`GemmBatch::pointer_arrays`]): each product from its arrays'
+    /// addresses, every one checked to have the alignment the batch claims (cuBLASLt chooses
+    /// its kernel by that claim).
+    ///
+    /// # Safety
+    /// As [`Device::gemm`].
+    unsafe fn pointer_array_gemm(&self, g: &Gemm, align: u32) -> Result<(), GpuError> {
+        if !self.pointer_arrays {
+            return Err(GpuError::Unsupported(
+                "emulated device: no pointer-array batches (as told)".into(),
+            ));
+        }
+        if g.bias.is_some() || g.epilogue != GemmEpilogue::None {
+            return Err(GpuError::Shape {
+                op: "gemm",
+                message: "a batch of products takes no bias and no epilogue".into(),
+            });
+        }
+        let count = g.batch.count;
+        // SAFETY: the caller's contract: each array holds `count` addresses.
+        let read = |array: DevicePtr| unsafe {
+            std::slice::from_raw_parts(array as *const u64, count).to_vec()
+        };
+        let (a, b, c) = (read(g.a), read(g.b), read(g.c));
+        for i in 0..count {
+            if let Some(&bad) = [a[i], b[i], c[i]].iter().find(|&&p| p % u64::from(align) != 0) {
+                return Err(GpuError::Shape {
+                    op: "gemm",
+                    message: format!(
+                        "product {i} of a pointer-array batch: address {bad:#x} is not {align}-byte aligned as claimed"
+                    ),
+                });
+            }
+            let one = Gemm { a: a[i], b: b[i], c: c[i], batch: GemmBatch::ONE, ..*g };
+            // SAFETY: the caller guarantees every product's extents.
+            unsafe { single_gemm(&one) }?;
+        }
+        self.pointer_array_batches.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }

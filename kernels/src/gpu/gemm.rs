@@ -3,7 +3,21 @@
 
 use half::f16;
 
-use super::{DeviceBuffer, Element, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
+use super::{
+    address_alignment, DeviceBuffer, Element, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError,
+};
+
+/// `CHINGU_GEMM_ARRAYS=1`: [`run_group`] runs the products of a group that share a shape as
+/// one pointer-array batch ([`GemmBatch::pointer_arrays`]) where the device has a kernel for
+/// it, instead of one launch each. Off by default until a GPU has timed it (see
+/// [`run_group_as`]).
+pub const ARRAYS_VAR: &str = "CHINGU_GEMM_ARRAYS";
+
+/// Whether [`ARRAYS_VAR`] is `1`.
+pub fn pointer_arrays() -> bool {
+    static ARRAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ARRAYS.get_or_init(|| std::env::var(ARRAYS_VAR).as_deref() == Ok("1"))
+}
 
 /// The output of a product, and so its type.
 pub enum GemmOut<'a> {
@@ -183,7 +197,8 @@ fn describe(op: &str, g: &Gemm) -> String {
     };
     let (m, n, k, ta, tb) = (g.m, g.n, g.k, t(g.trans_a), t(g.trans_b));
     let batch = if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() };
-    format!("gemm{op} {batch}{m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}")
+    let arrays = if g.batch.pointer_arrays.is_some() { " (pointer arrays)" } else { "" };
+    format!("gemm{op} {batch}{m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}{arrays}")
 }
 
 /// Runs `g` on `dev`, timed under a name showing the op and shape when profiling (see
@@ -196,16 +211,51 @@ pub unsafe fn run(dev: &Gpu, op: &str, g: &Gemm) -> Result<(), GpuError> {
     super::profile::time(dev, || describe(op, g), || unsafe { dev.gemm(g) })
 }
 
-/// Runs `gs`, products independent of each other, as [`Device::gemm_group`](super::Device::gemm_group):
-/// at once where the device does that ([`Device::runs_products_at_once`](super::Device::runs_products_at_once)),
-/// else one by one through [`run`], each timed under its own name when profiling. Profiled
-/// launch by launch (`CHINGU_PROFILE=1`) they always go one by one; with device events a
-/// group run at once is one span, named by its first product, since its products overlap.
+/// [`run_group_as`] with pointer arrays as [`ARRAYS_VAR`] says.
+///
+/// # Safety
+/// As [`run_group_as`].
+pub unsafe fn run_group(dev: &Gpu, op: &str, gs: &[Gemm]) -> Result<(), GpuError> {
+    // SAFETY: the caller's contract.
+    unsafe { run_group_as(dev, op, gs, pointer_arrays()) }
+}
+
+/// Runs `gs`, products independent of each other. With `pointer_arrays`, the products that
+/// share a shape ([`same_shape`]) go as one pointer-array batch where the device has a kernel
+/// for it ([`Device::has_pointer_array_gemm`](super::Device::has_pointer_array_gemm)): one
+/// launch for the GEMM attention path's per-head products of a phase, which alone leave most
+/// of an H200 idle in their last wave (run 22: one head's 18 blocks of 1024×192×1024 at ~230
+/// TFLOP/s, all 72 blocks head-major in one product at ~500). Their matrix addresses reach
+/// the device through [`super::ops::upload_in_order`]. The rest go as
+/// [`Device::gemm_group`](super::Device::gemm_group): at once where the device does that
+/// ([`Device::runs_products_at_once`](super::Device::runs_products_at_once)), else one by one
+/// through [`run`], each timed under its own name when profiling. Profiled launch by launch
+/// (`CHINGU_PROFILE=1`) they always go one by one; with device events a group run at once is
+/// one span, named by its first product, since its products overlap. A pointer-array batch
+/// may sum in another order than its products alone (another kernel), so its last bits may
+/// differ from theirs; it is the same every run.
 ///
 /// # Safety
 /// Every pointer in each product must cover the matrix its shape says it holds, and no
 /// product writes what another reads or writes.
-pub unsafe fn run_group(dev: &Gpu, op: &str, gs: &[Gemm]) -> Result<(), GpuError> {
+pub unsafe fn run_group_as(
+    dev: &Gpu,
+    op: &str,
+    gs: &[Gemm],
+    pointer_arrays: bool,
+) -> Result<(), GpuError> {
+    let mut rest: Vec<Gemm> = Vec::new();
+    let gs = if pointer_arrays && gs.len() > 1 {
+        for class in shape_classes(gs) {
+            // SAFETY: the caller's contract.
+            if class.len() < 2 || !unsafe { run_as_pointer_arrays(dev, op, &class) }? {
+                rest.extend(class);
+            }
+        }
+        &rest[..]
+    } else {
+        gs
+    };
     let one_by_one = gs.len() < 2
         || !dev.runs_products_at_once()
         || crate::profile::mode() == crate::profile::Mode::Alone;
@@ -216,4 +266,73 @@ pub unsafe fn run_group(dev: &Gpu, op: &str, gs: &[Gemm]) -> Result<(), GpuError
     let name = || format!("{} at once, the first {}", gs.len(), describe(op, &gs[0]));
     // SAFETY: the caller's contract.
     super::profile::time(dev, name, || unsafe { dev.gemm_group(gs) })
+}
+
+/// Whether `a` and `b` are products a pointer-array batch can hold together: the same shape,
+/// operations, output type, row strides and beta, neither with a bias or an epilogue, neither
+/// already such a batch (their strides and addresses may differ).
+pub fn same_shape(a: &Gemm, b: &Gemm) -> bool {
+    let plain = |g: &Gemm| {
+        g.bias.is_none()
+            && g.epilogue == GemmEpilogue::None
+            && g.batch.pointer_arrays.is_none()
+            && g.m > 0
+            && g.n > 0
+            && g.k > 0
+    };
+    plain(a)
+        && plain(b)
+        && (a.m, a.n, a.k, a.trans_a, a.trans_b, a.c_f32)
+            == (b.m, b.n, b.k, b.trans_a, b.trans_b, b.c_f32)
+        && a.row_strides() == b.row_strides()
+        && a.beta.to_bits() == b.beta.to_bits()
+}
+
+/// `gs` split into classes of [`same_shape`] products, each in the order given, classes in
+/// the order of their first products (a product that fits no other is a class of one).
+fn shape_classes(gs: &[Gemm]) -> Vec<Vec<Gemm>> {
+    let mut classes: Vec<Vec<Gemm>> = Vec::new();
+    for g in gs {
+        match classes.iter_mut().find(|c| same_shape(&c[0], g)) {
+            Some(class) => class.push(*g),
+            None => classes.push(vec![*g]),
+        }
+    }
+    classes
+}
+
+/// Runs `class` ([`same_shape`] products) as one pointer-array batch of all their matrices;
+/// `Ok(false)` with nothing queued where the device has no kernel for that.
+///
+/// # Safety
+/// As [`run_group_as`].
+unsafe fn run_as_pointer_arrays(dev: &Gpu, op: &str, class: &[Gemm]) -> Result<bool, GpuError> {
+    let c_bytes = if class[0].c_f32 { 4 } else { 2 };
+    let count: usize = class.iter().map(|g| g.batch.count.max(1)).sum();
+    // Every matrix address, A's then B's then C's, product by product.
+    let mut addresses = vec![0u64; 3 * count];
+    let mut i = 0;
+    for g in class {
+        for j in 0..g.batch.count.max(1) {
+            let at = |ptr: u64, stride: usize, bytes: usize| ptr + (j * stride * bytes) as u64;
+            addresses[i] = at(g.a, g.batch.stride_a, 2);
+            addresses[count + i] = at(g.b, g.batch.stride_b, 2);
+            addresses[2 * count + i] = at(g.c, g.batch.stride_c, c_bytes);
+            i += 1;
+        }
+    }
+    let align = addresses.iter().map(|&p| address_alignment(p)).min().unwrap_or(256);
+    let batch = GemmBatch { count, pointer_arrays: Some(align), ..GemmBatch::ONE };
+    let like = Gemm { a: 0, b: 0, c: 0, batch, ..class[0] };
+    if !dev.has_pointer_array_gemm(&like)? {
+        return Ok(false);
+    }
+    let arrays = super::ops::upload_in_order(dev, &addresses)?;
+    let at = |k: usize| arrays.ptr() + (k * count * 8) as u64;
+    let g = Gemm { a: at(0), b: at(1), c: at(2), ..like };
+    // SAFETY: the caller's contract for every product the arrays name; the arrays hold
+    // `count` addresses each and stay allocated until the product is queued (the allocator
+    // hands them out again only to later work).
+    unsafe { run(dev, op, &g) }?;
+    Ok(true)
 }

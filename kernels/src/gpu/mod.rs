@@ -154,8 +154,9 @@ impl Gemm {
     /// Every matrix dense: the row stride is the stored row length.
     pub const DENSE: [usize; 3] = [0; 3];
 
-    /// Product `i` of this batch, as a product of its own.
+    /// Product `i` of this (strided) batch, as a product of its own.
     pub fn nth(&self, i: usize) -> Gemm {
+        debug_assert!(self.batch.pointer_arrays.is_none(), "nth of a pointer-array batch");
         let c_bytes = if self.c_f32 { 4 } else { 2 };
         let at =
             |ptr: DevicePtr, stride: usize, bytes: usize| ptr + (i * stride * bytes) as DevicePtr;
@@ -228,11 +229,29 @@ pub struct GemmBatch {
     pub stride_b: usize,
     /// Elements from one C to the next.
     pub stride_c: usize,
+    /// `Some(alignment)`: a batch whose matrices lie anywhere (cuBLASLt's pointer-array
+    /// batches). The product's `a`, `b` and `c` are then each the device address of `count`
+    /// matrix addresses (u64), product i's the i-th of each, every one of them a multiple of
+    /// `alignment` bytes (a power of two, at most 256); the strides are unused. See
+    /// [`gemm::run_group`] and [`Device::has_pointer_array_gemm`].
+    pub pointer_arrays: Option<u32>,
 }
 
 impl GemmBatch {
     /// One product.
-    pub const ONE: Self = Self { count: 1, stride_a: 0, stride_b: 0, stride_c: 0 };
+    pub const ONE: Self =
+        Self { count: 1, stride_a: 0, stride_b: 0, stride_c: 0, pointer_arrays: None };
+
+    /// `count` products, each matrix `stride_*` elements after the one before.
+    pub fn strided(count: usize, stride_a: usize, stride_b: usize, stride_c: usize) -> Self {
+        Self { count, stride_a, stride_b, stride_c, pointer_arrays: None }
+    }
+}
+
+/// The alignment of a device address in bytes: its largest power-of-two divisor, at most 256
+/// (0 counts as 256).
+pub fn address_alignment(ptr: DevicePtr) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
 }
 
 /// A pointwise step fused into a product's store (cuBLASLt's epilogues), so the activation
@@ -354,6 +373,13 @@ pub trait Device: Send + Sync {
     /// # Safety
     /// Every pointer in `g` must cover the matrix the shape says it holds.
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
+    /// Whether a pointer-array batch like `g` ([`GemmBatch::pointer_arrays`]; its addresses
+    /// unused) has a kernel here, so [`Device::gemm`] takes it. Decided at the first such
+    /// shape and kept, so asking again costs nothing. Not on devices without such batches
+    /// (cuBLASLt before CUDA 12.9, or with no kernel for the shape).
+    fn has_pointer_array_gemm(&self, _g: &Gemm) -> Result<bool, GpuError> {
+        Ok(false)
+    }
     /// Whether [`Device::gemm_group`] runs products at once (a GPU with `CHINGU_GEMM_LANES`
     /// above 1); not here.
     fn runs_products_at_once(&self) -> bool {

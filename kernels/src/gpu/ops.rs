@@ -18,6 +18,9 @@ const THREADS: u32 = 256;
 /// (Row, head) items a lane group of `attention_backward_delta_f16` takes: attention.cu's
 /// `CHINGU_DELTA_ITEMS` (a unit test reads it there).
 const DELTA_ITEMS: usize = 4;
+/// Values one `fill_u64_list` launch carries in its parameters: elementwise.cu's
+/// `CHINGU_U64_LIST` (a unit test reads it there).
+const U64_LIST: usize = 240;
 /// Most blocks an elementwise launch uses (grid-stride beyond).
 const MAX_BLOCKS: u32 = 65_535;
 /// Blocks of the first pass of a sum of squares: fixed, so the norm never depends on the GPU.
@@ -255,6 +258,28 @@ pub fn scale_f16(dev: &Gpu, buf: &mut DeviceBuffer<f16>, factor: f32) -> Result<
 pub fn scale_f32(dev: &Gpu, buf: &mut DeviceBuffer<f32>, factor: f32) -> Result<(), GpuError> {
     let n = int("scale_f32", "n", buf.len())?;
     elementwise(dev, "scale_f32", buf.len(), args![buf.ptr(), factor, n])
+}
+
+/// `fill_u64_list`'s parameter: the values, as the kernel's `U64List` lays them out.
+#[repr(C)]
+struct U64List([u64; U64_LIST]);
+
+/// A device copy of `values`, written by launches whose parameters carry them (as many as
+/// [`U64_LIST`] a launch), so it is ordered with the rest of the stream's work and the host
+/// waits for nothing: the matrix addresses of a pointer-array batch of products
+/// ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays)), which change with every
+/// step's buffers.
+pub fn upload_in_order(dev: &Gpu, values: &[u64]) -> Result<DeviceBuffer<u64>, GpuError> {
+    const OP: &str = "fill_u64_list";
+    let out = DeviceBuffer::<u64>::uninit(dev, values.len())?;
+    for (i, chunk) in values.chunks(U64_LIST).enumerate() {
+        let mut list = U64List([0; U64_LIST]);
+        list.0[..chunk.len()].copy_from_slice(chunk);
+        let dst = out.ptr() + (i * U64_LIST * 8) as super::DevicePtr;
+        let n = int(OP, "n", chunk.len())?;
+        elementwise(dev, OP, chunk.len(), args![dst, list, n])?;
+    }
+    Ok(out)
 }
 
 /// `y[r, c] += b[c]` over `rows × cols`.
@@ -2147,6 +2172,18 @@ mod tests {
             .expect("attention.cu is embedded");
         let line = format!("#define CHINGU_DELTA_ITEMS {}", super::DELTA_ITEMS);
         assert!(source.lines().any(|l| l.trim() == line), "attention.cu lacks `{line}`");
+    }
+
+    /// The launcher fills the kernel's parameter struct exactly: as many values as it holds.
+    #[test]
+    fn u64_list_is_the_kernels() {
+        let (_, source) = crate::gpu::sources::FILES
+            .iter()
+            .find(|(name, _)| *name == "elementwise.cu")
+            .expect("elementwise.cu is embedded");
+        let line = format!("#define CHINGU_U64_LIST {}", super::U64_LIST);
+        assert!(source.lines().any(|l| l.trim() == line), "elementwise.cu lacks `{line}`");
+        assert_eq!(std::mem::size_of::<super::U64List>(), super::U64_LIST * 8);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! product reads and writes one head's columns of the `[B·T, H·Dh]` tensors in place (row
 //! stride H·Dh), batched over batch rows, one product per head — no copy of any tensor into a
 //! head-major layout. The heads' products of one step go as a group (`gemm::run_group`),
-//! which `CHINGU_GEMM_LANES` > 1 runs beside each other on a GPU's streams. Kernels and conventions: `kernels/cuda/attention_gemm.cu`. Score rows go
+//! which `CHINGU_GEMM_LANES` > 1 runs beside each other on a GPU's streams, and
+//! `CHINGU_GEMM_ARRAYS=1` as one pointer-array batch a shape (all heads' blocks in one
+//! launch). Kernels and conventions: `kernels/cuda/attention_gemm.cu`. Score rows go
 //! in chunks of whole (batch row, head) blocks, consecutive in that order, of at most
 //! `scores_per_chunk` scores (one block at least), so the scratch stays bounded (12 bytes a
 //! score in backward, 6 with P saved; 8 and 4 with fp16 scores) whatever the sequence length; a chunk's blocks of one
@@ -262,7 +264,7 @@ fn batched(
         beta: 0.0,
         bias: None,
         epilogue: GemmEpilogue::None,
-        batch: GemmBatch { count, stride_a: a.stride, stride_b: b.stride, stride_c: c.stride },
+        batch: GemmBatch::strided(count, a.stride, b.stride, c.stride),
         ld: [a.ld, b.ld, c.ld],
     }
 }
