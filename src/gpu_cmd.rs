@@ -50,7 +50,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         chingu_kernels::gpu::cuda::TUNE_VAR,
-        "1 = time cuBLASLt's first 8 algorithms per product shape, keep the fastest",
+        "unset or 1 = the fastest of cuBLASLt's first 8 algorithms per product shape, timed once and \
+         kept on disk; again = time anew; 0 = cuBLASLt's first",
     ),
     (
         chingu_kernels::gpu::cuda::LANES_VAR,
@@ -65,7 +66,10 @@ const SETTINGS: &[(&str, &str)] = &[
         "bench-train prints where a step's time goes: 1 = each launch timed alone, events = \
          each launch's device time at the step's pace",
     ),
-    ("CHINGU_KERNEL_CACHE", "where compiled kernels are kept (default ~/.cache/chingu/kernels)"),
+    (
+        "CHINGU_KERNEL_CACHE",
+        "where compiled kernels and cuBLASLt's tuned choices are kept (default ~/.cache/chingu/kernels)",
+    ),
 ];
 
 /// Prints [`SETTINGS`] with their values here.

@@ -329,6 +329,7 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
         "CHINGU_GELU_EPILOGUE",
         "CHINGU_GEMM_TUNE",
         "CHINGU_GEMM_LANES",
+        "CHINGU_GEMM_ARRAYS",
         "CHINGU_KERNEL_CACHE",
     ] {
         line(name);

@@ -2,9 +2,10 @@
 //! one plan per product shape — layouts, descriptor and algorithm, made at the shape's first
 //! product and kept, so a later product sets its own pointers and is queued — with the
 //! feed-forward GELU and the linear layers' bias gradients as epilogues, strided batches
-//! (one at a time where cuBLASLt has no batched kernel), `CHINGU_GEMM_TUNE=1`'s timing of
-//! the heuristic's first answers, and groups of independent products spread over a few
-//! streams ([`Blas::group`]).
+//! (one at a time where cuBLASLt has no batched kernel) and pointer-array batches, the timing
+//! of the heuristic's first answers (`CHINGU_GEMM_TUNE`; choices kept on disk by
+//! [`TuneStore`]), and groups of independent products spread over a few streams
+//! ([`Blas::group`]).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -14,6 +15,7 @@ use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{result, sys};
 
 use super::cuda::driver;
+use super::tune_store::{fingerprint, TuneStore};
 use super::{DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
 
 /// `CHINGU_GEMM_UNBATCHED=1`: every strided batch takes the path for batches cuBLASLt has no
@@ -23,16 +25,55 @@ fn unbatched() -> bool {
     *UNBATCHED.get_or_init(|| std::env::var("CHINGU_GEMM_UNBATCHED").as_deref() == Ok("1"))
 }
 
-/// `1` times cuBLASLt's first [`TUNE_CANDIDATES`] heuristic answers for each product shape
-/// at its first use and keeps the fastest, instead of the first answer (PyTorch's TunableOp
-/// does the same for its products). The choice can differ between runs, and with it the last
-/// bits of results; off by default.
+/// How cuBLASLt's algorithm for each product shape is chosen ([`Tuning`]): unset or `1`, the
+/// fastest of the heuristic's first [`TUNE_CANDIDATES`] answers, timed at the shape's first
+/// use (PyTorch's TunableOp does the same for its products) and kept on disk for later runs
+/// (`super::tune_store`); `again`, timed anew and kept; `0`, the heuristic's first answer.
 pub const TUNE_VAR: &str = "CHINGU_GEMM_TUNE";
 
-/// Whether [`TUNE_VAR`] is `1`.
+/// [`TUNE_VAR`]'s choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tuning {
+    /// `0`: the heuristic's first answer, never timed.
+    Off,
+    /// Unset or `1` (the default): a choice kept from an earlier run where there is one, else
+    /// timed and kept. GPU runs 22–23 (H200, seed-768 at 18 × 1024): 41.5–42.4 ms a step
+    /// against 43.5–44.1 with the first answers.
+    Kept,
+    /// `again`: timed again whatever was kept, and kept.
+    Again,
+}
+
+impl Tuning {
+    /// The setting's value: `None` for a value it does not name.
+    pub fn parse(value: Option<&str>) -> Option<Self> {
+        match value.map(str::trim) {
+            None | Some("") | Some("1") => Some(Tuning::Kept),
+            Some("0") => Some(Tuning::Off),
+            Some(v) if v.eq_ignore_ascii_case("again") => Some(Tuning::Again),
+            Some(_) => None,
+        }
+    }
+}
+
+/// [`TUNE_VAR`]'s value (a value it does not name is the default, said once).
+pub fn tuning_mode() -> Tuning {
+    static TUNING: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
+    *TUNING.get_or_init(|| {
+        let value = std::env::var(TUNE_VAR).ok();
+        Tuning::parse(value.as_deref()).unwrap_or_else(|| {
+            tracing::warn!(
+                "{TUNE_VAR}={} is not 0, 1 or again: tuning as by default (1)",
+                value.unwrap_or_default()
+            );
+            Tuning::Kept
+        })
+    })
+}
+
+/// Whether product shapes are timed (or a kept choice taken) at their first use.
 pub(super) fn tuning() -> bool {
-    static TUNING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TUNING.get_or_init(|| std::env::var(TUNE_VAR).as_deref() == Ok("1"))
+    tuning_mode() != Tuning::Off
 }
 
 /// `CHINGU_GEMM_LANES`: how many streams a group of independent products is spread over
@@ -309,6 +350,10 @@ struct PlanKey {
 /// cuBLASLt state of one device.
 pub(super) struct Blas {
     context: sys::CUcontext,
+    /// The device and library a kept tuning choice is for: `NVIDIA H200 sm_90; cuBLASLt 130000`.
+    tuned_for: String,
+    /// Tuning choices kept on disk.
+    store: TuneStore,
     handle: lt_sys::cublasLtHandle_t,
     workspace: DevicePtr,
     /// Each shape seen, planned once: its descriptors and algorithm, so a product after the
@@ -323,7 +368,8 @@ pub(super) struct Blas {
 }
 
 impl Blas {
-    pub(super) fn new(context: sys::CUcontext) -> Result<Self, GpuError> {
+    /// cuBLASLt for `device` (its name and architecture, as tuning choices are kept for).
+    pub(super) fn new(context: sys::CUcontext, device: &str) -> Result<Self, GpuError> {
         let handle = lt::create_handle().map_err(|e| GpuError::Driver {
             call: "cublasLtCreate".into(),
             message: format!("{e:?}"),
@@ -337,8 +383,12 @@ impl Blas {
                 return Err(driver("cuMemAlloc (cuBLASLt workspace)")(e));
             }
         };
+        // SAFETY: a plain query of the loaded library.
+        let version = unsafe { lt_sys::cublasLtGetVersion() };
         Ok(Self {
             context,
+            tuned_for: format!("{device}; cuBLASLt {version}"),
+            store: TuneStore::at(super::nvrtc::cache_dir().map(|d| d.join("cublaslt-tune"))),
             handle,
             workspace,
             plans: Mutex::new(HashMap::new()),
@@ -519,6 +569,12 @@ impl Blas {
         }
     }
 
+    /// Whether every product of `gs` has its shape's plan already (none would be timed now).
+    pub(super) fn planned(&self, gs: &[Gemm]) -> bool {
+        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        gs.iter().all(|g| plans.contains_key(&plan_key(g, false)))
+    }
+
     /// Whether the pointer-array batch `g` ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays);
     /// its addresses unused) has a kernel: its plan made now if not yet (context current).
     pub(super) fn has_pointer_array_plan(&self, g: &Gemm) -> Result<bool, GpuError> {
@@ -670,6 +726,27 @@ impl Blas {
         };
         let algo = match found {
             Ok(candidates) if candidates.len() > 1 => {
+                let store_key = format!("{}; {key:?}", self.tuned_for);
+                let prints: Vec<u64> = candidates.iter().map(|a| fingerprint(&a.data)).collect();
+                let kept = match tuning_mode() {
+                    Tuning::Again => None,
+                    _ => self.store.load(&store_key, &prints),
+                };
+                if let Some(index) = kept {
+                    tracing::info!(
+                        "cuBLASLt tuning {}: answer {} of {} (kept from an earlier run)",
+                        what(),
+                        index + 1,
+                        candidates.len()
+                    );
+                    return Ok(Some(Plan {
+                        desc,
+                        a: lt_a,
+                        b: lt_b,
+                        c: lt_c,
+                        algo: candidates[index],
+                    }));
+                }
                 let layouts = [&lt_a, &lt_b, &lt_c];
                 // SAFETY: as this call's; the candidates write scratch only.
                 let (best, times) =
@@ -684,6 +761,16 @@ impl Blas {
                     candidates.len(),
                     all.join(", ")
                 );
+                // Kept only where it was timed (a failed timing takes the first answer this
+                // once and times again next run).
+                if times[best].is_some() {
+                    if let Err(e) = self.store.save(&store_key, best, prints[best]) {
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        WARNED.call_once(|| {
+                            tracing::warn!("cuBLASLt tuning choices not kept on disk ({e})")
+                        });
+                    }
+                }
                 candidates[best]
             }
             Ok(candidates) => candidates[0],
@@ -1077,7 +1164,17 @@ unsafe fn pointer_array_layouts(layouts: &[&Layout], count: usize) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use super::fastest;
+    use super::{fastest, Tuning};
+
+    #[test]
+    fn tuning_is_on_and_kept_unless_told_otherwise() {
+        assert_eq!(Tuning::parse(None), Some(Tuning::Kept));
+        assert_eq!(Tuning::parse(Some("1")), Some(Tuning::Kept));
+        assert_eq!(Tuning::parse(Some(" ")), Some(Tuning::Kept));
+        assert_eq!(Tuning::parse(Some("0")), Some(Tuning::Off));
+        assert_eq!(Tuning::parse(Some("AGAIN")), Some(Tuning::Again));
+        assert_eq!(Tuning::parse(Some("yes")), None);
+    }
 
     #[test]
     fn tuning_keeps_the_fastest_candidate_that_ran() {

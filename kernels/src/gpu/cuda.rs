@@ -17,7 +17,7 @@ use cudarc::driver::{result, sys};
 
 use super::buffer_cache::{size_class, BufferCache};
 use super::cublaslt::Blas;
-pub use super::cublaslt::{LANES_VAR, TUNE_VAR};
+pub use super::cublaslt::{tuning_mode, Tuning, LANES_VAR, TUNE_VAR};
 use super::{nvrtc, sources, Device, DevicePtr, Gemm, GpuError};
 
 /// One CUDA device with every kernel loaded.
@@ -209,8 +209,11 @@ impl CudaDevice {
             }
         }
         // SAFETY: only tries to open the library.
-        let blas =
-            if unsafe { lt_sys::is_culib_present() } { Some(Blas::new(context)?) } else { None };
+        let blas = if unsafe { lt_sys::is_culib_present() } {
+            Some(Blas::new(context, &format!("{name} sm_{major}{minor}"))?)
+        } else {
+            None
+        };
         Ok(Self {
             ordinal,
             context,
@@ -480,14 +483,14 @@ impl Device for CudaDevice {
             }
         }
         // In order: a product with a bias or an epilogue (one cuBLASLt refuses must fail
-        // before anything of the group is queued, for the caller's fallback), and while
-        // tuning (a shape's first product times its candidates on the null stream, which
-        // products on other streams would skew).
+        // before anything of the group is queued, for the caller's fallback), and, tuning,
+        // while some product's shape has no plan yet (its first product times its candidates
+        // on the null stream, which products on other streams would skew).
         let plain = |g: &Gemm| g.bias.is_none() && g.epilogue == super::GemmEpilogue::None;
         if lanes < 2
             || with_work.len() < 2
             || !with_work.iter().all(plain)
-            || super::cublaslt::tuning()
+            || (super::cublaslt::tuning() && !self.blas()?.planned(&with_work))
         {
             for g in &with_work {
                 // SAFETY: the caller's contract.

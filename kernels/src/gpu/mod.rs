@@ -25,6 +25,8 @@ pub mod emu;
 pub mod nccl;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod tune_store;
 
 use std::ffi::c_void;
 use std::marker::PhantomData;

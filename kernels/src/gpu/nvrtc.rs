@@ -128,7 +128,9 @@ pub fn compile_cached(file: &str, source: &str, arch: &str) -> Result<Vec<u8>, G
     Ok(compiled.image)
 }
 
-fn cache_dir() -> Option<PathBuf> {
+/// The kernel cache's directory (see [`compile_cached`]); cuBLASLt's kept tuning choices live
+/// in its `cublaslt-tune` (`super::tune_store`).
+pub(super) fn cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("CHINGU_KERNEL_CACHE") {
         return Some(PathBuf::from(dir));
     }
