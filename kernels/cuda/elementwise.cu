@@ -108,16 +108,24 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
     partials[(long long)blockIdx.y * cols + c] = sum;
 }
 
-/// The same pass 1 over tiles (cols a multiple of 8, dy 16-byte aligned; block (8, 32)):
-/// block (x, y) sums rows y·chunk .. min((y+1)·chunk, rows) of columns 64·x .. 64·x + 63.
-/// Thread (g, l) holds 8 adjacent columns (one 128-bit load a row) and sums rows l, l + 32,
-/// … of the chunk in order; the 32 row lanes' sums are then added in lane order through
-/// shared memory: one partial row per chunk, and chunks long enough (the launcher's choice,
-/// from `rows` alone) that pass 2 adds at most 64 of them. A warp reads 4 rows of 128
-/// contiguous bytes.
-extern "C" __global__ void bias_backward_tile_f16(float* partials, const __half* dy, int rows,
-                                                  int cols, int chunk) {
+/// The bias gradient in one launch over tiles (cols a multiple of 8, dy 16-byte aligned; block
+/// (8, 32)): block (x, y) sums rows y·chunk .. min((y+1)·chunk, rows) of columns 64·x ..
+/// 64·x + 63. Thread (g, l) holds 8 adjacent columns (one 128-bit load a row) and sums rows
+/// l, l + 32, … of the chunk in order; the 32 row lanes' sums are then added in lane order
+/// through shared memory into the chunk's partial row. Chunks are long enough (the launcher's
+/// choice, from `rows` alone) that there are at most 64 partial rows. A warp reads 4 rows of
+/// 128 contiguous bytes.
+///
+/// The last block of a column tile to finish (counted by `counters[x]`, zero at the launch and
+/// left zero again) then adds the tile's partial rows into `out` in `column_sum_f32`'s order —
+/// row lane l sums partial rows l, l + 32, … in order, the 32 lanes' sums added in lane order —
+/// so the result has the bits the two-launch form (this pass, then `column_sum_f32`) had,
+/// without the second launch (GPU run 22: 96 of them a seed-768 step, ~6 µs each).
+extern "C" __global__ void bias_backward_tile_f16(float* out, float* partials,
+                                                  unsigned int* counters, const __half* dy,
+                                                  int rows, int cols, int chunk) {
     __shared__ float lanes[32][65];
+    __shared__ bool last_block;
     const int group = threadIdx.x, lane = threadIdx.y;
     const int c = 64 * blockIdx.x + 8 * group;
     const int first = blockIdx.y * chunk;
@@ -154,4 +162,28 @@ extern "C" __global__ void bias_backward_tile_f16(float* partials, const __half*
         for (int l = 0; l < 32; ++l) total += lanes[l][t];
         partials[(long long)blockIdx.y * cols + column] = total;
     }
+    // This block's partial row is written: made visible before it is counted.
+    __threadfence();
+    __syncthreads();
+    if (t == 0) last_block = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last_block) return;
+    // The tile's last block: every partial row is in (read past L1, which may hold none of
+    // them but is not kept coherent).
+    __threadfence();
+    float col_sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (c < cols)
+        for (int k = lane; k < (int)gridDim.y; k += 32)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) col_sum[e] += __ldcg(partials + (long long)k * cols + c + e);
+    __syncthreads();  // every thread is done with `lanes` above
+#pragma unroll
+    for (int e = 0; e < 8; ++e) lanes[lane][8 * group + e] = col_sum[e];
+    __syncthreads();
+    if (t < 64 && column < cols) {
+        float total = 0.0f;
+        for (int l = 0; l < 32; ++l) total += lanes[l][t];
+        out[column] += total;
+    }
+    if (t == 0) counters[blockIdx.x] = 0u;  // zero again, for the next launch on the stream
 }

@@ -934,25 +934,22 @@ fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
             // columns from head h's first, `len` rows a batch row).
             unsafe { run(&dev, "", g) }.unwrap();
         }
-        let batches_before = with_arrays.pointer_array_batches();
+        let batches_before = dev.pointer_array_batches();
         let (group32, group16) = (poisoned(), poisoned_half());
         // SAFETY: as above; each product writes only head h's columns of its output.
         unsafe { run_group_as(&dev, "", &products(group32.ptr(), group16.ptr()), true) }.unwrap();
         let name = dev.name();
         let emulated = name == "emu";
+        let ran = dev.pointer_array_batches().unwrap() - batches_before.unwrap();
         if Arc::ptr_eq(&dev, &(with_arrays.clone() as Gpu)) {
-            assert_eq!(with_arrays.pointer_array_batches() - batches_before, 2, "batches run");
-        } else if !emulated {
-            let like = Gemm {
-                batch: GemmBatch { count: 9, pointer_arrays: Some(16), ..GemmBatch::ONE },
-                ..products(0, 0)[0]
-            };
-            println!(
-                "{name}: pointer-array batches {}",
-                if dev.has_pointer_array_gemm(&like).unwrap() { "taken" } else { "not taken" }
-            );
+            assert_eq!(ran, 2, "pointer-array batches run");
+        } else if emulated {
+            assert_eq!(ran, 0, "a device without pointer-array batches ran one");
+        } else {
+            // A library or a shape without such batches falls back, rightly: said, not failed
+            // (`scripts/gpu-check` shows this line).
+            println!("{name}: pointer-array batches taken: {ran} of 2");
         }
-        assert_eq!(without_arrays.pointer_array_batches(), 0, "a device without them ran one");
         let (a32, g32) = (alone32.to_host().unwrap(), group32.to_host().unwrap());
         let (a16, g16) = (alone16.to_host().unwrap(), group16.to_host().unwrap());
         for (i, (a, g)) in a32.iter().zip(&g32).enumerate() {

@@ -266,6 +266,57 @@ fn residual_scale_and_bias_match_the_cpu_backend() {
     }
 }
 
+/// The bias gradient in its one-launch tiled form (`bias_backward_tile_f16`: the last block
+/// of each column tile adds the chunks' partial rows) has exactly the bits of the sums in the
+/// documented order, computed here in f32: each chunk's rows by row lane (rows l, l + 32, … of
+/// the chunk), the 32 lane sums in lane order; then the chunks' partial rows by lane again
+/// (chunks l, l + 32, …), those 32 sums in lane order, added to the start value. Shapes with
+/// one chunk, several, more chunks than 32 lanes, a short last chunk and a ragged last tile
+/// of columns (cols not a multiple of 64). A second call on the same stream must add the same
+/// amount again: the per-tile counters are left at zero for it.
+#[test]
+fn tiled_bias_gradient_adds_its_chunks_in_the_documented_order() {
+    let mut rng = SplitMix64(0xb1a5);
+    for dev in devices() {
+        for &(rows, cols) in &[(300, 64), (5000, 200), (18_432, 136), (40_000, 24)] {
+            let (dyh, dy) = random_half(&mut rng, rows * cols, -4.0, 4.0);
+            let start = random_f32(&mut rng, cols, -1.0, 1.0);
+            let chunk = ops::bias_grad_chunk(rows, true);
+            let chunks = rows.div_ceil(chunk);
+            let lane_order = |terms: &mut dyn Iterator<Item = (usize, f32)>| -> f32 {
+                let mut lanes = [0f32; 32];
+                for (i, v) in terms {
+                    lanes[i % 32] += v;
+                }
+                lanes.iter().fold(0f32, |t, &l| t + l)
+            };
+            let sums: Vec<f32> = (0..cols)
+                .map(|c| {
+                    let partial = |k: usize| {
+                        let (first, last) = (k * chunk, ((k + 1) * chunk).min(rows));
+                        lane_order(&mut (first..last).map(|r| (r - first, dy[r * cols + c])))
+                    };
+                    lane_order(&mut (0..chunks).map(|k| (k, partial(k))))
+                })
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut db = up(&dev, &start);
+            let dy_dev = up(&dev, &dyh);
+            let mut want = start.clone();
+            for call in 1..=2 {
+                ops::bias_backward(&dev, &mut db, &dy_dev, rows, cols).unwrap();
+                want.iter_mut().zip(&sums).for_each(|(w, s)| *w += s);
+                assert_eq!(
+                    bits(&db.to_host().unwrap()),
+                    bits(&want),
+                    "call {call}, {rows} × {cols} ({chunks} chunks) on {}",
+                    dev.name()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn dropout_drops_exactly_what_the_cpu_backend_drops() {
     let mut rng = SplitMix64(4);

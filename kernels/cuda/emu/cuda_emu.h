@@ -92,7 +92,7 @@
 //   Inc/Dec on the usual types (atomicAdd also float, double, __half); CUDA-only math
 //   intrinsics (__expf, rsqrtf, __fdividef, __saturatef, __float_as_uint, __umulhi,
 //   __popc, __clz, ...) — the fast-math intrinsics are computed with the accurate libm
-//   function, not with the GPU's approximation; min/max; __ldg; printf; assert (names
+//   function, not with the GPU's approximation; min/max; __ldg, __ldcg; printf; assert (names
 //   launch/block/thread; keep <cassert> out of kernel sources or include it before
 //   common.cuh); __half/__half2 bit-exact (see below); nvcuda::wmma for m16n16k16 with
 //   __half A/B and float or __half accumulators; chingu_emu::mma_m16n8k16, the PTX
@@ -524,6 +524,7 @@ inline std::common_type_t<A, B> max(A a, B b) {
 }
 
 template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 inline void __threadfence_system() {}

@@ -565,14 +565,23 @@ impl Blas {
                 );
                 Err(GpuError::Unsupported(format!("cuBLASLt refused {} ({e:?})", what())))
             }
+            // A pointer-array batch the heuristic offered but the product refuses (nothing
+            // queued): the shape has no kernel from now on, and its products go as they came.
+            Err(e) if g.batch.pointer_arrays.is_some() && refused(e) => {
+                plans.insert(key, None);
+                tracing::info!("cuBLASLt refused {} ({e:?}): products one launch each", what());
+                Err(GpuError::Unsupported(format!("cuBLASLt refused {} ({e:?})", what())))
+            }
             Err(e) => Err(fail("cublasLtMatmul", e)),
         }
     }
 
-    /// Whether every product of `gs` has its shape's plan already (none would be timed now).
+    /// Whether every product of `gs` has its shape's plan already, with a kernel (none would
+    /// be timed now: a batch without one goes one product at a time, and those products'
+    /// shapes may not be planned yet).
     pub(super) fn planned(&self, gs: &[Gemm]) -> bool {
         let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        gs.iter().all(|g| plans.contains_key(&plan_key(g, false)))
+        gs.iter().all(|g| matches!(plans.get(&plan_key(g, false)), Some(Some(_))))
     }
 
     /// Whether the pointer-array batch `g` ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays);

@@ -39,6 +39,8 @@ pub struct CudaDevice {
     /// Resident blocks by (function, threads, dynamic shared memory): the occupancy calculator
     /// asked once per launch size, not at every attention call.
     occupancy: Mutex<HashMap<(usize, u32, usize), Option<usize>>>,
+    /// Pointer-array batches queued so far ([`Device::pointer_array_batches`]).
+    pointer_array_batches: std::sync::atomic::AtomicUsize,
 }
 
 /// Timing events for `CHINGU_PROFILE=events`: ended spans not yet read, and events to reuse.
@@ -225,6 +227,7 @@ impl CudaDevice {
             cache: std::sync::Mutex::new(BufferCache::default()),
             spans: Mutex::new(Spans::default()),
             occupancy: Mutex::new(HashMap::new()),
+            pointer_array_batches: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -461,7 +464,14 @@ impl Device for CudaDevice {
         // SAFETY: the caller guarantees the extents; the context is current.
         let queued = unsafe { blas.matmul(g, bias) };
         drop(scratch);
+        if queued.is_ok() && g.batch.pointer_arrays.is_some() {
+            self.pointer_array_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         queued
+    }
+
+    fn pointer_array_batches(&self) -> Option<usize> {
+        Some(self.pointer_array_batches.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn has_pointer_array_gemm(&self, g: &Gemm) -> Result<bool, GpuError> {

@@ -209,11 +209,6 @@ impl EmuDevice {
         self
     }
 
-    /// Pointer-array batches this device has run.
-    pub fn pointer_array_batches(&self) -> usize {
-        self.pointer_array_batches.load(Ordering::SeqCst)
-    }
-
     /// This device refusing [`GemmEpilogue::BiasGrad`] with [`GpuError::Unsupported`] (and
     /// writing nothing), as a cuBLASLt with no kernel for it: how the tests reach the
     /// backend's fallback.
@@ -716,6 +711,10 @@ impl Device for EmuDevice {
 
     fn has_pointer_array_gemm(&self, g: &Gemm) -> Result<bool, GpuError> {
         Ok(self.pointer_arrays && g.bias.is_none() && g.epilogue == GemmEpilogue::None)
+    }
+
+    fn pointer_array_batches(&self) -> Option<usize> {
+        Some(self.pointer_array_batches.load(Ordering::SeqCst))
     }
 }
 

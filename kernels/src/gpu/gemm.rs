@@ -309,30 +309,38 @@ fn shape_classes(gs: &[Gemm]) -> Vec<Vec<Gemm>> {
 unsafe fn run_as_pointer_arrays(dev: &Gpu, op: &str, class: &[Gemm]) -> Result<bool, GpuError> {
     let c_bytes = if class[0].c_f32 { 4 } else { 2 };
     let count: usize = class.iter().map(|g| g.batch.count.max(1)).sum();
-    // Every matrix address, A's then B's then C's, product by product.
-    let mut addresses = vec![0u64; 3 * count];
+    // Every matrix address, product by product: A's, then B's, then C's, each array from a
+    // 256-byte boundary (`padded` addresses apart), as cuBLASLt may want its pointers aligned.
+    let padded = count.next_multiple_of(32);
+    let mut addresses = vec![0u64; 3 * padded];
     let mut i = 0;
     for g in class {
         for j in 0..g.batch.count.max(1) {
             let at = |ptr: u64, stride: usize, bytes: usize| ptr + (j * stride * bytes) as u64;
             addresses[i] = at(g.a, g.batch.stride_a, 2);
-            addresses[count + i] = at(g.b, g.batch.stride_b, 2);
-            addresses[2 * count + i] = at(g.c, g.batch.stride_c, c_bytes);
+            addresses[padded + i] = at(g.b, g.batch.stride_b, 2);
+            addresses[2 * padded + i] = at(g.c, g.batch.stride_c, c_bytes);
             i += 1;
         }
     }
-    let align = addresses.iter().map(|&p| address_alignment(p)).min().unwrap_or(256);
+    let used = |k: usize| &addresses[k * padded..k * padded + count];
+    let align = (0..3).flat_map(used).map(|&p| address_alignment(p)).min().unwrap_or(256);
     let batch = GemmBatch { count, pointer_arrays: Some(align), ..GemmBatch::ONE };
     let like = Gemm { a: 0, b: 0, c: 0, batch, ..class[0] };
     if !dev.has_pointer_array_gemm(&like)? {
         return Ok(false);
     }
     let arrays = super::ops::upload_in_order(dev, &addresses)?;
-    let at = |k: usize| arrays.ptr() + (k * count * 8) as u64;
+    let at = |k: usize| arrays.ptr() + (k * padded * 8) as u64;
     let g = Gemm { a: at(0), b: at(1), c: at(2), ..like };
     // SAFETY: the caller's contract for every product the arrays name; the arrays hold
     // `count` addresses each and stay allocated until the product is queued (the allocator
     // hands them out again only to later work).
-    unsafe { run(dev, op, &g) }?;
-    Ok(true)
+    match unsafe { run(dev, op, &g) } {
+        Ok(()) => Ok(true),
+        // Refused when queued (nothing queued; remembered by the device): the products go
+        // as they came. Only the address arrays were written, which nothing else reads.
+        Err(GpuError::Unsupported(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }

@@ -382,6 +382,11 @@ pub trait Device: Send + Sync {
     fn has_pointer_array_gemm(&self, _g: &Gemm) -> Result<bool, GpuError> {
         Ok(false)
     }
+    /// Pointer-array batches this device has run (queued) so far, where it counts them: how
+    /// tests and `scripts/gpu-check` see whether the batches, not their fallback, ran.
+    fn pointer_array_batches(&self) -> Option<usize> {
+        None
+    }
     /// Whether [`Device::gemm_group`] runs products at once (a GPU with `CHINGU_GEMM_LANES`
     /// above 1); not here.
     fn runs_products_at_once(&self) -> bool {

@@ -298,7 +298,9 @@ pub fn bias_add(
     elementwise(dev, OP, rows * cols, args![y.ptr(), b.ptr(), r, c])
 }
 
-/// `db[c] += Σ_r dy[r, c]` (fp32; rows in fixed chunks, then the chunks in order).
+/// `db[c] += Σ_r dy[r, c]` (fp32; rows in fixed chunks, then the chunks in order): where the
+/// shape and alignment allow, one launch whose last block per column tile adds the chunks
+/// (`bias_backward_tile_f16`), else two (`bias_backward_partial_f16`, `column_sum_f32`).
 pub fn bias_backward(
     dev: &Gpu,
     db: &mut DeviceBuffer<f32>,
@@ -316,27 +318,43 @@ pub fn bias_backward(
     }
     // Tiles of 64 columns, 8 a thread, where the shape and alignment allow.
     let tiled = cols % 8 == 0 && aligned_for_vectors(&[dy.ptr()]);
-    // Rows per partial sum, from `rows` alone (so the summation order depends on the shape
-    // only): tiled, at most 64 partial rows for pass 2 (at least 256 rows, 8 a row lane);
-    // else enough chunks to fill the GPU, at most 65,535 (grid.y's limit).
-    let chunk = if tiled {
-        BIAS_GRAD_TILE_ROWS.max(rows.div_ceil(BIAS_GRAD_TILE_PARTIALS).next_multiple_of(32))
-    } else {
-        BIAS_GRAD_ROWS.max(rows.div_ceil(65_535))
-    };
+    let chunk = bias_grad_chunk(rows, tiled);
     let chunks = rows.div_ceil(chunk);
     let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
     let chunk_arg = int(OP, "chunk", chunk)?;
-    let args = args![partials.ptr(), dy.ptr(), r, c, chunk_arg];
     if tiled {
-        let grid = (cols.div_ceil(64) as u32, chunks as u32, 1);
-        launch(dev, "bias_backward_tile_f16", grid, (8, 32, 1), 0, args)?;
-    } else {
-        let threads = THREADS.min(cols.next_multiple_of(32) as u32);
-        let grid = (cols.div_ceil(threads as usize) as u32, chunks as u32, 1);
-        launch(dev, "bias_backward_partial_f16", grid, (threads, 1, 1), 0, args)?;
+        // One counter a column tile, zero at the launch (its last block leaves it zero).
+        let tiles = cols.div_ceil(64);
+        let counters = DeviceBuffer::<i32>::uninit(dev, tiles)?;
+        // SAFETY: the buffer holds `tiles` 4-byte counters.
+        unsafe { dev.memset_zero(counters.ptr(), tiles * 4) }?;
+        let args = args![db.ptr(), partials.ptr(), counters.ptr(), dy.ptr(), r, c, chunk_arg];
+        return launch(
+            dev,
+            "bias_backward_tile_f16",
+            (tiles as u32, chunks as u32, 1),
+            (8, 32, 1),
+            0,
+            args,
+        );
     }
+    let threads = THREADS.min(cols.next_multiple_of(32) as u32);
+    let grid = (cols.div_ceil(threads as usize) as u32, chunks as u32, 1);
+    let args = args![partials.ptr(), dy.ptr(), r, c, chunk_arg];
+    launch(dev, "bias_backward_partial_f16", grid, (threads, 1, 1), 0, args)?;
     column_sums(dev, db, None, &partials, chunks, cols)
+}
+
+/// Rows per partial sum of the bias gradient, from `rows` alone (so the summation order
+/// depends on the shape only): tiled, at most [`BIAS_GRAD_TILE_PARTIALS`] partial rows (at
+/// least 256 rows, 8 a row lane); else enough chunks to fill the GPU, at most 65,535 (grid.y's
+/// limit).
+pub fn bias_grad_chunk(rows: usize, tiled: bool) -> usize {
+    if tiled {
+        BIAS_GRAD_TILE_ROWS.max(rows.div_ceil(BIAS_GRAD_TILE_PARTIALS).next_multiple_of(32))
+    } else {
+        BIAS_GRAD_ROWS.max(rows.div_ceil(65_535))
+    }
 }
 
 /// `out[c] += Σ_k partials[k·total + c]` for `k < count`, `c < total`, in a fixed order

@@ -78,7 +78,11 @@ fn parse(text: &str, key: &str, fingerprints: &[u64]) -> Option<usize> {
 /// renamed over it: readers see the old file or the whole new one.
 fn write_new(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A name no other writer uses: other processes (their ids), other devices of this one
+    // (a counter), sharing the directory.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let written = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(text.as_bytes())?;
