@@ -301,6 +301,37 @@ fn shape_classes(gs: &[Gemm]) -> Vec<Vec<Gemm>> {
     classes
 }
 
+/// Address arrays already on a device, by (device, contents): most of a step's batches name
+/// the same buffers step after step (the allocator hands out the same blocks), so their
+/// arrays are written once and reused, not written by a launch before every batch. The
+/// contents never change once written, so reuse is safe whatever ran since. Bounded: cleared
+/// when full (a cleared array is freed, and the allocator reuses it only for later work).
+type AddressCache = std::collections::HashMap<(usize, Vec<u64>), DeviceBuffer<u64>>;
+
+/// Entries [`address_arrays`] keeps at most (each a few KiB).
+const ADDRESS_CACHE_ENTRIES: usize = 4096;
+
+/// The device address of a copy of `addresses` on `dev`: cached, or written now by
+/// [`super::ops::upload_in_order`].
+fn address_arrays(dev: &Gpu, addresses: Vec<u64>) -> Result<u64, GpuError> {
+    static CACHE: std::sync::Mutex<Option<AddressCache>> = std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(AddressCache::new);
+    // The device by its address: a cached buffer holds the device alive, so no other device
+    // can take that address while an entry names it.
+    let key = (std::sync::Arc::as_ptr(dev).cast::<u8>() as usize, addresses);
+    if let Some(buf) = cache.get(&key) {
+        return Ok(buf.ptr());
+    }
+    if cache.len() >= ADDRESS_CACHE_ENTRIES {
+        cache.clear();
+    }
+    let buf = super::ops::upload_in_order(dev, &key.1)?;
+    let ptr = buf.ptr();
+    cache.insert(key, buf);
+    Ok(ptr)
+}
+
 /// Runs `class` ([`same_shape`] products) as one pointer-array batch of all their matrices;
 /// `Ok(false)` with nothing queued where the device has no kernel for that.
 ///
@@ -330,17 +361,73 @@ unsafe fn run_as_pointer_arrays(dev: &Gpu, op: &str, class: &[Gemm]) -> Result<b
     if !dev.has_pointer_array_gemm(&like)? {
         return Ok(false);
     }
-    let arrays = super::ops::upload_in_order(dev, &addresses)?;
-    let at = |k: usize| arrays.ptr() + (k * padded * 8) as u64;
+    let arrays = address_arrays(dev, addresses)?;
+    let at = |k: usize| arrays + (k * padded * 8) as u64;
     let g = Gemm { a: at(0), b: at(1), c: at(2), ..like };
     // SAFETY: the caller's contract for every product the arrays name; the arrays hold
-    // `count` addresses each and stay allocated until the product is queued (the allocator
-    // hands them out again only to later work).
+    // `count` addresses each and stay allocated (kept by the cache, or, once dropped from
+    // it, handed out again by the allocator only to later work).
     match unsafe { run(dev, op, &g) } {
         Ok(()) => Ok(true),
         // Refused when queued (nothing queued; remembered by the device): the products go
         // as they came. Only the address arrays were written, which nothing else reads.
         Err(GpuError::Unsupported(_)) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(m: usize, trans_b: bool, c_f32: bool, a: u64) -> Gemm {
+        Gemm {
+            m,
+            n: 8,
+            k: 16,
+            a,
+            trans_a: false,
+            b: 0x1000,
+            trans_b,
+            c: 0x2000 + a,
+            c_f32,
+            beta: 0.0,
+            bias: None,
+            epilogue: GemmEpilogue::None,
+            batch: GemmBatch::strided(3, 128, 0, 64),
+            ld: [32, 16, 8],
+        }
+    }
+
+    /// Products join a class only with every other one's shape, operations, output type, row
+    /// strides and beta, never with a bias, an epilogue or no work; classes keep the order
+    /// of their first products, and products within a class theirs.
+    #[test]
+    fn classes_hold_only_products_of_one_shape() {
+        let plain = product(4, false, false, 0);
+        let mut with_bias = product(4, false, false, 5);
+        with_bias.bias = Some(0x3000);
+        let mut accumulating = product(4, false, false, 6);
+        accumulating.beta = 1.0;
+        let mut other_ld = product(4, false, false, 7);
+        other_ld.ld = [64, 16, 8];
+        let gs = [
+            plain,
+            product(4, true, false, 1),
+            product(4, false, false, 2),
+            product(4, false, true, 3),
+            product(0, false, false, 4),
+            with_bias,
+            accumulating,
+            other_ld,
+            product(4, false, false, 8),
+        ];
+        let classes = shape_classes(&gs);
+        let firsts: Vec<Vec<u64>> =
+            classes.iter().map(|c| c.iter().map(|g| g.a).collect()).collect();
+        assert_eq!(firsts, [vec![0, 2, 8], vec![1], vec![3], vec![4], vec![5], vec![6], vec![7]]);
+        assert!(same_shape(&gs[0], &gs[2]));
+        assert!(!same_shape(&gs[4], &gs[4]), "a product with no rows batches with nothing");
+        assert!(!same_shape(&with_bias, &with_bias));
     }
 }
