@@ -1,6 +1,8 @@
 //! The checked launcher of [`Device::gemm`](super::Device::gemm): every buffer's length is
 //! checked against the shape before the device sees a pointer.
 
+use std::sync::{Arc, Mutex};
+
 use half::f16;
 
 use super::{
@@ -305,31 +307,34 @@ fn shape_classes(gs: &[Gemm]) -> Vec<Vec<Gemm>> {
 /// the same buffers step after step (the allocator hands out the same blocks), so their
 /// arrays are written once and reused, not written by a launch before every batch. The
 /// contents never change once written, so reuse is safe whatever ran since. Bounded: cleared
-/// when full (a cleared array is freed, and the allocator reuses it only for later work).
-type AddressCache = std::collections::HashMap<(usize, Vec<u64>), DeviceBuffer<u64>>;
+/// when full. Entries are shared (`Arc`), so a batch holds its arrays until it is queued even
+/// if another thread clears the cache meanwhile; a freed array goes back to the allocator,
+/// which hands it only to work queued later.
+type AddressCache = std::collections::HashMap<(usize, Vec<u64>), Arc<DeviceBuffer<u64>>>;
 
 /// Entries [`address_arrays`] keeps at most (each a few KiB).
 const ADDRESS_CACHE_ENTRIES: usize = 4096;
 
-/// The device address of a copy of `addresses` on `dev`: cached, or written now by
-/// [`super::ops::upload_in_order`].
-fn address_arrays(dev: &Gpu, addresses: Vec<u64>) -> Result<u64, GpuError> {
-    static CACHE: std::sync::Mutex<Option<AddressCache>> = std::sync::Mutex::new(None);
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    let cache = cache.get_or_insert_with(AddressCache::new);
+/// A copy of `addresses` on `dev`: cached, or written now by
+/// [`super::ops::upload_in_order`] (outside the cache's lock, so no device waits on another's
+/// allocation or launch).
+fn address_arrays(dev: &Gpu, addresses: Vec<u64>) -> Result<Arc<DeviceBuffer<u64>>, GpuError> {
+    static CACHE: Mutex<Option<AddressCache>> = Mutex::new(None);
+    let lock = || CACHE.lock().unwrap_or_else(|e| e.into_inner());
     // The device by its address: a cached buffer holds the device alive, so no other device
     // can take that address while an entry names it.
-    let key = (std::sync::Arc::as_ptr(dev).cast::<u8>() as usize, addresses);
-    if let Some(buf) = cache.get(&key) {
-        return Ok(buf.ptr());
+    let key = (Arc::as_ptr(dev).cast::<u8>() as usize, addresses);
+    if let Some(buf) = lock().as_ref().and_then(|cache| cache.get(&key)) {
+        return Ok(buf.clone());
     }
+    let buf = Arc::new(super::ops::upload_in_order(dev, &key.1)?);
+    let mut cache = lock();
+    let cache = cache.get_or_insert_with(AddressCache::new);
     if cache.len() >= ADDRESS_CACHE_ENTRIES {
         cache.clear();
     }
-    let buf = super::ops::upload_in_order(dev, &key.1)?;
-    let ptr = buf.ptr();
-    cache.insert(key, buf);
-    Ok(ptr)
+    cache.insert(key, buf.clone());
+    Ok(buf)
 }
 
 /// Runs `class` ([`same_shape`] products) as one pointer-array batch of all their matrices;
@@ -361,8 +366,9 @@ unsafe fn run_as_pointer_arrays(dev: &Gpu, op: &str, class: &[Gemm]) -> Result<b
     if !dev.has_pointer_array_gemm(&like)? {
         return Ok(false);
     }
+    // Held until the batch is queued.
     let arrays = address_arrays(dev, addresses)?;
-    let at = |k: usize| arrays + (k * padded * 8) as u64;
+    let at = |k: usize| arrays.ptr() + (k * padded * 8) as u64;
     let g = Gemm { a: at(0), b: at(1), c: at(2), ..like };
     // SAFETY: the caller's contract for every product the arrays name; the arrays hold
     // `count` addresses each and stay allocated (kept by the cache, or, once dropped from
