@@ -763,6 +763,73 @@ fn products_of_one_shape_take_their_own_buffers() {
     }
 }
 
+/// Head-column operands like the attention path's: x and y `[batch·len, heads·dh]` (random
+/// fp16), and head h's product per batch row: its Dh columns of the output (`len` rows, or
+/// none) = its columns of x (len × Dh) times the first Dh rows of its columns of y (Dh × Dh,
+/// read transposed when asked), batched over the batch rows.
+struct HeadColumns {
+    x: DeviceBuffer<f16>,
+    y: DeviceBuffer<f16>,
+    heads: usize,
+    dh: usize,
+    len: usize,
+    batch: usize,
+}
+
+impl HeadColumns {
+    const HEADS: usize = 7;
+    const DH: usize = 40;
+    const LEN: usize = 96;
+    const BATCH: usize = 3;
+
+    fn new(dev: &Gpu, rng: &mut SplitMix64) -> Self {
+        let (heads, dh, len, batch) = (Self::HEADS, Self::DH, Self::LEN, Self::BATCH);
+        let n = batch * len * heads * dh;
+        let (x, _) = random_half(rng, n, -1.0, 1.0);
+        let (y, _) = random_half(rng, n, -1.0, 1.0);
+        let (x, y) =
+            (DeviceBuffer::from_host(dev, &x).unwrap(), DeviceBuffer::from_host(dev, &y).unwrap());
+        Self { x, y, heads, dh, len, batch }
+    }
+
+    fn width(&self) -> usize {
+        self.heads * self.dh
+    }
+
+    /// An fp32 output of the operands' size, all NaN.
+    fn poisoned32(&self, dev: &Gpu) -> DeviceBuffer<f32> {
+        DeviceBuffer::from_host(dev, &vec![f32::NAN; self.batch * self.len * self.width()]).unwrap()
+    }
+
+    /// The same in fp16.
+    fn poisoned16(&self, dev: &Gpu) -> DeviceBuffer<f16> {
+        DeviceBuffer::from_host(dev, &vec![f16::NAN; self.batch * self.len * self.width()]).unwrap()
+    }
+
+    /// Head h's product into `c` (fp32 when `f32_out`), B transposed when `trans_b`, with no
+    /// rows when `empty`.
+    fn product(&self, h: usize, c: DevicePtr, f32_out: bool, trans_b: bool, empty: bool) -> Gemm {
+        let (dh, len, width) = (self.dh, self.len, self.width());
+        let elem = if f32_out { 4 } else { 2 };
+        Gemm {
+            m: if empty { 0 } else { len },
+            n: dh,
+            k: dh,
+            a: self.x.ptr() + (h * dh * 2) as u64,
+            trans_a: false,
+            b: self.y.ptr() + (h * dh * 2) as u64,
+            trans_b,
+            c: c + (h * dh * elem) as u64,
+            c_f32: f32_out,
+            beta: 0.0,
+            bias: None,
+            epilogue: GemmEpilogue::None,
+            batch: GemmBatch::strided(self.batch, len * width, len * width, len * width),
+            ld: [width, width, width],
+        }
+    }
+}
+
 /// A group of independent products (`run_group`: on a GPU with `CHINGU_GEMM_LANES=4`, as
 /// `scripts/gpu-check` runs this test once, spread over 4 streams; in order by default)
 /// gives the same bits as the same products run one at a time, each product writing only its
@@ -775,44 +842,20 @@ fn products_of_one_shape_take_their_own_buffers() {
 /// wait for, reads or leaves NaN.
 #[test]
 fn a_group_of_products_equals_them_one_at_a_time() {
-    let (heads, dh, len, batch) = (7, 40, 96, 3);
-    let width = heads * dh;
     let mut rng = SplitMix64(0x6e0b);
     for dev in devices() {
-        let (x, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
-        let (y, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
-        let (x, y) = (
-            DeviceBuffer::from_host(&dev, &x).unwrap(),
-            DeviceBuffer::from_host(&dev, &y).unwrap(),
-        );
-        let poisoned =
-            || DeviceBuffer::from_host(&dev, &vec![f32::NAN; batch * len * width]).unwrap();
-        let poisoned_half =
-            || DeviceBuffer::from_host(&dev, &vec![f16::NAN; batch * len * width]).unwrap();
-        // Head h's product, per batch row: its Dh columns of the output (`len` rows) =
-        // its columns of x (len × Dh) times the first Dh rows of its columns of y (Dh × Dh),
-        // those read transposed for every third head.
+        let ops = HeadColumns::new(&dev, &mut rng);
+        let (heads, dh, len, batch, width) = (ops.heads, ops.dh, ops.len, ops.batch, ops.width());
+        let x = &ops.x;
+        let poisoned = || ops.poisoned32(&dev);
+        let poisoned_half = || ops.poisoned16(&dev);
+        // fp32 out for even heads, B transposed for every third, the last with no rows.
         let products = |c32: DevicePtr, c16: DevicePtr| -> Vec<Gemm> {
             (0..heads)
                 .map(|h| {
                     let f32_out = h % 2 == 0;
-                    let (c, elem) = if f32_out { (c32, 4) } else { (c16, 2) };
-                    Gemm {
-                        m: if h == heads - 1 { 0 } else { len },
-                        n: dh,
-                        k: dh,
-                        a: x.ptr() + (h * dh * 2) as u64,
-                        trans_a: false,
-                        b: y.ptr() + (h * dh * 2) as u64,
-                        trans_b: h % 3 == 1,
-                        c: c + (h * dh * elem) as u64,
-                        c_f32: f32_out,
-                        beta: 0.0,
-                        bias: None,
-                        epilogue: GemmEpilogue::None,
-                        batch: GemmBatch::strided(batch, len * width, len * width, len * width),
-                        ld: [width, width, width],
-                    }
+                    let c = if f32_out { c32 } else { c16 };
+                    ops.product(h, c, f32_out, h % 3 == 1, h == heads - 1)
                 })
                 .collect()
         };
@@ -886,45 +929,22 @@ fn a_group_of_products_equals_them_one_at_a_time() {
 fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
     use chingu_kernels::gpu::emu::EmuDevice;
     use std::sync::Arc;
-    let (heads, dh, len, batch) = (7, 40, 96, 3);
-    let width = heads * dh;
     let mut rng = SplitMix64(0xa77a);
     let with_arrays = Arc::new(EmuDevice::new());
     let without_arrays = Arc::new(EmuDevice::new().without_pointer_arrays());
     let mut all: Vec<Gpu> = vec![with_arrays.clone(), without_arrays.clone()];
     all.extend(devices().into_iter().filter(|d| d.name() != "emu"));
     for dev in all {
-        let (x, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
-        let (y, _) = random_half(&mut rng, batch * len * width, -1.0, 1.0);
-        let (x, y) = (
-            DeviceBuffer::from_host(&dev, &x).unwrap(),
-            DeviceBuffer::from_host(&dev, &y).unwrap(),
-        );
-        let poisoned =
-            || DeviceBuffer::from_host(&dev, &vec![f32::NAN; batch * len * width]).unwrap();
-        let poisoned_half =
-            || DeviceBuffer::from_host(&dev, &vec![f16::NAN; batch * len * width]).unwrap();
+        let ops = HeadColumns::new(&dev, &mut rng);
+        let (heads, dh, width) = (ops.heads, ops.dh, ops.width());
+        let poisoned = || ops.poisoned32(&dev);
+        let poisoned_half = || ops.poisoned16(&dev);
         let f32_head = |h: usize| h == 3 || h == 5;
         let products = |c32: DevicePtr, c16: DevicePtr| -> Vec<Gemm> {
             (0..heads)
                 .map(|h| {
-                    let (c, elem) = if f32_head(h) { (c32, 4) } else { (c16, 2) };
-                    Gemm {
-                        m: if h == heads - 1 { 0 } else { len },
-                        n: dh,
-                        k: dh,
-                        a: x.ptr() + (h * dh * 2) as u64,
-                        trans_a: false,
-                        b: y.ptr() + (h * dh * 2) as u64,
-                        trans_b: h == 1,
-                        c: c + (h * dh * elem) as u64,
-                        c_f32: f32_head(h),
-                        beta: 0.0,
-                        bias: None,
-                        epilogue: GemmEpilogue::None,
-                        batch: GemmBatch::strided(batch, len * width, len * width, len * width),
-                        ld: [width, width, width],
-                    }
+                    let c = if f32_head(h) { c32 } else { c16 };
+                    ops.product(h, c, f32_head(h), h == 1, h == heads - 1)
                 })
                 .collect()
         };

@@ -2181,26 +2181,26 @@ mod tests {
     use super::AttentionKernels;
     use super::AttentionShape;
 
+    /// Fails unless kernel file `file` has the line `#define NAME value`.
+    fn assert_defined(file: &str, name: &str, value: usize) {
+        let (_, source) = crate::gpu::sources::FILES
+            .iter()
+            .find(|(embedded, _)| *embedded == file)
+            .unwrap_or_else(|| panic!("{file} is not embedded"));
+        let line = format!("#define {name} {value}");
+        assert!(source.lines().any(|l| l.trim() == line), "{file} lacks `{line}`");
+    }
+
     /// The launcher sizes the delta kernel's grid by the items its lane groups take.
     #[test]
     fn delta_items_are_the_kernels() {
-        let (_, source) = crate::gpu::sources::FILES
-            .iter()
-            .find(|(name, _)| *name == "attention.cu")
-            .expect("attention.cu is embedded");
-        let line = format!("#define CHINGU_DELTA_ITEMS {}", super::DELTA_ITEMS);
-        assert!(source.lines().any(|l| l.trim() == line), "attention.cu lacks `{line}`");
+        assert_defined("attention.cu", "CHINGU_DELTA_ITEMS", super::DELTA_ITEMS);
     }
 
     /// The launcher fills the kernel's parameter struct exactly: as many values as it holds.
     #[test]
     fn u64_list_is_the_kernels() {
-        let (_, source) = crate::gpu::sources::FILES
-            .iter()
-            .find(|(name, _)| *name == "elementwise.cu")
-            .expect("elementwise.cu is embedded");
-        let line = format!("#define CHINGU_U64_LIST {}", super::U64_LIST);
-        assert!(source.lines().any(|l| l.trim() == line), "elementwise.cu lacks `{line}`");
+        assert_defined("elementwise.cu", "CHINGU_U64_LIST", super::U64_LIST);
         assert_eq!(std::mem::size_of::<super::U64List>(), super::U64_LIST * 8);
     }
 
