@@ -104,6 +104,23 @@ fn check() -> anyhow::Result<()> {
             anyhow::bail!("kernels cannot be compiled without NVRTC");
         }
     }
+    match CudaDevice::cublaslt_version() {
+        Some(v) => println!(
+            "cuBLASLt: {}.{}.{} (pointer-array batches for CHINGU_GEMM_ARRAYS: {})",
+            v / 10000,
+            v / 100 % 100,
+            v % 100,
+            if v >= 120_900 {
+                "yes, where it has a kernel for the shape"
+            } else {
+                "no: 12.9 or newer"
+            }
+        ),
+        None => println!(
+            "cuBLASLt: libcublasLt.so not found — GPU matrix products need the CUDA toolkit's \
+             cuBLAS libraries on the library path"
+        ),
+    }
     match chingu_kernels::gpu::nccl::version() {
         Some(v) => println!(
             "NCCL: {}.{}.{} (several GPU workers sum gradients on the GPUs)",

@@ -105,6 +105,12 @@ impl CudaDevice {
         unsafe { sys::is_culib_present() }
     }
 
+    /// cuBLASLt's version (`cublasLtGetVersion`: 130002 for 13.0.2) where the library loads.
+    pub fn cublaslt_version() -> Option<usize> {
+        // SAFETY: only tries to open the library, then a plain query of it.
+        unsafe { lt_sys::is_culib_present().then(|| lt_sys::cublasLtGetVersion()) }
+    }
+
     /// Number of CUDA devices (0 without a driver).
     pub fn count() -> usize {
         if !Self::driver_present() || result::init().is_err() {
