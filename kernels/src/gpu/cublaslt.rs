@@ -742,7 +742,16 @@ impl Blas {
                     _ => self.store.load(&store_key, &prints),
                 };
                 if let Some(index) = kept {
-                    tracing::info!(
+                    // Said once a process (every run would otherwise open with a line a
+                    // shape); each shape's choice at debug level.
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::info!(
+                            "cuBLASLt: taking the algorithms kept from earlier runs \
+                             ({TUNE_VAR}=again to time them anew)"
+                        )
+                    });
+                    tracing::debug!(
                         "cuBLASLt tuning {}: answer {} of {} (kept from an earlier run)",
                         what(),
                         index + 1,
