@@ -2,8 +2,9 @@
 //
 // casts fp16↔fp32; GELU (tanh approximation, written as x·σ(2u) like the CPU backend) and
 // ReLU forward/backward; `acc += x` (residual, and fp32 gradient accumulation);
-// `buf *= factor`; bias add over rows and the bias gradient (fp32, accumulated, two passes:
-// fixed row chunks per column, then the chunks in order; no atomics); host values put in
+// `buf *= factor`; bias add over rows and the bias gradient (fp32, accumulated: fixed row
+// chunks per column, then the chunks in order — in one launch where tiled, the tile's last
+// block, found by an atomic counter, adding the chunks; else in two); host values put in
 // device memory by a launch's own parameters (`fill_u64_list`).
 // Every kernel is grid-stride, so any grid size is correct; fp16 values are read, computed
 // in fp32 and rounded once (round-to-nearest-even) on store.
@@ -116,8 +117,8 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
 /// choice, from `rows` alone) that there are at most 64 partial rows. A warp reads 4 rows of
 /// 128 contiguous bytes.
 ///
-/// The last block of a column tile to finish (counted by `counters[x]`, zero at the launch and
-/// left zero again) then adds the tile's partial rows into `out` in `column_sum_f32`'s order —
+/// The last block of a column tile to finish (counted by `counters[x]`, which the launcher
+/// zeroes before the launch) then adds the tile's partial rows into `out` in `column_sum_f32`'s order —
 /// row lane l sums partial rows l, l + 32, … in order, the 32 lanes' sums added in lane order —
 /// so the result has the bits the two-launch form (this pass, then `column_sum_f32`) had,
 /// without the second launch (GPU run 22: 96 of them a seed-768 step, ~6 µs each).
@@ -185,5 +186,4 @@ extern "C" __global__ void bias_backward_tile_f16(float* out, float* partials,
         for (int l = 0; l < 32; ++l) total += lanes[l][t];
         out[column] += total;
     }
-    if (t == 0) counters[blockIdx.x] = 0u;  // zero again, for the next launch on the stream
 }

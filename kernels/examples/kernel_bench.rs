@@ -839,7 +839,7 @@ fn product_layout_rows(
             a: 0,
             b: 0,
             c: 0,
-            batch: GemmBatch { count: b * heads, pointer_arrays: Some(16), ..GemmBatch::ONE },
+            batch: GemmBatch::scattered(b * heads, 16),
             ..heads_products[0]
         };
         let t_arrays = if dev.has_pointer_array_gemm(&like)? {

@@ -23,7 +23,7 @@
 //! a swapped operand, a bias broadcast along the wrong axis or a lost beta are off by O(S).
 
 use chingu_kernels::gpu::gemm::{
-    gemm, gemm_bias_grad, gemm_gelu, gemm_gelu_grad, run, run_group_as, GemmOut,
+    address_uploads, gemm, gemm_bias_grad, gemm_gelu, gemm_gelu_grad, run, run_group_as, GemmOut,
 };
 use chingu_kernels::gpu::{DeviceBuffer, DevicePtr, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 use chingu_kernels::rng::SplitMix64;
@@ -923,8 +923,9 @@ fn a_group_of_products_equals_them_one_at_a_time() {
 /// columns of `[rows, H·Dh]` tensors: heads 0, 2, 4 (fp16 out) and 3, 5 (fp32 out) make two
 /// batches; head 1 (B transposed) fits no other and head 6 (no rows) has nothing to do, so
 /// both go as before. Outputs start as NaN, so a column left unwritten fails. On the emulator
-/// the test also counts the batches the device ran (two), and a device without pointer
-/// arrays must give the same bits through the fallback having run none.
+/// the test also counts the batches the device ran (two, and two more when the group runs
+/// again, which must write no address array again: they are cached), and a device without
+/// pointer arrays must give the same bits through the fallback having run none.
 #[test]
 fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
     use chingu_kernels::gpu::emu::EmuDevice;
@@ -956,19 +957,26 @@ fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
         }
         let batches_before = dev.pointer_array_batches();
         let (group32, group16) = (poisoned(), poisoned_half());
+        let grouped = products(group32.ptr(), group16.ptr());
         // SAFETY: as above; each product writes only head h's columns of its output.
-        unsafe { run_group_as(&dev, "", &products(group32.ptr(), group16.ptr()), true) }.unwrap();
+        unsafe { run_group_as(&dev, "", &grouped, true) }.unwrap();
+        // The same group again (the same results over them): its address arrays are found
+        // already on the device, none written again.
+        let uploads = address_uploads();
+        // SAFETY: as above.
+        unsafe { run_group_as(&dev, "", &grouped, true) }.unwrap();
+        assert_eq!(address_uploads(), uploads, "address arrays written again on {}", dev.name());
         let name = dev.name();
         let emulated = name == "emu";
         let ran = dev.pointer_array_batches().unwrap() - batches_before.unwrap();
         if Arc::ptr_eq(&dev, &(with_arrays.clone() as Gpu)) {
-            assert_eq!(ran, 2, "pointer-array batches run");
+            assert_eq!(ran, 4, "pointer-array batches run (two, twice)");
         } else if emulated {
             assert_eq!(ran, 0, "a device without pointer-array batches ran one");
         } else {
             // A library or a shape without such batches falls back, rightly: said, not failed
             // (`scripts/gpu-check` shows this line).
-            println!("{name}: pointer-array batches taken: {ran} of 2");
+            println!("{name}: pointer-array batches taken: {ran} of 4");
         }
         let (a32, g32) = (alone32.to_host().unwrap(), group32.to_host().unwrap());
         let (a16, g16) = (alone16.to_host().unwrap(), group16.to_host().unwrap());

@@ -16,7 +16,7 @@ use cudarc::driver::{result, sys};
 
 use super::cuda::driver;
 use super::tune_store::{fingerprint, TuneStore};
-use super::{DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
+use super::{address_alignment, DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuError};
 
 /// `CHINGU_GEMM_UNBATCHED=1`: every strided batch takes the path for batches cuBLASLt has no
 /// kernel for (its products one at a time), so `scripts/gpu-check` can test that path.
@@ -269,7 +269,7 @@ fn plan_key(g: &Gemm, bias: bool) -> PlanKey {
     let c_bytes = if g.c_f32 { 4 } else { 2 };
     let batched = |ptr: DevicePtr, stride: usize, bytes: usize| {
         let step = if g.batch.count > 1 { (stride * bytes) as DevicePtr } else { 0 };
-        alignment(ptr | step)
+        address_alignment(ptr | step)
     };
     PlanKey {
         m: g.m,
@@ -329,7 +329,9 @@ unsafe fn point_at(
     }
 }
 
-/// One cached heuristic choice: every descriptor attribute the algorithm was chosen for.
+/// One cached heuristic choice: every descriptor attribute the algorithm was chosen for. Its
+/// `Debug` text names a kept tuning choice on disk (`tune_store`), so a field added or renamed
+/// here makes every kept choice unknown: timed again once, nothing worse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     m: usize,
@@ -512,7 +514,7 @@ impl Blas {
     ) -> Result<(), GpuError> {
         g.check_strides()?;
         let what = || describe(g, bias.is_some());
-        if g.batch.count > 1 && (bias.is_some() || g.epilogue != GemmEpilogue::None) {
+        if g.batch.count > 1 && (bias.is_some() || !g.is_plain()) {
             return Err(GpuError::Shape {
                 op: "gemm",
                 message: format!("{}: a batch of products takes no bias and no epilogue", what()),
@@ -526,13 +528,10 @@ impl Blas {
         }
         let Some(plan) = plans.get(&key).and_then(Option::as_ref) else {
             drop(plans);
-            if g.batch.pointer_arrays.is_some() {
-                return Err(GpuError::Unsupported(format!(
-                    "cuBLASLt has no kernel for {}",
-                    what()
-                )));
-            }
-            if let GemmEpilogue::BiasGrad { .. } = g.epilogue {
+            // Those the caller has a fallback for: a pointer-array batch, a fused bias gradient.
+            if g.batch.pointer_arrays.is_some()
+                || matches!(g.epilogue, GemmEpilogue::BiasGrad { .. })
+            {
                 return Err(GpuError::Unsupported(format!(
                     "cuBLASLt has no kernel for {}",
                     what()
@@ -587,8 +586,7 @@ impl Blas {
     /// Whether the pointer-array batch `g` ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays);
     /// its addresses unused) has a kernel: its plan made now if not yet (context current).
     pub(super) fn has_pointer_array_plan(&self, g: &Gemm) -> Result<bool, GpuError> {
-        if g.batch.pointer_arrays.is_none() || g.bias.is_some() || g.epilogue != GemmEpilogue::None
-        {
+        if g.batch.pointer_arrays.is_none() || !g.is_plain() {
             return Ok(false);
         }
         g.check_strides()?;
@@ -1031,11 +1029,6 @@ impl Drop for Blas {
             }
         }
     }
-}
-
-/// Largest power of two (≤ 256) dividing a device address: what the heuristic may assume.
-fn alignment(ptr: DevicePtr) -> u32 {
-    1 << ptr.trailing_zeros().min(8)
 }
 
 /// # Safety

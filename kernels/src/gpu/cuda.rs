@@ -17,7 +17,7 @@ use cudarc::driver::{result, sys};
 
 use super::buffer_cache::{size_class, BufferCache};
 use super::cublaslt::Blas;
-pub use super::cublaslt::{tuning_mode, Tuning, LANES_VAR, TUNE_VAR};
+pub use super::cublaslt::{LANES_VAR, TUNE_VAR};
 use super::{nvrtc, sources, Device, DevicePtr, Gemm, GpuError};
 
 /// One CUDA device with every kernel loaded.
@@ -502,10 +502,9 @@ impl Device for CudaDevice {
         // before anything of the group is queued, for the caller's fallback), and, tuning,
         // while some product's shape has no plan yet (its first product times its candidates
         // on the null stream, which products on other streams would skew).
-        let plain = |g: &Gemm| g.bias.is_none() && g.epilogue == super::GemmEpilogue::None;
         if lanes < 2
             || with_work.len() < 2
-            || !with_work.iter().all(plain)
+            || !with_work.iter().all(Gemm::is_plain)
             || (super::cublaslt::tuning() && !self.blas()?.planned(&with_work))
         {
             for g in &with_work {

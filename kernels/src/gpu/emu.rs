@@ -686,7 +686,7 @@ impl Device for EmuDevice {
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
         let _shared = self.shared();
         let batch = g.batch;
-        if batch.count > 1 && (g.bias.is_some() || g.epilogue != GemmEpilogue::None) {
+        if (batch.count > 1 || batch.pointer_arrays.is_some()) && !g.is_plain() {
             return Err(GpuError::Shape {
                 op: "gemm",
                 message: "a batch of products takes no bias and no epilogue".into(),
@@ -710,7 +710,7 @@ impl Device for EmuDevice {
     }
 
     fn has_pointer_array_gemm(&self, g: &Gemm) -> Result<bool, GpuError> {
-        Ok(self.pointer_arrays && g.bias.is_none() && g.epilogue == GemmEpilogue::None)
+        Ok(self.pointer_arrays && g.is_plain())
     }
 
     fn pointer_array_batches(&self) -> Option<usize> {
@@ -730,12 +730,6 @@ impl EmuDevice {
             return Err(GpuError::Unsupported(
                 "emulated device: no pointer-array batches (as told)".into(),
             ));
-        }
-        if g.bias.is_some() || g.epilogue != GemmEpilogue::None {
-            return Err(GpuError::Shape {
-                op: "gemm",
-                message: "a batch of products takes no bias and no epilogue".into(),
-            });
         }
         let count = g.batch.count;
         // SAFETY: the caller's contract: each array holds `count` addresses.

@@ -275,12 +275,7 @@ pub unsafe fn run_group_as(
 /// already such a batch (their strides and addresses may differ).
 pub fn same_shape(a: &Gemm, b: &Gemm) -> bool {
     let plain = |g: &Gemm| {
-        g.bias.is_none()
-            && g.epilogue == GemmEpilogue::None
-            && g.batch.pointer_arrays.is_none()
-            && g.m > 0
-            && g.n > 0
-            && g.k > 0
+        g.is_plain() && g.batch.pointer_arrays.is_none() && g.m > 0 && g.n > 0 && g.k > 0
     };
     plain(a)
         && plain(b)
@@ -315,6 +310,15 @@ type AddressCache = std::collections::HashMap<(usize, Vec<u64>), Arc<DeviceBuffe
 /// Entries [`address_arrays`] keeps at most (each a few KiB).
 const ADDRESS_CACHE_ENTRIES: usize = 4096;
 
+/// Address arrays [`address_arrays`] has written so far (not found in its cache).
+static ADDRESS_UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many address arrays pointer-array batches have had to write to a device so far (the
+/// rest were found already there): how tests see the cache work.
+pub fn address_uploads() -> usize {
+    ADDRESS_UPLOADS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A copy of `addresses` on `dev`: cached, or written now by
 /// [`super::ops::upload_in_order`] (outside the cache's lock, so no device waits on another's
 /// allocation or launch).
@@ -328,6 +332,7 @@ fn address_arrays(dev: &Gpu, addresses: Vec<u64>) -> Result<Arc<DeviceBuffer<u64
         return Ok(buf.clone());
     }
     let buf = Arc::new(super::ops::upload_in_order(dev, &key.1)?);
+    ADDRESS_UPLOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut cache = lock();
     let cache = cache.get_or_insert_with(AddressCache::new);
     if cache.len() >= ADDRESS_CACHE_ENTRIES {
@@ -361,7 +366,7 @@ unsafe fn run_as_pointer_arrays(dev: &Gpu, op: &str, class: &[Gemm]) -> Result<b
     }
     let used = |k: usize| &addresses[k * padded..k * padded + count];
     let align = (0..3).flat_map(used).map(|&p| address_alignment(p)).min().unwrap_or(256);
-    let batch = GemmBatch { count, pointer_arrays: Some(align), ..GemmBatch::ONE };
+    let batch = GemmBatch::scattered(count, align);
     let like = Gemm { a: 0, b: 0, c: 0, batch, ..class[0] };
     if !dev.has_pointer_array_gemm(&like)? {
         return Ok(false);

@@ -171,6 +171,12 @@ impl Gemm {
         }
     }
 
+    /// Whether the product has neither a bias nor an epilogue: what batches (strided or
+    /// pointer-array) and groups spread over streams take.
+    pub fn is_plain(&self) -> bool {
+        self.bias.is_none() && self.epilogue == GemmEpilogue::None
+    }
+
     /// (rows, columns) of A, B and C as stored.
     pub fn stored(&self) -> [(usize, usize); 3] {
         let a = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
@@ -207,7 +213,7 @@ impl Gemm {
             }
         }
         let dense_c = ld[2] == self.n;
-        if !dense_c && (self.bias.is_some() || self.epilogue != GemmEpilogue::None) {
+        if !dense_c && !self.is_plain() {
             return shape("a bias or an epilogue needs a dense C".into());
         }
         if let GemmEpilogue::BiasGrad { .. } = self.epilogue {
@@ -247,6 +253,12 @@ impl GemmBatch {
     /// `count` products, each matrix `stride_*` elements after the one before.
     pub fn strided(count: usize, stride_a: usize, stride_b: usize, stride_c: usize) -> Self {
         Self { count, stride_a, stride_b, stride_c, pointer_arrays: None }
+    }
+
+    /// `count` products whose matrices lie anywhere, every address a multiple of `align`
+    /// bytes ([`GemmBatch::pointer_arrays`]).
+    pub fn scattered(count: usize, align: u32) -> Self {
+        Self { count, pointer_arrays: Some(align), ..Self::ONE }
     }
 }
 

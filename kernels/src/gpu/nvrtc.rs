@@ -117,13 +117,12 @@ pub fn compile_cached(file: &str, source: &str, arch: &str) -> Result<Vec<u8>, G
     }
     let compiled = compile(file, source, arch, &[])?;
     if let Some(path) = path {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let written = path.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
-            std::fs::write(&tmp, &compiled.image).and_then(|_| std::fs::rename(&tmp, &path))
-        });
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        // A cache that cannot be written only costs a compilation next time.
+        let _ = path
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| super::tune_store::write_new(&path, &compiled.image));
     }
     Ok(compiled.image)
 }

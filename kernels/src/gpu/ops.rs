@@ -267,8 +267,8 @@ struct U64List([u64; U64_LIST]);
 /// A device copy of `values`, written by launches whose parameters carry them (as many as
 /// [`U64_LIST`] a launch), so it is ordered with the rest of the stream's work and the host
 /// waits for nothing: the matrix addresses of a pointer-array batch of products
-/// ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays)), which change with every
-/// step's buffers.
+/// ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays)) the first time a batch
+/// names its buffers (`gemm.rs` keeps them for the next time).
 pub fn upload_in_order(dev: &Gpu, values: &[u64]) -> Result<DeviceBuffer<u64>, GpuError> {
     const OP: &str = "fill_u64_list";
     let out = DeviceBuffer::<u64>::uninit(dev, values.len())?;
@@ -323,7 +323,7 @@ pub fn bias_backward(
     let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
     let chunk_arg = int(OP, "chunk", chunk)?;
     if tiled {
-        // One counter a column tile, zero at the launch (its last block leaves it zero).
+        // One counter a column tile, zeroed before the launch (a memset, not a kernel).
         let tiles = cols.div_ceil(64);
         let counters = DeviceBuffer::<i32>::uninit(dev, tiles)?;
         // SAFETY: the buffer holds `tiles` 4-byte counters.

@@ -1,8 +1,10 @@
 //! cuBLASLt's tuned choices kept on disk (`CHINGU_GEMM_TUNE`, on by default): for each product
-//! shape, which of the heuristic's answers timing chose. A later process on this machine — a
-//! resumed job, another rank, the next run — takes the same algorithm without timing again,
-//! and so computes the same bits: timing alone would choose anew each run, and two answers
-//! within the timing noise of each other could swap.
+//! shape, which of the heuristic's answers timing chose. A later process on this machine (the
+//! same cache) — a resumed job, the next run, a rank started after the choice was kept — takes
+//! the same algorithm without timing again, and so computes the same bits: timing alone would
+//! choose anew each run, and two answers within the timing noise of each other could swap.
+//! (Ranks that start together on an empty cache each time the shape, and the last to write
+//! wins; machines with caches of their own choose for themselves.)
 //!
 //! One small file per (device, cuBLASLt version, product shape): the chosen answer's index and
 //! a fingerprint of that algorithm's bytes, then the shape's whole description. A file is
@@ -50,7 +52,7 @@ impl TuneStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        write_new(&path, &format!("{FORMAT}\n{index} {fingerprint:016x}\n{key}\n"))
+        write_new(&path, format!("{FORMAT}\n{index} {fingerprint:016x}\n{key}\n").as_bytes())
     }
 }
 
@@ -74,9 +76,11 @@ fn parse(text: &str, key: &str, fingerprints: &[u64]) -> Option<usize> {
     fingerprints.iter().position(|&p| p == print)
 }
 
-/// Writes `text` to `path` through a temporary file in the same directory, fsynced, then
-/// renamed over it: readers see the old file or the whole new one.
-fn write_new(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `bytes` to `path` through a temporary file in the same directory, fsynced, then
+/// renamed over it: readers see the old file or the whole new one (also the kernel cache's
+/// writer, `nvrtc::compile_cached`). (`chingu-corpus`'s `durable.rs` does the same for
+/// prepared data; this crate does not depend on it.)
+pub(super) fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     // A name no other writer uses: other processes (their ids), other devices of this one
     // (a counter), sharing the directory.
@@ -85,7 +89,7 @@ fn write_new(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let written = (|| {
         let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
