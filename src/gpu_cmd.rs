@@ -59,7 +59,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         chingu_kernels::gpu::gemm::ARRAYS_VAR,
-        "1 = the cuBLASLt attention path's per-head products of one shape as one pointer-array batch",
+        "unset or 1 = the cuBLASLt attention path's per-head products of one shape as one \
+         pointer-array batch; 0 = one launch each",
     ),
     (
         "CHINGU_PROFILE",

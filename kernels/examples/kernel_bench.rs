@@ -387,6 +387,15 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
             let mut db = random_f32(dev, next_seed(), d, -1.0, 1.0)?;
             let t = time_op(dev, reps, |_| ops::bias_backward(dev, &mut db, &x, n, d))?;
             push("bias_bwd", nd.clone(), t, H * nf * df + 2.0 * S * df, None);
+            // …and at seed-768's widths (its attention and feed-forward layers' dy: 84 and 12
+            // of a step's 96 calls).
+            for width in [768, 3072] {
+                let dy = random_half(dev, next_seed(), n * width, -1.0, 1.0)?;
+                let mut db = random_f32(dev, next_seed(), width, -1.0, 1.0)?;
+                let t = time_op(dev, reps, |_| ops::bias_backward(dev, &mut db, &dy, n, width))?;
+                let w = width as f64;
+                push("bias_bwd", format!("{n}x{width}"), t, H * nf * w + 2.0 * S * w, None);
+            }
 
             // A linear layer's weight and bias gradients, dW += dyᵀ·x (D × D, fp32) and db +=
             // Σ_rows dy: the product then the bias kernels, against the bias summed in the
@@ -832,7 +841,7 @@ fn product_layout_rows(
         let head_major = product(a, dense(&k, t, head_dim), c, b * heads);
         // SAFETY: B·H dense blocks of each operand fill exactly the buffers above.
         let t_head_major = time_op(dev, reps, |_| unsafe { gemm::run(dev, "bench", &head_major) })?;
-        // The per-head products as one group with pointer arrays (`CHINGU_GEMM_ARRAYS=1`): one
+        // The per-head products as one group with pointer arrays (training's default): one
         // launch over the same in-place operands, where the device has a kernel for it.
         let heads_products: Vec<Gemm> = (0..heads).map(per_head).collect();
         let like = Gemm {

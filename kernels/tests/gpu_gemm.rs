@@ -915,7 +915,7 @@ fn a_group_of_products_equals_them_one_at_a_time() {
 }
 
 /// A group's products of one shape run as a pointer-array batch (`run_group_as` with pointer
-/// arrays; `CHINGU_GEMM_ARRAYS=1` in training) give what they give one at a time: the same
+/// arrays; training's default unless `CHINGU_GEMM_ARRAYS=0`) give what they give one at a time: the same
 /// bits on the emulator, and within the rounding of another summation order on a GPU (fp32:
 /// 10⁻⁵ relative for sums of 40 products of values below 1, far above two orderings' 2⁻²⁴-scale
 /// differences; fp16: one rounding of each result apart at most, 2⁻¹⁰ relative). Seven
