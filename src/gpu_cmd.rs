@@ -54,10 +54,6 @@ const SETTINGS: &[(&str, &str)] = &[
          kept on disk; again = time anew; 0 = cuBLASLt's first",
     ),
     (
-        chingu_kernels::gpu::cuda::LANES_VAR,
-        "streams the cuBLASLt attention path's per-head products run on at once (default 1: in order)",
-    ),
-    (
         chingu_kernels::gpu::gemm::ARRAYS_VAR,
         "unset or 1 = the cuBLASLt attention path's per-head products of one shape as one \
          pointer-array batch; 0 = one launch each",

@@ -76,22 +76,6 @@ pub(super) fn tuning() -> bool {
     tuning_mode() != Tuning::Off
 }
 
-/// `CHINGU_GEMM_LANES`: how many streams a group of independent products is spread over
-/// ([`Blas::group`]); `1`, the default, queues them in order on the one stream.
-pub const LANES_VAR: &str = "CHINGU_GEMM_LANES";
-
-/// [`LANES_VAR`]'s value, 1 by default (at most 16). Opt-in because GPU run 23 (H200,
-/// seed-768 at 18 × 1024) measured no gain: the attention products' device time fell from
-/// 11.4 to 9.2 ms a step with 4 lanes, yet the step took 44.1 ms against 43.6 in order
-/// (41.6 against 41.5–42.1 with `CHINGU_GEMM_TUNE=1`), the other kernels' time having grown
-/// by about as much.
-pub fn lanes() -> usize {
-    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LANES.get_or_init(|| {
-        std::env::var(LANES_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, 16)
-    })
-}
-
 /// Heuristic answers timed per shape when tuning.
 const TUNE_CANDIDATES: usize = 8;
 /// Timed runs of each candidate, after one untimed: enough that a small product's time is
@@ -124,111 +108,11 @@ const LT_WORKSPACE_BYTES: usize = 32 << 20;
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
 
-/// Where a product is queued: a stream and the workspace only products on it use (so products
-/// on different streams never share scratch).
+/// Where a product is queued: a stream and the workspace only products on it use.
 #[derive(Clone, Copy)]
 struct Queue {
     stream: sys::CUstream,
     workspace: DevicePtr,
-}
-
-/// A stream of a group's products ([`Blas::group`]): its own workspace, and the event that
-/// marks the end of its share of the group.
-struct Lane {
-    queue: Queue,
-    done: sys::CUevent,
-}
-
-/// An event for ordering only (no timing).
-fn ordering_event() -> Result<sys::CUevent, GpuError> {
-    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-        .map_err(driver("cuEventCreate"))
-}
-
-impl Lane {
-    /// A new lane (context current); on failure whatever was made is destroyed.
-    fn new() -> Result<Self, GpuError> {
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .map_err(driver("cuStreamCreate"))?;
-        let mut lane = Lane { queue: Queue { stream, workspace: 0 }, done: std::ptr::null_mut() };
-        let made = ordering_event().and_then(|done| {
-            lane.done = done;
-            // SAFETY: plain allocation in the current context.
-            unsafe { result::malloc_sync(LT_WORKSPACE_BYTES) }
-                .map_err(driver("cuMemAlloc (a cuBLASLt lane's workspace)"))
-        });
-        match made {
-            Ok(workspace) => {
-                lane.queue.workspace = workspace;
-                Ok(lane)
-            }
-            Err(e) => {
-                lane.destroy();
-                Err(e)
-            }
-        }
-    }
-
-    /// Destroys the lane's handles (context current, its stream idle); null and 0 ones were
-    /// never made.
-    fn destroy(self) {
-        // SAFETY: handles of this context, each destroyed once.
-        unsafe {
-            let _ = result::stream::destroy(self.queue.stream);
-            if !self.done.is_null() {
-                let _ = result::event::destroy(self.done);
-            }
-            if self.queue.workspace != 0 {
-                let _ = result::free_sync(self.queue.workspace);
-            }
-        }
-    }
-}
-
-/// The lanes made so far (made at the first group that needs them) and the event each group
-/// starts from.
-#[derive(Default)]
-struct Lanes {
-    lanes: Vec<Lane>,
-    fork: Option<sys::CUevent>,
-    /// Why lanes could not be made, once they could not: not tried again at every group.
-    failed: Option<String>,
-}
-
-impl Lanes {
-    /// The fork event, with at least `count` lanes made (context current).
-    fn make(&mut self, count: usize) -> Result<sys::CUevent, GpuError> {
-        if let Some(why) = &self.failed {
-            return Err(GpuError::Missing(why.clone()));
-        }
-        let made = self.make_once(count);
-        if let Err(e) = &made {
-            self.failed = Some(e.to_string());
-        }
-        made
-    }
-
-    fn make_once(&mut self, count: usize) -> Result<sys::CUevent, GpuError> {
-        let fork = match self.fork {
-            Some(fork) => fork,
-            None => *self.fork.insert(ordering_event()?),
-        };
-        while self.lanes.len() < count {
-            self.lanes.push(Lane::new()?);
-        }
-        Ok(fork)
-    }
-
-    /// Destroys every handle made (context current, the device idle).
-    fn destroy(self) {
-        for lane in self.lanes {
-            lane.destroy();
-        }
-        if let Some(fork) = self.fork {
-            // SAFETY: an event of this context, destroyed once.
-            let _ = unsafe { result::event::destroy(fork) };
-        }
-    }
 }
 
 /// A shape's descriptors and algorithm, made at its first product (see [`Blas::matmul`]).
@@ -365,8 +249,6 @@ pub(super) struct Blas {
     plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
     /// fp32 copy of the current fp32 product's bias: (address, capacity in elements).
     pub(super) bias_f32: Mutex<(DevicePtr, usize)>,
-    /// Streams for groups of independent products ([`Blas::group`]).
-    lanes: Mutex<Lanes>,
 }
 
 impl Blas {
@@ -395,90 +277,12 @@ impl Blas {
             workspace,
             plans: Mutex::new(HashMap::new()),
             bias_f32: Mutex::new((0, 0)),
-            lanes: Mutex::new(Lanes::default()),
         })
     }
 
     /// The null stream, where every other launch goes, and its workspace.
     fn main_queue(&self) -> Queue {
         Queue { stream: std::ptr::null_mut(), workspace: self.workspace }
-    }
-
-    /// Queues `gs` (no bias; none writes what another reads or writes) spread over
-    /// `lanes.min(gs.len())` streams of their own, product i on stream i mod that: the null
-    /// stream's later work waits for all of them, and they for its earlier work. Why: the
-    /// GEMM attention path's products come one per head, each too small to fill an H200
-    /// (seed-768's 1024×192×1024 × 18 blocks ran at ~230 TFLOP/s in GPU run 22, the same 72
-    /// blocks in one product at ~500), so a product's last wave leaves most multiprocessors
-    /// idle unless the next head's product runs beside it. Each product's algorithm is its
-    /// shape's plan wherever it is queued, so the results are the same bits as in order.
-    /// (Measured in GPU run 23: see [`lanes`].)
-    ///
-    /// # Safety
-    /// As [`Device::gemm`](super::Device::gemm) for each product (context current).
-    pub(super) unsafe fn group(&self, gs: &[Gemm], lanes: usize) -> Result<(), GpuError> {
-        let used = lanes.min(gs.len());
-        let mut pool = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        let fork = match pool.make(used) {
-            Ok(fork) => fork,
-            Err(e) => {
-                // Lanes are a speed-up: without them the products go in order (said once).
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    tracing::warn!("no streams for grouped products ({e}): queued in order")
-                });
-                drop(pool);
-                for g in gs {
-                    // SAFETY: the caller's contract.
-                    unsafe { self.matmul(g, None) }?;
-                }
-                return Ok(());
-            }
-        };
-        let null = std::ptr::null_mut();
-        let lanes = &pool.lanes[..used];
-        // SAFETY: live events and streams of this context.
-        unsafe {
-            result::event::record(fork, null).map_err(driver("cuEventRecord"))?;
-            for lane in lanes {
-                result::stream::wait_event(
-                    lane.queue.stream,
-                    fork,
-                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-                )
-                .map_err(driver("cuStreamWaitEvent"))?;
-            }
-        }
-        let mut queued = Ok(());
-        for (i, g) in gs.iter().enumerate() {
-            // SAFETY: the caller's contract; each lane's products are ordered on its stream,
-            // so its workspace is used by one at a time.
-            queued = unsafe { self.matmul_on(g, None, lanes[i % used].queue) };
-            if queued.is_err() {
-                break;
-            }
-        }
-        // Every lane joined even after a failure (the null stream's later work, and the
-        // allocator's reuse of what the group read, must come after whatever was queued);
-        // the products' own error first.
-        let mut joined = Ok(());
-        for lane in lanes {
-            // SAFETY: as above.
-            let join = unsafe {
-                result::event::record(lane.done, lane.queue.stream)
-                    .map_err(driver("cuEventRecord"))
-                    .and_then(|()| {
-                        result::stream::wait_event(
-                            null,
-                            lane.done,
-                            sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-                        )
-                        .map_err(driver("cuStreamWaitEvent"))
-                    })
-            };
-            joined = joined.and(join);
-        }
-        queued.and(joined)
     }
 
     /// Queues `g` on the null stream (context current; `bias` already of D's type).
@@ -505,7 +309,7 @@ impl Blas {
     /// [`Blas::matmul`] queued on `queue`.
     ///
     /// # Safety
-    /// As [`Blas::matmul`]; `queue` is the null stream or a lane's.
+    /// As [`Blas::matmul`]; `queue` is the null stream's.
     unsafe fn matmul_on(
         &self,
         g: &Gemm,
@@ -573,14 +377,6 @@ impl Blas {
             }
             Err(e) => Err(fail("cublasLtMatmul", e)),
         }
-    }
-
-    /// Whether every product of `gs` has its shape's plan already, with a kernel (none would
-    /// be timed now: a batch without one goes one product at a time, and those products'
-    /// shapes may not be planned yet).
-    pub(super) fn planned(&self, gs: &[Gemm]) -> bool {
-        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        gs.iter().all(|g| matches!(plans.get(&plan_key(g, false)), Some(Some(_))))
     }
 
     /// Whether the pointer-array batch `g` ([`GemmBatch::pointer_arrays`](super::GemmBatch::pointer_arrays);
@@ -1019,8 +815,6 @@ impl Drop for Blas {
                 let _ = result::ctx::synchronize();
                 let _ = lt::destroy_handle(self.handle);
                 let _ = result::free_sync(self.workspace);
-                let lanes = std::mem::take(self.lanes.get_mut().unwrap_or_else(|e| e.into_inner()));
-                lanes.destroy();
                 let (scratch, capacity) =
                     *self.bias_f32.get_mut().unwrap_or_else(|e| e.into_inner());
                 if capacity > 0 {

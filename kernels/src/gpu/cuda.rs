@@ -17,7 +17,7 @@ use cudarc::driver::{result, sys};
 
 use super::buffer_cache::{size_class, BufferCache};
 use super::cublaslt::Blas;
-pub use super::cublaslt::{LANES_VAR, TUNE_VAR};
+pub use super::cublaslt::TUNE_VAR;
 use super::{nvrtc, sources, Device, DevicePtr, Gemm, GpuError};
 
 /// One CUDA device with every kernel loaded.
@@ -484,39 +484,6 @@ impl Device for CudaDevice {
         let blas = self.blas()?;
         self.bind()?;
         blas.has_pointer_array_plan(g)
-    }
-
-    fn runs_products_at_once(&self) -> bool {
-        self.blas.is_some() && super::cublaslt::lanes() > 1
-    }
-
-    unsafe fn gemm_group(&self, gs: &[Gemm]) -> Result<(), GpuError> {
-        let lanes = super::cublaslt::lanes();
-        let mut with_work = Vec::with_capacity(gs.len());
-        for g in gs {
-            if has_work(g)? {
-                with_work.push(*g);
-            }
-        }
-        // In order: a product with a bias or an epilogue (one cuBLASLt refuses must fail
-        // before anything of the group is queued, for the caller's fallback), and, tuning,
-        // while some product's shape has no plan yet (its first product times its candidates
-        // on the null stream, which products on other streams would skew).
-        if lanes < 2
-            || with_work.len() < 2
-            || !with_work.iter().all(Gemm::is_plain)
-            || (super::cublaslt::tuning() && !self.blas()?.planned(&with_work))
-        {
-            for g in &with_work {
-                // SAFETY: the caller's contract.
-                unsafe { self.gemm(g) }?;
-            }
-            return Ok(());
-        }
-        let blas = self.blas()?;
-        self.bind()?;
-        // SAFETY: the caller's contract; the context is current; no product has a bias.
-        unsafe { blas.group(&with_work, lanes) }
     }
 }
 

@@ -229,12 +229,10 @@ pub unsafe fn run_group(dev: &Gpu, op: &str, gs: &[Gemm]) -> Result<(), GpuError
 /// launch for the GEMM attention path's per-head products of a phase, which alone leave most
 /// of an H200 idle in their last wave (run 22: one head's 18 blocks of 1024×192×1024 at ~230
 /// TFLOP/s, all 72 blocks head-major in one product at ~500). Their matrix addresses reach
-/// the device through [`super::ops::upload_in_order`]. The rest go as
-/// [`Device::gemm_group`](super::Device::gemm_group): at once where the device does that
-/// ([`Device::runs_products_at_once`](super::Device::runs_products_at_once)), else one by one
-/// through [`run`], each timed under its own name when profiling. Profiled launch by launch
-/// (`CHINGU_PROFILE=1`) they always go one by one; with device events a group run at once is
-/// one span, named by its first product, since its products overlap. A pointer-array batch
+/// the device through [`super::ops::upload_in_order`]. The rest go one by one through
+/// [`run`], each timed under its own name when profiling. (Spreading them over several
+/// streams instead bought nothing in GPU run 23: the products' own time fell by 2.2 ms a
+/// seed-768 step, the other kernels' grew by as much, the GPU held at its power cap.) A pointer-array batch
 /// may sum in another order than its products alone (another kernel), so its last bits may
 /// differ from theirs; it is the same every run.
 ///
@@ -259,16 +257,8 @@ pub unsafe fn run_group_as(
     } else {
         gs
     };
-    let one_by_one = gs.len() < 2
-        || !dev.runs_products_at_once()
-        || crate::profile::mode() == crate::profile::Mode::Alone;
-    if one_by_one {
-        // SAFETY: the caller's contract.
-        return gs.iter().try_for_each(|g| unsafe { run(dev, op, g) });
-    }
-    let name = || format!("{} at once, the first {}", gs.len(), describe(op, &gs[0]));
     // SAFETY: the caller's contract.
-    super::profile::time(dev, name, || unsafe { dev.gemm_group(gs) })
+    gs.iter().try_for_each(|g| unsafe { run(dev, op, g) })
 }
 
 /// Whether `a` and `b` are products a pointer-array batch can hold together: the same shape,

@@ -399,24 +399,6 @@ pub trait Device: Send + Sync {
     fn pointer_array_batches(&self) -> Option<usize> {
         None
     }
-    /// Whether [`Device::gemm_group`] runs products at once (a GPU with `CHINGU_GEMM_LANES`
-    /// above 1); not here.
-    fn runs_products_at_once(&self) -> bool {
-        false
-    }
-    /// Products none of which writes what another reads or writes, so they may run in any
-    /// order or at once (a GPU spreads them over streams: see `cublaslt::Blas::group`); later
-    /// work sees all of them done. In order here.
-    ///
-    /// # Safety
-    /// As [`Device::gemm`] for each product.
-    unsafe fn gemm_group(&self, gs: &[Gemm]) -> Result<(), GpuError> {
-        for g in gs {
-            // SAFETY: the caller's contract.
-            unsafe { self.gemm(g) }?;
-        }
-        Ok(())
-    }
     /// For `CHINGU_PROFILE=events` (see [`profile`]): marks, in the device's queue, the start
     /// of the work queued next. `Ok(None)` where the device cannot time its own work (the
     /// emulator, whose launches are synchronous: the host's clock times them).

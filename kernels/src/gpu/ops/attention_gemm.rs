@@ -8,9 +8,8 @@
 //! from it (`attention_scores_backward_f16`). Then dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q. Every
 //! product reads and writes one head's columns of the `[B·T, H·Dh]` tensors in place (row
 //! stride H·Dh), batched over batch rows, one product per head — no copy of any tensor into a
-//! head-major layout. The heads' products of one step go as a group (`gemm::run_group`),
-//! which `CHINGU_GEMM_LANES` > 1 runs beside each other on a GPU's streams, and, unless
-//! `CHINGU_GEMM_ARRAYS=0`, as one pointer-array batch a shape (all heads' blocks in one
+//! head-major layout. The heads' products of one step go as a group (`gemm::run_group`):
+//! unless `CHINGU_GEMM_ARRAYS=0`, one pointer-array batch a shape (all heads' blocks in one
 //! launch). Kernels and conventions: `kernels/cuda/attention_gemm.cu`. Score rows go
 //! in chunks of whole (batch row, head) blocks, consecutive in that order, of at most
 //! `scores_per_chunk` scores (one block at least), so the scratch stays bounded (12 bytes a
