@@ -9,6 +9,7 @@ pub mod device_failure;
 pub mod gpu;
 pub mod profile;
 pub mod rng;
+pub mod settings;
 
 pub use backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};
 pub use cpu::Cpu;

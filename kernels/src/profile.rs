@@ -31,10 +31,16 @@ pub enum Mode {
 /// The profiling mode (see [`Mode`]).
 pub fn mode() -> Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("CHINGU_PROFILE").as_deref() {
-        Ok("1") => Mode::Alone,
-        Ok("events") => Mode::Events,
-        _ => Mode::Off,
+    *MODE.get_or_init(|| {
+        crate::settings::read("CHINGU_PROFILE", "1, events or 0", |t| {
+            match t.to_ascii_lowercase().as_str() {
+                "1" => Some(Mode::Alone),
+                "events" => Some(Mode::Events),
+                "0" => Some(Mode::Off),
+                _ => None,
+            }
+        })
+        .unwrap_or(Mode::Off)
     })
 }
 

@@ -130,8 +130,8 @@ impl GpuBackend {
             dev,
             loss_scale: Arc::new(AtomicU32::new(1f32.to_bits())),
             adamw_tables: Arc::new(Mutex::new(Vec::new())),
-            fuse_gelu: std::env::var("CHINGU_GELU_EPILOGUE").map_or(true, |v| v != "0"),
-            fuse_bias_grad: std::env::var(BIAS_GRAD_EPILOGUE_VAR).is_ok_and(|v| v.trim() == "1"),
+            fuse_gelu: crate::settings::switch("CHINGU_GELU_EPILOGUE").unwrap_or(true),
+            fuse_bias_grad: crate::settings::switch(BIAS_GRAD_EPILOGUE_VAR).unwrap_or(false),
         }
     }
 

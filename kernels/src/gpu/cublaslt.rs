@@ -22,7 +22,7 @@ use super::{address_alignment, DevicePtr, Gemm, GemmBatch, GemmEpilogue, GpuErro
 /// kernel for (its products one at a time), so `scripts/gpu-check` can test that path.
 fn unbatched() -> bool {
     static UNBATCHED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UNBATCHED.get_or_init(|| std::env::var("CHINGU_GEMM_UNBATCHED").as_deref() == Ok("1"))
+    *UNBATCHED.get_or_init(|| crate::settings::switch("CHINGU_GEMM_UNBATCHED") == Some(true))
 }
 
 /// How cuBLASLt's algorithm for each product shape is chosen ([`Tuning`]): unset or `1`, the
@@ -60,14 +60,8 @@ impl Tuning {
 pub fn tuning_mode() -> Tuning {
     static TUNING: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
     *TUNING.get_or_init(|| {
-        let value = std::env::var(TUNE_VAR).ok();
-        Tuning::parse(value.as_deref()).unwrap_or_else(|| {
-            tracing::warn!(
-                "{TUNE_VAR}={} is not 0, 1 or again: tuning as by default (1)",
-                value.unwrap_or_default()
-            );
-            Tuning::Kept
-        })
+        crate::settings::read(TUNE_VAR, "1, 0 or again", |t| Tuning::parse(Some(t)))
+            .unwrap_or(Tuning::Kept)
     })
 }
 

@@ -166,9 +166,9 @@ pub struct EmuDevice {
 /// emulated device (builds with feature "emu"; slow, for checking the GPU path without a GPU).
 pub const EMULATED_GPU_VAR: &str = "CHINGU_EMULATED_GPU";
 
-/// True when [`EMULATED_GPU_VAR`] is `1`.
+/// True when [`EMULATED_GPU_VAR`] is on (`1`).
 pub fn emulation_requested() -> bool {
-    std::env::var(EMULATED_GPU_VAR).as_deref() == Ok("1")
+    crate::settings::switch(EMULATED_GPU_VAR) == Some(true)
 }
 
 /// The environment variable that limits the emulated device's memory, in MiB

@@ -16,10 +16,10 @@ use super::{
 /// without; see [`run_group_as`]).
 pub const ARRAYS_VAR: &str = "CHINGU_GEMM_ARRAYS";
 
-/// Whether [`ARRAYS_VAR`] is anything but `0`.
+/// Whether [`ARRAYS_VAR`] is unset or on.
 pub fn pointer_arrays() -> bool {
     static ARRAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ARRAYS.get_or_init(|| std::env::var(ARRAYS_VAR).as_deref() != Ok("0"))
+    *ARRAYS.get_or_init(|| crate::settings::switch(ARRAYS_VAR).unwrap_or(true))
 }
 
 /// The output of a product, and so its type.

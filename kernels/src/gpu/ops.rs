@@ -947,11 +947,7 @@ const PIPELINED_BLOCKS: usize = 3;
 /// [`PIPELINE_VAR`]: `None` unset (by occupancy), else forced on or off (read once).
 fn pipeline_from_env() -> Option<bool> {
     static PIPELINE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    *PIPELINE.get_or_init(|| match std::env::var(PIPELINE_VAR).as_deref().map(str::trim) {
-        Ok("0") => Some(false),
-        Ok("1") => Some(true),
-        _ => None,
-    })
+    *PIPELINE.get_or_init(|| crate::settings::switch(PIPELINE_VAR))
 }
 
 /// The variable that sets the warps a block of the register-resident attention kernels: `4`
@@ -966,15 +962,11 @@ pub const WARPS_VAR: &str = "CHINGU_ATTN_WARPS";
 fn warps_from_env() -> Option<usize> {
     static WARPS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *WARPS.get_or_init(|| {
-        let text = std::env::var(WARPS_VAR).ok()?;
-        match text.trim() {
+        crate::settings::read(WARPS_VAR, "4 or 8", |t| match t {
             "4" => Some(4),
             "8" => Some(8),
-            _ => {
-                tracing::warn!("{WARPS_VAR}={text:?}: expected 4 or 8; ignored");
-                None
-            }
-        }
+            _ => None,
+        })
     })
 }
 
@@ -1049,15 +1041,11 @@ pub const SCORES_VAR: &str = "CHINGU_ATTN_SCORES";
 fn half_scores_from_env() -> Option<bool> {
     static HALF: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
     *HALF.get_or_init(|| {
-        let text = std::env::var(SCORES_VAR).ok()?;
-        match text.trim().to_ascii_lowercase().as_str() {
+        crate::settings::read(SCORES_VAR, "f32 or f16", |t| match t.to_ascii_lowercase().as_str() {
             "f16" | "fp16" | "half" => Some(true),
             "f32" | "fp32" | "float" => Some(false),
-            _ => {
-                tracing::warn!("{SCORES_VAR}={text:?}: expected f32 or f16; ignored");
-                None
-            }
-        }
+            _ => None,
+        })
     })
 }
 
@@ -1070,21 +1058,14 @@ pub const CAUSAL_BAND_VAR: &str = "CHINGU_ATTN_CAUSAL_BAND";
 fn causal_band_from_env() -> Option<usize> {
     static BAND: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *BAND.get_or_init(|| {
-        let text = std::env::var(CAUSAL_BAND_VAR).ok()?;
-        match text.trim().parse() {
-            Ok(rows) => Some(rows),
-            Err(_) => {
-                tracing::warn!("{CAUSAL_BAND_VAR}={text:?} is not a number of rows: ignored");
-                None
-            }
-        }
+        crate::settings::read(CAUSAL_BAND_VAR, "a whole number of rows", |t| t.parse().ok())
     })
 }
 
-/// False where [`SAVE_PROBS_VAR`] is `0` (read once; any other value, or none, keeps P).
+/// False where [`SAVE_PROBS_VAR`] is off (read once; unset keeps P).
 fn save_probs_from_env() -> bool {
     static SAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SAVE.get_or_init(|| std::env::var(SAVE_PROBS_VAR).map_or(true, |v| v.trim() != "0"))
+    *SAVE.get_or_init(|| crate::settings::switch(SAVE_PROBS_VAR).unwrap_or(true))
 }
 
 /// f32 elements of the statistics buffer attention of shape `s` takes on `dev`: those of the
