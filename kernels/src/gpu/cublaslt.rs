@@ -119,25 +119,9 @@ struct Plan {
     algo: lt_sys::cublasLtMatmulAlgo_t,
 }
 
-/// `g` for messages: `18 × 1024×1024×192 (A, Bᵀ, C f32, beta 0)`.
+/// `g` for messages: `18 × 1024×1024×192 A Bᵀ → f32 (beta 0)`.
 fn describe(g: &Gemm, bias: bool) -> String {
-    let Gemm { m, n, k, .. } = *g;
-    format!(
-        "{}{m}×{n}×{k} (A{}, B{}, C {}, beta {}{}{}{})",
-        if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() },
-        if g.trans_a { "ᵀ" } else { "" },
-        if g.trans_b { "ᵀ" } else { "" },
-        if g.c_f32 { "f32" } else { "f16" },
-        g.beta,
-        if bias { ", bias" } else { "" },
-        match g.epilogue {
-            GemmEpilogue::None => "",
-            GemmEpilogue::Gelu { .. } => ", GELU",
-            GemmEpilogue::GeluGrad { .. } => ", GELU gradient",
-            GemmEpilogue::BiasGrad { .. } => ", bias gradient",
-        },
-        if g.batch.pointer_arrays.is_some() { ", pointer arrays" } else { "" },
-    )
+    format!("{g} (beta {}{})", g.beta, if bias { ", bias" } else { "" })
 }
 
 /// Everything `g`'s plan depends on: its shape, types, epilogue, strides and alignments.

@@ -189,19 +189,11 @@ fn checked(
 
 /// How profiles name `g` under `op`: the op and the shape.
 fn describe(op: &str, g: &Gemm) -> String {
-    let t = |transposed| if transposed { "ᵀ" } else { "" };
-    let out = if g.c_f32 { "f32" } else { "f16" };
-    let op = if op.is_empty() { String::new() } else { format!(" ({op})") };
-    let epilogue = match g.epilogue {
-        GemmEpilogue::None => "",
-        GemmEpilogue::Gelu { .. } => " + GELU",
-        GemmEpilogue::GeluGrad { .. } => " · GELU'",
-        GemmEpilogue::BiasGrad { .. } => " + Σ rows of op(A)",
-    };
-    let (m, n, k, ta, tb) = (g.m, g.n, g.k, t(g.trans_a), t(g.trans_b));
-    let batch = if g.batch.count > 1 { format!("{} × ", g.batch.count) } else { String::new() };
-    let arrays = if g.batch.pointer_arrays.is_some() { " (pointer arrays)" } else { "" };
-    format!("gemm{op} {batch}{m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}{arrays}")
+    if op.is_empty() {
+        format!("gemm {g}")
+    } else {
+        format!("gemm ({op}) {g}")
+    }
 }
 
 /// Runs `g` on `dev`, timed under a name showing the op and shape when profiling (see

@@ -152,6 +152,29 @@ pub struct Gemm {
     pub ld: [usize; 3],
 }
 
+/// The product's shape for messages and profiles: `72 × 1024×192×1024 Aᵀ B → f16 · GELU'`
+/// (batch count, m×n×k, which operands are transposed, C's type, the epilogue, and
+/// "(pointer arrays)" for such a batch).
+impl std::fmt::Display for Gemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = |transposed| if transposed { "ᵀ" } else { "" };
+        if self.batch.count > 1 {
+            write!(f, "{} × ", self.batch.count)?;
+        }
+        let (m, n, k) = (self.m, self.n, self.k);
+        let (ta, tb) = (t(self.trans_a), t(self.trans_b));
+        let out = if self.c_f32 { "f32" } else { "f16" };
+        let epilogue = match self.epilogue {
+            GemmEpilogue::None => "",
+            GemmEpilogue::Gelu { .. } => " + GELU",
+            GemmEpilogue::GeluGrad { .. } => " · GELU'",
+            GemmEpilogue::BiasGrad { .. } => " + Σ rows of op(A)",
+        };
+        let arrays = if self.batch.pointer_arrays.is_some() { " (pointer arrays)" } else { "" };
+        write!(f, "{m}×{n}×{k} A{ta} B{tb} → {out}{epilogue}{arrays}")
+    }
+}
+
 impl Gemm {
     /// Every matrix dense: the row stride is the stored row length.
     pub const DENSE: [usize; 3] = [0; 3];
