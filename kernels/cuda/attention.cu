@@ -599,7 +599,7 @@ extern "C" __global__ void attention_backward_delta_f16(float* delta, const __ha
         }
         // Every lane takes part in the shuffles (items past the end add zeros).
         for (int offset = group / 2; offset > 0; offset >>= 1)
-            s += __shfl_xor_sync(0xffffffffu, s, offset);
+            s += __shfl_xor_sync(chingu::FULL_MASK, s, offset);
         if (vector == 0 && item < items) {
             const long long row = item / heads;
             const int h = (int)(item - row * heads);

@@ -81,7 +81,7 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const __half* row)
     const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
     for (int i = 0; i < 4; ++i) {
         const __half* src =
-            reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, mine, 8 * i + g));
+            reinterpret_cast<const __half*>(__shfl_sync(FULL_MASK, mine, 8 * i + g));
         r[i] = pack_halves(src[2 * t], src[2 * t + 1]);
     }
 #else
@@ -101,9 +101,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const __half
     const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
     for (int i = 0; i < 4; ++i) {
         const __half* r0 =
-            reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, mine, 8 * i + 2 * t));
+            reinterpret_cast<const __half*>(__shfl_sync(FULL_MASK, mine, 8 * i + 2 * t));
         const __half* r1 =
-            reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, mine, 8 * i + 2 * t + 1));
+            reinterpret_cast<const __half*>(__shfl_sync(FULL_MASK, mine, 8 * i + 2 * t + 1));
         r[i] = pack_halves(r0[g], r1[g]);
     }
 #else
@@ -393,6 +393,13 @@ __device__ __forceinline__ unsigned long long dropout_hash(unsigned long long ba
     return splitmix_mix(base + (unsigned long long)(group + 1) * 0x9e3779b97f4a7c15ull);
 }
 
+/// Element e (0..3) of a group's 16-bit mask values in its `dropout_hash`: the element is kept
+/// when the value is ≥ the threshold. The one place the mask's bits are read.
+__device__ __forceinline__ bool dropout_keeps(unsigned long long hash, int e,
+                                              unsigned long long threshold) {
+    return ((hash >> (16 * e)) & 0xffffull) >= threshold;
+}
+
 /// Dropout of the eight elements i..i + 7 (flat indices into their buffer, i a multiple of 8)
 /// in `v`: each kept and scaled (rounded to fp16) or zero, by dropout.cu's mask (element j
 /// kept when its 16-bit value ≥ threshold): two hashes for the eight. Shared by the dropout
@@ -406,8 +413,9 @@ __device__ __forceinline__ void dropped8(float (&v)[8], long long i, unsigned lo
     const unsigned long long hash[2] = {dropout_hash(base, i / 4), dropout_hash(base, i / 4 + 1)};
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-        const unsigned long long value = (hash[e / 4] >> (16 * (e % 4))) & 0xffffull;
-        v[e] = value >= threshold ? __half2float(__float2half_rn(v[e] * keep_scale)) : 0.0f;
+        v[e] = dropout_keeps(hash[e / 4], e % 4, threshold)
+                   ? __half2float(__float2half_rn(v[e] * keep_scale))
+                   : 0.0f;
     }
 }
 

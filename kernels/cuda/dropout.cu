@@ -16,9 +16,9 @@
 /// elements; `dropped8` gives the same values eight at a time).
 __device__ __forceinline__ __half dropped(const __half* x, int i, unsigned long long base,
                                           unsigned long long threshold, float keep_scale) {
-    const unsigned long long value = (chingu::dropout_hash(base, i / 4) >> (16 * (i % 4))) & 0xffffull;
-    return value >= threshold ? __float2half_rn(__half2float(x[i]) * keep_scale)
-                              : __float2half_rn(0.0f);
+    return chingu::dropout_keeps(chingu::dropout_hash(base, i / 4), i % 4, threshold)
+               ? __float2half_rn(__half2float(x[i]) * keep_scale)
+               : __float2half_rn(0.0f);
 }
 
 // The kernels take eight elements a thread (128-bit loads and stores; every buffer starts
