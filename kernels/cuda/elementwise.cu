@@ -117,8 +117,9 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
 /// choice, from `rows` alone) that there are at most 64 partial rows. A warp reads 4 rows of
 /// 128 contiguous bytes.
 ///
-/// The last block of a column tile to finish (counted by `counters[x]`, which the launcher
-/// zeroes before the launch) then adds the tile's partial rows into `out` in `column_sum_f32`'s order —
+/// The last block of a column tile to finish (counted by `counters[x]`, zero at the launch)
+/// puts the counter back to zero, for the next call that takes it (the launcher keeps them
+/// per device, zeroed once), then adds the tile's partial rows into `out` in `column_sum_f32`'s order —
 /// row lane l sums partial rows l, l + 32, … in order, the 32 lanes' sums added in lane order —
 /// so the result has the bits the two-launch form (this pass, then `column_sum_f32`) had,
 /// without the second launch (GPU run 22: 96 of them a seed-768 step, ~6 µs each).
@@ -177,8 +178,10 @@ extern "C" __global__ void bias_backward_tile_f16(float* out, float* partials,
     if (t == 0) last_block = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
     __syncthreads();
     if (!last_block) return;
-    // The tile's last block: every partial row is in (read past L1, which may hold none of
-    // them but is not kept coherent).
+    // The tile's last block: every other block has counted, so none reads the counter again.
+    if (t == 0) counters[blockIdx.x] = 0u;
+    // Every partial row is in (read past L1, which may hold none of them but is not kept
+    // coherent).
     __threadfence();
     float col_sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (c < cols)
