@@ -118,8 +118,8 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
 /// 128 contiguous bytes.
 ///
 /// The last block of a column tile to finish (counted by `counters[x]`, zero at the launch)
-/// puts the counter back to zero, for the next call that takes it (the launcher keeps them
-/// per device, zeroed once), then adds the tile's partial rows into `out` in `column_sum_f32`'s order —
+/// puts the counter back to zero for the next call (the counters are the device's, zeroed
+/// once: `Device::zeroed_counters`), then adds the tile's partial rows into `out` in `column_sum_f32`'s order —
 /// row lane l sums partial rows l, l + 32, … in order, the 32 lanes' sums added in lane order —
 /// so the result has the bits the two-launch form (this pass, then `column_sum_f32`) had,
 /// without the second launch (GPU run 22: 96 of them a seed-768 step, ~6 µs each).

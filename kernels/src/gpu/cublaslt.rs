@@ -4,8 +4,8 @@
 //! feed-forward GELU and the linear layers' bias gradients as epilogues, strided batches
 //! (one at a time where cuBLASLt has no batched kernel) and pointer-array batches, the timing
 //! of the heuristic's first answers (`CHINGU_GEMM_TUNE`; choices kept on disk by
-//! [`TuneStore`]), and groups of independent products spread over a few streams
-//! ([`Blas::group`]).
+//! [`TuneStore`]). Every product is queued on the null stream, where every other launch goes,
+//! with the one workspace.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -101,13 +101,6 @@ const LT_WORKSPACE_BYTES: usize = 32 << 20;
 /// `cublasOperation_t` (cuBLAS's enum, not in cudarc's cublaslt bindings): N = 0, T = 1.
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
-
-/// Where a product is queued: a stream and the workspace only products on it use.
-#[derive(Clone, Copy)]
-struct Queue {
-    stream: sys::CUstream,
-    workspace: DevicePtr,
-}
 
 /// A shape's descriptors and algorithm, made at its first product (see [`Blas::matmul`]).
 struct Plan {
@@ -258,11 +251,6 @@ impl Blas {
         })
     }
 
-    /// The null stream, where every other launch goes, and its workspace.
-    fn main_queue(&self) -> Queue {
-        Queue { stream: std::ptr::null_mut(), workspace: self.workspace }
-    }
-
     /// Queues `g` on the null stream (context current; `bias` already of D's type).
     ///
     /// Row-major `C[m×n]` is, read column-major, `Cᵀ[n×m]` with leading dimension n, and
@@ -280,20 +268,6 @@ impl Blas {
     /// # Safety
     /// As [`Device::gemm`](super::Device::gemm).
     pub(super) unsafe fn matmul(&self, g: &Gemm, bias: Option<DevicePtr>) -> Result<(), GpuError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.matmul_on(g, bias, self.main_queue()) }
-    }
-
-    /// [`Blas::matmul`] queued on `queue`.
-    ///
-    /// # Safety
-    /// As [`Blas::matmul`]; `queue` is the null stream's.
-    unsafe fn matmul_on(
-        &self,
-        g: &Gemm,
-        bias: Option<DevicePtr>,
-        queue: Queue,
-    ) -> Result<(), GpuError> {
         g.check_strides()?;
         let what = || describe(g, bias.is_some());
         if g.batch.count > 1 && (bias.is_some() || !g.is_plain()) {
@@ -320,7 +294,7 @@ impl Blas {
                 )));
             }
             // SAFETY: as this call's; each product is one block of the batch.
-            return unsafe { self.one_at_a_time(g, queue) };
+            return unsafe { self.one_at_a_time(g) };
         };
         let fail = |step: &str, e: lt::CublasError| GpuError::Driver {
             call: format!("cublasLtMatmul {}: {step}", what()),
@@ -330,7 +304,7 @@ impl Blas {
         unsafe { point_at(&plan.desc, g, bias) }.map_err(|e| fail("this product's pointers", e))?;
         let layouts = [&plan.a, &plan.b, &plan.c];
         // SAFETY: the caller's contract; the plan's descriptors are made for this shape.
-        match unsafe { self.queue(g, &plan.desc, layouts, &plan.algo, g.c, queue) } {
+        match unsafe { self.queue(g, &plan.desc, layouts, &plan.algo, g.c) } {
             Ok(()) => Ok(()),
             // A fused bias gradient the heuristic offered but the product refuses (nothing
             // queued): remembered, and the caller takes the unfused ops, as for no kernel.
@@ -597,7 +571,7 @@ impl Blas {
         Ok(Some(Plan { desc, a: lt_a, b: lt_b, c: lt_c, algo }))
     }
 
-    /// Queues `g` with `algo` on `queue`, D (and C, in place) at `d`.
+    /// Queues `g` with `algo` on the null stream, D (and C, in place) at `d`.
     ///
     /// # Safety
     /// Live descriptors made for `g`; `d` covers C's extent; the rest as [`Device::gemm`](super::Device::gemm).
@@ -608,11 +582,11 @@ impl Blas {
         [lt_a, lt_b, lt_c]: [&Layout; 3],
         algo: &lt_sys::cublasLtMatmulAlgo_t,
         d: DevicePtr,
-        queue: Queue,
     ) -> Result<(), lt::CublasError> {
         let (alpha, beta) = (1.0f32, g.beta);
         // SAFETY: the caller's contract; C and D are the same buffer with the same layout (in
-        // place); the workspace is the queue's alone and as large as the heuristic was told.
+        // place); the workspace is as large as the heuristic was told, and used by one product
+        // at a time (all on one stream).
         unsafe {
             lt::matmul(
                 self.handle,
@@ -628,9 +602,9 @@ impl Blas {
                 d as usize as *mut c_void,
                 lt_c.0,
                 algo,
-                queue.workspace as usize as *mut c_void,
+                self.workspace as usize as *mut c_void,
                 LT_WORKSPACE_BYTES,
-                queue.stream as lt_sys::cudaStream_t,
+                std::ptr::null_mut::<c_void>() as lt_sys::cudaStream_t,
             )
         }
     }
@@ -684,8 +658,7 @@ impl Blas {
             let events = Events::new()?;
             for (algo, time) in candidates.iter().zip(times.iter_mut()) {
                 // SAFETY: every output goes to scratch of the right extent; inputs are g's.
-                let run =
-                    || unsafe { self.queue(g, desc, layouts, algo, scratch.0, self.main_queue()) };
+                let run = || unsafe { self.queue(g, desc, layouts, algo, scratch.0) };
                 // A candidate that fails to run is skipped (its time stays None).
                 if run().is_err() {
                     continue;
@@ -710,11 +683,11 @@ impl Blas {
     ///
     /// # Safety
     /// As [`Device::gemm`](super::Device::gemm) for the whole batch.
-    unsafe fn one_at_a_time(&self, g: &Gemm, queue: Queue) -> Result<(), GpuError> {
+    unsafe fn one_at_a_time(&self, g: &Gemm) -> Result<(), GpuError> {
         for i in 0..g.batch.count {
             // SAFETY: block i of each operand lies inside it (the caller's contract); a batch
             // takes no bias.
-            unsafe { self.matmul_on(&g.nth(i), None, queue) }?;
+            unsafe { self.matmul(&g.nth(i), None) }?;
         }
         Ok(())
     }

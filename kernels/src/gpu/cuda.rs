@@ -41,6 +41,8 @@ pub struct CudaDevice {
     occupancy: Mutex<HashMap<(usize, u32, usize), Option<usize>>>,
     /// Pointer-array batches queued so far ([`Device::pointer_array_batches`]).
     pointer_array_batches: std::sync::atomic::AtomicUsize,
+    /// [`Device::zeroed_counters`].
+    counters: super::KeptCounters,
 }
 
 /// Timing events for `CHINGU_PROFILE=events`: ended spans not yet read, and events to reuse.
@@ -234,6 +236,7 @@ impl CudaDevice {
             spans: Mutex::new(Spans::default()),
             occupancy: Mutex::new(HashMap::new()),
             pointer_array_batches: std::sync::atomic::AtomicUsize::new(0),
+            counters: Default::default(),
         })
     }
 
@@ -478,6 +481,10 @@ impl Device for CudaDevice {
 
     fn pointer_array_batches(&self) -> Option<usize> {
         Some(self.pointer_array_batches.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn zeroed_counters(&self, count: usize) -> Result<DevicePtr, GpuError> {
+        self.counters.at_least(self, count)
     }
 
     fn has_pointer_array_gemm(&self, g: &Gemm) -> Result<bool, GpuError> {

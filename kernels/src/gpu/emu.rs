@@ -160,15 +160,18 @@ pub struct EmuDevice {
     /// Pointer-array batches run so far (each a whole batch): how tests see that the batch,
     /// not its fallback, ran.
     pointer_array_batches: AtomicUsize,
+    /// [`Device::zeroed_counters`].
+    counters: super::KeptCounters,
 }
 
 /// The environment variable that puts `--device cuda` training and GPU workers on this
 /// emulated device (builds with feature "emu"; slow, for checking the GPU path without a GPU).
 pub const EMULATED_GPU_VAR: &str = "CHINGU_EMULATED_GPU";
 
-/// True when [`EMULATED_GPU_VAR`] is on (`1`).
+/// True when [`EMULATED_GPU_VAR`] is on (`1`; read once).
 pub fn emulation_requested() -> bool {
-    crate::settings::switch(EMULATED_GPU_VAR) == Some(true)
+    static REQUESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REQUESTED.get_or_init(|| crate::settings::switch(EMULATED_GPU_VAR) == Some(true))
 }
 
 /// The environment variable that limits the emulated device's memory, in MiB
@@ -199,6 +202,7 @@ impl EmuDevice {
             bias_grad_epilogue: true,
             pointer_arrays: true,
             pointer_array_batches: AtomicUsize::new(0),
+            counters: Default::default(),
         }
     }
 
@@ -715,6 +719,18 @@ impl Device for EmuDevice {
 
     fn pointer_array_batches(&self) -> Option<usize> {
         Some(self.pointer_array_batches.load(Ordering::SeqCst))
+    }
+
+    fn zeroed_counters(&self, count: usize) -> Result<DevicePtr, GpuError> {
+        self.counters.at_least(self, count)
+    }
+}
+
+impl Drop for EmuDevice {
+    fn drop(&mut self) {
+        // Its host memory, which no buffer holds (a buffer would hold the device).
+        let mut counters = std::mem::take(&mut self.counters);
+        counters.release(self);
     }
 }
 

@@ -12,8 +12,8 @@ use super::{
 /// `CHINGU_GEMM_ARRAYS` (unset or `1`): [`run_group`] runs the products of a group that share
 /// a shape as one pointer-array batch ([`GemmBatch::pointer_arrays`]) where the device has a
 /// kernel for it, instead of one launch each; `0` runs them one at a time. On by default since
-/// GPU run 24 (H200, seed-768 at 18 × (1024+1024): 39.6 ms a step against 40.9 and 41.1
-/// without; see [`run_group_as`]).
+/// GPU run 24 (H200, seed-768 at 18 × (1024+1024); run 25 interleaved: 39.7–40.4 ms a step
+/// against 41.6–42.0 without; see [`run_group_as`]).
 pub const ARRAYS_VAR: &str = "CHINGU_GEMM_ARRAYS";
 
 /// Whether [`ARRAYS_VAR`] is unset or on.

@@ -152,6 +152,43 @@ pub struct Gemm {
     pub ld: [usize; 3],
 }
 
+/// A device's [`Device::zeroed_counters`]: their address and count (0: none made yet).
+#[derive(Debug, Default)]
+pub(crate) struct KeptCounters(std::sync::Mutex<(DevicePtr, usize)>);
+
+impl KeptCounters {
+    /// At least `count` of `dev`'s counters, made and zeroed (at least 256) where fewer exist.
+    pub(crate) fn at_least(&self, dev: &dyn Device, count: usize) -> Result<DevicePtr, GpuError> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if count > kept.1 {
+            let made = count.next_power_of_two().max(256);
+            let ptr = dev.alloc(made * 4)?;
+            // SAFETY: `ptr` holds `made` counters.
+            if let Err(e) = unsafe { dev.memset_zero(ptr, made * 4) } {
+                // SAFETY: allocated above, used by nothing.
+                unsafe { dev.free(ptr, made * 4) };
+                return Err(e);
+            }
+            let (old, old_count) = std::mem::replace(&mut *kept, (ptr, made));
+            if old_count > 0 {
+                // SAFETY: made by an earlier call, freed once; launches still using it come
+                // before any work its next owner queues (`Device::free`).
+                unsafe { dev.free(old, old_count * 4) };
+            }
+        }
+        Ok(kept.0)
+    }
+
+    /// Frees the counters (their device being dropped, nothing running).
+    pub(crate) fn release(&mut self, dev: &dyn Device) {
+        let (ptr, count) = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if count > 0 {
+            // SAFETY: made by `at_least`, freed once.
+            unsafe { dev.free(ptr, count * 4) };
+        }
+    }
+}
+
 /// The product's shape for messages and profiles: `72 × 1024×192×1024 Aᵀ B → f16 · GELU'`
 /// (batch count, m×n×k, which operands are transposed, C's type, the epilogue, and
 /// "(pointer arrays)" for such a batch).
@@ -195,7 +232,7 @@ impl Gemm {
     }
 
     /// Whether the product has neither a bias nor an epilogue: what batches (strided or
-    /// pointer-array) and groups spread over streams take.
+    /// pointer-array) take.
     pub fn is_plain(&self) -> bool {
         self.bias.is_none() && self.epilogue == GemmEpilogue::None
     }
@@ -417,6 +454,12 @@ pub trait Device: Send + Sync {
     fn has_pointer_array_gemm(&self, _g: &Gemm) -> Result<bool, GpuError> {
         Ok(false)
     }
+    /// At least `count` 4-byte counters, zero, that this device keeps: for kernels that put
+    /// every counter they use back to zero before they end (`bias_backward_tile_f16`), so no
+    /// call zeroes them. The same memory at every call (made anew, zeroed, where `count` is
+    /// more than before): on a GPU every launch is ordered on one stream, and the emulator
+    /// runs one launch at a time, so no two launches use them at once.
+    fn zeroed_counters(&self, count: usize) -> Result<DevicePtr, GpuError>;
     /// Pointer-array batches this device has run (queued) so far, where it counts them: how
     /// tests and `scripts/gpu-check` see whether the batches, not their fallback, ran.
     fn pointer_array_batches(&self) -> Option<usize> {

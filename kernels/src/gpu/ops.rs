@@ -323,11 +323,11 @@ pub fn bias_backward(
     let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
     let chunk_arg = int(OP, "chunk", chunk)?;
     if tiled {
-        // One counter a column tile, at zero (see `BiasCounters`).
+        // One counter a column tile, the device's, at zero: the kernel puts each back (a
+        // memset a call was one more queued operation between kernels, 96 a seed-768 step).
         let tiles = cols.div_ceil(64);
-        let (counters, offset) = BiasCounters::slot(dev, tiles)?;
-        let args =
-            args![db.ptr(), partials.ptr(), counters.ptr() + offset, dy.ptr(), r, c, chunk_arg];
+        let counters = dev.zeroed_counters(tiles)?;
+        let args = args![db.ptr(), partials.ptr(), counters, dy.ptr(), r, c, chunk_arg];
         return launch(
             dev,
             "bias_backward_tile_f16",
@@ -342,55 +342,6 @@ pub fn bias_backward(
     let args = args![partials.ptr(), dy.ptr(), r, c, chunk_arg];
     launch(dev, "bias_backward_partial_f16", grid, (threads, 1, 1), 0, args)?;
     column_sums(dev, db, None, &partials, chunks, cols)
-}
-
-/// Per-device counters for `bias_backward_tile_f16`, zeroed once when made: the kernel's last
-/// block of each column tile puts its counter back to zero, so a call needs no memset of its
-/// own (a seed-768 step made 96, each a queued operation between kernels). Calls take
-/// [`BIAS_COUNTER_SLOTS`] slots of [`BiasCounters::TILES`] counters in turn, so calls queued
-/// from several host threads at once (the emulator runs them at once) use different
-/// counters; on a GPU's one stream they run in order anyway. Wider gradients (more tiles)
-/// take a fresh buffer, zeroed by a memset.
-struct BiasCounters;
-
-/// Slots of [`BiasCounters`] a device's calls take in turn.
-pub const BIAS_COUNTER_SLOTS: usize = 64;
-
-impl BiasCounters {
-    /// Column tiles a slot serves: 4,096 columns.
-    const TILES: usize = 64;
-
-    /// `tiles` zeroed counters: a buffer and the byte offset where they start in it.
-    fn slot(
-        dev: &Gpu,
-        tiles: usize,
-    ) -> Result<(Arc<DeviceBuffer<i32>>, super::DevicePtr), GpuError> {
-        // Each device's buffer (the device known by its address: the entry holds it) and the
-        // slot its next call takes.
-        type Kept = Vec<(Gpu, Arc<DeviceBuffer<i32>>, usize)>;
-        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
-        let zeroed = |count: usize| -> Result<Arc<DeviceBuffer<i32>>, GpuError> {
-            let buffer = DeviceBuffer::<i32>::uninit(dev, count)?;
-            // SAFETY: the buffer holds `count` 4-byte counters.
-            unsafe { dev.memset_zero(buffer.ptr(), count * 4) }?;
-            Ok(Arc::new(buffer))
-        };
-        if tiles > Self::TILES {
-            return Ok((zeroed(tiles)?, 0));
-        }
-        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-        let i = match kept.iter().position(|(d, _, _)| Arc::ptr_eq(d, dev)) {
-            Some(i) => i,
-            None => {
-                kept.push((dev.clone(), zeroed(Self::TILES * BIAS_COUNTER_SLOTS)?, 0));
-                kept.len() - 1
-            }
-        };
-        let (_, buffer, next) = &mut kept[i];
-        let slot = *next;
-        *next = (slot + 1) % BIAS_COUNTER_SLOTS;
-        Ok((buffer.clone(), (slot * Self::TILES * 4) as super::DevicePtr))
-    }
 }
 
 /// Rows per partial sum of the bias gradient, from `rows` alone (so the summation order
