@@ -54,6 +54,11 @@ const SETTINGS: &[(&str, &str)] = &[
          kept on disk; again = time anew; 0 = cuBLASLt's first",
     ),
     (
+        chingu_kernels::gpu::cuda::TUNE_ARRAYS_VAR,
+        "1 = tune the pointer-array batches too (timed at their first batch; default 0: \
+         cuBLASLt's first answer)",
+    ),
+    (
         chingu_kernels::gpu::gemm::ARRAYS_VAR,
         "unset or 1 = the cuBLASLt attention path's per-head products of one shape as one \
          pointer-array batch; 0 = one launch each",

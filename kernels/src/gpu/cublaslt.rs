@@ -70,6 +70,20 @@ pub(super) fn tuning() -> bool {
     tuning_mode() != Tuning::Off
 }
 
+/// `CHINGU_GEMM_TUNE_ARRAYS=1`: pointer-array batches are tuned too (timed at their shape's
+/// first batch, whose arrays name real operands, its outputs sent to scratch; kept on disk as
+/// other shapes' choices). Off by default until a GPU has timed it: GPU run 24 measured the
+/// batches with the heuristic's first answer at 71 µs where one strided batch of the same
+/// heads, head-major, took 63 (seed-768's Q·Kᵀ), and whether another answer closes that gap
+/// is not known.
+pub const TUNE_ARRAYS_VAR: &str = "CHINGU_GEMM_TUNE_ARRAYS";
+
+/// Whether [`TUNE_ARRAYS_VAR`] is on (read once).
+fn tuning_arrays() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::settings::switch(TUNE_ARRAYS_VAR) == Some(true))
+}
+
 /// Heuristic answers timed per shape when tuning.
 const TUNE_CANDIDATES: usize = 8;
 /// Timed runs of each candidate, after one untimed: enough that a small product's time is
@@ -110,11 +124,25 @@ struct Plan {
     b: Layout,
     c: Layout,
     algo: lt_sys::cublasLtMatmulAlgo_t,
+    /// A pointer-array batch's candidates still to be timed (with [`TUNE_ARRAYS_VAR`]): its
+    /// plan is made before any batch names real matrices, so its first product times them.
+    untimed: Option<Vec<lt_sys::cublasLtMatmulAlgo_t>>,
 }
 
 /// `g` for messages: `18 × 1024×1024×192 A Bᵀ → f32 (beta 0)`.
 fn describe(g: &Gemm, bias: bool) -> String {
     format!("{g} (beta {}{})", g.beta, if bias { ", bias" } else { "" })
+}
+
+/// A pointer-array batch's C addresses moved into one scratch block (for tuning): the bytes
+/// the block needs, from the lowest address to the end of the highest one's matrix
+/// (`matrix_bytes` long), and each address's offset in it. The offsets keep the addresses'
+/// distances, so matrices that did not overlap do not, and each keeps its alignment where
+/// the block starts 256-byte aligned.
+fn scratch_offsets(cs: &[u64], matrix_bytes: usize) -> (usize, Vec<u64>) {
+    let low = cs.iter().copied().min().unwrap_or(0);
+    let high = cs.iter().copied().max().unwrap_or(0);
+    ((high - low) as usize + matrix_bytes, cs.iter().map(|&c| c - low).collect())
 }
 
 /// Everything `g`'s plan depends on: its shape, types, epilogue, strides and alignments.
@@ -282,7 +310,7 @@ impl Blas {
             // SAFETY: the caller's contract (tuning writes scratch only).
             vacant.insert(unsafe { self.plan(g, bias, &key) }?);
         }
-        let Some(plan) = plans.get(&key).and_then(Option::as_ref) else {
+        let Some(plan) = plans.get_mut(&key).and_then(Option::as_mut) else {
             drop(plans);
             // Those the caller has a fallback for: a pointer-array batch, a fused bias gradient.
             if g.batch.pointer_arrays.is_some()
@@ -302,6 +330,13 @@ impl Blas {
         };
         // SAFETY: the plan's live descriptor; device pointers, as the attributes take.
         unsafe { point_at(&plan.desc, g, bias) }.map_err(|e| fail("this product's pointers", e))?;
+        if let Some(candidates) = plan.untimed.take() {
+            // SAFETY: as this call's: `g` names real matrices; the candidates write scratch.
+            plan.algo = unsafe {
+                let layouts = [&plan.a, &plan.b, &plan.c];
+                self.time_and_keep(g, &plan.desc, layouts, &key, &what(), &candidates)
+            }?;
+        }
         let layouts = [&plan.a, &plan.b, &plan.c];
         // SAFETY: the caller's contract; the plan's descriptors are made for this shape.
         match unsafe { self.queue(g, &plan.desc, layouts, &plan.algo, g.c) } {
@@ -470,9 +505,9 @@ impl Blas {
             point_at(&desc, g, bias).map_err(fail("pointers"))?;
         }
 
-        // Tuning would run a pointer-array batch into scratch it has no arrays for: never.
+        // A pointer-array batch is tuned only with TUNE_ARRAYS_VAR, at its first product.
         let arrays = g.batch.pointer_arrays.is_some();
-        let wanted = if tuning() && !arrays { TUNE_CANDIDATES } else { 1 };
+        let wanted = if tuning() && (!arrays || tuning_arrays()) { TUNE_CANDIDATES } else { 1 };
         let found = if g.batch.count > 1 && !arrays && unbatched() {
             Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
         } else {
@@ -509,33 +544,18 @@ impl Blas {
                         b: lt_b,
                         c: lt_c,
                         algo: candidates[index],
+                        untimed: None,
                     }));
+                }
+                if arrays {
+                    // No real matrices yet: the first answer until the first batch times them.
+                    let algo = candidates[0];
+                    let untimed = Some(candidates);
+                    return Ok(Some(Plan { desc, a: lt_a, b: lt_b, c: lt_c, algo, untimed }));
                 }
                 let layouts = [&lt_a, &lt_b, &lt_c];
                 // SAFETY: as this call's; the candidates write scratch only.
-                let (best, times) =
-                    unsafe { self.time_candidates(g, &desc, layouts, &candidates) }?;
-                let us =
-                    |t: Option<f32>| t.map_or("failed".into(), |ms| format!("{:.1}", ms * 1e3));
-                let all: Vec<String> = times.iter().map(|&t| us(t)).collect();
-                tracing::info!(
-                    "cuBLASLt tuning {}: answer {} of {} (µs a product: {})",
-                    what(),
-                    best + 1,
-                    candidates.len(),
-                    all.join(", ")
-                );
-                // Kept only where it was timed (a failed timing takes the first answer this
-                // once and times again next run).
-                if times[best].is_some() {
-                    if let Err(e) = self.store.save(&store_key, best, prints[best]) {
-                        static WARNED: std::sync::Once = std::sync::Once::new();
-                        WARNED.call_once(|| {
-                            tracing::warn!("cuBLASLt tuning choices not kept on disk ({e})")
-                        });
-                    }
-                }
-                candidates[best]
+                unsafe { self.time_and_keep(g, &desc, layouts, key, &what(), &candidates) }?
             }
             Ok(candidates) => candidates[0],
             // No kernel for a pointer-array batch: its products go as they came.
@@ -568,7 +588,7 @@ impl Blas {
             }
             Err(e) => return Err(fail("cublasLtMatmulAlgoGetHeuristic")(e)),
         };
-        Ok(Some(Plan { desc, a: lt_a, b: lt_b, c: lt_c, algo }))
+        Ok(Some(Plan { desc, a: lt_a, b: lt_b, c: lt_c, algo, untimed: None }))
     }
 
     /// Queues `g` with `algo` on the null stream, D (and C, in place) at `d`.
@@ -609,13 +629,52 @@ impl Blas {
         }
     }
 
+    /// The fastest of `candidates` for `g` ([`Blas::time_candidates`]), said in the log (as
+    /// `what`) and
+    /// kept on disk for `key` where it was timed (a failed timing takes the first answer this
+    /// once, and times again next run).
+    ///
+    /// # Safety
+    /// As [`Blas::time_candidates`].
+    unsafe fn time_and_keep(
+        &self,
+        g: &Gemm,
+        desc: &MatmulDesc,
+        layouts: [&Layout; 3],
+        key: &PlanKey,
+        what: &str,
+        candidates: &[lt_sys::cublasLtMatmulAlgo_t],
+    ) -> Result<lt_sys::cublasLtMatmulAlgo_t, GpuError> {
+        // SAFETY: the caller's contract; the candidates write scratch only.
+        let (best, times) = unsafe { self.time_candidates(g, desc, layouts, candidates) }?;
+        let us = |t: Option<f32>| t.map_or("failed".into(), |ms| format!("{:.1}", ms * 1e3));
+        let all: Vec<String> = times.iter().map(|&t| us(t)).collect();
+        tracing::info!(
+            "cuBLASLt tuning {what}: answer {} of {} (µs a product: {})",
+            best + 1,
+            candidates.len(),
+            all.join(", ")
+        );
+        if times[best].is_some() {
+            let store_key = format!("{}; {key:?}", self.tuned_for);
+            if let Err(e) = self.store.save(&store_key, best, fingerprint(&candidates[best].data)) {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED
+                    .call_once(|| tracing::warn!("cuBLASLt tuning choices not kept on disk ({e})"));
+            }
+        }
+        Ok(candidates[best])
+    }
+
     /// Times each candidate algorithm for `g` (one untimed run, then [`TUNE_REPS`] between
     /// two events) with everything the product writes — D, a GELU's pre-activation, a bias
     /// gradient — sent to scratch memory, so `g`'s own buffers are untouched (C is read from
     /// the scratch too: its values do not change the time). Returns the fastest candidate and
     /// each one's milliseconds a product (`None` where it failed or could not be timed: then
-    /// the first candidate). An error only where `desc` could not be given back its own
-    /// epilogue pointer (the product must then not run).
+    /// the first candidate). A pointer-array batch's C addresses are read back and moved into
+    /// scratch as one block as wide as they span, each at its own offset (so each keeps its
+    /// alignment), in a scratch array of its own. An error only where `desc` could not be given
+    /// back its own epilogue pointer (the product must then not run).
     ///
     /// # Safety
     /// As [`Blas::matmul`], with `desc` and the layouts made for `g`.
@@ -650,7 +709,26 @@ impl Blas {
         };
         let mut times = vec![None; candidates.len()];
         let timed = (|| -> Result<(), GpuError> {
-            let scratch = Scratch::new(extent * c_bytes + 256)?;
+            // D's stand-in, and for a pointer-array batch the array naming its matrices.
+            let (scratch, moved) = match g.batch.pointer_arrays {
+                None => (Scratch::new(extent * c_bytes + 256)?, None),
+                Some(_) => {
+                    let mut cs = vec![0u64; g.batch.count];
+                    // SAFETY: `g.c` holds `count` addresses (the caller's contract); a
+                    // synchronous copy waits for the launches that wrote them.
+                    unsafe { result::memcpy_dtoh_sync(&mut cs, g.c) }
+                        .map_err(driver("cuMemcpyDtoH (tuning: a batch's C addresses)"))?;
+                    let (span, offsets) = scratch_offsets(&cs, g.spans()[2] * c_bytes);
+                    let scratch = Scratch::new(span + 256)?;
+                    let table: Vec<u64> = offsets.iter().map(|&o| scratch.0 + o).collect();
+                    let array = Scratch::new(table.len() * 8)?;
+                    // SAFETY: `array` holds `count` addresses.
+                    unsafe { result::memcpy_htod_sync(array.0, &table) }
+                        .map_err(driver("cuMemcpyHtoD (tuning: scratch addresses)"))?;
+                    (scratch, Some(array))
+                }
+            };
+            let d = moved.as_ref().map_or(scratch.0, |array| array.0);
             let side = side_output.map(|(_, bytes, _)| Scratch::new(bytes.max(1))).transpose()?;
             if let Some(side) = &side {
                 point_side_at(side.0)?;
@@ -658,7 +736,7 @@ impl Blas {
             let events = Events::new()?;
             for (algo, time) in candidates.iter().zip(times.iter_mut()) {
                 // SAFETY: every output goes to scratch of the right extent; inputs are g's.
-                let run = || unsafe { self.queue(g, desc, layouts, algo, scratch.0) };
+                let run = || unsafe { self.queue(g, desc, layouts, algo, d) };
                 // A candidate that fails to run is skipped (its time stays None).
                 if run().is_err() {
                     continue;
@@ -920,7 +998,27 @@ unsafe fn pointer_array_layouts(layouts: &[&Layout], count: usize) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use super::{fastest, Tuning};
+    use super::{address_alignment, fastest, scratch_offsets, Tuning};
+
+    /// Heads' blocks of a `[rows, H·Dh]` fp16 tensor (row stride 1,536 bytes), named out of
+    /// order: the scratch block runs from the lowest address to the end of the highest one's
+    /// matrix, and every offset is its address's distance from the lowest (so alignments and
+    /// gaps are kept).
+    #[test]
+    fn a_batch_moved_into_scratch_keeps_its_matrices_distances() {
+        let base = 0x7f00_0000_0000u64;
+        let cs = [base + 384, base + 1_536 * 1024, base, base + 1_536 * 1024 + 768];
+        let matrix = 1_023 * 1_536 + 384;
+        let (bytes, offsets) = scratch_offsets(&cs, matrix);
+        assert_eq!(offsets, vec![384, 1_536 * 1024, 0, 1_536 * 1024 + 768]);
+        assert_eq!(bytes, 1_536 * 1024 + 768 + matrix);
+        // A moved matrix ends inside the block, and is as aligned as it was.
+        for (&c, &o) in cs.iter().zip(&offsets) {
+            assert!(o as usize + matrix <= bytes);
+            assert_eq!(address_alignment(0x1000 + o), address_alignment(c).min(256));
+        }
+        assert_eq!(scratch_offsets(&[base], 64), (64, vec![0]));
+    }
 
     #[test]
     fn tuning_is_on_and_kept_unless_told_otherwise() {
