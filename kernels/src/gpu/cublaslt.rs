@@ -135,14 +135,34 @@ fn describe(g: &Gemm, bias: bool) -> String {
 }
 
 /// A pointer-array batch's C addresses moved into one scratch block (for tuning): the bytes
-/// the block needs, from the lowest address to the end of the highest one's matrix
-/// (`matrix_bytes` long), and each address's offset in it. The offsets keep the addresses'
-/// distances, so matrices that did not overlap do not, and each keeps its alignment where
-/// the block starts 256-byte aligned.
+/// the block needs and each address's offset in it, each matrix `matrix_bytes` long. In
+/// address order, an address within a matrix's length of the one before keeps its distance
+/// from it (a tensor's interleaved heads); a farther one (another buffer: dV's and dK's
+/// products share a batch) starts after the one before ends. Every offset keeps its address's
+/// value mod 256, so each matrix is as aligned as it was where the block starts 256-byte
+/// aligned, and matrices that did not overlap do not. At most `count · (matrix_bytes + 256)`
+/// bytes, whatever lies between the buffers.
 fn scratch_offsets(cs: &[u64], matrix_bytes: usize) -> (usize, Vec<u64>) {
-    let low = cs.iter().copied().min().unwrap_or(0);
-    let high = cs.iter().copied().max().unwrap_or(0);
-    ((high - low) as usize + matrix_bytes, cs.iter().map(|&c| c - low).collect())
+    let mut order: Vec<usize> = (0..cs.len()).collect();
+    order.sort_by_key(|&i| cs[i]);
+    let mut offsets = vec![0u64; cs.len()];
+    let mut previous: Option<(u64, u64)> = None; // (address, offset)
+    let length = matrix_bytes as u64;
+    for &i in &order {
+        let c = cs[i];
+        offsets[i] = match previous {
+            None => c % 256,
+            Some((address, offset)) if c - address <= length => offset + (c - address),
+            // The first offset past the one before's end with c's value mod 256.
+            Some((_, offset)) => {
+                let end = offset + length;
+                end + (c % 256 + 256 - end % 256) % 256
+            }
+        };
+        previous = Some((c, offsets[i]));
+    }
+    let bytes = previous.map_or(0, |(_, offset)| offset + length);
+    (bytes as usize, offsets)
 }
 
 /// Everything `g`'s plan depends on: its shape, types, epilogue, strides and alignments.
@@ -630,8 +650,7 @@ impl Blas {
     }
 
     /// The fastest of `candidates` for `g` ([`Blas::time_candidates`]), said in the log (as
-    /// `what`) and
-    /// kept on disk for `key` where it was timed (a failed timing takes the first answer this
+    /// `what`) and kept on disk for `key` where it was timed (a failed timing takes the first answer this
     /// once, and times again next run).
     ///
     /// # Safety
@@ -1000,24 +1019,44 @@ unsafe fn pointer_array_layouts(layouts: &[&Layout], count: usize) -> Result<(),
 mod tests {
     use super::{address_alignment, fastest, scratch_offsets, Tuning};
 
-    /// Heads' blocks of a `[rows, H·Dh]` fp16 tensor (row stride 1,536 bytes), named out of
-    /// order: the scratch block runs from the lowest address to the end of the highest one's
-    /// matrix, and every offset is its address's distance from the lowest (so alignments and
-    /// gaps are kept).
+    /// Heads' blocks of two `[rows, H·Dh]` fp16 tensors (row stride 1,536 bytes; one head's
+    /// matrix 1,023 rows and 384 bytes), named out of order, the tensors 3 GiB apart and the
+    /// lowest address only 16-byte aligned: within a tensor the distances are kept, the second
+    /// tensor starts just past the first's last matrix, the block is no longer than the
+    /// matrices need, every offset keeps its address mod 256 (so its alignment), and no two
+    /// matrices that did not overlap do.
     #[test]
-    fn a_batch_moved_into_scratch_keeps_its_matrices_distances() {
-        let base = 0x7f00_0000_0000u64;
-        let cs = [base + 384, base + 1_536 * 1024, base, base + 1_536 * 1024 + 768];
+    fn a_batch_moved_into_scratch_keeps_distances_within_a_buffer_and_drops_gaps() {
+        let first = 0x7f00_0000_0010u64;
+        let second = first + (3u64 << 30) + 0x30;
         let matrix = 1_023 * 1_536 + 384;
+        let heads = |base: u64| (0..4).map(move |h| base + 384 * h);
+        let cs: Vec<u64> = heads(second).chain(heads(first)).rev().collect();
         let (bytes, offsets) = scratch_offsets(&cs, matrix);
-        assert_eq!(offsets, vec![384, 1_536 * 1024, 0, 1_536 * 1024 + 768]);
-        assert_eq!(bytes, 1_536 * 1024 + 768 + matrix);
-        // A moved matrix ends inside the block, and is as aligned as it was.
-        for (&c, &o) in cs.iter().zip(&offsets) {
-            assert!(o as usize + matrix <= bytes);
-            assert_eq!(address_alignment(0x1000 + o), address_alignment(c).min(256));
+        let at = |c: u64| offsets[cs.iter().position(|&x| x == c).unwrap()];
+        for h in 0..4 {
+            assert_eq!(at(first + 384 * h), 0x10 + 384 * h, "head {h} of the first tensor");
         }
-        assert_eq!(scratch_offsets(&[base], 64), (64, vec![0]));
+        let second_start = at(second);
+        assert!(second_start >= at(first + 3 * 384) + matrix as u64);
+        assert!(second_start < at(first + 3 * 384) + matrix as u64 + 256);
+        for h in 0..4 {
+            assert_eq!(at(second + 384 * h), second_start + 384 * h, "head {h} of the second");
+        }
+        assert_eq!(bytes as u64, at(second + 3 * 384) + matrix as u64);
+        assert!(bytes <= cs.len() * (matrix + 256));
+        let m = matrix as u64;
+        let disjoint = |a: u64, b: u64| a + m <= b || b + m <= a;
+        for (i, (&c, &o)) in cs.iter().zip(&offsets).enumerate() {
+            assert_eq!(o % 256, c % 256, "address {i} mod 256");
+            assert_eq!(address_alignment(o), address_alignment(c), "address {i}'s alignment");
+            for (&d, &p) in cs.iter().zip(&offsets) {
+                if disjoint(c, d) {
+                    assert!(disjoint(o, p), "{c:#x} and {d:#x} overlap once moved");
+                }
+            }
+        }
+        assert_eq!(scratch_offsets(&[first], 64), (0x10 + 64, vec![0x10]));
     }
 
     #[test]
