@@ -251,7 +251,10 @@ fn gemm_attention_under(
 ) -> Result<(Vec<Vec<u32>>, usize, usize), GpuError> {
     use chingu_kernels::backend::AttentionShape;
     use chingu_kernels::gpu::ops::{self, AttentionKernels};
-    let emu = Arc::new(EmuDevice::new().with_memory_limit(limit));
+    // Without pointer-array batches: the limits below count the attention path's scratch,
+    // which their address arrays (kept for reuse) would add to. (A batch with no room for its
+    // addresses: gpu_gemm.rs.)
+    let emu = Arc::new(EmuDevice::new().without_pointer_arrays().with_memory_limit(limit));
     let dev: Gpu = emu.clone();
     let s = AttentionShape {
         batch: 3,

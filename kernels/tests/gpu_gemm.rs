@@ -920,6 +920,39 @@ fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
     }
 }
 
+/// A group whose pointer-array batch finds no room on the device for its address arrays (768
+/// bytes: A's, B's and C's addresses, 32 each) runs its products one launch each, with the
+/// same results, rather than failing; with room for them, the same group runs as the batch.
+#[test]
+fn a_batch_with_no_room_for_its_addresses_runs_its_products_one_launch_each() {
+    use chingu_kernels::gpu::emu::EmuDevice;
+    use chingu_kernels::gpu::Device;
+    use std::sync::Arc;
+    // Seven heads' products of one shape into fp16: one batch of 21 blocks.
+    let run_on = |dev: &Gpu| -> Vec<u16> {
+        let ops = HeadColumns::new(dev, &mut SplitMix64(0x0f0f));
+        let out = ops.poisoned16(dev);
+        let group: Vec<Gemm> =
+            (0..ops.heads).map(|h| ops.product(h, out.ptr(), false, false, false)).collect();
+        // SAFETY: every block of A, B and C lies inside its buffer; each product writes only
+        // head h's columns.
+        unsafe { run_group_as(dev, "", &group, true) }.expect("the group runs");
+        out.to_host().unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    // What the operands and the output take: a device without such batches allocates nothing
+    // else for the group.
+    let sizing = Arc::new(EmuDevice::new().without_pointer_arrays());
+    let want = run_on(&(sizing.clone() as Gpu));
+    let need = sizing.peak_allocated();
+    assert!(want.iter().all(|&b| !f16::from_bits(b).is_nan()), "every head written");
+    for (room, batches) in [(100, 0), (4096, 1)] {
+        let dev = Arc::new(EmuDevice::new().with_memory_limit(need + room));
+        let got = run_on(&(dev.clone() as Gpu));
+        assert_eq!(dev.pointer_array_batches(), Some(batches), "{room} bytes to spare");
+        assert_eq!(got, want, "{room} bytes to spare");
+    }
+}
+
 /// Values put in device memory by launches that carry them (`ops::upload_in_order`, the
 /// pointer-array batches' addresses) arrive whole and in order, across several launches' worth
 /// (240 a launch) and a short last one.

@@ -354,8 +354,14 @@ unsafe fn run_as_pointer_arrays(dev: &Gpu, op: &str, class: &[Gemm]) -> Result<b
     if !dev.has_pointer_array_gemm(&like)? {
         return Ok(false);
     }
-    // Held until the batch is queued.
-    let arrays = address_arrays(dev, addresses)?;
+    // Held until the batch is queued. No room for the addresses (a device at the edge of its
+    // memory, where the attention path halves its chunks until they fit): the products go as
+    // they came, which need none.
+    let arrays = match address_arrays(dev, addresses) {
+        Ok(arrays) => arrays,
+        Err(GpuError::OutOfMemory { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
     let at = |k: usize| arrays.ptr() + (k * padded * 8) as u64;
     let g = Gemm { a: at(0), b: at(1), c: at(2), ..like };
     // SAFETY: the caller's contract for every product the arrays name; the arrays hold
