@@ -846,6 +846,7 @@ impl HeadColumns {
 fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
     use chingu_kernels::gpu::emu::EmuDevice;
     use std::sync::Arc;
+    let _counting = counting_uploads();
     let mut rng = SplitMix64(0xa77a);
     let with_arrays = Arc::new(EmuDevice::new());
     let without_arrays = Arc::new(EmuDevice::new().without_pointer_arrays());
@@ -920,6 +921,13 @@ fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
     }
 }
 
+/// Held by the tests that upload address arrays while one of them counts the process's
+/// uploads (`address_uploads`), so another's do not land between its two readings.
+fn counting_uploads() -> std::sync::MutexGuard<'static, ()> {
+    static COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    COUNTING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A group whose pointer-array batch finds no room on the device for its address arrays (768
 /// bytes: A's, B's and C's addresses, 32 each) runs its products one launch each, with the
 /// same results, rather than failing; with room for them, the same group runs as the batch.
@@ -928,6 +936,7 @@ fn a_batch_with_no_room_for_its_addresses_runs_its_products_one_launch_each() {
     use chingu_kernels::gpu::emu::EmuDevice;
     use chingu_kernels::gpu::Device;
     use std::sync::Arc;
+    let _counting = counting_uploads();
     // Seven heads' products of one shape into fp16: one batch of 21 blocks.
     let run_on = |dev: &Gpu| -> Vec<u16> {
         let ops = HeadColumns::new(dev, &mut SplitMix64(0x0f0f));
