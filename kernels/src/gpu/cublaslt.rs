@@ -45,13 +45,14 @@ pub enum Tuning {
 }
 
 impl Tuning {
-    /// The setting's value: `None` for a value it does not name.
-    pub fn parse(value: Option<&str>) -> Option<Self> {
-        match value.map(str::trim) {
-            None | Some("") | Some("1") => Some(Tuning::Kept),
-            Some("0") => Some(Tuning::Off),
-            Some(v) if v.eq_ignore_ascii_case("again") => Some(Tuning::Again),
-            Some(_) => None,
+    /// The setting's value, given trimmed and not empty (`crate::settings::read`; unset is
+    /// [`Tuning::Kept`]): `None` for a value it does not name.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "1" => Some(Tuning::Kept),
+            "0" => Some(Tuning::Off),
+            v if v.eq_ignore_ascii_case("again") => Some(Tuning::Again),
+            _ => None,
         }
     }
 }
@@ -60,8 +61,7 @@ impl Tuning {
 pub fn tuning_mode() -> Tuning {
     static TUNING: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
     *TUNING.get_or_init(|| {
-        crate::settings::read(TUNE_VAR, "1, 0 or again", |t| Tuning::parse(Some(t)))
-            .unwrap_or(Tuning::Kept)
+        crate::settings::read(TUNE_VAR, "1, 0 or again", Tuning::parse).unwrap_or(Tuning::Kept)
     })
 }
 
@@ -1017,7 +1017,7 @@ unsafe fn pointer_array_layouts(layouts: &[&Layout], count: usize) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use super::{address_alignment, fastest, scratch_offsets, Tuning};
+    use super::{address_alignment, fastest, scratch_offsets, Tuning, TUNE_VAR};
 
     /// Heads' blocks of two `[rows, H·Dh]` fp16 tensors (row stride 1,536 bytes; one head's
     /// matrix 1,023 rows and 384 bytes), named out of order, the tensors 3 GiB apart and the
@@ -1061,12 +1061,14 @@ mod tests {
 
     #[test]
     fn tuning_is_on_and_kept_unless_told_otherwise() {
-        assert_eq!(Tuning::parse(None), Some(Tuning::Kept));
-        assert_eq!(Tuning::parse(Some("1")), Some(Tuning::Kept));
-        assert_eq!(Tuning::parse(Some(" ")), Some(Tuning::Kept));
-        assert_eq!(Tuning::parse(Some("0")), Some(Tuning::Off));
-        assert_eq!(Tuning::parse(Some("AGAIN")), Some(Tuning::Again));
-        assert_eq!(Tuning::parse(Some("yes")), None);
+        // Unset or blank is no value (then `Kept`, `tuning_mode`'s default).
+        let value =
+            |raw| crate::settings::parse_value(TUNE_VAR, raw, "1, 0 or again", Tuning::parse);
+        assert_eq!(value(" "), Ok(None));
+        assert_eq!(value(" 1 "), Ok(Some(Tuning::Kept)));
+        assert_eq!(value("0"), Ok(Some(Tuning::Off)));
+        assert_eq!(value("AGAIN"), Ok(Some(Tuning::Again)));
+        assert!(value("yes").is_err());
     }
 
     #[test]
