@@ -86,6 +86,19 @@ pub enum BufRole {
     Statistics,
 }
 
+/// One linear layer's part in [`Backend::linear_backward_shared_input`]: its output gradient,
+/// weight, and the gradients it adds to.
+pub struct LinearGrads<'a, Buf> {
+    /// `dw += dyᵀ · x`, `[out, in]`.
+    pub dw: &'a mut Buf,
+    /// `db += Σ_rows dy`, `[out]`, where the layer has a bias.
+    pub db: Option<&'a mut Buf>,
+    /// The layer's output gradient `[rows, out]`.
+    pub dy: &'a Buf,
+    /// The layer's weight `[out, in]`.
+    pub w: &'a Buf,
+}
+
 /// A device that can run the model.
 pub trait Backend: Send + Sync {
     /// A buffer of numbers on the device.
@@ -236,6 +249,26 @@ pub trait Backend: Send + Sync {
         in_dim: usize,
         out_dim: usize,
     );
+
+    /// The backward of linear layers of one shape that read the same input `x` (attention's
+    /// query, key and value projections): layer by layer in the order given,
+    /// [`Backend::linear_backward`] — `dx` from the first (`=` or `+=` as `accumulate_dx` says),
+    /// the later layers adding to it. A backend may queue the layers' weight-gradient
+    /// products as one batch; each gradient is the same as the layer's own backward gives,
+    /// up to the order of its sum.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_shared_input(
+        &self,
+        dx: Option<&mut Self::Buf>,
+        accumulate_dx: bool,
+        layers: &mut [LinearGrads<'_, Self::Buf>],
+        x: &Self::Buf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        linear_backward_each(self, dx, accumulate_dx, layers, x, rows, in_dim, out_dim);
+    }
 
     /// LayerNorm over rows of width D (eps 1e-5); saves `mean` and `rstd` `[N]` for backward.
     #[allow(clippy::too_many_arguments)]
@@ -516,4 +549,33 @@ pub fn linear_backward_then_gelu<B: Backend + ?Sized>(
     let mut d_act = backend.zeros(rows * in_dim);
     backend.linear_backward(Some(&mut d_act), false, dw, db, dy, act, w, rows, in_dim, out_dim);
     backend.gelu_backward(d_pre, &d_act, pre);
+}
+
+/// [`Backend::linear_backward_shared_input`] as one [`Backend::linear_backward`] a layer: its
+/// default, and the fallback of a backend that batches where it can.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_each<B: Backend + ?Sized>(
+    backend: &B,
+    mut dx: Option<&mut B::Buf>,
+    accumulate_dx: bool,
+    layers: &mut [LinearGrads<'_, B::Buf>],
+    x: &B::Buf,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    for (i, layer) in layers.iter_mut().enumerate() {
+        backend.linear_backward(
+            dx.as_deref_mut(),
+            accumulate_dx || i > 0,
+            layer.dw,
+            layer.db.as_deref_mut(),
+            layer.dy,
+            x,
+            layer.w,
+            rows,
+            in_dim,
+            out_dim,
+        );
+    }
 }

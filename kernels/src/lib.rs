@@ -11,6 +11,6 @@ pub mod profile;
 pub mod rng;
 pub mod settings;
 
-pub use backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey};
+pub use backend::{AdamW, AttentionShape, Backend, BufRole, DropoutKey, LinearGrads};
 pub use cpu::Cpu;
 pub use device_failure::{catch_device_failure, DeviceFailure};

@@ -5,7 +5,7 @@
 //! Nt = B·T; every sequence is padded to its side's batch length and real lengths travel
 //! alongside, so masks are computed from lengths, never stored.
 
-use chingu_kernels::{AttentionShape, Backend, BufRole, DropoutKey};
+use chingu_kernels::{AttentionShape, Backend, BufRole, DropoutKey, LinearGrads};
 
 use crate::config::{Activation, Config, NormPlacement};
 use crate::params::{initial_values, AttnIdx, FfnIdx, Layout, LinearIdx, NormIdx};
@@ -272,6 +272,20 @@ fn pair_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
         let (lo, hi) = v.split_at_mut(a);
         (&mut hi[0], &mut lo[b])
     }
+}
+
+/// Mutable references to `v[i]` for each of `indices`, in their order (each distinct).
+fn disjoint_mut<'a, T>(v: &'a mut [T], indices: &[usize]) -> Vec<&'a mut T> {
+    let mut slots: Vec<Option<&'a mut T>> = indices.iter().map(|_| None).collect();
+    for (i, item) in v.iter_mut().enumerate() {
+        let mut wanted = indices.iter().enumerate().filter(|&(_, &j)| j == i).map(|(k, _)| k);
+        if let Some(k) = wanted.next() {
+            assert!(wanted.next().is_none(), "index {i} asked for twice");
+            slots[k] = Some(item);
+        }
+    }
+    let found = slots.into_iter().zip(indices);
+    found.map(|(slot, i)| slot.unwrap_or_else(|| panic!("index {i} out of range"))).collect()
 }
 
 impl<B: Backend> Model<B> {
@@ -825,6 +839,41 @@ impl<B: Backend> Model<B> {
         );
     }
 
+    /// The backward of linear layers of one shape that all read `x`, each with its output
+    /// gradient: `dx` from the first (`=` or `+=` as `accumulate` says), the later ones adding
+    /// ([`Backend::linear_backward_shared_input`]: a GPU queues their weight gradients as one
+    /// batch).
+    #[allow(clippy::too_many_arguments)]
+    fn linears_back_shared_input(
+        &mut self,
+        dx: &mut B::Buf,
+        accumulate: bool,
+        layers: &[(LinearIdx, &B::Buf)],
+        x: &B::Buf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        let wanted: Vec<usize> = layers.iter().flat_map(|(idx, _)| [idx.w, idx.b]).collect();
+        let mut grads = disjoint_mut(&mut self.grads, &wanted).into_iter();
+        let mut parts: Vec<LinearGrads<'_, B::Buf>> = layers
+            .iter()
+            .map(|&(idx, dy)| {
+                let (dw, db) = grads.next().zip(grads.next()).expect("two gradients a layer");
+                LinearGrads { dw, db: Some(db), dy, w: &self.params[idx.w] }
+            })
+            .collect();
+        self.backend.linear_backward_shared_input(
+            Some(dx),
+            accumulate,
+            &mut parts,
+            x,
+            rows,
+            in_dim,
+            out_dim,
+        );
+    }
+
     /// LayerNorm `idx`'s backward: `dx += …` and its parameters' gradients.
     fn norm_back(
         &mut self,
@@ -916,16 +965,16 @@ impl<B: Backend> Model<B> {
                     &a.key_len, shape,
                 );
                 let mut d_input = self.backend.for_overwrite(nq * d);
-                self.linear_back(Some(&mut d_input), false, idx.q, &dq, input, nq, d, d);
                 match (sub, cross) {
                     // Keys and values came from the encoder output: their gradient goes there.
                     (Sublayer::CrossAttn { .. }, Some((d_mem, memory))) => {
-                        self.linear_back(Some(d_mem), true, idx.k, &dk, memory, nk, d, d);
-                        self.linear_back(Some(d_mem), true, idx.v, &dv, memory, nk, d, d);
+                        self.linear_back(Some(&mut d_input), false, idx.q, &dq, input, nq, d, d);
+                        let kv = [(idx.k, &dk), (idx.v, &dv)];
+                        self.linears_back_shared_input(d_mem, true, &kv, memory, nk, d, d);
                     }
                     _ => {
-                        self.linear_back(Some(&mut d_input), true, idx.k, &dk, input, nk, d, d);
-                        self.linear_back(Some(&mut d_input), true, idx.v, &dv, input, nk, d, d);
+                        let qkv = [(idx.q, &dq), (idx.k, &dk), (idx.v, &dv)];
+                        self.linears_back_shared_input(&mut d_input, false, &qkv, input, nq, d, d);
                     }
                 }
                 d_input

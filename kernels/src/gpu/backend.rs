@@ -16,8 +16,8 @@ use half::f16;
 
 use super::{gemm, ops, DeviceBuffer, Gemm, GemmBatch, GemmEpilogue, Gpu, GpuError};
 use crate::backend::{
-    linear_backward_then_gelu, linear_then_gelu, AdamW, AttentionShape, Backend, BufRole,
-    DropoutKey,
+    linear_backward_each, linear_backward_then_gelu, linear_then_gelu, AdamW, AttentionShape,
+    Backend, BufRole, DropoutKey, LinearGrads,
 };
 use crate::device_failure::DeviceFailure;
 
@@ -66,7 +66,17 @@ pub struct GpuBackend {
     /// 56.0 ms a step against 54.9, seed-256 even; run 21, H200: 49.5 against 48.3–48.9, and
     /// seed-256 23.7 against 22.1).
     fuse_bias_grad: bool,
+    /// The weight-gradient products of linear layers that read one input (attention's
+    /// projections, [`Backend::linear_backward_shared_input`]) queued as one group, so a
+    /// pointer-array batch ([`gemm::run_group`]): three 768 × 768 outputs fill an H200's SMs
+    /// where one leaves most of them to split-K. `CHINGU_GEMM_WEIGHT_GRAD_BATCH=0`: one
+    /// product a layer.
+    batch_weight_grads: bool,
 }
+
+/// `0` queues the weight-gradient products of linear layers that read one input one by one
+/// (see [`GpuBackend::with_batched_weight_grads`]); unset or on: as one group.
+pub const WEIGHT_GRAD_BATCH_VAR: &str = "CHINGU_GEMM_WEIGHT_GRAD_BATCH";
 
 /// `1` sums linear layers' bias gradients in cuBLASLt's weight-gradient products (see
 /// [`GpuBackend::with_fused_bias_grad`]); unset or anything else: kernels of their own.
@@ -132,7 +142,15 @@ impl GpuBackend {
             adamw_tables: Arc::new(Mutex::new(Vec::new())),
             fuse_gelu: crate::settings::switch("CHINGU_GELU_EPILOGUE").unwrap_or(true),
             fuse_bias_grad: crate::settings::switch(BIAS_GRAD_EPILOGUE_VAR).unwrap_or(false),
+            batch_weight_grads: crate::settings::switch(WEIGHT_GRAD_BATCH_VAR).unwrap_or(true),
         }
+    }
+
+    /// The same backend with the weight-gradient products of linear layers that read one
+    /// input queued as one group or one by one (see [`GpuBackend::new`]).
+    pub fn with_batched_weight_grads(mut self, batch: bool) -> Self {
+        self.batch_weight_grads = batch;
+        self
     }
 
     /// The same backend with linear layers' bias gradients in their weight gradient's
@@ -498,6 +516,76 @@ impl Backend for GpuBackend {
         );
         if let Some(db) = db {
             check(OP, ops::bias_backward(&self.dev, float_mut(OP, db), dy_h, rows, out_dim));
+        }
+    }
+
+    fn linear_backward_shared_input(
+        &self,
+        mut dx: Option<&mut GpuBuf>,
+        accumulate_dx: bool,
+        layers: &mut [LinearGrads<'_, GpuBuf>],
+        x: &GpuBuf,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) {
+        const OP: &str = "linear_backward";
+        // The bias epilogue is a product of its own per layer.
+        if !self.batch_weight_grads || self.fuse_bias_grad || layers.len() < 2 {
+            return linear_backward_each(self, dx, accumulate_dx, layers, x, rows, in_dim, out_dim);
+        }
+        let x_h = half(OP, x);
+        for (i, layer) in layers.iter().enumerate() {
+            if let Some(dx) = dx.as_deref_mut() {
+                // dx[rows×in] (=|+=) dy[rows×out] · w[out×in], layer after layer.
+                let dx = half_mut(OP, dx);
+                let beta = if accumulate_dx || i > 0 { 1.0 } else { 0.0 };
+                let (dy, w) = (half(OP, layer.dy), half(OP, layer.w));
+                let shape = (rows, in_dim, out_dim);
+                self.gemm(OP, (dx.ptr(), dx.len(), false), dy, false, w, false, shape, beta, None);
+            }
+        }
+        // dw[out×in] += dyᵀ · x for every layer: independent products of one shape.
+        let products: Vec<Gemm> = layers
+            .iter_mut()
+            .map(|layer| {
+                let (dy, dw) = (half(OP, layer.dy), float_mut(OP, layer.dw));
+                assert!(
+                    dy.len() >= rows * out_dim
+                        && x_h.len() >= rows * in_dim
+                        && dw.len() >= out_dim * in_dim,
+                    "GPU backend, {OP}: {out_dim}×{rows}·{rows}×{in_dim} does not fit buffers \
+                     of {}, {} and {}",
+                    dy.len(),
+                    x_h.len(),
+                    dw.len()
+                );
+                Gemm {
+                    m: out_dim,
+                    n: in_dim,
+                    k: rows,
+                    a: dy.ptr(),
+                    trans_a: true,
+                    b: x_h.ptr(),
+                    trans_b: false,
+                    c: dw.ptr(),
+                    c_f32: true,
+                    beta: 1.0,
+                    bias: None,
+                    epilogue: GemmEpilogue::None,
+                    batch: GemmBatch::ONE,
+                    ld: Gemm::DENSE,
+                }
+            })
+            .collect();
+        // SAFETY: extents checked above; each product writes its own layer's gradient, which
+        // no product reads.
+        check(OP, unsafe { gemm::run_group(&self.dev, OP, &products) });
+        for layer in layers.iter_mut() {
+            if let Some(db) = layer.db.as_deref_mut() {
+                let dy = half(OP, layer.dy);
+                check(OP, ops::bias_backward(&self.dev, float_mut(OP, db), dy, rows, out_dim));
+            }
         }
     }
 

@@ -153,9 +153,11 @@ pub struct Gemm {
 }
 
 /// A device's [`Device::zeroed_counters`]: their address and count (0: none made yet).
+#[cfg(any(feature = "cuda", feature = "emu"))]
 #[derive(Debug, Default)]
 pub(crate) struct KeptCounters(std::sync::Mutex<(DevicePtr, usize)>);
 
+#[cfg(any(feature = "cuda", feature = "emu"))]
 impl KeptCounters {
     /// At least `count` of `dev`'s counters, made and zeroed (at least 256) where fewer exist.
     pub(crate) fn at_least(&self, dev: &dyn Device, count: usize) -> Result<DevicePtr, GpuError> {
