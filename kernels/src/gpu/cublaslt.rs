@@ -26,7 +26,7 @@ fn unbatched() -> bool {
 }
 
 /// How cuBLASLt's algorithm for each product shape is chosen ([`Tuning`]): unset or `1`, the
-/// fastest of the heuristic's first [`TUNE_CANDIDATES`] answers, timed at the shape's first
+/// fastest of the heuristic's first [`TUNE_CANDIDATES`] answers ([`TUNE_CANDIDATES_VAR`]), timed at the shape's first
 /// use (PyTorch's TunableOp does the same for its products) and kept on disk for later runs
 /// (`super::tune_store`); `again`, timed anew and kept; `0`, the heuristic's first answer.
 pub const TUNE_VAR: &str = "CHINGU_GEMM_TUNE";
@@ -84,8 +84,34 @@ fn tuning_arrays() -> bool {
     *ON.get_or_init(|| crate::settings::switch(TUNE_ARRAYS_VAR) == Some(true))
 }
 
-/// Heuristic answers timed per shape when tuning.
+/// Heuristic answers timed per shape when tuning, unless [`TUNE_CANDIDATES_VAR`] says.
 const TUNE_CANDIDATES: usize = 8;
+
+/// `CHINGU_GEMM_TUNE_CANDIDATES=N` (1 to [`MAX_TUNE_CANDIDATES`]): time the heuristic's first N
+/// answers instead of [`TUNE_CANDIDATES`]. GPU run 24's tuning took another answer than the
+/// first for 17 of seed-768's 30 shapes and 4.5% off their time; whether answers past the
+/// eighth hold faster ones is for `scripts/gpu-check`'s `tune-32` row to say. A kept choice
+/// past the answers a later run asks for is timed again there.
+pub const TUNE_CANDIDATES_VAR: &str = "CHINGU_GEMM_TUNE_CANDIDATES";
+
+/// The most answers [`TUNE_CANDIDATES_VAR`] may ask for.
+pub const MAX_TUNE_CANDIDATES: usize = 64;
+
+/// [`TUNE_CANDIDATES_VAR`]'s value, or [`TUNE_CANDIDATES`] (read once; a value out of range is
+/// warned about and ignored).
+fn tune_candidates() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| {
+        let expected = format!("a count from 1 to {MAX_TUNE_CANDIDATES}");
+        crate::settings::read(TUNE_CANDIDATES_VAR, &expected, parse_candidates)
+            .unwrap_or(TUNE_CANDIDATES)
+    })
+}
+
+/// A count of answers to time: 1 to [`MAX_TUNE_CANDIDATES`].
+fn parse_candidates(text: &str) -> Option<usize> {
+    text.parse().ok().filter(|n| (1..=MAX_TUNE_CANDIDATES).contains(n))
+}
 /// Timed runs of each candidate, after one untimed: enough that a small product's time is
 /// more than the events' own resolution (~0.5 µs) and launch jitter.
 const TUNE_REPS: usize = 10;
@@ -527,7 +553,7 @@ impl Blas {
 
         // A pointer-array batch is tuned only with TUNE_ARRAYS_VAR, at its first product.
         let arrays = g.batch.pointer_arrays.is_some();
-        let wanted = if tuning() && (!arrays || tuning_arrays()) { TUNE_CANDIDATES } else { 1 };
+        let wanted = if tuning() && (!arrays || tuning_arrays()) { tune_candidates() } else { 1 };
         let found = if g.batch.count > 1 && !arrays && unbatched() {
             Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
         } else {
@@ -1017,7 +1043,10 @@ unsafe fn pointer_array_layouts(layouts: &[&Layout], count: usize) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use super::{address_alignment, fastest, scratch_offsets, Tuning, TUNE_VAR};
+    use super::{
+        address_alignment, fastest, parse_candidates, scratch_offsets, Tuning, MAX_TUNE_CANDIDATES,
+        TUNE_CANDIDATES_VAR, TUNE_VAR,
+    };
 
     /// Heads' blocks of two `[rows, H·Dh]` fp16 tensors (row stride 1,536 bytes; one head's
     /// matrix 1,023 rows and 384 bytes), named out of order, the tensors 3 GiB apart and the
@@ -1069,6 +1098,21 @@ mod tests {
         assert_eq!(value("0"), Ok(Some(Tuning::Off)));
         assert_eq!(value("AGAIN"), Ok(Some(Tuning::Again)));
         assert!(value("yes").is_err());
+    }
+
+    #[test]
+    fn tuning_times_a_count_of_answers_within_range() {
+        let value = |raw| {
+            crate::settings::parse_value(TUNE_CANDIDATES_VAR, raw, "a count", parse_candidates)
+        };
+        assert_eq!(value(" 32 "), Ok(Some(32)));
+        assert_eq!(value("1"), Ok(Some(1)));
+        let most = MAX_TUNE_CANDIDATES.to_string();
+        assert_eq!(value(&most), Ok(Some(MAX_TUNE_CANDIDATES)));
+        for refused in ["0", "65", "-3", "many", "8.5"] {
+            assert!(value(refused).is_err(), "{refused} taken");
+        }
+        assert_eq!(value(""), Ok(None));
     }
 
     #[test]
