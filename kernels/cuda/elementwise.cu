@@ -123,9 +123,9 @@ extern "C" __global__ void bias_backward_partial_f16(float* partials, const __ha
 /// row lane l sums partial rows l, l + 32, … in order, the 32 lanes' sums added in lane order —
 /// so the result has the bits the two-launch form (this pass, then `column_sum_f32`) had,
 /// without the second launch (GPU run 22: 96 of them a seed-768 step, ~6 µs each).
-extern "C" __global__ void bias_backward_tile_f16(float* out, float* partials,
-                                                  unsigned int* counters, const __half* dy,
-                                                  int rows, int cols, int chunk) {
+__device__ __forceinline__ void bias_backward_tile(float* out, float* partials,
+                                                   unsigned int* counters, const __half* dy,
+                                                   int rows, int cols, int chunk) {
     __shared__ float lanes[32][65];
     __shared__ bool last_block;
     const int group = threadIdx.x, lane = threadIdx.y;
@@ -197,4 +197,30 @@ extern "C" __global__ void bias_backward_tile_f16(float* out, float* partials,
         for (int l = 0; l < 32; ++l) total += lanes[l][t];
         out[column] += total;
     }
+}
+
+extern "C" __global__ void bias_backward_tile_f16(float* out, float* partials,
+                                                  unsigned int* counters, const __half* dy,
+                                                  int rows, int cols, int chunk) {
+    bias_backward_tile(out, partials, counters, dy, rows, cols, chunk);
+}
+
+/// `bias_backward_tile_f16` for up to four tensors of one shape in one launch (attention's
+/// projections, whose bias gradients are ready together): block z of grid.z is tensor z's
+/// (out_z, dy_z; the unused slots null), its partial rows and tile counters the z-th
+/// `gridDim.y × cols` and `gridDim.x` of `partials` and `counters`. Each tensor's blocks do
+/// what the one-tensor launch's do, so its bits are the same; one launch over three tensors
+/// instead of three keeps the GPU full between them (a 768-wide one reads 28 MB: at seed-768's
+/// pace ~14 µs a call, ramp and tail included).
+extern "C" __global__ void bias_backward_tiles_f16(float* out0, float* out1, float* out2,
+                                                   float* out3, const __half* dy0,
+                                                   const __half* dy1, const __half* dy2,
+                                                   const __half* dy3, float* partials,
+                                                   unsigned int* counters, int rows, int cols,
+                                                   int chunk) {
+    const int z = blockIdx.z;
+    float* const out = z == 0 ? out0 : z == 1 ? out1 : z == 2 ? out2 : out3;
+    const __half* const dy = z == 0 ? dy0 : z == 1 ? dy1 : z == 2 ? dy2 : dy3;
+    bias_backward_tile(out, partials + (long long)z * gridDim.y * cols,
+                       counters + (long long)z * gridDim.x, dy, rows, cols, chunk);
 }

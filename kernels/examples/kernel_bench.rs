@@ -396,6 +396,29 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
                 let w = width as f64;
                 push("bias_bwd", format!("{n}x{width}"), t, H * nf * w + 2.0 * S * w, None);
             }
+            // Attention's three projections' bias gradients at seed-768's width: one launch
+            // each, against one launch for the three (`bias_backward_many`, training's).
+            let width = 768;
+            let dys: Vec<DeviceBuffer<f16>> = (0..3)
+                .map(|_| random_half(dev, next_seed(), n * width, -1.0, 1.0))
+                .collect::<Result<_, _>>()?;
+            let mut dbs: Vec<DeviceBuffer<f32>> = (0..3)
+                .map(|_| random_f32(dev, next_seed(), width, -1.0, 1.0))
+                .collect::<Result<_, _>>()?;
+            let (w, label) = (width as f64, format!("3 x {n}x{width}"));
+            let bytes = 3.0 * (H * nf * w + 2.0 * S * w);
+            let t = time_op(dev, reps, |_| {
+                dbs.iter_mut()
+                    .zip(&dys)
+                    .try_for_each(|(db, dy)| ops::bias_backward(dev, db, dy, n, width))
+            })?;
+            push("bias_bwd_each", label.clone(), t, bytes, None);
+            let dy_refs: Vec<&DeviceBuffer<f16>> = dys.iter().collect();
+            let t = time_op(dev, reps, |_| {
+                let mut db_refs: Vec<&mut DeviceBuffer<f32>> = dbs.iter_mut().collect();
+                ops::bias_backward_many(dev, &mut db_refs, &dy_refs, n, width)
+            })?;
+            push("bias_bwd_one_launch", label, t, bytes, None);
 
             // A linear layer's weight and bias gradients, dW += dyᵀ·x (D × D, fp32) and db +=
             // Σ_rows dy: the product then the bias kernels, against the bias summed in the

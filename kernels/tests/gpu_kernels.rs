@@ -321,6 +321,63 @@ fn tiled_bias_gradient_adds_its_chunks_in_the_documented_order() {
     }
 }
 
+/// The bias gradients of several tensors of one shape in one launch (`bias_backward_many`:
+/// `bias_backward_tiles_f16`, a tensor per grid.z) have exactly the bits of one
+/// `bias_backward` each, for 2, 3 and 4 tensors, over shapes with one chunk, many, a ragged
+/// last tile and one wider than the rest (the device's counters made anew for 4 × 65 tiles);
+/// called twice, so each tensor's counters must be back at zero after the first call (and a
+/// tensor's counters must be its own: one shared between tensors makes a block of another
+/// tensor the last of its tile). Five tensors, or columns not a multiple of 8, take one
+/// launch each, with the same bits.
+#[test]
+fn bias_gradients_of_several_tensors_in_one_launch_equal_one_launch_each() {
+    let mut rng = SplitMix64(0xb1a6);
+    for dev in devices() {
+        let cases = [
+            (2, 300, 64),
+            (3, 5000, 200),
+            (3, 18_432, 136),
+            (4, 700, 72),
+            (4, 300, 4_104),
+            (5, 300, 64),
+            (3, 300, 36),
+        ];
+        for &(count, rows, cols) in &cases {
+            let dys: Vec<DeviceBuffer<f16>> = (0..count)
+                .map(|_| up(&dev, &random_half(&mut rng, rows * cols, -4.0, 4.0).0))
+                .collect();
+            let starts: Vec<Vec<f32>> =
+                (0..count).map(|_| random_f32(&mut rng, cols, -1.0, 1.0)).collect();
+            let mut each: Vec<DeviceBuffer<f32>> = starts.iter().map(|s| up(&dev, s)).collect();
+            let mut many: Vec<DeviceBuffer<f32>> = starts.iter().map(|s| up(&dev, s)).collect();
+            let bits = |v: &DeviceBuffer<f32>| {
+                v.to_host().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            for call in 1..=2 {
+                for (db, dy) in each.iter_mut().zip(&dys) {
+                    ops::bias_backward(&dev, db, dy, rows, cols).unwrap();
+                }
+                let mut dbs: Vec<&mut DeviceBuffer<f32>> = many.iter_mut().collect();
+                let dy_refs: Vec<&DeviceBuffer<f16>> = dys.iter().collect();
+                ops::bias_backward_many(&dev, &mut dbs, &dy_refs, rows, cols).unwrap();
+                for z in 0..count {
+                    assert_eq!(
+                        bits(&many[z]),
+                        bits(&each[z]),
+                        "call {call}, tensor {z} of {count}, {rows} × {cols} on {}",
+                        dev.name()
+                    );
+                    assert_ne!(bits(&many[z]), bits(&up(&dev, &starts[z])), "tensor {z} added to");
+                }
+            }
+        }
+        let (mut db, dy) = (up(&dev, &[0f32; 8]), up(&dev, &[f16::ZERO; 16]));
+        let mut dbs = vec![&mut db];
+        let err = ops::bias_backward_many(&dev, &mut dbs, &[&dy, &dy], 2, 8).unwrap_err();
+        assert!(err.to_string().contains("1 bias gradients for 2"), "{err}");
+    }
+}
+
 #[test]
 fn dropout_drops_exactly_what_the_cpu_backend_drops() {
     let mut rng = SplitMix64(4);

@@ -158,6 +158,7 @@ const Entry KERNELS[] = {
     KERNEL(bias_add_f16),
     KERNEL(bias_backward_partial_f16),
     KERNEL(bias_backward_tile_f16),
+    KERNEL(bias_backward_tiles_f16),
     KERNEL(embedding_forward_f16),
     KERNEL(embedding_backward_f16),
     KERNEL(layernorm_forward_f16),

@@ -69,13 +69,16 @@ pub struct GpuBackend {
     /// The weight-gradient products of linear layers that read one input (attention's
     /// projections, [`Backend::linear_backward_shared_input`]) queued as one group, so a
     /// pointer-array batch ([`gemm::run_group`]): three 768 × 768 outputs fill an H200's SMs
-    /// where one leaves most of them to split-K. `CHINGU_GEMM_WEIGHT_GRAD_BATCH=0`: one
-    /// product a layer.
+    /// where one leaves most of them to split-K; and their bias gradients in one launch
+    /// ([`ops::bias_backward_many`]). Not yet timed on a GPU (kernel_bench's `proj_wgrad_*`
+    /// and `bias_bwd_*` rows, gpu-check's `weight-grads-each` row).
+    /// `CHINGU_GEMM_WEIGHT_GRAD_BATCH=0`: one product and one bias launch a layer.
     batch_weight_grads: bool,
 }
 
-/// `0` queues the weight-gradient products of linear layers that read one input one by one
-/// (see [`GpuBackend::with_batched_weight_grads`]); unset or on: as one group.
+/// `0` runs the weight-gradient products and bias gradients of linear layers that read one
+/// input one layer at a time (see [`GpuBackend::with_batched_weight_grads`]); unset or on: as
+/// one group.
 pub const WEIGHT_GRAD_BATCH_VAR: &str = "CHINGU_GEMM_WEIGHT_GRAD_BATCH";
 
 /// `1` sums linear layers' bias gradients in cuBLASLt's weight-gradient products (see
@@ -581,12 +584,15 @@ impl Backend for GpuBackend {
         // SAFETY: extents checked above; each product writes its own layer's gradient, which
         // no product reads.
         check(OP, unsafe { gemm::run_group(&self.dev, OP, &products) });
+        // db += Σ_rows dy for every layer with a bias: one launch for them all.
+        let (mut dbs, mut dys) = (Vec::new(), Vec::new());
         for layer in layers.iter_mut() {
             if let Some(db) = layer.db.as_deref_mut() {
-                let dy = half(OP, layer.dy);
-                check(OP, ops::bias_backward(&self.dev, float_mut(OP, db), dy, rows, out_dim));
+                dbs.push(float_mut(OP, db));
+                dys.push(half(OP, layer.dy));
             }
         }
+        check(OP, ops::bias_backward_many(&self.dev, &mut dbs, &dys, rows, out_dim));
     }
 
     fn layernorm_forward(

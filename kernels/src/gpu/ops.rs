@@ -344,6 +344,74 @@ pub fn bias_backward(
     column_sums(dev, db, None, &partials, chunks, cols)
 }
 
+/// Tensors [`bias_backward_many`] takes in one launch (`bias_backward_tiles_f16`'s slots).
+pub const BIAS_GRAD_TENSORS: usize = 4;
+
+/// [`bias_backward`] for tensors of one shape, `dbs[i] += Σ_r dys[i][r, ·]`: where every one
+/// takes the tiled kernel and there are 2 to [`BIAS_GRAD_TENSORS`], one launch for all
+/// (`bias_backward_tiles_f16`, each tensor's bits as its own launch gives), else one
+/// [`bias_backward`] each.
+pub fn bias_backward_many(
+    dev: &Gpu,
+    dbs: &mut [&mut DeviceBuffer<f32>],
+    dys: &[&DeviceBuffer<f16>],
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "bias_backward_many";
+    if dbs.len() != dys.len() {
+        let message = format!("{} bias gradients for {} output gradients", dbs.len(), dys.len());
+        return Err(shape(OP, message));
+    }
+    for (db, dy) in dbs.iter().zip(dys) {
+        expect_len(OP, "dy", dy, rows * cols)?;
+        expect_len(OP, "db", db, cols)?;
+    }
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+    int(OP, "rows × cols", rows * cols)?;
+    let count = dbs.len();
+    let pointers: Vec<u64> = dys.iter().map(|dy| dy.ptr()).collect();
+    let tiled = cols % 8 == 0 && aligned_for_vectors(&pointers);
+    if !(2..=BIAS_GRAD_TENSORS).contains(&count) || !tiled {
+        for (db, dy) in dbs.iter_mut().zip(dys) {
+            bias_backward(dev, db, dy, rows, cols)?;
+        }
+        return Ok(());
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let chunk = bias_grad_chunk(rows, true);
+    let (chunks, tiles) = (rows.div_ceil(chunk), cols.div_ceil(64));
+    let partials = DeviceBuffer::<f32>::uninit(dev, count * chunks * cols)?;
+    // Tensor z's counters are the z-th `tiles` of the device's (zero, and put back by the
+    // kernel as `bias_backward` relies on).
+    let counters = dev.zeroed_counters(count * tiles)?;
+    let slot = |z: usize, of: &dyn Fn(usize) -> u64| if z < count { of(z) } else { 0u64 };
+    let out = |z: usize| slot(z, &|z| dbs[z].ptr());
+    let dy = |z: usize| slot(z, &|z| dys[z].ptr());
+    let (out0, out1, out2, out3) = (out(0), out(1), out(2), out(3));
+    let (dy0, dy1, dy2, dy3) = (dy(0), dy(1), dy(2), dy(3));
+    let chunk_arg = int(OP, "chunk", chunk)?;
+    let args = args![
+        out0,
+        out1,
+        out2,
+        out3,
+        dy0,
+        dy1,
+        dy2,
+        dy3,
+        partials.ptr(),
+        counters,
+        r,
+        c,
+        chunk_arg
+    ];
+    let grid = (tiles as u32, chunks as u32, count as u32);
+    launch(dev, "bias_backward_tiles_f16", grid, (8, 32, 1), 0, args)
+}
+
 /// Rows per partial sum of the bias gradient, from `rows` alone (so the summation order
 /// depends on the shape only): tiled, at most [`BIAS_GRAD_TILE_PARTIALS`] partial rows (at
 /// least 256 rows, 8 a row lane); else enough chunks to fill the GPU, at most 65,535 (grid.y's
