@@ -50,8 +50,13 @@ const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         chingu_kernels::gpu::cuda::TUNE_VAR,
-        "unset or 1 = the fastest of cuBLASLt's first 8 algorithms per product shape, timed once and \
-         kept on disk; again = time anew; 0 = cuBLASLt's first",
+        "unset or 1 = the fastest of cuBLASLt's first 8 algorithms (CHINGU_GEMM_TUNE_CANDIDATES) \
+         per product shape, timed once and kept on disk; again = time anew; 0 = cuBLASLt's first",
+    ),
+    (
+        chingu_kernels::gpu::cuda::TUNE_CANDIDATES_VAR,
+        "N = time cuBLASLt's first N algorithms per product shape when tuning (default 8; with \
+         CHINGU_GEMM_TUNE=again, shapes already kept are timed over the N too)",
     ),
     (
         chingu_kernels::gpu::cuda::TUNE_ARRAYS_VAR,
@@ -62,6 +67,11 @@ const SETTINGS: &[(&str, &str)] = &[
         chingu_kernels::gpu::gemm::ARRAYS_VAR,
         "unset or 1 = the cuBLASLt attention path's per-head products of one shape as one \
          pointer-array batch; 0 = one launch each",
+    ),
+    (
+        chingu_kernels::gpu::backend::WEIGHT_GRAD_BATCH_VAR,
+        "1 = attention projections' weight gradients as one pointer-array batch and their bias \
+         gradients in one launch (default 0: one layer at a time)",
     ),
     (
         "CHINGU_PROFILE",
@@ -80,7 +90,7 @@ fn print_settings() {
     println!("settings (environment variables; unset takes the default):");
     for (name, what) in SETTINGS {
         let value = std::env::var(name).unwrap_or_else(|_| "unset".into());
-        println!("  {name:<26} {value:<6} {what}");
+        println!("  {name:<30} {value:<6} {what}");
     }
 }
 

@@ -328,8 +328,10 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
         "CHINGU_ATTN_CAUSAL_BAND",
         "CHINGU_GELU_EPILOGUE",
         "CHINGU_GEMM_TUNE",
+        "CHINGU_GEMM_TUNE_CANDIDATES",
         "CHINGU_GEMM_TUNE_ARRAYS",
         "CHINGU_GEMM_ARRAYS",
+        "CHINGU_GEMM_WEIGHT_GRAD_BATCH",
         "CHINGU_KERNEL_CACHE",
     ] {
         line(name);

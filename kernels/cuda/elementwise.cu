@@ -199,6 +199,7 @@ __device__ __forceinline__ void bias_backward_tile(float* out, float* partials,
     }
 }
 
+/// One tensor's bias gradient (`bias_backward_tile` above: grid (column tiles, chunks)).
 extern "C" __global__ void bias_backward_tile_f16(float* out, float* partials,
                                                   unsigned int* counters, const __half* dy,
                                                   int rows, int cols, int chunk) {

@@ -664,7 +664,9 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
         for head_dim in [64, 192] {
             product_layout_rows(dev, s, reps, head_dim, &mut next_seed, &mut push)?;
         }
-        for width in [s.d, 768] {
+        // seed-768's width only on a GPU (the emulator's smoke run stays short).
+        let widths = if dev.name().starts_with("emu") { vec![s.d] } else { vec![s.d, 768] };
+        for width in widths {
             projection_rows(dev, s, reps, width, &mut next_seed, &mut push)?;
         }
     }
@@ -898,13 +900,15 @@ fn product_layout_rows(
 
 /// The rows `proj_{wgrad,dgrad}_{each,one_batch,fused}_d{width}`: the backward products of
 /// attention's three projections (query, key, value: width × width weights reading one
-/// `[N, width]` input), as training runs them. Weight gradients dW += dYᵀ·X (fp32, accumulated):
-/// one product a projection (`each`), the three as one pointer-array batch (`one_batch`, the
-/// default since the nineteenth session), and as one product of a `[3·width, width]` weight
-/// (`fused`: what storing the three weights as one would give). Input gradients dX (fp16):
-/// three products adding into one output (`each`, training's) against one product over a
-/// `[N, 3·width]` gradient (`fused`). 2·N·width²·3 FLOPs each; bytes the operands read and
-/// the output written (read too when accumulated).
+/// `[N, width]` input). Weight gradients dW += dYᵀ·X (fp32, accumulated), each projection's dY
+/// its own `[N, width]` buffer as in training: one product a projection (`each`, training's
+/// default), the three as one pointer-array batch (`one_batch`, `CHINGU_GEMM_WEIGHT_GRAD_BATCH=1`;
+/// left out where cuBLASLt ran its products one by one instead), and one product of a
+/// `[3·width, width]` weight over a `[N, 3·width]` dY (`fused`: what storing the three weights
+/// as one tensor would give). Input gradients dX (fp16): three products into one output, the
+/// first overwriting, the others adding (`each`, training's), against one product over the
+/// `[N, 3·width]` dY (`fused`). 2·N·width²·3 FLOPs each; bytes the operands read and the output
+/// written (read too when accumulated).
 fn projection_rows(
     dev: &Gpu,
     s: Shapes,
@@ -916,66 +920,86 @@ fn projection_rows(
     use chingu_kernels::gpu::{Gemm, GemmBatch, GemmEpilogue};
     let (n, d) = (s.n, width);
     let x = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
-    // The three output gradients side by side, `[N, 3·d]`: each projection's is a column
-    // block (row stride 3·d), and the whole is the fused layer's.
-    let dy = random_half(dev, next_seed(), n * 3 * d, -1.0, 1.0)?;
+    let dys: Vec<DeviceBuffer<f16>> = (0..3)
+        .map(|_| random_half(dev, next_seed(), n * d, -1.0, 1.0))
+        .collect::<Result<_, _>>()?;
+    let dy_fused = random_half(dev, next_seed(), n * 3 * d, -1.0, 1.0)?;
     let w = random_half(dev, next_seed(), 3 * d * d, -0.1, 0.1)?;
     let dw = random_f32(dev, next_seed(), 3 * d * d, -1.0, 1.0)?;
     let dx = random_half(dev, next_seed(), n * d, -1.0, 1.0)?;
     let flops = 2.0 * 3.0 * (n * d * d) as f64;
     let label = format!("3 x {n}x{d}x{d}");
-    let plain = |m, nn, k, a, trans_a, b, trans_b, c, c_f32, beta, ld| Gemm {
-        m,
-        n: nn,
-        k,
-        a,
-        trans_a,
-        b,
-        trans_b,
-        c,
-        c_f32,
-        beta,
-        bias: None,
-        epilogue: GemmEpilogue::None,
-        batch: GemmBatch::ONE,
-        ld,
-    };
-    // dW_p[d×d] += dY_pᵀ · X: A is dY's column block p stored [N × d] (row stride 3·d).
-    let wgrad = |p: usize| {
-        let a = dy.ptr() + (p * d * 2) as u64;
-        let c = dw.ptr() + (p * d * d * 4) as u64;
-        plain(d, d, n, a, true, x.ptr(), false, c, true, 1.0, [3 * d, d, d])
-    };
-    let wgrads: Vec<Gemm> = (0..3).map(wgrad).collect();
-    let fused_wgrad =
-        plain(3 * d, d, n, dy.ptr(), true, x.ptr(), false, dw.ptr(), true, 1.0, [3 * d, d, d]);
-    // dX[N×d] += dY_p · W_p: A is dY's column block p, B the weight block p [d × d].
-    let dgrad = |p: usize| {
-        let a = dy.ptr() + (p * d * 2) as u64;
-        let b = w.ptr() + (p * d * d * 2) as u64;
-        plain(n, d, d, a, false, b, false, dx.ptr(), false, 1.0, [3 * d, d, d])
-    };
-    let dgrads: Vec<Gemm> = (0..3).map(dgrad).collect();
-    let fused_dgrad =
-        plain(n, d, 3 * d, dy.ptr(), false, w.ptr(), false, dx.ptr(), false, 1.0, Gemm::DENSE);
+    /// C[m×n] (+)= op(A)·op(B) over k, dense rows.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        (m, n, k): (usize, usize, usize),
+        a: u64,
+        trans_a: bool,
+        b: u64,
+        c: u64,
+        c_f32: bool,
+        beta: f32,
+    ) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            a,
+            trans_a,
+            b,
+            trans_b: false,
+            c,
+            c_f32,
+            beta,
+            bias: None,
+            epilogue: GemmEpilogue::None,
+            batch: GemmBatch::ONE,
+            ld: Gemm::DENSE,
+        }
+    }
+    // dW_p[d×d] += dY_pᵀ · X, into block p of dW.
+    let wgrads: Vec<Gemm> = (0..3)
+        .map(|p| {
+            let c = dw.ptr() + (p * d * d * 4) as u64;
+            product((d, d, n), dys[p].ptr(), true, x.ptr(), c, true, 1.0)
+        })
+        .collect();
+    let fused_wgrad = product((3 * d, d, n), dy_fused.ptr(), true, x.ptr(), dw.ptr(), true, 1.0);
+    // dX[N×d] (=|+=) dY_p · W_p, W_p block p of W.
+    let dgrads: Vec<Gemm> = (0..3)
+        .map(|p| {
+            let b = w.ptr() + (p * d * d * 2) as u64;
+            product(
+                (n, d, d),
+                dys[p].ptr(),
+                false,
+                b,
+                dx.ptr(),
+                false,
+                if p == 0 { 0.0 } else { 1.0 },
+            )
+        })
+        .collect();
+    let fused_dgrad = product((n, d, 3 * d), dy_fused.ptr(), false, w.ptr(), dx.ptr(), false, 0.0);
     let (nd, dd) = ((n * d) as f64, (d * d) as f64);
-    // dY and X read, dW read and written; dY and W read, dX read and written.
+    // dY and X read, dW read and written; dY and W read, dX written (and read twice of three).
     let wgrad_bytes = H * 4.0 * nd + S * 2.0 * 3.0 * dd;
-    let dgrad_bytes = H * (3.0 * nd + 3.0 * dd + 2.0 * nd);
+    let dgrad_bytes = H * (3.0 * nd + 3.0 * dd + 3.0 * nd);
     let op = |what: &str| &*format!("proj_{what}_d{d}").leak();
     // SAFETY (every product below): each block lies inside its buffer, sized above for three
-    // projections; the outputs are written by one product at a time or by a group whose
+    // projections; the outputs are written by one product at a time, or by a batch whose
     // products write disjoint blocks.
     let t = time_op(dev, reps, |_| {
         wgrads.iter().try_for_each(|g| unsafe { gemm::run(dev, "bench", g) })
     })?;
     push(op("wgrad_each"), label.clone(), t, wgrad_bytes, Some(flops));
-    let like = Gemm { a: 0, b: 0, c: 0, batch: GemmBatch::scattered(3, 16), ..wgrads[0] };
-    if dev.has_pointer_array_gemm(&like)? {
-        let t = time_op(dev, reps, |_| unsafe { gemm::run_group_as(dev, "bench", &wgrads, true) })?;
-        push(op("wgrad_one_batch"), label.clone(), t, wgrad_bytes, Some(flops));
-    } else {
-        eprintln!("kernel_bench: no pointer-array batches on {}", dev.name());
+    let batches = dev.pointer_array_batches();
+    let t = time_op(dev, reps, |_| unsafe { gemm::run_group_as(dev, "bench", &wgrads, true) })?;
+    match dev.pointer_array_batches().zip(batches) {
+        Some((after, before)) if after > before => {
+            push(op("wgrad_one_batch"), label.clone(), t, wgrad_bytes, Some(flops))
+        }
+        _ => eprintln!("kernel_bench: {} ran no pointer-array batch for {label}", dev.name()),
     }
     let t = time_op(dev, reps, |_| unsafe { gemm::run(dev, "bench", &fused_wgrad) })?;
     push(op("wgrad_fused"), label.clone(), t, wgrad_bytes, Some(flops));
@@ -983,8 +1007,9 @@ fn projection_rows(
         dgrads.iter().try_for_each(|g| unsafe { gemm::run(dev, "bench", g) })
     })?;
     push(op("dgrad_each"), label.clone(), t, dgrad_bytes, Some(flops));
+    let fused_bytes = H * (3.0 * nd + 3.0 * dd + nd);
     let t = time_op(dev, reps, |_| unsafe { gemm::run(dev, "bench", &fused_dgrad) })?;
-    push(op("dgrad_fused"), label, t, dgrad_bytes, Some(flops));
+    push(op("dgrad_fused"), label, t, fused_bytes, Some(flops));
     Ok(())
 }
 

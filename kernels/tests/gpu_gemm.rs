@@ -851,7 +851,7 @@ fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
     let with_arrays = Arc::new(EmuDevice::new());
     let without_arrays = Arc::new(EmuDevice::new().without_pointer_arrays());
     let mut all: Vec<Gpu> = vec![with_arrays.clone(), without_arrays.clone()];
-    all.extend(devices().into_iter().filter(|d| d.name() != "emu"));
+    all.extend(devices().into_iter().filter(|d| !d.name().starts_with("emu")));
     for dev in all {
         let ops = HeadColumns::new(&dev, &mut rng);
         let (heads, dh, width) = (ops.heads, ops.dh, ops.width());
@@ -884,11 +884,11 @@ fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
         unsafe { run_group_as(&dev, "", &grouped, true) }.unwrap();
         assert_eq!(address_uploads(), uploads, "address arrays written again on {}", dev.name());
         let name = dev.name();
-        let emulated = name == "emu";
+        let emulated = name.starts_with("emu");
         let ran = dev.pointer_array_batches().unwrap() - batches_before.unwrap();
         if Arc::ptr_eq(&dev, &(with_arrays.clone() as Gpu)) {
             assert_eq!(ran, 4, "pointer-array batches run (two, twice)");
-        } else if emulated {
+        } else if Arc::ptr_eq(&dev, &(without_arrays.clone() as Gpu)) {
             assert_eq!(ran, 0, "a device without pointer-array batches ran one");
         } else {
             // A library or a shape without such batches falls back, rightly: said, not failed
@@ -978,13 +978,16 @@ fn values_uploaded_in_order_arrive_whole() {
 }
 
 /// The backward of linear layers that read one input (attention's query, key and value
-/// projections), `GpuBackend::linear_backward_shared_input`: its weight-gradient products
-/// queued as one pointer-array batch against one product a layer. The inputs are multiples
-/// of 1/16 below 1 and every sum stays far below 2^11, so each fp32 sum is exact in any order
-/// and dW and db must equal prior + the f64 reference bit for bit on every device, batched
-/// or not; dx (fp16, rounded after each layer's product adds to it) is the same chain of
-/// products either way, so bit for bit the same. The emulated device counts exactly one
-/// batch for the three weight gradients, and none one product a layer.
+/// projections), `GpuBackend::linear_backward_shared_input` with its weight-gradient products
+/// queued as one pointer-array batch (`with_batched_weight_grads(true)`) against one layer at
+/// a time: dx overwritten (self-attention's) or added to (cross-attention's keys and values),
+/// no dx, and a layer without a bias. The inputs are multiples of 1/16 below 1 and every sum
+/// stays far below 2^11, so each fp32 sum is exact in any order and dW and db must equal
+/// prior + the f64 reference bit for bit on every device, batched or not; dx (fp16, rounded
+/// after each layer's product adds to it) is the same chain of products either way, so bit
+/// for bit the same, and where it is overwritten its prior (poisoned with NaN) must not show.
+/// The emulated device counts exactly one batch for the three weight gradients batched and
+/// none one layer at a time (none either way with `CHINGU_GEMM_ARRAYS=0`).
 #[test]
 fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_layer() {
     use chingu_kernels::gpu::backend::GpuBackend;
@@ -998,81 +1001,114 @@ fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_l
     };
     let counted = Arc::new(EmuDevice::new());
     let mut all: Vec<Gpu> = vec![counted.clone()];
-    all.extend(devices().into_iter().filter(|d| d.name() != "emu"));
+    all.extend(devices().into_iter().filter(|d| !d.name().starts_with("emu")));
+    // (dx: none, overwritten or added to; which layers have a bias)
+    let cases = [(Some(false), [true; 3]), (Some(true), [true; 3]), (None, [true, false, true])];
     for dev in all {
         let name = dev.name();
-        let run = |batched: bool| -> (Vec<Vec<f32>>, Option<usize>) {
-            let backend = GpuBackend::new(dev.clone()).with_batched_weight_grads(batched);
-            let act = |n, seed| backend.upload_f32_as(&values(n, seed), BufRole::Activation);
-            let grad = |n, seed| backend.upload_f32_as(&values(n, seed), BufRole::Gradient);
-            let x = act(rows * in_dim, 1);
-            let dys: Vec<_> = (0..layers).map(|l| act(rows * out_dim, 10 + l)).collect();
-            let ws: Vec<_> = (0..layers)
-                .map(|l| {
-                    backend.upload_f32_as(&values(out_dim * in_dim, 20 + l), BufRole::Parameter)
-                })
-                .collect();
-            let mut dws: Vec<_> = (0..layers).map(|l| grad(out_dim * in_dim, 30 + l)).collect();
-            let mut dbs: Vec<_> = (0..layers).map(|l| grad(out_dim, 40 + l)).collect();
-            let mut dx = act(rows * in_dim, 50);
-            let mut parts: Vec<LinearGrads<'_, _>> = dws
-                .iter_mut()
-                .zip(dbs.iter_mut())
-                .enumerate()
-                .map(|(l, (dw, db))| LinearGrads { dw, db: Some(db), dy: &dys[l], w: &ws[l] })
-                .collect();
-            let before = dev.pointer_array_batches();
-            backend.linear_backward_shared_input(
-                Some(&mut dx),
-                true,
-                &mut parts,
-                &x,
-                rows,
-                in_dim,
-                out_dim,
-            );
-            let ran = dev.pointer_array_batches().zip(before).map(|(a, b)| a - b);
-            let mut out = vec![backend.to_f32(&dx)];
-            out.extend(dws.iter().map(|g| backend.to_f32(g)));
-            out.extend(dbs.iter().map(|g| backend.to_f32(g)));
-            (out, ran)
-        };
-        let ((batched, ran_batched), (each, ran_each)) = (run(true), run(false));
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let x = values(rows * in_dim, 1);
-        for l in 0..layers {
-            let dy = values(rows * out_dim, 10 + l);
-            let prior_w = values(out_dim * in_dim, 30 + l);
-            let want_w: Vec<f32> = (0..out_dim * in_dim)
-                .map(|e| {
-                    let (o, i) = (e / in_dim, e % in_dim);
-                    let sum: f64 = (0..rows)
-                        .map(|r| f64::from(dy[r * out_dim + o]) * f64::from(x[r * in_dim + i]))
-                        .sum();
-                    (f64::from(prior_w[e]) + sum) as f32
-                })
-                .collect();
-            let prior_b = values(out_dim, 40 + l);
-            let want_b: Vec<f32> = (0..out_dim)
-                .map(|o| prior_b[o] + (0..rows).map(|r| dy[r * out_dim + o]).sum::<f32>())
-                .collect();
-            for (how, got) in [("one batch", &batched), ("one product a layer", &each)] {
-                assert_eq!(bits(&got[1 + l]), bits(&want_w), "{name}, {how}: dW of layer {l}");
-                let db = &got[1 + layers + l];
-                assert_eq!(bits(db), bits(&want_b), "{name}, {how}: db of layer {l}");
+        for (dx_mode, biased) in cases {
+            let what = format!("{name}, dx {dx_mode:?}, biases {biased:?}");
+            let run = |batched: bool| -> (Vec<Vec<f32>>, Option<usize>) {
+                let backend = GpuBackend::new(dev.clone())
+                    .with_fused_bias_grad(false)
+                    .with_batched_weight_grads(batched);
+                let act = |n, seed| backend.upload_f32_as(&values(n, seed), BufRole::Activation);
+                let grad = |n, seed| backend.upload_f32_as(&values(n, seed), BufRole::Gradient);
+                let x = act(rows * in_dim, 1);
+                let dys: Vec<_> = (0..layers).map(|l| act(rows * out_dim, 10 + l)).collect();
+                let ws: Vec<_> = (0..layers)
+                    .map(|l| {
+                        let w = values(out_dim * in_dim, 20 + l);
+                        backend.upload_f32_as(&w, BufRole::Parameter)
+                    })
+                    .collect();
+                let mut dws: Vec<_> = (0..layers).map(|l| grad(out_dim * in_dim, 30 + l)).collect();
+                let mut dbs: Vec<_> = (0..layers).map(|l| grad(out_dim, 40 + l)).collect();
+                let mut dx = match dx_mode {
+                    Some(true) => act(rows * in_dim, 50),
+                    _ => backend.upload_f32_as(&vec![f32::NAN; rows * in_dim], BufRole::Activation),
+                };
+                let mut parts: Vec<LinearGrads<'_, _>> = dws
+                    .iter_mut()
+                    .zip(dbs.iter_mut())
+                    .enumerate()
+                    .map(|(l, (dw, db))| LinearGrads {
+                        dw,
+                        db: biased[l].then_some(db),
+                        dy: &dys[l],
+                        w: &ws[l],
+                    })
+                    .collect();
+                let before = dev.pointer_array_batches();
+                backend.linear_backward_shared_input(
+                    dx_mode.is_some().then_some(&mut dx),
+                    dx_mode == Some(true),
+                    &mut parts,
+                    &x,
+                    rows,
+                    in_dim,
+                    out_dim,
+                );
+                let ran = dev.pointer_array_batches().zip(before).map(|(a, b)| a - b);
+                let mut out = vec![backend.to_f32(&dx)];
+                out.extend(dws.iter().map(|g| backend.to_f32(g)));
+                out.extend(dbs.iter().map(|g| backend.to_f32(g)));
+                (out, ran)
+            };
+            let ((batched, ran_batched), (each, ran_each)) = (run(true), run(false));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let x = values(rows * in_dim, 1);
+            for l in 0..layers {
+                let dy = values(rows * out_dim, 10 + l);
+                let prior_w = values(out_dim * in_dim, 30 + l);
+                let want_w: Vec<f32> = (0..out_dim * in_dim)
+                    .map(|e| {
+                        let (o, i) = (e / in_dim, e % in_dim);
+                        let sum: f64 = (0..rows)
+                            .map(|r| f64::from(dy[r * out_dim + o]) * f64::from(x[r * in_dim + i]))
+                            .sum();
+                        (f64::from(prior_w[e]) + sum) as f32
+                    })
+                    .collect();
+                let prior_b = values(out_dim, 40 + l);
+                let want_b: Vec<f32> = (0..out_dim)
+                    .map(|o| {
+                        let sum = (0..rows).map(|r| dy[r * out_dim + o]).sum::<f32>();
+                        if biased[l] {
+                            prior_b[o] + sum
+                        } else {
+                            prior_b[o]
+                        }
+                    })
+                    .collect();
+                for (how, got) in [("one batch", &batched), ("one layer at a time", &each)] {
+                    assert_eq!(bits(&got[1 + l]), bits(&want_w), "{what}, {how}: dW of layer {l}");
+                    let db = &got[1 + layers + l];
+                    assert_eq!(bits(db), bits(&want_b), "{what}, {how}: db of layer {l}");
+                }
             }
-        }
-        assert_eq!(bits(&batched[0]), bits(&each[0]), "{name}: dx");
-        let prior_dx = values(rows * in_dim, 50);
-        assert!(batched[0].iter().zip(&prior_dx).any(|(a, b)| a != b), "{name}: dx was added to");
-        if Arc::ptr_eq(&dev, &(counted.clone() as Gpu)) {
-            assert_eq!((ran_batched, ran_each), (Some(1), Some(0)), "pointer-array batches run");
-        } else {
-            // `scripts/gpu-check` shows this line (cuBLASLt without such batches falls back).
-            let ran = ran_batched.unwrap_or(0);
-            println!(
-                "{name}: projections' weight gradients: pointer-array batches taken: {ran} of 1"
-            );
+            assert_eq!(bits(&batched[0]), bits(&each[0]), "{what}: dx");
+            match dx_mode {
+                Some(overwrite_or_add) => {
+                    let prior = values(rows * in_dim, 50);
+                    let fresh = batched[0].iter().all(|v| v.is_finite());
+                    assert!(fresh, "{what}: a NaN of dx's prior shows through");
+                    let moved = batched[0].iter().zip(&prior).any(|(a, b)| a != b);
+                    assert!(!overwrite_or_add || moved, "{what}: dx was added to");
+                }
+                None => assert!(batched[0].iter().all(|v| v.is_nan()), "{what}: dx untouched"),
+            }
+            if Arc::ptr_eq(&dev, &(counted.clone() as Gpu)) {
+                let want = usize::from(chingu_kernels::gpu::gemm::pointer_arrays());
+                assert_eq!((ran_batched, ran_each), (Some(want), Some(0)), "{what}: batches run");
+            } else if dx_mode == Some(false) {
+                // `scripts/gpu-check` shows this line (cuBLASLt without such batches falls
+                // back, rightly).
+                let ran = ran_batched.unwrap_or(0);
+                println!(
+                    "{name}: projections' weight gradients: pointer-array batches taken: {ran} of 1"
+                );
+            }
         }
     }
 }

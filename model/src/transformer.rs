@@ -973,6 +973,8 @@ impl<B: Backend> Model<B> {
                         self.linears_back_shared_input(d_mem, true, &kv, memory, nk, d, d);
                     }
                     _ => {
+                        // Self-attention: queries, keys and values are the same rows.
+                        debug_assert_eq!(nq, nk);
                         let qkv = [(idx.q, &dq), (idx.k, &dk), (idx.v, &dv)];
                         self.linears_back_shared_input(&mut d_input, false, &qkv, input, nq, d, d);
                     }

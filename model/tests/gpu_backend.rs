@@ -3,8 +3,9 @@
 //! gradient, and the weights after two AdamW steps, for pre- and post-norm, GELU and ReLU,
 //! tied and untied embeddings, sinusoidal and learned positions, with dropout (the GPU drops
 //! exactly the CPU's elements), with the GELU and the linear layers' bias gradients fused into
-//! cuBLASLt's products and in kernels of their own. Runs on the emulated device always (CI) and also on a real
-//! GPU with `CHINGU_GPU_TESTS=1`.
+//! cuBLASLt's products and in kernels of their own, and with attention's projections' weight
+//! and bias gradients batched. Runs on the emulated device always (CI) and also on a real GPU
+//! with `CHINGU_GPU_TESTS=1`.
 //!
 //! Loss scaling is on (as in training): without it, activation gradients of ~1e-7 are fp16
 //! subnormals and the first layers' gradients lose most of their bits (seen here: ‖Δ‖ of 30% on
@@ -78,17 +79,21 @@ fn diff(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
 }
 
-/// Which ops the GPU backend fuses into cuBLASLt's products (both on by default).
+/// Which ops the GPU backend fuses into cuBLASLt's products (the GELU by default, the bias
+/// gradient not), and whether it batches attention's projections' weight and bias gradients
+/// (not by default).
 #[derive(Clone, Copy)]
 struct Fused {
     gelu: bool,
     bias_grad: bool,
+    weight_grad_batch: bool,
 }
 
 fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused: Fused) {
-    let Fused { gelu: fused_gelu, bias_grad: fused_bias_grad } = fused;
+    let Fused { gelu: fused_gelu, bias_grad: fused_bias_grad, weight_grad_batch } = fused;
     let what = format!(
-        "{:?}/{:?}/tied {}/{:?}/fused GELU {fused_gelu}, bias gradient {fused_bias_grad} on {}",
+        "{:?}/{:?}/tied {}/{:?}/fused GELU {fused_gelu}, bias gradient {fused_bias_grad}, \
+         projections' gradients batched {weight_grad_batch} on {}",
         config.norm,
         config.activation,
         config.tied_embeddings,
@@ -99,7 +104,8 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused: Fused) {
     let mut cpu = Model::new(Cpu::<f32>::new(), config.clone(), 9).unwrap();
     let backend = GpuBackend::new(dev.clone())
         .with_fused_gelu(fused_gelu)
-        .with_fused_bias_grad(fused_bias_grad);
+        .with_fused_bias_grad(fused_bias_grad)
+        .with_batched_weight_grads(weight_grad_batch);
     let mut gpu = Model::new(backend, config.clone(), 9).unwrap();
     // A large Adam epsilon keeps the update linear in the gradient (√v̂ ≪ eps for most
     // weights): with the default 1e-8, step 1 moves every weight by ±lr, the sign of its
@@ -206,7 +212,7 @@ fn pre_norm_gelu_tied_matches_the_cpu() {
                 config(NormPlacement::Pre, Activation::Gelu, true, Positions::Sinusoidal),
                 &dev,
                 1024.0,
-                Fused { gelu, bias_grad: true },
+                Fused { gelu, bias_grad: true, weight_grad_batch: false },
             );
         }
     }
@@ -215,12 +221,16 @@ fn pre_norm_gelu_tied_matches_the_cpu() {
 #[test]
 fn post_norm_relu_untied_learned_positions_matches_the_cpu() {
     for dev in devices() {
-        compare(
-            config(NormPlacement::Post, Activation::Relu, false, Positions::Learned),
-            &dev,
-            4096.0,
-            // No GELU here; bias gradients by the column-sum kernels (their path).
-            Fused { gelu: true, bias_grad: false },
-        );
+        // No GELU here; bias gradients by the bias-gradient kernels (their path), one layer at
+        // a time and with attention's projections batched (one pointer-array batch of weight
+        // gradients, one launch of bias gradients; the cross-attention's keys and values too).
+        for weight_grad_batch in [false, true] {
+            compare(
+                config(NormPlacement::Post, Activation::Relu, false, Positions::Learned),
+                &dev,
+                4096.0,
+                Fused { gelu: true, bias_grad: false, weight_grad_batch },
+            );
+        }
     }
 }

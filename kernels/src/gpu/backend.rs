@@ -66,19 +66,21 @@ pub struct GpuBackend {
     /// 56.0 ms a step against 54.9, seed-256 even; run 21, H200: 49.5 against 48.3–48.9, and
     /// seed-256 23.7 against 22.1).
     fuse_bias_grad: bool,
-    /// The weight-gradient products of linear layers that read one input (attention's
-    /// projections, [`Backend::linear_backward_shared_input`]) queued as one group, so a
-    /// pointer-array batch ([`gemm::run_group`]): three 768 × 768 outputs fill an H200's SMs
-    /// where one leaves most of them to split-K; and their bias gradients in one launch
-    /// ([`ops::bias_backward_many`]). Not yet timed on a GPU (kernel_bench's `proj_wgrad_*`
-    /// and `bias_bwd_*` rows, gpu-check's `weight-grads-each` row).
-    /// `CHINGU_GEMM_WEIGHT_GRAD_BATCH=0`: one product and one bias launch a layer.
+    /// With [`WEIGHT_GRAD_BATCH_VAR`]`=1`, the weight-gradient products of linear layers that
+    /// read one input (attention's projections, [`Backend::linear_backward_shared_input`])
+    /// queued as one group, so a pointer-array batch ([`gemm::run_group`]: three 768 × 768
+    /// outputs are 108 tiles of 128 × 128 on an H200's 132 SMs, where one is 36), and their
+    /// bias gradients in one launch ([`ops::bias_backward_many`]). Off by default until a GPU
+    /// has timed it: such a batch takes cuBLASLt's first answer (unless
+    /// `CHINGU_GEMM_TUNE_ARRAYS=1`), the products it replaces their tuned best of 8
+    /// (kernel_bench's `proj_wgrad_*` and `bias_bwd_*` rows, gpu-check's
+    /// `weight-grads-batched` row).
     batch_weight_grads: bool,
 }
 
-/// `0` runs the weight-gradient products and bias gradients of linear layers that read one
-/// input one layer at a time (see [`GpuBackend::with_batched_weight_grads`]); unset or on: as
-/// one group.
+/// `1` queues the weight-gradient products of linear layers that read one input as one
+/// pointer-array batch and their bias gradients as one launch (see the field
+/// `batch_weight_grads` of [`GpuBackend`]); unset or `0`: one layer at a time.
 pub const WEIGHT_GRAD_BATCH_VAR: &str = "CHINGU_GEMM_WEIGHT_GRAD_BATCH";
 
 /// `1` sums linear layers' bias gradients in cuBLASLt's weight-gradient products (see
@@ -145,12 +147,13 @@ impl GpuBackend {
             adamw_tables: Arc::new(Mutex::new(Vec::new())),
             fuse_gelu: crate::settings::switch("CHINGU_GELU_EPILOGUE").unwrap_or(true),
             fuse_bias_grad: crate::settings::switch(BIAS_GRAD_EPILOGUE_VAR).unwrap_or(false),
-            batch_weight_grads: crate::settings::switch(WEIGHT_GRAD_BATCH_VAR).unwrap_or(true),
+            batch_weight_grads: crate::settings::switch(WEIGHT_GRAD_BATCH_VAR).unwrap_or(false),
         }
     }
 
-    /// The same backend with the weight-gradient products of linear layers that read one
-    /// input queued as one group or one by one (see [`GpuBackend::new`]).
+    /// The same backend with the weight and bias gradients of linear layers that read one
+    /// input queued as one batch and one launch, or one layer at a time (see
+    /// [`WEIGHT_GRAD_BATCH_VAR`]).
     pub fn with_batched_weight_grads(mut self, batch: bool) -> Self {
         self.batch_weight_grads = batch;
         self

@@ -26,9 +26,10 @@ fn unbatched() -> bool {
 }
 
 /// How cuBLASLt's algorithm for each product shape is chosen ([`Tuning`]): unset or `1`, the
-/// fastest of the heuristic's first [`TUNE_CANDIDATES`] answers ([`TUNE_CANDIDATES_VAR`]), timed at the shape's first
-/// use (PyTorch's TunableOp does the same for its products) and kept on disk for later runs
-/// (`super::tune_store`); `again`, timed anew and kept; `0`, the heuristic's first answer.
+/// fastest of the heuristic's first [`TUNE_CANDIDATES`] answers ([`TUNE_CANDIDATES_VAR`]),
+/// timed at the shape's first use (PyTorch's TunableOp does the same for its products) and
+/// kept on disk for later runs (`super::tune_store`); `again`, timed anew and kept; `0`, the
+/// heuristic's first answer.
 pub const TUNE_VAR: &str = "CHINGU_GEMM_TUNE";
 
 /// [`TUNE_VAR`]'s choices.
@@ -90,8 +91,10 @@ const TUNE_CANDIDATES: usize = 8;
 /// `CHINGU_GEMM_TUNE_CANDIDATES=N` (1 to [`MAX_TUNE_CANDIDATES`]): time the heuristic's first N
 /// answers instead of [`TUNE_CANDIDATES`]. GPU run 24's tuning took another answer than the
 /// first for 17 of seed-768's 30 shapes and 4.5% off their time; whether answers past the
-/// eighth hold faster ones is for `scripts/gpu-check`'s `tune-32` row to say. A kept choice
-/// past the answers a later run asks for is timed again there.
+/// eighth hold faster ones is for `scripts/gpu-check`'s `tune-32` row to say. A choice kept on
+/// disk is taken while it is among the answers asked for, so a larger N times the shapes
+/// already kept only with `CHINGU_GEMM_TUNE=again`; a kept choice past a later run's N is
+/// timed again there.
 pub const TUNE_CANDIDATES_VAR: &str = "CHINGU_GEMM_TUNE_CANDIDATES";
 
 /// The most answers [`TUNE_CANDIDATES_VAR`] may ask for.
@@ -112,6 +115,7 @@ fn tune_candidates() -> usize {
 fn parse_candidates(text: &str) -> Option<usize> {
     text.parse().ok().filter(|n| (1..=MAX_TUNE_CANDIDATES).contains(n))
 }
+
 /// Timed runs of each candidate, after one untimed: enough that a small product's time is
 /// more than the events' own resolution (~0.5 µs) and launch jitter.
 const TUNE_REPS: usize = 10;

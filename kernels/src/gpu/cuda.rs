@@ -17,7 +17,7 @@ use cudarc::driver::{result, sys};
 
 use super::buffer_cache::{size_class, BufferCache};
 use super::cublaslt::Blas;
-pub use super::cublaslt::{TUNE_ARRAYS_VAR, TUNE_VAR};
+pub use super::cublaslt::{TUNE_ARRAYS_VAR, TUNE_CANDIDATES_VAR, TUNE_VAR};
 use super::{nvrtc, sources, Device, DevicePtr, Gemm, GpuError};
 
 /// One CUDA device with every kernel loaded.

@@ -160,6 +160,8 @@ pub struct EmuDevice {
     /// Pointer-array batches run so far (each a whole batch): how tests see that the batch,
     /// not its fallback, ran.
     pointer_array_batches: AtomicUsize,
+    /// Launches so far by kernel name ([`EmuDevice::launches_of`]).
+    launches: Mutex<std::collections::HashMap<String, usize>>,
     /// [`Device::zeroed_counters`].
     counters: super::KeptCounters,
 }
@@ -202,8 +204,16 @@ impl EmuDevice {
             bias_grad_epilogue: true,
             pointer_arrays: true,
             pointer_array_batches: AtomicUsize::new(0),
+            launches: Mutex::new(std::collections::HashMap::new()),
             counters: Default::default(),
         }
+    }
+
+    /// How many times `kernel` has been launched on this device: how tests see which of two
+    /// paths with the same results ran.
+    pub fn launches_of(&self, kernel: &str) -> usize {
+        let launches = self.launches.lock().unwrap_or_else(|e| e.into_inner());
+        launches.get(kernel).copied().unwrap_or(0)
     }
 
     /// This device without pointer-array batches ([`Device::has_pointer_array_gemm`] false),
@@ -660,6 +670,12 @@ impl Device for EmuDevice {
         args: &mut [*mut c_void],
     ) -> Result<(), GpuError> {
         let name = CString::new(kernel).expect("kernel name");
+        *self
+            .launches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kernel.into())
+            .or_default() += 1;
         let (grid, block) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
         let failed = |message: String| GpuError::Emulation { kernel: kernel.to_string(), message };
         let shuffled = |seed| Schedule::launch_seed(seed, kernel, grid, block, shared_bytes);

@@ -152,17 +152,30 @@ pub struct Gemm {
     pub ld: [usize; 3],
 }
 
-/// A device's [`Device::zeroed_counters`]: their address and count (0: none made yet).
+/// A device's [`Device::zeroed_counters`]: the current block's address and count (0: none
+/// made yet), and the blocks it outgrew.
 #[cfg(any(feature = "cuda", feature = "emu"))]
 #[derive(Debug, Default)]
-pub(crate) struct KeptCounters(std::sync::Mutex<(DevicePtr, usize)>);
+pub(crate) struct KeptCounters(std::sync::Mutex<Counters>);
+
+#[cfg(any(feature = "cuda", feature = "emu"))]
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    current: (DevicePtr, usize),
+    /// Outgrown blocks, kept until the device is dropped: another thread may hold one's
+    /// address from an earlier call and not have queued its launch yet, so freeing it (for the
+    /// allocator to hand to other work, or on the emulator back to the host) could let that
+    /// launch count in memory that is no longer its. They are small (a few KiB in all: each
+    /// block at least doubles the last).
+    retired: Vec<(DevicePtr, usize)>,
+}
 
 #[cfg(any(feature = "cuda", feature = "emu"))]
 impl KeptCounters {
     /// At least `count` of `dev`'s counters, made and zeroed (at least 256) where fewer exist.
     pub(crate) fn at_least(&self, dev: &dyn Device, count: usize) -> Result<DevicePtr, GpuError> {
         let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if count > kept.1 {
+        if count > kept.current.1 {
             let made = count.next_power_of_two().max(256);
             let ptr = dev.alloc(made * 4)?;
             // SAFETY: `ptr` holds `made` counters.
@@ -171,22 +184,22 @@ impl KeptCounters {
                 unsafe { dev.free(ptr, made * 4) };
                 return Err(e);
             }
-            let (old, old_count) = std::mem::replace(&mut *kept, (ptr, made));
-            if old_count > 0 {
-                // SAFETY: made by an earlier call, freed once; launches still using it come
-                // before any work its next owner queues (`Device::free`).
-                unsafe { dev.free(old, old_count * 4) };
+            let old = std::mem::replace(&mut kept.current, (ptr, made));
+            if old.1 > 0 {
+                kept.retired.push(old);
             }
         }
-        Ok(kept.0)
+        Ok(kept.current.0)
     }
 
-    /// Frees the counters (their device being dropped, nothing running).
+    /// Frees every block (their device being dropped, nothing running).
     pub(crate) fn release(&mut self, dev: &dyn Device) {
-        let (ptr, count) = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
-        if count > 0 {
-            // SAFETY: made by `at_least`, freed once.
-            unsafe { dev.free(ptr, count * 4) };
+        let kept = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (ptr, count) in kept.retired.into_iter().chain([kept.current]) {
+            if count > 0 {
+                // SAFETY: made by `at_least`, freed once.
+                unsafe { dev.free(ptr, count * 4) };
+            }
         }
     }
 }
