@@ -41,6 +41,10 @@ const SETTINGS: &[(&str, &str)] = &[
         "query rows a band of the cuBLASLt path's causal attention (default 512; 0 = no bands)",
     ),
     (
+        chingu_kernels::gpu::ops::LN_BACKWARD_BLOCKS_VAR,
+        "N = the LayerNorm backward in at most N blocks, more rows a warp (default: 4 rows a warp)",
+    ),
+    (
         "CHINGU_GELU_EPILOGUE",
         "0 = the feed-forward GELU in its own kernel, not in cuBLASLt's product",
     ),

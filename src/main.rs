@@ -92,9 +92,10 @@ enum Command {
     /// kernel compiles and loads for each device (build with --features cuda); then list the
     /// environment variables that tune GPU work (CHINGU_ATTN, CHINGU_ATTN_SAVE_PROBS,
     /// CHINGU_ATTN_PIPELINE, CHINGU_ATTN_WARPS, CHINGU_ATTN_SCORES, CHINGU_ATTN_CAUSAL_BAND,
-    /// CHINGU_GELU_EPILOGUE, CHINGU_BIAS_GRAD_EPILOGUE, CHINGU_GEMM_TUNE,
-    /// CHINGU_GEMM_TUNE_CANDIDATES, CHINGU_GEMM_TUNE_ARRAYS, CHINGU_GEMM_ARRAYS,
-    /// CHINGU_GEMM_WEIGHT_GRAD_BATCH, CHINGU_PROFILE, CHINGU_KERNEL_CACHE) with their values.
+    /// CHINGU_LN_BACKWARD_BLOCKS, CHINGU_GELU_EPILOGUE, CHINGU_BIAS_GRAD_EPILOGUE,
+    /// CHINGU_GEMM_TUNE, CHINGU_GEMM_TUNE_CANDIDATES, CHINGU_GEMM_TUNE_ARRAYS,
+    /// CHINGU_GEMM_ARRAYS, CHINGU_GEMM_WEIGHT_GRAD_BATCH, CHINGU_PROFILE, CHINGU_KERNEL_CACHE)
+    /// with their values.
     Gpu,
     /// Benchmark: time training steps on a synthetic batch (used by bench/train_bench.py).
     #[command(hide = true)]

@@ -326,6 +326,7 @@ fn chingu_gpu_lists_the_settings_that_tune_gpu_work() {
         "CHINGU_ATTN_WARPS",
         "CHINGU_ATTN_SCORES",
         "CHINGU_ATTN_CAUSAL_BAND",
+        "CHINGU_LN_BACKWARD_BLOCKS",
         "CHINGU_GELU_EPILOGUE",
         "CHINGU_GEMM_TUNE",
         "CHINGU_GEMM_TUNE_CANDIDATES",

@@ -397,7 +397,8 @@ fn run(dev: &Gpu, s: Shapes, reps: usize, families_only: bool) -> Result<Vec<Row
                 push("bias_bwd", format!("{n}x{width}"), t, H * nf * w + 2.0 * S * w, None);
             }
             // Attention's three projections' bias gradients at seed-768's width: one launch
-            // each, against one launch for the three (`bias_backward_many`, training's).
+            // each (training's default), against one launch for the three
+            // (`bias_backward_many`, with CHINGU_GEMM_WEIGHT_GRAD_BATCH=1).
             let width = 768;
             let dys: Vec<DeviceBuffer<f16>> = (0..3)
                 .map(|_| random_half(dev, next_seed(), n * width, -1.0, 1.0))
@@ -982,9 +983,10 @@ fn projection_rows(
         .collect();
     let fused_dgrad = product((n, d, 3 * d), dy_fused.ptr(), false, w.ptr(), dx.ptr(), false, 0.0);
     let (nd, dd) = ((n * d) as f64, (d * d) as f64);
-    // dY and X read, dW read and written; dY and W read, dX written (and read twice of three).
+    // The op's minimum traffic, the same for each way of running it (so GB/s compares as
+    // time does): dY and X read once, dW read and written; dY and W read, dX written once.
     let wgrad_bytes = H * 4.0 * nd + S * 2.0 * 3.0 * dd;
-    let dgrad_bytes = H * (3.0 * nd + 3.0 * dd + 3.0 * nd);
+    let dgrad_bytes = H * (3.0 * nd + 3.0 * dd + nd);
     let op = |what: &str| &*format!("proj_{what}_d{d}").leak();
     // SAFETY (every product below): each block lies inside its buffer, sized above for three
     // projections; the outputs are written by one product at a time, or by a batch whose
@@ -1007,9 +1009,8 @@ fn projection_rows(
         dgrads.iter().try_for_each(|g| unsafe { gemm::run(dev, "bench", g) })
     })?;
     push(op("dgrad_each"), label.clone(), t, dgrad_bytes, Some(flops));
-    let fused_bytes = H * (3.0 * nd + 3.0 * dd + nd);
     let t = time_op(dev, reps, |_| unsafe { gemm::run(dev, "bench", &fused_dgrad) })?;
-    push(op("dgrad_fused"), label, t, fused_bytes, Some(flops));
+    push(op("dgrad_fused"), label, t, dgrad_bytes, Some(flops));
     Ok(())
 }
 

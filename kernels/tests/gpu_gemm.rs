@@ -844,12 +844,13 @@ impl HeadColumns {
 /// pointer arrays must give the same bits through the fallback having run none.
 #[test]
 fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
-    use chingu_kernels::gpu::emu::EmuDevice;
     use std::sync::Arc;
     let _counting = counting_uploads();
     let mut rng = SplitMix64(0xa77a);
-    let with_arrays = Arc::new(EmuDevice::new());
-    let without_arrays = Arc::new(EmuDevice::new().without_pointer_arrays());
+    // Under the tests' schedule (every launch also run shuffled and compared, as `devices()`'s
+    // emulated device runs them), which that device, filtered out below, would have given.
+    let with_arrays = Arc::new(tests_schedule_device());
+    let without_arrays = Arc::new(tests_schedule_device().without_pointer_arrays());
     let mut all: Vec<Gpu> = vec![with_arrays.clone(), without_arrays.clone()];
     all.extend(devices().into_iter().filter(|d| !d.name().starts_with("emu")));
     for dev in all {
@@ -919,6 +920,13 @@ fn a_pointer_array_batch_equals_its_products_one_at_a_time() {
             assert!(a.is_nan() || ok, "fp16 element {i} (head {h}) on {name}: {g} against {a}");
         }
     }
+}
+
+/// An emulated device of its own (so its counts are this test's) under the schedule the GPU
+/// tests run (`Schedule::TESTS` unless `CHINGU_EMU_SCHEDULE` says otherwise).
+fn tests_schedule_device() -> chingu_kernels::gpu::emu::EmuDevice {
+    use chingu_kernels::gpu::emu::{EmuDevice, Schedule};
+    EmuDevice::with_schedule(Schedule::from_env(Schedule::TESTS).unwrap())
 }
 
 /// Held by the tests that upload address arrays while one of them counts the process's
@@ -991,7 +999,6 @@ fn values_uploaded_in_order_arrive_whole() {
 #[test]
 fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_layer() {
     use chingu_kernels::gpu::backend::GpuBackend;
-    use chingu_kernels::gpu::emu::EmuDevice;
     use chingu_kernels::{Backend, BufRole, LinearGrads};
     use std::sync::Arc;
     let _uploads = counting_uploads();
@@ -999,7 +1006,7 @@ fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_l
     let values = |n: usize, seed: usize| -> Vec<f32> {
         (0..n).map(|i| (((i * 29 + seed * 13) % 31) as f32 - 15.0) / 16.0).collect()
     };
-    let counted = Arc::new(EmuDevice::new());
+    let counted = Arc::new(tests_schedule_device());
     let mut all: Vec<Gpu> = vec![counted.clone()];
     all.extend(devices().into_iter().filter(|d| !d.name().starts_with("emu")));
     // (dx: none, overwritten or added to; which layers have a bias)
@@ -1008,7 +1015,8 @@ fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_l
         let name = dev.name();
         for (dx_mode, biased) in cases {
             let what = format!("{name}, dx {dx_mode:?}, biases {biased:?}");
-            let run = |batched: bool| -> (Vec<Vec<f32>>, Option<usize>) {
+            let tiles_launched = || counted.launches_of("bias_backward_tiles_f16");
+            let run = |batched: bool| -> (Vec<Vec<f32>>, Option<usize>, usize) {
                 let backend = GpuBackend::new(dev.clone())
                     .with_fused_bias_grad(false)
                     .with_batched_weight_grads(batched);
@@ -1040,6 +1048,7 @@ fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_l
                     })
                     .collect();
                 let before = dev.pointer_array_batches();
+                let tiles_before = tiles_launched();
                 backend.linear_backward_shared_input(
                     dx_mode.is_some().then_some(&mut dx),
                     dx_mode == Some(true),
@@ -1050,12 +1059,14 @@ fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_l
                     out_dim,
                 );
                 let ran = dev.pointer_array_batches().zip(before).map(|(a, b)| a - b);
+                let tiles = tiles_launched() - tiles_before;
                 let mut out = vec![backend.to_f32(&dx)];
                 out.extend(dws.iter().map(|g| backend.to_f32(g)));
                 out.extend(dbs.iter().map(|g| backend.to_f32(g)));
-                (out, ran)
+                (out, ran, tiles)
             };
-            let ((batched, ran_batched), (each, ran_each)) = (run(true), run(false));
+            let (batched, ran_batched, tiles_batched) = run(true);
+            let (each, ran_each, tiles_each) = run(false);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let x = values(rows * in_dim, 1);
             for l in 0..layers {
@@ -1089,18 +1100,20 @@ fn projections_weight_gradients_as_one_pointer_array_batch_equal_one_product_a_l
             }
             assert_eq!(bits(&batched[0]), bits(&each[0]), "{what}: dx");
             match dx_mode {
-                Some(overwrite_or_add) => {
+                Some(added) => {
                     let prior = values(rows * in_dim, 50);
                     let fresh = batched[0].iter().all(|v| v.is_finite());
                     assert!(fresh, "{what}: a NaN of dx's prior shows through");
                     let moved = batched[0].iter().zip(&prior).any(|(a, b)| a != b);
-                    assert!(!overwrite_or_add || moved, "{what}: dx was added to");
+                    assert!(!added || moved, "{what}: dx was added to");
                 }
                 None => assert!(batched[0].iter().all(|v| v.is_nan()), "{what}: dx untouched"),
             }
             if Arc::ptr_eq(&dev, &(counted.clone() as Gpu)) {
                 let want = usize::from(chingu_kernels::gpu::gemm::pointer_arrays());
                 assert_eq!((ran_batched, ran_each), (Some(want), Some(0)), "{what}: batches run");
+                // The biases (two or three, 48 columns: the tiled kernels) in one launch.
+                assert_eq!((tiles_batched, tiles_each), (1, 0), "{what}: bias launches");
             } else if dx_mode == Some(false) {
                 // `scripts/gpu-check` shows this line (cuBLASLt without such batches falls
                 // back, rightly).

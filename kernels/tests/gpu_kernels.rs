@@ -327,9 +327,9 @@ fn tiled_bias_gradient_adds_its_chunks_in_the_documented_order() {
 /// last tile and one wider than the rest (the device's counters made anew for 4 × 65 tiles);
 /// called twice, so each tensor's counters must be back at zero after the first call (and a
 /// tensor's counters must be its own: one shared between tensors makes a block of another
-/// tensor the last of its tile). Five tensors, or columns not a multiple of 8, take
-/// `bias_backward` each (the untiled kernels: two launches each), with the same bits; an
-/// emulated device that counts its launches shows which path ran.
+/// tensor the last of its tile). Five tensors take `bias_backward` each (its tiled kernel, one
+/// launch each), and columns not a multiple of 8 its untiled pair of launches each, with the
+/// same bits; an emulated device that counts its launches shows which path ran.
 #[test]
 fn bias_gradients_of_several_tensors_in_one_launch_equal_one_launch_each() {
     let mut rng = SplitMix64(0xb1a6);
@@ -377,22 +377,28 @@ fn bias_gradients_of_several_tensors_in_one_launch_equal_one_launch_each() {
         let err = ops::bias_backward_many(&dev, &mut dbs, &[&dy, &dy], 2, 8).unwrap_err();
         assert!(err.to_string().contains("1 bias gradients for 2"), "{err}");
     }
-    let counted = std::sync::Arc::new(EmuDevice::new());
+    let schedule = chingu_kernels::gpu::emu::Schedule::TESTS;
+    let schedule = chingu_kernels::gpu::emu::Schedule::from_env(schedule).unwrap();
+    let counted = std::sync::Arc::new(EmuDevice::with_schedule(schedule));
     let dev: Gpu = counted.clone();
-    for (count, cols, one_launch) in [(3, 64, true), (4, 72, true), (5, 64, false), (3, 36, false)]
-    {
+    // (tensors, columns, launches of the batched, tiled and untiled kernels)
+    let cases = [(3, 64, [1, 0, 0]), (4, 72, [1, 0, 0]), (5, 64, [0, 5, 0]), (3, 36, [0, 0, 3])];
+    let kernels =
+        ["bias_backward_tiles_f16", "bias_backward_tile_f16", "bias_backward_partial_f16"];
+    for (count, cols, launches) in cases {
         let rows = 300;
         let dys: Vec<DeviceBuffer<f16>> = (0..count)
             .map(|_| up(&dev, &random_half(&mut rng, rows * cols, -4.0, 4.0).0))
             .collect();
         let mut dbs: Vec<DeviceBuffer<f32>> =
             (0..count).map(|_| up(&dev, &vec![0f32; cols])).collect();
-        let before = counted.launches_of("bias_backward_tiles_f16");
+        let before = kernels.map(|k| counted.launches_of(k));
         let mut db_refs: Vec<&mut DeviceBuffer<f32>> = dbs.iter_mut().collect();
         let dy_refs: Vec<&DeviceBuffer<f16>> = dys.iter().collect();
         ops::bias_backward_many(&dev, &mut db_refs, &dy_refs, rows, cols).unwrap();
-        let ran = counted.launches_of("bias_backward_tiles_f16") - before;
-        assert_eq!(ran, usize::from(one_launch), "{count} tensors of {cols} columns");
+        let ran: Vec<usize> =
+            kernels.iter().zip(before).map(|(k, b)| counted.launches_of(k) - b).collect();
+        assert_eq!(ran, launches, "{count} tensors of {cols} columns: {kernels:?}");
     }
 }
 

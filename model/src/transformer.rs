@@ -841,8 +841,8 @@ impl<B: Backend> Model<B> {
 
     /// The backward of linear layers of one shape that all read `x`, each with its output
     /// gradient: `dx` from the first (`=` or `+=` as `accumulate` says), the later ones adding
-    /// ([`Backend::linear_backward_shared_input`]: a GPU queues their weight gradients as one
-    /// batch).
+    /// ([`Backend::linear_backward_shared_input`]: a GPU may queue their weight gradients as
+    /// one batch, with `CHINGU_GEMM_WEIGHT_GRAD_BATCH=1`).
     #[allow(clippy::too_many_arguments)]
     fn linears_back_shared_input(
         &mut self,

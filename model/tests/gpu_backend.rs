@@ -89,7 +89,9 @@ struct Fused {
     weight_grad_batch: bool,
 }
 
-fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused: Fused) {
+/// Compares two steps on `dev` with the CPU's; returns the pointer-array batches `dev` ran
+/// meanwhile (where it counts them).
+fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused: Fused) -> Option<usize> {
     let Fused { gelu: fused_gelu, bias_grad: fused_bias_grad, weight_grad_batch } = fused;
     let what = format!(
         "{:?}/{:?}/tied {}/{:?}/fused GELU {fused_gelu}, bias gradient {fused_bias_grad}, \
@@ -117,6 +119,7 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused: Fused) {
     let scaler = LossScaler { scale: loss_scale, clean_steps: 0, growth_interval: 1_000 };
     opt_gpu.set_scaler(&gpu, scaler);
     let initial: Vec<Vec<f32>> = cpu.params.iter().map(|p| cpu.backend.to_f32(p)).collect();
+    let batches_before = dev.pointer_array_batches();
     for step in 1..=2u64 {
         cpu.zero_grads();
         gpu.zero_grads();
@@ -168,6 +171,7 @@ fn compare(config: Config, dev: &Gpu, loss_scale: f32, fused: Fused) {
             );
         }
     }
+    dev.pointer_array_batches().zip(batches_before).map(|(after, before)| after - before)
 }
 
 /// An overflowing gradient skips the update, leaves every weight and moment as it was, and
@@ -208,7 +212,7 @@ fn pre_norm_gelu_tied_matches_the_cpu() {
         // GELU fused into the feed-forward products (the default), and the GELU kernels;
         // bias gradients in the weight gradients' products (the default).
         for gelu in [true, false] {
-            compare(
+            let _ = compare(
                 config(NormPlacement::Pre, Activation::Gelu, true, Positions::Sinusoidal),
                 &dev,
                 1024.0,
@@ -220,17 +224,30 @@ fn pre_norm_gelu_tied_matches_the_cpu() {
 
 #[test]
 fn post_norm_relu_untied_learned_positions_matches_the_cpu() {
-    for dev in devices() {
+    use chingu_kernels::gpu::emu::{EmuDevice, Schedule};
+    // The emulated device one of its own (so its counts are this test's alone), under the
+    // tests' schedule; a GPU where one is asked for.
+    let own: Gpu =
+        std::sync::Arc::new(EmuDevice::with_schedule(Schedule::from_env(Schedule::TESTS).unwrap()));
+    let gpus = devices().into_iter().filter(|d| !d.name().starts_with("emu"));
+    for dev in std::iter::once(own.clone()).chain(gpus) {
         // No GELU here; bias gradients by the bias-gradient kernels (their path), one layer at
         // a time and with attention's projections batched (one pointer-array batch of weight
         // gradients, one launch of bias gradients; the cross-attention's keys and values too).
-        for weight_grad_batch in [false, true] {
+        let batches = [false, true].map(|weight_grad_batch| {
             compare(
                 config(NormPlacement::Post, Activation::Relu, false, Positions::Learned),
                 &dev,
                 4096.0,
                 Fused { gelu: true, bias_grad: false, weight_grad_batch },
-            );
+            )
+        });
+        if std::sync::Arc::ptr_eq(&dev, &own) {
+            // Two steps, each with 2 encoder and 2 decoder self-attention triples and 2
+            // cross-attention pairs batched (any attention batches count alike both ways).
+            let want = 12 * usize::from(chingu_kernels::gpu::gemm::pointer_arrays());
+            let [Some(each), Some(batched)] = batches else { panic!("uncounted: {batches:?}") };
+            assert_eq!(batched - each, want, "the projections' pointer-array batches");
         }
     }
 }

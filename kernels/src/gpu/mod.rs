@@ -162,11 +162,13 @@ pub(crate) struct KeptCounters(std::sync::Mutex<Counters>);
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     current: (DevicePtr, usize),
-    /// Outgrown blocks, kept until the device is dropped: another thread may hold one's
-    /// address from an earlier call and not have queued its launch yet, so freeing it (for the
-    /// allocator to hand to other work, or on the emulator back to the host) could let that
-    /// launch count in memory that is no longer its. They are small (a few KiB in all: each
-    /// block at least doubles the last).
+    /// Outgrown blocks, never handed back while the device lives: another thread may hold
+    /// one's address from an earlier call and not have queued its launch yet, so freeing it
+    /// (for the allocator to hand to other work, or on the emulator back to the host) could
+    /// let that launch count in memory that is no longer its. They are small (a few KiB in
+    /// all: each block at least doubles the last). The emulated device frees them when
+    /// dropped ([`KeptCounters::release`]); a CUDA device leaves them, as it leaves its
+    /// cached buffers, to the context's end.
     retired: Vec<(DevicePtr, usize)>,
 }
 
@@ -192,7 +194,8 @@ impl KeptCounters {
         Ok(kept.current.0)
     }
 
-    /// Frees every block (their device being dropped, nothing running).
+    /// Frees every block (their device being dropped, nothing running): the emulated
+    /// device's drop.
     pub(crate) fn release(&mut self, dev: &dyn Device) {
         let kept = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
         for (ptr, count) in kept.retired.into_iter().chain([kept.current]) {

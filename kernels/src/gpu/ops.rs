@@ -41,6 +41,25 @@ const LN_MAX_PARTIALS: usize = 4096;
 /// Rows per warp of the vector LayerNorm backward, at least (its blocks leave one partial
 /// each, so a warp can take few rows: at seed-768's 18,432 rows, 576 blocks, two to an SM).
 const LN_VEC_MIN_ROWS_PER_WARP: usize = 4;
+/// `CHINGU_LN_BACKWARD_BLOCKS=N`: the vector LayerNorm backward in at most N blocks (more rows
+/// a warp), instead of [`LN_VEC_MIN_ROWS_PER_WARP`]'s. Unset by default, not yet timed: at
+/// seed-768's 18,432 rows the default's 576 blocks are 2.2 waves of an H100's or H200's 264
+/// resident ones (two a multiprocessor), so the last wave holds a fifth of them; 256 (9 rows a
+/// warp) is one wave there and on an RTX 4090 (128 multiprocessors). A function of `rows` and
+/// the setting alone, so is the summation order. gpu-check's profile with
+/// CHINGU_GEMM_WEIGHT_GRAD_BATCH=1 sets it to 256, and its table gives the kernel's time.
+pub const LN_BACKWARD_BLOCKS_VAR: &str = "CHINGU_LN_BACKWARD_BLOCKS";
+
+/// [`LN_BACKWARD_BLOCKS_VAR`]'s cap, `None` where it is unset (read once; a value that is not a
+/// positive whole number is warned about and ignored).
+fn ln_backward_blocks() -> Option<usize> {
+    static BLOCKS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *BLOCKS.get_or_init(|| {
+        let parse = |t: &str| t.parse().ok().filter(|&n: &usize| n > 0);
+        crate::settings::read(LN_BACKWARD_BLOCKS_VAR, "a positive whole number", parse)
+    })
+}
+
 /// The vector LayerNorm kernels by size class (rows up to 256, 512, 768, 1,024 wide).
 const LN_VEC_FORWARD: [&str; 4] = [
     "layernorm_forward_vec1_f16",
@@ -764,8 +783,10 @@ fn layernorm_backward_then(
         // One warp per row, its row sweeps in registers, one partial per block (its warps'
         // sums added in shared memory): a function of `rows` alone, so is the summation order.
         let warps_per_block = (THREADS / 32) as usize;
-        let per_warp =
-            LN_VEC_MIN_ROWS_PER_WARP.max(rows.div_ceil(LN_MAX_PARTIALS * warps_per_block));
+        let capped = ln_backward_blocks().map_or(0, |cap| rows.div_ceil(cap * warps_per_block));
+        let per_warp = LN_VEC_MIN_ROWS_PER_WARP
+            .max(rows.div_ceil(LN_MAX_PARTIALS * warps_per_block))
+            .max(capped);
         let blocks = rows.div_ceil(per_warp * warps_per_block);
         let kernels = if fused.is_some() { LN_VEC_BACKWARD_DROPPED } else { LN_VEC_BACKWARD };
         (kernels[vecs - 1], blocks, THREADS, 0, per_warp, blocks)
