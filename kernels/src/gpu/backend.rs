@@ -194,9 +194,10 @@ impl GpuBackend {
         check("upload", DeviceBuffer::from_host(&self.dev, &host))
     }
 
+    /// The product `C (= or +=) op(A)·op(B) (+ bias)` over these buffers (see
+    /// [`super::gemm::gemm`]), its extents checked against the shape.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
+    fn product(
         op: &str,
         c: (u64, usize, bool),
         a: &DeviceBuffer<f16>,
@@ -206,7 +207,7 @@ impl GpuBackend {
         (m, n, k): (usize, usize, usize),
         beta: f32,
         bias: Option<&DeviceBuffer<f16>>,
-    ) {
+    ) -> Gemm {
         let (c_ptr, c_len, c_f32) = c;
         assert!(
             a.len() >= m * k && b.len() >= k * n && c_len >= m * n,
@@ -215,7 +216,7 @@ impl GpuBackend {
             b.len(),
             c_len
         );
-        let g = Gemm {
+        Gemm {
             m,
             n,
             k,
@@ -230,8 +231,25 @@ impl GpuBackend {
             epilogue: GemmEpilogue::None,
             batch: GemmBatch::ONE,
             ld: Gemm::DENSE,
-        };
-        // SAFETY: extents checked above.
+        }
+    }
+
+    /// Runs [`GpuBackend::product`].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        op: &str,
+        c: (u64, usize, bool),
+        a: &DeviceBuffer<f16>,
+        trans_a: bool,
+        b: &DeviceBuffer<f16>,
+        trans_b: bool,
+        shape: (usize, usize, usize),
+        beta: f32,
+        bias: Option<&DeviceBuffer<f16>>,
+    ) {
+        let g = Self::product(op, c, a, trans_a, b, trans_b, shape, beta, bias);
+        // SAFETY: extents checked by `product`.
         check(op, unsafe { super::gemm::run(&self.dev, op, &g) });
     }
 }
@@ -556,36 +574,12 @@ impl Backend for GpuBackend {
             .iter_mut()
             .map(|layer| {
                 let (dy, dw) = (half(OP, layer.dy), float_mut(OP, layer.dw));
-                assert!(
-                    dy.len() >= rows * out_dim
-                        && x_h.len() >= rows * in_dim
-                        && dw.len() >= out_dim * in_dim,
-                    "GPU backend, {OP}: {out_dim}×{rows}·{rows}×{in_dim} does not fit buffers \
-                     of {}, {} and {}",
-                    dy.len(),
-                    x_h.len(),
-                    dw.len()
-                );
-                Gemm {
-                    m: out_dim,
-                    n: in_dim,
-                    k: rows,
-                    a: dy.ptr(),
-                    trans_a: true,
-                    b: x_h.ptr(),
-                    trans_b: false,
-                    c: dw.ptr(),
-                    c_f32: true,
-                    beta: 1.0,
-                    bias: None,
-                    epilogue: GemmEpilogue::None,
-                    batch: GemmBatch::ONE,
-                    ld: Gemm::DENSE,
-                }
+                let c = (dw.ptr(), dw.len(), true);
+                Self::product(OP, c, dy, true, x_h, false, (out_dim, in_dim, rows), 1.0, None)
             })
             .collect();
-        // SAFETY: extents checked above; each product writes its own layer's gradient, which
-        // no product reads.
+        // SAFETY: extents checked by `product`; each product writes its own layer's gradient,
+        // which no product reads.
         check(OP, unsafe { gemm::run_group(&self.dev, OP, &products) });
         // db += Σ_rows dy for every layer with a bias: one launch for them all.
         let (mut dbs, mut dys) = (Vec::new(), Vec::new());

@@ -339,23 +339,11 @@ pub fn bias_backward(
     let tiled = cols % 8 == 0 && aligned_for_vectors(&[dy.ptr()]);
     let chunk = bias_grad_chunk(rows, tiled);
     let chunks = rows.div_ceil(chunk);
+    if tiled {
+        return bias_backward_tiled(dev, &[(db.ptr(), dy.ptr())], rows, cols);
+    }
     let partials = DeviceBuffer::<f32>::uninit(dev, chunks * cols)?;
     let chunk_arg = int(OP, "chunk", chunk)?;
-    if tiled {
-        // One counter a column tile, the device's, at zero: the kernel puts each back (a
-        // memset a call was one more queued operation between kernels, 96 a seed-768 step).
-        let tiles = cols.div_ceil(64);
-        let counters = dev.zeroed_counters(tiles)?;
-        let args = args![db.ptr(), partials.ptr(), counters, dy.ptr(), r, c, chunk_arg];
-        return launch(
-            dev,
-            "bias_backward_tile_f16",
-            (tiles as u32, chunks as u32, 1),
-            (8, 32, 1),
-            0,
-            args,
-        );
-    }
     let threads = THREADS.min(cols.next_multiple_of(32) as u32);
     let grid = (cols.div_ceil(threads as usize) as u32, chunks as u32, 1);
     let args = args![partials.ptr(), dy.ptr(), r, c, chunk_arg];
@@ -386,7 +374,6 @@ pub fn bias_backward_many(
         expect_len(OP, "dy", dy, rows * cols)?;
         expect_len(OP, "db", db, cols)?;
     }
-    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
     int(OP, "rows × cols", rows * cols)?;
     let count = dbs.len();
     let pointers: Vec<u64> = dys.iter().map(|dy| dy.ptr()).collect();
@@ -400,18 +387,42 @@ pub fn bias_backward_many(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
+    let tensors: Vec<(super::DevicePtr, super::DevicePtr)> =
+        dbs.iter().zip(dys).map(|(db, dy)| (db.ptr(), dy.ptr())).collect();
+    bias_backward_tiled(dev, &tensors, rows, cols)
+}
+
+/// The tiled bias gradient of 1 to [`BIAS_GRAD_TENSORS`] tensors of one shape, given as (db,
+/// dy) addresses (shapes checked, `rows` and `cols` not zero, `cols` a multiple of 8, every dy
+/// aligned for vectors): one launch, `bias_backward_tile_f16` for one tensor,
+/// `bias_backward_tiles_f16` (tensor z's partial rows and counters the z-th of each) for more.
+fn bias_backward_tiled(
+    dev: &Gpu,
+    tensors: &[(super::DevicePtr, super::DevicePtr)],
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "bias_backward";
+    let count = tensors.len();
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
     let chunk = bias_grad_chunk(rows, true);
     let (chunks, tiles) = (rows.div_ceil(chunk), cols.div_ceil(64));
-    let partials = DeviceBuffer::<f32>::uninit(dev, count * chunks * cols)?;
-    // Tensor z's counters are the z-th `tiles` of the device's (zero, and put back by the
-    // kernel as `bias_backward` relies on).
-    let counters = dev.zeroed_counters(count * tiles)?;
-    let slot = |z: usize, of: &dyn Fn(usize) -> u64| if z < count { of(z) } else { 0u64 };
-    let out = |z: usize| slot(z, &|z| dbs[z].ptr());
-    let dy = |z: usize| slot(z, &|z| dys[z].ptr());
-    let (out0, out1, out2, out3) = (out(0), out(1), out(2), out(3));
-    let (dy0, dy1, dy2, dy3) = (dy(0), dy(1), dy(2), dy(3));
     let chunk_arg = int(OP, "chunk", chunk)?;
+    let partials = DeviceBuffer::<f32>::uninit(dev, count * chunks * cols)?;
+    // One counter a column tile, the device's, at zero: the kernel puts each back (a memset a
+    // call was one more queued operation between kernels, 96 a seed-768 step).
+    let counters = dev.zeroed_counters(count * tiles)?;
+    let grid = (tiles as u32, chunks as u32, count as u32);
+    if let [(db, dy)] = tensors {
+        let args = args![*db, partials.ptr(), counters, *dy, r, c, chunk_arg];
+        return launch(dev, "bias_backward_tile_f16", grid, (8, 32, 1), 0, args);
+    }
+    // Unused slots null (grid.z stops before them).
+    let (mut outs, mut dys) = ([0u64; BIAS_GRAD_TENSORS], [0u64; BIAS_GRAD_TENSORS]);
+    for (z, &(db, dy)) in tensors.iter().enumerate() {
+        (outs[z], dys[z]) = (db, dy);
+    }
+    let ([out0, out1, out2, out3], [dy0, dy1, dy2, dy3]) = (outs, dys);
     let args = args![
         out0,
         out1,
@@ -427,7 +438,6 @@ pub fn bias_backward_many(
         c,
         chunk_arg
     ];
-    let grid = (tiles as u32, chunks as u32, count as u32);
     launch(dev, "bias_backward_tiles_f16", grid, (8, 32, 1), 0, args)
 }
 
